@@ -1,0 +1,122 @@
+//! The init half of the agent: from the initramfs to the image's root filesystem.
+
+use crate::sys;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// What the rest of the agent needs to know after init.
+pub struct Config {
+    pub hostname: String,
+    /// The virtio-serial port device to serve on.
+    pub port: PathBuf,
+}
+
+const NEWROOT: &str = "/hutch/root";
+const LOWER: &str = "/hutch/lower";
+const DATA: &str = "/hutch/data";
+
+fn err(msg: String) -> io::Error {
+    io::Error::other(msg)
+}
+
+pub fn init() -> io::Result<Config> {
+    let nodev = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+    sys::mount("proc", Path::new("/proc"), "proc", nodev, None)?;
+    sys::mount("sysfs", Path::new("/sys"), "sysfs", nodev, None)?;
+    sys::mount("devtmpfs", Path::new("/dev"), "devtmpfs", libc::MS_NOSUID, None)?;
+
+    let cmdline = std::fs::read_to_string("/proc/cmdline")?;
+    let param = |key: &str| {
+        cmdline
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(key).and_then(|v| v.strip_prefix('=')))
+            .map(str::to_string)
+    };
+    let hostname = param("hutch.hostname").unwrap_or_else(|| "hutch".into());
+
+    let t0 = Instant::now();
+    if let Ok(list) = std::fs::read_to_string("/hutch/modules.load") {
+        for m in list.lines().filter(|l| !l.trim().is_empty()) {
+            sys::load_module(Path::new(m)).map_err(|e| err(format!("loading module {m}: {e}")))?;
+        }
+    }
+    let image = wait_for_disk("hutch-image")?;
+    let data = wait_for_disk("hutch-data")?;
+    let fstype = param("hutch.imagefs").unwrap_or_else(|| "erofs".into());
+    sys::mount(&image, Path::new(LOWER), &fstype, libc::MS_RDONLY, None)?;
+    sys::mount(&data, Path::new(DATA), "ext4", 0, None)?;
+    for d in ["upper", "work"] {
+        std::fs::create_dir_all(Path::new(DATA).join(d))?;
+    }
+    let opts = format!("lowerdir={LOWER},upperdir={DATA}/upper,workdir={DATA}/work");
+    sys::mount("overlay", Path::new(NEWROOT), "overlay", 0, Some(&opts))?;
+
+    let root = Path::new(NEWROOT);
+    sys::mount("proc", &root.join("proc"), "proc", nodev, None)?;
+    sys::mount("sysfs", &root.join("sys"), "sysfs", nodev, None)?;
+    sys::mount("devtmpfs", &root.join("dev"), "devtmpfs", libc::MS_NOSUID, None)?;
+    let pts_flags = libc::MS_NOSUID | libc::MS_NOEXEC;
+    sys::mount("devpts", &root.join("dev/pts"), "devpts", pts_flags, Some("newinstance,ptmxmode=0666,mode=0620"))?;
+    sys::mount("tmpfs", &root.join("dev/shm"), "tmpfs", libc::MS_NOSUID | libc::MS_NODEV, Some("mode=1777"))?;
+    sys::mount("tmpfs", &root.join("run"), "tmpfs", libc::MS_NOSUID | libc::MS_NODEV, Some("mode=0755"))?;
+
+    // Switch root: make the overlay "/" and forget the initramfs paths.
+    std::env::set_current_dir(root)?;
+    sys::move_mount(root, Path::new("/"))?;
+    sys::chroot(Path::new("."))?;
+    std::env::set_current_dir("/")?;
+    sys::sethostname(&hostname)?;
+    // SAFETY: setsid/umask have no memory-safety preconditions.
+    unsafe {
+        libc::umask(0o022);
+    }
+
+    let port = find_port(hutch_proto::PORT_NAME)?;
+    eprintln!(
+        "hutch-agent: root ready in {} ms (image {image}, data {data}), serving on {}",
+        t0.elapsed().as_millis(),
+        port.display()
+    );
+    Ok(Config { hostname, port })
+}
+
+/// Finds the /dev/vdX whose virtio serial is `serial`, waiting for the driver to probe it.
+fn wait_for_disk(serial: &str) -> io::Result<String> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(rd) = std::fs::read_dir("/sys/block") {
+            for e in rd.flatten() {
+                let name = e.file_name().to_string_lossy().to_string();
+                let s = std::fs::read_to_string(e.path().join("serial")).unwrap_or_default();
+                if s.trim() == serial && Path::new("/dev").join(&name).exists() {
+                    return Ok(format!("/dev/{name}"));
+                }
+            }
+        }
+        if Instant::now() > deadline {
+            return Err(err(format!("no virtio disk with serial {serial} appeared")));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Finds the device node of the virtio-serial port named `name`.
+fn find_port(name: &str) -> io::Result<PathBuf> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(rd) = std::fs::read_dir("/sys/class/virtio-ports") {
+            for e in rd.flatten() {
+                let n = std::fs::read_to_string(e.path().join("name")).unwrap_or_default();
+                let dev = Path::new("/dev").join(e.file_name());
+                if n.trim() == name && dev.exists() {
+                    return Ok(dev);
+                }
+            }
+        }
+        if Instant::now() > deadline {
+            return Err(err(format!("virtio-serial port {name} did not appear")));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
