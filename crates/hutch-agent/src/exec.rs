@@ -12,7 +12,7 @@ use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
-use std::sync::mpsc::{channel, sync_channel, SyncSender};
+use std::sync::mpsc::{channel, sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
@@ -161,7 +161,14 @@ fn pump(shared: Arc<Shared>, gen: u64, stream: u32, kind: Kind, mut r: impl Read
 
 /// Starts `req` on its own thread; all results go to the host as frames on `stream`.
 pub fn start(shared: Arc<Shared>, gen: u64, stream: u32, req: ExecRequest) {
-    std::thread::spawn(move || run(shared, gen, stream, req));
+    // Register before returning to the reader loop, so stdin frames that follow the request
+    // find the session.
+    let (input_tx, input_rx) = channel::<Input>();
+    {
+        let mut s = shared.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        s.insert(stream, Session { gen, pgid: None, input: req.stdin.then_some(input_tx) });
+    }
+    std::thread::spawn(move || run(shared, gen, stream, req, input_rx));
 }
 
 fn fail(shared: &Shared, gen: u64, stream: u32, code: i32, msg: String) {
@@ -176,8 +183,9 @@ fn fail(shared: &Shared, gen: u64, stream: u32, code: i32, msg: String) {
     shared.respond(gen, stream, &r);
 }
 
-fn run(shared: Arc<Shared>, gen: u64, stream: u32, req: ExecRequest) {
+fn run(shared: Arc<Shared>, gen: u64, stream: u32, req: ExecRequest, input_rx: Receiver<Input>) {
     let Some(prog) = req.argv.first() else {
+        shared.end_session(stream, gen);
         shared.error(gen, stream, "bad_request", "argv is empty".into());
         return;
     };
@@ -192,7 +200,10 @@ fn run(shared: Arc<Shared>, gen: u64, stream: u32, req: ExecRequest) {
                     cmd.env("HOME", h);
                 }
             }
-            Err(e) => return fail(&shared, gen, stream, 126, format!("hutch: {e}")),
+            Err(e) => {
+                shared.end_session(stream, gen);
+                return fail(&shared, gen, stream, 126, format!("hutch: {e}"));
+            }
         }
     } else if !req.env.contains_key("HOME") {
         cmd.env("HOME", "/root");
@@ -209,11 +220,6 @@ fn run(shared: Arc<Shared>, gen: u64, stream: u32, req: ExecRequest) {
             libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
             Ok(())
         });
-    }
-    let (input_tx, input_rx) = channel::<Input>();
-    {
-        let mut s = shared.sessions.lock().unwrap_or_else(|e| e.into_inner());
-        s.insert(stream, Session { gen, pgid: None, input: req.stdin.then_some(input_tx) });
     }
     let (mut child, status_rx) = match shared.reaper.spawn(&mut cmd) {
         Ok(c) => c,

@@ -1,0 +1,95 @@
+//! A small typed QMP client over the VM's unix socket.
+
+use crate::VmmError;
+use serde_json::{json, Value};
+use std::path::Path;
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+
+pub struct QmpClient {
+    reader: BufReader<tokio::net::unix::OwnedReadHalf>,
+    writer: tokio::net::unix::OwnedWriteHalf,
+}
+
+fn err(m: impl std::fmt::Display) -> VmmError {
+    VmmError::Qmp(m.to_string())
+}
+
+/// The run state QEMU reports (`query-status`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Status {
+    pub running: bool,
+    pub status: String,
+}
+
+impl QmpClient {
+    /// Connects and negotiates capabilities.
+    pub async fn connect(path: &Path) -> Result<QmpClient, VmmError> {
+        let s = tokio::time::timeout(Duration::from_secs(5), UnixStream::connect(path))
+            .await
+            .map_err(|_| err("connect timed out"))?
+            .map_err(|e| err(format!("connect {}: {e}", path.display())))?;
+        let (r, w) = s.into_split();
+        let mut c = QmpClient {
+            reader: BufReader::new(r),
+            writer: w,
+        };
+        let greeting = c.read().await?;
+        if greeting.get("QMP").is_none() {
+            return Err(err(format!("unexpected greeting {greeting}")));
+        }
+        c.execute("qmp_capabilities", None).await?;
+        Ok(c)
+    }
+
+    async fn read(&mut self) -> Result<Value, VmmError> {
+        let mut line = String::new();
+        let n = tokio::time::timeout(Duration::from_secs(10), self.reader.read_line(&mut line))
+            .await
+            .map_err(|_| err("read timed out"))?
+            .map_err(err)?;
+        if n == 0 {
+            return Err(err("connection closed"));
+        }
+        serde_json::from_str(&line).map_err(err)
+    }
+
+    /// Runs a command and returns its `return` value; events in between are skipped.
+    pub async fn execute(&mut self, cmd: &str, args: Option<Value>) -> Result<Value, VmmError> {
+        let mut msg = json!({ "execute": cmd });
+        if let Some(a) = args {
+            msg["arguments"] = a;
+        }
+        let mut line = msg.to_string();
+        line.push('\n');
+        self.writer.write_all(line.as_bytes()).await.map_err(err)?;
+        loop {
+            let v = self.read().await?;
+            if let Some(r) = v.get("return") {
+                return Ok(r.clone());
+            }
+            if let Some(e) = v.get("error") {
+                return Err(err(format!("{cmd}: {}", e["desc"].as_str().unwrap_or("error"))));
+            }
+        }
+    }
+
+    pub async fn query_status(&mut self) -> Result<Status, VmmError> {
+        let v = self.execute("query-status", None).await?;
+        Ok(Status {
+            running: v["running"].as_bool().unwrap_or(false),
+            status: v["status"].as_str().unwrap_or("").to_string(),
+        })
+    }
+
+    /// Ends QEMU at once (the guest gets no chance to sync).
+    pub async fn quit(&mut self) -> Result<(), VmmError> {
+        match self.execute("quit", None).await {
+            Ok(_) => Ok(()),
+            // QEMU may close the socket before answering.
+            Err(VmmError::Qmp(m)) if m.contains("closed") => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+}
