@@ -1,0 +1,115 @@
+//! Domain types shared by the daemon, the store and the CLI: VM and image records, names, ids.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+pub mod names;
+
+/// Seconds since the Unix epoch.
+pub fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Where a VM is in its life.
+///
+/// ```text
+///   create ──► starting ──► running ──stop──► stopping ──► stopped ──start──► starting
+///                 │            │ qemu died                    ▲
+///                 └──failed────┴──────────────────────────────┘ (reason recorded)
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VmState {
+    Starting,
+    Running,
+    Stopping,
+    Stopped,
+}
+
+impl VmState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VmState::Starting => "starting",
+            VmState::Running => "running",
+            VmState::Stopping => "stopping",
+            VmState::Stopped => "stopped",
+        }
+    }
+}
+
+/// A VM as stored and as returned by the API.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Vm {
+    pub id: String,
+    pub name: String,
+    /// The image reference the VM was created from, as the user named it.
+    pub image: String,
+    /// Manifest digest of that image.
+    pub image_digest: String,
+    pub vcpus: u32,
+    pub mem_mib: u64,
+    pub disk_gib: u64,
+    pub state: VmState,
+    /// Why the VM is stopped when it did not stop on request (QEMU died, boot failed, ...).
+    pub reason: Option<String>,
+    pub pid: Option<u32>,
+    pub accel: Option<String>,
+    pub created_at: u64,
+    pub started_at: Option<u64>,
+    /// Milliseconds from QEMU launch to the agent answering, for the last start.
+    pub boot_ms: Option<u64>,
+    /// Guest kernel release reported by the agent.
+    pub kernel: Option<String>,
+}
+
+/// The runtime configuration an image asks for (the OCI image config's `config` object).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct ImageConfig {
+    #[serde(default)]
+    pub env: Vec<String>,
+    #[serde(default)]
+    pub entrypoint: Vec<String>,
+    #[serde(default)]
+    pub cmd: Vec<String>,
+    #[serde(default)]
+    pub working_dir: String,
+    #[serde(default)]
+    pub user: String,
+    #[serde(default)]
+    pub exposed_ports: Vec<String>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// An image in the local store.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Image {
+    /// Normalised reference, e.g. `busybox:latest`.
+    pub name: String,
+    /// Digest of the (OCI) manifest; keys the shared root filesystem.
+    pub digest: String,
+    pub config_digest: String,
+    pub layers: Vec<String>,
+    pub config: ImageConfig,
+    pub architecture: String,
+    /// Bytes of the unpacked root filesystem image.
+    pub rootfs_size: u64,
+    pub created_at: u64,
+}
+
+/// The environment of a process started in a VM: image Env, then defaults for what is unset.
+pub fn image_env(cfg: &ImageConfig, hostname: &str) -> BTreeMap<String, String> {
+    let mut env = BTreeMap::new();
+    for kv in &cfg.env {
+        if let Some((k, v)) = kv.split_once('=') {
+            env.insert(k.to_string(), v.to_string());
+        }
+    }
+    env.entry("PATH".into())
+        .or_insert_with(|| "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
+    env.entry("HOSTNAME".into()).or_insert_with(|| hostname.to_string());
+    env
+}

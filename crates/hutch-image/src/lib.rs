@@ -1,0 +1,266 @@
+//! Images: a content-addressed blob store, import of OCI layouts/archives and `docker save`
+//! tarballs, and the shared read-only root filesystem built once per manifest digest.
+//!
+//! On disk, under the image root:
+//! ```text
+//! blobs/sha256/HEX        every manifest, config and layer, verified against its digest
+//! rootfs/HEX.erofs        the unpacked layers of manifest sha256:HEX as an EROFS image
+//! tmp/                    work in progress; never read as a result
+//! ```
+
+mod archive;
+pub mod unpack;
+
+pub use archive::normalize_ref;
+pub use unpack::{Limits, Stats};
+
+use hutch_core::{Image, ImageConfig};
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("not an image archive: {0}")]
+    BadArchive(String),
+    #[error("bad layer: {0}")]
+    BadLayer(String),
+    #[error("blob {digest} does not match its digest (got {actual})")]
+    DigestMismatch { digest: String, actual: String },
+    #[error("image is for {0}, this host runs linux/amd64")]
+    WrongArchitecture(String),
+    #[error("unsupported: {0}")]
+    Unsupported(String),
+    #[error("layer exceeds limits: {0}")]
+    Limit(String),
+    #[error("building the root filesystem failed: {0}")]
+    Build(String),
+}
+
+pub(crate) fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> ImageError {
+    let context = context.into();
+    move |source| ImageError::Io { context, source }
+}
+
+/// The on-disk image store.
+pub struct ImageStore {
+    root: PathBuf,
+    pub limits: Limits,
+}
+
+/// The OCI image config, as much of it as hutch uses.
+#[derive(Debug, Deserialize, Default)]
+struct OciConfigFile {
+    #[serde(default)]
+    architecture: String,
+    #[serde(default)]
+    os: String,
+    #[serde(default)]
+    config: Option<OciRuntimeConfig>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(rename_all = "PascalCase")]
+struct OciRuntimeConfig {
+    #[serde(default)]
+    env: Option<Vec<String>>,
+    #[serde(default)]
+    entrypoint: Option<Vec<String>>,
+    #[serde(default)]
+    cmd: Option<Vec<String>>,
+    #[serde(default)]
+    working_dir: Option<String>,
+    #[serde(default)]
+    user: Option<String>,
+    #[serde(default)]
+    exposed_ports: Option<BTreeMap<String, serde_json::Value>>,
+    #[serde(default)]
+    labels: Option<BTreeMap<String, String>>,
+}
+
+/// An image manifest found in an archive, its blobs already in the store.
+pub(crate) struct Found {
+    pub manifest_digest: String,
+    pub config_digest: String,
+    pub layers: Vec<String>,
+    /// Name the archive gives the image, if any.
+    pub name: Option<String>,
+}
+
+impl ImageStore {
+    pub fn open(root: &Path) -> Result<ImageStore, ImageError> {
+        for d in ["blobs/sha256", "rootfs", "tmp"] {
+            std::fs::create_dir_all(root.join(d)).map_err(io_err(format!("creating {}", root.join(d).display())))?;
+        }
+        // Leftovers of an import that crashed are never results.
+        if let Ok(rd) = std::fs::read_dir(root.join("tmp")) {
+            for e in rd.flatten() {
+                let _ = std::fs::remove_dir_all(e.path()).or_else(|_| std::fs::remove_file(e.path()));
+            }
+        }
+        Ok(ImageStore {
+            root: root.to_path_buf(),
+            limits: Limits::default(),
+        })
+    }
+
+    pub fn blob_path(&self, digest: &str) -> PathBuf {
+        let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
+        self.root.join("blobs/sha256").join(hex)
+    }
+
+    pub fn rootfs_path(&self, manifest_digest: &str) -> PathBuf {
+        let hex = manifest_digest.strip_prefix("sha256:").unwrap_or(manifest_digest);
+        self.root.join("rootfs").join(format!("{hex}.erofs"))
+    }
+
+    pub fn tmp_dir(&self) -> Result<tempfile::TempDir, ImageError> {
+        tempfile::tempdir_in(self.root.join("tmp")).map_err(io_err("creating temp dir"))
+    }
+
+    /// Copies `src` into the blob store. With `expect`, the content must hash to it; without,
+    /// its digest is computed. Returns the digest.
+    pub(crate) fn add_blob(&self, mut src: impl Read, expect: Option<&str>) -> Result<String, ImageError> {
+        if let Some(d) = expect {
+            if !d.starts_with("sha256:") || d.len() != 71 || !d[7..].bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(ImageError::BadArchive(format!("unsupported digest {d:?}")));
+            }
+            if self.blob_path(d).exists() {
+                return Ok(d.to_string());
+            }
+        }
+        let mut tmp = tempfile::NamedTempFile::new_in(self.root.join("tmp")).map_err(io_err("creating blob"))?;
+        let mut h = Sha256::new();
+        let mut buf = vec![0u8; 256 * 1024];
+        loop {
+            let n = src.read(&mut buf).map_err(io_err("reading blob"))?;
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
+            tmp.write_all(&buf[..n]).map_err(io_err("writing blob"))?;
+        }
+        let actual = format!("sha256:{}", hex::encode(h.finalize()));
+        if let Some(d) = expect {
+            if d != actual {
+                return Err(ImageError::DigestMismatch { digest: d.into(), actual });
+            }
+        }
+        tmp.persist(self.blob_path(&actual)).map_err(|e| io_err("storing blob")(e.error))?;
+        Ok(actual)
+    }
+
+    pub(crate) fn read_blob(&self, digest: &str, max: u64) -> Result<Vec<u8>, ImageError> {
+        let p = self.blob_path(digest);
+        let f = std::fs::File::open(&p).map_err(io_err(format!("blob {digest}")))?;
+        let mut v = Vec::new();
+        f.take(max + 1).read_to_end(&mut v).map_err(io_err(format!("blob {digest}")))?;
+        if v.len() as u64 > max {
+            return Err(ImageError::BadArchive(format!("blob {digest} is larger than {max} bytes")));
+        }
+        Ok(v)
+    }
+
+    /// Imports an OCI image layout (directory or tar, e.g. `skopeo copy ... oci-archive:`) or a
+    /// `docker save` tarball, and builds its root filesystem. `name` overrides the name the
+    /// archive carries. Nothing is left behind on failure except verified blobs.
+    pub fn import(&self, src: &Path, name: Option<&str>) -> Result<Image, ImageError> {
+        let staged;
+        let dir = if src.is_dir() {
+            src
+        } else {
+            staged = self.tmp_dir()?;
+            archive::extract_archive(src, staged.path())?;
+            staged.path()
+        };
+        let found = archive::find_image(self, dir)?;
+        let name = match (name, &found.name) {
+            (Some(n), _) => normalize_ref(n)?,
+            (None, Some(n)) => normalize_ref(n)?,
+            (None, None) => {
+                let stem = src.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default();
+                normalize_ref(&stem.to_ascii_lowercase())?
+            }
+        };
+        self.finish(found, name)
+    }
+
+    fn finish(&self, found: Found, name: String) -> Result<Image, ImageError> {
+        let cfg_bytes = self.read_blob(&found.config_digest, 8 << 20)?;
+        let cfg: OciConfigFile = serde_json::from_slice(&cfg_bytes)
+            .map_err(|e| ImageError::BadArchive(format!("image config: {e}")))?;
+        if cfg.architecture != "amd64" || (cfg.os != "linux" && !cfg.os.is_empty()) {
+            return Err(ImageError::WrongArchitecture(format!("{}/{}", cfg.os, cfg.architecture)));
+        }
+        let rc = cfg.config.unwrap_or_default();
+        let config = ImageConfig {
+            env: rc.env.unwrap_or_default(),
+            entrypoint: rc.entrypoint.unwrap_or_default(),
+            cmd: rc.cmd.unwrap_or_default(),
+            working_dir: rc.working_dir.unwrap_or_default(),
+            user: rc.user.unwrap_or_default(),
+            exposed_ports: rc.exposed_ports.unwrap_or_default().into_keys().collect(),
+            labels: rc.labels.unwrap_or_default(),
+        };
+        let rootfs = self.build_rootfs(&found.manifest_digest, &found.layers)?;
+        let rootfs_size = std::fs::metadata(&rootfs).map(|m| m.len()).unwrap_or(0);
+        Ok(Image {
+            name,
+            digest: found.manifest_digest,
+            config_digest: found.config_digest,
+            layers: found.layers,
+            config,
+            architecture: "amd64".into(),
+            rootfs_size,
+            created_at: hutch_core::now(),
+        })
+    }
+
+    /// Builds the EROFS root filesystem of a manifest from its layers, once.
+    pub fn build_rootfs(&self, manifest_digest: &str, layers: &[String]) -> Result<PathBuf, ImageError> {
+        let out = self.rootfs_path(manifest_digest);
+        if out.exists() {
+            return Ok(out);
+        }
+        let work = self.tmp_dir()?;
+        let tree = work.path().join("rootfs");
+        std::fs::create_dir(&tree).map_err(io_err("creating rootfs dir"))?;
+        std::fs::set_permissions(&tree, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .map_err(io_err("rootfs dir"))?;
+        let mut stats = Stats::default();
+        for l in layers {
+            let r = unpack::open_layer(&self.blob_path(l))?;
+            unpack::apply_layer(&tree, r, self.limits, &mut stats)?;
+        }
+        let img = work.path().join("rootfs.erofs");
+        let o = Command::new("mkfs.erofs")
+            .arg("--quiet")
+            .arg(&img)
+            .arg(&tree)
+            .output()
+            .map_err(io_err("running mkfs.erofs (package erofs-utils)"))?;
+        if !o.status.success() {
+            return Err(ImageError::Build(String::from_utf8_lossy(&o.stderr).trim().to_string()));
+        }
+        std::fs::rename(&img, &out).map_err(io_err("storing rootfs"))?;
+        tracing::info!(digest = manifest_digest, entries = stats.entries, bytes = stats.bytes, "built rootfs");
+        Ok(out)
+    }
+
+    /// Deletes the root filesystem of a manifest (blobs stay until garbage collection).
+    pub fn remove_rootfs(&self, manifest_digest: &str) -> Result<(), ImageError> {
+        match std::fs::remove_file(self.rootfs_path(manifest_digest)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io_err("removing rootfs")(e)),
+            _ => Ok(()),
+        }
+    }
+}

@@ -1,0 +1,210 @@
+//! The state store: JSON records in named tables, every change one ACID transaction.
+//!
+//! The embedded backend is redb (a single file in the data directory, copy-on-write B-trees,
+//! crash-safe commits). Uniqueness (a VM name, an image reference) is enforced inside the write
+//! transaction, and redb serialises write transactions, so of two concurrent creates with the same
+//! key exactly one wins.
+
+use redb::{Database, ReadableTable, TableDefinition};
+use serde::{de::DeserializeOwned, Serialize};
+use std::path::Path;
+
+/// A table of records keyed by a string.
+#[derive(Clone, Copy)]
+pub struct Table(&'static str);
+
+pub const VMS: Table = Table("vms");
+pub const IMAGES: Table = Table("images");
+const ALL: [Table; 2] = [VMS, IMAGES];
+
+impl Table {
+    fn def(self) -> TableDefinition<'static, &'static str, &'static [u8]> {
+        TableDefinition::new(self.0)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{table} {key:?} already exists")]
+    Exists { table: &'static str, key: String },
+    #[error("{table} {key:?} not found")]
+    NotFound { table: &'static str, key: String },
+    #[error("state store: {0}")]
+    Db(#[from] redb::Error),
+    #[error("state store record {key:?} is corrupt: {source}")]
+    Corrupt {
+        key: String,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+fn db<E: Into<redb::Error>>(e: E) -> StoreError {
+    StoreError::Db(e.into())
+}
+
+pub struct Store {
+    db: Database,
+}
+
+impl Store {
+    /// Opens (or creates) the store file. Fails if another process holds it.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let database = Database::create(path).map_err(db)?;
+        let tx = database.begin_write().map_err(db)?;
+        for t in ALL {
+            tx.open_table(t.def()).map_err(db)?;
+        }
+        tx.commit().map_err(db)?;
+        Ok(Store { db: database })
+    }
+
+    pub fn get<T: DeserializeOwned>(&self, table: Table, key: &str) -> Result<Option<T>, StoreError> {
+        let tx = self.db.begin_read().map_err(db)?;
+        let t = tx.open_table(table.def()).map_err(db)?;
+        let v = t.get(key).map_err(db)?;
+        v.map(|v| decode(key, v.value())).transpose()
+    }
+
+    pub fn list<T: DeserializeOwned>(&self, table: Table) -> Result<Vec<T>, StoreError> {
+        let tx = self.db.begin_read().map_err(db)?;
+        let t = tx.open_table(table.def()).map_err(db)?;
+        let mut out = Vec::new();
+        for item in t.iter().map_err(db)? {
+            let (k, v) = item.map_err(db)?;
+            out.push(decode(k.value(), v.value())?);
+        }
+        Ok(out)
+    }
+
+    /// Inserts a record that must not exist yet.
+    pub fn insert_new<T: Serialize>(&self, table: Table, key: &str, value: &T) -> Result<(), StoreError> {
+        self.write(table, |t| {
+            if t.get(key).map_err(db)?.is_some() {
+                return Err(StoreError::Exists { table: table.0, key: key.into() });
+            }
+            t.insert(key, encode(value).as_slice()).map_err(db)?;
+            Ok(())
+        })
+    }
+
+    /// Inserts or replaces a record.
+    pub fn put<T: Serialize>(&self, table: Table, key: &str, value: &T) -> Result<(), StoreError> {
+        self.write(table, |t| {
+            t.insert(key, encode(value).as_slice()).map_err(db)?;
+            Ok(())
+        })
+    }
+
+    /// Reads, changes and writes back one record in one transaction; returns the new value.
+    pub fn update<T: Serialize + DeserializeOwned>(
+        &self,
+        table: Table,
+        key: &str,
+        f: impl FnOnce(&mut T),
+    ) -> Result<T, StoreError> {
+        self.write(table, |t| {
+            let mut v: T = match t.get(key).map_err(db)? {
+                Some(v) => decode(key, v.value())?,
+                None => return Err(StoreError::NotFound { table: table.0, key: key.into() }),
+            };
+            f(&mut v);
+            t.insert(key, encode(&v).as_slice()).map_err(db)?;
+            Ok(v)
+        })
+    }
+
+    /// Removes a record; returns whether it existed.
+    pub fn delete(&self, table: Table, key: &str) -> Result<bool, StoreError> {
+        self.write(table, |t| Ok(t.remove(key).map_err(db)?.is_some()))
+    }
+
+    fn write<R>(
+        &self,
+        table: Table,
+        f: impl FnOnce(&mut redb::Table<'_, &'static str, &'static [u8]>) -> Result<R, StoreError>,
+    ) -> Result<R, StoreError> {
+        let tx = self.db.begin_write().map_err(db)?;
+        let r = {
+            let mut t = tx.open_table(table.def()).map_err(db)?;
+            f(&mut t)
+        };
+        match r {
+            Ok(r) => {
+                tx.commit().map_err(db)?;
+                Ok(r)
+            }
+            Err(e) => {
+                let _ = tx.abort();
+                Err(e)
+            }
+        }
+    }
+}
+
+fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    // Our records are plain data; serialising them cannot fail.
+    serde_json::to_vec(v).unwrap_or_default()
+}
+
+fn decode<T: DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|source| StoreError::Corrupt { key: key.into(), source })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Deserialize;
+    use std::sync::Arc;
+
+    #[derive(Debug, Serialize, Deserialize, PartialEq, Clone)]
+    struct Rec {
+        n: u32,
+    }
+
+    #[test]
+    fn crud_and_persistence() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("state.redb");
+        {
+            let s = Store::open(&p).unwrap();
+            s.insert_new(VMS, "a", &Rec { n: 1 }).unwrap();
+            assert!(matches!(s.insert_new(VMS, "a", &Rec { n: 2 }), Err(StoreError::Exists { .. })));
+            let v: Rec = s.update(VMS, "a", |r: &mut Rec| r.n += 10).unwrap();
+            assert_eq!(v.n, 11);
+            assert!(matches!(
+                s.update(VMS, "zz", |_: &mut Rec| ()),
+                Err(StoreError::NotFound { .. })
+            ));
+            s.put(IMAGES, "img", &Rec { n: 5 }).unwrap();
+        }
+        let s = Store::open(&p).unwrap();
+        assert_eq!(s.get::<Rec>(VMS, "a").unwrap(), Some(Rec { n: 11 }));
+        assert_eq!(s.list::<Rec>(IMAGES).unwrap(), vec![Rec { n: 5 }]);
+        assert!(s.delete(VMS, "a").unwrap());
+        assert!(!s.delete(VMS, "a").unwrap());
+        assert_eq!(s.get::<Rec>(VMS, "a").unwrap(), None);
+    }
+
+    #[test]
+    fn second_open_of_the_same_file_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("state.redb");
+        let _s = Store::open(&p).unwrap();
+        assert!(Store::open(&p).is_err());
+    }
+
+    #[test]
+    fn concurrent_creates_exactly_one_wins() {
+        let d = tempfile::tempdir().unwrap();
+        let s = Arc::new(Store::open(&d.path().join("s.redb")).unwrap());
+        let handles: Vec<_> = (0..8)
+            .map(|i| {
+                let s = s.clone();
+                std::thread::spawn(move || s.insert_new(VMS, "same", &Rec { n: i }).is_ok())
+            })
+            .collect();
+        let wins = handles.into_iter().map(|h| h.join().unwrap()).filter(|w| *w).count();
+        assert_eq!(wins, 1);
+    }
+}
