@@ -1,0 +1,209 @@
+//! hutchd as a library: configuration, start-up (boot bundle, store, re-attach) and serving the
+//! REST API on a unix socket and, optionally, TCP with a bearer token.
+
+pub mod agent;
+pub mod api;
+pub mod error;
+pub mod manager;
+
+use hutch_vmm::{AccelChoice, Vmm};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Debug, Clone)]
+pub struct DaemonConfig {
+    pub data_dir: PathBuf,
+    /// Where the kernel and initramfs are cached (default DATA_DIR/boot).
+    pub boot_cache: Option<PathBuf>,
+    pub kernel: Option<PathBuf>,
+    pub kernel_modules: Option<PathBuf>,
+    pub kernel_package: String,
+    pub agent: Option<PathBuf>,
+    pub accel: AccelChoice,
+    pub tcp_listen: Option<SocketAddr>,
+    pub qemu: PathBuf,
+    pub default_disk_gib: u64,
+    pub boot_timeout: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("{0}")]
+    Setup(String),
+    #[error(transparent)]
+    Guest(#[from] hutch_guest::GuestError),
+    #[error(transparent)]
+    Store(#[from] hutch_store::StoreError),
+    #[error(transparent)]
+    Image(#[from] hutch_image::ImageError),
+    #[error(transparent)]
+    Vmm(#[from] hutch_vmm::VmmError),
+}
+
+fn setup(m: impl std::fmt::Display) -> DaemonError {
+    DaemonError::Setup(m.to_string())
+}
+
+/// Finds the static guest agent: the configured path, `hutch-agent` beside this executable, or
+/// the workspace's agent build output.
+pub fn find_agent(configured: Option<&Path>) -> Result<PathBuf, DaemonError> {
+    if let Some(p) = configured {
+        return if p.is_file() { Ok(p.to_path_buf()) } else { Err(setup(format!("agent {} not found", p.display()))) };
+    }
+    let exe = std::env::current_exe().map_err(setup)?;
+    let dir = exe.parent().unwrap_or(Path::new("."));
+    let candidates = [
+        dir.join("hutch-agent"),
+        dir.join("../agent/x86_64-unknown-linux-gnu/release/hutch-agent"),
+        dir.join("../../agent/x86_64-unknown-linux-gnu/release/hutch-agent"),
+    ];
+    candidates
+        .iter()
+        .find(|p| p.is_file() && is_static_elf(p))
+        .cloned()
+        .ok_or_else(|| {
+            setup("no static hutch-agent beside hutchd nor in target/agent; run `make agent` or pass --agent")
+        })
+}
+
+/// Whether `p` is an x86-64 ELF executable without a program interpreter (statically linked),
+/// as it must be to run as PID 1 in the initramfs.
+pub fn is_static_elf(p: &Path) -> bool {
+    let Ok(b) = std::fs::read(p) else { return false };
+    if b.len() < 64 || &b[..4] != b"\x7fELF" || b[4] != 2 {
+        return false;
+    }
+    let u16_at = |o: usize| u16::from_le_bytes([b[o], b[o + 1]]) as usize;
+    let phoff = u64::from_le_bytes(b[0x20..0x28].try_into().unwrap_or([0; 8])) as usize;
+    let (phentsize, phnum) = (u16_at(0x36), u16_at(0x38));
+    (0..phnum).all(|i| {
+        let o = phoff + i * phentsize;
+        // PT_INTERP = 3
+        o + 4 <= b.len() && u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]) != 3
+    })
+}
+
+/// Reads or creates the API token for TCP clients.
+pub fn api_token(data_dir: &Path) -> Result<String, DaemonError> {
+    let p = data_dir.join("api-token");
+    if let Ok(t) = std::fs::read_to_string(&p) {
+        if !t.trim().is_empty() {
+            return Ok(t.trim().to_string());
+        }
+    }
+    let t = hex::encode(rand::random::<[u8; 32]>());
+    let tmp = data_dir.join("api-token.tmp");
+    std::fs::write(&tmp, &t).map_err(setup)?;
+    std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o600)).map_err(setup)?;
+    std::fs::rename(&tmp, &p).map_err(setup)?;
+    Ok(t)
+}
+
+/// Prepares everything and returns the manager (used by `run` and by tests).
+pub async fn prepare(cfg: &DaemonConfig) -> Result<Arc<manager::Manager>, DaemonError> {
+    std::fs::create_dir_all(&cfg.data_dir).map_err(|e| setup(format!("creating {}: {e}", cfg.data_dir.display())))?;
+    std::fs::set_permissions(&cfg.data_dir, std::os::unix::fs::PermissionsExt::from_mode(0o700)).map_err(setup)?;
+    let (accel, why) = hutch_vmm::detect_accel(cfg.accel, Path::new("/"))?;
+    tracing::info!(accel = accel.as_str(), reason = %why, "accelerator");
+    let cache = cfg.boot_cache.clone().unwrap_or_else(|| cfg.data_dir.join("boot"));
+    let kernel = match &cfg.kernel {
+        Some(k) => hutch_guest::Kernel::user(k, cfg.kernel_modules.as_deref())?,
+        None => {
+            let (c, p) = (cache.clone(), cfg.kernel_package.clone());
+            tokio::task::spawn_blocking(move || hutch_guest::fetch_distro_kernel(&c, &p))
+                .await
+                .map_err(setup)??
+        }
+    };
+    let agent = find_agent(cfg.agent.as_deref())?;
+    let bundle = hutch_guest::ensure_bundle(&cache, &kernel, &agent)?;
+    tracing::info!(kernel = %bundle.kernel.display(), initrd = %bundle.initrd.display(), "guest boot bundle");
+    let store = hutch_store::Store::open(&cfg.data_dir.join("state.redb"))?;
+    let images = hutch_image::ImageStore::open(&cfg.data_dir.join("images"))?;
+    let vmm: Arc<dyn Vmm> = Arc::new(hutch_vmm::Qemu { binary: cfg.qemu.clone() });
+    let node = manager::NodeConfig {
+        data_dir: cfg.data_dir.clone(),
+        bundle,
+        accel,
+        boot_timeout: cfg.boot_timeout,
+        default_disk_gib: cfg.default_disk_gib,
+        console_max_bytes: 2 << 20,
+    };
+    let m = Arc::new(manager::Manager::new(node, store, images, vmm));
+    m.reattach().await.map_err(|e| setup(format!("re-attaching VMs: {e}")))?;
+    Ok(m)
+}
+
+/// Runs the daemon until SIGINT/SIGTERM. VMs keep running when it exits.
+pub async fn run(cfg: DaemonConfig) -> Result<(), DaemonError> {
+    let m = prepare(&cfg).await?;
+    let token = api_token(&cfg.data_dir)?;
+    let sock = cfg.data_dir.join("hutchd.sock");
+    let _ = std::fs::remove_file(&sock);
+    let unix = tokio::net::UnixListener::bind(&sock).map_err(|e| setup(format!("binding {}: {e}", sock.display())))?;
+    std::fs::set_permissions(&sock, std::os::unix::fs::PermissionsExt::from_mode(0o600)).map_err(setup)?;
+
+    let bg = m.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            let m = bg.clone();
+            let _ = tokio::task::spawn_blocking(move || m.trim_consoles()).await;
+        }
+    });
+
+    let app = api::router(m.clone());
+    let mut tasks = tokio::task::JoinSet::new();
+    if let Some(addr) = cfg.tcp_listen {
+        let tcp = tokio::net::TcpListener::bind(addr).await.map_err(|e| setup(format!("binding {addr}: {e}")))?;
+        let token = Arc::new(token);
+        let authed = app.clone().layer(axum::middleware::from_fn(move |req: axum::extract::Request, next: axum::middleware::Next| {
+            let token = token.clone();
+            async move {
+                let ok = req
+                    .headers()
+                    .get(axum::http::header::AUTHORIZATION)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.strip_prefix("Bearer "))
+                    .is_some_and(|t| constant_eq(t.as_bytes(), token.as_bytes()));
+                if ok {
+                    next.run(req).await
+                } else {
+                    axum::response::IntoResponse::into_response(error::ApiError::Unauthorized(
+                        "missing or wrong bearer token (see DATA_DIR/api-token)".into(),
+                    ))
+                }
+            }
+        }));
+        tracing::info!(%addr, "listening on tcp (bearer token required)");
+        tasks.spawn(async move { axum::serve(tcp, authed).with_graceful_shutdown(shutdown()).await });
+    }
+    tracing::info!(socket = %sock.display(), "hutchd ready");
+    println!("hutchd ready on {}", sock.display());
+    tasks.spawn(async move { axum::serve(unix, app).with_graceful_shutdown(shutdown()).await });
+    while let Some(r) = tasks.join_next().await {
+        if let Ok(Err(e)) = r {
+            return Err(setup(format!("server: {e}")));
+        }
+    }
+    let _ = std::fs::remove_file(&sock);
+    tracing::info!("hutchd stopped; VMs keep running");
+    Ok(())
+}
+
+fn constant_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn shutdown() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

@@ -1,1 +1,484 @@
-fn main() {}
+//! hutch: the command-line client of hutchd. Talks to the REST API over DATA_DIR/hutchd.sock,
+//! or over TCP with --url and a bearer token.
+
+use anyhow::{anyhow, bail, Context, Result};
+use base64::Engine;
+use bytes::Bytes;
+use clap::{Parser, Subcommand};
+use http_body_util::{BodyExt, Full};
+use hyper::{Method, Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde_json::{json, Value};
+use std::io::{IsTerminal, Read, Write};
+use std::path::{Path, PathBuf};
+
+#[derive(Parser)]
+#[command(name = "hutch", version, about = "Run OCI images as virtual machines (client of hutchd)")]
+struct Cli {
+    /// hutchd's data directory (its socket is DATA_DIR/hutchd.sock).
+    #[arg(long, global = true, env = "HUTCH_DATA_DIR", default_value = "/var/lib/hutch")]
+    data_dir: PathBuf,
+    /// Talk to hutchd over TCP instead, e.g. http://10.0.0.5:7070.
+    #[arg(long, global = true, env = "HUTCH_URL")]
+    url: Option<String>,
+    /// Bearer token for --url (hutchd writes it to DATA_DIR/api-token).
+    #[arg(long, global = true, env = "HUTCH_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Manage images.
+    #[command(subcommand)]
+    Image(ImageCmd),
+    /// Create and boot a VM.
+    New {
+        #[arg(long)]
+        image: String,
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long, default_value_t = 1)]
+        vcpu: u32,
+        /// Memory in MiB.
+        #[arg(long, default_value_t = 256)]
+        mem: u64,
+        /// Writable disk size in GiB (sparse).
+        #[arg(long)]
+        disk: Option<u64>,
+    },
+    /// List VMs.
+    #[command(alias = "list")]
+    Ls,
+    /// Show one VM in detail.
+    Describe { name: String },
+    /// Run a command in a VM; exits with its exit code.
+    Exec {
+        name: String,
+        /// KEY=VALUE, repeatable.
+        #[arg(long = "env", short = 'e')]
+        env: Vec<String>,
+        #[arg(long, short = 'w')]
+        cwd: Option<String>,
+        #[arg(long, short = 'u')]
+        user: Option<String>,
+        /// Kill the command after this many seconds (exit code 124).
+        #[arg(long)]
+        timeout: Option<u64>,
+        #[arg(last = true, required = true)]
+        argv: Vec<String>,
+    },
+    /// Print a VM's console log.
+    Logs {
+        name: String,
+        /// Bytes from the end.
+        #[arg(long, default_value_t = 65536)]
+        tail: u64,
+    },
+    /// Stop a VM (the guest syncs and powers off).
+    Stop { name: String },
+    /// Start a stopped VM.
+    Start { name: String },
+    /// Delete a VM (stopping it first).
+    #[command(alias = "destroy")]
+    Rm { name: String },
+    /// Copy a file into or out of a VM: `hutch cp ./f vm:/path` or `hutch cp vm:/path ./f`.
+    Cp {
+        src: String,
+        dst: String,
+        /// Octal mode for files copied into a VM.
+        #[arg(long)]
+        mode: Option<String>,
+    },
+    /// Daemon status.
+    Status,
+}
+
+#[derive(Subcommand)]
+enum ImageCmd {
+    /// Import an OCI image layout (directory or tar / oci-archive) or a `docker save` tarball.
+    Import {
+        path: PathBuf,
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// List images.
+    Ls,
+    /// Show an image.
+    Inspect { name: String },
+    /// Delete an image.
+    Rm { name: String },
+}
+
+struct Client {
+    data_dir: PathBuf,
+    url: Option<(String, String)>,
+    token: Option<String>,
+}
+
+struct Resp {
+    status: StatusCode,
+    body: hyper::body::Incoming,
+}
+
+impl Client {
+    async fn send(&self, method: Method, path: &str, ctype: &str, body: Bytes) -> Result<Resp> {
+        let (io, host): (Box<dyn IoStream>, String) = match &self.url {
+            Some((hostport, _)) => {
+                let s = tokio::net::TcpStream::connect(hostport)
+                    .await
+                    .with_context(|| format!("cannot reach hutchd at {hostport}"))?;
+                (Box::new(s), hostport.clone())
+            }
+            None => {
+                let sock = self.data_dir.join("hutchd.sock");
+                let s = tokio::net::UnixStream::connect(&sock).await.with_context(|| {
+                    format!("cannot reach hutchd at {} (is it running? `make run` starts it)", sock.display())
+                })?;
+                (Box::new(s), "hutchd".into())
+            }
+        };
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await?;
+        tokio::spawn(conn);
+        let mut req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(hyper::header::HOST, host)
+            .header(hyper::header::CONTENT_TYPE, ctype);
+        if let Some(t) = &self.token {
+            req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {t}"));
+        }
+        let resp = sender.send_request(req.body(Full::new(body))?).await?;
+        Ok(Resp { status: resp.status(), body: resp.into_body() })
+    }
+
+    /// Sends a request; returns the body bytes, or the API's error message as an error.
+    async fn call(&self, method: Method, path: &str, body: Option<Value>) -> Result<Bytes> {
+        let b = body.map(|v| Bytes::from(v.to_string())).unwrap_or_default();
+        let r = self.send(method, path, "application/json", b).await?;
+        finish(r).await
+    }
+
+    async fn json(&self, method: Method, path: &str, body: Option<Value>) -> Result<Value> {
+        let b = self.call(method, path, body).await?;
+        if b.is_empty() {
+            return Ok(Value::Null);
+        }
+        Ok(serde_json::from_slice(&b)?)
+    }
+}
+
+trait IoStream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> IoStream for T {}
+
+async fn finish(r: Resp) -> Result<Bytes> {
+    let status = r.status;
+    let body = r.body.collect().await?.to_bytes();
+    if status.is_success() {
+        return Ok(body);
+    }
+    let msg = serde_json::from_slice::<Value>(&body)
+        .ok()
+        .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
+        .unwrap_or_else(|| String::from_utf8_lossy(&body).to_string());
+    Err(anyhow!("{msg}"))
+}
+
+fn enc(s: &str) -> String {
+    let mut o = String::new();
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~/".contains(&b) {
+            o.push(b as char);
+        } else {
+            o.push_str(&format!("%{b:02X}"));
+        }
+    }
+    o
+}
+
+fn mib(m: u64) -> String {
+    if m >= 1024 && m % 1024 == 0 {
+        format!("{}G", m / 1024)
+    } else {
+        format!("{m}M")
+    }
+}
+
+fn age(ts: u64) -> String {
+    let d = hutch_core::now().saturating_sub(ts);
+    match d {
+        0..=59 => format!("{d}s"),
+        60..=3599 => format!("{}m", d / 60),
+        3600..=86399 => format!("{}h", d / 3600),
+        _ => format!("{}d", d / 86400),
+    }
+}
+
+fn table(rows: Vec<Vec<String>>) {
+    let n = rows.first().map(|r| r.len()).unwrap_or(0);
+    let widths: Vec<usize> = (0..n).map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0)).collect();
+    for r in rows {
+        let line: Vec<String> = r.iter().enumerate().map(|(i, c)| format!("{c:<w$}", w = widths[i])).collect();
+        println!("{}", line.join("  ").trim_end());
+    }
+}
+
+fn describe(v: &Value) {
+    let s = |k: &str| v[k].as_str().map(str::to_string).or_else(|| v[k].as_u64().map(|n| n.to_string()));
+    println!();
+    println!("  Name:    {}", s("name").unwrap_or_default());
+    println!("  ID:      {}", s("id").unwrap_or_default());
+    println!("  Image:   {}", s("image").unwrap_or_default());
+    println!("  vCPU:    {}", s("vcpus").unwrap_or_default());
+    println!("  RAM:     {}", mib(v["mem_mib"].as_u64().unwrap_or(0)));
+    println!("  Disk:    {}G", s("disk_gib").unwrap_or_default());
+    println!("  Status:  {}", s("state").unwrap_or_default());
+    if let Some(r) = s("reason") {
+        println!("  Reason:  {r}");
+    }
+    if let Some(p) = s("pid") {
+        println!("  PID:     {p}");
+    }
+    if let Some(k) = s("kernel") {
+        println!("  Kernel:  {k} ({})", s("accel").unwrap_or_default());
+    }
+    if let Some(b) = s("boot_ms") {
+        println!("  Boot:    {b} ms");
+    }
+    println!();
+    println!("  Connect: hutch exec {} -- sh", s("name").unwrap_or_default());
+    println!();
+}
+
+fn out_json(v: &Value) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+async fn exec(c: &Client, name: &str, body: Value) -> Result<i32> {
+    let r = c.send(Method::POST, &format!("/api/v1/sandboxes/{}/exec", enc(name)), "application/json", Bytes::from(body.to_string())).await?;
+    if !r.status.is_success() {
+        finish(r).await?;
+        bail!("exec failed");
+    }
+    let mut body = r.body;
+    let mut buf: Vec<u8> = Vec::new();
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let (mut out, mut err) = (std::io::stdout().lock(), std::io::stderr().lock());
+    while let Some(frame) = body.frame().await {
+        let frame = frame?;
+        let Some(data) = frame.data_ref() else { continue };
+        buf.extend_from_slice(data);
+        while let Some(pos) = buf.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = buf.drain(..=pos).collect();
+            let ev: Value = serde_json::from_slice(&line)?;
+            match ev["type"].as_str().unwrap_or("") {
+                "stdout" => {
+                    out.write_all(&b64.decode(ev["data"].as_str().unwrap_or(""))?)?;
+                    out.flush()?;
+                }
+                "stderr" => {
+                    err.write_all(&b64.decode(ev["data"].as_str().unwrap_or(""))?)?;
+                    err.flush()?;
+                }
+                "exit" => {
+                    if ev["timed_out"].as_bool() == Some(true) {
+                        eprintln!("hutch: command timed out");
+                        return Ok(124);
+                    }
+                    if let Some(code) = ev["code"].as_i64() {
+                        return Ok(code as i32);
+                    }
+                    return Ok(128 + ev["signal"].as_i64().unwrap_or(0) as i32);
+                }
+                "error" => bail!("{}", ev["message"].as_str().unwrap_or("exec failed")),
+                _ => {}
+            }
+        }
+    }
+    bail!("connection to hutchd ended before the command finished")
+}
+
+fn split_vm_path(s: &str) -> Option<(&str, &str)> {
+    let (vm, p) = s.split_once(':')?;
+    (!vm.is_empty() && !vm.contains('/') && p.starts_with('/')).then_some((vm, p))
+}
+
+async fn run(cli: Cli) -> Result<i32> {
+    let url = match &cli.url {
+        Some(u) => {
+            let hp = u.trim_start_matches("http://").trim_end_matches('/').to_string();
+            Some((hp, u.clone()))
+        }
+        None => None,
+    };
+    let c = Client { data_dir: cli.data_dir.clone(), url, token: cli.token.clone() };
+    let j = cli.json;
+    match cli.cmd {
+        Cmd::Image(ic) => match ic {
+            ImageCmd::Import { path, name } => {
+                let meta = std::fs::metadata(&path).with_context(|| format!("{}", path.display()))?;
+                let v = if meta.is_dir() || c.url.is_none() {
+                    let abs = std::fs::canonicalize(&path)?;
+                    c.json(Method::POST, "/api/v1/images", Some(json!({"path": abs, "name": name}))).await?
+                } else {
+                    let data = std::fs::read(&path)?;
+                    let q = name.map(|n| format!("?name={}", enc(&n))).unwrap_or_default();
+                    let r = c.send(Method::POST, &format!("/api/v1/images{q}"), "application/x-tar", Bytes::from(data)).await?;
+                    serde_json::from_slice(&finish(r).await?)?
+                };
+                if j {
+                    out_json(&v);
+                } else {
+                    println!("imported {} ({})", v["name"].as_str().unwrap_or(""), v["digest"].as_str().unwrap_or(""));
+                }
+            }
+            ImageCmd::Ls => {
+                let v = c.json(Method::GET, "/api/v1/images", None).await?;
+                if j {
+                    out_json(&v);
+                } else {
+                    let mut rows = vec![vec!["NAME".into(), "DIGEST".into(), "LAYERS".into(), "SIZE".into(), "AGE".into()]];
+                    for i in v.as_array().cloned().unwrap_or_default() {
+                        rows.push(vec![
+                            i["name"].as_str().unwrap_or("").into(),
+                            i["digest"].as_str().unwrap_or("").chars().take(19).collect(),
+                            i["layers"].as_array().map(|a| a.len()).unwrap_or(0).to_string(),
+                            format!("{:.1}M", i["rootfs_size"].as_u64().unwrap_or(0) as f64 / 1048576.0),
+                            age(i["created_at"].as_u64().unwrap_or(0)),
+                        ]);
+                    }
+                    table(rows);
+                }
+            }
+            ImageCmd::Inspect { name } => out_json(&c.json(Method::GET, &format!("/api/v1/images/{}", enc(&name)), None).await?),
+            ImageCmd::Rm { name } => {
+                c.call(Method::DELETE, &format!("/api/v1/images/{}", enc(&name)), None).await?;
+                if !j {
+                    println!("removed {name}");
+                }
+            }
+        },
+        Cmd::New { image, name, vcpu, mem, disk } => {
+            let v = c
+                .json(Method::POST, "/api/v1/sandboxes", Some(json!({"image": image, "name": name, "vcpus": vcpu, "mem_mib": mem, "disk_gib": disk})))
+                .await?;
+            if j {
+                out_json(&v)
+            } else {
+                describe(&v)
+            }
+        }
+        Cmd::Ls => {
+            let v = c.json(Method::GET, "/api/v1/sandboxes", None).await?;
+            if j {
+                out_json(&v);
+            } else {
+                let mut rows = vec![["NAME", "STATE", "IMAGE", "VCPU", "RAM", "DISK", "PID", "AGE"].map(String::from).to_vec()];
+                for vm in v.as_array().cloned().unwrap_or_default() {
+                    rows.push(vec![
+                        vm["name"].as_str().unwrap_or("").into(),
+                        vm["state"].as_str().unwrap_or("").into(),
+                        vm["image"].as_str().unwrap_or("").into(),
+                        vm["vcpus"].to_string(),
+                        mib(vm["mem_mib"].as_u64().unwrap_or(0)),
+                        format!("{}G", vm["disk_gib"]),
+                        vm["pid"].as_u64().map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+                        age(vm["created_at"].as_u64().unwrap_or(0)),
+                    ]);
+                }
+                table(rows);
+            }
+        }
+        Cmd::Describe { name } => {
+            let v = c.json(Method::GET, &format!("/api/v1/sandboxes/{}", enc(&name)), None).await?;
+            if j {
+                out_json(&v)
+            } else {
+                describe(&v)
+            }
+        }
+        Cmd::Exec { name, env, cwd, user, timeout, argv } => {
+            let mut envmap = serde_json::Map::new();
+            for kv in env {
+                let (k, v) = kv.split_once('=').ok_or_else(|| anyhow!("--env {kv:?} is not KEY=VALUE"))?;
+                envmap.insert(k.into(), Value::String(v.into()));
+            }
+            let stdin = if std::io::stdin().is_terminal() {
+                None
+            } else {
+                let mut b = Vec::new();
+                std::io::stdin().read_to_end(&mut b)?;
+                Some(base64::engine::general_purpose::STANDARD.encode(b))
+            };
+            let body = json!({"argv": argv, "env": envmap, "cwd": cwd, "user": user, "stdin": stdin, "timeout_secs": timeout});
+            return exec(&c, &name, body).await;
+        }
+        Cmd::Logs { name, tail } => {
+            let b = c.call(Method::GET, &format!("/api/v1/sandboxes/{}/logs?tail={tail}", enc(&name)), None).await?;
+            std::io::stdout().write_all(&b)?;
+        }
+        Cmd::Stop { name } => {
+            let v = c.json(Method::POST, &format!("/api/v1/sandboxes/{}/stop", enc(&name)), None).await?;
+            if j { out_json(&v) } else { println!("{name} stopped") }
+        }
+        Cmd::Start { name } => {
+            let v = c.json(Method::POST, &format!("/api/v1/sandboxes/{}/start", enc(&name)), None).await?;
+            if j { out_json(&v) } else { println!("{name} running") }
+        }
+        Cmd::Rm { name } => {
+            c.call(Method::DELETE, &format!("/api/v1/sandboxes/{}", enc(&name)), None).await?;
+            if !j {
+                println!("{name} deleted");
+            }
+        }
+        Cmd::Cp { src, dst, mode } => match (split_vm_path(&src), split_vm_path(&dst)) {
+            (Some((vm, p)), None) => {
+                let b = c.call(Method::GET, &format!("/api/v1/sandboxes/{}/files?path={}", enc(vm), enc(p)), None).await?;
+                if dst == "-" {
+                    std::io::stdout().write_all(&b)?;
+                } else {
+                    std::fs::write(&dst, &b).with_context(|| dst.clone())?;
+                }
+            }
+            (None, Some((vm, p))) => {
+                let data = if src == "-" {
+                    let mut b = Vec::new();
+                    std::io::stdin().read_to_end(&mut b)?;
+                    b
+                } else {
+                    std::fs::read(Path::new(&src)).with_context(|| src.clone())?
+                };
+                let m = mode.map(|m| format!("&mode={}", enc(&m))).unwrap_or_default();
+                let r = c
+                    .send(Method::PUT, &format!("/api/v1/sandboxes/{}/files?path={}{m}", enc(vm), enc(p)), "application/octet-stream", Bytes::from(data))
+                    .await?;
+                finish(r).await?;
+            }
+            _ => bail!("exactly one of SRC and DST must be VM:/absolute/path"),
+        },
+        Cmd::Status => out_json(&c.json(Method::GET, "/api/v1/health", None).await?),
+    }
+    Ok(0)
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("hutch: {e}");
+            std::process::exit(1);
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("hutch: {e:#}");
+            std::process::exit(1);
+        }
+    }
+}

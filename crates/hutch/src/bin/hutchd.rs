@@ -1,1 +1,69 @@
-fn main() {}
+//! hutchd: the hutch daemon. See `hutchd --help`.
+
+use anyhow::Context;
+use clap::Parser;
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(name = "hutchd", version, about = "hutch daemon: OCI images as KVM/QEMU virtual machines")]
+struct Args {
+    /// State, images, VM disks and sockets live here.
+    #[arg(long, env = "HUTCH_DATA_DIR", default_value = "/var/lib/hutch")]
+    data_dir: PathBuf,
+    /// Also serve the REST API on this TCP address (bearer token in DATA_DIR/api-token).
+    #[arg(long, env = "HUTCH_LISTEN")]
+    listen: Option<std::net::SocketAddr>,
+    /// Guest kernel to boot instead of the distribution's cloud kernel.
+    #[arg(long, env = "HUTCH_KERNEL")]
+    kernel: Option<PathBuf>,
+    /// The /lib/modules/RELEASE directory of --kernel (needed when virtio drivers are modules).
+    #[arg(long, env = "HUTCH_KERNEL_MODULES", requires = "kernel")]
+    kernel_modules: Option<PathBuf>,
+    /// Distribution package the guest kernel is fetched from.
+    #[arg(long, default_value = "linux-image-cloud-amd64")]
+    kernel_package: String,
+    /// Where the kernel and initramfs are cached (default DATA_DIR/boot).
+    #[arg(long, env = "HUTCH_BOOT_CACHE")]
+    boot_cache: Option<PathBuf>,
+    /// The static guest agent binary (default: beside hutchd, or the workspace build).
+    #[arg(long, env = "HUTCH_AGENT")]
+    agent: Option<PathBuf>,
+    /// Accelerator: auto (KVM when it can run a stock kernel, else TCG), kvm or tcg.
+    #[arg(long, env = "HUTCH_ACCEL", default_value = "auto")]
+    accel: hutch_vmm::AccelChoice,
+    /// QEMU binary.
+    #[arg(long, default_value = "qemu-system-x86_64")]
+    qemu: PathBuf,
+    /// Default size of a VM's writable disk, GiB (sparse).
+    #[arg(long, default_value_t = 10)]
+    disk_gib: u64,
+    /// Seconds to wait for a booting guest's agent.
+    #[arg(long, default_value_t = 120)]
+    boot_timeout: u64,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("HUTCH_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cfg = hutch_daemon::DaemonConfig {
+        data_dir: args.data_dir,
+        boot_cache: args.boot_cache,
+        kernel: args.kernel,
+        kernel_modules: args.kernel_modules,
+        kernel_package: args.kernel_package,
+        agent: args.agent,
+        accel: args.accel,
+        tcp_listen: args.listen,
+        qemu: args.qemu,
+        default_disk_gib: args.disk_gib,
+        boot_timeout: std::time::Duration::from_secs(args.boot_timeout),
+    };
+    let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    rt.block_on(hutch_daemon::run(cfg)).context("hutchd failed")?;
+    Ok(())
+}

@@ -1,0 +1,267 @@
+//! The REST API under /api/v1: turns HTTP into manager calls, nothing more.
+
+use crate::agent::{AgentClient, AgentStream};
+use crate::error::ApiError;
+use crate::manager::{CreateVm, ExecVm, Manager};
+use axum::body::{Body, Bytes};
+use axum::extract::{FromRequest, Path, Query, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use base64::Engine;
+use futures_util::StreamExt;
+use hutch_core::{Image, Vm};
+use hutch_proto::{Frame, Kind};
+use hutch_store::IMAGES;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::sync::Arc;
+
+pub type AppState = Arc<Manager>;
+
+/// JSON body extractor whose rejections are our JSON errors.
+pub struct ApiJson<T>(pub T);
+
+impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(ApiJson(v)),
+            Err(e) => Err(ApiError::Invalid(format!("malformed request body: {}", e.body_text()))),
+        }
+    }
+}
+
+pub fn router(m: AppState) -> Router {
+    Router::new()
+        .route("/api/v1/health", get(health))
+        .route("/api/v1/openapi.json", get(openapi))
+        .route("/api/v1/images", get(list_images).post(import_image))
+        .route("/api/v1/images/{*name}", get(get_image).delete(delete_image))
+        .route("/api/v1/sandboxes", get(list_vms).post(create_vm))
+        .route("/api/v1/sandboxes/{name}", get(get_vm).delete(delete_vm))
+        .route("/api/v1/sandboxes/{name}/start", post(start_vm))
+        .route("/api/v1/sandboxes/{name}/stop", post(stop_vm))
+        .route("/api/v1/sandboxes/{name}/exec", post(exec_vm))
+        .route("/api/v1/sandboxes/{name}/files", get(get_file).put(put_file))
+        .route("/api/v1/sandboxes/{name}/logs", get(logs))
+        .fallback(|| async { ApiError::NotFound { kind: "route", name: "this path".into() } })
+        .layer(axum::extract::DefaultBodyLimit::max(1 << 30))
+        .with_state(m)
+}
+
+async fn health(State(m): State<AppState>) -> Json<Value> {
+    Json(json!({
+        "status": "ok",
+        "version": env!("CARGO_PKG_VERSION"),
+        "accel": m.cfg.accel.as_str(),
+        "kernel": m.cfg.bundle.release,
+    }))
+}
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], include_str!("openapi.json")).into_response()
+}
+
+async fn list_images(State(m): State<AppState>) -> Result<Json<Vec<Image>>, ApiError> {
+    let mut v: Vec<Image> = m.store.list(IMAGES)?;
+    v.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(Json(v))
+}
+
+async fn get_image(State(m): State<AppState>, Path(name): Path<String>) -> Result<Json<Image>, ApiError> {
+    Ok(Json(m.image(&name)?))
+}
+
+async fn delete_image(State(m): State<AppState>, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
+    m.delete_image(&name)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ImportReq {
+    path: String,
+    name: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct NameQuery {
+    name: Option<String>,
+}
+
+/// Imports an image: JSON `{path, name}` naming a file or directory on the daemon's host, or the
+/// archive itself as the request body (any other content type), with `?name=`.
+async fn import_image(
+    State(m): State<AppState>,
+    Query(q): Query<NameQuery>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<(StatusCode, Json<Image>), ApiError> {
+    let is_json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    let upload;
+    let (path, name) = if is_json {
+        let bytes = axum::body::to_bytes(body, 1 << 20)
+            .await
+            .map_err(|e| ApiError::Invalid(format!("reading body: {e}")))?;
+        let req: ImportReq = serde_json::from_slice(&bytes)
+            .map_err(|e| ApiError::Invalid(format!("malformed request body: {e}")))?;
+        let p = std::path::PathBuf::from(&req.path);
+        if !p.exists() {
+            return Err(ApiError::Invalid(format!("{} does not exist on the daemon's host", req.path)));
+        }
+        (p, req.name)
+    } else {
+        upload = m.images.tmp_dir()?;
+        let p = upload.path().join("upload.tar");
+        let mut f = tokio::fs::File::create(&p).await.map_err(|e| ApiError::Internal(e.to_string()))?;
+        let mut s = body.into_data_stream();
+        use tokio::io::AsyncWriteExt;
+        while let Some(chunk) = s.next().await {
+            let chunk = chunk.map_err(|e| ApiError::Invalid(format!("reading upload: {e}")))?;
+            f.write_all(&chunk).await.map_err(|e| ApiError::Internal(e.to_string()))?;
+        }
+        f.flush().await.map_err(|e| ApiError::Internal(e.to_string()))?;
+        (p, q.name)
+    };
+    let m2 = m.clone();
+    let img = tokio::task::spawn_blocking(move || m2.images.import(&path, name.as_deref()))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))??;
+    m.store.put(IMAGES, &img.name, &img)?;
+    tracing::info!(image = %img.name, digest = %img.digest, "imported image");
+    Ok((StatusCode::CREATED, Json(img)))
+}
+
+async fn list_vms(State(m): State<AppState>) -> Result<Json<Vec<Vm>>, ApiError> {
+    Ok(Json(m.list()?))
+}
+
+async fn create_vm(State(m): State<AppState>, ApiJson(req): ApiJson<CreateVm>) -> Result<(StatusCode, Json<Vm>), ApiError> {
+    Ok((StatusCode::CREATED, Json(m.create(req).await?)))
+}
+
+async fn get_vm(State(m): State<AppState>, Path(name): Path<String>) -> Result<Json<Vm>, ApiError> {
+    Ok(Json(m.get(&name)?))
+}
+
+async fn delete_vm(State(m): State<AppState>, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
+    m.delete(&name).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn start_vm(State(m): State<AppState>, Path(name): Path<String>) -> Result<Json<Vm>, ApiError> {
+    Ok(Json(m.start(&name).await?))
+}
+
+async fn stop_vm(State(m): State<AppState>, Path(name): Path<String>) -> Result<Json<Vm>, ApiError> {
+    Ok(Json(m.stop(&name).await?))
+}
+
+/// Kills the process if the HTTP client goes away before it exited.
+struct ExecGuard {
+    client: Arc<AgentClient>,
+    stream: AgentStream,
+    done: bool,
+}
+
+impl Drop for ExecGuard {
+    fn drop(&mut self) {
+        if !self.done {
+            let r = hutch_proto::Request::Signal { signal: 9 };
+            let _ = self.client.send(Frame::json(Kind::Request, self.stream.id, &r));
+        }
+    }
+}
+
+fn line(v: Value) -> Bytes {
+    let mut s = v.to_string();
+    s.push('\n');
+    Bytes::from(s)
+}
+
+/// Runs a process; the response is NDJSON events: started, stdout/stderr (base64), exit.
+async fn exec_vm(
+    State(m): State<AppState>,
+    Path(name): Path<String>,
+    ApiJson(req): ApiJson<ExecVm>,
+) -> Result<Response, ApiError> {
+    let (client, stream) = m.exec(&name, req)?;
+    let guard = ExecGuard { client, stream, done: false };
+    let events = futures_util::stream::unfold(Some(guard), move |g| async move {
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let mut g = g?;
+        let ev = match g.stream.rx.recv().await {
+            None => {
+                g.done = true;
+                let ev = json!({"type": "error", "code": "agent_lost", "message": "connection to the guest agent was lost"});
+                return Some((Ok::<_, std::convert::Infallible>(line(ev)), None));
+            }
+            Some(f) => f,
+        };
+        let (v, end) = match ev.kind {
+            Kind::Stdout => (json!({"type": "stdout", "data": b64.encode(&ev.payload)}), false),
+            Kind::Stderr => (json!({"type": "stderr", "data": b64.encode(&ev.payload)}), false),
+            Kind::Response => match ev.parse::<hutch_proto::Response>("response") {
+                Ok(hutch_proto::Response::Started { pid }) => (json!({"type": "started", "pid": pid}), false),
+                Ok(hutch_proto::Response::Exited { code, signal, timed_out }) => (
+                    json!({"type": "exit", "code": code, "signal": signal, "timed_out": timed_out}),
+                    true,
+                ),
+                Ok(hutch_proto::Response::Error { code, message }) => {
+                    (json!({"type": "error", "code": code, "message": message}), true)
+                }
+                Ok(other) => (json!({"type": "other", "value": format!("{other:?}")}), false),
+                Err(e) => (json!({"type": "error", "code": "protocol", "message": e.to_string()}), true),
+            },
+            _ => (json!({"type": "other"}), false),
+        };
+        if end {
+            g.done = true;
+            Some((Ok(line(v)), None))
+        } else {
+            Some((Ok(line(v)), Some(g)))
+        }
+    });
+    Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], Body::from_stream(events)).into_response())
+}
+
+#[derive(Deserialize)]
+struct FileQuery {
+    path: String,
+    mode: Option<String>,
+}
+
+async fn get_file(State(m): State<AppState>, Path(name): Path<String>, Query(q): Query<FileQuery>) -> Result<Response, ApiError> {
+    let data = m.read_file(&name, &q.path).await?;
+    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], data).into_response())
+}
+
+async fn put_file(
+    State(m): State<AppState>,
+    Path(name): Path<String>,
+    Query(q): Query<FileQuery>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let mode = match q.mode.as_deref() {
+        Some(s) => Some(u32::from_str_radix(s, 8).map_err(|_| ApiError::Invalid(format!("mode {s:?} is not octal")))?),
+        None => None,
+    };
+    let n = m.write_file(&name, &q.path, mode, &body).await?;
+    Ok(Json(json!({"path": q.path, "bytes": n})))
+}
+
+#[derive(Deserialize)]
+struct LogQuery {
+    tail: Option<u64>,
+}
+
+async fn logs(State(m): State<AppState>, Path(name): Path<String>, Query(q): Query<LogQuery>) -> Result<Response, ApiError> {
+    let vm = m.get(&name)?;
+    let text = m.console_tail(&vm.id, q.tail.unwrap_or(64 * 1024).min(16 << 20));
+    Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response())
+}

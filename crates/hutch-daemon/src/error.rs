@@ -1,0 +1,92 @@
+//! The daemon's error type and its one mapping to HTTP status codes and JSON error bodies.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{kind} {name:?} not found")]
+    NotFound { kind: &'static str, name: String },
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Unauthorized(String),
+    #[error("{0}")]
+    BadImage(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            ApiError::Invalid(_) => "invalid_argument",
+            ApiError::NotFound { .. } => "not_found",
+            ApiError::Conflict(_) => "conflict",
+            ApiError::Unauthorized(_) => "unauthorized",
+            ApiError::BadImage(_) => "bad_image",
+            ApiError::Internal(_) => "internal",
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::Invalid(_) | ApiError::BadImage(_) => StatusCode::BAD_REQUEST,
+            ApiError::NotFound { .. } => StatusCode::NOT_FOUND,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    pub fn vm(name: &str) -> ApiError {
+        ApiError::NotFound { kind: "sandbox", name: name.into() }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if self.status().is_server_error() {
+            tracing::error!(error = %self, "request failed");
+        }
+        let body = serde_json::json!({"error": {"code": self.code(), "message": self.to_string()}});
+        (self.status(), axum::Json(body)).into_response()
+    }
+}
+
+impl From<hutch_store::StoreError> for ApiError {
+    fn from(e: hutch_store::StoreError) -> Self {
+        match e {
+            hutch_store::StoreError::Exists { table, key } => {
+                ApiError::Conflict(format!("{} {key:?} already exists", table.trim_end_matches('s')))
+            }
+            hutch_store::StoreError::NotFound { table, key } => {
+                ApiError::NotFound { kind: if table == "vms" { "sandbox" } else { "image" }, name: key }
+            }
+            other => ApiError::Internal(other.to_string()),
+        }
+    }
+}
+
+impl From<hutch_image::ImageError> for ApiError {
+    fn from(e: hutch_image::ImageError) -> Self {
+        match e {
+            hutch_image::ImageError::Io { .. } | hutch_image::ImageError::Build(_) => ApiError::Internal(e.to_string()),
+            other => ApiError::BadImage(other.to_string()),
+        }
+    }
+}
+
+impl From<crate::agent::AgentError> for ApiError {
+    fn from(e: crate::agent::AgentError) -> Self {
+        ApiError::Conflict(e.to_string())
+    }
+}
+
+impl From<hutch_vmm::VmmError> for ApiError {
+    fn from(e: hutch_vmm::VmmError) -> Self {
+        ApiError::Internal(e.to_string())
+    }
+}

@@ -1,0 +1,664 @@
+//! VM lifecycle on this node: create, start, stop, delete, exec, files, logs; re-attaching to
+//! running VMs after a restart and noticing VMs whose QEMU died.
+//!
+//! The store says what exists; QEMU processes (not our children) are what runs. Every lifecycle
+//! operation on one VM holds that VM's lock, so stop/start/delete never interleave.
+
+use crate::agent::{AgentClient, AgentStream};
+use crate::error::ApiError;
+use hutch_core::{image_env, names, Image, Vm, VmState};
+use hutch_proto::{ExecRequest, Kind, Request, Response};
+use hutch_store::{Store, IMAGES, VMS};
+use hutch_vmm::{Accel, VmSpec, Vmm};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// What the manager needs from the daemon's configuration.
+pub struct NodeConfig {
+    pub data_dir: PathBuf,
+    pub bundle: hutch_guest::BootBundle,
+    pub accel: Accel,
+    pub boot_timeout: Duration,
+    pub default_disk_gib: u64,
+    pub console_max_bytes: u64,
+}
+
+pub struct Manager {
+    pub cfg: NodeConfig,
+    pub store: Store,
+    pub images: hutch_image::ImageStore,
+    vmm: Arc<dyn Vmm>,
+    conns: Mutex<HashMap<String, Arc<AgentClient>>>,
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    host_cpus: u32,
+    host_mem_mib: u64,
+}
+
+/// A request to create a VM.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateVm {
+    pub name: Option<String>,
+    pub image: String,
+    #[serde(default = "one")]
+    pub vcpus: u32,
+    #[serde(default = "default_mem")]
+    pub mem_mib: u64,
+    pub disk_gib: Option<u64>,
+}
+
+fn one() -> u32 {
+    1
+}
+fn default_mem() -> u64 {
+    256
+}
+
+/// A request to run a process in a VM.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecVm {
+    pub argv: Vec<String>,
+    #[serde(default)]
+    pub env: HashMap<String, String>,
+    pub cwd: Option<String>,
+    pub user: Option<String>,
+    /// Standard input, base64.
+    pub stdin: Option<String>,
+    pub timeout_secs: Option<u64>,
+}
+
+fn internal(e: impl std::fmt::Display) -> ApiError {
+    ApiError::Internal(e.to_string())
+}
+
+fn mem_total_mib() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()))
+        })
+        .map(|kb| kb / 1024)
+        .unwrap_or(0)
+}
+
+impl Manager {
+    pub fn new(cfg: NodeConfig, store: Store, images: hutch_image::ImageStore, vmm: Arc<dyn Vmm>) -> Manager {
+        Manager {
+            cfg,
+            store,
+            images,
+            vmm,
+            conns: Mutex::new(HashMap::new()),
+            locks: Mutex::new(HashMap::new()),
+            host_cpus: std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1),
+            host_mem_mib: mem_total_mib(),
+        }
+    }
+
+    fn lock_for(&self, name: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut l = self.locks.lock().unwrap_or_else(|e| e.into_inner());
+        l.entry(name.to_string()).or_default().clone()
+    }
+
+    pub fn vm_dir(&self, id: &str) -> PathBuf {
+        self.cfg.data_dir.join("vms").join(id)
+    }
+
+    fn spec(&self, vm: &Vm, image: &Image) -> VmSpec {
+        let dir = self.vm_dir(&vm.id);
+        VmSpec {
+            id: vm.id.clone(),
+            hostname: vm.name.clone(),
+            vcpus: vm.vcpus,
+            mem_mib: vm.mem_mib,
+            kernel: self.cfg.bundle.kernel.clone(),
+            initrd: self.cfg.bundle.initrd.clone(),
+            image_disk: self.images.rootfs_path(&image.digest),
+            data_disk: dir.join("disk.qcow2"),
+            runtime_dir: dir.join("run"),
+            console_log: dir.join("console.log"),
+            accel: self.cfg.accel,
+        }
+    }
+
+    pub fn get(&self, name: &str) -> Result<Vm, ApiError> {
+        self.store.get::<Vm>(VMS, name)?.ok_or_else(|| ApiError::vm(name))
+    }
+
+    pub fn list(&self) -> Result<Vec<Vm>, ApiError> {
+        let mut v: Vec<Vm> = self.store.list(VMS)?;
+        v.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.name.cmp(&b.name)));
+        Ok(v)
+    }
+
+    pub fn image(&self, reference: &str) -> Result<Image, ApiError> {
+        let n = hutch_image::normalize_ref(reference).map_err(|e| ApiError::Invalid(e.to_string()))?;
+        self.store
+            .get::<Image>(IMAGES, &n)?
+            .ok_or(ApiError::NotFound { kind: "image", name: n })
+    }
+
+    /// The empty ext4 filesystem every VM's writable disk starts as (a qcow2 overlay on it).
+    fn disk_template(&self, gib: u64) -> Result<PathBuf, ApiError> {
+        let dir = self.cfg.data_dir.join("templates");
+        let p = dir.join(format!("data-{gib}G.ext4"));
+        if p.exists() {
+            return Ok(p);
+        }
+        std::fs::create_dir_all(&dir).map_err(internal)?;
+        let tmp = tempfile::NamedTempFile::new_in(&dir).map_err(internal)?;
+        tmp.as_file().set_len(gib << 30).map_err(internal)?;
+        let o = std::process::Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-L", "hutch-data", "-E", "lazy_itable_init=1,lazy_journal_init=1"])
+            .arg(tmp.path())
+            .output()
+            .map_err(|e| internal(format!("running mkfs.ext4: {e}")))?;
+        if !o.status.success() {
+            return Err(internal(format!("mkfs.ext4: {}", String::from_utf8_lossy(&o.stderr))));
+        }
+        tmp.persist(&p).map_err(|e| internal(e.error))?;
+        Ok(p)
+    }
+
+    fn create_disk(&self, vm: &Vm) -> Result<(), ApiError> {
+        let template = self.disk_template(vm.disk_gib)?;
+        let dir = self.vm_dir(&vm.id);
+        std::fs::create_dir_all(dir.join("run")).map_err(internal)?;
+        let o = std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+            .arg(&template)
+            .arg(dir.join("disk.qcow2"))
+            .output()
+            .map_err(|e| internal(format!("running qemu-img: {e}")))?;
+        if !o.status.success() {
+            return Err(internal(format!("qemu-img: {}", String::from_utf8_lossy(&o.stderr))));
+        }
+        Ok(())
+    }
+
+    fn validate(&self, req: &CreateVm) -> Result<(), ApiError> {
+        if let Some(n) = &req.name {
+            names::validate_name(n).map_err(ApiError::Invalid)?;
+        }
+        if req.vcpus == 0 || req.vcpus > self.host_cpus {
+            return Err(ApiError::Invalid(format!(
+                "vcpus must be between 1 and {} (the host's CPUs), not {}",
+                self.host_cpus, req.vcpus
+            )));
+        }
+        if req.mem_mib < 64 || req.mem_mib > self.host_mem_mib {
+            return Err(ApiError::Invalid(format!(
+                "mem_mib must be between 64 and {} (the host's memory), not {}",
+                self.host_mem_mib, req.mem_mib
+            )));
+        }
+        if let Some(d) = req.disk_gib {
+            if d == 0 || d > 1024 {
+                return Err(ApiError::Invalid(format!("disk_gib must be between 1 and 1024, not {d}")));
+            }
+        }
+        let dir = self.vm_dir("000000000000").join("run/agent.sock");
+        if dir.as_os_str().len() >= 100 {
+            return Err(ApiError::Internal(format!(
+                "data dir {} is too long for unix socket paths",
+                self.cfg.data_dir.display()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Creates and boots a VM; on any failure nothing of it remains.
+    pub async fn create(self: &Arc<Self>, req: CreateVm) -> Result<Vm, ApiError> {
+        self.validate(&req)?;
+        let image = self.image(&req.image)?;
+        let me = self.clone();
+        let img = image.clone();
+        tokio::task::spawn_blocking(move || me.images.build_rootfs(&img.digest, &img.layers))
+            .await
+            .map_err(internal)??;
+        let mut vm = Vm {
+            id: names::random_id(),
+            name: String::new(),
+            image: image.name.clone(),
+            image_digest: image.digest.clone(),
+            vcpus: req.vcpus,
+            mem_mib: req.mem_mib,
+            disk_gib: req.disk_gib.unwrap_or(self.cfg.default_disk_gib),
+            state: VmState::Starting,
+            reason: None,
+            pid: None,
+            accel: Some(self.cfg.accel.as_str().into()),
+            created_at: hutch_core::now(),
+            started_at: None,
+            boot_ms: None,
+            kernel: None,
+        };
+        // The name is claimed in one store transaction: of concurrent creates, one wins.
+        match &req.name {
+            Some(n) => {
+                vm.name = n.clone();
+                self.store.insert_new(VMS, n, &vm)?;
+            }
+            None => {
+                let mut tries = 0;
+                loop {
+                    vm.name = names::random_name();
+                    match self.store.insert_new(VMS, &vm.name, &vm) {
+                        Ok(()) => break,
+                        Err(hutch_store::StoreError::Exists { .. }) if tries < 50 => tries += 1,
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+            }
+        }
+        let lock = self.lock_for(&vm.name);
+        let _g = lock.lock().await;
+        let result = async {
+            self.create_disk(&vm)?;
+            self.boot(&vm, &image).await
+        }
+        .await;
+        match result {
+            Ok(vm) => Ok(vm),
+            Err(e) => {
+                self.destroy(&vm);
+                let _ = self.store.delete(VMS, &vm.name);
+                Err(e)
+            }
+        }
+    }
+
+    /// Launches QEMU for `vm` and waits for its agent; records the VM as running.
+    async fn boot(self: &Arc<Self>, vm: &Vm, image: &Image) -> Result<Vm, ApiError> {
+        let spec = self.spec(vm, image);
+        let t0 = Instant::now();
+        let vmm = self.vmm.clone();
+        let spec2 = spec.clone();
+        let proc_ = tokio::task::spawn_blocking(move || vmm.launch(&spec2)).await.map_err(internal)??;
+        self.store.update(VMS, &vm.name, |v: &mut Vm| {
+            v.pid = Some(proc_.pid);
+            v.state = VmState::Starting;
+        })?;
+        let agent_sock = spec.agent_socket();
+        let connected = tokio::select! {
+            r = AgentClient::connect(&agent_sock, self.cfg.boot_timeout) => r.map_err(ApiError::from),
+            _ = self.wait_exit(&vm.id, proc_.pid) => Err(ApiError::Internal("QEMU exited during boot".into())),
+        };
+        let (client, ack) = match connected {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = self.vmm.kill(&vm.id, proc_.pid);
+                let tail = self.console_tail(&vm.id, 2048);
+                return Err(ApiError::Internal(format!(
+                    "{} did not boot: {e}; console ends with:\n{}",
+                    vm.name,
+                    tail.trim_end()
+                )));
+            }
+        };
+        let boot_ms = t0.elapsed().as_millis() as u64;
+        self.conns.lock().unwrap_or_else(|e| e.into_inner()).insert(vm.id.clone(), client);
+        let vm = self.store.update(VMS, &vm.name, |v: &mut Vm| {
+            v.state = VmState::Running;
+            v.reason = None;
+            v.started_at = Some(hutch_core::now());
+            v.boot_ms = Some(boot_ms);
+            v.kernel = Some(ack.kernel.clone());
+            v.accel = Some(self.cfg.accel.as_str().into());
+        })?;
+        tracing::info!(vm = %vm.name, pid = proc_.pid, boot_ms, "vm running");
+        self.watch(vm.name.clone(), vm.id.clone(), proc_.pid);
+        Ok(vm)
+    }
+
+    async fn wait_exit(&self, id: &str, pid: u32) {
+        while self.vmm.is_alive(id, pid) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Follows a running VM's process; records it stopped (with why) when it goes away.
+    fn watch(self: &Arc<Self>, name: String, id: String, pid: u32) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            me.wait_exit(&id, pid).await;
+            me.conns.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+            let tail = me.console_tail(&id, 512);
+            let last = tail.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").to_string();
+            let _ = me.store.update(VMS, &name, |v: &mut Vm| {
+                if v.id != id || v.pid != Some(pid) {
+                    return;
+                }
+                if v.state == VmState::Running || v.state == VmState::Starting {
+                    v.reason = Some(if last.is_empty() {
+                        "QEMU exited unexpectedly".into()
+                    } else {
+                        format!("QEMU exited unexpectedly; console: {last}")
+                    });
+                    tracing::warn!(vm = %name, "vm process exited unexpectedly");
+                }
+                v.state = VmState::Stopped;
+                v.pid = None;
+            });
+        });
+    }
+
+    /// Kills the VM's process (if any) and removes its directory.
+    fn destroy(&self, vm: &Vm) {
+        if let Some(pid) = self.store.get::<Vm>(VMS, &vm.name).ok().flatten().and_then(|v| v.pid).or(vm.pid) {
+            let _ = self.vmm.kill(&vm.id, pid);
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while self.vmm.is_alive(&vm.id, pid) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        self.conns.lock().unwrap_or_else(|e| e.into_inner()).remove(&vm.id);
+        let _ = std::fs::remove_dir_all(self.vm_dir(&vm.id));
+    }
+
+    pub async fn start(self: &Arc<Self>, name: &str) -> Result<Vm, ApiError> {
+        let lock = self.lock_for(name);
+        let _g = lock.lock().await;
+        let vm = self.get(name)?;
+        if vm.state != VmState::Stopped {
+            return Err(ApiError::Conflict(format!("{name} is {}, not stopped", vm.state.as_str())));
+        }
+        let image = self.store.list::<Image>(IMAGES)?.into_iter().find(|i| i.digest == vm.image_digest);
+        let image = image.ok_or_else(|| {
+            ApiError::Conflict(format!("image {} of {name} is no longer in the store", vm.image))
+        })?;
+        if !self.vm_dir(&vm.id).join("disk.qcow2").exists() {
+            return Err(ApiError::Conflict(format!("the disk of {name} is missing")));
+        }
+        self.store.update(VMS, name, |v: &mut Vm| {
+            v.state = VmState::Starting;
+            v.reason = None;
+        })?;
+        match self.boot(&vm, &image).await {
+            Ok(vm) => Ok(vm),
+            Err(e) => {
+                let _ = self.store.update(VMS, name, |v: &mut Vm| {
+                    v.state = VmState::Stopped;
+                    v.pid = None;
+                    v.reason = Some(e.to_string());
+                });
+                Err(e)
+            }
+        }
+    }
+
+    /// Stops a VM: the agent syncs and powers off; QMP quit and then SIGKILL if it does not.
+    pub async fn stop(self: &Arc<Self>, name: &str) -> Result<Vm, ApiError> {
+        let lock = self.lock_for(name);
+        let _g = lock.lock().await;
+        self.stop_locked(name).await
+    }
+
+    async fn stop_locked(self: &Arc<Self>, name: &str) -> Result<Vm, ApiError> {
+        let vm = self.get(name)?;
+        if vm.state == VmState::Stopped {
+            return Err(ApiError::Conflict(format!("{name} is already stopped")));
+        }
+        self.store.update(VMS, name, |v: &mut Vm| v.state = VmState::Stopping)?;
+        if let Some(pid) = vm.pid {
+            self.halt(&vm, pid).await;
+        }
+        self.conns.lock().unwrap_or_else(|e| e.into_inner()).remove(&vm.id);
+        Ok(self.store.update(VMS, name, |v: &mut Vm| {
+            v.state = VmState::Stopped;
+            v.pid = None;
+            v.reason = None;
+        })?)
+    }
+
+    async fn halt(&self, vm: &Vm, pid: u32) {
+        let client = self.conns.lock().unwrap_or_else(|e| e.into_inner()).get(&vm.id).cloned();
+        if let Some(c) = client {
+            if let Ok(mut s) = c.open(&Request::Shutdown) {
+                let _ = tokio::time::timeout(Duration::from_secs(2), s.rx.recv()).await;
+            }
+        }
+        let wait = |secs| {
+            let deadline = Instant::now() + Duration::from_secs(secs);
+            async move {
+                while self.vmm.is_alive(&vm.id, pid) && Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                !self.vmm.is_alive(&vm.id, pid)
+            }
+        };
+        if wait(10).await {
+            return;
+        }
+        let qmp = self.vm_dir(&vm.id).join("run/qmp.sock");
+        if let Ok(mut q) = hutch_vmm::qmp::QmpClient::connect(&qmp).await {
+            let _ = q.quit().await;
+        }
+        if wait(3).await {
+            return;
+        }
+        let _ = self.vmm.kill(&vm.id, pid);
+        wait(5).await;
+    }
+
+    /// Deletes a VM, stopping it first; leaves no process, socket, disk or record behind.
+    pub async fn delete(self: &Arc<Self>, name: &str) -> Result<(), ApiError> {
+        let lock = self.lock_for(name);
+        let _g = lock.lock().await;
+        let vm = self.get(name)?;
+        if vm.state != VmState::Stopped {
+            self.stop_locked(name).await?;
+        }
+        let me = self.clone();
+        let vm2 = vm.clone();
+        tokio::task::spawn_blocking(move || me.destroy(&vm2)).await.map_err(internal)?;
+        self.store.delete(VMS, name)?;
+        self.locks.lock().unwrap_or_else(|e| e.into_inner()).remove(name);
+        Ok(())
+    }
+
+    fn client(&self, vm: &Vm) -> Result<Arc<AgentClient>, ApiError> {
+        if vm.state != VmState::Running {
+            return Err(ApiError::Conflict(format!(
+                "{} is {}; run: hutch start {}",
+                vm.name,
+                vm.state.as_str(),
+                vm.name
+            )));
+        }
+        self.conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&vm.id)
+            .filter(|c| c.is_alive())
+            .cloned()
+            .ok_or_else(|| ApiError::Conflict(format!("the agent of {} is not connected", vm.name)))
+    }
+
+    /// Starts a process; returns the stream its output and exit arrive on.
+    pub fn exec(&self, name: &str, req: ExecVm) -> Result<(Arc<AgentClient>, AgentStream), ApiError> {
+        if req.argv.is_empty() || req.argv[0].is_empty() {
+            return Err(ApiError::Invalid("argv must name a program".into()));
+        }
+        let vm = self.get(name)?;
+        let client = self.client(&vm)?;
+        let stdin = match &req.stdin {
+            Some(s) => Some(
+                base64::Engine::decode(&base64::engine::general_purpose::STANDARD, s)
+                    .map_err(|e| ApiError::Invalid(format!("stdin is not base64: {e}")))?,
+            ),
+            None => None,
+        };
+        let image = self.store.list::<Image>(IMAGES)?.into_iter().find(|i| i.digest == vm.image_digest);
+        let icfg = image.map(|i| i.config).unwrap_or_default();
+        let mut env = image_env(&icfg, &vm.name);
+        env.extend(req.env.clone());
+        let cwd = req.cwd.clone().or_else(|| Some(icfg.working_dir.clone()).filter(|w| !w.is_empty()));
+        let user = req.user.clone().or_else(|| Some(icfg.user.clone()).filter(|u| !u.is_empty()));
+        let r = Request::Exec(ExecRequest {
+            argv: req.argv,
+            env,
+            cwd,
+            user,
+            stdin: stdin.is_some(),
+            timeout_ms: req.timeout_secs.map(|s| s * 1000),
+        });
+        let stream = client.open(&r)?;
+        if let Some(data) = stdin {
+            client.send_input(stream.id, &data)?;
+        }
+        Ok((client, stream))
+    }
+
+    pub async fn read_file(&self, name: &str, path: &str) -> Result<Vec<u8>, ApiError> {
+        check_path(path)?;
+        let vm = self.get(name)?;
+        let client = self.client(&vm)?;
+        let mut s = client.open(&Request::ReadFile { path: path.into() })?;
+        let mut out = Vec::new();
+        while let Some(f) = s.rx.recv().await {
+            match f.kind {
+                Kind::Stdout => out.extend_from_slice(&f.payload),
+                Kind::Response => match f.parse::<Response>("response").map_err(internal)? {
+                    Response::Done { .. } => return Ok(out),
+                    Response::Error { code, message } => return Err(file_error(&code, message)),
+                    _ => {}
+                },
+                _ => {}
+            }
+        }
+        Err(crate::agent::AgentError::Lost.into())
+    }
+
+    pub async fn write_file(&self, name: &str, path: &str, mode: Option<u32>, data: &[u8]) -> Result<u64, ApiError> {
+        check_path(path)?;
+        let vm = self.get(name)?;
+        let client = self.client(&vm)?;
+        let mut s = client.open(&Request::WriteFile { path: path.into(), mode })?;
+        client.send_input(s.id, data)?;
+        while let Some(f) = s.rx.recv().await {
+            if f.kind == Kind::Response {
+                match f.parse::<Response>("response").map_err(internal)? {
+                    Response::Done { bytes } => return Ok(bytes),
+                    Response::Error { code, message } => return Err(file_error(&code, message)),
+                    _ => {}
+                }
+            }
+        }
+        Err(crate::agent::AgentError::Lost.into())
+    }
+
+    pub fn console_path(&self, id: &str) -> PathBuf {
+        self.vm_dir(id).join("console.log")
+    }
+
+    /// The last `max` bytes of the VM's console.
+    pub fn console_tail(&self, id: &str, max: u64) -> String {
+        read_tail(&self.console_path(id), max)
+    }
+
+    /// Keeps every console log under the configured size (QEMU appends with O_APPEND, so
+    /// truncating in place is safe).
+    pub fn trim_consoles(&self) {
+        let Ok(vms) = self.store.list::<Vm>(VMS) else { return };
+        for vm in vms {
+            let p = self.console_path(&vm.id);
+            let size = std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
+            if size > self.cfg.console_max_bytes {
+                let keep = read_tail(&p, self.cfg.console_max_bytes / 2);
+                if let Ok(f) = std::fs::OpenOptions::new().write(true).open(&p) {
+                    let _ = f.set_len(0);
+                    use std::io::Write;
+                    let _ = (&f).write_all(keep.as_bytes());
+                }
+            }
+        }
+    }
+
+    /// After a (re)start of hutchd: re-attach to every VM whose QEMU still runs; mark the others
+    /// stopped with the reason.
+    pub async fn reattach(self: &Arc<Self>) -> Result<(), ApiError> {
+        for vm in self.list()? {
+            let alive = vm.pid.is_some_and(|p| self.vmm.is_alive(&vm.id, p));
+            match (vm.state, alive) {
+                (VmState::Stopped, _) => {}
+                (_, true) => {
+                    let pid = vm.pid.unwrap_or_default();
+                    let sock = self.vm_dir(&vm.id).join("run/agent.sock");
+                    match AgentClient::connect(&sock, self.cfg.boot_timeout).await {
+                        Ok((c, ack)) => {
+                            self.conns.lock().unwrap_or_else(|e| e.into_inner()).insert(vm.id.clone(), c);
+                            self.store.update(VMS, &vm.name, |v: &mut Vm| {
+                                v.state = VmState::Running;
+                                v.kernel = Some(ack.kernel.clone());
+                            })?;
+                            tracing::info!(vm = %vm.name, pid, "re-attached to running vm");
+                        }
+                        Err(e) => {
+                            tracing::warn!(vm = %vm.name, error = %e, "vm runs but its agent does not answer");
+                        }
+                    }
+                    self.watch(vm.name.clone(), vm.id.clone(), pid);
+                }
+                (state, false) => {
+                    let reason = (state != VmState::Stopping).then(|| {
+                        "QEMU exited while hutchd was not running".to_string()
+                    });
+                    tracing::warn!(vm = %vm.name, "vm process is gone; marking stopped");
+                    self.store.update(VMS, &vm.name, |v: &mut Vm| {
+                        v.state = VmState::Stopped;
+                        v.pid = None;
+                        v.reason = reason.clone();
+                    })?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes an image unless a VM uses it.
+    pub fn delete_image(&self, reference: &str) -> Result<(), ApiError> {
+        let img = self.image(reference)?;
+        let users: Vec<String> =
+            self.list()?.into_iter().filter(|v| v.image_digest == img.digest).map(|v| v.name).collect();
+        if !users.is_empty() {
+            return Err(ApiError::Conflict(format!("image {} is used by: {}", img.name, users.join(", "))));
+        }
+        self.store.delete(IMAGES, &img.name)?;
+        let still_used = self.store.list::<Image>(IMAGES)?.iter().any(|i| i.digest == img.digest);
+        if !still_used {
+            self.images.remove_rootfs(&img.digest)?;
+        }
+        Ok(())
+    }
+}
+
+fn check_path(p: &str) -> Result<(), ApiError> {
+    if !p.starts_with('/') {
+        return Err(ApiError::Invalid(format!("path {p:?} must be absolute")));
+    }
+    Ok(())
+}
+
+fn file_error(code: &str, message: String) -> ApiError {
+    match code {
+        "not_found" => ApiError::NotFound { kind: "file", name: message },
+        "is_directory" | "permission_denied" => ApiError::Invalid(message),
+        _ => ApiError::Internal(message),
+    }
+}
+
+fn read_tail(p: &Path, max: u64) -> String {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut f) = std::fs::File::open(p) else { return String::new() };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let _ = f.seek(SeekFrom::Start(len.saturating_sub(max)));
+    let mut b = Vec::new();
+    let _ = f.take(max).read_to_end(&mut b);
+    String::from_utf8_lossy(&b).to_string()
+}
