@@ -1,0 +1,265 @@
+//! Test infrastructure: a real hutchd on a private data dir, the real CLI, a busybox image built
+//! with umoci, and cleanup that leaves no process behind.
+#![allow(dead_code)]
+
+use serde_json::Value;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
+}
+
+/// Daemon start-ups are serialised so only one fetches the kernel and builds the initramfs.
+static START: Mutex<()> = Mutex::new(());
+
+/// Builds the static agent if the Makefile has not.
+pub fn ensure_agent() {
+    let agent = workspace().join("target/agent/x86_64-unknown-linux-gnu/release/hutch-agent");
+    if agent.exists() {
+        return;
+    }
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let st = Command::new(cargo)
+        .current_dir(workspace())
+        .env("RUSTFLAGS", "-C target-feature=+crt-static")
+        .args(["build", "--release", "-p", "hutch-agent", "--target", "x86_64-unknown-linux-gnu", "--target-dir", "target/agent"])
+        .status()
+        .unwrap();
+    assert!(st.success(), "building hutch-agent failed");
+}
+
+/// Polls `f` until it returns Some or `timeout` passes.
+pub fn wait_until<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+pub struct Daemon {
+    pub dir: tempfile::TempDir,
+    child: Option<Child>,
+    pub extra: Vec<String>,
+}
+
+impl Daemon {
+    pub fn start(extra: &[&str]) -> Daemon {
+        ensure_agent();
+        let dir = tempfile::Builder::new().prefix("hutch-t").tempdir_in("/tmp").unwrap();
+        let mut d = Daemon { dir, child: None, extra: extra.iter().map(|s| s.to_string()).collect() };
+        d.spawn();
+        d
+    }
+
+    pub fn data(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn spawn(&mut self) {
+        let _g = START.lock().unwrap_or_else(|e| e.into_inner());
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.data().join("../").join(format!(
+            "{}.hutchd.log",
+            self.data().file_name().unwrap().to_string_lossy()
+        )));
+        let log = log.unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_hutchd"))
+            .arg("--data-dir")
+            .arg(self.data())
+            .arg("--boot-cache")
+            .arg(workspace().join("target/hutch-test-boot"))
+            .args(&self.extra)
+            .env("HUTCH_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let ok = wait_until(Duration::from_secs(300), || {
+            if let Some(Ok(Some(st))) = self.child.as_mut().map(|c| c.try_wait()) {
+                panic!("hutchd exited during start-up: {st}; log: {}", self.log());
+            }
+            self.api("GET", "/api/v1/health", None).ok().filter(|(s, _)| *s == 200)
+        });
+        assert!(ok.is_some(), "hutchd did not become ready: {}", self.log());
+    }
+
+    pub fn log(&self) -> String {
+        let p = self.data().join("../").join(format!("{}.hutchd.log", self.data().file_name().unwrap().to_string_lossy()));
+        std::fs::read_to_string(p).unwrap_or_default()
+    }
+
+    /// SIGKILL hutchd (VMs must survive).
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn hutch(&self, args: &[&str]) -> Output {
+        self.hutch_stdin(args, None)
+    }
+
+    pub fn hutch_stdin(&self, args: &[&str], stdin: Option<&[u8]>) -> Output {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_hutch"))
+            .arg("--data-dir")
+            .arg(self.data())
+            .args(args)
+            .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        if let Some(data) = stdin {
+            let mut s = c.stdin.take().unwrap();
+            s.write_all(data).unwrap();
+        }
+        c.wait_with_output().unwrap()
+    }
+
+    /// Runs the CLI and asserts success; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let o = self.hutch(args);
+        assert!(
+            o.status.success(),
+            "hutch {args:?} failed: {}\nstdout: {}",
+            String::from_utf8_lossy(&o.stderr),
+            String::from_utf8_lossy(&o.stdout)
+        );
+        String::from_utf8(o.stdout).unwrap()
+    }
+
+    pub fn json(&self, args: &[&str]) -> Value {
+        let mut a = vec!["--json"];
+        a.extend_from_slice(args);
+        serde_json::from_str(&self.ok(&a)).unwrap()
+    }
+
+    /// A raw HTTP/1.1 request over the unix socket; returns status and parsed JSON body (or Null).
+    pub fn api(&self, method: &str, path: &str, body: Option<&str>) -> std::io::Result<(u16, Value)> {
+        let (s, b) = self.api_raw(method, path, body.map(str::as_bytes), "application/json")?;
+        Ok((s, serde_json::from_slice(&b).unwrap_or(Value::Null)))
+    }
+
+    pub fn api_raw(&self, method: &str, path: &str, body: Option<&[u8]>, ctype: &str) -> std::io::Result<(u16, Vec<u8>)> {
+        let mut s = std::os::unix::net::UnixStream::connect(self.data().join("hutchd.sock"))?;
+        http(&mut s, method, path, body, ctype, None)
+    }
+
+    pub fn qemu_pids(&self) -> Vec<u32> {
+        qemu_pids_under(self.data())
+    }
+}
+
+pub fn http(
+    s: &mut (impl Read + Write),
+    method: &str,
+    path: &str,
+    body: Option<&[u8]>,
+    ctype: &str,
+    token: Option<&str>,
+) -> std::io::Result<(u16, Vec<u8>)> {
+    let body = body.unwrap_or(b"");
+    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: hutchd\r\nConnection: close\r\n{auth}Content-Type: {ctype}\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )?;
+    s.write_all(body)?;
+    let mut resp = Vec::new();
+    s.read_to_end(&mut resp)?;
+    let split = resp.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or(resp.len());
+    let head = String::from_utf8_lossy(&resp[..split]).to_string();
+    let status: u16 = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let mut body = resp[(split + 4).min(resp.len())..].to_vec();
+    if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        body = dechunk(&body);
+    }
+    Ok((status, body))
+}
+
+fn dechunk(mut b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(pos) = b.windows(2).position(|w| w == b"\r\n") {
+        let n = usize::from_str_radix(std::str::from_utf8(&b[..pos]).unwrap_or("0").trim(), 16).unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        out.extend_from_slice(&b[pos + 2..pos + 2 + n]);
+        b = &b[pos + 2 + n + 2..];
+    }
+    out
+}
+
+/// QEMU processes whose command line mentions `dir`.
+pub fn qemu_pids_under(dir: &Path) -> Vec<u32> {
+    let needle = dir.to_string_lossy().to_string();
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else { continue };
+        let cmd = String::from_utf8_lossy(&cmd);
+        if cmd.starts_with("qemu-system") && cmd.contains(&needle) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill9();
+        for pid in self.qemu_pids() {
+            // SAFETY: kill has no memory-safety preconditions.
+            unsafe {
+                libc::kill(pid as i32, libc::SIGKILL);
+            }
+        }
+        wait_until(Duration::from_secs(10), || self.qemu_pids().is_empty().then_some(()));
+        let log = self.data().join("../").join(format!("{}.hutchd.log", self.data().file_name().unwrap().to_string_lossy()));
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_file(log);
+        } else {
+            eprintln!("hutchd log kept at {}", log.display());
+        }
+    }
+}
+
+/// Builds a busybox OCI image layout with umoci: env FOO=bar, workdir /tmp, a `nobody` user.
+pub fn busybox_layout(dir: &Path) -> PathBuf {
+    let layout = dir.join("oci");
+    let script = format!(
+        r#"set -e
+cd {dir}
+umoci init --layout oci
+umoci new --image oci:bb
+umoci unpack --image oci:bb bundle >/dev/null
+r=bundle/rootfs
+mkdir -p $r/bin $r/etc $r/tmp $r/root
+cp /bin/busybox $r/bin/busybox
+for a in sh echo cat ls uname env pwd id sleep true false hostname sync sha256sum head wc dd mkdir rm; do ln -sf busybox $r/bin/$a; done
+echo 'root:x:0:0:root:/root:/bin/sh' > $r/etc/passwd
+echo 'nobody:x:65534:65534:nobody:/nonexistent:/bin/sh' >> $r/etc/passwd
+echo 'root:x:0:' > $r/etc/group
+echo 'nogroup:x:65534:' >> $r/etc/group
+umoci repack --image oci:bb bundle >/dev/null
+umoci config --image oci:bb --config.env FOO=bar --config.workingdir /tmp >/dev/null
+rm -rf bundle
+"#,
+        dir = dir.display()
+    );
+    let o = Command::new("bash").arg("-c").arg(&script).output().unwrap();
+    assert!(o.status.success(), "building the test image failed: {}", String::from_utf8_lossy(&o.stderr));
+    layout
+}
