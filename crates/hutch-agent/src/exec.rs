@@ -71,7 +71,10 @@ impl Reaper {
     }
 
     /// Spawns `cmd` and returns its pid and a receiver of its raw wait status.
-    fn spawn(&self, cmd: &mut Command) -> std::io::Result<(std::process::Child, std::sync::mpsc::Receiver<i32>)> {
+    fn spawn(
+        &self,
+        cmd: &mut Command,
+    ) -> std::io::Result<(std::process::Child, std::sync::mpsc::Receiver<i32>)> {
         self.lock().spawning += 1;
         let res = cmd.spawn();
         let mut st = self.lock();
@@ -110,17 +113,24 @@ fn resolve_user(spec: &str) -> Result<(u32, u32, Option<String>), String> {
         Some((u, g)) => (u, Some(g)),
         None => (spec, None),
     };
-    let entry = passwd.lines().map(|l| l.split(':').collect::<Vec<_>>()).find(|f| {
-        f.len() >= 7 && (f[0] == u || (f[2] == u && u.parse::<u32>().is_ok()))
-    });
+    let entry = passwd
+        .lines()
+        .map(|l| l.split(':').collect::<Vec<_>>())
+        .find(|f| f.len() >= 7 && (f[0] == u || (f[2] == u && u.parse::<u32>().is_ok())));
     let (uid, mut gid, home) = match (&entry, u.parse::<u32>()) {
         (Some(f), _) => (
-            f[2].parse().map_err(|_| format!("bad uid for {u} in /etc/passwd"))?,
-            f[3].parse().map_err(|_| format!("bad gid for {u} in /etc/passwd"))?,
+            f[2].parse()
+                .map_err(|_| format!("bad uid for {u} in /etc/passwd"))?,
+            f[3].parse()
+                .map_err(|_| format!("bad gid for {u} in /etc/passwd"))?,
             Some(f[5].to_string()),
         ),
         (None, Ok(n)) => (n, n, None),
-        (None, Err(_)) => return Err(format!("unknown user {u:?} (not in the image's /etc/passwd)")),
+        (None, Err(_)) => {
+            return Err(format!(
+                "unknown user {u:?} (not in the image's /etc/passwd)"
+            ))
+        }
     };
     if let Some(g) = g {
         gid = match g.parse::<u32>() {
@@ -146,7 +156,14 @@ fn decode_status(status: i32) -> (Option<i32>, Option<i32>) {
     }
 }
 
-fn pump(shared: Arc<Shared>, gen: u64, stream: u32, kind: Kind, mut r: impl Read, done: SyncSender<()>) {
+fn pump(
+    shared: Arc<Shared>,
+    gen: u64,
+    stream: u32,
+    kind: Kind,
+    mut r: impl Read,
+    done: SyncSender<()>,
+) {
     let mut buf = vec![0u8; CHUNK];
     loop {
         match r.read(&mut buf) {
@@ -166,7 +183,14 @@ pub fn start(shared: Arc<Shared>, gen: u64, stream: u32, req: ExecRequest) {
     let (input_tx, input_rx) = channel::<Input>();
     {
         let mut s = shared.sessions.lock().unwrap_or_else(|e| e.into_inner());
-        s.insert(stream, Session { gen, pgid: None, input: req.stdin.then_some(input_tx) });
+        s.insert(
+            stream,
+            Session {
+                gen,
+                pgid: None,
+                input: req.stdin.then_some(input_tx),
+            },
+        );
     }
     std::thread::spawn(move || run(shared, gen, stream, req, input_rx));
 }
@@ -208,9 +232,13 @@ fn run(shared: Arc<Shared>, gen: u64, stream: u32, req: ExecRequest, input_rx: R
     } else if !req.env.contains_key("HOME") {
         cmd.env("HOME", "/root");
     }
-    cmd.stdin(if req.stdin { Stdio::piped() } else { Stdio::null() })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    cmd.stdin(if req.stdin {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    })
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
     // SAFETY: the closure only calls async-signal-safe functions (setsid, sigprocmask).
     unsafe {
         cmd.pre_exec(|| {
@@ -230,11 +258,22 @@ fn run(shared: Arc<Shared>, gen: u64, stream: u32, req: ExecRequest, input_rx: R
                 _ => 126,
             };
             let cwd = req.cwd.as_deref().unwrap_or("/");
-            return fail(&shared, gen, stream, code, format!("hutch: cannot run {prog:?} (cwd {cwd}): {e}"));
+            return fail(
+                &shared,
+                gen,
+                stream,
+                code,
+                format!("hutch: cannot run {prog:?} (cwd {cwd}): {e}"),
+            );
         }
     };
     let pid = child.id() as i32;
-    if let Some(s) = shared.sessions.lock().unwrap_or_else(|e| e.into_inner()).get_mut(&stream) {
+    if let Some(s) = shared
+        .sessions
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get_mut(&stream)
+    {
         s.pgid = Some(pid);
     }
     shared.respond(gen, stream, &Response::Started { pid });
@@ -308,7 +347,12 @@ pub fn read_file(shared: &Shared, gen: u64, stream: u32, path: &str) {
         Err(e) => return shared.error(gen, stream, io_code(&e), format!("{path}: {e}")),
     };
     if f.metadata().map(|m| m.is_dir()).unwrap_or(false) {
-        return shared.error(gen, stream, "is_directory", format!("{path} is a directory"));
+        return shared.error(
+            gen,
+            stream,
+            "is_directory",
+            format!("{path} is a directory"),
+        );
     }
     let mut buf = vec![0u8; CHUNK];
     let mut total = 0u64;
@@ -331,7 +375,14 @@ pub fn write_file(shared: Arc<Shared>, gen: u64, stream: u32, path: String, mode
         .sessions
         .lock()
         .unwrap_or_else(|e| e.into_inner())
-        .insert(stream, Session { gen, pgid: None, input: Some(tx) });
+        .insert(
+            stream,
+            Session {
+                gen,
+                pgid: None,
+                input: Some(tx),
+            },
+        );
     std::thread::spawn(move || {
         let result = (|| -> std::io::Result<u64> {
             let p = std::path::Path::new(&path);
@@ -353,7 +404,9 @@ pub fn write_file(shared: Arc<Shared>, gen: u64, stream: u32, path: String, mode
                     }
                 }
             }
-            Err(std::io::Error::other("connection closed before the end of the file"))
+            Err(std::io::Error::other(
+                "connection closed before the end of the file",
+            ))
         })();
         shared.end_session(stream, gen);
         match result {

@@ -24,7 +24,13 @@ pub fn init() -> io::Result<Config> {
     let nodev = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
     sys::mount("proc", Path::new("/proc"), "proc", nodev, None)?;
     sys::mount("sysfs", Path::new("/sys"), "sysfs", nodev, None)?;
-    sys::mount("devtmpfs", Path::new("/dev"), "devtmpfs", libc::MS_NOSUID, None)?;
+    sys::mount(
+        "devtmpfs",
+        Path::new("/dev"),
+        "devtmpfs",
+        libc::MS_NOSUID,
+        None,
+    )?;
 
     let cmdline = std::fs::read_to_string("/proc/cmdline")?;
     let param = |key: &str| {
@@ -55,11 +61,35 @@ pub fn init() -> io::Result<Config> {
     let root = Path::new(NEWROOT);
     sys::mount("proc", &root.join("proc"), "proc", nodev, None)?;
     sys::mount("sysfs", &root.join("sys"), "sysfs", nodev, None)?;
-    sys::mount("devtmpfs", &root.join("dev"), "devtmpfs", libc::MS_NOSUID, None)?;
+    sys::mount(
+        "devtmpfs",
+        &root.join("dev"),
+        "devtmpfs",
+        libc::MS_NOSUID,
+        None,
+    )?;
     let pts_flags = libc::MS_NOSUID | libc::MS_NOEXEC;
-    sys::mount("devpts", &root.join("dev/pts"), "devpts", pts_flags, Some("newinstance,ptmxmode=0666,mode=0620"))?;
-    sys::mount("tmpfs", &root.join("dev/shm"), "tmpfs", libc::MS_NOSUID | libc::MS_NODEV, Some("mode=1777"))?;
-    sys::mount("tmpfs", &root.join("run"), "tmpfs", libc::MS_NOSUID | libc::MS_NODEV, Some("mode=0755"))?;
+    sys::mount(
+        "devpts",
+        &root.join("dev/pts"),
+        "devpts",
+        pts_flags,
+        Some("newinstance,ptmxmode=0666,mode=0620"),
+    )?;
+    sys::mount(
+        "tmpfs",
+        &root.join("dev/shm"),
+        "tmpfs",
+        libc::MS_NOSUID | libc::MS_NODEV,
+        Some("mode=1777"),
+    )?;
+    sys::mount(
+        "tmpfs",
+        &root.join("run"),
+        "tmpfs",
+        libc::MS_NOSUID | libc::MS_NODEV,
+        Some("mode=0755"),
+    )?;
 
     // Switch root: make the overlay "/" and forget the initramfs paths.
     std::env::set_current_dir(root)?;

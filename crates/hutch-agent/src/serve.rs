@@ -107,7 +107,10 @@ pub fn serve(cfg: Config) -> ! {
     let reaper = exec::Reaper::start();
     loop {
         if let Err(e) = serve_port(&cfg, &reaper) {
-            eprintln!("hutch-agent: serving {} failed: {e}; retrying", cfg.port.display());
+            eprintln!(
+                "hutch-agent: serving {} failed: {e}; retrying",
+                cfg.port.display()
+            );
             std::thread::sleep(Duration::from_secs(1));
         }
     }
@@ -217,14 +220,21 @@ fn request(shared: &Arc<Shared>, gen: u64, stream: u32, req: Request) {
                         shared.error(gen, stream, "signal_failed", e.to_string());
                     }
                 }
-                None => shared.error(gen, stream, "no_process", format!("stream {stream} runs no process")),
+                None => shared.error(
+                    gen,
+                    stream,
+                    "no_process",
+                    format!("stream {stream} runs no process"),
+                ),
             }
         }
         Request::ReadFile { path } => {
             let shared = shared.clone();
             std::thread::spawn(move || exec::read_file(&shared, gen, stream, &path));
         }
-        Request::WriteFile { path, mode } => exec::write_file(shared.clone(), gen, stream, path, mode),
+        Request::WriteFile { path, mode } => {
+            exec::write_file(shared.clone(), gen, stream, path, mode)
+        }
         Request::Health => {
             let processes = shared.sessions.lock().map(|s| s.len() as u32).unwrap_or(0);
             let r = Response::Health {
@@ -251,7 +261,11 @@ fn request(shared: &Arc<Shared>, gen: u64, stream: u32, req: Request) {
 fn uptime_ms() -> u64 {
     std::fs::read_to_string("/proc/uptime")
         .ok()
-        .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse::<f64>().ok()))
+        .and_then(|s| {
+            s.split_whitespace()
+                .next()
+                .and_then(|v| v.parse::<f64>().ok())
+        })
         .map(|s| (s * 1000.0) as u64)
         .unwrap_or(0)
 }

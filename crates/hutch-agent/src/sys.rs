@@ -34,15 +34,40 @@ pub fn mount(
         .map(|d| d.as_ptr() as *const libc::c_void)
         .unwrap_or(std::ptr::null());
     // SAFETY: all pointers are valid NUL-terminated strings (or null for data) that outlive the call.
-    let r = unsafe { libc::mount(src.as_ptr(), target_c.as_ptr(), fstype.as_ptr(), flags, data_ptr) };
-    check(r).map_err(|e| io::Error::new(e.kind(), format!("mount {} on {}: {e}", src.to_string_lossy(), target.display())))
+    let r = unsafe {
+        libc::mount(
+            src.as_ptr(),
+            target_c.as_ptr(),
+            fstype.as_ptr(),
+            flags,
+            data_ptr,
+        )
+    };
+    check(r).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!(
+                "mount {} on {}: {e}",
+                src.to_string_lossy(),
+                target.display()
+            ),
+        )
+    })
 }
 
 pub fn move_mount(src: &Path, target: &Path) -> io::Result<()> {
     let s = cstr(src)?;
     let t = cstr(target)?;
     // SAFETY: valid C strings; MS_MOVE ignores fstype and data.
-    check(unsafe { libc::mount(s.as_ptr(), t.as_ptr(), std::ptr::null(), libc::MS_MOVE, std::ptr::null()) })
+    check(unsafe {
+        libc::mount(
+            s.as_ptr(),
+            t.as_ptr(),
+            std::ptr::null(),
+            libc::MS_MOVE,
+            std::ptr::null(),
+        )
+    })
 }
 
 pub fn chroot(p: &Path) -> io::Result<()> {

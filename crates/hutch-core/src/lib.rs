@@ -110,6 +110,7 @@ pub fn image_env(cfg: &ImageConfig, hostname: &str) -> BTreeMap<String, String> 
     }
     env.entry("PATH".into())
         .or_insert_with(|| "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
-    env.entry("HOSTNAME".into()).or_insert_with(|| hostname.to_string());
+    env.entry("HOSTNAME".into())
+        .or_insert_with(|| hostname.to_string());
     env
 }

@@ -26,7 +26,10 @@ pub fn random_name() -> String {
 
 /// A random 12-hex-digit id.
 pub fn random_id() -> String {
-    format!("{:012x}", rand::thread_rng().gen::<u64>() & 0xffff_ffff_ffff)
+    format!(
+        "{:012x}",
+        rand::thread_rng().gen::<u64>() & 0xffff_ffff_ffff
+    )
 }
 
 /// Checks a VM name: it becomes a hostname and (later) a DNS label, so it follows RFC 1123
@@ -35,8 +38,13 @@ pub fn validate_name(name: &str) -> Result<(), String> {
     if name.is_empty() || name.len() > 63 {
         return Err(format!("name {name:?} must be 1 to 63 characters long"));
     }
-    if !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') {
-        return Err(format!("name {name:?} may contain only lowercase letters, digits and '-'"));
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    {
+        return Err(format!(
+            "name {name:?} may contain only lowercase letters, digits and '-'"
+        ));
     }
     if name.starts_with('-') || name.ends_with('-') {
         return Err(format!("name {name:?} must not start or end with '-'"));

@@ -48,12 +48,17 @@ impl Drop for AgentStream {
 impl AgentClient {
     /// Connects to the agent socket and completes the handshake, retrying until `timeout`
     /// (the guest may still be booting: the handshake is answered once its root is mounted).
-    pub async fn connect(socket: &Path, timeout: Duration) -> Result<(Arc<AgentClient>, HelloAck), AgentError> {
+    pub async fn connect(
+        socket: &Path,
+        timeout: Duration,
+    ) -> Result<(Arc<AgentClient>, HelloAck), AgentError> {
         let deadline = Instant::now() + timeout;
         let stream = loop {
             match UnixStream::connect(socket).await {
                 Ok(s) => break s,
-                Err(_) if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(20)).await,
+                Err(_) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(20)).await
+                }
                 Err(_) => return Err(AgentError::Timeout(timeout)),
             }
         };
@@ -103,8 +108,17 @@ impl AgentClient {
         });
 
         let nonce: u64 = rand::random();
-        let hello = Frame::json(Kind::Hello, 0, &Hello { nonce, version: hutch_proto::VERSION });
-        let hello = hello.encode().map_err(|e| AgentError::Proto(e.to_string()))?;
+        let hello = Frame::json(
+            Kind::Hello,
+            0,
+            &Hello {
+                nonce,
+                version: hutch_proto::VERSION,
+            },
+        );
+        let hello = hello
+            .encode()
+            .map_err(|e| AgentError::Proto(e.to_string()))?;
         loop {
             if out.send(hello.clone()).is_err() {
                 return Err(AgentError::Lost);
@@ -118,7 +132,12 @@ impl AgentClient {
                     // Stream ids start at a random point so frames of an earlier connection
                     // cannot be mistaken for ours.
                     let next = AtomicU32::new(rand::random::<u32>() | 1);
-                    let client = AgentClient { out, routes, next, alive };
+                    let client = AgentClient {
+                        out,
+                        routes,
+                        next,
+                        alive,
+                    };
                     return Ok((Arc::new(client), ack));
                 }
                 Ok(Some(_)) => continue,
@@ -144,13 +163,22 @@ impl AgentClient {
             }
         };
         let (tx, rx) = mpsc::unbounded_channel();
-        self.routes.lock().map_err(|_| AgentError::Lost)?.insert(id, tx);
+        self.routes
+            .lock()
+            .map_err(|_| AgentError::Lost)?
+            .insert(id, tx);
         self.send(Frame::json(Kind::Request, id, req))?;
-        Ok(AgentStream { id, rx, routes: self.routes.clone() })
+        Ok(AgentStream {
+            id,
+            rx,
+            routes: self.routes.clone(),
+        })
     }
 
     pub fn send(&self, frame: Frame) -> Result<(), AgentError> {
-        let b = frame.encode().map_err(|e| AgentError::Proto(e.to_string()))?;
+        let b = frame
+            .encode()
+            .map_err(|e| AgentError::Proto(e.to_string()))?;
         self.out.send(b).map_err(|_| AgentError::Lost)
     }
 

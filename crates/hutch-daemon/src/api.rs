@@ -28,7 +28,10 @@ impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
         match Json::<T>::from_request(req, state).await {
             Ok(Json(v)) => Ok(ApiJson(v)),
-            Err(e) => Err(ApiError::Invalid(format!("malformed request body: {}", e.body_text()))),
+            Err(e) => Err(ApiError::Invalid(format!(
+                "malformed request body: {}",
+                e.body_text()
+            ))),
         }
     }
 }
@@ -38,15 +41,26 @@ pub fn router(m: AppState) -> Router {
         .route("/api/v1/health", get(health))
         .route("/api/v1/openapi.json", get(openapi))
         .route("/api/v1/images", get(list_images).post(import_image))
-        .route("/api/v1/images/{*name}", get(get_image).delete(delete_image))
+        .route(
+            "/api/v1/images/{*name}",
+            get(get_image).delete(delete_image),
+        )
         .route("/api/v1/sandboxes", get(list_vms).post(create_vm))
         .route("/api/v1/sandboxes/{name}", get(get_vm).delete(delete_vm))
         .route("/api/v1/sandboxes/{name}/start", post(start_vm))
         .route("/api/v1/sandboxes/{name}/stop", post(stop_vm))
         .route("/api/v1/sandboxes/{name}/exec", post(exec_vm))
-        .route("/api/v1/sandboxes/{name}/files", get(get_file).put(put_file))
+        .route(
+            "/api/v1/sandboxes/{name}/files",
+            get(get_file).put(put_file),
+        )
         .route("/api/v1/sandboxes/{name}/logs", get(logs))
-        .fallback(|| async { ApiError::NotFound { kind: "route", name: "this path".into() } })
+        .fallback(|| async {
+            ApiError::NotFound {
+                kind: "route",
+                name: "this path".into(),
+            }
+        })
         .layer(axum::extract::DefaultBodyLimit::max(1 << 30))
         .with_state(m)
 }
@@ -61,7 +75,11 @@ async fn health(State(m): State<AppState>) -> Json<Value> {
 }
 
 async fn openapi() -> Response {
-    ([(header::CONTENT_TYPE, "application/json")], include_str!("openapi.json")).into_response()
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        include_str!("openapi.json"),
+    )
+        .into_response()
 }
 
 async fn list_images(State(m): State<AppState>) -> Result<Json<Vec<Image>>, ApiError> {
@@ -70,11 +88,17 @@ async fn list_images(State(m): State<AppState>) -> Result<Json<Vec<Image>>, ApiE
     Ok(Json(v))
 }
 
-async fn get_image(State(m): State<AppState>, Path(name): Path<String>) -> Result<Json<Image>, ApiError> {
+async fn get_image(
+    State(m): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<Image>, ApiError> {
     Ok(Json(m.image(&name)?))
 }
 
-async fn delete_image(State(m): State<AppState>, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
+async fn delete_image(
+    State(m): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
     m.delete_image(&name)?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -112,20 +136,29 @@ async fn import_image(
             .map_err(|e| ApiError::Invalid(format!("malformed request body: {e}")))?;
         let p = std::path::PathBuf::from(&req.path);
         if !p.exists() {
-            return Err(ApiError::Invalid(format!("{} does not exist on the daemon's host", req.path)));
+            return Err(ApiError::Invalid(format!(
+                "{} does not exist on the daemon's host",
+                req.path
+            )));
         }
         (p, req.name)
     } else {
         upload = m.images.tmp_dir()?;
         let p = upload.path().join("upload.tar");
-        let mut f = tokio::fs::File::create(&p).await.map_err(|e| ApiError::Internal(e.to_string()))?;
+        let mut f = tokio::fs::File::create(&p)
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
         let mut s = body.into_data_stream();
         use tokio::io::AsyncWriteExt;
         while let Some(chunk) = s.next().await {
             let chunk = chunk.map_err(|e| ApiError::Invalid(format!("reading upload: {e}")))?;
-            f.write_all(&chunk).await.map_err(|e| ApiError::Internal(e.to_string()))?;
+            f.write_all(&chunk)
+                .await
+                .map_err(|e| ApiError::Internal(e.to_string()))?;
         }
-        f.flush().await.map_err(|e| ApiError::Internal(e.to_string()))?;
+        f.flush()
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
         (p, q.name)
     };
     let m2 = m.clone();
@@ -141,7 +174,10 @@ async fn list_vms(State(m): State<AppState>) -> Result<Json<Vec<Vm>>, ApiError> 
     Ok(Json(m.list()?))
 }
 
-async fn create_vm(State(m): State<AppState>, ApiJson(req): ApiJson<CreateVm>) -> Result<(StatusCode, Json<Vm>), ApiError> {
+async fn create_vm(
+    State(m): State<AppState>,
+    ApiJson(req): ApiJson<CreateVm>,
+) -> Result<(StatusCode, Json<Vm>), ApiError> {
     Ok((StatusCode::CREATED, Json(m.create(req).await?)))
 }
 
@@ -149,16 +185,25 @@ async fn get_vm(State(m): State<AppState>, Path(name): Path<String>) -> Result<J
     Ok(Json(m.get(&name)?))
 }
 
-async fn delete_vm(State(m): State<AppState>, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
+async fn delete_vm(
+    State(m): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
     m.delete(&name).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
-async fn start_vm(State(m): State<AppState>, Path(name): Path<String>) -> Result<Json<Vm>, ApiError> {
+async fn start_vm(
+    State(m): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<Vm>, ApiError> {
     Ok(Json(m.start(&name).await?))
 }
 
-async fn stop_vm(State(m): State<AppState>, Path(name): Path<String>) -> Result<Json<Vm>, ApiError> {
+async fn stop_vm(
+    State(m): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<Vm>, ApiError> {
     Ok(Json(m.stop(&name).await?))
 }
 
@@ -173,7 +218,9 @@ impl Drop for ExecGuard {
     fn drop(&mut self) {
         if !self.done {
             let r = hutch_proto::Request::Signal { signal: 9 };
-            let _ = self.client.send(Frame::json(Kind::Request, self.stream.id, &r));
+            let _ = self
+                .client
+                .send(Frame::json(Kind::Request, self.stream.id, &r));
         }
     }
 }
@@ -191,7 +238,11 @@ async fn exec_vm(
     ApiJson(req): ApiJson<ExecVm>,
 ) -> Result<Response, ApiError> {
     let (client, stream) = m.exec(&name, req)?;
-    let guard = ExecGuard { client, stream, done: false };
+    let guard = ExecGuard {
+        client,
+        stream,
+        done: false,
+    };
     let events = futures_util::stream::unfold(Some(guard), move |g| async move {
         let b64 = base64::engine::general_purpose::STANDARD;
         let mut g = g?;
@@ -204,19 +255,38 @@ async fn exec_vm(
             Some(f) => f,
         };
         let (v, end) = match ev.kind {
-            Kind::Stdout => (json!({"type": "stdout", "data": b64.encode(&ev.payload)}), false),
-            Kind::Stderr => (json!({"type": "stderr", "data": b64.encode(&ev.payload)}), false),
+            Kind::Stdout => (
+                json!({"type": "stdout", "data": b64.encode(&ev.payload)}),
+                false,
+            ),
+            Kind::Stderr => (
+                json!({"type": "stderr", "data": b64.encode(&ev.payload)}),
+                false,
+            ),
             Kind::Response => match ev.parse::<hutch_proto::Response>("response") {
-                Ok(hutch_proto::Response::Started { pid }) => (json!({"type": "started", "pid": pid}), false),
-                Ok(hutch_proto::Response::Exited { code, signal, timed_out }) => (
+                Ok(hutch_proto::Response::Started { pid }) => {
+                    (json!({"type": "started", "pid": pid}), false)
+                }
+                Ok(hutch_proto::Response::Exited {
+                    code,
+                    signal,
+                    timed_out,
+                }) => (
                     json!({"type": "exit", "code": code, "signal": signal, "timed_out": timed_out}),
                     true,
                 ),
-                Ok(hutch_proto::Response::Error { code, message }) => {
-                    (json!({"type": "error", "code": code, "message": message}), true)
-                }
-                Ok(other) => (json!({"type": "other", "value": format!("{other:?}")}), false),
-                Err(e) => (json!({"type": "error", "code": "protocol", "message": e.to_string()}), true),
+                Ok(hutch_proto::Response::Error { code, message }) => (
+                    json!({"type": "error", "code": code, "message": message}),
+                    true,
+                ),
+                Ok(other) => (
+                    json!({"type": "other", "value": format!("{other:?}")}),
+                    false,
+                ),
+                Err(e) => (
+                    json!({"type": "error", "code": "protocol", "message": e.to_string()}),
+                    true,
+                ),
             },
             _ => (json!({"type": "other"}), false),
         };
@@ -227,7 +297,11 @@ async fn exec_vm(
             Some((Ok(line(v)), Some(g)))
         }
     });
-    Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], Body::from_stream(events)).into_response())
+    Ok((
+        [(header::CONTENT_TYPE, "application/x-ndjson")],
+        Body::from_stream(events),
+    )
+        .into_response())
 }
 
 #[derive(Deserialize)]
@@ -236,7 +310,11 @@ struct FileQuery {
     mode: Option<String>,
 }
 
-async fn get_file(State(m): State<AppState>, Path(name): Path<String>, Query(q): Query<FileQuery>) -> Result<Response, ApiError> {
+async fn get_file(
+    State(m): State<AppState>,
+    Path(name): Path<String>,
+    Query(q): Query<FileQuery>,
+) -> Result<Response, ApiError> {
     let data = m.read_file(&name, &q.path).await?;
     Ok(([(header::CONTENT_TYPE, "application/octet-stream")], data).into_response())
 }
@@ -248,7 +326,10 @@ async fn put_file(
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
     let mode = match q.mode.as_deref() {
-        Some(s) => Some(u32::from_str_radix(s, 8).map_err(|_| ApiError::Invalid(format!("mode {s:?} is not octal")))?),
+        Some(s) => Some(
+            u32::from_str_radix(s, 8)
+                .map_err(|_| ApiError::Invalid(format!("mode {s:?} is not octal")))?,
+        ),
         None => None,
     };
     let n = m.write_file(&name, &q.path, mode, &body).await?;
@@ -260,7 +341,11 @@ struct LogQuery {
     tail: Option<u64>,
 }
 
-async fn logs(State(m): State<AppState>, Path(name): Path<String>, Query(q): Query<LogQuery>) -> Result<Response, ApiError> {
+async fn logs(
+    State(m): State<AppState>,
+    Path(name): Path<String>,
+    Query(q): Query<LogQuery>,
+) -> Result<Response, ApiError> {
     let vm = m.get(&name)?;
     let text = m.console_tail(&vm.id, q.tail.unwrap_or(64 * 1024).min(16 << 20));
     Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response())

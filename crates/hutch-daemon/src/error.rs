@@ -42,7 +42,10 @@ impl ApiError {
     }
 
     pub fn vm(name: &str) -> ApiError {
-        ApiError::NotFound { kind: "sandbox", name: name.into() }
+        ApiError::NotFound {
+            kind: "sandbox",
+            name: name.into(),
+        }
     }
 }
 
@@ -59,12 +62,14 @@ impl IntoResponse for ApiError {
 impl From<hutch_store::StoreError> for ApiError {
     fn from(e: hutch_store::StoreError) -> Self {
         match e {
-            hutch_store::StoreError::Exists { table, key } => {
-                ApiError::Conflict(format!("{} {key:?} already exists", table.trim_end_matches('s')))
-            }
-            hutch_store::StoreError::NotFound { table, key } => {
-                ApiError::NotFound { kind: if table == "vms" { "sandbox" } else { "image" }, name: key }
-            }
+            hutch_store::StoreError::Exists { table, key } => ApiError::Conflict(format!(
+                "{} {key:?} already exists",
+                table.trim_end_matches('s')
+            )),
+            hutch_store::StoreError::NotFound { table, key } => ApiError::NotFound {
+                kind: if table == "vms" { "sandbox" } else { "image" },
+                name: key,
+            },
             other => ApiError::Internal(other.to_string()),
         }
     }
@@ -73,7 +78,9 @@ impl From<hutch_store::StoreError> for ApiError {
 impl From<hutch_image::ImageError> for ApiError {
     fn from(e: hutch_image::ImageError) -> Self {
         match e {
-            hutch_image::ImageError::Io { .. } | hutch_image::ImageError::Build(_) => ApiError::Internal(e.to_string()),
+            hutch_image::ImageError::Io { .. } | hutch_image::ImageError::Build(_) => {
+                ApiError::Internal(e.to_string())
+            }
             other => ApiError::BadImage(other.to_string()),
         }
     }

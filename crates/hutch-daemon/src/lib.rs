@@ -50,7 +50,11 @@ fn setup(m: impl std::fmt::Display) -> DaemonError {
 /// the workspace's agent build output.
 pub fn find_agent(configured: Option<&Path>) -> Result<PathBuf, DaemonError> {
     if let Some(p) = configured {
-        return if p.is_file() { Ok(p.to_path_buf()) } else { Err(setup(format!("agent {} not found", p.display()))) };
+        return if p.is_file() {
+            Ok(p.to_path_buf())
+        } else {
+            Err(setup(format!("agent {} not found", p.display())))
+        };
     }
     let exe = std::env::current_exe().map_err(setup)?;
     let dir = exe.parent().unwrap_or(Path::new("."));
@@ -71,7 +75,9 @@ pub fn find_agent(configured: Option<&Path>) -> Result<PathBuf, DaemonError> {
 /// Whether `p` is an x86-64 ELF executable without a program interpreter (statically linked),
 /// as it must be to run as PID 1 in the initramfs.
 pub fn is_static_elf(p: &Path) -> bool {
-    let Ok(b) = std::fs::read(p) else { return false };
+    let Ok(b) = std::fs::read(p) else {
+        return false;
+    };
     if b.len() < 64 || &b[..4] != b"\x7fELF" || b[4] != 2 {
         return false;
     }
@@ -96,18 +102,27 @@ pub fn api_token(data_dir: &Path) -> Result<String, DaemonError> {
     let t = hex::encode(rand::random::<[u8; 32]>());
     let tmp = data_dir.join("api-token.tmp");
     std::fs::write(&tmp, &t).map_err(setup)?;
-    std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o600)).map_err(setup)?;
+    std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .map_err(setup)?;
     std::fs::rename(&tmp, &p).map_err(setup)?;
     Ok(t)
 }
 
 /// Prepares everything and returns the manager (used by `run` and by tests).
 pub async fn prepare(cfg: &DaemonConfig) -> Result<Arc<manager::Manager>, DaemonError> {
-    std::fs::create_dir_all(&cfg.data_dir).map_err(|e| setup(format!("creating {}: {e}", cfg.data_dir.display())))?;
-    std::fs::set_permissions(&cfg.data_dir, std::os::unix::fs::PermissionsExt::from_mode(0o700)).map_err(setup)?;
+    std::fs::create_dir_all(&cfg.data_dir)
+        .map_err(|e| setup(format!("creating {}: {e}", cfg.data_dir.display())))?;
+    std::fs::set_permissions(
+        &cfg.data_dir,
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .map_err(setup)?;
     let (accel, why) = hutch_vmm::detect_accel(cfg.accel, Path::new("/"))?;
     tracing::info!(accel = accel.as_str(), reason = %why, "accelerator");
-    let cache = cfg.boot_cache.clone().unwrap_or_else(|| cfg.data_dir.join("boot"));
+    let cache = cfg
+        .boot_cache
+        .clone()
+        .unwrap_or_else(|| cfg.data_dir.join("boot"));
     let kernel = match &cfg.kernel {
         Some(k) => hutch_guest::Kernel::user(k, cfg.kernel_modules.as_deref())?,
         None => {
@@ -122,7 +137,9 @@ pub async fn prepare(cfg: &DaemonConfig) -> Result<Arc<manager::Manager>, Daemon
     tracing::info!(kernel = %bundle.kernel.display(), initrd = %bundle.initrd.display(), "guest boot bundle");
     let store = hutch_store::Store::open(&cfg.data_dir.join("state.redb"))?;
     let images = hutch_image::ImageStore::open(&cfg.data_dir.join("images"))?;
-    let vmm: Arc<dyn Vmm> = Arc::new(hutch_vmm::Qemu { binary: cfg.qemu.clone() });
+    let vmm: Arc<dyn Vmm> = Arc::new(hutch_vmm::Qemu {
+        binary: cfg.qemu.clone(),
+    });
     let node = manager::NodeConfig {
         data_dir: cfg.data_dir.clone(),
         bundle,
@@ -132,7 +149,9 @@ pub async fn prepare(cfg: &DaemonConfig) -> Result<Arc<manager::Manager>, Daemon
         console_max_bytes: 2 << 20,
     };
     let m = Arc::new(manager::Manager::new(node, store, images, vmm));
-    m.reattach().await.map_err(|e| setup(format!("re-attaching VMs: {e}")))?;
+    m.reattach()
+        .await
+        .map_err(|e| setup(format!("re-attaching VMs: {e}")))?;
     Ok(m)
 }
 
@@ -142,8 +161,10 @@ pub async fn run(cfg: DaemonConfig) -> Result<(), DaemonError> {
     let token = api_token(&cfg.data_dir)?;
     let sock = cfg.data_dir.join("hutchd.sock");
     let _ = std::fs::remove_file(&sock);
-    let unix = tokio::net::UnixListener::bind(&sock).map_err(|e| setup(format!("binding {}: {e}", sock.display())))?;
-    std::fs::set_permissions(&sock, std::os::unix::fs::PermissionsExt::from_mode(0o600)).map_err(setup)?;
+    let unix = tokio::net::UnixListener::bind(&sock)
+        .map_err(|e| setup(format!("binding {}: {e}", sock.display())))?;
+    std::fs::set_permissions(&sock, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .map_err(setup)?;
 
     let bg = m.clone();
     tokio::spawn(async move {
@@ -157,32 +178,44 @@ pub async fn run(cfg: DaemonConfig) -> Result<(), DaemonError> {
     let app = api::router(m.clone());
     let mut tasks = tokio::task::JoinSet::new();
     if let Some(addr) = cfg.tcp_listen {
-        let tcp = tokio::net::TcpListener::bind(addr).await.map_err(|e| setup(format!("binding {addr}: {e}")))?;
+        let tcp = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| setup(format!("binding {addr}: {e}")))?;
         let token = Arc::new(token);
-        let authed = app.clone().layer(axum::middleware::from_fn(move |req: axum::extract::Request, next: axum::middleware::Next| {
-            let token = token.clone();
-            async move {
-                let ok = req
-                    .headers()
-                    .get(axum::http::header::AUTHORIZATION)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.strip_prefix("Bearer "))
-                    .is_some_and(|t| constant_eq(t.as_bytes(), token.as_bytes()));
-                if ok {
-                    next.run(req).await
-                } else {
-                    axum::response::IntoResponse::into_response(error::ApiError::Unauthorized(
-                        "missing or wrong bearer token (see DATA_DIR/api-token)".into(),
-                    ))
+        let authed = app.clone().layer(axum::middleware::from_fn(
+            move |req: axum::extract::Request, next: axum::middleware::Next| {
+                let token = token.clone();
+                async move {
+                    let ok = req
+                        .headers()
+                        .get(axum::http::header::AUTHORIZATION)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.strip_prefix("Bearer "))
+                        .is_some_and(|t| constant_eq(t.as_bytes(), token.as_bytes()));
+                    if ok {
+                        next.run(req).await
+                    } else {
+                        axum::response::IntoResponse::into_response(error::ApiError::Unauthorized(
+                            "missing or wrong bearer token (see DATA_DIR/api-token)".into(),
+                        ))
+                    }
                 }
-            }
-        }));
+            },
+        ));
         tracing::info!(%addr, "listening on tcp (bearer token required)");
-        tasks.spawn(async move { axum::serve(tcp, authed).with_graceful_shutdown(shutdown()).await });
+        tasks.spawn(async move {
+            axum::serve(tcp, authed)
+                .with_graceful_shutdown(shutdown())
+                .await
+        });
     }
     tracing::info!(socket = %sock.display(), "hutchd ready");
     println!("hutchd ready on {}", sock.display());
-    tasks.spawn(async move { axum::serve(unix, app).with_graceful_shutdown(shutdown()).await });
+    tasks.spawn(async move {
+        axum::serve(unix, app)
+            .with_graceful_shutdown(shutdown())
+            .await
+    });
     while let Some(r) = tasks.join_next().await {
         if let Ok(Err(e)) = r {
             return Err(setup(format!("server: {e}")));

@@ -80,14 +80,23 @@ fn mem_total_mib() -> u64 {
         .and_then(|m| {
             m.lines()
                 .find(|l| l.starts_with("MemTotal:"))
-                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()))
+                .and_then(|l| {
+                    l.split_whitespace()
+                        .nth(1)
+                        .and_then(|v| v.parse::<u64>().ok())
+                })
         })
         .map(|kb| kb / 1024)
         .unwrap_or(0)
 }
 
 impl Manager {
-    pub fn new(cfg: NodeConfig, store: Store, images: hutch_image::ImageStore, vmm: Arc<dyn Vmm>) -> Manager {
+    pub fn new(
+        cfg: NodeConfig,
+        store: Store,
+        images: hutch_image::ImageStore,
+        vmm: Arc<dyn Vmm>,
+    ) -> Manager {
         Manager {
             cfg,
             store,
@@ -95,7 +104,9 @@ impl Manager {
             vmm,
             conns: Mutex::new(HashMap::new()),
             locks: Mutex::new(HashMap::new()),
-            host_cpus: std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1),
+            host_cpus: std::thread::available_parallelism()
+                .map(|n| n.get() as u32)
+                .unwrap_or(1),
             host_mem_mib: mem_total_mib(),
         }
     }
@@ -127,7 +138,9 @@ impl Manager {
     }
 
     pub fn get(&self, name: &str) -> Result<Vm, ApiError> {
-        self.store.get::<Vm>(VMS, name)?.ok_or_else(|| ApiError::vm(name))
+        self.store
+            .get::<Vm>(VMS, name)?
+            .ok_or_else(|| ApiError::vm(name))
     }
 
     pub fn list(&self) -> Result<Vec<Vm>, ApiError> {
@@ -137,10 +150,14 @@ impl Manager {
     }
 
     pub fn image(&self, reference: &str) -> Result<Image, ApiError> {
-        let n = hutch_image::normalize_ref(reference).map_err(|e| ApiError::Invalid(e.to_string()))?;
+        let n =
+            hutch_image::normalize_ref(reference).map_err(|e| ApiError::Invalid(e.to_string()))?;
         self.store
             .get::<Image>(IMAGES, &n)?
-            .ok_or(ApiError::NotFound { kind: "image", name: n })
+            .ok_or(ApiError::NotFound {
+                kind: "image",
+                name: n,
+            })
     }
 
     /// The empty ext4 filesystem every VM's writable disk starts as (a qcow2 overlay on it).
@@ -154,12 +171,22 @@ impl Manager {
         let tmp = tempfile::NamedTempFile::new_in(&dir).map_err(internal)?;
         tmp.as_file().set_len(gib << 30).map_err(internal)?;
         let o = std::process::Command::new("mkfs.ext4")
-            .args(["-q", "-F", "-L", "hutch-data", "-E", "lazy_itable_init=1,lazy_journal_init=1"])
+            .args([
+                "-q",
+                "-F",
+                "-L",
+                "hutch-data",
+                "-E",
+                "lazy_itable_init=1,lazy_journal_init=1",
+            ])
             .arg(tmp.path())
             .output()
             .map_err(|e| internal(format!("running mkfs.ext4: {e}")))?;
         if !o.status.success() {
-            return Err(internal(format!("mkfs.ext4: {}", String::from_utf8_lossy(&o.stderr))));
+            return Err(internal(format!(
+                "mkfs.ext4: {}",
+                String::from_utf8_lossy(&o.stderr)
+            )));
         }
         tmp.persist(&p).map_err(|e| internal(e.error))?;
         Ok(p)
@@ -176,7 +203,10 @@ impl Manager {
             .output()
             .map_err(|e| internal(format!("running qemu-img: {e}")))?;
         if !o.status.success() {
-            return Err(internal(format!("qemu-img: {}", String::from_utf8_lossy(&o.stderr))));
+            return Err(internal(format!(
+                "qemu-img: {}",
+                String::from_utf8_lossy(&o.stderr)
+            )));
         }
         Ok(())
     }
@@ -199,7 +229,9 @@ impl Manager {
         }
         if let Some(d) = req.disk_gib {
             if d == 0 || d > 1024 {
-                return Err(ApiError::Invalid(format!("disk_gib must be between 1 and 1024, not {d}")));
+                return Err(ApiError::Invalid(format!(
+                    "disk_gib must be between 1 and 1024, not {d}"
+                )));
             }
         }
         let dir = self.vm_dir("000000000000").join("run/agent.sock");
@@ -279,7 +311,9 @@ impl Manager {
         let t0 = Instant::now();
         let vmm = self.vmm.clone();
         let spec2 = spec.clone();
-        let proc_ = tokio::task::spawn_blocking(move || vmm.launch(&spec2)).await.map_err(internal)??;
+        let proc_ = tokio::task::spawn_blocking(move || vmm.launch(&spec2))
+            .await
+            .map_err(internal)??;
         self.store.update(VMS, &vm.name, |v: &mut Vm| {
             v.pid = Some(proc_.pid);
             v.state = VmState::Starting;
@@ -302,7 +336,10 @@ impl Manager {
             }
         };
         let boot_ms = t0.elapsed().as_millis() as u64;
-        self.conns.lock().unwrap_or_else(|e| e.into_inner()).insert(vm.id.clone(), client);
+        self.conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(vm.id.clone(), client);
         let vm = self.store.update(VMS, &vm.name, |v: &mut Vm| {
             v.state = VmState::Running;
             v.reason = None;
@@ -327,9 +364,17 @@ impl Manager {
         let me = self.clone();
         tokio::spawn(async move {
             me.wait_exit(&id, pid).await;
-            me.conns.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+            me.conns
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&id);
             let tail = me.console_tail(&id, 512);
-            let last = tail.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").to_string();
+            let last = tail
+                .lines()
+                .rev()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("")
+                .to_string();
             let _ = me.store.update(VMS, &name, |v: &mut Vm| {
                 if v.id != id || v.pid != Some(pid) {
                     return;
@@ -350,14 +395,24 @@ impl Manager {
 
     /// Kills the VM's process (if any) and removes its directory.
     fn destroy(&self, vm: &Vm) {
-        if let Some(pid) = self.store.get::<Vm>(VMS, &vm.name).ok().flatten().and_then(|v| v.pid).or(vm.pid) {
+        if let Some(pid) = self
+            .store
+            .get::<Vm>(VMS, &vm.name)
+            .ok()
+            .flatten()
+            .and_then(|v| v.pid)
+            .or(vm.pid)
+        {
             let _ = self.vmm.kill(&vm.id, pid);
             let deadline = Instant::now() + Duration::from_secs(5);
             while self.vmm.is_alive(&vm.id, pid) && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
-        self.conns.lock().unwrap_or_else(|e| e.into_inner()).remove(&vm.id);
+        self.conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&vm.id);
         let _ = std::fs::remove_dir_all(self.vm_dir(&vm.id));
     }
 
@@ -366,11 +421,21 @@ impl Manager {
         let _g = lock.lock().await;
         let vm = self.get(name)?;
         if vm.state != VmState::Stopped {
-            return Err(ApiError::Conflict(format!("{name} is {}, not stopped", vm.state.as_str())));
+            return Err(ApiError::Conflict(format!(
+                "{name} is {}, not stopped",
+                vm.state.as_str()
+            )));
         }
-        let image = self.store.list::<Image>(IMAGES)?.into_iter().find(|i| i.digest == vm.image_digest);
+        let image = self
+            .store
+            .list::<Image>(IMAGES)?
+            .into_iter()
+            .find(|i| i.digest == vm.image_digest);
         let image = image.ok_or_else(|| {
-            ApiError::Conflict(format!("image {} of {name} is no longer in the store", vm.image))
+            ApiError::Conflict(format!(
+                "image {} of {name} is no longer in the store",
+                vm.image
+            ))
         })?;
         if !self.vm_dir(&vm.id).join("disk.qcow2").exists() {
             return Err(ApiError::Conflict(format!("the disk of {name} is missing")));
@@ -404,11 +469,15 @@ impl Manager {
         if vm.state == VmState::Stopped {
             return Err(ApiError::Conflict(format!("{name} is already stopped")));
         }
-        self.store.update(VMS, name, |v: &mut Vm| v.state = VmState::Stopping)?;
+        self.store
+            .update(VMS, name, |v: &mut Vm| v.state = VmState::Stopping)?;
         if let Some(pid) = vm.pid {
             self.halt(&vm, pid).await;
         }
-        self.conns.lock().unwrap_or_else(|e| e.into_inner()).remove(&vm.id);
+        self.conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&vm.id);
         Ok(self.store.update(VMS, name, |v: &mut Vm| {
             v.state = VmState::Stopped;
             v.pid = None;
@@ -417,7 +486,12 @@ impl Manager {
     }
 
     async fn halt(&self, vm: &Vm, pid: u32) {
-        let client = self.conns.lock().unwrap_or_else(|e| e.into_inner()).get(&vm.id).cloned();
+        let client = self
+            .conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&vm.id)
+            .cloned();
         if let Some(c) = client {
             if let Ok(mut s) = c.open(&Request::Shutdown) {
                 let _ = tokio::time::timeout(Duration::from_secs(2), s.rx.recv()).await;
@@ -456,9 +530,14 @@ impl Manager {
         }
         let me = self.clone();
         let vm2 = vm.clone();
-        tokio::task::spawn_blocking(move || me.destroy(&vm2)).await.map_err(internal)?;
+        tokio::task::spawn_blocking(move || me.destroy(&vm2))
+            .await
+            .map_err(internal)?;
         self.store.delete(VMS, name)?;
-        self.locks.lock().unwrap_or_else(|e| e.into_inner()).remove(name);
+        self.locks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name);
         Ok(())
     }
 
@@ -481,7 +560,11 @@ impl Manager {
     }
 
     /// Starts a process; returns the stream its output and exit arrive on.
-    pub fn exec(&self, name: &str, req: ExecVm) -> Result<(Arc<AgentClient>, AgentStream), ApiError> {
+    pub fn exec(
+        &self,
+        name: &str,
+        req: ExecVm,
+    ) -> Result<(Arc<AgentClient>, AgentStream), ApiError> {
         if req.argv.is_empty() || req.argv[0].is_empty() {
             return Err(ApiError::Invalid("argv must name a program".into()));
         }
@@ -494,12 +577,22 @@ impl Manager {
             ),
             None => None,
         };
-        let image = self.store.list::<Image>(IMAGES)?.into_iter().find(|i| i.digest == vm.image_digest);
+        let image = self
+            .store
+            .list::<Image>(IMAGES)?
+            .into_iter()
+            .find(|i| i.digest == vm.image_digest);
         let icfg = image.map(|i| i.config).unwrap_or_default();
         let mut env = image_env(&icfg, &vm.name);
         env.extend(req.env.clone());
-        let cwd = req.cwd.clone().or_else(|| Some(icfg.working_dir.clone()).filter(|w| !w.is_empty()));
-        let user = req.user.clone().or_else(|| Some(icfg.user.clone()).filter(|u| !u.is_empty()));
+        let cwd = req
+            .cwd
+            .clone()
+            .or_else(|| Some(icfg.working_dir.clone()).filter(|w| !w.is_empty()));
+        let user = req
+            .user
+            .clone()
+            .or_else(|| Some(icfg.user.clone()).filter(|u| !u.is_empty()));
         let r = Request::Exec(ExecRequest {
             argv: req.argv,
             env,
@@ -535,11 +628,20 @@ impl Manager {
         Err(crate::agent::AgentError::Lost.into())
     }
 
-    pub async fn write_file(&self, name: &str, path: &str, mode: Option<u32>, data: &[u8]) -> Result<u64, ApiError> {
+    pub async fn write_file(
+        &self,
+        name: &str,
+        path: &str,
+        mode: Option<u32>,
+        data: &[u8],
+    ) -> Result<u64, ApiError> {
         check_path(path)?;
         let vm = self.get(name)?;
         let client = self.client(&vm)?;
-        let mut s = client.open(&Request::WriteFile { path: path.into(), mode })?;
+        let mut s = client.open(&Request::WriteFile {
+            path: path.into(),
+            mode,
+        })?;
         client.send_input(s.id, data)?;
         while let Some(f) = s.rx.recv().await {
             if f.kind == Kind::Response {
@@ -565,7 +667,9 @@ impl Manager {
     /// Keeps every console log under the configured size (QEMU appends with O_APPEND, so
     /// truncating in place is safe).
     pub fn trim_consoles(&self) {
-        let Ok(vms) = self.store.list::<Vm>(VMS) else { return };
+        let Ok(vms) = self.store.list::<Vm>(VMS) else {
+            return;
+        };
         for vm in vms {
             let p = self.console_path(&vm.id);
             let size = std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
@@ -592,7 +696,10 @@ impl Manager {
                     let sock = self.vm_dir(&vm.id).join("run/agent.sock");
                     match AgentClient::connect(&sock, self.cfg.boot_timeout).await {
                         Ok((c, ack)) => {
-                            self.conns.lock().unwrap_or_else(|e| e.into_inner()).insert(vm.id.clone(), c);
+                            self.conns
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .insert(vm.id.clone(), c);
                             self.store.update(VMS, &vm.name, |v: &mut Vm| {
                                 v.state = VmState::Running;
                                 v.kernel = Some(ack.kernel.clone());
@@ -606,9 +713,8 @@ impl Manager {
                     self.watch(vm.name.clone(), vm.id.clone(), pid);
                 }
                 (state, false) => {
-                    let reason = (state != VmState::Stopping).then(|| {
-                        "QEMU exited while hutchd was not running".to_string()
-                    });
+                    let reason = (state != VmState::Stopping)
+                        .then(|| "QEMU exited while hutchd was not running".to_string());
                     tracing::warn!(vm = %vm.name, "vm process is gone; marking stopped");
                     self.store.update(VMS, &vm.name, |v: &mut Vm| {
                         v.state = VmState::Stopped;
@@ -624,13 +730,25 @@ impl Manager {
     /// Deletes an image unless a VM uses it.
     pub fn delete_image(&self, reference: &str) -> Result<(), ApiError> {
         let img = self.image(reference)?;
-        let users: Vec<String> =
-            self.list()?.into_iter().filter(|v| v.image_digest == img.digest).map(|v| v.name).collect();
+        let users: Vec<String> = self
+            .list()?
+            .into_iter()
+            .filter(|v| v.image_digest == img.digest)
+            .map(|v| v.name)
+            .collect();
         if !users.is_empty() {
-            return Err(ApiError::Conflict(format!("image {} is used by: {}", img.name, users.join(", "))));
+            return Err(ApiError::Conflict(format!(
+                "image {} is used by: {}",
+                img.name,
+                users.join(", ")
+            )));
         }
         self.store.delete(IMAGES, &img.name)?;
-        let still_used = self.store.list::<Image>(IMAGES)?.iter().any(|i| i.digest == img.digest);
+        let still_used = self
+            .store
+            .list::<Image>(IMAGES)?
+            .iter()
+            .any(|i| i.digest == img.digest);
         if !still_used {
             self.images.remove_rootfs(&img.digest)?;
         }
@@ -647,7 +765,10 @@ fn check_path(p: &str) -> Result<(), ApiError> {
 
 fn file_error(code: &str, message: String) -> ApiError {
     match code {
-        "not_found" => ApiError::NotFound { kind: "file", name: message },
+        "not_found" => ApiError::NotFound {
+            kind: "file",
+            name: message,
+        },
         "is_directory" | "permission_denied" => ApiError::Invalid(message),
         _ => ApiError::Internal(message),
     }
@@ -655,7 +776,9 @@ fn file_error(code: &str, message: String) -> ApiError {
 
 fn read_tail(p: &Path, max: u64) -> String {
     use std::io::{Read, Seek, SeekFrom};
-    let Ok(mut f) = std::fs::File::open(p) else { return String::new() };
+    let Ok(mut f) = std::fs::File::open(p) else {
+        return String::new();
+    };
     let len = f.metadata().map(|m| m.len()).unwrap_or(0);
     let _ = f.seek(SeekFrom::Start(len.saturating_sub(max)));
     let mut b = Vec::new();

@@ -82,17 +82,22 @@ mod tests {
     #[test]
     fn cpio_tool_lists_what_we_wrote() {
         let mut buf = Vec::new();
-        let mut w = Writer::new(&mut buf);
-        w.dir("a", 0o755).unwrap();
-        w.file("a/b", 0o644, b"hello").unwrap();
-        w.char_dev("console", 0o600, 5, 1).unwrap();
-        w.finish().unwrap();
-        drop(w);
+        {
+            let mut w = Writer::new(&mut buf);
+            w.dir("a", 0o755).unwrap();
+            w.file("a/b", 0o644, b"hello").unwrap();
+            w.char_dev("console", 0o600, 5, 1).unwrap();
+            w.finish().unwrap();
+        }
         assert_eq!(buf.len() % 4, 0);
         // Every header starts on a 4-byte boundary with the newc magic.
         let text = String::from_utf8_lossy(&buf);
         assert_eq!(text.matches("070701").count(), 4);
-        if std::process::Command::new("cpio").arg("--version").output().is_ok() {
+        if std::process::Command::new("cpio")
+            .arg("--version")
+            .output()
+            .is_ok()
+        {
             let dir = tempfile::tempdir().unwrap();
             let mut child = std::process::Command::new("cpio")
                 .args(["-t", "--quiet"])

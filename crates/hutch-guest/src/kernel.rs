@@ -31,7 +31,10 @@ impl Kernel {
         };
         if let Some(d) = modules_dir {
             if !d.join("modules.dep").exists() {
-                run(Command::new("depmod").arg("-b").arg(d.join("../../..")).arg(&release))?;
+                run(Command::new("depmod")
+                    .arg("-b")
+                    .arg(d.join("../../.."))
+                    .arg(&release))?;
             }
         }
         Ok(Kernel {
@@ -68,10 +71,15 @@ pub fn fetch_distro_kernel(cache: &Path, package: &str) -> Result<Kernel, GuestE
     std::fs::create_dir_all(&root).map_err(io_err(format!("creating {}", root.display())))?;
     let tmp = tempfile::tempdir_in(&root).map_err(io_err("creating download dir"))?;
     tracing::info!(package, "downloading guest kernel package");
-    run(Command::new("apt-get").args(["download", "-q", package]).current_dir(tmp.path()))?;
+    run(Command::new("apt-get")
+        .args(["download", "-q", package])
+        .current_dir(tmp.path()))?;
     let meta = only_deb(tmp.path())?;
     // The cloud package is a metapackage; its first dependency is the versioned image package.
-    let depends = run(Command::new("dpkg-deb").args(["-f"]).arg(&meta).arg("Depends"))?;
+    let depends = run(Command::new("dpkg-deb")
+        .args(["-f"])
+        .arg(&meta)
+        .arg("Depends"))?;
     let image_pkg = depends
         .split(',')
         .map(|d| d.trim().split([' ', '|']).next().unwrap_or(""))
@@ -80,7 +88,9 @@ pub fn fetch_distro_kernel(cache: &Path, package: &str) -> Result<Kernel, GuestE
         .to_string();
     std::fs::remove_file(&meta).map_err(io_err("removing metapackage"))?;
     if image_pkg != package {
-        run(Command::new("apt-get").args(["download", "-q", &image_pkg]).current_dir(tmp.path()))?;
+        run(Command::new("apt-get")
+            .args(["download", "-q", &image_pkg])
+            .current_dir(tmp.path()))?;
     }
     let deb = only_deb(tmp.path())?;
     let stage = tmp.path().join("x");
@@ -94,7 +104,8 @@ pub fn fetch_distro_kernel(cache: &Path, package: &str) -> Result<Kernel, GuestE
     run(Command::new("depmod").arg("-b").arg(&stage).arg(&release))?;
     let dest = root.join(&release);
     let _ = std::fs::remove_dir_all(&dest);
-    std::fs::rename(&stage, &dest).map_err(io_err(format!("installing kernel into {}", dest.display())))?;
+    std::fs::rename(&stage, &dest)
+        .map_err(io_err(format!("installing kernel into {}", dest.display())))?;
     find_unpacked(&root)?.ok_or_else(|| GuestError::Fetch(format!("no vmlinuz in {image_pkg}")))
 }
 

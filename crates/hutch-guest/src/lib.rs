@@ -59,8 +59,13 @@ pub struct BootBundle {
 
 /// Returns the boot bundle for `kernel` and `agent`, building the initramfs into `cache` if no
 /// up-to-date one is there.
-pub fn ensure_bundle(cache: &Path, kernel: &Kernel, agent: &Path) -> Result<BootBundle, GuestError> {
-    let agent_bytes = std::fs::read(agent).map_err(io_err(format!("reading agent {}", agent.display())))?;
+pub fn ensure_bundle(
+    cache: &Path,
+    kernel: &Kernel,
+    agent: &Path,
+) -> Result<BootBundle, GuestError> {
+    let agent_bytes =
+        std::fs::read(agent).map_err(io_err(format!("reading agent {}", agent.display())))?;
     let mods = match &kernel.modules_dir {
         Some(dir) => resolve_modules(dir, GUEST_MODULES)?,
         None => Vec::new(),
@@ -98,7 +103,17 @@ fn build_initramfs<W: std::io::Write>(
     mods: &[PathBuf],
     agent: &[u8],
 ) -> std::io::Result<()> {
-    for d in ["dev", "proc", "sys", "hutch", "hutch/root", "hutch/lower", "hutch/data", "lib", "lib/modules"] {
+    for d in [
+        "dev",
+        "proc",
+        "sys",
+        "hutch",
+        "hutch/root",
+        "hutch/lower",
+        "hutch/data",
+        "lib",
+        "lib/modules",
+    ] {
         w.dir(d, 0o755)?;
     }
     w.char_dev("dev/console", 0o600, 5, 1)?;

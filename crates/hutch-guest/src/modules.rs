@@ -18,16 +18,20 @@ fn module_name(path: &str) -> String {
 /// kernel (listed in `modules.builtin`) are skipped.
 pub fn resolve_modules(dir: &Path, wanted: &[&str]) -> Result<Vec<PathBuf>, GuestError> {
     let dep_path = dir.join("modules.dep");
-    let dep = std::fs::read_to_string(&dep_path).map_err(io_err(format!("reading {}", dep_path.display())))?;
+    let dep = std::fs::read_to_string(&dep_path)
+        .map_err(io_err(format!("reading {}", dep_path.display())))?;
     let builtin = std::fs::read_to_string(dir.join("modules.builtin")).unwrap_or_default();
     let builtin: HashSet<String> = builtin.lines().map(module_name).collect();
     let mut by_name: HashMap<String, (String, Vec<String>)> = HashMap::new();
     for line in dep.lines() {
-        let Some((file, deps)) = line.split_once(':') else { continue };
+        let Some((file, deps)) = line.split_once(':') else {
+            continue;
+        };
         let deps = deps.split_whitespace().map(str::to_string).collect();
         by_name.insert(module_name(file), (file.to_string(), deps));
     }
-    let by_file: HashMap<&str, &Vec<String>> = by_name.values().map(|(f, d)| (f.as_str(), d)).collect();
+    let by_file: HashMap<&str, &Vec<String>> =
+        by_name.values().map(|(f, d)| (f.as_str(), d)).collect();
 
     let mut order = Vec::new();
     let mut seen = HashSet::new();
@@ -85,10 +89,16 @@ mod tests {
         )
         .unwrap();
         std::fs::write(d.path().join("modules.builtin"), "kernel/fs/ext4/ext4.ko\n").unwrap();
-        let got = resolve_modules(d.path(), &["virtio_blk", "virtio-pci", "ext4", "erofs"]).unwrap();
+        let got =
+            resolve_modules(d.path(), &["virtio_blk", "virtio-pci", "ext4", "erofs"]).unwrap();
         let rel: Vec<_> = got
             .iter()
-            .map(|p| p.strip_prefix(d.path()).unwrap().to_string_lossy().to_string())
+            .map(|p| {
+                p.strip_prefix(d.path())
+                    .unwrap()
+                    .to_string_lossy()
+                    .to_string()
+            })
             .collect();
         assert_eq!(
             rel,

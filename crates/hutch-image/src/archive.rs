@@ -12,7 +12,8 @@ const MAX_JSON: u64 = 4 << 20;
 pub fn normalize_ref(r: &str) -> Result<String, ImageError> {
     let ok = !r.is_empty()
         && r.len() <= 255
-        && r.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-/:@".contains(&b))
+        && r.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-/:@".contains(&b))
         && !r.starts_with(['/', ':', '.', '-'])
         && !r.contains("//")
         && !r.contains("..");
@@ -61,7 +62,10 @@ pub(crate) fn extract_archive(src: &Path, dest: &Path) -> Result<(), ImageError>
     })?;
     let mut ar = tar::Archive::new(r);
     let mut n = 0;
-    for e in ar.entries().map_err(|e| bad(format!("{}: {e}", src.display())))? {
+    for e in ar
+        .entries()
+        .map_err(|e| bad(format!("{}: {e}", src.display())))?
+    {
         let mut e = e.map_err(|e| bad(format!("{}: {e}", src.display())))?;
         n += 1;
         let p = e.path().map_err(|e| bad(e.to_string()))?.into_owned();
@@ -80,15 +84,22 @@ pub(crate) fn extract_archive(src: &Path, dest: &Path) -> Result<(), ImageError>
                     std::fs::create_dir_all(parent).map_err(io_err("extracting archive"))?;
                 }
                 let mut f = std::fs::File::create(&target).map_err(io_err("extracting archive"))?;
-                std::io::copy(&mut e, &mut f).map_err(|err| bad(format!("truncated archive at {}: {err}", p.display())))?;
+                std::io::copy(&mut e, &mut f)
+                    .map_err(|err| bad(format!("truncated archive at {}: {err}", p.display())))?;
             }
             tar::EntryType::Symlink => {
                 // docker save links duplicate layers to one another; only links that stay
                 // inside the archive are kept.
-                let link = e.link_name().map_err(|e| bad(e.to_string()))?.unwrap_or_default();
+                let link = e
+                    .link_name()
+                    .map_err(|e| bad(e.to_string()))?
+                    .unwrap_or_default();
                 let parent = rel.parent().unwrap_or(Path::new(""));
                 if link.is_absolute() || inside(parent, &link).is_none() {
-                    return Err(bad(format!("archive symlink {} points outside the archive", p.display())));
+                    return Err(bad(format!(
+                        "archive symlink {} points outside the archive",
+                        p.display()
+                    )));
                 }
                 if let Some(parent) = target.parent() {
                     std::fs::create_dir_all(parent).map_err(io_err("extracting archive"))?;
@@ -145,14 +156,19 @@ struct DockerEntry {
 fn read_json<T: for<'a> Deserialize<'a>>(p: &Path) -> Result<T, ImageError> {
     let m = std::fs::metadata(p).map_err(|_| bad(format!("{} is missing", p.display())))?;
     if m.len() > MAX_JSON {
-        return Err(bad(format!("{} is larger than {MAX_JSON} bytes", p.display())));
+        return Err(bad(format!(
+            "{} is larger than {MAX_JSON} bytes",
+            p.display()
+        )));
     }
     let b = std::fs::read(p).map_err(io_err(format!("reading {}", p.display())))?;
     serde_json::from_slice(&b).map_err(|e| bad(format!("{}: {e}", p.display())))
 }
 
 fn layout_blob(dir: &Path, digest: &str) -> Result<PathBuf, ImageError> {
-    let (alg, hex) = digest.split_once(':').ok_or_else(|| bad(format!("bad digest {digest:?}")))?;
+    let (alg, hex) = digest
+        .split_once(':')
+        .ok_or_else(|| bad(format!("bad digest {digest:?}")))?;
     if alg != "sha256" || hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(bad(format!("unsupported digest {digest:?}")));
     }
@@ -180,10 +196,7 @@ pub(crate) fn find_image(store: &ImageStore, dir: &Path) -> Result<Found, ImageE
     if dir.join("index.json").is_file() {
         let index: Index = read_json(&dir.join("index.json"))?;
         let top = pick(&index.manifests)?;
-        let name = top
-            .annotations
-            .get("io.containerd.image.name")
-            .cloned();
+        let name = top.annotations.get("io.containerd.image.name").cloned();
         let mut desc_digest = top.digest.clone();
         let mut media = top.media_type.clone();
         // Nested indexes (multi-arch images): descend to the linux/amd64 manifest.
@@ -214,14 +227,20 @@ pub(crate) fn find_image(store: &ImageStore, dir: &Path) -> Result<Found, ImageE
     }
     if dir.join("manifest.json").is_file() {
         let entries: Vec<DockerEntry> = read_json(&dir.join("manifest.json"))?;
-        let e = entries.into_iter().next().ok_or_else(|| bad("manifest.json lists no image"))?;
+        let e = entries
+            .into_iter()
+            .next()
+            .ok_or_else(|| bad("manifest.json lists no image"))?;
         let file = |rel: &str| -> Result<PathBuf, ImageError> {
-            let r = inside(Path::new(""), Path::new(rel)).ok_or_else(|| bad(format!("{rel} escapes the archive")))?;
+            let r = inside(Path::new(""), Path::new(rel))
+                .ok_or_else(|| bad(format!("{rel} escapes the archive")))?;
             let p = dir.join(r);
-            std::fs::File::open(&p).map_err(|_| bad(format!("{rel} is missing from the archive")))?;
+            std::fs::File::open(&p)
+                .map_err(|_| bad(format!("{rel} is missing from the archive")))?;
             Ok(p)
         };
-        let open = |p: &Path| std::fs::File::open(p).map_err(io_err(format!("reading {}", p.display())));
+        let open =
+            |p: &Path| std::fs::File::open(p).map_err(io_err(format!("reading {}", p.display())));
         let cfg_path = file(&e.config)?;
         if std::fs::metadata(&cfg_path).map(|m| m.len()).unwrap_or(0) > MAX_JSON {
             return Err(bad("image config is too large"));
@@ -233,7 +252,9 @@ pub(crate) fn find_image(store: &ImageStore, dir: &Path) -> Result<Found, ImageE
         for l in &e.layers {
             let p = file(l)?;
             let d = store.add_blob(open(&p)?, None)?;
-            let size = std::fs::metadata(store.blob_path(&d)).map(|m| m.len()).unwrap_or(0);
+            let size = std::fs::metadata(store.blob_path(&d))
+                .map(|m| m.len())
+                .unwrap_or(0);
             descs.push(json!({"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": d, "size": size}));
             layers.push(d);
         }
@@ -253,7 +274,9 @@ pub(crate) fn find_image(store: &ImageStore, dir: &Path) -> Result<Found, ImageE
             name: e.repo_tags.and_then(|t| t.into_iter().next()),
         });
     }
-    Err(bad("neither an OCI image layout (index.json) nor a docker save archive (manifest.json)"))
+    Err(bad(
+        "neither an OCI image layout (index.json) nor a docker save archive (manifest.json)",
+    ))
 }
 
 fn pick(ds: &[Descriptor]) -> Result<&Descriptor, ImageError> {
@@ -261,7 +284,9 @@ fn pick(ds: &[Descriptor]) -> Result<&Descriptor, ImageError> {
         return Err(bad("index lists no manifests"));
     }
     if let Some(d) = ds.iter().find(|d| {
-        d.platform.as_ref().is_some_and(|p| p.architecture == "amd64" && p.os == "linux")
+        d.platform
+            .as_ref()
+            .is_some_and(|p| p.architecture == "amd64" && p.os == "linux")
     }) {
         return Ok(d);
     }
@@ -270,7 +295,11 @@ fn pick(ds: &[Descriptor]) -> Result<&Descriptor, ImageError> {
     }
     let have: Vec<String> = ds
         .iter()
-        .filter_map(|d| d.platform.as_ref().map(|p| format!("{}/{}", p.os, p.architecture)))
+        .filter_map(|d| {
+            d.platform
+                .as_ref()
+                .map(|p| format!("{}/{}", p.os, p.architecture))
+        })
         .collect();
     Err(ImageError::WrongArchitecture(have.join(", ")))
 }
@@ -282,8 +311,14 @@ mod tests {
     #[test]
     fn refs() {
         assert_eq!(normalize_ref("busybox").unwrap(), "busybox:latest");
-        assert_eq!(normalize_ref("localhost:5000/app").unwrap(), "localhost:5000/app:latest");
-        assert_eq!(normalize_ref("localhost:5000/app:1").unwrap(), "localhost:5000/app:1");
+        assert_eq!(
+            normalize_ref("localhost:5000/app").unwrap(),
+            "localhost:5000/app:latest"
+        );
+        assert_eq!(
+            normalize_ref("localhost:5000/app:1").unwrap(),
+            "localhost:5000/app:1"
+        );
         for bad in ["", "Busy", "a b", "../x", "/x", "a//b"] {
             assert!(normalize_ref(bad).is_err(), "{bad}");
         }
@@ -291,7 +326,10 @@ mod tests {
 
     #[test]
     fn lexical_inside() {
-        assert_eq!(inside(Path::new("a"), Path::new("../b")), Some(PathBuf::from("b")));
+        assert_eq!(
+            inside(Path::new("a"), Path::new("../b")),
+            Some(PathBuf::from("b"))
+        );
         assert_eq!(inside(Path::new("a"), Path::new("../../b")), None);
     }
 }

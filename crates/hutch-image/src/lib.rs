@@ -99,12 +99,14 @@ pub(crate) struct Found {
 impl ImageStore {
     pub fn open(root: &Path) -> Result<ImageStore, ImageError> {
         for d in ["blobs/sha256", "rootfs", "tmp"] {
-            std::fs::create_dir_all(root.join(d)).map_err(io_err(format!("creating {}", root.join(d).display())))?;
+            std::fs::create_dir_all(root.join(d))
+                .map_err(io_err(format!("creating {}", root.join(d).display())))?;
         }
         // Leftovers of an import that crashed are never results.
         if let Ok(rd) = std::fs::read_dir(root.join("tmp")) {
             for e in rd.flatten() {
-                let _ = std::fs::remove_dir_all(e.path()).or_else(|_| std::fs::remove_file(e.path()));
+                let _ =
+                    std::fs::remove_dir_all(e.path()).or_else(|_| std::fs::remove_file(e.path()));
             }
         }
         Ok(ImageStore {
@@ -119,7 +121,9 @@ impl ImageStore {
     }
 
     pub fn rootfs_path(&self, manifest_digest: &str) -> PathBuf {
-        let hex = manifest_digest.strip_prefix("sha256:").unwrap_or(manifest_digest);
+        let hex = manifest_digest
+            .strip_prefix("sha256:")
+            .unwrap_or(manifest_digest);
         self.root.join("rootfs").join(format!("{hex}.erofs"))
     }
 
@@ -129,16 +133,24 @@ impl ImageStore {
 
     /// Copies `src` into the blob store. With `expect`, the content must hash to it; without,
     /// its digest is computed. Returns the digest.
-    pub(crate) fn add_blob(&self, mut src: impl Read, expect: Option<&str>) -> Result<String, ImageError> {
+    pub(crate) fn add_blob(
+        &self,
+        mut src: impl Read,
+        expect: Option<&str>,
+    ) -> Result<String, ImageError> {
         if let Some(d) = expect {
-            if !d.starts_with("sha256:") || d.len() != 71 || !d[7..].bytes().all(|b| b.is_ascii_hexdigit()) {
+            if !d.starts_with("sha256:")
+                || d.len() != 71
+                || !d[7..].bytes().all(|b| b.is_ascii_hexdigit())
+            {
                 return Err(ImageError::BadArchive(format!("unsupported digest {d:?}")));
             }
             if self.blob_path(d).exists() {
                 return Ok(d.to_string());
             }
         }
-        let mut tmp = tempfile::NamedTempFile::new_in(self.root.join("tmp")).map_err(io_err("creating blob"))?;
+        let mut tmp = tempfile::NamedTempFile::new_in(self.root.join("tmp"))
+            .map_err(io_err("creating blob"))?;
         let mut h = Sha256::new();
         let mut buf = vec![0u8; 256 * 1024];
         loop {
@@ -152,10 +164,14 @@ impl ImageStore {
         let actual = format!("sha256:{}", hex::encode(h.finalize()));
         if let Some(d) = expect {
             if d != actual {
-                return Err(ImageError::DigestMismatch { digest: d.into(), actual });
+                return Err(ImageError::DigestMismatch {
+                    digest: d.into(),
+                    actual,
+                });
             }
         }
-        tmp.persist(self.blob_path(&actual)).map_err(|e| io_err("storing blob")(e.error))?;
+        tmp.persist(self.blob_path(&actual))
+            .map_err(|e| io_err("storing blob")(e.error))?;
         Ok(actual)
     }
 
@@ -163,9 +179,13 @@ impl ImageStore {
         let p = self.blob_path(digest);
         let f = std::fs::File::open(&p).map_err(io_err(format!("blob {digest}")))?;
         let mut v = Vec::new();
-        f.take(max + 1).read_to_end(&mut v).map_err(io_err(format!("blob {digest}")))?;
+        f.take(max + 1)
+            .read_to_end(&mut v)
+            .map_err(io_err(format!("blob {digest}")))?;
         if v.len() as u64 > max {
-            return Err(ImageError::BadArchive(format!("blob {digest} is larger than {max} bytes")));
+            return Err(ImageError::BadArchive(format!(
+                "blob {digest} is larger than {max} bytes"
+            )));
         }
         Ok(v)
     }
@@ -187,7 +207,10 @@ impl ImageStore {
             (Some(n), _) => normalize_ref(n)?,
             (None, Some(n)) => normalize_ref(n)?,
             (None, None) => {
-                let stem = src.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default();
+                let stem = src
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().to_string())
+                    .unwrap_or_default();
                 normalize_ref(&stem.to_ascii_lowercase())?
             }
         };
@@ -199,7 +222,10 @@ impl ImageStore {
         let cfg: OciConfigFile = serde_json::from_slice(&cfg_bytes)
             .map_err(|e| ImageError::BadArchive(format!("image config: {e}")))?;
         if cfg.architecture != "amd64" || (cfg.os != "linux" && !cfg.os.is_empty()) {
-            return Err(ImageError::WrongArchitecture(format!("{}/{}", cfg.os, cfg.architecture)));
+            return Err(ImageError::WrongArchitecture(format!(
+                "{}/{}",
+                cfg.os, cfg.architecture
+            )));
         }
         let rc = cfg.config.unwrap_or_default();
         let config = ImageConfig {
@@ -226,7 +252,11 @@ impl ImageStore {
     }
 
     /// Builds the EROFS root filesystem of a manifest from its layers, once.
-    pub fn build_rootfs(&self, manifest_digest: &str, layers: &[String]) -> Result<PathBuf, ImageError> {
+    pub fn build_rootfs(
+        &self,
+        manifest_digest: &str,
+        layers: &[String],
+    ) -> Result<PathBuf, ImageError> {
         let out = self.rootfs_path(manifest_digest);
         if out.exists() {
             return Ok(out);
@@ -249,10 +279,17 @@ impl ImageStore {
             .output()
             .map_err(io_err("running mkfs.erofs (package erofs-utils)"))?;
         if !o.status.success() {
-            return Err(ImageError::Build(String::from_utf8_lossy(&o.stderr).trim().to_string()));
+            return Err(ImageError::Build(
+                String::from_utf8_lossy(&o.stderr).trim().to_string(),
+            ));
         }
         std::fs::rename(&img, &out).map_err(io_err("storing rootfs"))?;
-        tracing::info!(digest = manifest_digest, entries = stats.entries, bytes = stats.bytes, "built rootfs");
+        tracing::info!(
+            digest = manifest_digest,
+            entries = stats.entries,
+            bytes = stats.bytes,
+            "built rootfs"
+        );
         Ok(out)
     }
 

@@ -65,7 +65,10 @@ fn clean(path: &Path) -> Result<PathBuf, ImageError> {
 /// Resolves `rel` inside `root` following symlinks as if `root` were `/`, creating missing
 /// directories when `create` is set. Returns the host path of the resolved directory.
 fn resolve_dir(root: &Path, rel: &Path, create: bool) -> Result<PathBuf, ImageError> {
-    let mut todo: VecDeque<PathBuf> = rel.components().map(|c| PathBuf::from(c.as_os_str())).collect();
+    let mut todo: VecDeque<PathBuf> = rel
+        .components()
+        .map(|c| PathBuf::from(c.as_os_str()))
+        .collect();
     let mut cur = PathBuf::new();
     let mut hops = 0;
     while let Some(c) = todo.pop_front() {
@@ -81,7 +84,10 @@ fn resolve_dir(root: &Path, rel: &Path, create: bool) -> Result<PathBuf, ImageEr
             Ok(m) if m.file_type().is_symlink() => {
                 hops += 1;
                 if hops > 40 {
-                    return Err(bad(format!("too many symlinks resolving {}", rel.display())));
+                    return Err(bad(format!(
+                        "too many symlinks resolving {}",
+                        rel.display()
+                    )));
                 }
                 let target = std::fs::read_link(&host).map_err(io(&host))?;
                 if target.is_absolute() {
@@ -92,10 +98,16 @@ fn resolve_dir(root: &Path, rel: &Path, create: bool) -> Result<PathBuf, ImageEr
                 }
             }
             Ok(m) if m.is_dir() => cur.push(&c),
-            Ok(_) => return Err(bad(format!("{} is not a directory", cur.join(&c).display()))),
+            Ok(_) => {
+                return Err(bad(format!(
+                    "{} is not a directory",
+                    cur.join(&c).display()
+                )))
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && create => {
                 std::fs::create_dir(&host).map_err(io(&host))?;
-                std::fs::set_permissions(&host, std::fs::Permissions::from_mode(0o755)).map_err(io(&host))?;
+                std::fs::set_permissions(&host, std::fs::Permissions::from_mode(0o755))
+                    .map_err(io(&host))?;
                 cur.push(&c);
             }
             Err(e) => return Err(io(&host)(e)),
@@ -118,7 +130,13 @@ fn set_xattr(p: &Path, name: &[u8], value: &[u8]) -> Result<(), ImageError> {
     let cn = CString::new(name).map_err(|_| bad("NUL in xattr name"))?;
     // SAFETY: valid C strings and a valid value buffer of the given length.
     let r = unsafe {
-        libc::lsetxattr(cp.as_ptr(), cn.as_ptr(), value.as_ptr() as *const libc::c_void, value.len(), 0)
+        libc::lsetxattr(
+            cp.as_ptr(),
+            cn.as_ptr(),
+            value.as_ptr() as *const libc::c_void,
+            value.len(),
+            0,
+        )
     };
     if r < 0 {
         return Err(io(p)(std::io::Error::last_os_error()));
@@ -144,16 +162,30 @@ pub fn open_layer(path: &Path) -> Result<Box<dyn Read>, ImageError> {
 }
 
 /// Applies one layer (an uncompressed tar stream) on top of `root`.
-pub fn apply_layer(root: &Path, layer: impl Read, limits: Limits, stats: &mut Stats) -> Result<(), ImageError> {
+pub fn apply_layer(
+    root: &Path,
+    layer: impl Read,
+    limits: Limits,
+    stats: &mut Stats,
+) -> Result<(), ImageError> {
     let mut ar = tar::Archive::new(layer);
     let mut made: HashSet<PathBuf> = HashSet::new();
-    for entry in ar.entries().map_err(|e| bad(format!("reading layer: {e}")))? {
+    for entry in ar
+        .entries()
+        .map_err(|e| bad(format!("reading layer: {e}")))?
+    {
         let mut entry = entry.map_err(|e| bad(format!("reading layer: {e}")))?;
         stats.entries += 1;
         if stats.entries > limits.max_entries {
-            return Err(ImageError::Limit(format!("more than {} entries", limits.max_entries)));
+            return Err(ImageError::Limit(format!(
+                "more than {} entries",
+                limits.max_entries
+            )));
         }
-        let raw = entry.path().map_err(|e| bad(format!("bad entry name: {e}")))?.into_owned();
+        let raw = entry
+            .path()
+            .map_err(|e| bad(format!("bad entry name: {e}")))?
+            .into_owned();
         let rel = clean(&raw)?;
         let Some(name) = rel.file_name().map(OsStr::to_os_string) else {
             continue; // the root itself
@@ -199,7 +231,10 @@ pub fn apply_layer(root: &Path, layer: impl Read, limits: Limits, stats: &mut St
                 let size = entry.size();
                 stats.bytes += size;
                 if stats.bytes > limits.max_bytes {
-                    return Err(ImageError::Limit(format!("more than {} bytes of file data", limits.max_bytes)));
+                    return Err(ImageError::Limit(format!(
+                        "more than {} bytes of file data",
+                        limits.max_bytes
+                    )));
                 }
                 remove_any(&target)?;
                 let mut f = std::fs::OpenOptions::new()
@@ -207,10 +242,17 @@ pub fn apply_layer(root: &Path, layer: impl Read, limits: Limits, stats: &mut St
                     .create_new(true)
                     .open(&target)
                     .map_err(io(&target))?;
-                let copied = std::io::copy(&mut entry, &mut f)
-                    .map_err(|e| bad(format!("truncated or unreadable layer at {}: {e}", raw.display())))?;
+                let copied = std::io::copy(&mut entry, &mut f).map_err(|e| {
+                    bad(format!(
+                        "truncated or unreadable layer at {}: {e}",
+                        raw.display()
+                    ))
+                })?;
                 if copied != size {
-                    return Err(bad(format!("{}: expected {size} bytes, layer had {copied}", raw.display())));
+                    return Err(bad(format!(
+                        "{}: expected {size} bytes, layer had {copied}",
+                        raw.display()
+                    )));
                 }
             }
             tar::EntryType::Symlink => {
@@ -232,8 +274,13 @@ pub fn apply_layer(root: &Path, layer: impl Read, limits: Limits, stats: &mut St
                     .ok_or_else(|| bad(format!("hardlink {} to the root", raw.display())))?;
                 let ldir = resolve_dir(root, link_rel.parent().unwrap_or(Path::new("")), false)?;
                 let src = ldir.join(lname);
-                let m = std::fs::symlink_metadata(&src)
-                    .map_err(|_| bad(format!("hardlink {} to missing {}", raw.display(), link.display())))?;
+                let m = std::fs::symlink_metadata(&src).map_err(|_| {
+                    bad(format!(
+                        "hardlink {} to missing {}",
+                        raw.display(),
+                        link.display()
+                    ))
+                })?;
                 if m.is_dir() {
                     return Err(bad(format!("hardlink {} to a directory", raw.display())));
                 }
@@ -246,7 +293,8 @@ pub fn apply_layer(root: &Path, layer: impl Read, limits: Limits, stats: &mut St
             }
             tar::EntryType::Fifo => {
                 remove_any(&target)?;
-                let c = CString::new(target.as_os_str().as_bytes()).map_err(|_| bad("NUL in path"))?;
+                let c =
+                    CString::new(target.as_os_str().as_bytes()).map_err(|_| bad("NUL in path"))?;
                 // SAFETY: valid C string.
                 if unsafe { libc::mkfifo(c.as_ptr(), mode) } < 0 {
                     return Err(io(&target)(std::io::Error::last_os_error()));
@@ -262,7 +310,8 @@ pub fn apply_layer(root: &Path, layer: impl Read, limits: Limits, stats: &mut St
         std::os::unix::fs::lchown(&target, Some(uid), Some(gid)).map_err(io(&target))?;
         if kind != tar::EntryType::Symlink {
             // After chown, which clears setuid/setgid bits.
-            std::fs::set_permissions(&target, std::fs::Permissions::from_mode(mode)).map_err(io(&target))?;
+            std::fs::set_permissions(&target, std::fs::Permissions::from_mode(mode))
+                .map_err(io(&target))?;
         }
         if let Ok(Some(exts)) = entry.pax_extensions() {
             for ext in exts.flatten() {

@@ -30,7 +30,7 @@ pub enum StoreError {
     #[error("{table} {key:?} not found")]
     NotFound { table: &'static str, key: String },
     #[error("state store: {0}")]
-    Db(#[from] redb::Error),
+    Db(Box<redb::Error>),
     #[error("state store record {key:?} is corrupt: {source}")]
     Corrupt {
         key: String,
@@ -40,7 +40,7 @@ pub enum StoreError {
 }
 
 fn db<E: Into<redb::Error>>(e: E) -> StoreError {
-    StoreError::Db(e.into())
+    StoreError::Db(Box::new(e.into()))
 }
 
 pub struct Store {
@@ -59,7 +59,11 @@ impl Store {
         Ok(Store { db: database })
     }
 
-    pub fn get<T: DeserializeOwned>(&self, table: Table, key: &str) -> Result<Option<T>, StoreError> {
+    pub fn get<T: DeserializeOwned>(
+        &self,
+        table: Table,
+        key: &str,
+    ) -> Result<Option<T>, StoreError> {
         let tx = self.db.begin_read().map_err(db)?;
         let t = tx.open_table(table.def()).map_err(db)?;
         let v = t.get(key).map_err(db)?;
@@ -78,10 +82,18 @@ impl Store {
     }
 
     /// Inserts a record that must not exist yet.
-    pub fn insert_new<T: Serialize>(&self, table: Table, key: &str, value: &T) -> Result<(), StoreError> {
+    pub fn insert_new<T: Serialize>(
+        &self,
+        table: Table,
+        key: &str,
+        value: &T,
+    ) -> Result<(), StoreError> {
         self.write(table, |t| {
             if t.get(key).map_err(db)?.is_some() {
-                return Err(StoreError::Exists { table: table.0, key: key.into() });
+                return Err(StoreError::Exists {
+                    table: table.0,
+                    key: key.into(),
+                });
             }
             t.insert(key, encode(value).as_slice()).map_err(db)?;
             Ok(())
@@ -106,7 +118,12 @@ impl Store {
         self.write(table, |t| {
             let mut v: T = match t.get(key).map_err(db)? {
                 Some(v) => decode(key, v.value())?,
-                None => return Err(StoreError::NotFound { table: table.0, key: key.into() }),
+                None => {
+                    return Err(StoreError::NotFound {
+                        table: table.0,
+                        key: key.into(),
+                    })
+                }
             };
             f(&mut v);
             t.insert(key, encode(&v).as_slice()).map_err(db)?;
@@ -148,7 +165,10 @@ fn encode<T: Serialize>(v: &T) -> Vec<u8> {
 }
 
 fn decode<T: DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, StoreError> {
-    serde_json::from_slice(bytes).map_err(|source| StoreError::Corrupt { key: key.into(), source })
+    serde_json::from_slice(bytes).map_err(|source| StoreError::Corrupt {
+        key: key.into(),
+        source,
+    })
 }
 
 #[cfg(test)]
@@ -169,7 +189,10 @@ mod tests {
         {
             let s = Store::open(&p).unwrap();
             s.insert_new(VMS, "a", &Rec { n: 1 }).unwrap();
-            assert!(matches!(s.insert_new(VMS, "a", &Rec { n: 2 }), Err(StoreError::Exists { .. })));
+            assert!(matches!(
+                s.insert_new(VMS, "a", &Rec { n: 2 }),
+                Err(StoreError::Exists { .. })
+            ));
             let v: Rec = s.update(VMS, "a", |r: &mut Rec| r.n += 10).unwrap();
             assert_eq!(v.n, 11);
             assert!(matches!(
@@ -204,7 +227,11 @@ mod tests {
                 std::thread::spawn(move || s.insert_new(VMS, "same", &Rec { n: i }).is_ok())
             })
             .collect();
-        let wins = handles.into_iter().map(|h| h.join().unwrap()).filter(|w| *w).count();
+        let wins = handles
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .filter(|w| *w)
+            .count();
         assert_eq!(wins, 1);
     }
 }

@@ -33,7 +33,9 @@ impl std::str::FromStr for AccelChoice {
             "auto" => Ok(AccelChoice::Auto),
             "kvm" => Ok(AccelChoice::Kvm),
             "tcg" => Ok(AccelChoice::Tcg),
-            _ => Err(format!("unknown accelerator {s:?} (expected auto, kvm or tcg)")),
+            _ => Err(format!(
+                "unknown accelerator {s:?} (expected auto, kvm or tcg)"
+            )),
         }
     }
 }
@@ -61,9 +63,10 @@ pub fn detect_accel(choice: AccelChoice, root: &Path) -> Result<(Accel, String),
         AccelChoice::Tcg => Ok((Accel::Tcg, "tcg forced by configuration".into())),
         AccelChoice::Kvm => match kvm_ok() {
             Ok(()) => Ok((Accel::Kvm, "kvm forced by configuration".into())),
-            Err(e) if pvm && kvm_dev.exists() => {
-                Ok((Accel::Kvm, format!("kvm forced by configuration although {e}")))
-            }
+            Err(e) if pvm && kvm_dev.exists() => Ok((
+                Accel::Kvm,
+                format!("kvm forced by configuration although {e}"),
+            )),
             Err(e) => Err(VmmError::Accel("kvm", e)),
         },
         AccelChoice::Auto => match kvm_ok() {

@@ -33,7 +33,14 @@ impl ToArgs for Machine {
             Accel::Kvm => "kvm",
             Accel::Tcg => "tcg,thread=multi",
         };
-        vec!["-machine".into(), "pc".into(), "-accel".into(), accel.into(), "-cpu".into(), cpu.into()]
+        vec![
+            "-machine".into(),
+            "pc".into(),
+            "-accel".into(),
+            accel.into(),
+            "-cpu".into(),
+            cpu.into(),
+        ]
     }
 }
 
@@ -44,7 +51,12 @@ pub struct Sizing {
 
 impl ToArgs for Sizing {
     fn to_args(&self) -> Vec<String> {
-        vec!["-smp".into(), self.vcpus.to_string(), "-m".into(), format!("{}M", self.mem_mib)]
+        vec![
+            "-smp".into(),
+            self.vcpus.to_string(),
+            "-m".into(),
+            format!("{}M", self.mem_mib),
+        ]
     }
 }
 
@@ -91,9 +103,17 @@ impl ToArgs for VirtioDisk<'_> {
         let ro = if self.read_only { ",readonly=on" } else { "" };
         vec![
             "-drive".into(),
-            format!("file={},format={fmt},if=none,id={},cache=writeback{ro}", path(self.file), self.id),
+            format!(
+                "file={},format={fmt},if=none,id={},cache=writeback{ro}",
+                path(self.file),
+                self.id
+            ),
             "-device".into(),
-            format!("virtio-blk-pci,drive={},serial={}", self.id, escape(self.serial)),
+            format!(
+                "virtio-blk-pci,drive={},serial={}",
+                self.id,
+                escape(self.serial)
+            ),
         ]
     }
 }
@@ -126,9 +146,15 @@ impl ToArgs for AgentPort<'_> {
             "-device".into(),
             "virtio-serial-pci,id=vser0".into(),
             "-chardev".into(),
-            format!("socket,id=agent,path={},server=on,wait=off", path(self.socket)),
+            format!(
+                "socket,id=agent,path={},server=on,wait=off",
+                path(self.socket)
+            ),
             "-device".into(),
-            format!("virtserialport,bus=vser0.0,chardev=agent,name={}", escape(self.name)),
+            format!(
+                "virtserialport,bus=vser0.0,chardev=agent,name={}",
+                escape(self.name)
+            ),
         ]
     }
 }
@@ -139,7 +165,10 @@ pub struct Qmp<'a> {
 
 impl ToArgs for Qmp<'_> {
     fn to_args(&self) -> Vec<String> {
-        vec!["-qmp".into(), format!("unix:{},server=on,wait=off", path(self.socket))]
+        vec![
+            "-qmp".into(),
+            format!("unix:{},server=on,wait=off", path(self.socket)),
+        ]
     }
 }
 
@@ -150,7 +179,11 @@ pub struct Daemonize<'a> {
 
 impl ToArgs for Daemonize<'_> {
     fn to_args(&self) -> Vec<String> {
-        vec!["-daemonize".into(), "-pidfile".into(), self.pidfile.to_string_lossy().into()]
+        vec![
+            "-daemonize".into(),
+            "-pidfile".into(),
+            self.pidfile.to_string_lossy().into(),
+        ]
     }
 }
 
@@ -158,7 +191,11 @@ impl ToArgs for Daemonize<'_> {
 pub fn build(spec: &VmSpec) -> Vec<String> {
     let mut args: Vec<String> = vec![
         "-name".into(),
-        format!("hutch-{},process=hutch-{}", escape(&spec.id), escape(&spec.id)),
+        format!(
+            "hutch-{},process=hutch-{}",
+            escape(&spec.id),
+            escape(&spec.id)
+        ),
         "-nodefaults".into(),
         "-no-user-config".into(),
         "-display".into(),
@@ -172,8 +209,15 @@ pub fn build(spec: &VmSpec) -> Vec<String> {
     let (agent_sock, qmp_sock, pidfile) = (spec.agent_socket(), spec.qmp_socket(), spec.pidfile());
     let parts: Vec<Box<dyn ToArgs + '_>> = vec![
         Box::new(Machine { accel: spec.accel }),
-        Box::new(Sizing { vcpus: spec.vcpus, mem_mib: spec.mem_mib }),
-        Box::new(DirectBoot { kernel: &spec.kernel, initrd: &spec.initrd, append }),
+        Box::new(Sizing {
+            vcpus: spec.vcpus,
+            mem_mib: spec.mem_mib,
+        }),
+        Box::new(DirectBoot {
+            kernel: &spec.kernel,
+            initrd: &spec.initrd,
+            append,
+        }),
         Box::new(VirtioDisk {
             id: "image",
             file: &spec.image_disk,
@@ -188,8 +232,13 @@ pub fn build(spec: &VmSpec) -> Vec<String> {
             read_only: false,
             serial: "hutch-data",
         }),
-        Box::new(ConsoleFile { file: &spec.console_log }),
-        Box::new(AgentPort { socket: &agent_sock, name: AGENT_PORT_NAME }),
+        Box::new(ConsoleFile {
+            file: &spec.console_log,
+        }),
+        Box::new(AgentPort {
+            socket: &agent_sock,
+            name: AGENT_PORT_NAME,
+        }),
         Box::new(Qmp { socket: &qmp_sock }),
         Box::new(Daemonize { pidfile: &pidfile }),
     ];
@@ -224,7 +273,10 @@ mod tests {
     }
 
     fn after<'a>(args: &'a [String], flag: &str) -> Vec<&'a str> {
-        args.windows(2).filter(|w| w[0] == flag).map(|w| w[1].as_str()).collect()
+        args.windows(2)
+            .filter(|w| w[0] == flag)
+            .map(|w| w[1].as_str())
+            .collect()
     }
 
     #[test]
@@ -239,12 +291,18 @@ mod tests {
         assert!(after(&a, "-append")[0].contains("hutch.hostname=demo"));
         let drives = after(&a, "-drive");
         // Commas in paths are escaped for QEMU's option parser.
-        assert_eq!(drives[0], "file=/img/a,,b.erofs,format=raw,if=none,id=image,cache=writeback,readonly=on");
+        assert_eq!(
+            drives[0],
+            "file=/img/a,,b.erofs,format=raw,if=none,id=image,cache=writeback,readonly=on"
+        );
         assert!(drives[1].starts_with("file=/vm/data.qcow2,format=qcow2"));
         let devs = after(&a, "-device");
         assert!(devs.contains(&"virtio-blk-pci,drive=image,serial=hutch-image"));
         assert!(devs.contains(&"virtserialport,bus=vser0.0,chardev=agent,name=org.hutch.agent"));
-        assert_eq!(after(&a, "-qmp"), ["unix:/run/vm1/qmp.sock,server=on,wait=off"]);
+        assert_eq!(
+            after(&a, "-qmp"),
+            ["unix:/run/vm1/qmp.sock,server=on,wait=off"]
+        );
         assert_eq!(after(&a, "-pidfile"), ["/run/vm1/qemu.pid"]);
         assert!(a.contains(&"-daemonize".to_string()));
         assert_eq!(after(&a, "-name"), ["hutch-vm1,process=hutch-vm1"]);

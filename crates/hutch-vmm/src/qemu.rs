@@ -40,7 +40,11 @@ impl Vmm for Qemu {
             .map_err(io(format!("running {}", self.binary.display())))?;
         if !out.status.success() {
             let msg = String::from_utf8_lossy(&out.stderr).trim().to_string();
-            return Err(VmmError::Launch(if msg.is_empty() { out.status.to_string() } else { msg }));
+            return Err(VmmError::Launch(if msg.is_empty() {
+                out.status.to_string()
+            } else {
+                msg
+            }));
         }
         let pid = std::fs::read_to_string(spec.pidfile())
             .map_err(io("reading qemu pidfile".into()))?
@@ -60,7 +64,9 @@ impl Vmm for Qemu {
         }
         // SAFETY: kill has no memory-safety preconditions; pid was checked to be our VM.
         if unsafe { libc::kill(pid as i32, libc::SIGKILL) } < 0 {
-            return Err(io(format!("killing qemu {pid}"))(std::io::Error::last_os_error()));
+            return Err(io(format!("killing qemu {pid}"))(
+                std::io::Error::last_os_error(),
+            ));
         }
         Ok(())
     }
@@ -73,7 +79,11 @@ pub fn is_vm_process(id: &str, pid: u32) -> bool {
     };
     if let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         // A zombie has exited already.
-        if stat.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z')) {
+        if stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|r| r.trim_start().starts_with('Z'))
+        {
             return false;
         }
     }

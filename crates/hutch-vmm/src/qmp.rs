@@ -70,7 +70,10 @@ impl QmpClient {
                 return Ok(r.clone());
             }
             if let Some(e) = v.get("error") {
-                return Err(err(format!("{cmd}: {}", e["desc"].as_str().unwrap_or("error"))));
+                return Err(err(format!(
+                    "{cmd}: {}",
+                    e["desc"].as_str().unwrap_or("error")
+                )));
             }
         }
     }

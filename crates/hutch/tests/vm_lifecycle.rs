@@ -19,23 +19,56 @@ fn vm_lifecycle_end_to_end() {
     let work = tempfile::tempdir().unwrap();
     let layout = busybox_layout(work.path());
     let mut d = Daemon::start(&[]);
-    let img = d.json(&["image", "import", layout.to_str().unwrap(), "--name", "busybox"]);
+    let img = d.json(&[
+        "image",
+        "import",
+        layout.to_str().unwrap(),
+        "--name",
+        "busybox",
+    ]);
     assert_eq!(img["name"], "busybox:latest");
 
-    let vm = d.json(&["new", "--image", "busybox", "--name", "demo", "--vcpu", "1", "--mem", "256"]);
+    let vm = d.json(&[
+        "new", "--image", "busybox", "--name", "demo", "--vcpu", "1", "--mem", "256",
+    ]);
     assert_eq!(vm["state"], "running");
     let pid = vm["pid"].as_u64().unwrap() as u32;
 
     // stdout, stderr and the exit code are kept apart.
-    let (so, se, code) = out(&d.hutch(&["exec", "demo", "--", "sh", "-c", "echo out; echo err >&2; exit 3"]));
+    let (so, se, code) = out(&d.hutch(&[
+        "exec",
+        "demo",
+        "--",
+        "sh",
+        "-c",
+        "echo out; echo err >&2; exit 3",
+    ]));
     assert_eq!((so.as_str(), se.as_str(), code), ("out\n", "err\n", 3));
     // Image config (Env, WorkingDir) applies; --env and --cwd override; hostname is the VM name.
-    let so = d.ok(&["exec", "demo", "-e", "A=1", "--", "sh", "-c", "echo $A $FOO $(pwd) $(hostname)"]);
+    let so = d.ok(&[
+        "exec",
+        "demo",
+        "-e",
+        "A=1",
+        "--",
+        "sh",
+        "-c",
+        "echo $A $FOO $(pwd) $(hostname)",
+    ]);
     assert_eq!(so, "1 bar /tmp demo\n");
-    assert_eq!(d.ok(&["exec", "demo", "-w", "/root", "--", "pwd"]), "/root\n");
-    assert_eq!(d.ok(&["exec", "demo", "-u", "nobody", "--", "id", "-u"]), "65534\n");
+    assert_eq!(
+        d.ok(&["exec", "demo", "-w", "/root", "--", "pwd"]),
+        "/root\n"
+    );
+    assert_eq!(
+        d.ok(&["exec", "demo", "-u", "nobody", "--", "id", "-u"]),
+        "65534\n"
+    );
     // stdin reaches the process.
-    let o = d.hutch_stdin(&["exec", "demo", "--", "sh", "-c", "cat; echo done"], Some(b"piped input\n"));
+    let o = d.hutch_stdin(
+        &["exec", "demo", "--", "sh", "-c", "cat; echo done"],
+        Some(b"piped input\n"),
+    );
     assert_eq!(out(&o).0, "piped input\ndone\n");
     // A missing binary is exit 127 with a message, not a crash.
     let (_, se, code) = out(&d.hutch(&["exec", "demo", "--", "/no/such/binary"]));
@@ -58,7 +91,16 @@ fn vm_lifecycle_end_to_end() {
         let hs: Vec<_> = (0..8)
             .map(|i| {
                 let d = &d;
-                s.spawn(move || d.ok(&["exec", "demo", "--", "sh", "-c", &format!("sleep 0.$((RANDOM % 5)); echo {i}")]))
+                s.spawn(move || {
+                    d.ok(&[
+                        "exec",
+                        "demo",
+                        "--",
+                        "sh",
+                        "-c",
+                        &format!("sleep 0.$((RANDOM % 5)); echo {i}"),
+                    ])
+                })
             })
             .collect();
         for (i, h) in hs.into_iter().enumerate() {
@@ -70,11 +112,29 @@ fn vm_lifecycle_end_to_end() {
     let data: Vec<u8> = (0..(1 << 20)).map(|i| (i * 7 % 251) as u8).collect();
     let local = work.path().join("blob");
     std::fs::write(&local, &data).unwrap();
-    d.ok(&["cp", local.to_str().unwrap(), "demo:/root/sub/blob", "--mode", "600"]);
+    d.ok(&[
+        "cp",
+        local.to_str().unwrap(),
+        "demo:/root/sub/blob",
+        "--mode",
+        "600",
+    ]);
     let back = work.path().join("back");
     d.ok(&["cp", "demo:/root/sub/blob", back.to_str().unwrap()]);
     assert_eq!(std::fs::read(&back).unwrap(), data);
-    assert_eq!(d.ok(&["exec", "demo", "--", "busybox", "stat", "-c", "%a", "/root/sub/blob"]), "600\n");
+    assert_eq!(
+        d.ok(&[
+            "exec",
+            "demo",
+            "--",
+            "busybox",
+            "stat",
+            "-c",
+            "%a",
+            "/root/sub/blob"
+        ]),
+        "600\n"
+    );
     let missing = d.hutch(&["cp", "demo:/nope", back.to_str().unwrap()]);
     assert!(!missing.status.success());
     assert!(String::from_utf8_lossy(&missing.stderr).contains("not found"));
@@ -84,14 +144,27 @@ fn vm_lifecycle_end_to_end() {
     assert!(logs.contains("hutch-agent: root ready"), "{logs}");
 
     // kill -9 hutchd: the VM keeps running; a new hutchd re-attaches and exec works.
-    d.ok(&["exec", "demo", "--", "sh", "-c", "echo kept > /root/persist && sync"]);
+    d.ok(&[
+        "exec",
+        "demo",
+        "--",
+        "sh",
+        "-c",
+        "echo kept > /root/persist && sync",
+    ]);
     d.kill9();
-    assert!(std::path::Path::new(&format!("/proc/{pid}")).exists(), "qemu died with hutchd");
+    assert!(
+        std::path::Path::new(&format!("/proc/{pid}")).exists(),
+        "qemu died with hutchd"
+    );
     d.spawn();
     let vm = d.json(&["describe", "demo"]);
     assert_eq!(vm["state"], "running");
     assert_eq!(vm["pid"].as_u64(), Some(pid as u64));
-    assert_eq!(d.ok(&["exec", "demo", "--", "cat", "/root/persist"]), "kept\n");
+    assert_eq!(
+        d.ok(&["exec", "demo", "--", "cat", "/root/persist"]),
+        "kept\n"
+    );
 
     // stop / start keeps the writable layer.
     let ls = d.ok(&["ls"]);
@@ -102,18 +175,30 @@ fn vm_lifecycle_end_to_end() {
     let o = d.hutch(&["exec", "demo", "--", "true"]);
     assert!(String::from_utf8_lossy(&o.stderr).contains("stopped"));
     d.ok(&["start", "demo"]);
-    assert_eq!(d.ok(&["exec", "demo", "--", "cat", "/root/persist"]), "kept\n");
+    assert_eq!(
+        d.ok(&["exec", "demo", "--", "cat", "/root/persist"]),
+        "kept\n"
+    );
 
     // QEMU dies while hutchd is down: shown as stopped, with the reason.
     let pid = d.json(&["describe", "demo"])["pid"].as_u64().unwrap() as i32;
     d.kill9();
     // SAFETY: kill has no memory-safety preconditions.
     unsafe { libc::kill(pid, libc::SIGKILL) };
-    wait_until(Duration::from_secs(10), || d.qemu_pids().is_empty().then_some(())).unwrap();
+    wait_until(Duration::from_secs(10), || {
+        d.qemu_pids().is_empty().then_some(())
+    })
+    .unwrap();
     d.spawn();
     let vm = d.json(&["describe", "demo"]);
     assert_eq!(vm["state"], "stopped");
-    assert!(vm["reason"].as_str().unwrap_or("").contains("while hutchd was not running"), "{vm}");
+    assert!(
+        vm["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("while hutchd was not running"),
+        "{vm}"
+    );
 
     // Delete leaves no process, disk, socket or record.
     let id = vm["id"].as_str().unwrap().to_string();

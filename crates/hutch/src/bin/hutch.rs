@@ -13,10 +13,19 @@ use std::io::{IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
 
 #[derive(Parser)]
-#[command(name = "hutch", version, about = "Run OCI images as virtual machines (client of hutchd)")]
+#[command(
+    name = "hutch",
+    version,
+    about = "Run OCI images as virtual machines (client of hutchd)"
+)]
 struct Cli {
     /// hutchd's data directory (its socket is DATA_DIR/hutchd.sock).
-    #[arg(long, global = true, env = "HUTCH_DATA_DIR", default_value = "/var/lib/hutch")]
+    #[arg(
+        long,
+        global = true,
+        env = "HUTCH_DATA_DIR",
+        default_value = "/var/lib/hutch"
+    )]
     data_dir: PathBuf,
     /// Talk to hutchd over TCP instead, e.g. http://10.0.0.5:7070.
     #[arg(long, global = true, env = "HUTCH_URL")]
@@ -136,9 +145,14 @@ impl Client {
             }
             None => {
                 let sock = self.data_dir.join("hutchd.sock");
-                let s = tokio::net::UnixStream::connect(&sock).await.with_context(|| {
-                    format!("cannot reach hutchd at {} (is it running? `make run` starts it)", sock.display())
-                })?;
+                let s = tokio::net::UnixStream::connect(&sock)
+                    .await
+                    .with_context(|| {
+                        format!(
+                            "cannot reach hutchd at {} (is it running? `make run` starts it)",
+                            sock.display()
+                        )
+                    })?;
                 (Box::new(s), "hutchd".into())
             }
         };
@@ -153,7 +167,10 @@ impl Client {
             req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {t}"));
         }
         let resp = sender.send_request(req.body(Full::new(body))?).await?;
-        Ok(Resp { status: resp.status(), body: resp.into_body() })
+        Ok(Resp {
+            status: resp.status(),
+            body: resp.into_body(),
+        })
     }
 
     /// Sends a request; returns the body bytes, or the API's error message as an error.
@@ -201,7 +218,7 @@ fn enc(s: &str) -> String {
 }
 
 fn mib(m: u64) -> String {
-    if m >= 1024 && m % 1024 == 0 {
+    if m >= 1024 && m.is_multiple_of(1024) {
         format!("{}G", m / 1024)
     } else {
         format!("{m}M")
@@ -220,15 +237,25 @@ fn age(ts: u64) -> String {
 
 fn table(rows: Vec<Vec<String>>) {
     let n = rows.first().map(|r| r.len()).unwrap_or(0);
-    let widths: Vec<usize> = (0..n).map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0)).collect();
+    let widths: Vec<usize> = (0..n)
+        .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
+        .collect();
     for r in rows {
-        let line: Vec<String> = r.iter().enumerate().map(|(i, c)| format!("{c:<w$}", w = widths[i])).collect();
+        let line: Vec<String> = r
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
+            .collect();
         println!("{}", line.join("  ").trim_end());
     }
 }
 
 fn describe(v: &Value) {
-    let s = |k: &str| v[k].as_str().map(str::to_string).or_else(|| v[k].as_u64().map(|n| n.to_string()));
+    let s = |k: &str| {
+        v[k].as_str()
+            .map(str::to_string)
+            .or_else(|| v[k].as_u64().map(|n| n.to_string()))
+    };
     println!();
     println!("  Name:    {}", s("name").unwrap_or_default());
     println!("  ID:      {}", s("id").unwrap_or_default());
@@ -250,7 +277,10 @@ fn describe(v: &Value) {
         println!("  Boot:    {b} ms");
     }
     println!();
-    println!("  Connect: hutch exec {} -- sh", s("name").unwrap_or_default());
+    println!(
+        "  Connect: hutch exec {} -- sh",
+        s("name").unwrap_or_default()
+    );
     println!();
 }
 
@@ -259,7 +289,14 @@ fn out_json(v: &Value) {
 }
 
 async fn exec(c: &Client, name: &str, body: Value) -> Result<i32> {
-    let r = c.send(Method::POST, &format!("/api/v1/sandboxes/{}/exec", enc(name)), "application/json", Bytes::from(body.to_string())).await?;
+    let r = c
+        .send(
+            Method::POST,
+            &format!("/api/v1/sandboxes/{}/exec", enc(name)),
+            "application/json",
+            Bytes::from(body.to_string()),
+        )
+        .await?;
     if !r.status.is_success() {
         finish(r).await?;
         bail!("exec failed");
@@ -270,7 +307,9 @@ async fn exec(c: &Client, name: &str, body: Value) -> Result<i32> {
     let (mut out, mut err) = (std::io::stdout().lock(), std::io::stderr().lock());
     while let Some(frame) = body.frame().await {
         let frame = frame?;
-        let Some(data) = frame.data_ref() else { continue };
+        let Some(data) = frame.data_ref() else {
+            continue;
+        };
         buf.extend_from_slice(data);
         while let Some(pos) = buf.iter().position(|&b| b == b'\n') {
             let line: Vec<u8> = buf.drain(..=pos).collect();
@@ -310,30 +349,56 @@ fn split_vm_path(s: &str) -> Option<(&str, &str)> {
 async fn run(cli: Cli) -> Result<i32> {
     let url = match &cli.url {
         Some(u) => {
-            let hp = u.trim_start_matches("http://").trim_end_matches('/').to_string();
+            let hp = u
+                .trim_start_matches("http://")
+                .trim_end_matches('/')
+                .to_string();
             Some((hp, u.clone()))
         }
         None => None,
     };
-    let c = Client { data_dir: cli.data_dir.clone(), url, token: cli.token.clone() };
+    let c = Client {
+        data_dir: cli.data_dir.clone(),
+        url,
+        token: cli.token.clone(),
+    };
     let j = cli.json;
     match cli.cmd {
         Cmd::Image(ic) => match ic {
             ImageCmd::Import { path, name } => {
-                let meta = std::fs::metadata(&path).with_context(|| format!("{}", path.display()))?;
+                let meta =
+                    std::fs::metadata(&path).with_context(|| format!("{}", path.display()))?;
                 let v = if meta.is_dir() || c.url.is_none() {
                     let abs = std::fs::canonicalize(&path)?;
-                    c.json(Method::POST, "/api/v1/images", Some(json!({"path": abs, "name": name}))).await?
+                    c.json(
+                        Method::POST,
+                        "/api/v1/images",
+                        Some(json!({"path": abs, "name": name})),
+                    )
+                    .await?
                 } else {
                     let data = std::fs::read(&path)?;
-                    let q = name.map(|n| format!("?name={}", enc(&n))).unwrap_or_default();
-                    let r = c.send(Method::POST, &format!("/api/v1/images{q}"), "application/x-tar", Bytes::from(data)).await?;
+                    let q = name
+                        .map(|n| format!("?name={}", enc(&n)))
+                        .unwrap_or_default();
+                    let r = c
+                        .send(
+                            Method::POST,
+                            &format!("/api/v1/images{q}"),
+                            "application/x-tar",
+                            Bytes::from(data),
+                        )
+                        .await?;
                     serde_json::from_slice(&finish(r).await?)?
                 };
                 if j {
                     out_json(&v);
                 } else {
-                    println!("imported {} ({})", v["name"].as_str().unwrap_or(""), v["digest"].as_str().unwrap_or(""));
+                    println!(
+                        "imported {} ({})",
+                        v["name"].as_str().unwrap_or(""),
+                        v["digest"].as_str().unwrap_or("")
+                    );
                 }
             }
             ImageCmd::Ls => {
@@ -341,28 +406,60 @@ async fn run(cli: Cli) -> Result<i32> {
                 if j {
                     out_json(&v);
                 } else {
-                    let mut rows = vec![vec!["NAME".into(), "DIGEST".into(), "LAYERS".into(), "SIZE".into(), "AGE".into()]];
+                    let mut rows = vec![vec![
+                        "NAME".into(),
+                        "DIGEST".into(),
+                        "LAYERS".into(),
+                        "SIZE".into(),
+                        "AGE".into(),
+                    ]];
                     for i in v.as_array().cloned().unwrap_or_default() {
                         rows.push(vec![
                             i["name"].as_str().unwrap_or("").into(),
-                            i["digest"].as_str().unwrap_or("").chars().take(19).collect(),
-                            i["layers"].as_array().map(|a| a.len()).unwrap_or(0).to_string(),
-                            format!("{:.1}M", i["rootfs_size"].as_u64().unwrap_or(0) as f64 / 1048576.0),
+                            i["digest"]
+                                .as_str()
+                                .unwrap_or("")
+                                .chars()
+                                .take(19)
+                                .collect(),
+                            i["layers"]
+                                .as_array()
+                                .map(|a| a.len())
+                                .unwrap_or(0)
+                                .to_string(),
+                            format!(
+                                "{:.1}M",
+                                i["rootfs_size"].as_u64().unwrap_or(0) as f64 / 1048576.0
+                            ),
                             age(i["created_at"].as_u64().unwrap_or(0)),
                         ]);
                     }
                     table(rows);
                 }
             }
-            ImageCmd::Inspect { name } => out_json(&c.json(Method::GET, &format!("/api/v1/images/{}", enc(&name)), None).await?),
+            ImageCmd::Inspect { name } => out_json(
+                &c.json(Method::GET, &format!("/api/v1/images/{}", enc(&name)), None)
+                    .await?,
+            ),
             ImageCmd::Rm { name } => {
-                c.call(Method::DELETE, &format!("/api/v1/images/{}", enc(&name)), None).await?;
+                c.call(
+                    Method::DELETE,
+                    &format!("/api/v1/images/{}", enc(&name)),
+                    None,
+                )
+                .await?;
                 if !j {
                     println!("removed {name}");
                 }
             }
         },
-        Cmd::New { image, name, vcpu, mem, disk } => {
+        Cmd::New {
+            image,
+            name,
+            vcpu,
+            mem,
+            disk,
+        } => {
             let v = c
                 .json(Method::POST, "/api/v1/sandboxes", Some(json!({"image": image, "name": name, "vcpus": vcpu, "mem_mib": mem, "disk_gib": disk})))
                 .await?;
@@ -377,7 +474,11 @@ async fn run(cli: Cli) -> Result<i32> {
             if j {
                 out_json(&v);
             } else {
-                let mut rows = vec![["NAME", "STATE", "IMAGE", "VCPU", "RAM", "DISK", "PID", "AGE"].map(String::from).to_vec()];
+                let mut rows = vec![[
+                    "NAME", "STATE", "IMAGE", "VCPU", "RAM", "DISK", "PID", "AGE",
+                ]
+                .map(String::from)
+                .to_vec()];
                 for vm in v.as_array().cloned().unwrap_or_default() {
                     rows.push(vec![
                         vm["name"].as_str().unwrap_or("").into(),
@@ -386,7 +487,10 @@ async fn run(cli: Cli) -> Result<i32> {
                         vm["vcpus"].to_string(),
                         mib(vm["mem_mib"].as_u64().unwrap_or(0)),
                         format!("{}G", vm["disk_gib"]),
-                        vm["pid"].as_u64().map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+                        vm["pid"]
+                            .as_u64()
+                            .map(|p| p.to_string())
+                            .unwrap_or_else(|| "-".into()),
                         age(vm["created_at"].as_u64().unwrap_or(0)),
                     ]);
                 }
@@ -394,17 +498,32 @@ async fn run(cli: Cli) -> Result<i32> {
             }
         }
         Cmd::Describe { name } => {
-            let v = c.json(Method::GET, &format!("/api/v1/sandboxes/{}", enc(&name)), None).await?;
+            let v = c
+                .json(
+                    Method::GET,
+                    &format!("/api/v1/sandboxes/{}", enc(&name)),
+                    None,
+                )
+                .await?;
             if j {
                 out_json(&v)
             } else {
                 describe(&v)
             }
         }
-        Cmd::Exec { name, env, cwd, user, timeout, argv } => {
+        Cmd::Exec {
+            name,
+            env,
+            cwd,
+            user,
+            timeout,
+            argv,
+        } => {
             let mut envmap = serde_json::Map::new();
             for kv in env {
-                let (k, v) = kv.split_once('=').ok_or_else(|| anyhow!("--env {kv:?} is not KEY=VALUE"))?;
+                let (k, v) = kv
+                    .split_once('=')
+                    .ok_or_else(|| anyhow!("--env {kv:?} is not KEY=VALUE"))?;
                 envmap.insert(k.into(), Value::String(v.into()));
             }
             let stdin = if std::io::stdin().is_terminal() {
@@ -418,26 +537,63 @@ async fn run(cli: Cli) -> Result<i32> {
             return exec(&c, &name, body).await;
         }
         Cmd::Logs { name, tail } => {
-            let b = c.call(Method::GET, &format!("/api/v1/sandboxes/{}/logs?tail={tail}", enc(&name)), None).await?;
+            let b = c
+                .call(
+                    Method::GET,
+                    &format!("/api/v1/sandboxes/{}/logs?tail={tail}", enc(&name)),
+                    None,
+                )
+                .await?;
             std::io::stdout().write_all(&b)?;
         }
         Cmd::Stop { name } => {
-            let v = c.json(Method::POST, &format!("/api/v1/sandboxes/{}/stop", enc(&name)), None).await?;
-            if j { out_json(&v) } else { println!("{name} stopped") }
+            let v = c
+                .json(
+                    Method::POST,
+                    &format!("/api/v1/sandboxes/{}/stop", enc(&name)),
+                    None,
+                )
+                .await?;
+            if j {
+                out_json(&v)
+            } else {
+                println!("{name} stopped")
+            }
         }
         Cmd::Start { name } => {
-            let v = c.json(Method::POST, &format!("/api/v1/sandboxes/{}/start", enc(&name)), None).await?;
-            if j { out_json(&v) } else { println!("{name} running") }
+            let v = c
+                .json(
+                    Method::POST,
+                    &format!("/api/v1/sandboxes/{}/start", enc(&name)),
+                    None,
+                )
+                .await?;
+            if j {
+                out_json(&v)
+            } else {
+                println!("{name} running")
+            }
         }
         Cmd::Rm { name } => {
-            c.call(Method::DELETE, &format!("/api/v1/sandboxes/{}", enc(&name)), None).await?;
+            c.call(
+                Method::DELETE,
+                &format!("/api/v1/sandboxes/{}", enc(&name)),
+                None,
+            )
+            .await?;
             if !j {
                 println!("{name} deleted");
             }
         }
         Cmd::Cp { src, dst, mode } => match (split_vm_path(&src), split_vm_path(&dst)) {
             (Some((vm, p)), None) => {
-                let b = c.call(Method::GET, &format!("/api/v1/sandboxes/{}/files?path={}", enc(vm), enc(p)), None).await?;
+                let b = c
+                    .call(
+                        Method::GET,
+                        &format!("/api/v1/sandboxes/{}/files?path={}", enc(vm), enc(p)),
+                        None,
+                    )
+                    .await?;
                 if dst == "-" {
                     std::io::stdout().write_all(&b)?;
                 } else {
@@ -452,9 +608,16 @@ async fn run(cli: Cli) -> Result<i32> {
                 } else {
                     std::fs::read(Path::new(&src)).with_context(|| src.clone())?
                 };
-                let m = mode.map(|m| format!("&mode={}", enc(&m))).unwrap_or_default();
+                let m = mode
+                    .map(|m| format!("&mode={}", enc(&m)))
+                    .unwrap_or_default();
                 let r = c
-                    .send(Method::PUT, &format!("/api/v1/sandboxes/{}/files?path={}{m}", enc(vm), enc(p)), "application/octet-stream", Bytes::from(data))
+                    .send(
+                        Method::PUT,
+                        &format!("/api/v1/sandboxes/{}/files?path={}{m}", enc(vm), enc(p)),
+                        "application/octet-stream",
+                        Bytes::from(data),
+                    )
                     .await?;
                 finish(r).await?;
             }
@@ -467,7 +630,10 @@ async fn run(cli: Cli) -> Result<i32> {
 
 fn main() {
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("hutch: {e}");

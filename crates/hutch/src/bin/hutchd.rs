@@ -5,7 +5,11 @@ use clap::Parser;
 use std::path::PathBuf;
 
 #[derive(Parser)]
-#[command(name = "hutchd", version, about = "hutch daemon: OCI images as KVM/QEMU virtual machines")]
+#[command(
+    name = "hutchd",
+    version,
+    about = "hutch daemon: OCI images as KVM/QEMU virtual machines"
+)]
 struct Args {
     /// State, images, VM disks and sockets live here.
     #[arg(long, env = "HUTCH_DATA_DIR", default_value = "/var/lib/hutch")]
@@ -46,7 +50,8 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("HUTCH_LOG").unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_env("HUTCH_LOG")
+                .unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -64,6 +69,7 @@ fn main() -> anyhow::Result<()> {
         boot_timeout: std::time::Duration::from_secs(args.boot_timeout),
     };
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-    rt.block_on(hutch_daemon::run(cfg)).context("hutchd failed")?;
+    rt.block_on(hutch_daemon::run(cfg))
+        .context("hutchd failed")?;
     Ok(())
 }

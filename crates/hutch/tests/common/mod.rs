@@ -10,7 +10,10 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 pub fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap()
 }
 
 /// Daemon start-ups are serialised so only one fetches the kernel and builds the initramfs.
@@ -26,7 +29,16 @@ pub fn ensure_agent() {
     let st = Command::new(cargo)
         .current_dir(workspace())
         .env("RUSTFLAGS", "-C target-feature=+crt-static")
-        .args(["build", "--release", "-p", "hutch-agent", "--target", "x86_64-unknown-linux-gnu", "--target-dir", "target/agent"])
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "hutch-agent",
+            "--target",
+            "x86_64-unknown-linux-gnu",
+            "--target-dir",
+            "target/agent",
+        ])
         .status()
         .unwrap();
     assert!(st.success(), "building hutch-agent failed");
@@ -55,8 +67,15 @@ pub struct Daemon {
 impl Daemon {
     pub fn start(extra: &[&str]) -> Daemon {
         ensure_agent();
-        let dir = tempfile::Builder::new().prefix("hutch-t").tempdir_in("/tmp").unwrap();
-        let mut d = Daemon { dir, child: None, extra: extra.iter().map(|s| s.to_string()).collect() };
+        let dir = tempfile::Builder::new()
+            .prefix("hutch-t")
+            .tempdir_in("/tmp")
+            .unwrap();
+        let mut d = Daemon {
+            dir,
+            child: None,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
         d.spawn();
         d
     }
@@ -67,10 +86,12 @@ impl Daemon {
 
     pub fn spawn(&mut self) {
         let _g = START.lock().unwrap_or_else(|e| e.into_inner());
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.data().join("../").join(format!(
-            "{}.hutchd.log",
-            self.data().file_name().unwrap().to_string_lossy()
-        )));
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(
+            self.data().join("../").join(format!(
+                "{}.hutchd.log",
+                self.data().file_name().unwrap().to_string_lossy()
+            )),
+        );
         let log = log.unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_hutchd"))
             .arg("--data-dir")
@@ -88,13 +109,18 @@ impl Daemon {
             if let Some(Ok(Some(st))) = self.child.as_mut().map(|c| c.try_wait()) {
                 panic!("hutchd exited during start-up: {st}; log: {}", self.log());
             }
-            self.api("GET", "/api/v1/health", None).ok().filter(|(s, _)| *s == 200)
+            self.api("GET", "/api/v1/health", None)
+                .ok()
+                .filter(|(s, _)| *s == 200)
         });
         assert!(ok.is_some(), "hutchd did not become ready: {}", self.log());
     }
 
     pub fn log(&self) -> String {
-        let p = self.data().join("../").join(format!("{}.hutchd.log", self.data().file_name().unwrap().to_string_lossy()));
+        let p = self.data().join("../").join(format!(
+            "{}.hutchd.log",
+            self.data().file_name().unwrap().to_string_lossy()
+        ));
         std::fs::read_to_string(p).unwrap_or_default()
     }
 
@@ -115,7 +141,11 @@ impl Daemon {
             .arg("--data-dir")
             .arg(self.data())
             .args(args)
-            .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -146,12 +176,23 @@ impl Daemon {
     }
 
     /// A raw HTTP/1.1 request over the unix socket; returns status and parsed JSON body (or Null).
-    pub fn api(&self, method: &str, path: &str, body: Option<&str>) -> std::io::Result<(u16, Value)> {
+    pub fn api(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+    ) -> std::io::Result<(u16, Value)> {
         let (s, b) = self.api_raw(method, path, body.map(str::as_bytes), "application/json")?;
         Ok((s, serde_json::from_slice(&b).unwrap_or(Value::Null)))
     }
 
-    pub fn api_raw(&self, method: &str, path: &str, body: Option<&[u8]>, ctype: &str) -> std::io::Result<(u16, Vec<u8>)> {
+    pub fn api_raw(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&[u8]>,
+        ctype: &str,
+    ) -> std::io::Result<(u16, Vec<u8>)> {
         let mut s = std::os::unix::net::UnixStream::connect(self.data().join("hutchd.sock"))?;
         http(&mut s, method, path, body, ctype, None)
     }
@@ -170,7 +211,9 @@ pub fn http(
     token: Option<&str>,
 ) -> std::io::Result<(u16, Vec<u8>)> {
     let body = body.unwrap_or(b"");
-    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
     write!(
         s,
         "{method} {path} HTTP/1.1\r\nHost: hutchd\r\nConnection: close\r\n{auth}Content-Type: {ctype}\r\nContent-Length: {}\r\n\r\n",
@@ -179,11 +222,21 @@ pub fn http(
     s.write_all(body)?;
     let mut resp = Vec::new();
     s.read_to_end(&mut resp)?;
-    let split = resp.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or(resp.len());
+    let split = resp
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or(resp.len());
     let head = String::from_utf8_lossy(&resp[..split]).to_string();
-    let status: u16 = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let status: u16 = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
     let mut body = resp[(split + 4).min(resp.len())..].to_vec();
-    if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
         body = dechunk(&body);
     }
     Ok((status, body))
@@ -192,7 +245,8 @@ pub fn http(
 fn dechunk(mut b: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
     while let Some(pos) = b.windows(2).position(|w| w == b"\r\n") {
-        let n = usize::from_str_radix(std::str::from_utf8(&b[..pos]).unwrap_or("0").trim(), 16).unwrap_or(0);
+        let n = usize::from_str_radix(std::str::from_utf8(&b[..pos]).unwrap_or("0").trim(), 16)
+            .unwrap_or(0);
         if n == 0 {
             break;
         }
@@ -207,8 +261,12 @@ pub fn qemu_pids_under(dir: &Path) -> Vec<u32> {
     let needle = dir.to_string_lossy().to_string();
     let mut out = Vec::new();
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
-        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else { continue };
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
         let cmd = String::from_utf8_lossy(&cmd);
         if cmd.starts_with("qemu-system") && cmd.contains(&needle) {
             out.push(pid);
@@ -226,8 +284,13 @@ impl Drop for Daemon {
                 libc::kill(pid as i32, libc::SIGKILL);
             }
         }
-        wait_until(Duration::from_secs(10), || self.qemu_pids().is_empty().then_some(()));
-        let log = self.data().join("../").join(format!("{}.hutchd.log", self.data().file_name().unwrap().to_string_lossy()));
+        wait_until(Duration::from_secs(10), || {
+            self.qemu_pids().is_empty().then_some(())
+        });
+        let log = self.data().join("../").join(format!(
+            "{}.hutchd.log",
+            self.data().file_name().unwrap().to_string_lossy()
+        ));
         if !std::thread::panicking() {
             let _ = std::fs::remove_file(log);
         } else {
@@ -259,7 +322,15 @@ rm -rf bundle
 "#,
         dir = dir.display()
     );
-    let o = Command::new("bash").arg("-c").arg(&script).output().unwrap();
-    assert!(o.status.success(), "building the test image failed: {}", String::from_utf8_lossy(&o.stderr));
+    let o = Command::new("bash")
+        .arg("-c")
+        .arg(&script)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "building the test image failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     layout
 }
