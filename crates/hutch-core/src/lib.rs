@@ -63,6 +63,9 @@ pub struct Vm {
     pub boot_ms: Option<u64>,
     /// Guest kernel release reported by the agent.
     pub kernel: Option<String>,
+    /// Microseconds it took to create the VM's writable disk.
+    #[serde(default)]
+    pub disk_us: Option<u64>,
 }
 
 /// The runtime configuration an image asks for (the OCI image config's `config` object).

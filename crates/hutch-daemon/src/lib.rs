@@ -149,6 +149,12 @@ pub async fn prepare(cfg: &DaemonConfig) -> Result<Arc<manager::Manager>, Daemon
         console_max_bytes: 2 << 20,
     };
     let m = Arc::new(manager::Manager::new(node, store, images, vmm));
+    // Make the default writable-disk template now, not inside the first create.
+    let (m2, gib) = (m.clone(), cfg.default_disk_gib);
+    tokio::task::spawn_blocking(move || m2.disk_template(gib))
+        .await
+        .map_err(setup)?
+        .map_err(|e| setup(format!("creating the disk template: {e}")))?;
     m.reattach()
         .await
         .map_err(|e| setup(format!("re-attaching VMs: {e}")))?;

@@ -161,7 +161,7 @@ impl Manager {
     }
 
     /// The empty ext4 filesystem every VM's writable disk starts as (a qcow2 overlay on it).
-    fn disk_template(&self, gib: u64) -> Result<PathBuf, ApiError> {
+    pub fn disk_template(&self, gib: u64) -> Result<PathBuf, ApiError> {
         let dir = self.cfg.data_dir.join("templates");
         let p = dir.join(format!("data-{gib}G.ext4"));
         if p.exists() {
@@ -269,6 +269,7 @@ impl Manager {
             started_at: None,
             boot_ms: None,
             kernel: None,
+            disk_us: None,
         };
         // The name is claimed in one store transaction: of concurrent creates, one wins.
         match &req.name {
@@ -291,7 +292,10 @@ impl Manager {
         let lock = self.lock_for(&vm.name);
         let _g = lock.lock().await;
         let result = async {
+            let t = Instant::now();
             self.create_disk(&vm)?;
+            let us = t.elapsed().as_micros() as u64;
+            self.store.update(VMS, &vm.name, |v: &mut Vm| v.disk_us = Some(us))?;
             self.boot(&vm, &image).await
         }
         .await;

@@ -299,38 +299,9 @@ impl Drop for Daemon {
     }
 }
 
-/// Builds a busybox OCI image layout with umoci: env FOO=bar, workdir /tmp, a `nobody` user.
+/// Builds the busybox test image (scripts/make-test-image.sh) under `dir`; returns its layout.
 pub fn busybox_layout(dir: &Path) -> PathBuf {
-    let layout = dir.join("oci");
-    let script = format!(
-        r#"set -e
-cd {dir}
-umoci init --layout oci
-umoci new --image oci:bb
-umoci unpack --image oci:bb bundle >/dev/null
-r=bundle/rootfs
-mkdir -p $r/bin $r/etc $r/tmp $r/root
-cp /bin/busybox $r/bin/busybox
-for a in sh echo cat ls uname env pwd id sleep true false hostname sync sha256sum head wc dd mkdir rm; do ln -sf busybox $r/bin/$a; done
-echo 'root:x:0:0:root:/root:/bin/sh' > $r/etc/passwd
-echo 'nobody:x:65534:65534:nobody:/nonexistent:/bin/sh' >> $r/etc/passwd
-echo 'root:x:0:' > $r/etc/group
-echo 'nogroup:x:65534:' >> $r/etc/group
-umoci repack --image oci:bb bundle >/dev/null
-umoci config --image oci:bb --config.env FOO=bar --config.workingdir /tmp >/dev/null
-rm -rf bundle
-"#,
-        dir = dir.display()
-    );
-    let o = Command::new("bash")
-        .arg("-c")
-        .arg(&script)
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "building the test image failed: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    layout
+    let o = Command::new(workspace().join("scripts/make-test-image.sh")).arg(dir).output().unwrap();
+    assert!(o.status.success(), "building the test image failed: {}", String::from_utf8_lossy(&o.stderr));
+    dir.join("oci")
 }
