@@ -30,7 +30,7 @@ if ((${#missing[@]})); then
 fi
 
 # apt-get download (used by hutchd to fetch the guest kernel) needs package lists.
-if ! apt-cache policy linux-image-cloud-amd64 2>/dev/null | grep -q Candidate; then
+if ! apt-cache policy linux-image-cloud-amd64 2>/dev/null | grep -q "Candidate: [0-9]"; then
     $SUDO apt-get update -qq
 fi
 

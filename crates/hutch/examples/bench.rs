@@ -20,7 +20,10 @@ const EXECS: usize = 200;
 const LARGE_MB: u64 = 300;
 
 fn ws() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap()
 }
 
 fn api(sock: &Path, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
@@ -29,9 +32,16 @@ fn api(sock: &Path, method: &str, path: &str, body: Option<Value>) -> (u16, Valu
     write!(s, "{method} {path} HTTP/1.1\r\nHost: h\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{b}", b.len()).unwrap();
     let mut r = Vec::new();
     s.read_to_end(&mut r).unwrap();
-    let split = r.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or(r.len());
+    let split = r
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or(r.len());
     let head = String::from_utf8_lossy(&r[..split]).to_string();
-    let status = head.split_whitespace().nth(1).and_then(|x| x.parse().ok()).unwrap_or(0);
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|x| x.parse().ok())
+        .unwrap_or(0);
     let body = &r[(split + 4).min(r.len())..];
     let text = String::from_utf8_lossy(body);
     // Exec answers are chunked NDJSON; the last JSON line is what we want.
@@ -56,7 +66,14 @@ fn pct(v: &mut [f64], p: f64) -> f64 {
 }
 
 /// Boots the bundle with QEMU directly (no hutchd) and waits for the agent's handshake.
-fn bare_boot(kernel: &Path, initrd: &Path, rootfs: &Path, template: &Path, dir: &Path, accel: Accel) -> f64 {
+fn bare_boot(
+    kernel: &Path,
+    initrd: &Path,
+    rootfs: &Path,
+    template: &Path,
+    dir: &Path,
+    accel: Accel,
+) -> f64 {
     std::fs::create_dir_all(dir).unwrap();
     let disk = dir.join("disk.qcow2");
     let st = Command::new("qemu-img")
@@ -88,7 +105,14 @@ fn bare_boot(kernel: &Path, initrd: &Path, rootfs: &Path, template: &Path, dir: 
             Err(_) => std::thread::sleep(Duration::from_millis(5)),
         }
     };
-    let hello = Frame::json(Kind::Hello, 0, &Hello { nonce: 7, version: hutch_proto::VERSION });
+    let hello = Frame::json(
+        Kind::Hello,
+        0,
+        &Hello {
+            nonce: 7,
+            version: hutch_proto::VERSION,
+        },
+    );
     s.write_all(&hello.encode().unwrap()).unwrap();
     let mut dec = Decoder::new();
     let mut buf = [0u8; 4096];
@@ -124,12 +148,20 @@ fn newest(dir: &Path, prefix: &str) -> PathBuf {
 
 fn main() {
     let ws = ws();
-    let work = tempfile::Builder::new().prefix("hutch-bench").tempdir_in("/tmp").unwrap();
+    let work = tempfile::Builder::new()
+        .prefix("hutch-bench")
+        .tempdir_in("/tmp")
+        .unwrap();
     let cache = ws.join("target/hutch-bench-boot");
     for (name, mb) in [("small", 0u64), ("large", LARGE_MB)] {
         let d = work.path().join(name);
         std::fs::create_dir_all(&d).unwrap();
-        let st = Command::new(ws.join("scripts/make-test-image.sh")).arg(&d).arg(mb.to_string()).stdout(Stdio::null()).status().unwrap();
+        let st = Command::new(ws.join("scripts/make-test-image.sh"))
+            .arg(&d)
+            .arg(mb.to_string())
+            .stdout(Stdio::null())
+            .status()
+            .unwrap();
         assert!(st.success(), "building the {name} image");
     }
     let data = work.path().join("d");
@@ -144,7 +176,10 @@ fn main() {
         .stderr(log)
         .spawn()
         .expect("target/release/hutchd (run `make build`)");
-    let _guard = Cleanup { hutchd, data: data.clone() };
+    let _guard = Cleanup {
+        hutchd,
+        data: data.clone(),
+    };
     let sock = data.join("hutchd.sock");
     let deadline = Instant::now() + Duration::from_secs(300);
     let health = loop {
@@ -158,20 +193,43 @@ fn main() {
         assert!(Instant::now() < deadline, "hutchd did not start");
         std::thread::sleep(Duration::from_millis(100));
     };
-    let accel = if health["accel"] == "kvm" { Accel::Kvm } else { Accel::Tcg };
+    let accel = if health["accel"] == "kvm" {
+        Accel::Kvm
+    } else {
+        Accel::Tcg
+    };
     let mut digests = Vec::new();
     for name in ["small", "large"] {
         let p = work.path().join(name).join("oci");
-        let (st, v) = api(&sock, "POST", "/api/v1/images", Some(json!({"path": p, "name": name})));
+        let (st, v) = api(
+            &sock,
+            "POST",
+            "/api/v1/images",
+            Some(json!({"path": p, "name": name})),
+        );
         assert_eq!(st, 201, "{v}");
-        digests.push(v["digest"].as_str().unwrap().trim_start_matches("sha256:").to_string());
+        digests.push(
+            v["digest"]
+                .as_str()
+                .unwrap()
+                .trim_start_matches("sha256:")
+                .to_string(),
+        );
     }
     let kernel = newest(&newest(&cache.join("kernel"), "").join("boot"), "vmlinuz");
     let initrd = newest(&cache, "initramfs-");
     let template = newest(&data.join("templates"), "data-");
-    let rootfs = data.join("images/rootfs").join(format!("{}.erofs", digests[0]));
+    let rootfs = data
+        .join("images/rootfs")
+        .join(format!("{}.erofs", digests[0]));
 
-    println!("hutch benchmark ({} accelerator, {} host CPUs)", accel.as_str(), std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+    println!(
+        "hutch benchmark ({} accelerator, {} host CPUs)",
+        accel.as_str(),
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    );
     println!();
     // 1 + 3: creates (small and large image) interleaved with bare boots.
     let (mut hutch_ms, mut bare_ms) = (Vec::new(), Vec::new());
@@ -180,7 +238,12 @@ fn main() {
         for (k, img) in ["small", "large"].iter().enumerate() {
             let name = format!("b{i}{k}");
             let t = Instant::now();
-            let (st, v) = api(&sock, "POST", "/api/v1/sandboxes", Some(json!({"image": img, "name": name})));
+            let (st, v) = api(
+                &sock,
+                "POST",
+                "/api/v1/sandboxes",
+                Some(json!({"image": img, "name": name})),
+            );
             let ms = t.elapsed().as_secs_f64() * 1000.0;
             assert_eq!(st, 201, "{v}");
             if k == 0 {
@@ -192,35 +255,68 @@ fn main() {
             }
             api(&sock, "DELETE", &format!("/api/v1/sandboxes/{name}"), None);
         }
-        bare_ms.push(bare_boot(&kernel, &initrd, &rootfs, &template, &work.path().join(format!("bare{i}")), accel));
+        bare_ms.push(bare_boot(
+            &kernel,
+            &initrd,
+            &rootfs,
+            &template,
+            &work.path().join(format!("bare{i}")),
+            accel,
+        ));
     }
     let (h, b) = (median(&mut hutch_ms), median(&mut bare_ms));
     println!("create-to-exec-ready (median of {ROUNDS}, interleaved)");
     println!("  hutch create (API -> agent ready)   {h:8.1} ms");
     println!("  bare qemu boot -> agent handshake   {b:8.1} ms");
-    println!("  ratio hutch/bare                    {:8.3}   (goal < 1.15)", h / b);
+    println!(
+        "  ratio hutch/bare                    {:8.3}   (goal < 1.15)",
+        h / b
+    );
     println!();
 
     let mut lat = Vec::new();
     for _ in 0..EXECS {
         let t = Instant::now();
-        let (st, v) = api(&sock, "POST", "/api/v1/sandboxes/b00/exec", Some(json!({"argv": ["true"]})));
+        let (st, v) = api(
+            &sock,
+            "POST",
+            "/api/v1/sandboxes/b00/exec",
+            Some(json!({"argv": ["true"]})),
+        );
         assert!(st == 200 && v["type"] == "exit", "{v}");
         lat.push(t.elapsed().as_secs_f64() * 1000.0);
     }
     println!("exec round trip of `true` over the REST API ({EXECS} runs)");
-    println!("  p50 {:7.2} ms   p99 {:7.2} ms", pct(&mut lat, 0.5), pct(&mut lat, 0.99));
+    println!(
+        "  p50 {:7.2} ms   p99 {:7.2} ms",
+        pct(&mut lat, 0.5),
+        pct(&mut lat, 0.99)
+    );
     println!();
     api(&sock, "DELETE", "/api/v1/sandboxes/b00", None);
 
     let (s, l) = (median(&mut disk_us[0]), median(&mut disk_us[1]));
     let small_mb = std::fs::metadata(&rootfs).map(|m| m.len()).unwrap_or(0) as f64 / 1048576.0;
-    let large_mb = std::fs::metadata(data.join("images/rootfs").join(format!("{}.erofs", digests[1]))).map(|m| m.len()).unwrap_or(0) as f64 / 1048576.0;
+    let large_mb = std::fs::metadata(
+        data.join("images/rootfs")
+            .join(format!("{}.erofs", digests[1])),
+    )
+    .map(|m| m.len())
+    .unwrap_or(0) as f64
+        / 1048576.0;
     println!("per-VM writable layer creation (median of {ROUNDS})");
-    println!("  small image ({small_mb:6.1} MB rootfs)   {:8.2} ms", s / 1000.0);
-    println!("  large image ({large_mb:6.1} MB rootfs)   {:8.2} ms", l / 1000.0);
-    println!("  ratio large/small                   {:8.3}   (goal: 1 within noise)", l / s);
-
+    println!(
+        "  small image ({small_mb:6.1} MB rootfs)   {:8.2} ms",
+        s / 1000.0
+    );
+    println!(
+        "  large image ({large_mb:6.1} MB rootfs)   {:8.2} ms",
+        l / 1000.0
+    );
+    println!(
+        "  ratio large/small                   {:8.3}   (goal: 1 within noise)",
+        l / s
+    );
 }
 
 /// Stops hutchd and any VM left under the bench's data dir, also when the bench panics.
@@ -235,7 +331,9 @@ impl Drop for Cleanup {
         let _ = self.hutchd.wait();
         let needle = self.data.to_string_lossy().to_string();
         for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
             let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
             let cmd = String::from_utf8_lossy(&cmd);
             if cmd.starts_with("qemu-system") && cmd.contains(&needle) {

@@ -93,11 +93,13 @@ impl Daemon {
             )),
         );
         let log = log.unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_hutchd"))
-            .arg("--data-dir")
-            .arg(self.data())
-            .arg("--boot-cache")
-            .arg(workspace().join("target/hutch-test-boot"))
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_hutchd"));
+        cmd.arg("--data-dir").arg(self.data());
+        if !self.extra.iter().any(|a| a == "--boot-cache") {
+            cmd.arg("--boot-cache")
+                .arg(workspace().join("target/hutch-test-boot"));
+        }
+        let child = cmd
             .args(&self.extra)
             .env("HUTCH_LOG", "info")
             .stdout(Stdio::null())
@@ -301,7 +303,14 @@ impl Drop for Daemon {
 
 /// Builds the busybox test image (scripts/make-test-image.sh) under `dir`; returns its layout.
 pub fn busybox_layout(dir: &Path) -> PathBuf {
-    let o = Command::new(workspace().join("scripts/make-test-image.sh")).arg(dir).output().unwrap();
-    assert!(o.status.success(), "building the test image failed: {}", String::from_utf8_lossy(&o.stderr));
+    let o = Command::new(workspace().join("scripts/make-test-image.sh"))
+        .arg(dir)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "building the test image failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     dir.join("oci")
 }
