@@ -55,6 +55,7 @@ pub fn router(m: AppState) -> Router {
             get(get_file).put(put_file),
         )
         .route("/api/v1/sandboxes/{name}/logs", get(logs))
+        .route("/api/v1/sandboxes/{name}/health", get(vm_health))
         .fallback(|| async {
             ApiError::NotFound {
                 kind: "route",
@@ -334,6 +335,13 @@ async fn put_file(
     };
     let n = m.write_file(&name, &q.path, mode, &body).await?;
     Ok(Json(json!({"path": q.path, "bytes": n})))
+}
+
+async fn vm_health(
+    State(m): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    Ok(Json(m.agent_health(&name).await?))
 }
 
 #[derive(Deserialize)]

@@ -613,6 +613,27 @@ impl Manager {
         Ok((client, stream))
     }
 
+    /// Asks the guest agent how it is.
+    pub async fn agent_health(&self, name: &str) -> Result<serde_json::Value, ApiError> {
+        let vm = self.get(name)?;
+        let client = self.client(&vm)?;
+        let mut s = client.open(&Request::Health)?;
+        let f = tokio::time::timeout(Duration::from_secs(10), s.rx.recv())
+            .await
+            .map_err(|_| ApiError::Conflict(format!("the agent of {name} did not answer")))?
+            .ok_or(crate::agent::AgentError::Lost)?;
+        match f.parse::<Response>("response").map_err(internal)? {
+            Response::Health {
+                ready,
+                uptime_ms,
+                processes,
+            } => Ok(serde_json::json!({
+                "ready": ready, "uptime_ms": uptime_ms, "processes": processes
+            })),
+            other => Err(internal(format!("unexpected answer {other:?}"))),
+        }
+    }
+
     pub async fn read_file(&self, name: &str, path: &str) -> Result<Vec<u8>, ApiError> {
         check_path(path)?;
         let vm = self.get(name)?;

@@ -48,8 +48,7 @@ fn api(sock: &Path, method: &str, path: &str, body: Option<Value>) -> (u16, Valu
     let v = serde_json::from_slice(body).unwrap_or_else(|_| {
         text.lines()
             .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .filter(Value::is_object)
-            .last()
+            .rfind(Value::is_object)
             .unwrap_or(Value::Null)
     });
     (status, v)

@@ -139,6 +139,23 @@ fn vm_lifecycle_end_to_end() {
     assert!(!missing.status.success());
     assert!(String::from_utf8_lossy(&missing.stderr).contains("not found"));
 
+    // PID 1 reaps orphans: double-forked processes leave no zombies behind.
+    for _ in 0..3 {
+        d.ok(&["exec", "demo", "--", "sh", "-c", "(sleep 0.2 &); true"]);
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    let zombies = d.ok(&[
+        "exec",
+        "demo",
+        "--",
+        "sh",
+        "-c",
+        "cat /proc/[0-9]*/stat | grep -c ') Z ' || true",
+    ]);
+    assert_eq!(zombies.trim(), "0");
+    let (s, h) = d.api("GET", "/api/v1/sandboxes/demo/health", None).unwrap();
+    assert_eq!((s, &h["ready"]), (200, &serde_json::json!(true)), "{h}");
+
     // The console log.
     let logs = d.ok(&["logs", "demo"]);
     assert!(logs.contains("hutch-agent: root ready"), "{logs}");
