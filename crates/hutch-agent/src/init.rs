@@ -111,42 +111,56 @@ pub fn init() -> io::Result<Config> {
     Ok(Config { hostname, port })
 }
 
-/// Finds the /dev/vdX whose virtio serial is `serial`, waiting for the driver to probe it.
-fn wait_for_disk(serial: &str) -> io::Result<String> {
+/// Calls `f` every 10 ms until it finds something or 20 s pass.
+fn poll<T>(what: String, mut f: impl FnMut() -> Option<T>) -> io::Result<T> {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        if let Ok(rd) = std::fs::read_dir("/sys/block") {
-            for e in rd.flatten() {
-                let name = e.file_name().to_string_lossy().to_string();
-                let s = std::fs::read_to_string(e.path().join("serial")).unwrap_or_default();
-                if s.trim() == serial && Path::new("/dev").join(&name).exists() {
-                    return Ok(format!("/dev/{name}"));
-                }
-            }
+        if let Some(v) = f() {
+            return Ok(v);
         }
         if Instant::now() > deadline {
-            return Err(err(format!("no virtio disk with serial {serial} appeared")));
+            return Err(err(what));
         }
         std::thread::sleep(Duration::from_millis(10));
     }
 }
 
+/// Entries of a sysfs directory with the contents of one attribute file each.
+fn sysfs_attr(dir: &str, attr: &str) -> Vec<(String, String)> {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| {
+            let v = std::fs::read_to_string(e.path().join(attr)).unwrap_or_default();
+            (
+                e.file_name().to_string_lossy().to_string(),
+                v.trim().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// Finds the /dev/vdX whose virtio serial is `serial`, waiting for the driver to probe it.
+fn wait_for_disk(serial: &str) -> io::Result<String> {
+    poll(
+        format!("no virtio disk with serial {serial} appeared"),
+        || {
+            sysfs_attr("/sys/block", "serial")
+                .into_iter()
+                .find(|(name, s)| s == serial && Path::new("/dev").join(name).exists())
+                .map(|(name, _)| format!("/dev/{name}"))
+        },
+    )
+}
+
 /// Finds the device node of the virtio-serial port named `name`.
 fn find_port(name: &str) -> io::Result<PathBuf> {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Ok(rd) = std::fs::read_dir("/sys/class/virtio-ports") {
-            for e in rd.flatten() {
-                let n = std::fs::read_to_string(e.path().join("name")).unwrap_or_default();
-                let dev = Path::new("/dev").join(e.file_name());
-                if n.trim() == name && dev.exists() {
-                    return Ok(dev);
-                }
-            }
-        }
-        if Instant::now() > deadline {
-            return Err(err(format!("virtio-serial port {name} did not appear")));
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    poll(format!("virtio-serial port {name} did not appear"), || {
+        sysfs_attr("/sys/class/virtio-ports", "name")
+            .into_iter()
+            .map(|(dev, n)| (Path::new("/dev").join(dev), n))
+            .find(|(dev, n)| n == name && dev.exists())
+            .map(|(dev, _)| dev)
+    })
 }

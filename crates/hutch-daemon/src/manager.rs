@@ -170,24 +170,12 @@ impl Manager {
         std::fs::create_dir_all(&dir).map_err(internal)?;
         let tmp = tempfile::NamedTempFile::new_in(&dir).map_err(internal)?;
         tmp.as_file().set_len(gib << 30).map_err(internal)?;
-        let o = std::process::Command::new("mkfs.ext4")
-            .args([
-                "-q",
-                "-F",
-                "-L",
-                "hutch-data",
-                "-E",
-                "lazy_itable_init=1,lazy_journal_init=1",
-            ])
-            .arg(tmp.path())
-            .output()
-            .map_err(|e| internal(format!("running mkfs.ext4: {e}")))?;
-        if !o.status.success() {
-            return Err(internal(format!(
-                "mkfs.ext4: {}",
-                String::from_utf8_lossy(&o.stderr)
-            )));
-        }
+        run_tool(
+            std::process::Command::new("mkfs.ext4")
+                .args(["-q", "-F", "-L", "hutch-data"])
+                .args(["-E", "lazy_itable_init=1,lazy_journal_init=1"])
+                .arg(tmp.path()),
+        )?;
         tmp.persist(&p).map_err(|e| internal(e.error))?;
         Ok(p)
     }
@@ -196,19 +184,12 @@ impl Manager {
         let template = self.disk_template(vm.disk_gib)?;
         let dir = self.vm_dir(&vm.id);
         std::fs::create_dir_all(dir.join("run")).map_err(internal)?;
-        let o = std::process::Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
-            .arg(&template)
-            .arg(dir.join("disk.qcow2"))
-            .output()
-            .map_err(|e| internal(format!("running qemu-img: {e}")))?;
-        if !o.status.success() {
-            return Err(internal(format!(
-                "qemu-img: {}",
-                String::from_utf8_lossy(&o.stderr)
-            )));
-        }
-        Ok(())
+        run_tool(
+            std::process::Command::new("qemu-img")
+                .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+                .arg(&template)
+                .arg(dir.join("disk.qcow2")),
+        )
     }
 
     fn validate(&self, req: &CreateVm) -> Result<(), ApiError> {
@@ -773,6 +754,21 @@ impl Manager {
         }
         Ok(())
     }
+}
+
+/// Runs a host tool; its stderr becomes the error.
+fn run_tool(cmd: &mut std::process::Command) -> Result<(), ApiError> {
+    let tool = cmd.get_program().to_string_lossy().to_string();
+    let o = cmd
+        .output()
+        .map_err(|e| internal(format!("running {tool}: {e}")))?;
+    if !o.status.success() {
+        return Err(internal(format!(
+            "{tool}: {}",
+            String::from_utf8_lossy(&o.stderr).trim()
+        )));
+    }
+    Ok(())
 }
 
 fn check_path(p: &str) -> Result<(), ApiError> {
