@@ -41,6 +41,7 @@ pub fn router(m: AppState) -> Router {
         .route("/api/v1/health", get(health))
         .route("/api/v1/openapi.json", get(openapi))
         .route("/api/v1/images", get(list_images).post(import_image))
+        .route("/api/v1/images/pull", post(pull_image))
         .route(
             "/api/v1/images/{*name}",
             get(get_image).delete(delete_image),
@@ -169,6 +170,82 @@ async fn import_image(
     m.store.put(IMAGES, &img.name, &img)?;
     tracing::info!(image = %img.name, digest = %img.digest, "imported image");
     Ok((StatusCode::CREATED, Json(img)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PullReq {
+    reference: String,
+    #[serde(default)]
+    insecure: bool,
+    username: Option<String>,
+    password: Option<String>,
+    name: Option<String>,
+}
+
+/// Pulls from a registry; the response is NDJSON progress events ending in
+/// `{"type":"done","image":{...}}` or `{"type":"error","code","message"}`.
+async fn pull_image(
+    State(m): State<AppState>,
+    ApiJson(req): ApiJson<PullReq>,
+) -> Result<Response, ApiError> {
+    hutch_image::registry::Reference::parse(&req.reference)
+        .map_err(|e| ApiError::Invalid(e.to_string()))?;
+    let creds = match (req.username, req.password) {
+        (Some(u), Some(p)) => Some(hutch_image::registry::Credentials {
+            username: u,
+            password: p,
+        }),
+        (None, None) => None,
+        _ => {
+            return Err(ApiError::Invalid(
+                "give both username and password, or neither".into(),
+            ))
+        }
+    };
+    let opts = hutch_image::PullOptions {
+        insecure: req.insecure,
+        creds,
+        name: req.name,
+    };
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Value>();
+    // The pull goes on if the client goes away; what it fetched stays for the next pull.
+    tokio::spawn(async move {
+        let ptx = tx.clone();
+        let mut last = std::collections::HashMap::<String, u64>::new();
+        let mut progress = move |ev: hutch_image::PullEvent| {
+            if let hutch_image::PullEvent::Progress {
+                digest,
+                done,
+                total,
+            } = &ev
+            {
+                // At most one progress event per 1% or 1 MiB of a blob.
+                let step = (total / 100).max(1 << 20);
+                let l = last.entry(digest.clone()).or_insert(0);
+                let due = *done == 0 || *done == *total || done.saturating_sub(*l) >= step;
+                if !due {
+                    return;
+                }
+                *l = *done;
+            }
+            let _ = ptx.send(serde_json::to_value(&ev).unwrap_or(Value::Null));
+        };
+        let ev = match m.pull(&req.reference, opts, &mut progress).await {
+            Ok(img) => json!({"type": "done", "image": img}),
+            Err(e) => json!({"type": "error", "code": e.code(), "message": e.to_string()}),
+        };
+        let _ = tx.send(ev);
+    });
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        let v = rx.recv().await?;
+        Some((Ok::<_, std::convert::Infallible>(line(v)), rx))
+    });
+    Ok((
+        [(header::CONTENT_TYPE, "application/x-ndjson")],
+        Body::from_stream(stream),
+    )
+        .into_response())
 }
 
 async fn list_vms(State(m): State<AppState>) -> Result<Json<Vec<Vm>>, ApiError> {

@@ -16,6 +16,8 @@ pub enum ApiError {
     #[error("{0}")]
     BadImage(String),
     #[error("{0}")]
+    Registry(String),
+    #[error("{0}")]
     Internal(String),
 }
 
@@ -27,6 +29,7 @@ impl ApiError {
             ApiError::Conflict(_) => "conflict",
             ApiError::Unauthorized(_) => "unauthorized",
             ApiError::BadImage(_) => "bad_image",
+            ApiError::Registry(_) => "registry_error",
             ApiError::Internal(_) => "internal",
         }
     }
@@ -37,6 +40,7 @@ impl ApiError {
             ApiError::NotFound { .. } => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Registry(_) => StatusCode::BAD_GATEWAY,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

@@ -149,15 +149,40 @@ impl Manager {
         Ok(v)
     }
 
+    /// Finds an image by the name it was stored under (`busybox:latest`) or by its canonical
+    /// registry reference (`alpine` = `docker.io/library/alpine:latest`).
     pub fn image(&self, reference: &str) -> Result<Image, ApiError> {
         let n =
             hutch_image::normalize_ref(reference).map_err(|e| ApiError::Invalid(e.to_string()))?;
-        self.store
-            .get::<Image>(IMAGES, &n)?
-            .ok_or(ApiError::NotFound {
-                kind: "image",
-                name: n,
-            })
+        if let Some(i) = self.store.get::<Image>(IMAGES, &n)? {
+            return Ok(i);
+        }
+        if let Ok(r) = hutch_image::registry::Reference::parse(reference) {
+            if let Some(i) = self.store.get::<Image>(IMAGES, &r.canonical())? {
+                return Ok(i);
+            }
+        }
+        Err(ApiError::NotFound {
+            kind: "image",
+            name: n,
+        })
+    }
+
+    /// Pulls an image (one pull per reference at a time) and records it.
+    pub async fn pull(
+        &self,
+        reference: &str,
+        opts: hutch_image::PullOptions,
+        progress: &mut (dyn FnMut(hutch_image::PullEvent) + Send),
+    ) -> Result<Image, ApiError> {
+        let r = hutch_image::registry::Reference::parse(reference)
+            .map_err(|e| ApiError::Invalid(e.to_string()))?;
+        let lock = self.lock_for(&format!("pull:{}", r.canonical()));
+        let _g = lock.lock().await;
+        let img = self.images.pull(reference, &opts, progress).await?;
+        self.store.put(IMAGES, &img.name, &img)?;
+        tracing::info!(image = %img.name, digest = %img.digest, "pulled image");
+        Ok(img)
     }
 
     /// The empty ext4 filesystem every VM's writable disk starts as (a qcow2 overlay on it).

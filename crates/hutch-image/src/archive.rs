@@ -117,10 +117,12 @@ pub(crate) fn extract_archive(src: &Path, dest: &Path) -> Result<(), ImageError>
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct Descriptor {
+pub(crate) struct Descriptor {
     #[serde(default)]
-    media_type: String,
-    digest: String,
+    pub media_type: String,
+    pub digest: String,
+    #[serde(default)]
+    pub size: u64,
     #[serde(default)]
     platform: Option<Platform>,
     #[serde(default)]
@@ -134,14 +136,14 @@ struct Platform {
 }
 
 #[derive(Deserialize)]
-struct Index {
-    manifests: Vec<Descriptor>,
+pub(crate) struct Index {
+    pub manifests: Vec<Descriptor>,
 }
 
 #[derive(Deserialize)]
-struct Manifest {
-    config: Descriptor,
-    layers: Vec<Descriptor>,
+pub(crate) struct Manifest {
+    pub config: Descriptor,
+    pub layers: Vec<Descriptor>,
 }
 
 #[derive(Deserialize)]
@@ -186,7 +188,7 @@ fn import_blob(store: &ImageStore, dir: &Path, digest: &str) -> Result<(), Image
     Ok(())
 }
 
-const INDEX_TYPES: [&str; 2] = [
+pub(crate) const INDEX_TYPES: [&str; 2] = [
     "application/vnd.oci.image.index.v1+json",
     "application/vnd.docker.distribution.manifest.list.v2+json",
 ];
@@ -279,7 +281,7 @@ pub(crate) fn find_image(store: &ImageStore, dir: &Path) -> Result<Found, ImageE
     ))
 }
 
-fn pick(ds: &[Descriptor]) -> Result<&Descriptor, ImageError> {
+pub(crate) fn pick(ds: &[Descriptor]) -> Result<&Descriptor, ImageError> {
     if ds.is_empty() {
         return Err(bad("index lists no manifests"));
     }

@@ -5,13 +5,17 @@
 //! ```text
 //! blobs/sha256/HEX        every manifest, config and layer, verified against its digest
 //! rootfs/HEX.erofs        the unpacked layers of manifest sha256:HEX as an EROFS image
+//! partial/HEX             a blob being downloaded (kept across restarts: pulls resume)
 //! tmp/                    work in progress; never read as a result
 //! ```
 
 mod archive;
+mod pull;
+pub mod registry;
 pub mod unpack;
 
 pub use archive::normalize_ref;
+pub use pull::{PullEvent, PullOptions};
 pub use unpack::{Limits, Stats};
 
 use hutch_core::{Image, ImageConfig};
@@ -44,6 +48,8 @@ pub enum ImageError {
     Limit(String),
     #[error("building the root filesystem failed: {0}")]
     Build(String),
+    #[error("{0}")]
+    Registry(String),
 }
 
 pub(crate) fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> ImageError {
@@ -55,6 +61,7 @@ pub(crate) fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) 
 pub struct ImageStore {
     root: PathBuf,
     pub limits: Limits,
+    blob_locks: pull::BlobLocks,
 }
 
 /// The OCI image config, as much of it as hutch uses.
@@ -98,7 +105,7 @@ pub(crate) struct Found {
 
 impl ImageStore {
     pub fn open(root: &Path) -> Result<ImageStore, ImageError> {
-        for d in ["blobs/sha256", "rootfs", "tmp"] {
+        for d in ["blobs/sha256", "rootfs", "tmp", "partial"] {
             std::fs::create_dir_all(root.join(d))
                 .map_err(io_err(format!("creating {}", root.join(d).display())))?;
         }
@@ -112,6 +119,7 @@ impl ImageStore {
         Ok(ImageStore {
             root: root.to_path_buf(),
             limits: Limits::default(),
+            blob_locks: Default::default(),
         })
     }
 
@@ -217,7 +225,7 @@ impl ImageStore {
         self.finish(found, name)
     }
 
-    fn finish(&self, found: Found, name: String) -> Result<Image, ImageError> {
+    pub(crate) fn finish(&self, found: Found, name: String) -> Result<Image, ImageError> {
         let cfg_bytes = self.read_blob(&found.config_digest, 8 << 20)?;
         let cfg: OciConfigFile = serde_json::from_slice(&cfg_bytes)
             .map_err(|e| ImageError::BadArchive(format!("image config: {e}")))?;

@@ -155,7 +155,8 @@ pub fn open_layer(path: &Path) -> Result<Box<dyn Read>, ImageError> {
     if n >= 2 && magic[..2] == [0x1f, 0x8b] {
         Ok(Box::new(flate2::read::MultiGzDecoder::new(f)))
     } else if n == 4 && magic == [0x28, 0xb5, 0x2f, 0xfd] {
-        Err(ImageError::Unsupported("zstd-compressed layers".into()))
+        let d = zstd::stream::read::Decoder::with_buffer(f).map_err(io(path))?;
+        Ok(Box::new(d))
     } else {
         Ok(Box::new(f))
     }

@@ -235,3 +235,32 @@ fn truncated_layer_is_an_error() {
     let mut st = Stats::default();
     assert!(apply_layer(d.path(), cut, Limits::default(), &mut st).is_err());
 }
+
+#[test]
+fn gzip_and_zstd_layers_are_decompressed() {
+    use std::io::Write;
+    let d = tempfile::tempdir().unwrap();
+    let raw = layer(&[E::File("hello", b"compressed", 0o644)]);
+    let gz = d.path().join("l.gz");
+    let mut e = flate2::write::GzEncoder::new(
+        std::fs::File::create(&gz).unwrap(),
+        flate2::Compression::fast(),
+    );
+    e.write_all(&raw).unwrap();
+    e.finish().unwrap();
+    let zst = d.path().join("l.zst");
+    std::fs::write(&zst, zstd::encode_all(raw.as_slice(), 3).unwrap()).unwrap();
+    for (i, p) in [gz, zst].iter().enumerate() {
+        let root = d.path().join(format!("r{i}"));
+        std::fs::create_dir(&root).unwrap();
+        let mut st = Stats::default();
+        apply_layer(
+            &root,
+            hutch_image::unpack::open_layer(p).unwrap(),
+            Limits::default(),
+            &mut st,
+        )
+        .unwrap();
+        assert_eq!(std::fs::read(root.join("hello")).unwrap(), b"compressed");
+    }
+}

@@ -115,6 +115,19 @@ enum ImageCmd {
         #[arg(long)]
         name: Option<String>,
     },
+    /// Pull from a registry: `alpine`, `ghcr.io/o/r:tag`, `localhost:5000/app@sha256:...`.
+    Pull {
+        reference: String,
+        /// Plain HTTP (for a local registry).
+        #[arg(long)]
+        insecure: bool,
+        /// USER:PASS; default: the registry's entry in ~/.docker/config.json.
+        #[arg(long)]
+        creds: Option<String>,
+        /// Store under this name instead of the reference.
+        #[arg(long)]
+        name: Option<String>,
+    },
     /// List images.
     Ls,
     /// Show an image.
@@ -288,6 +301,30 @@ fn out_json(v: &Value) {
     println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
 }
 
+/// Reads an NDJSON response, handing each event to `f` until it returns a result.
+async fn ndjson<T>(r: Resp, mut f: impl FnMut(Value) -> Result<Option<T>>) -> Result<T> {
+    if !r.status.is_success() {
+        finish(r).await?;
+        bail!("request failed");
+    }
+    let mut body = r.body;
+    let mut buf: Vec<u8> = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame?;
+        let Some(data) = frame.data_ref() else {
+            continue;
+        };
+        buf.extend_from_slice(data);
+        while let Some(pos) = buf.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = buf.drain(..=pos).collect();
+            if let Some(v) = f(serde_json::from_slice(&line)?)? {
+                return Ok(v);
+            }
+        }
+    }
+    bail!("connection to hutchd ended early")
+}
+
 async fn exec(c: &Client, name: &str, body: Value) -> Result<i32> {
     let r = c
         .send(
@@ -297,48 +334,114 @@ async fn exec(c: &Client, name: &str, body: Value) -> Result<i32> {
             Bytes::from(body.to_string()),
         )
         .await?;
-    if !r.status.is_success() {
-        finish(r).await?;
-        bail!("exec failed");
-    }
-    let mut body = r.body;
-    let mut buf: Vec<u8> = Vec::new();
     let b64 = base64::engine::general_purpose::STANDARD;
     let (mut out, mut err) = (std::io::stdout().lock(), std::io::stderr().lock());
-    while let Some(frame) = body.frame().await {
-        let frame = frame?;
-        let Some(data) = frame.data_ref() else {
-            continue;
-        };
-        buf.extend_from_slice(data);
-        while let Some(pos) = buf.iter().position(|&b| b == b'\n') {
-            let line: Vec<u8> = buf.drain(..=pos).collect();
-            let ev: Value = serde_json::from_slice(&line)?;
-            match ev["type"].as_str().unwrap_or("") {
-                "stdout" => {
-                    out.write_all(&b64.decode(ev["data"].as_str().unwrap_or(""))?)?;
-                    out.flush()?;
-                }
-                "stderr" => {
-                    err.write_all(&b64.decode(ev["data"].as_str().unwrap_or(""))?)?;
-                    err.flush()?;
-                }
-                "exit" => {
-                    if ev["timed_out"].as_bool() == Some(true) {
-                        eprintln!("hutch: command timed out");
-                        return Ok(124);
-                    }
-                    if let Some(code) = ev["code"].as_i64() {
-                        return Ok(code as i32);
-                    }
-                    return Ok(128 + ev["signal"].as_i64().unwrap_or(0) as i32);
-                }
-                "error" => bail!("{}", ev["message"].as_str().unwrap_or("exec failed")),
-                _ => {}
+    ndjson(r, |ev| {
+        match ev["type"].as_str().unwrap_or("") {
+            "stdout" => {
+                out.write_all(&b64.decode(ev["data"].as_str().unwrap_or(""))?)?;
+                out.flush()?;
             }
+            "stderr" => {
+                err.write_all(&b64.decode(ev["data"].as_str().unwrap_or(""))?)?;
+                err.flush()?;
+            }
+            "exit" => {
+                if ev["timed_out"].as_bool() == Some(true) {
+                    eprintln!("hutch: command timed out");
+                    return Ok(Some(124));
+                }
+                if let Some(code) = ev["code"].as_i64() {
+                    return Ok(Some(code as i32));
+                }
+                return Ok(Some(128 + ev["signal"].as_i64().unwrap_or(0) as i32));
+            }
+            "error" => bail!("{}", ev["message"].as_str().unwrap_or("exec failed")),
+            _ => {}
         }
-    }
-    bail!("connection to hutchd ended before the command finished")
+        Ok(None)
+    })
+    .await
+}
+
+/// Pulls with per-layer progress bars on a terminal, quietly otherwise.
+async fn pull(c: &Client, body: Value) -> Result<Value> {
+    let r = c
+        .send(
+            Method::POST,
+            "/api/v1/images/pull",
+            "application/json",
+            Bytes::from(body.to_string()),
+        )
+        .await?;
+    let tty = std::io::stderr().is_terminal();
+    let multi = indicatif::MultiProgress::new();
+    let style = indicatif::ProgressStyle::with_template(
+        "{prefix:.bold} [{bar:30}] {bytes}/{total_bytes} {msg}",
+    )
+    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+    .progress_chars("=> ");
+    let mut bars: std::collections::HashMap<String, indicatif::ProgressBar> = Default::default();
+    ndjson(r, |ev| {
+        let digest = ev["digest"].as_str().unwrap_or("").to_string();
+        let short: String = digest
+            .trim_start_matches("sha256:")
+            .chars()
+            .take(12)
+            .collect();
+        match ev["type"].as_str().unwrap_or("") {
+            "resolved" if tty => {
+                for l in ev["layers"].as_array().cloned().unwrap_or_default() {
+                    let d = l[0].as_str().unwrap_or("").to_string();
+                    let b = multi.add(indicatif::ProgressBar::new(l[1].as_u64().unwrap_or(0)));
+                    b.set_style(style.clone());
+                    b.set_prefix(
+                        d.trim_start_matches("sha256:")
+                            .chars()
+                            .take(12)
+                            .collect::<String>(),
+                    );
+                    bars.insert(d, b);
+                }
+            }
+            "progress" => {
+                if let Some(b) = bars.get(&digest) {
+                    b.set_position(ev["done"].as_u64().unwrap_or(0));
+                }
+            }
+            "blob" => {
+                if let Some(b) = bars.get(&digest) {
+                    let msg = if ev["cached"] == true {
+                        "already present".to_string()
+                    } else if ev["resumed_from"].as_u64().unwrap_or(0) > 0 {
+                        format!("done (resumed at {} bytes)", ev["resumed_from"])
+                    } else {
+                        "done".to_string()
+                    };
+                    b.set_position(b.length().unwrap_or(0));
+                    b.finish_with_message(msg);
+                } else if !tty && ev["cached"] != true {
+                    eprintln!("{short}: downloaded");
+                }
+            }
+            "building" if tty => {
+                let _ = multi.println("building root filesystem...");
+            }
+            "done" => return Ok(Some(ev["image"].clone())),
+            "error" => bail!("{}", ev["message"].as_str().unwrap_or("pull failed")),
+            _ => {}
+        }
+        Ok(None)
+    })
+    .await
+}
+
+/// The docker client's config file: $DOCKER_CONFIG/config.json or ~/.docker/config.json.
+fn docker_config() -> Option<PathBuf> {
+    let dir = std::env::var_os("DOCKER_CONFIG")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".docker")))?;
+    Some(dir.join("config.json"))
 }
 
 fn split_vm_path(s: &str) -> Option<(&str, &str)> {
@@ -396,6 +499,41 @@ async fn run(cli: Cli) -> Result<i32> {
                 } else {
                     println!(
                         "imported {} ({})",
+                        v["name"].as_str().unwrap_or(""),
+                        v["digest"].as_str().unwrap_or("")
+                    );
+                }
+            }
+            ImageCmd::Pull {
+                reference,
+                insecure,
+                creds,
+                name,
+            } => {
+                let r = hutch_image::registry::Reference::parse(&reference)?;
+                let creds = match creds {
+                    Some(c) => {
+                        let (u, p) = c
+                            .split_once(':')
+                            .ok_or_else(|| anyhow!("--creds must be USER:PASS"))?;
+                        Some((u.to_string(), p.to_string()))
+                    }
+                    None => docker_config()
+                        .and_then(|p| {
+                            hutch_image::registry::docker_config_credentials(&r.registry, &p)
+                        })
+                        .map(|c| (c.username, c.password)),
+                };
+                let (username, password) = creds
+                    .map(|(u, p)| (Some(u), Some(p)))
+                    .unwrap_or((None, None));
+                let body = json!({"reference": reference, "insecure": insecure, "username": username, "password": password, "name": name});
+                let v = pull(&c, body).await?;
+                if j {
+                    out_json(&v);
+                } else {
+                    println!(
+                        "pulled {} ({})",
                         v["name"].as_str().unwrap_or(""),
                         v["digest"].as_str().unwrap_or("")
                     );
