@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 /// What the rest of the agent needs to know after init.
 pub struct Config {
     pub hostname: String,
+    /// The writable disk's mount root (outside the switched root, so kept open from before).
+    pub data: Option<std::fs::File>,
     /// The virtio-serial port device to serve on.
     pub port: PathBuf,
 }
@@ -55,7 +57,11 @@ pub fn init() -> io::Result<Config> {
     for d in ["upper", "work"] {
         std::fs::create_dir_all(Path::new(DATA).join(d))?;
     }
-    let opts = format!("lowerdir={LOWER},upperdir={DATA}/upper,workdir={DATA}/work");
+    // Plain copy-up semantics (no redirects or metacopy), so the upper dir is exactly an OCI
+    // changeset: see export.rs.
+    let opts = format!(
+        "lowerdir={LOWER},upperdir={DATA}/upper,workdir={DATA}/work,redirect_dir=off,metacopy=off,index=off"
+    );
     sys::mount("overlay", Path::new(NEWROOT), "overlay", 0, Some(&opts))?;
 
     let root = Path::new(NEWROOT);
@@ -91,6 +97,7 @@ pub fn init() -> io::Result<Config> {
         Some("mode=0755"),
     )?;
 
+    let data_fd = std::fs::File::open(DATA)?;
     // Switch root: make the overlay "/" and forget the initramfs paths.
     std::env::set_current_dir(root)?;
     sys::move_mount(root, Path::new("/"))?;
@@ -108,7 +115,11 @@ pub fn init() -> io::Result<Config> {
         t0.elapsed().as_millis(),
         port.display()
     );
-    Ok(Config { hostname, port })
+    Ok(Config {
+        hostname,
+        data: Some(data_fd),
+        port,
+    })
 }
 
 /// Calls `f` every 10 ms until it finds something or 20 s pass.

@@ -8,6 +8,7 @@
 //! and powers the VM off.
 
 mod exec;
+mod export;
 mod init;
 mod serve;
 mod sys;

@@ -38,6 +38,8 @@ pub struct Shared {
     pub sessions: Mutex<HashMap<u32, Session>>,
     pub reaper: Arc<exec::Reaper>,
     pub hostname: String,
+    /// fd of the writable disk's mount root, for exports.
+    pub data_fd: Option<i32>,
 }
 
 impl Shared {
@@ -128,6 +130,7 @@ fn serve_port(cfg: &Config, reaper: &Arc<exec::Reaper>) -> std::io::Result<()> {
         sessions: Mutex::new(HashMap::new()),
         reaper: reaper.clone(),
         hostname: cfg.hostname.clone(),
+        data_fd: cfg.data.as_ref().map(|f| f.as_raw_fd()),
     });
     let wport = port.try_clone()?;
     let wshared = shared.clone();
@@ -234,6 +237,10 @@ fn request(shared: &Arc<Shared>, gen: u64, stream: u32, req: Request) {
         }
         Request::WriteFile { path, mode } => {
             exec::write_file(shared.clone(), gen, stream, path, mode)
+        }
+        Request::ExportChanges => {
+            let shared = shared.clone();
+            std::thread::spawn(move || crate::export::export(&shared, gen, stream));
         }
         Request::Health => {
             let processes = shared.sessions.lock().map(|s| s.len() as u32).unwrap_or(0);

@@ -42,6 +42,7 @@ pub fn router(m: AppState) -> Router {
         .route("/api/v1/openapi.json", get(openapi))
         .route("/api/v1/images", get(list_images).post(import_image))
         .route("/api/v1/images/pull", post(pull_image))
+        .route("/api/v1/images/push", post(push_image))
         .route(
             "/api/v1/images/{*name}",
             get(get_image).delete(delete_image),
@@ -57,6 +58,7 @@ pub fn router(m: AppState) -> Router {
         )
         .route("/api/v1/sandboxes/{name}/logs", get(logs))
         .route("/api/v1/sandboxes/{name}/health", get(vm_health))
+        .route("/api/v1/sandboxes/{name}/commit", post(commit_vm))
         .fallback(|| async {
             ApiError::NotFound {
                 kind: "route",
@@ -246,6 +248,73 @@ async fn pull_image(
         Body::from_stream(stream),
     )
         .into_response())
+}
+
+fn creds(
+    u: Option<String>,
+    p: Option<String>,
+) -> Result<Option<hutch_image::registry::Credentials>, ApiError> {
+    match (u, p) {
+        (Some(username), Some(password)) => Ok(Some(hutch_image::registry::Credentials {
+            username,
+            password,
+        })),
+        (None, None) => Ok(None),
+        _ => Err(ApiError::Invalid(
+            "give both username and password, or neither".into(),
+        )),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PushReq {
+    image: String,
+    reference: Option<String>,
+    #[serde(default)]
+    insecure: bool,
+    username: Option<String>,
+    password: Option<String>,
+}
+
+async fn push_image(
+    State(m): State<AppState>,
+    ApiJson(req): ApiJson<PushReq>,
+) -> Result<Json<Value>, ApiError> {
+    let c = creds(req.username, req.password)?;
+    let pushed = m
+        .push(&req.image, req.reference.as_deref(), req.insecure, c)
+        .await?;
+    Ok(Json(json!({"pushed": pushed})))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CommitReq {
+    reference: String,
+    #[serde(default)]
+    comment: String,
+    #[serde(default)]
+    push: bool,
+    #[serde(default)]
+    insecure: bool,
+    username: Option<String>,
+    password: Option<String>,
+}
+
+/// Commits a VM's changes to a new image; with `push`, sends it to the registry too.
+async fn commit_vm(
+    State(m): State<AppState>,
+    Path(name): Path<String>,
+    ApiJson(req): ApiJson<CommitReq>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let c = creds(req.username, req.password)?;
+    let img = m.commit(&name, &req.reference, &req.comment).await?;
+    let mut v = serde_json::to_value(&img).map_err(|e| ApiError::Internal(e.to_string()))?;
+    if req.push {
+        v["pushed"] = json!(m.push(&img.name, None, req.insecure, c).await?);
+    }
+    Ok((StatusCode::CREATED, Json(v)))
 }
 
 async fn list_vms(State(m): State<AppState>) -> Result<Json<Vec<Vm>>, ApiError> {

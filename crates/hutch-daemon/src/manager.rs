@@ -168,6 +168,73 @@ impl Manager {
         })
     }
 
+    /// Makes a new image from a running VM's changes since boot (a consistent snapshot: the
+    /// guest's writable filesystem is frozen while it is read).
+    pub async fn commit(
+        &self,
+        name: &str,
+        reference: &str,
+        comment: &str,
+    ) -> Result<Image, ApiError> {
+        hutch_image::normalize_ref(reference).map_err(|e| ApiError::Invalid(e.to_string()))?;
+        let vm = self.get(name)?;
+        let client = self.client(&vm)?;
+        let base = self
+            .store
+            .list::<Image>(IMAGES)?
+            .into_iter()
+            .find(|i| i.digest == vm.image_digest)
+            .ok_or_else(|| {
+                ApiError::Conflict(format!("the image of {name} is no longer in the store"))
+            })?;
+        let tmp = self.images.tmp_dir()?;
+        let tar = tmp.path().join("layer.tar");
+        let mut f = tokio::fs::File::create(&tar).await.map_err(internal)?;
+        let mut s = client.open(&Request::ExportChanges)?;
+        use tokio::io::AsyncWriteExt;
+        loop {
+            let Some(fr) = s.rx.recv().await else {
+                return Err(crate::agent::AgentError::Lost.into());
+            };
+            match fr.kind {
+                Kind::Stdout => f.write_all(&fr.payload).await.map_err(internal)?,
+                Kind::Response => match fr.parse::<Response>("response").map_err(internal)? {
+                    Response::Done { .. } => break,
+                    Response::Error { message, .. } => {
+                        return Err(ApiError::Internal(format!(
+                            "exporting the changes of {name}: {message}"
+                        )))
+                    }
+                    _ => {}
+                },
+                _ => {}
+            }
+        }
+        f.flush().await.map_err(internal)?;
+        drop(f);
+        let reference = reference.to_string();
+        let comment = comment.to_string();
+        let img = tokio::task::block_in_place(|| {
+            self.images.commit_layer(&base, &tar, &reference, &comment)
+        })?;
+        self.store.put(IMAGES, &img.name, &img)?;
+        tracing::info!(vm = name, image = %img.name, digest = %img.digest, "committed");
+        Ok(img)
+    }
+
+    /// Pushes a stored image to `reference` (default: its own name).
+    pub async fn push(
+        &self,
+        image: &str,
+        reference: Option<&str>,
+        insecure: bool,
+        creds: Option<hutch_image::registry::Credentials>,
+    ) -> Result<String, ApiError> {
+        let img = self.image(image)?;
+        let target = reference.unwrap_or(&img.name).to_string();
+        Ok(self.images.push(&img, &target, insecure, creds).await?)
+    }
+
     /// Pulls an image (one pull per reference at a time) and records it.
     pub async fn pull(
         &self,

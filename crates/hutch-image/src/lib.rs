@@ -10,11 +10,13 @@
 //! ```
 
 mod archive;
+mod commit;
 mod pull;
 pub mod registry;
 pub mod unpack;
 
 pub use archive::normalize_ref;
+pub use commit::rfc3339;
 pub use pull::{PullEvent, PullOptions};
 pub use unpack::{Limits, Stats};
 

@@ -242,6 +242,10 @@ pub enum Request {
     ReadFile { path: String },
     /// Writes a file from the Stdin frames that follow, up to StdinEof; then `Response::Done`.
     WriteFile { path: String, mode: Option<u32> },
+    /// Streams the VM's changes since boot from the image (the overlay upper layer) as an OCI
+    /// layer tar on Stdout frames, deletions as whiteouts; then `Response::Done`. The writable
+    /// filesystem is frozen meanwhile, so the layer is consistent.
+    ExportChanges,
     /// Liveness and readiness.
     Health,
     /// Stops every process, syncs and unmounts, powers the VM off.

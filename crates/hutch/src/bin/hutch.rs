@@ -103,6 +103,22 @@ enum Cmd {
         #[arg(long)]
         mode: Option<String>,
     },
+    /// Save a running VM's changes as a new image: `hutch commit demo localhost:5000/team/app:2`.
+    Commit {
+        name: String,
+        reference: String,
+        /// Also push it to its registry.
+        #[arg(long)]
+        push: bool,
+        /// Plain HTTP for the push.
+        #[arg(long)]
+        insecure: bool,
+        /// USER:PASS for the push; default: ~/.docker/config.json.
+        #[arg(long)]
+        creds: Option<String>,
+        #[arg(long, short = 'm', default_value = "")]
+        message: String,
+    },
     /// Daemon status.
     Status,
 }
@@ -127,6 +143,15 @@ enum ImageCmd {
         /// Store under this name instead of the reference.
         #[arg(long)]
         name: Option<String>,
+    },
+    /// Push an image to a registry (to REFERENCE, default its own name).
+    Push {
+        image: String,
+        reference: Option<String>,
+        #[arg(long)]
+        insecure: bool,
+        #[arg(long)]
+        creds: Option<String>,
     },
     /// List images.
     Ls,
@@ -436,6 +461,24 @@ async fn pull(c: &Client, body: Value) -> Result<Value> {
     .await
 }
 
+/// Credentials for the registry of `reference`: `--creds USER:PASS`, else the docker config.
+fn resolve_creds(
+    reference: &str,
+    flag: Option<String>,
+) -> Result<(Option<String>, Option<String>)> {
+    if let Some(c) = flag {
+        let (u, p) = c
+            .split_once(':')
+            .ok_or_else(|| anyhow!("--creds must be USER:PASS"))?;
+        return Ok((Some(u.into()), Some(p.into())));
+    }
+    let r = hutch_image::registry::Reference::parse(reference)?;
+    Ok(docker_config()
+        .and_then(|p| hutch_image::registry::docker_config_credentials(&r.registry, &p))
+        .map(|c| (Some(c.username), Some(c.password)))
+        .unwrap_or((None, None)))
+}
+
 /// The docker client's config file: $DOCKER_CONFIG/config.json or ~/.docker/config.json.
 fn docker_config() -> Option<PathBuf> {
     let dir = std::env::var_os("DOCKER_CONFIG")
@@ -510,23 +553,7 @@ async fn run(cli: Cli) -> Result<i32> {
                 creds,
                 name,
             } => {
-                let r = hutch_image::registry::Reference::parse(&reference)?;
-                let creds = match creds {
-                    Some(c) => {
-                        let (u, p) = c
-                            .split_once(':')
-                            .ok_or_else(|| anyhow!("--creds must be USER:PASS"))?;
-                        Some((u.to_string(), p.to_string()))
-                    }
-                    None => docker_config()
-                        .and_then(|p| {
-                            hutch_image::registry::docker_config_credentials(&r.registry, &p)
-                        })
-                        .map(|c| (c.username, c.password)),
-                };
-                let (username, password) = creds
-                    .map(|(u, p)| (Some(u), Some(p)))
-                    .unwrap_or((None, None));
+                let (username, password) = resolve_creds(&reference, creds)?;
                 let body = json!({"reference": reference, "insecure": insecure, "username": username, "password": password, "name": name});
                 let v = pull(&c, body).await?;
                 if j {
@@ -537,6 +564,24 @@ async fn run(cli: Cli) -> Result<i32> {
                         v["name"].as_str().unwrap_or(""),
                         v["digest"].as_str().unwrap_or("")
                     );
+                }
+            }
+            ImageCmd::Push {
+                image,
+                reference,
+                insecure,
+                creds,
+            } => {
+                let target = reference.clone().unwrap_or_else(|| image.clone());
+                let (username, password) = resolve_creds(&target, creds)?;
+                let body = json!({"image": image, "reference": reference, "insecure": insecure, "username": username, "password": password});
+                let v = c
+                    .json(Method::POST, "/api/v1/images/push", Some(body))
+                    .await?;
+                if j {
+                    out_json(&v);
+                } else {
+                    println!("pushed {}", v["pushed"].as_str().unwrap_or(""));
                 }
             }
             ImageCmd::Ls => {
@@ -761,6 +806,40 @@ async fn run(cli: Cli) -> Result<i32> {
             }
             _ => bail!("exactly one of SRC and DST must be VM:/absolute/path"),
         },
+        Cmd::Commit {
+            name,
+            reference,
+            push,
+            insecure,
+            creds,
+            message,
+        } => {
+            let (username, password) = if push {
+                resolve_creds(&reference, creds)?
+            } else {
+                (None, None)
+            };
+            let body = json!({"reference": reference, "comment": message, "push": push, "insecure": insecure, "username": username, "password": password});
+            let v = c
+                .json(
+                    Method::POST,
+                    &format!("/api/v1/sandboxes/{}/commit", enc(&name)),
+                    Some(body),
+                )
+                .await?;
+            if j {
+                out_json(&v);
+            } else {
+                println!(
+                    "committed {} ({})",
+                    v["name"].as_str().unwrap_or(""),
+                    v["digest"].as_str().unwrap_or("")
+                );
+                if let Some(p) = v["pushed"].as_str() {
+                    println!("pushed {p}");
+                }
+            }
+        }
         Cmd::Status => out_json(&c.json(Method::GET, "/api/v1/health", None).await?),
     }
     Ok(0)
