@@ -24,6 +24,9 @@ echo 'root:x:0:' >"$r/etc/group"
 echo 'nogroup:x:65534:' >>"$r/etc/group"
 umoci repack --image oci:bb bundle >/dev/null
 if [[ "$extra" -gt 0 ]]; then
+    # A repack replaces the layer of the previous repack from the same bundle: unpack anew.
+    rm -rf bundle
+    umoci unpack --image oci:bb bundle >/dev/null
     mkdir -p "$r/data"
     head -c "$((extra * 1024 * 1024))" /dev/urandom >"$r/data/big"
     umoci repack --image oci:bb bundle >/dev/null

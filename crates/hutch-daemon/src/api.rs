@@ -43,6 +43,7 @@ pub fn router(m: AppState) -> Router {
         .route("/api/v1/images", get(list_images).post(import_image))
         .route("/api/v1/images/pull", post(pull_image))
         .route("/api/v1/images/push", post(push_image))
+        .route("/api/v1/images/gc", post(gc_images))
         .route(
             "/api/v1/images/{*name}",
             get(get_image).delete(delete_image),
@@ -165,6 +166,7 @@ async fn import_image(
             .map_err(|e| ApiError::Internal(e.to_string()))?;
         (p, q.name)
     };
+    let _ops = m.image_ops.read().await;
     let m2 = m.clone();
     let img = tokio::task::spawn_blocking(move || m2.images.import(&path, name.as_deref()))
         .await
@@ -248,6 +250,10 @@ async fn pull_image(
         Body::from_stream(stream),
     )
         .into_response())
+}
+
+async fn gc_images(State(m): State<AppState>) -> Result<Json<hutch_image::GcStats>, ApiError> {
+    Ok(Json(m.gc().await?))
 }
 
 fn creds(

@@ -34,6 +34,9 @@ pub struct Manager {
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     host_cpus: u32,
     host_mem_mib: u64,
+    /// Pulls, imports and commits hold it shared; garbage collection holds it exclusively, so it
+    /// never deletes the blobs of an image still being made.
+    pub image_ops: tokio::sync::RwLock<()>,
 }
 
 /// A request to create a VM.
@@ -108,6 +111,7 @@ impl Manager {
                 .map(|n| n.get() as u32)
                 .unwrap_or(1),
             host_mem_mib: mem_total_mib(),
+            image_ops: tokio::sync::RwLock::new(()),
         }
     }
 
@@ -177,6 +181,7 @@ impl Manager {
         comment: &str,
     ) -> Result<Image, ApiError> {
         hutch_image::normalize_ref(reference).map_err(|e| ApiError::Invalid(e.to_string()))?;
+        let _ops = self.image_ops.read().await;
         let vm = self.get(name)?;
         let client = self.client(&vm)?;
         let base = self
@@ -222,6 +227,23 @@ impl Manager {
         Ok(img)
     }
 
+    /// Removes blobs and root filesystems no image or VM uses.
+    pub async fn gc(&self) -> Result<hutch_image::GcStats, ApiError> {
+        let _ops = self.image_ops.write().await;
+        let mut keep = std::collections::HashSet::new();
+        for i in self.store.list::<Image>(IMAGES)? {
+            keep.insert(i.digest);
+            keep.insert(i.config_digest);
+            keep.extend(i.layers);
+        }
+        for v in self.list()? {
+            keep.insert(v.image_digest);
+        }
+        let st = tokio::task::block_in_place(|| self.images.gc(&keep))?;
+        tracing::info!(?st, "garbage collection");
+        Ok(st)
+    }
+
     /// Pushes a stored image to `reference` (default: its own name).
     pub async fn push(
         &self,
@@ -246,6 +268,7 @@ impl Manager {
             .map_err(|e| ApiError::Invalid(e.to_string()))?;
         let lock = self.lock_for(&format!("pull:{}", r.canonical()));
         let _g = lock.lock().await;
+        let _ops = self.image_ops.read().await;
         let img = self.images.pull(reference, &opts, progress).await?;
         self.store.put(IMAGES, &img.name, &img)?;
         tracing::info!(image = %img.name, digest = %img.digest, "pulled image");

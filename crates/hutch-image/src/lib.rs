@@ -59,6 +59,15 @@ pub(crate) fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) 
     move |source| ImageError::Io { context, source }
 }
 
+/// What a garbage collection removed.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct GcStats {
+    pub blobs_removed: u64,
+    pub rootfs_removed: u64,
+    pub partials_removed: u64,
+    pub bytes_freed: u64,
+}
+
 /// The on-disk image store.
 pub struct ImageStore {
     root: PathBuf,
@@ -301,6 +310,44 @@ impl ImageStore {
             "built rootfs"
         );
         Ok(out)
+    }
+
+    /// Deletes every blob, root filesystem and partial download whose digest is not in `keep`.
+    /// The caller guarantees no pull, import or commit runs meanwhile.
+    pub fn gc(&self, keep: &std::collections::HashSet<String>) -> Result<GcStats, ImageError> {
+        let mut st = GcStats::default();
+        let hexes = |dir: &str| -> Result<Vec<(String, PathBuf, u64)>, ImageError> {
+            let d = self.root.join(dir);
+            let rd = std::fs::read_dir(&d).map_err(io_err(format!("listing {}", d.display())))?;
+            Ok(rd
+                .flatten()
+                .map(|e| {
+                    let n = e.file_name().to_string_lossy().to_string();
+                    let hex = n.split('.').next().unwrap_or("").to_string();
+                    (
+                        format!("sha256:{hex}"),
+                        e.path(),
+                        e.metadata().map(|m| m.len()).unwrap_or(0),
+                    )
+                })
+                .collect())
+        };
+        for (dir, counter) in [("blobs/sha256", 0), ("rootfs", 1), ("partial", 2)] {
+            for (digest, path, size) in hexes(dir)? {
+                if keep.contains(&digest) {
+                    continue;
+                }
+                std::fs::remove_file(&path)
+                    .map_err(io_err(format!("removing {}", path.display())))?;
+                st.bytes_freed += size;
+                match counter {
+                    0 => st.blobs_removed += 1,
+                    1 => st.rootfs_removed += 1,
+                    _ => st.partials_removed += 1,
+                }
+            }
+        }
+        Ok(st)
     }
 
     /// Deletes the root filesystem of a manifest (blobs stay until garbage collection).

@@ -153,6 +153,8 @@ enum ImageCmd {
         #[arg(long)]
         creds: Option<String>,
     },
+    /// Delete blobs and root filesystems no image or VM uses.
+    Gc,
     /// List images.
     Ls,
     /// Show an image.
@@ -582,6 +584,18 @@ async fn run(cli: Cli) -> Result<i32> {
                     out_json(&v);
                 } else {
                     println!("pushed {}", v["pushed"].as_str().unwrap_or(""));
+                }
+            }
+            ImageCmd::Gc => {
+                let v = c.json(Method::POST, "/api/v1/images/gc", None).await?;
+                if j {
+                    out_json(&v);
+                } else {
+                    println!(
+                        "removed {} blobs, {} root filesystems, {} partial downloads; {:.1} MB freed",
+                        v["blobs_removed"], v["rootfs_removed"], v["partials_removed"],
+                        v["bytes_freed"].as_f64().unwrap_or(0.0) / 1048576.0
+                    );
                 }
             }
             ImageCmd::Ls => {

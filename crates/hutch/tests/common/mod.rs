@@ -314,3 +314,102 @@ pub fn busybox_layout(dir: &Path) -> PathBuf {
     );
     dir.join("oci")
 }
+
+/// A real registry (Debian's docker-registry, the CNCF distribution server) on loopback,
+/// optionally with htpasswd (Basic) auth; stopped and removed on drop.
+pub struct TestRegistry {
+    pub addr: String,
+    pub dir: tempfile::TempDir,
+    child: Child,
+}
+
+impl TestRegistry {
+    pub fn start(auth: Option<(&str, &str)>) -> TestRegistry {
+        let dir = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let addr = format!("127.0.0.1:{port}");
+        let mut cfg = format!(
+            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
+            dir.path().join("data").display()
+        );
+        if let Some((u, p)) = auth {
+            let o = Command::new("htpasswd")
+                .args(["-Bbn", u, p])
+                .output()
+                .unwrap();
+            assert!(o.status.success());
+            std::fs::write(dir.path().join("htpasswd"), o.stdout).unwrap();
+            cfg.push_str(&format!(
+                "auth:\n  htpasswd:\n    realm: hutch-test\n    path: {}\n",
+                dir.path().join("htpasswd").display()
+            ));
+        }
+        std::fs::write(dir.path().join("config.yml"), cfg).unwrap();
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(dir.path().join("config.yml"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("docker-registry (Debian package docker-registry)");
+        let reg = TestRegistry { addr, dir, child };
+        let up = wait_until(Duration::from_secs(20), || {
+            let mut s = std::net::TcpStream::connect(&reg.addr).ok()?;
+            let (st, _) = http(&mut s, "GET", "/v2/", None, "application/json", None).ok()?;
+            (st == 200 || st == 401).then_some(())
+        });
+        assert!(up.is_some(), "registry did not start");
+        reg
+    }
+
+    /// `skopeo copy --all` of `oci:LAYOUT:TAG` to `REGISTRY/DEST`.
+    pub fn push(&self, layout: &Path, tag: &str, dest: &str, creds: Option<&str>) {
+        let mut c = Command::new("skopeo");
+        c.args(["copy", "--all", "--dest-tls-verify=false"]);
+        if let Some(cr) = creds {
+            c.args(["--dest-creds", cr]);
+        }
+        let o = c
+            .arg(format!("oci:{}:{tag}", layout.display()))
+            .arg(format!("docker://{}/{dest}", self.addr))
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "skopeo push: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+
+    /// The registry's stored copy of a blob.
+    pub fn blob_file(&self, digest: &str) -> PathBuf {
+        let hex = digest.trim_start_matches("sha256:");
+        self.dir
+            .path()
+            .join("data/docker/registry/v2/blobs/sha256")
+            .join(&hex[..2])
+            .join(hex)
+            .join("data")
+    }
+}
+
+impl Drop for TestRegistry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs a bash script; panics with its stderr on failure.
+pub fn sh(script: &str) {
+    let o = Command::new("bash").arg("-c").arg(script).output().unwrap();
+    assert!(
+        o.status.success(),
+        "script failed: {}\n{script}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
