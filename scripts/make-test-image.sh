@@ -15,7 +15,7 @@ umoci unpack --image oci:bb bundle >/dev/null
 r=bundle/rootfs
 mkdir -p "$r/bin" "$r/etc" "$r/tmp" "$r/root"
 cp /bin/busybox "$r/bin/busybox"
-for a in sh echo cat ls uname env pwd id sleep true false hostname sync sha256sum head wc dd mkdir rm stat grep; do
+for a in sh echo cat ls uname env pwd id sleep true false hostname sync sha256sum head wc dd mkdir rm stat grep tr; do
     ln -sf busybox "$r/bin/$a"
 done
 echo 'root:x:0:0:root:/root:/bin/sh' >"$r/etc/passwd"

@@ -232,13 +232,32 @@ fn run(shared: Arc<Shared>, gen: u64, stream: u32, req: ExecRequest, input_rx: R
     } else if !req.env.contains_key("HOME") {
         cmd.env("HOME", "/root");
     }
-    cmd.stdin(if req.stdin {
-        Stdio::piped()
+    if req.detach {
+        let console = || {
+            std::fs::OpenOptions::new()
+                .append(true)
+                .open("/dev/console")
+        };
+        match (console(), console()) {
+            (Ok(o), Ok(e)) => {
+                cmd.stdin(Stdio::null()).stdout(o).stderr(e);
+            }
+            (Err(e), _) | (_, Err(e)) => {
+                shared.end_session(stream, gen);
+                let msg = format!("hutch: opening the console: {e}");
+                return fail(&shared, gen, stream, 126, msg);
+            }
+        }
     } else {
-        Stdio::null()
-    })
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped());
+        let stdin = if req.stdin {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        };
+        cmd.stdin(stdin)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+    }
     // SAFETY: the closure only calls async-signal-safe functions (setsid, sigprocmask).
     unsafe {
         cmd.pre_exec(|| {
@@ -268,6 +287,13 @@ fn run(shared: Arc<Shared>, gen: u64, stream: u32, req: ExecRequest, input_rx: R
         }
     };
     let pid = child.id() as i32;
+    if req.detach {
+        // Not tied to this connection: never killed on disconnect; the reaper collects it.
+        shared.end_session(stream, gen);
+        eprintln!("hutch-agent: started main process {pid}: {:?}", req.argv);
+        shared.respond(gen, stream, &Response::Started { pid });
+        return;
+    }
     if let Some(s) = shared
         .sessions
         .lock()

@@ -66,6 +66,12 @@ pub struct Vm {
     /// Microseconds it took to create the VM's writable disk.
     #[serde(default)]
     pub disk_us: Option<u64>,
+    /// Whether the image's Entrypoint + Cmd runs as the VM's main process (at every start).
+    #[serde(default)]
+    pub run: bool,
+    /// Guest pid of that main process in the current boot.
+    #[serde(default)]
+    pub main_pid: Option<i32>,
 }
 
 /// The runtime configuration an image asks for (the OCI image config's `config` object).

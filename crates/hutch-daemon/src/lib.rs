@@ -26,6 +26,8 @@ pub struct DaemonConfig {
     pub qemu: PathBuf,
     pub default_disk_gib: u64,
     pub boot_timeout: Duration,
+    /// Bounds on what one image may unpack to (layer bombs).
+    pub layer_limits: hutch_image::Limits,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -136,7 +138,8 @@ pub async fn prepare(cfg: &DaemonConfig) -> Result<Arc<manager::Manager>, Daemon
     let bundle = hutch_guest::ensure_bundle(&cache, &kernel, &agent)?;
     tracing::info!(kernel = %bundle.kernel.display(), initrd = %bundle.initrd.display(), "guest boot bundle");
     let store = hutch_store::Store::open(&cfg.data_dir.join("state.redb"))?;
-    let images = hutch_image::ImageStore::open(&cfg.data_dir.join("images"))?;
+    let mut images = hutch_image::ImageStore::open(&cfg.data_dir.join("images"))?;
+    images.limits = cfg.layer_limits;
     let vmm: Arc<dyn Vmm> = Arc::new(hutch_vmm::Qemu {
         binary: cfg.qemu.clone(),
     });

@@ -50,6 +50,9 @@ pub struct CreateVm {
     #[serde(default = "default_mem")]
     pub mem_mib: u64,
     pub disk_gib: Option<u64>,
+    /// Run the image's Entrypoint + Cmd as the VM's main process.
+    #[serde(default)]
+    pub run: bool,
 }
 
 fn one() -> u32 {
@@ -344,6 +347,12 @@ impl Manager {
     pub async fn create(self: &Arc<Self>, req: CreateVm) -> Result<Vm, ApiError> {
         self.validate(&req)?;
         let image = self.image(&req.image)?;
+        if req.run && image.config.entrypoint.is_empty() && image.config.cmd.is_empty() {
+            return Err(ApiError::Invalid(format!(
+                "image {} has no Entrypoint or Cmd to --run",
+                image.name
+            )));
+        }
         let me = self.clone();
         let img = image.clone();
         tokio::task::spawn_blocking(move || me.images.build_rootfs(&img.digest, &img.layers))
@@ -366,6 +375,8 @@ impl Manager {
             boot_ms: None,
             kernel: None,
             disk_us: None,
+            run: req.run,
+            main_pid: None,
         };
         // The name is claimed in one store transaction: of concurrent creates, one wins.
         match &req.name {
@@ -449,9 +460,57 @@ impl Manager {
             v.kernel = Some(ack.kernel.clone());
             v.accel = Some(self.cfg.accel.as_str().into());
         })?;
+        let vm = if vm.run {
+            self.start_main(&vm, image).await?
+        } else {
+            vm
+        };
         tracing::info!(vm = %vm.name, pid = proc_.pid, boot_ms, "vm running");
         self.watch(vm.name.clone(), vm.id.clone(), proc_.pid);
         Ok(vm)
+    }
+
+    /// Starts the image's Entrypoint + Cmd, detached, output to the console.
+    async fn start_main(&self, vm: &Vm, image: &Image) -> Result<Vm, ApiError> {
+        let c = &image.config;
+        let argv: Vec<String> = c.entrypoint.iter().chain(c.cmd.iter()).cloned().collect();
+        let client = self.client(vm)?;
+        let r = Request::Exec(ExecRequest {
+            argv,
+            env: image_env(c, &vm.name),
+            cwd: Some(c.working_dir.clone()).filter(|w| !w.is_empty()),
+            user: Some(c.user.clone()).filter(|u| !u.is_empty()),
+            stdin: false,
+            timeout_ms: None,
+            detach: true,
+        });
+        let mut s = client.open(&r)?;
+        let mut stderr = Vec::new();
+        let pid = loop {
+            let f = tokio::time::timeout(Duration::from_secs(30), s.rx.recv())
+                .await
+                .map_err(|_| internal("the agent did not start the main process"))?
+                .ok_or(crate::agent::AgentError::Lost)?;
+            if f.kind == Kind::Stderr {
+                stderr.extend_from_slice(&f.payload);
+                continue;
+            }
+            match f.parse::<Response>("response").map_err(internal)? {
+                Response::Started { pid } => break pid,
+                Response::Exited { code, .. } => {
+                    return Err(ApiError::Invalid(format!(
+                        "the main process of {} could not start (exit {}): {}",
+                        vm.name,
+                        code.unwrap_or(-1),
+                        String::from_utf8_lossy(&stderr).trim()
+                    )))
+                }
+                other => return Err(internal(format!("unexpected answer {other:?}"))),
+            }
+        };
+        Ok(self
+            .store
+            .update(VMS, &vm.name, |v: &mut Vm| v.main_pid = Some(pid))?)
     }
 
     async fn wait_exit(&self, id: &str, pid: u32) {
@@ -490,6 +549,7 @@ impl Manager {
                 }
                 v.state = VmState::Stopped;
                 v.pid = None;
+                v.main_pid = None;
             });
         });
     }
@@ -582,6 +642,7 @@ impl Manager {
         Ok(self.store.update(VMS, name, |v: &mut Vm| {
             v.state = VmState::Stopped;
             v.pid = None;
+            v.main_pid = None;
             v.reason = None;
         })?)
     }
@@ -701,6 +762,7 @@ impl Manager {
             user,
             stdin: stdin.is_some(),
             timeout_ms: req.timeout_secs.map(|s| s * 1000),
+            detach: false,
         });
         let stream = client.open(&r)?;
         if let Some(data) = stdin {

@@ -270,6 +270,10 @@ pub struct ExecRequest {
     /// Kill the process (SIGKILL) after this many milliseconds.
     #[serde(default)]
     pub timeout_ms: Option<u64>,
+    /// Run detached from the connection: output goes to the VM console, the process outlives
+    /// the host connection, and the stream ends after `Started`. Used for the image's main process.
+    #[serde(default)]
+    pub detach: bool,
 }
 
 /// Agent -> host answers.

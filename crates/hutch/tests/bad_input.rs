@@ -6,6 +6,10 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use std::path::Path;
 
+fn stderr_of(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).to_string()
+}
+
 fn err_code(v: &Value) -> &str {
     v["error"]["code"].as_str().unwrap_or("")
 }
@@ -82,12 +86,24 @@ fn tmp_left(d: &Daemon) -> Vec<String> {
 fn images_and_bad_input() {
     let work = tempfile::tempdir().unwrap();
     let layout = busybox_layout(work.path());
+    // A main process for `--run`.
+    sh(&format!(
+        "cd {} && umoci config --image oci:bb --config.cmd sh --config.cmd -c --config.cmd 'echo main-started-$HOSTNAME; exec sleep 100000' >/dev/null",
+        work.path().display()
+    ));
     let port = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().port()
     };
     let addr = format!("127.0.0.1:{port}");
-    let d = Daemon::start(&["--listen", &addr]);
+    let d = Daemon::start(&[
+        "--listen",
+        &addr,
+        "--max-image-entries",
+        "5000",
+        "--max-image-mib",
+        "64",
+    ]);
 
     // A corrupt blob in an OCI layout (before its good twin is in the store).
     let corrupt = work.path().join("corrupt");
@@ -199,6 +215,20 @@ fn images_and_bad_input() {
         String::from_utf8_lossy(&o.stderr)
     );
     assert!(!Path::new("/tmp/hutch-evil").exists());
+    // A layer bomb: more entries than the configured limit.
+    let many: Vec<(String, Vec<u8>)> = (0..6000).map(|i| (format!("f{i}"), Vec::new())).collect();
+    let refs: Vec<(&str, &[u8])> = many
+        .iter()
+        .map(|(n, d)| (n.as_str(), d.as_slice()))
+        .collect();
+    let bomb = work.path().join("bomb.tar");
+    docker_save(&bomb, "bomb:1", "amd64", &[layer(&refs)]);
+    let o = d.hutch(&["image", "import", bomb.to_str().unwrap()]);
+    assert!(
+        stderr_of(&o).contains("more than 5000 entries"),
+        "{}",
+        stderr_of(&o)
+    );
     // Another architecture.
     let arm = work.path().join("arm.tar");
     docker_save(&arm, "arm:1", "arm64", &[layer(&[("a", b"1")])]);
@@ -286,7 +316,7 @@ fn images_and_bad_input() {
                     d.api(
                         "POST",
                         "/api/v1/sandboxes",
-                        Some(r#"{"image":"bb-archive:1","name":"same"}"#),
+                        Some(r#"{"image":"bb-archive:1","name":"same","run":true}"#),
                     )
                     .unwrap()
                 })
@@ -301,6 +331,23 @@ fn images_and_bad_input() {
         .count();
     assert_eq!((wins, conflicts), (1, 2), "{results:?}");
     assert_eq!(d.qemu_pids().len(), 1);
+    // The image's Cmd runs as the main process, output on the console.
+    let vm = d.json(&["describe", "same"]);
+    assert!(vm["main_pid"].as_i64().is_some(), "{vm}");
+    let logs = wait_until(std::time::Duration::from_secs(10), || {
+        let l = d.ok(&["logs", "same"]);
+        l.contains("main-started-same").then_some(l)
+    });
+    assert!(logs.is_some(), "{}", d.ok(&["logs", "same"]));
+    let ps = d.ok(&[
+        "exec",
+        "same",
+        "--",
+        "sh",
+        "-c",
+        "cat /proc/[0-9]*/cmdline | tr '\\0' ' ' | grep -o 'sleep 100000' | head -1",
+    ]);
+    assert_eq!(ps.trim(), "sleep 100000");
     // An image in use cannot be deleted.
     let o = d.hutch(&["image", "rm", "bb-archive:1"]);
     assert!(String::from_utf8_lossy(&o.stderr).contains("used by"));

@@ -59,6 +59,9 @@ enum Cmd {
         /// Writable disk size in GiB (sparse).
         #[arg(long)]
         disk: Option<u64>,
+        /// Run the image's Entrypoint + Cmd as the VM's main process (output in `hutch logs`).
+        #[arg(long)]
+        run: bool,
     },
     /// List VMs.
     #[command(alias = "list")]
@@ -309,6 +312,9 @@ fn describe(v: &Value) {
     }
     if let Some(p) = s("pid") {
         println!("  PID:     {p}");
+    }
+    if let Some(p) = v["main_pid"].as_i64() {
+        println!("  Main:    guest pid {p} (image Entrypoint/Cmd; output in hutch logs)");
     }
     if let Some(k) = s("kernel") {
         println!("  Kernel:  {k} ({})", s("accel").unwrap_or_default());
@@ -656,9 +662,10 @@ async fn run(cli: Cli) -> Result<i32> {
             vcpu,
             mem,
             disk,
+            run,
         } => {
             let v = c
-                .json(Method::POST, "/api/v1/sandboxes", Some(json!({"image": image, "name": name, "vcpus": vcpu, "mem_mib": mem, "disk_gib": disk})))
+                .json(Method::POST, "/api/v1/sandboxes", Some(json!({"image": image, "name": name, "vcpus": vcpu, "mem_mib": mem, "disk_gib": disk, "run": run})))
                 .await?;
             if j {
                 out_json(&v)

@@ -44,6 +44,12 @@ struct Args {
     /// Seconds to wait for a booting guest's agent.
     #[arg(long, default_value_t = 120)]
     boot_timeout: u64,
+    /// Most entries all layers of one image may hold (against layer bombs).
+    #[arg(long, default_value_t = 1_000_000)]
+    max_image_entries: u64,
+    /// Most bytes of file data all layers of one image may unpack to, in MiB.
+    #[arg(long, default_value_t = 32 * 1024)]
+    max_image_mib: u64,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -67,6 +73,10 @@ fn main() -> anyhow::Result<()> {
         qemu: args.qemu,
         default_disk_gib: args.disk_gib,
         boot_timeout: std::time::Duration::from_secs(args.boot_timeout),
+        layer_limits: hutch_image::Limits {
+            max_entries: args.max_image_entries,
+            max_bytes: args.max_image_mib << 20,
+        },
     };
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     rt.block_on(hutch_daemon::run(cfg))
