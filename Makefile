@@ -43,3 +43,4 @@ test: test-deps agent lint
 bench: deps build
 	cargo build --release -p hutch --examples
 	target/release/examples/bench
+	target/release/examples/bench_pull
