@@ -1,7 +1,7 @@
 //! `make bench` (second part): pull + convert of one multi-layer image (tens of MB, thousands of
-//! files) from a local registry: hutch vs. the pipeline peers use (`skopeo copy` + `umoci unpack`
-//! + `mkfs.ext4 -d`), interleaved in one run. Also: a second pull of the same image, and hutch's
-//! download rate.
+//! files) from a local registry, hutch against the pipeline peers use (skopeo copy, then umoci
+//! unpack, then mkfs.ext4 -d), interleaved in one run. Also: a second pull of the same image,
+//! and hutch's download rate.
 
 use serde_json::{json, Value};
 use std::io::{Read, Write};
@@ -13,12 +13,19 @@ use std::time::{Duration, Instant};
 const ROUNDS: usize = 3;
 
 fn ws() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap()
 }
 
 fn run(script: &str) {
     let o = Command::new("bash").arg("-c").arg(script).output().unwrap();
-    assert!(o.status.success(), "{script}: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "{script}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 }
 
 fn api(sock: &Path, method: &str, path: &str, body: Option<Value>) -> (u16, String) {
@@ -28,7 +35,11 @@ fn api(sock: &Path, method: &str, path: &str, body: Option<Value>) -> (u16, Stri
     let mut r = Vec::new();
     s.read_to_end(&mut r).unwrap();
     let text = String::from_utf8_lossy(&r).to_string();
-    let status = text.split_whitespace().nth(1).and_then(|x| x.parse().ok()).unwrap_or(0);
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|x| x.parse().ok())
+        .unwrap_or(0);
     (status, text)
 }
 
@@ -48,7 +59,10 @@ fn median(v: &mut [f64]) -> f64 {
 }
 
 fn main() {
-    let w = tempfile::Builder::new().prefix("hutch-bench-pull").tempdir_in("/tmp").unwrap();
+    let w = tempfile::Builder::new()
+        .prefix("hutch-bench-pull")
+        .tempdir_in("/tmp")
+        .unwrap();
     let wp = w.path().display().to_string();
     // The image: busybox, then 3000 files of ~8 KiB, then 600 files of ~40 KiB (random bytes).
     run(&format!(
@@ -59,7 +73,11 @@ step 'mkdir -p b/rootfs/srv/b; for i in $(seq 600); do head -c $((20000 + RANDOM
 "#,
         ws = ws().display()
     ));
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let reg = format!("127.0.0.1:{port}");
     std::fs::write(
         w.path().join("reg.yml"),
@@ -93,20 +111,31 @@ step 'mkdir -p b/rootfs/srv/b; for i in $(seq 600); do head -c $((20000 + RANDOM
     );
     let sock = data.join("hutchd.sock");
     let deadline = Instant::now() + Duration::from_secs(300);
-    while UnixStream::connect(&sock).is_err() || api(&sock, "GET", "/api/v1/health", None).0 != 200 {
+    while UnixStream::connect(&sock).is_err() || api(&sock, "GET", "/api/v1/health", None).0 != 200
+    {
         assert!(Instant::now() < deadline, "hutchd did not start");
         std::thread::sleep(Duration::from_millis(100));
     }
     let reference = format!("{reg}/bench/app:1");
     let pull = || {
         let t = Instant::now();
-        let (st, body) = api(&sock, "POST", "/api/v1/images/pull", Some(json!({"reference": reference, "insecure": true})));
+        let (st, body) = api(
+            &sock,
+            "POST",
+            "/api/v1/images/pull",
+            Some(json!({"reference": reference, "insecure": true})),
+        );
         assert!(st == 200 && body.contains(r#""type":"done""#), "{body}");
         t.elapsed().as_secs_f64()
     };
     let (mut hutch, mut peers) = (Vec::new(), Vec::new());
     for i in 0..ROUNDS {
-        api(&sock, "DELETE", &format!("/api/v1/images/{reference}"), None);
+        api(
+            &sock,
+            "DELETE",
+            &format!("/api/v1/images/{reference}"),
+            None,
+        );
         api(&sock, "POST", "/api/v1/images/gc", None);
         hutch.push(pull());
         let t = Instant::now();
@@ -129,10 +158,22 @@ mkfs.ext4 -q -d bundle/rootfs rootfs.ext4 ${{size}}M"
     let files = 3000 + 600;
     let (h, p) = (median(&mut hutch), median(&mut peers));
     println!("pull + convert of a 4-layer image ({:.1} MB compressed, {files}+ files) from a local registry", compressed as f64 / 1e6);
-    println!("  hutch image pull (to EROFS rootfs)          {:8.0} ms", h * 1000.0);
-    println!("  skopeo copy + umoci unpack + mkfs.ext4 -d   {:8.0} ms", p * 1000.0);
-    println!("  speed-up peers/hutch                         {:8.2}x  (goal >= 1.5x)", p / h);
-    println!("  hutch download+convert rate                  {:8.1} MB/s", compressed as f64 / 1e6 / h);
+    println!(
+        "  hutch image pull (to EROFS rootfs)          {:8.0} ms",
+        h * 1000.0
+    );
+    println!(
+        "  skopeo copy + umoci unpack + mkfs.ext4 -d   {:8.0} ms",
+        p * 1000.0
+    );
+    println!(
+        "  speed-up peers/hutch                         {:8.2}x  (goal >= 1.5x)",
+        p / h
+    );
+    println!(
+        "  hutch download+convert rate                  {:8.1} MB/s",
+        compressed as f64 / 1e6 / h
+    );
     println!("second pull of the same image (all blobs present)");
     println!("  median {:8.1} ms", median(&mut second.clone()) * 1000.0);
 }

@@ -348,6 +348,28 @@ impl TestRegistry {
                 dir.path().join("htpasswd").display()
             ));
         }
+        Self::run(dir, addr, cfg)
+    }
+
+    /// A registry that wants Bearer tokens from `realm`, signed by the key of `cert`.
+    pub fn start_token(realm: &str, cert: &Path) -> TestRegistry {
+        let dir = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let addr = format!("127.0.0.1:{port}");
+        let cfg = format!(
+            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n\
+             auth:\n  token:\n    realm: {realm}\n    service: hutch-test\n    issuer: hutch-issuer\n    rootcertbundle: {}\n",
+            dir.path().join("data").display(),
+            cert.display()
+        );
+        Self::run(dir, addr, cfg)
+    }
+
+    fn run(dir: tempfile::TempDir, addr: String, cfg: String) -> TestRegistry {
         std::fs::write(dir.path().join("config.yml"), cfg).unwrap();
         let child = Command::new("docker-registry")
             .arg("serve")
