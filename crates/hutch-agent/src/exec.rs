@@ -188,6 +188,7 @@ pub fn start(shared: Arc<Shared>, gen: u64, stream: u32, req: ExecRequest) {
             Session {
                 gen,
                 pgid: None,
+                pty: None,
                 input: req.stdin.then_some(input_tx),
             },
         );
@@ -232,6 +233,7 @@ fn run(shared: Arc<Shared>, gen: u64, stream: u32, req: ExecRequest, input_rx: R
     } else if !req.env.contains_key("HOME") {
         cmd.env("HOME", "/root");
     }
+    let mut pty: Option<std::fs::File> = None;
     if req.detach {
         let console = || {
             std::fs::OpenOptions::new()
@@ -248,6 +250,31 @@ fn run(shared: Arc<Shared>, gen: u64, stream: u32, req: ExecRequest, input_rx: R
                 return fail(&shared, gen, stream, 126, msg);
             }
         }
+    } else if let Some(size) = req.tty {
+        let (m, sl) = match sys::openpty(size) {
+            Ok(p) => p,
+            Err(e) => {
+                shared.end_session(stream, gen);
+                return fail(&shared, gen, stream, 126, format!("hutch: openpty: {e}"));
+            }
+        };
+        let dup = |f: &std::fs::File| f.try_clone().map(Stdio::from);
+        match (dup(&sl), dup(&sl), dup(&sl)) {
+            (Ok(a), Ok(b), Ok(c)) => {
+                cmd.stdin(a).stdout(b).stderr(c);
+            }
+            _ => {
+                shared.end_session(stream, gen);
+                return fail(
+                    &shared,
+                    gen,
+                    stream,
+                    126,
+                    "hutch: cannot set up the terminal".into(),
+                );
+            }
+        }
+        pty = Some(m);
     } else {
         let stdin = if req.stdin {
             Stdio::piped()
@@ -259,9 +286,14 @@ fn run(shared: Arc<Shared>, gen: u64, stream: u32, req: ExecRequest, input_rx: R
             .stderr(Stdio::piped());
     }
     // SAFETY: the closure only calls async-signal-safe functions (setsid, sigprocmask).
+    let tty = req.tty.is_some();
     unsafe {
-        cmd.pre_exec(|| {
+        cmd.pre_exec(move || {
             libc::setsid();
+            if tty {
+                // The terminal on stdin becomes the controlling terminal of the new session.
+                libc::ioctl(0, libc::TIOCSCTTY, 0);
+            }
             let mut set: libc::sigset_t = std::mem::zeroed();
             libc::sigemptyset(&mut set);
             libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
@@ -294,15 +326,30 @@ fn run(shared: Arc<Shared>, gen: u64, stream: u32, req: ExecRequest, input_rx: R
         shared.respond(gen, stream, &Response::Started { pid });
         return;
     }
-    if let Some(s) = shared
+    // The parent keeps only the master side of a terminal.
+    drop(cmd);
+    if let Some(sess) = shared
         .sessions
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .get_mut(&stream)
     {
-        s.pgid = Some(pid);
+        sess.pgid = Some(pid);
+        sess.pty = pty.as_ref().map(std::os::fd::AsRawFd::as_raw_fd);
     }
     shared.respond(gen, stream, &Response::Started { pid });
+    if let Some(master) = pty.take() {
+        return run_tty(
+            shared,
+            gen,
+            stream,
+            master,
+            input_rx,
+            status_rx,
+            req.timeout_ms,
+            pid,
+        );
+    }
 
     if let Some(mut stdin) = child.stdin.take() {
         std::thread::spawn(move || {
@@ -359,6 +406,65 @@ fn run(shared: Arc<Shared>, gen: u64, stream: u32, req: ExecRequest, input_rx: R
     shared.end_session(stream, gen);
 }
 
+/// The rest of a `tty` exec: the master carries output and input; it ends when the process
+/// exits and the terminal is drained (reads fail with EIO once no process holds the slave).
+#[allow(clippy::too_many_arguments)]
+fn run_tty(
+    shared: Arc<Shared>,
+    gen: u64,
+    stream: u32,
+    master: std::fs::File,
+    input_rx: Receiver<Input>,
+    status_rx: std::sync::mpsc::Receiver<i32>,
+    timeout_ms: Option<u64>,
+    pid: i32,
+) {
+    if let Ok(mut w) = master.try_clone() {
+        std::thread::spawn(move || {
+            for msg in input_rx {
+                match msg {
+                    Input::Data(d) => {
+                        if w.write_all(&d).is_err() {
+                            break;
+                        }
+                    }
+                    // ^D: end of input for a program reading the terminal.
+                    Input::Eof => {
+                        let _ = w.write_all(&[4]);
+                    }
+                }
+            }
+        });
+    }
+    let (done_tx, done_rx) = sync_channel(1);
+    let s2 = shared.clone();
+    std::thread::spawn(move || pump(s2, gen, stream, Kind::Stdout, master, done_tx));
+    let mut timed_out = false;
+    let status = match timeout_ms {
+        Some(ms) => match status_rx.recv_timeout(Duration::from_millis(ms)) {
+            Ok(s) => Some(s),
+            Err(_) => {
+                timed_out = true;
+                let _ = sys::kill(-pid, libc::SIGKILL);
+                status_rx.recv().ok()
+            }
+        },
+        None => status_rx.recv().ok(),
+    };
+    let _ = done_rx.recv_timeout(Duration::from_millis(500));
+    let (code, signal) = status.map(decode_status).unwrap_or((None, None));
+    shared.respond(
+        gen,
+        stream,
+        &Response::Exited {
+            code,
+            signal,
+            timed_out,
+        },
+    );
+    shared.end_session(stream, gen);
+}
+
 fn io_code(e: &std::io::Error) -> &'static str {
     match e.kind() {
         std::io::ErrorKind::NotFound => "not_found",
@@ -406,6 +512,7 @@ pub fn write_file(shared: Arc<Shared>, gen: u64, stream: u32, path: String, mode
             Session {
                 gen,
                 pgid: None,
+                pty: None,
                 input: Some(tx),
             },
         );

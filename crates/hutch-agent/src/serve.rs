@@ -29,6 +29,8 @@ pub struct Session {
     /// Process group to kill when the connection goes away (exec only).
     pub pgid: Option<i32>,
     pub input: Option<Sender<Input>>,
+    /// The pseudo-terminal master of a `tty` exec, for resizes.
+    pub pty: Option<i32>,
 }
 
 /// State shared by the reader loop and the worker threads.
@@ -229,6 +231,17 @@ fn request(shared: &Arc<Shared>, gen: u64, stream: u32, req: Request) {
                     "no_process",
                     format!("stream {stream} runs no process"),
                 ),
+            }
+        }
+        Request::Resize(size) => {
+            let pty = shared
+                .sessions
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&stream)
+                .and_then(|s| s.pty);
+            if let Some(fd) = pty {
+                sys::set_winsize(fd, size);
             }
         }
         Request::ReadFile { path } => {

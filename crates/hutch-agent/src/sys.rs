@@ -127,6 +127,41 @@ pub fn wait_any() -> io::Result<(i32, i32)> {
     Ok((pid, status))
 }
 
+/// A new pseudo-terminal of `size`: (master, slave).
+pub fn openpty(size: hutch_proto::TtySize) -> io::Result<(std::fs::File, std::fs::File)> {
+    use std::os::fd::FromRawFd;
+    let (mut m, mut s) = (-1, -1);
+    let ws = libc::winsize {
+        ws_row: size.rows,
+        ws_col: size.cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: m and s are valid out-pointers; name and termios may be null; ws is a valid winsize.
+    let r = unsafe { libc::openpty(&mut m, &mut s, std::ptr::null_mut(), std::ptr::null(), &ws) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: openpty returned two fresh fds that nothing else owns.
+    let files = unsafe { (std::fs::File::from_raw_fd(m), std::fs::File::from_raw_fd(s)) };
+    for fd in [m, s] {
+        // SAFETY: fcntl on an fd we own.
+        unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    }
+    Ok(files)
+}
+
+pub fn set_winsize(fd: i32, size: hutch_proto::TtySize) {
+    let ws = libc::winsize {
+        ws_row: size.rows,
+        ws_col: size.cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ reads a winsize from a valid pointer.
+    unsafe { libc::ioctl(fd, libc::TIOCSWINSZ, &ws) };
+}
+
 /// Waits until `fd` is readable or `timeout_ms` passes; true when readable.
 pub fn poll_in(fd: i32, timeout_ms: i32) -> bool {
     let mut p = libc::pollfd {

@@ -72,6 +72,19 @@ pub struct Vm {
     /// Guest pid of that main process in the current boot.
     #[serde(default)]
     pub main_pid: Option<i32>,
+    /// The account that owns the VM (SSH front door); None: created locally (admin).
+    #[serde(default)]
+    pub owner: Option<String>,
+}
+
+/// An SSH identity: an account is a set of public keys.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Account {
+    pub name: String,
+    pub admin: bool,
+    /// OpenSSH public key lines.
+    pub keys: Vec<String>,
+    pub created_at: u64,
 }
 
 /// The runtime configuration an image asks for (the OCI image config's `config` object).

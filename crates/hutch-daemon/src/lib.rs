@@ -5,6 +5,7 @@ pub mod agent;
 pub mod api;
 pub mod error;
 pub mod manager;
+pub mod ssh;
 
 use hutch_vmm::{AccelChoice, Vmm};
 use std::net::SocketAddr;
@@ -28,6 +29,8 @@ pub struct DaemonConfig {
     pub boot_timeout: Duration,
     /// Bounds on what one image may unpack to (layer bombs).
     pub layer_limits: hutch_image::Limits,
+    /// The SSH front door (None: off).
+    pub ssh: Option<ssh::SshOptions>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -165,7 +168,7 @@ pub async fn prepare(cfg: &DaemonConfig) -> Result<Arc<manager::Manager>, Daemon
 }
 
 /// Runs the daemon until SIGINT/SIGTERM. VMs keep running when it exits.
-pub async fn run(cfg: DaemonConfig) -> Result<(), DaemonError> {
+pub async fn run(mut cfg: DaemonConfig) -> Result<(), DaemonError> {
     let m = prepare(&cfg).await?;
     let token = api_token(&cfg.data_dir)?;
     let sock = cfg.data_dir.join("hutchd.sock");
@@ -216,6 +219,14 @@ pub async fn run(cfg: DaemonConfig) -> Result<(), DaemonError> {
             axum::serve(tcp, authed)
                 .with_graceful_shutdown(shutdown())
                 .await
+        });
+    }
+    if let Some(opts) = cfg.ssh.take() {
+        let m2 = m.clone();
+        tasks.spawn(async move {
+            ssh::serve(m2, opts)
+                .await
+                .map_err(|e| std::io::Error::other(e.to_string()))
         });
     }
     tracing::info!(socket = %sock.display(), "hutchd ready");

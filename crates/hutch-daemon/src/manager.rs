@@ -53,6 +53,9 @@ pub struct CreateVm {
     /// Run the image's Entrypoint + Cmd as the VM's main process.
     #[serde(default)]
     pub run: bool,
+    /// The account that owns the VM (set by the SSH front door, never by the request body).
+    #[serde(skip)]
+    pub owner: Option<String>,
 }
 
 fn one() -> u32 {
@@ -74,6 +77,12 @@ pub struct ExecVm {
     /// Standard input, base64.
     pub stdin: Option<String>,
     pub timeout_secs: Option<u64>,
+    /// Run on a terminal of this size (SSH sessions with a PTY).
+    #[serde(skip)]
+    pub tty: Option<hutch_proto::TtySize>,
+    /// Keep stdin open for streaming (SSH sessions) instead of sending `stdin` whole.
+    #[serde(skip)]
+    pub stream_stdin: bool,
 }
 
 fn internal(e: impl std::fmt::Display) -> ApiError {
@@ -377,6 +386,7 @@ impl Manager {
             disk_us: None,
             run: req.run,
             main_pid: None,
+            owner: req.owner.clone(),
         };
         // The name is claimed in one store transaction: of concurrent creates, one wins.
         match &req.name {
@@ -483,6 +493,7 @@ impl Manager {
             stdin: false,
             timeout_ms: None,
             detach: true,
+            tty: None,
         });
         let mut s = client.open(&r)?;
         let mut stderr = Vec::new();
@@ -760,9 +771,10 @@ impl Manager {
             env,
             cwd,
             user,
-            stdin: stdin.is_some(),
+            stdin: stdin.is_some() || req.stream_stdin,
             timeout_ms: req.timeout_secs.map(|s| s * 1000),
             detach: false,
+            tty: req.tty,
         });
         let stream = client.open(&r)?;
         if let Some(data) = stdin {

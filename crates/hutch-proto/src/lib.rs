@@ -238,6 +238,8 @@ pub enum Request {
     Exec(ExecRequest),
     /// Sends a signal to the process of this stream.
     Signal { signal: i32 },
+    /// Changes the terminal size of this stream's process (`tty` execs).
+    Resize(TtySize),
     /// Reads a file: Stdout frames with its bytes, then `Response::Done`.
     ReadFile { path: String },
     /// Writes a file from the Stdin frames that follow, up to StdinEof; then `Response::Done`.
@@ -274,6 +276,17 @@ pub struct ExecRequest {
     /// the host connection, and the stream ends after `Started`. Used for the image's main process.
     #[serde(default)]
     pub detach: bool,
+    /// Run on a pseudo-terminal of this size: stdout carries the terminal's output (stderr is
+    /// merged into it), Stdin frames are typed into it.
+    #[serde(default)]
+    pub tty: Option<TtySize>,
+}
+
+/// A terminal size.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct TtySize {
+    pub rows: u16,
+    pub cols: u16,
 }
 
 /// Agent -> host answers.

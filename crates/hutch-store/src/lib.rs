@@ -15,7 +15,8 @@ pub struct Table(&'static str);
 
 pub const VMS: Table = Table("vms");
 pub const IMAGES: Table = Table("images");
-const ALL: [Table; 2] = [VMS, IMAGES];
+pub const ACCOUNTS: Table = Table("accounts");
+const ALL: [Table; 3] = [VMS, IMAGES, ACCOUNTS];
 
 impl Table {
     fn def(self) -> TableDefinition<'static, &'static str, &'static [u8]> {

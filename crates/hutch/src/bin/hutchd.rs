@@ -44,6 +44,15 @@ struct Args {
     /// Seconds to wait for a booting guest's agent.
     #[arg(long, default_value_t = 120)]
     boot_timeout: u64,
+    /// The SSH front door's address, or `off`.
+    #[arg(long, env = "HUTCH_SSH_LISTEN", default_value = "0.0.0.0:2222")]
+    ssh_listen: String,
+    /// OpenSSH public keys (one per line) of the admin account.
+    #[arg(long, env = "HUTCH_ADMIN_KEYS")]
+    admin_keys: Option<PathBuf>,
+    /// Host name shown in "Connect: ssh ..." lines (default: this machine's hostname).
+    #[arg(long)]
+    ssh_host_name: Option<String>,
     /// Most entries all layers of one image may hold (against layer bombs).
     #[arg(long, default_value_t = 1_000_000)]
     max_image_entries: u64,
@@ -61,7 +70,22 @@ fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
+    let ssh = match args.ssh_listen.as_str() {
+        "off" => None,
+        addr => Some(hutch_daemon::ssh::SshOptions {
+            listen: addr
+                .parse()
+                .with_context(|| format!("--ssh-listen {addr:?}"))?,
+            admin_keys: args.admin_keys,
+            host_name: args.ssh_host_name.unwrap_or_else(|| {
+                std::fs::read_to_string("/proc/sys/kernel/hostname")
+                    .map(|h| h.trim().to_string())
+                    .unwrap_or_else(|_| "localhost".into())
+            }),
+        }),
+    };
     let cfg = hutch_daemon::DaemonConfig {
+        ssh,
         data_dir: args.data_dir,
         boot_cache: args.boot_cache,
         kernel: args.kernel,

@@ -95,6 +95,9 @@ impl Daemon {
         let log = log.unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_hutchd"));
         cmd.arg("--data-dir").arg(self.data());
+        if !self.extra.iter().any(|a| a == "--ssh-listen") {
+            cmd.arg("--ssh-listen").arg("off");
+        }
         if !self.extra.iter().any(|a| a == "--boot-cache") {
             cmd.arg("--boot-cache")
                 .arg(workspace().join("target/hutch-test-boot"));

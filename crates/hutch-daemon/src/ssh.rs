@@ -1,0 +1,825 @@
+//! The SSH front door: the SSH key is the identity.
+//!
+//! `ssh -p 2222 HOST COMMAND` runs a control command (new, ls, describe, stop, start, rm, logs,
+//! status, whoami, keys, adduser) for the account the key belongs to; `ssh -p 2222 VM@HOST`
+//! lands in the VM (a PTY shell, or the command given, with stdin/stdout/stderr and the exit
+//! status passed through the guest agent). A user sees and touches only their own VMs (admins
+//! all): another account's VM answers as if it did not exist. Only public-key auth is offered.
+
+use crate::manager::{CreateVm, ExecVm, Manager};
+use hutch_core::{Account, Vm, VmState};
+use hutch_proto::{Frame, Kind, Request, Response, TtySize};
+use hutch_store::ACCOUNTS;
+use russh::keys::ssh_key::private::{Ed25519Keypair, KeypairData};
+use russh::keys::{HashAlg, PrivateKey, PublicKey};
+use russh::server::{self, Auth, Msg, Server as _, Session};
+use russh::{Channel, ChannelId, MethodKind, MethodSet};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+#[derive(Debug, Clone)]
+pub struct SshOptions {
+    pub listen: SocketAddr,
+    /// OpenSSH public keys of the admin account (re-read at every start).
+    pub admin_keys: Option<PathBuf>,
+    /// Host name shown in "Connect:" lines.
+    pub host_name: String,
+}
+
+fn err(m: impl std::fmt::Display) -> crate::DaemonError {
+    crate::DaemonError::Setup(m.to_string())
+}
+
+/// Loads the host key, generating it at first start.
+pub fn host_key(path: &Path) -> Result<PrivateKey, crate::DaemonError> {
+    if path.exists() {
+        return PrivateKey::read_openssh_file(path)
+            .map_err(|e| err(format!("host key {}: {e}", path.display())));
+    }
+    let seed: [u8; 32] = rand::random();
+    let key = PrivateKey::new(
+        KeypairData::from(Ed25519Keypair::from_seed(&seed)),
+        "hutchd",
+    )
+    .map_err(err)?;
+    let pem = key
+        .to_openssh(russh::keys::ssh_key::LineEnding::LF)
+        .map_err(err)?;
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, pem.as_bytes()).map_err(err)?;
+    std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .map_err(err)?;
+    std::fs::rename(&tmp, path).map_err(err)?;
+    Ok(key)
+}
+
+fn fingerprint(k: &PublicKey) -> String {
+    k.fingerprint(HashAlg::Sha256).to_string()
+}
+
+/// Parses OpenSSH public key lines; refuses RSA under 2048 bits and unknown types.
+pub fn parse_keys(text: &str) -> Result<Vec<PublicKey>, String> {
+    let mut out = Vec::new();
+    for line in text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+    {
+        let k =
+            PublicKey::from_openssh(line).map_err(|e| format!("not an OpenSSH public key: {e}"))?;
+        if let Some(rsa) = k.key_data().rsa() {
+            let bits = rsa
+                .n()
+                .as_positive_bytes()
+                .map(|b| b.len() * 8)
+                .unwrap_or(0);
+            if bits < 2048 {
+                return Err(format!(
+                    "RSA keys must have at least 2048 bits, this one has {bits}"
+                ));
+            }
+        }
+        out.push(k);
+    }
+    if out.is_empty() {
+        return Err("no public key given".into());
+    }
+    Ok(out)
+}
+
+fn account_of(m: &Manager, fp: &str) -> Option<Account> {
+    let accounts: Vec<Account> = m.store.list(ACCOUNTS).ok()?;
+    accounts.into_iter().find(|a| {
+        a.keys.iter().any(|k| {
+            PublicKey::from_openssh(k)
+                .map(|p| fingerprint(&p) == fp)
+                .unwrap_or(false)
+        })
+    })
+}
+
+/// Makes the admin account's keys those of the admin keys file.
+pub fn sync_admin(m: &Manager, file: &Path) -> Result<usize, crate::DaemonError> {
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| err(format!("admin keys {}: {e}", file.display())))?;
+    let keys = parse_keys(&text).map_err(|e| err(format!("admin keys {}: {e}", file.display())))?;
+    let lines: Vec<String> = keys.iter().filter_map(|k| k.to_openssh().ok()).collect();
+    let acc = Account {
+        name: "admin".into(),
+        admin: true,
+        keys: lines,
+        created_at: hutch_core::now(),
+    };
+    m.store
+        .put(ACCOUNTS, "admin", &acc)
+        .map_err(|e| err(e.to_string()))?;
+    Ok(keys.len())
+}
+
+pub async fn serve(m: Arc<Manager>, opts: SshOptions) -> Result<(), crate::DaemonError> {
+    let key = host_key(&m.cfg.data_dir.join("ssh_host_ed25519_key"))?;
+    if let Some(f) = &opts.admin_keys {
+        let n = sync_admin(&m, f)?;
+        tracing::info!(keys = n, file = %f.display(), "admin keys loaded");
+    }
+    let config = server::Config {
+        keys: vec![key],
+        methods: MethodSet::from(&[MethodKind::PublicKey][..]),
+        auth_rejection_time: std::time::Duration::from_millis(500),
+        auth_rejection_time_initial: Some(std::time::Duration::from_millis(0)),
+        inactivity_timeout: Some(std::time::Duration::from_secs(3600)),
+        max_auth_attempts: 6,
+        ..Default::default()
+    };
+    let listener = tokio::net::TcpListener::bind(opts.listen)
+        .await
+        .map_err(|e| err(format!("binding {}: {e}", opts.listen)))?;
+    let port = listener.local_addr().map(|a| a.port()).unwrap_or(2222);
+    tracing::info!(addr = %opts.listen, "ssh front door listening");
+    let mut front = Front {
+        m,
+        host: opts.host_name,
+        port,
+    };
+    front
+        .run_on_socket(Arc::new(config), &listener)
+        .await
+        .map_err(|e| err(format!("ssh server: {e}")))
+}
+
+#[derive(Clone)]
+struct Front {
+    m: Arc<Manager>,
+    host: String,
+    port: u16,
+}
+
+impl server::Server for Front {
+    type Handler = Conn;
+    fn new_client(&mut self, peer: Option<SocketAddr>) -> Conn {
+        Conn {
+            m: self.m.clone(),
+            host: self.host.clone(),
+            port: self.port,
+            peer,
+            account: None,
+            key_fp: String::new(),
+            user: String::new(),
+            chans: HashMap::new(),
+        }
+    }
+}
+
+#[derive(Default)]
+struct Chan {
+    pty: Option<TtySize>,
+    term: String,
+    /// The agent stream of a VM session.
+    vm: Option<(Arc<crate::agent::AgentClient>, u32)>,
+    /// A control command that reads stdin, run at EOF.
+    pending: Option<Vec<String>>,
+    stdin: Vec<u8>,
+}
+
+pub struct Conn {
+    m: Arc<Manager>,
+    host: String,
+    port: u16,
+    peer: Option<SocketAddr>,
+    account: Option<Account>,
+    key_fp: String,
+    user: String,
+    chans: HashMap<ChannelId, Chan>,
+}
+
+/// What a control command prints and returns.
+struct Out {
+    stdout: String,
+    stderr: String,
+    code: u32,
+}
+
+impl Out {
+    fn ok(s: impl Into<String>) -> Out {
+        Out {
+            stdout: s.into(),
+            stderr: String::new(),
+            code: 0,
+        }
+    }
+    fn fail(s: impl Into<String>) -> Out {
+        let mut e: String = s.into();
+        if !e.ends_with('\n') {
+            e.push('\n');
+        }
+        Out {
+            stdout: String::new(),
+            stderr: e,
+            code: 1,
+        }
+    }
+}
+
+fn mib(m: u64) -> String {
+    if m >= 1024 && m.is_multiple_of(1024) {
+        format!("{}G", m / 1024)
+    } else {
+        format!("{m}M")
+    }
+}
+
+const HELP: &str = "hutch over SSH. Commands:
+  new --image IMAGE [--name NAME] [--vcpu N] [--mem MIB] [--disk GIB] [--run]
+  ls | describe NAME | stop NAME | start NAME | rm NAME | logs NAME
+  status | whoami | keys ls | keys add < key.pub | keys rm FINGERPRINT
+  adduser NAME < key.pub        (admins)
+Add --json to ls, describe and new for JSON. Enter a VM: ssh -p PORT NAME@HOST
+";
+
+impl Conn {
+    fn account(&self) -> &Account {
+        // Only authenticated connections reach channel handlers.
+        self.account.as_ref().expect("authenticated")
+    }
+
+    fn visible(&self, vm: &Vm) -> bool {
+        let a = self.account();
+        a.admin || vm.owner.as_deref() == Some(a.name.as_str())
+    }
+
+    fn find(&self, name: &str) -> Option<Vm> {
+        self.m.get(name).ok().filter(|v| self.visible(v))
+    }
+
+    fn connect_line(&self, name: &str) -> String {
+        format!("ssh -p {} {name}@{}", self.port, self.host)
+    }
+
+    fn describe(&self, v: &Vm) -> String {
+        let mut s = format!(
+            "\n  Name:    {}\n  Node:    {}\n  Image:   {}\n  vCPU:    {}\n  RAM:     {}\n  Disk:    {}G\n  Status:  {}\n",
+            v.name,
+            self.host,
+            v.image,
+            v.vcpus,
+            mib(v.mem_mib),
+            v.disk_gib,
+            v.state.as_str()
+        );
+        if let Some(r) = &v.reason {
+            s.push_str(&format!("  Reason:  {r}\n"));
+        }
+        s.push_str(&format!("\n  Connect: {}\n\n", self.connect_line(&v.name)));
+        s
+    }
+
+    async fn control(&mut self, args: Vec<String>, stdin: &[u8]) -> Out {
+        let json = args.iter().any(|a| a == "--json");
+        let args: Vec<String> = args.into_iter().filter(|a| a != "--json").collect();
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        let not_found = |n: &str| Out::fail(format!("{n}: no such VM"));
+        match a.as_slice() {
+            [] | ["help"] | ["--help"] => Out::ok(
+                HELP.replace("PORT", &self.port.to_string())
+                    .replace("HOST", &self.host),
+            ),
+            ["whoami"] => {
+                let acc = self.account();
+                Out::ok(format!(
+                    "{}{}\nkey {}\n",
+                    acc.name,
+                    if acc.admin { " (admin)" } else { "" },
+                    self.key_fp
+                ))
+            }
+            ["ls"] | ["list"] => {
+                let vms: Vec<Vm> = self
+                    .m
+                    .list()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter(|v| self.visible(v))
+                    .collect();
+                if json {
+                    return Out::ok(serde_json::to_string_pretty(&vms).unwrap_or_default() + "\n");
+                }
+                let mut rows = vec![["NAME", "NODE", "IMAGE", "VCPU", "RAM", "DISK", "STATE"]
+                    .map(String::from)
+                    .to_vec()];
+                for v in &vms {
+                    rows.push(vec![
+                        v.name.clone(),
+                        self.host.clone(),
+                        v.image.clone(),
+                        v.vcpus.to_string(),
+                        mib(v.mem_mib),
+                        format!("{}G", v.disk_gib),
+                        v.state.as_str().into(),
+                    ]);
+                }
+                Out::ok(table(rows))
+            }
+            ["describe", n] => match self.find(n) {
+                Some(v) if json => {
+                    Out::ok(serde_json::to_string_pretty(&v).unwrap_or_default() + "\n")
+                }
+                Some(v) => Out::ok(self.describe(&v)),
+                None => not_found(n),
+            },
+            ["logs", n] => match self.find(n) {
+                Some(v) => Out::ok(self.m.console_tail(&v.id, 64 * 1024)),
+                None => not_found(n),
+            },
+            [op @ ("stop" | "start" | "rm" | "destroy"), n] => {
+                if self.find(n).is_none() {
+                    return not_found(n);
+                }
+                let r = match *op {
+                    "stop" => self.m.stop(n).await.map(|_| format!("{n} stopped\n")),
+                    "start" => self.m.start(n).await.map(|_| format!("{n} running\n")),
+                    _ => self.m.delete(n).await.map(|_| format!("{n} deleted\n")),
+                };
+                r.map(Out::ok).unwrap_or_else(|e| Out::fail(e.to_string()))
+            }
+            ["new", rest @ ..] => self.new_vm(rest, json).await,
+            ["status"] => {
+                let vms = self.m.list().unwrap_or_default();
+                let mine: Vec<&Vm> = vms.iter().filter(|v| self.visible(v)).collect();
+                let running = mine.iter().filter(|v| v.state == VmState::Running).count();
+                Out::ok(format!(
+                    "node {}: {} VMs visible to you, {running} running; accelerator {}; kernel {}\n",
+                    self.host,
+                    mine.len(),
+                    self.m.cfg.accel.as_str(),
+                    self.m.cfg.bundle.release
+                ))
+            }
+            ["keys", "ls"] => {
+                let lines: Vec<String> = self
+                    .account()
+                    .keys
+                    .iter()
+                    .filter_map(|k| PublicKey::from_openssh(k).ok())
+                    .map(|k| format!("{}  {}\n", fingerprint(&k), k.algorithm()))
+                    .collect();
+                Out::ok(lines.concat())
+            }
+            ["keys", "add"] => self.add_keys(&self.account().name.clone(), stdin, false),
+            ["keys", "rm", fp] => {
+                let mut acc = self.account().clone();
+                let before = acc.keys.len();
+                acc.keys.retain(|k| {
+                    PublicKey::from_openssh(k)
+                        .map(|p| fingerprint(&p) != *fp)
+                        .unwrap_or(true)
+                });
+                if acc.keys.len() == before {
+                    return Out::fail(format!("no key {fp} on this account"));
+                }
+                if acc.keys.is_empty() {
+                    return Out::fail("refusing to remove the account's last key");
+                }
+                match self.m.store.put(ACCOUNTS, &acc.name, &acc) {
+                    Ok(()) => Out::ok(format!("removed {fp}\n")),
+                    Err(e) => Out::fail(e.to_string()),
+                }
+            }
+            ["adduser", name] => {
+                if !self.account().admin {
+                    return Out::fail("only admins can add users");
+                }
+                if hutch_core::names::validate_name(name).is_err() {
+                    return Out::fail(format!("invalid account name {name:?}"));
+                }
+                self.add_keys(name, stdin, true)
+            }
+            _ => Out::fail(format!(
+                "unknown command {:?}; try: ssh -p {} {} help",
+                args.join(" "),
+                self.port,
+                self.host
+            )),
+        }
+    }
+
+    fn add_keys(&self, account: &str, stdin: &[u8], create: bool) -> Out {
+        let keys = match parse_keys(&String::from_utf8_lossy(stdin)) {
+            Ok(k) => k,
+            Err(e) => return Out::fail(e),
+        };
+        for k in &keys {
+            if let Some(other) = account_of(&self.m, &fingerprint(k)) {
+                if other.name != account {
+                    return Out::fail(format!(
+                        "key {} already belongs to another account",
+                        fingerprint(k)
+                    ));
+                }
+            }
+        }
+        let lines: Vec<String> = keys.iter().filter_map(|k| k.to_openssh().ok()).collect();
+        let existing: Option<Account> = self.m.store.get(ACCOUNTS, account).ok().flatten();
+        let acc = match (existing, create) {
+            (Some(_), true) => return Out::fail(format!("account {account} exists")),
+            (Some(mut a), false) => {
+                for l in lines {
+                    if !a.keys.contains(&l) {
+                        a.keys.push(l);
+                    }
+                }
+                a
+            }
+            (None, _) => Account {
+                name: account.into(),
+                admin: false,
+                keys: lines,
+                created_at: hutch_core::now(),
+            },
+        };
+        match self.m.store.put(ACCOUNTS, account, &acc) {
+            Ok(()) => Out::ok(format!("account {account}: {} key(s)\n", acc.keys.len())),
+            Err(e) => Out::fail(e.to_string()),
+        }
+    }
+
+    async fn new_vm(&self, rest: &[&str], json: bool) -> Out {
+        let mut req = CreateVm {
+            name: None,
+            image: String::new(),
+            vcpus: 1,
+            mem_mib: 256,
+            disk_gib: None,
+            run: false,
+            owner: Some(self.account().name.clone()),
+        };
+        let mut it = rest.iter().flat_map(|a| match a.split_once('=') {
+            Some((k, v)) if k.starts_with("--") => vec![k.to_string(), v.to_string()],
+            _ => vec![a.to_string()],
+        });
+        while let Some(flag) = it.next() {
+            if flag == "--run" {
+                req.run = true;
+                continue;
+            }
+            let Some(val) = it.next() else {
+                return Out::fail(format!("{flag} needs a value"));
+            };
+            let num = |v: &str| {
+                v.parse::<u64>()
+                    .map_err(|_| format!("{flag}: {v:?} is not a number"))
+            };
+            let r = match flag.as_str() {
+                "--name" => {
+                    req.name = Some(val);
+                    Ok(())
+                }
+                "--image" => {
+                    req.image = val;
+                    Ok(())
+                }
+                "--vcpu" => num(&val).map(|n| req.vcpus = n as u32),
+                "--mem" | "--ram" => num(&val).map(|n| req.mem_mib = n),
+                "--disk" => num(&val).map(|n| req.disk_gib = Some(n)),
+                other => Err(format!(
+                    "unknown flag {other}; see: ssh -p {} {} help",
+                    self.port, self.host
+                )),
+            };
+            if let Err(e) = r {
+                return Out::fail(e);
+            }
+        }
+        if req.image.is_empty() {
+            return Out::fail("--image is required");
+        }
+        match self.m.create(req).await {
+            Ok(v) if json => Out::ok(serde_json::to_string_pretty(&v).unwrap_or_default() + "\n"),
+            Ok(v) => Out::ok(self.describe(&v)),
+            Err(e) => Out::fail(e.to_string()),
+        }
+    }
+
+    fn finish(
+        &mut self,
+        ch: ChannelId,
+        out: Out,
+        session: &mut Session,
+    ) -> Result<(), russh::Error> {
+        if !out.stdout.is_empty() {
+            session.data(ch, out.stdout.into_bytes())?;
+        }
+        if !out.stderr.is_empty() {
+            session.extended_data(ch, 1, out.stderr.into_bytes())?;
+        }
+        session.exit_status_request(ch, out.code)?;
+        session.eof(ch)?;
+        session.close(ch)?;
+        self.chans.remove(&ch);
+        Ok(())
+    }
+
+    /// Runs `argv` in the VM the user logged into, wiring the channel to the agent stream.
+    fn vm_exec(
+        &mut self,
+        ch: ChannelId,
+        argv: Vec<String>,
+        session: &mut Session,
+    ) -> Result<(), russh::Error> {
+        let name = self.user.clone();
+        let Some(vm) = self.find(&name) else {
+            return self.finish(ch, Out::fail(format!("{name}: no such VM")), session);
+        };
+        if vm.state != VmState::Running {
+            let msg = format!(
+                "{name} is {}; run: ssh -p {} {} start {name}",
+                vm.state.as_str(),
+                self.port,
+                self.host
+            );
+            return self.finish(ch, Out::fail(msg), session);
+        }
+        let c = self.chans.entry(ch).or_default();
+        let mut env = HashMap::new();
+        if c.pty.is_some() {
+            env.insert(
+                "TERM".to_string(),
+                if c.term.is_empty() {
+                    "xterm".into()
+                } else {
+                    c.term.clone()
+                },
+            );
+        }
+        let req = ExecVm {
+            argv,
+            env,
+            tty: c.pty,
+            stream_stdin: true,
+            ..Default::default()
+        };
+        let (client, mut stream) = match self.m.exec(&name, req) {
+            Ok(x) => x,
+            Err(e) => return self.finish(ch, Out::fail(e.to_string()), session),
+        };
+        c.vm = Some((client, stream.id));
+        let handle = session.handle();
+        tokio::spawn(async move {
+            let mut code = 255u32;
+            while let Some(f) = stream.rx.recv().await {
+                match f.kind {
+                    Kind::Stdout => {
+                        let _ = handle.data(ch, f.payload).await;
+                    }
+                    Kind::Stderr => {
+                        let _ = handle.extended_data(ch, 1, f.payload).await;
+                    }
+                    Kind::Response => match f.parse::<Response>("response") {
+                        Ok(Response::Exited {
+                            code: c, signal, ..
+                        }) => {
+                            code = c
+                                .map(|c| c as u32)
+                                .unwrap_or(128 + signal.unwrap_or(0) as u32);
+                            break;
+                        }
+                        Ok(Response::Error { message, .. }) => {
+                            let _ = handle
+                                .extended_data(ch, 1, format!("{message}\n").into_bytes())
+                                .await;
+                            break;
+                        }
+                        _ => {}
+                    },
+                    _ => {}
+                }
+            }
+            let _ = handle.exit_status_request(ch, code).await;
+            let _ = handle.eof(ch).await;
+            let _ = handle.close(ch).await;
+        });
+        Ok(())
+    }
+
+    fn is_vm_user(&self) -> bool {
+        self.account.is_some() && self.find(&self.user).is_some()
+    }
+}
+
+fn table(rows: Vec<Vec<String>>) -> String {
+    let n = rows.first().map(|r| r.len()).unwrap_or(0);
+    let widths: Vec<usize> = (0..n)
+        .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
+        .collect();
+    let mut s = String::new();
+    for r in rows {
+        let line: Vec<String> = r
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
+            .collect();
+        s.push_str(line.join("  ").trim_end());
+        s.push('\n');
+    }
+    s
+}
+
+impl server::Handler for Conn {
+    type Error = russh::Error;
+
+    async fn auth_publickey(
+        &mut self,
+        user: &str,
+        key: server::VerifiedPublicKey<'_>,
+    ) -> Result<Auth, Self::Error> {
+        let fp = fingerprint(key.public_key);
+        match account_of(&self.m, &fp) {
+            Some(acc) => {
+                tracing::info!(account = %acc.name, user, peer = ?self.peer, "ssh login");
+                self.account = Some(acc);
+                self.key_fp = fp;
+                self.user = user.to_string();
+                Ok(Auth::Accept)
+            }
+            None => {
+                tracing::info!(%fp, peer = ?self.peer, "ssh key refused");
+                Ok(Auth::reject())
+            }
+        }
+    }
+
+    async fn authentication_banner(&mut self) -> Result<Option<String>, Self::Error> {
+        Ok(Some(format!(
+            "hutch: access is by SSH key. If you are refused, ask an admin to run: ssh -p {} {} adduser NAME < your_key.pub\n",
+            self.port, self.host
+        )))
+    }
+
+    async fn channel_open_session(
+        &mut self,
+        channel: Channel<Msg>,
+        reply: server::ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if self.chans.len() >= 16 {
+            return Ok(()); // dropping the reply rejects the channel
+        }
+        self.chans.insert(channel.id(), Chan::default());
+        reply.accept().await;
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn pty_request(
+        &mut self,
+        ch: ChannelId,
+        term: &str,
+        cols: u32,
+        rows: u32,
+        _pw: u32,
+        _ph: u32,
+        _modes: &[(russh::Pty, u32)],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let c = self.chans.entry(ch).or_default();
+        c.pty = Some(TtySize {
+            rows: rows.min(u16::MAX as u32) as u16,
+            cols: cols.min(u16::MAX as u32) as u16,
+        });
+        c.term = term.chars().take(64).collect();
+        session.channel_success(ch)?;
+        Ok(())
+    }
+
+    async fn window_change_request(
+        &mut self,
+        ch: ChannelId,
+        cols: u32,
+        rows: u32,
+        _pw: u32,
+        _ph: u32,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if let Some((client, id)) = self.chans.get(&ch).and_then(|c| c.vm.clone()) {
+            let size = TtySize {
+                rows: rows.min(u16::MAX as u32) as u16,
+                cols: cols.min(u16::MAX as u32) as u16,
+            };
+            let _ = client.send(Frame::json(Kind::Request, id, &Request::Resize(size)));
+        }
+        Ok(())
+    }
+
+    async fn shell_request(
+        &mut self,
+        ch: ChannelId,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        session.channel_success(ch)?;
+        if self.is_vm_user() {
+            let sh = "if [ -x /bin/bash ]; then exec /bin/bash -l; fi; exec /bin/sh -l";
+            return self.vm_exec(ch, vec!["/bin/sh".into(), "-c".into(), sh.into()], session);
+        }
+        let out = self.control(vec!["help".into()], &[]).await;
+        self.finish(ch, out, session)
+    }
+
+    async fn exec_request(
+        &mut self,
+        ch: ChannelId,
+        data: &[u8],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        session.channel_success(ch)?;
+        let line = String::from_utf8_lossy(data).to_string();
+        if self.is_vm_user() {
+            return self.vm_exec(ch, vec!["/bin/sh".into(), "-c".into(), line], session);
+        }
+        let args = match shell_words::split(&line) {
+            Ok(a) => a,
+            Err(e) => {
+                return self.finish(ch, Out::fail(format!("cannot parse command: {e}")), session)
+            }
+        };
+        let reads_stdin = matches!(args.first().map(String::as_str), Some("adduser"))
+            || (args.first().map(String::as_str) == Some("keys")
+                && args.get(1).map(String::as_str) == Some("add"));
+        if reads_stdin {
+            self.chans.entry(ch).or_default().pending = Some(args);
+            return Ok(());
+        }
+        let out = self.control(args, &[]).await;
+        self.finish(ch, out, session)
+    }
+
+    async fn subsystem_request(
+        &mut self,
+        ch: ChannelId,
+        name: &str,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        tracing::info!(
+            subsystem = name,
+            "refused ssh subsystem (not supported yet)"
+        );
+        session.channel_failure(ch)?;
+        Ok(())
+    }
+
+    async fn data(
+        &mut self,
+        ch: ChannelId,
+        data: &[u8],
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if let Some(c) = self.chans.get_mut(&ch) {
+            if let Some((client, id)) = &c.vm {
+                for chunk in data.chunks(64 * 1024) {
+                    let _ = client.send(Frame::new(Kind::Stdin, *id, chunk.to_vec()));
+                }
+            } else if c.pending.is_some() && c.stdin.len() < 1 << 20 {
+                c.stdin.extend_from_slice(data);
+            }
+        }
+        Ok(())
+    }
+
+    async fn channel_eof(
+        &mut self,
+        ch: ChannelId,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let Some(c) = self.chans.get_mut(&ch) else {
+            return Ok(());
+        };
+        if let Some((client, id)) = &c.vm {
+            let _ = client.send(Frame::new(Kind::StdinEof, *id, Vec::new()));
+            return Ok(());
+        }
+        if let Some(args) = c.pending.take() {
+            let stdin = std::mem::take(&mut c.stdin);
+            let out = self.control(args, &stdin).await;
+            return self.finish(ch, out, session);
+        }
+        Ok(())
+    }
+
+    async fn channel_close(
+        &mut self,
+        ch: ChannelId,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if let Some(c) = self.chans.remove(&ch) {
+            // The client went away: stop what it was running.
+            if let Some((client, id)) = c.vm {
+                let _ = client.send(Frame::json(
+                    Kind::Request,
+                    id,
+                    &Request::Signal { signal: 9 },
+                ));
+            }
+        }
+        Ok(())
+    }
+}

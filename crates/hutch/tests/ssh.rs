@@ -1,0 +1,232 @@
+//! The SSH front door with the real OpenSSH client: keys are identities, control commands,
+//! `ssh VM@host` with exit codes, stdout/stderr, stdin pipes and a PTY, isolation between
+//! accounts, unknown keys refused, a stopped VM explained. One VM boot.
+
+mod common;
+use common::*;
+use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+struct Ssh {
+    port: u16,
+}
+
+impl Ssh {
+    fn run(&self, key: &Path, user: &str, cmd: &[&str], stdin: Option<&[u8]>, tty: bool) -> Output {
+        let mut c = Command::new("ssh");
+        c.args([
+            "-q",
+            "-p",
+            &self.port.to_string(),
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+        ])
+        .args(["-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-i"])
+        .arg(key);
+        if tty {
+            c.arg("-tt");
+        }
+        c.arg(format!("{user}@127.0.0.1")).args(cmd);
+        c.stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+        let mut ch = c.spawn().unwrap();
+        if let Some(d) = stdin {
+            let mut s = ch.stdin.take().unwrap();
+            std::io::Write::write_all(&mut s, d).unwrap();
+        }
+        ch.wait_with_output().unwrap()
+    }
+}
+
+fn text(o: &Output) -> (String, String, i32) {
+    (
+        String::from_utf8_lossy(&o.stdout).to_string(),
+        String::from_utf8_lossy(&o.stderr).to_string(),
+        o.status.code().unwrap_or(-1),
+    )
+}
+
+fn keygen(dir: &Path, name: &str, args: &[&str]) -> PathBuf {
+    let p = dir.join(name);
+    let st = Command::new("ssh-keygen")
+        .args(["-q", "-N", ""])
+        .args(args)
+        .arg("-f")
+        .arg(&p)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    p
+}
+
+#[test]
+fn ssh_front_door() {
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let admin = keygen(w, "admin", &["-t", "ed25519"]);
+    let alice = keygen(w, "alice", &["-t", "ecdsa"]);
+    let alice2 = keygen(w, "alice2", &["-t", "rsa", "-b", "2048"]);
+    let bob = keygen(w, "bob", &["-t", "ed25519"]);
+    let stranger = keygen(w, "stranger", &["-t", "ed25519"]);
+    let weak = keygen(w, "weak", &["-t", "rsa", "-b", "1024"]);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let layout = busybox_layout(w);
+    let d = Daemon::start(&[
+        "--ssh-listen",
+        &format!("127.0.0.1:{port}"),
+        "--admin-keys",
+        &format!("{}.pub", admin.display()),
+        "--ssh-host-name",
+        "hutch.test",
+    ]);
+    d.ok(&[
+        "image",
+        "import",
+        layout.to_str().unwrap(),
+        "--name",
+        "busybox",
+    ]);
+    let s = Ssh { port };
+    let pubkey = |k: &Path| std::fs::read(format!("{}.pub", k.display())).unwrap();
+
+    // Unknown keys are refused; admins add users.
+    assert_eq!(
+        s.run(&stranger, "x", &["ls"], None, false).status.code(),
+        Some(255)
+    );
+    let (so, _, code) = text(&s.run(&admin, "admin", &["whoami"], None, false));
+    assert_eq!(code, 0);
+    assert!(so.starts_with("admin (admin)\nkey SHA256:"), "{so}");
+    for (name, key) in [("alice", &alice), ("bob", &bob)] {
+        let (so, se, code) = text(&s.run(
+            &admin,
+            "admin",
+            &["adduser", name],
+            Some(&pubkey(key)),
+            false,
+        ));
+        assert_eq!(code, 0, "{so}{se}");
+    }
+    let (_, se, code) = text(&s.run(
+        &bob,
+        "bob",
+        &["adduser", "eve"],
+        Some(&pubkey(&stranger)),
+        false,
+    ));
+    assert_eq!(code, 1);
+    assert!(se.contains("only admins"), "{se}");
+    let (_, se, _) = text(&s.run(
+        &alice,
+        "alice",
+        &["keys", "add"],
+        Some(&pubkey(&weak)),
+        false,
+    ));
+    assert!(se.contains("at least 2048 bits"), "{se}");
+    s.run(
+        &alice,
+        "alice",
+        &["keys", "add"],
+        Some(&pubkey(&alice2)),
+        false,
+    );
+    let (so, _, _) = text(&s.run(&alice2, "alice", &["whoami"], None, false));
+    assert!(so.starts_with("alice\n"), "{so}");
+
+    // Create, list, describe: boxcutter's shape.
+    let (so, se, code) = text(&s.run(
+        &alice,
+        "alice",
+        &[
+            "new", "--name", "web", "--image", "busybox", "--vcpu", "1", "--mem", "256",
+        ],
+        None,
+        false,
+    ));
+    assert_eq!(code, 0, "{se}");
+    assert!(
+        so.contains("Name:    web") && so.contains("Status:  running"),
+        "{so}"
+    );
+    assert!(
+        so.contains(&format!("Connect: ssh -p {port} web@hutch.test")),
+        "{so}"
+    );
+    let (so, _, _) = text(&s.run(&alice, "alice", &["ls"], None, false));
+    assert!(so.contains("web") && so.contains("running"), "{so}");
+    // Isolation: bob neither sees nor enters alice's VM; the admin sees it.
+    let (so, _, _) = text(&s.run(&bob, "bob", &["ls"], None, false));
+    assert!(!so.contains("web"), "{so}");
+    for cmd in [
+        vec!["describe", "web"],
+        vec!["rm", "web"],
+        vec!["stop", "web"],
+    ] {
+        let (_, se, code) = text(&s.run(&bob, "bob", &cmd, None, false));
+        assert_eq!((code, se.trim()), (1, "web: no such VM"));
+    }
+    let (so, _, _) = text(&s.run(&bob, "web", &["hostname"], None, false));
+    assert_ne!(so, "web\n", "bob must not land in alice's VM");
+    let (so, _, _) = text(&s.run(&admin, "admin", &["ls"], None, false));
+    assert!(so.contains("web"));
+
+    // In the VM: exit status, separate stdout/stderr, stdin pipes, a PTY.
+    let (so, se, code) = text(&s.run(
+        &alice,
+        "web",
+        &["echo out; echo err >&2; hostname; exit 7"],
+        None,
+        false,
+    ));
+    assert_eq!((so.as_str(), se.as_str(), code), ("out\nweb\n", "err\n", 7));
+    let data: Vec<u8> = (0..(2 << 20))
+        .map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let (so, _, code) = text(&s.run(&alice, "web", &["sha256sum"], Some(&data), false));
+    assert_eq!(code, 0);
+    assert_eq!(
+        so.split_whitespace().next().unwrap(),
+        hex::encode(Sha256::digest(&data))
+    );
+    let (so, _, code) = text(&s.run(&alice, "web", &["tty; echo $TERM"], None, true));
+    assert_eq!(code, 0);
+    assert!(so.starts_with("/dev/pts/"), "{so:?}");
+    // Bad input does not hurt the server.
+    let (_, se, code) = text(&s.run(
+        &alice,
+        "alice",
+        &["new", "--vcpu", "x", "--image", "busybox"],
+        None,
+        false,
+    ));
+    assert_eq!(code, 1);
+    assert!(se.contains("not a number"), "{se}");
+    let (_, se, _) = text(&s.run(&alice, "alice", &["frobnicate"], None, false));
+    assert!(se.contains("unknown command"), "{se}");
+
+    // A stopped VM says how to start it.
+    s.run(&alice, "alice", &["stop", "web"], None, false);
+    let (_, se, code) = text(&s.run(&alice, "web", &["true"], None, false));
+    assert_eq!(code, 1);
+    assert_eq!(
+        se.trim(),
+        format!("web is stopped; run: ssh -p {port} hutch.test start web")
+    );
+    let (_, _, code) = text(&s.run(&alice, "alice", &["rm", "web"], None, false));
+    assert_eq!(code, 0);
+    assert!(d.qemu_pids().is_empty());
+    assert_eq!(d.json(&["ls"]), serde_json::json!([]));
+}
