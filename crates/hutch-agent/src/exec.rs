@@ -285,8 +285,8 @@ fn run(shared: Arc<Shared>, gen: u64, stream: u32, req: ExecRequest, input_rx: R
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
     }
-    // SAFETY: the closure only calls async-signal-safe functions (setsid, sigprocmask).
     let tty = req.tty.is_some();
+    // SAFETY: the closure only calls async-signal-safe functions (setsid, ioctl, sigprocmask).
     unsafe {
         cmd.pre_exec(move || {
             libc::setsid();
