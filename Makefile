@@ -30,6 +30,7 @@ run: deps build
 	@echo "  export PATH=$(CURDIR)/target/release:\$$PATH HUTCH_DATA_DIR=$(HUTCH_DATA_DIR)"
 	@echo "  hutch image import ./image-oci-dir --name busybox"
 	@echo "  hutch new --image busybox --name demo && hutch exec demo -- uname -a"
+	@echo "  SSH: restart with HUTCH_ADMIN_KEYS=~/.ssh/id_ed25519.pub, then: ssh -p 2222 localhost help"
 	@echo
 	target/release/hutchd --data-dir $(HUTCH_DATA_DIR)
 
