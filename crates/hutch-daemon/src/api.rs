@@ -1,6 +1,7 @@
 //! The REST API under /api/v1: turns HTTP into manager calls, nothing more.
 
 use crate::agent::{AgentClient, AgentStream};
+use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::manager::{CreateVm, ExecVm, Manager};
 use axum::body::{Body, Bytes};
@@ -36,8 +37,10 @@ impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<
     }
 }
 
-pub fn router(m: AppState) -> Router {
-    Router::new()
+/// The API. `local`: every caller is the admin (the unix socket); otherwise an outer layer must
+/// put the `Caller` in the request extensions (the TCP listener's token check).
+pub fn router(m: AppState, local: bool) -> Router {
+    let r = Router::new()
         .route("/api/v1/health", get(health))
         .route("/api/v1/openapi.json", get(openapi))
         .route("/api/v1/images", get(list_images).post(import_image))
@@ -67,7 +70,53 @@ pub fn router(m: AppState) -> Router {
             }
         })
         .layer(axum::extract::DefaultBodyLimit::max(1 << 30))
-        .with_state(m)
+        .layer(axum::middleware::from_fn_with_state(m.clone(), ownership))
+        .with_state(m);
+    if local {
+        r.layer(axum::middleware::from_fn(
+            |mut req: Request, next: axum::middleware::Next| async move {
+                req.extensions_mut().insert(Caller::local_admin());
+                next.run(req).await
+            },
+        ))
+    } else {
+        r
+    }
+}
+
+/// Accounts see and touch only their own sandboxes (others answer 404, as if absent); reading
+/// files on the daemon's host and deleting shared images are for admins.
+async fn ownership(
+    State(m): State<AppState>,
+    req: Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let Some(caller) = req.extensions().get::<Caller>().cloned() else {
+        return ApiError::Unauthorized("no caller identity".into()).into_response();
+    };
+    if !caller.admin {
+        let path = req.uri().path().to_string();
+        if let Some(rest) = path.strip_prefix("/api/v1/sandboxes/") {
+            let name = rest.split('/').next().unwrap_or("");
+            match m.get(name) {
+                Ok(vm) if caller.sees(vm.owner.as_deref()) => {}
+                _ => return ApiError::vm(name).into_response(),
+            }
+        }
+        let is_json = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("application/json"));
+        let admin_only = (req.method() == axum::http::Method::DELETE
+            && path.starts_with("/api/v1/images/"))
+            || path == "/api/v1/images/gc"
+            || (path == "/api/v1/images" && req.method() == axum::http::Method::POST && is_json);
+        if admin_only {
+            return ApiError::Forbidden(format!("{path} is for admins")).into_response();
+        }
+    }
+    next.run(req).await
 }
 
 async fn health(State(m): State<AppState>) -> Json<Value> {
@@ -323,14 +372,26 @@ async fn commit_vm(
     Ok((StatusCode::CREATED, Json(v)))
 }
 
-async fn list_vms(State(m): State<AppState>) -> Result<Json<Vec<Vm>>, ApiError> {
-    Ok(Json(m.list()?))
+async fn list_vms(
+    State(m): State<AppState>,
+    axum::Extension(caller): axum::Extension<Caller>,
+) -> Result<Json<Vec<Vm>>, ApiError> {
+    let vms = m
+        .list()?
+        .into_iter()
+        .filter(|v| caller.sees(v.owner.as_deref()))
+        .collect();
+    Ok(Json(vms))
 }
 
 async fn create_vm(
     State(m): State<AppState>,
-    ApiJson(req): ApiJson<CreateVm>,
+    axum::Extension(caller): axum::Extension<Caller>,
+    ApiJson(mut req): ApiJson<CreateVm>,
 ) -> Result<(StatusCode, Json<Vm>), ApiError> {
+    // VMs made through the local socket (or the static admin token) have no owner: admin's.
+    let local = caller.admin && caller.account == "admin";
+    req.owner = (!local).then(|| caller.account.clone());
     Ok((StatusCode::CREATED, Json(m.create(req).await?)))
 }
 

@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod api;
+pub mod auth;
 pub mod error;
 pub mod manager;
 pub mod ssh;
@@ -154,7 +155,8 @@ pub async fn prepare(cfg: &DaemonConfig) -> Result<Arc<manager::Manager>, Daemon
         default_disk_gib: cfg.default_disk_gib,
         console_max_bytes: 2 << 20,
     };
-    let m = Arc::new(manager::Manager::new(node, store, images, vmm));
+    let tokens = auth::Tokens::load_or_create(&cfg.data_dir).map_err(setup)?;
+    let m = Arc::new(manager::Manager::new(node, store, images, vmm, tokens));
     // Make the default writable-disk template now, not inside the first create.
     let (m2, gib) = (m.clone(), cfg.default_disk_gib);
     tokio::task::spawn_blocking(move || m2.disk_template(gib))
@@ -187,29 +189,43 @@ pub async fn run(mut cfg: DaemonConfig) -> Result<(), DaemonError> {
         }
     });
 
-    let app = api::router(m.clone());
+    let app = api::router(m.clone(), true);
     let mut tasks = tokio::task::JoinSet::new();
     if let Some(addr) = cfg.tcp_listen {
         let tcp = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|e| setup(format!("binding {addr}: {e}")))?;
         let token = Arc::new(token);
-        let authed = app.clone().layer(axum::middleware::from_fn(
-            move |req: axum::extract::Request, next: axum::middleware::Next| {
-                let token = token.clone();
+        let mt = m.clone();
+        let authed = api::router(m.clone(), false).layer(axum::middleware::from_fn(
+            move |mut req: axum::extract::Request, next: axum::middleware::Next| {
+                let (token, mt) = (token.clone(), mt.clone());
                 async move {
-                    let ok = req
+                    let bearer = req
                         .headers()
                         .get(axum::http::header::AUTHORIZATION)
                         .and_then(|v| v.to_str().ok())
                         .and_then(|v| v.strip_prefix("Bearer "))
-                        .is_some_and(|t| constant_eq(t.as_bytes(), token.as_bytes()));
-                    if ok {
-                        next.run(req).await
-                    } else {
-                        axum::response::IntoResponse::into_response(error::ApiError::Unauthorized(
-                            "missing or wrong bearer token (see DATA_DIR/api-token)".into(),
-                        ))
+                        .map(str::to_string);
+                    let caller = match bearer {
+                        Some(t) if constant_eq(t.as_bytes(), token.as_bytes()) => {
+                            Some(auth::Caller::local_admin())
+                        }
+                        Some(t) => mt.tokens.verify(&mt.store, &t),
+                        None => None,
+                    };
+                    match caller {
+                        Some(c) => {
+                            req.extensions_mut().insert(c);
+                            next.run(req).await
+                        }
+                        None => axum::response::IntoResponse::into_response(
+                            error::ApiError::Unauthorized(
+                                "missing, wrong, expired or revoked bearer token \
+                             (DATA_DIR/api-token, or: ssh -p 2222 HOST token create)"
+                                    .into(),
+                            ),
+                        ),
                     }
                 }
             },

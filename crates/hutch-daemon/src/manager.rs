@@ -37,6 +37,7 @@ pub struct Manager {
     /// Pulls, imports and commits hold it shared; garbage collection holds it exclusively, so it
     /// never deletes the blobs of an image still being made.
     pub image_ops: tokio::sync::RwLock<()>,
+    pub tokens: crate::auth::Tokens,
 }
 
 /// A request to create a VM.
@@ -111,6 +112,7 @@ impl Manager {
         store: Store,
         images: hutch_image::ImageStore,
         vmm: Arc<dyn Vmm>,
+        tokens: crate::auth::Tokens,
     ) -> Manager {
         Manager {
             cfg,
@@ -124,6 +126,7 @@ impl Manager {
                 .unwrap_or(1),
             host_mem_mib: mem_total_mib(),
             image_ops: tokio::sync::RwLock::new(()),
+            tokens,
         }
     }
 

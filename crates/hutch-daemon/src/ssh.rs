@@ -234,6 +234,7 @@ const HELP: &str = "hutch over SSH. Commands:
   new --image IMAGE [--name NAME] [--vcpu N] [--mem MIB] [--disk GIB] [--run]
   ls | describe NAME | stop NAME | start NAME | rm NAME | logs NAME
   status | whoami | keys ls | keys add < key.pub | keys rm FINGERPRINT
+  token create [--ttl HOURS] | token ls | token rm ID     (API tokens for the REST API)
   adduser NAME < key.pub        (admins)
 Add --json to ls, describe and new for JSON. Enter a VM: ssh -p PORT NAME@HOST
 ";
@@ -384,6 +385,42 @@ impl Conn {
                 match self.m.store.put(ACCOUNTS, &acc.name, &acc) {
                     Ok(()) => Out::ok(format!("removed {fp}\n")),
                     Err(e) => Out::fail(e.to_string()),
+                }
+            }
+            ["token", "create", rest @ ..] => {
+                let hours = match rest {
+                    [] => 24,
+                    ["--ttl", h] => match h.trim_end_matches('h').parse::<u64>() {
+                        Ok(h) if (1..=24 * 365).contains(&h) => h,
+                        _ => return Out::fail(format!("--ttl {h:?}: hours between 1 and 8760")),
+                    },
+                    _ => return Out::fail("usage: token create [--ttl HOURS]"),
+                };
+                let acc = self.account().name.clone();
+                match self.m.tokens.issue(&self.m.store, &acc, hours * 3600) {
+                    Ok((rec, jwt)) if json => Out::ok(
+                        serde_json::json!({"id": rec.id, "token": jwt, "expires_at": rec.expires_at}).to_string() + "\n",
+                    ),
+                    Ok((rec, jwt)) => Out::ok(format!("{jwt}\n# id {} expires in {hours}h; revoke: token rm {}\n", rec.id, rec.id)),
+                    Err(e) => Out::fail(e),
+                }
+            }
+            ["token", "ls"] => {
+                let mut rows = vec![vec!["ID".to_string(), "CREATED".into(), "EXPIRES".into()]];
+                for t in crate::auth::Tokens::list(&self.m.store, &self.account().name) {
+                    rows.push(vec![
+                        t.id,
+                        hutch_image::rfc3339(t.created_at),
+                        hutch_image::rfc3339(t.expires_at),
+                    ]);
+                }
+                Out::ok(table(rows))
+            }
+            ["token", "rm", id] => {
+                if crate::auth::Tokens::revoke(&self.m.store, &self.account().name, id) {
+                    Out::ok(format!("revoked {id}\n"))
+                } else {
+                    Out::fail(format!("no token {id} on this account"))
                 }
             }
             ["adduser", name] => {

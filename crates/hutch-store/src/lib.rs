@@ -16,7 +16,8 @@ pub struct Table(&'static str);
 pub const VMS: Table = Table("vms");
 pub const IMAGES: Table = Table("images");
 pub const ACCOUNTS: Table = Table("accounts");
-const ALL: [Table; 3] = [VMS, IMAGES, ACCOUNTS];
+pub const TOKENS: Table = Table("tokens");
+const ALL: [Table; 4] = [VMS, IMAGES, ACCOUNTS, TOKENS];
 
 impl Table {
     fn def(self) -> TableDefinition<'static, &'static str, &'static [u8]> {

@@ -83,7 +83,15 @@ fn ssh_front_door() {
         .unwrap()
         .port();
     let layout = busybox_layout(w);
+    let api_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let api_addr = format!("127.0.0.1:{api_port}");
     let d = Daemon::start(&[
+        "--listen",
+        &api_addr,
         "--ssh-listen",
         &format!("127.0.0.1:{port}"),
         "--admin-keys",
@@ -216,6 +224,70 @@ fn ssh_front_door() {
     assert!(se.contains("not a number"), "{se}");
     let (_, se, _) = text(&s.run(&alice, "alice", &["frobnicate"], None, false));
     assert!(se.contains("unknown command"), "{se}");
+
+    // API tokens issued over SSH act for the account on the REST API, until revoked.
+    let tok = |key: &Path, user: &str| -> serde_json::Value {
+        let (so, se, code) = text(&s.run(
+            key,
+            user,
+            &["token", "create", "--ttl", "1", "--json"],
+            None,
+            false,
+        ));
+        assert_eq!(code, 0, "{se}");
+        serde_json::from_str(&so).unwrap()
+    };
+    let get = |path: &str, token: &str| {
+        let mut c = std::net::TcpStream::connect(&api_addr).unwrap();
+        let (st, body) = http(&mut c, "GET", path, None, "application/json", Some(token)).unwrap();
+        (
+            st,
+            serde_json::from_slice::<serde_json::Value>(&body).unwrap_or_default(),
+        )
+    };
+    let at = tok(&alice, "alice");
+    let bt = tok(&bob, "bob");
+    let (st, v) = get("/api/v1/sandboxes", at["token"].as_str().unwrap());
+    assert_eq!(st, 200);
+    assert_eq!(v[0]["name"], "web");
+    assert_eq!(v[0]["owner"], "alice");
+    let (st, v) = get("/api/v1/sandboxes", bt["token"].as_str().unwrap());
+    assert_eq!((st, v), (200, serde_json::json!([])));
+    let (st, v) = get("/api/v1/sandboxes/web", bt["token"].as_str().unwrap());
+    assert_eq!((st, v["error"]["code"].as_str()), (404, Some("not_found")));
+    let mut c = std::net::TcpStream::connect(&api_addr).unwrap();
+    let (st, _) = http(
+        &mut c,
+        "DELETE",
+        "/api/v1/images/busybox",
+        None,
+        "application/json",
+        bt["token"].as_str(),
+    )
+    .unwrap();
+    assert_eq!(st, 403);
+    let (st, _) = get("/api/v1/sandboxes", "not.a.token");
+    assert_eq!(st, 401);
+    let (so, _, _) = text(&s.run(&alice, "alice", &["token", "ls"], None, false));
+    assert!(so.contains(at["id"].as_str().unwrap()), "{so}");
+    let (_, _, code) = text(&s.run(
+        &bob,
+        "bob",
+        &["token", "rm", at["id"].as_str().unwrap()],
+        None,
+        false,
+    ));
+    assert_eq!(code, 1, "bob cannot revoke alice's token");
+    let (_, _, code) = text(&s.run(
+        &alice,
+        "alice",
+        &["token", "rm", at["id"].as_str().unwrap()],
+        None,
+        false,
+    ));
+    assert_eq!(code, 0);
+    let (st, _) = get("/api/v1/sandboxes", at["token"].as_str().unwrap());
+    assert_eq!(st, 401, "a revoked token stops working");
 
     // A stopped VM says how to start it.
     s.run(&alice, "alice", &["stop", "web"], None, false);

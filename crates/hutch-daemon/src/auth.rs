@@ -1,0 +1,174 @@
+//! Who is calling: API tokens (JWT, HS256, signed with a secret kept in the data dir) issued to
+//! an account over SSH, with expiry and revocation; and the caller identity the API acts for.
+
+use base64::Engine;
+use hmac::{Hmac, Mac};
+use hutch_core::Account;
+use hutch_store::{Store, ACCOUNTS, TOKENS};
+use serde::{Deserialize, Serialize};
+use sha2::Sha256;
+use std::path::Path;
+
+/// The identity a request acts for.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub account: String,
+    pub admin: bool,
+}
+
+impl Caller {
+    /// Local callers (unix socket, static admin token).
+    pub fn local_admin() -> Caller {
+        Caller {
+            account: "admin".into(),
+            admin: true,
+        }
+    }
+
+    pub fn sees(&self, owner: Option<&str>) -> bool {
+        self.admin || owner == Some(self.account.as_str())
+    }
+}
+
+/// An issued token, as stored (never the token itself).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TokenRecord {
+    pub id: String,
+    pub account: String,
+    pub created_at: u64,
+    pub expires_at: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Claims {
+    sub: String,
+    jti: String,
+    iat: u64,
+    exp: u64,
+}
+
+pub struct Tokens {
+    secret: Vec<u8>,
+}
+
+fn b64(d: &[u8]) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(d)
+}
+
+impl Tokens {
+    pub fn load_or_create(data_dir: &Path) -> std::io::Result<Tokens> {
+        let p = data_dir.join("jwt-secret");
+        let secret = match std::fs::read(&p) {
+            Ok(s) if s.len() >= 32 => s,
+            _ => {
+                let s: [u8; 32] = rand::random();
+                let tmp = p.with_extension("tmp");
+                std::fs::write(&tmp, s)?;
+                std::fs::set_permissions(
+                    &tmp,
+                    std::os::unix::fs::PermissionsExt::from_mode(0o600),
+                )?;
+                std::fs::rename(&tmp, &p)?;
+                s.to_vec()
+            }
+        };
+        Ok(Tokens { secret })
+    }
+
+    fn mac(&self, input: &str) -> Vec<u8> {
+        // HMAC accepts keys of any length.
+        let mut m = Hmac::<Sha256>::new_from_slice(&self.secret).expect("hmac key");
+        m.update(input.as_bytes());
+        m.finalize().into_bytes().to_vec()
+    }
+
+    /// Issues a token for `account` valid for `ttl_secs`; returns (id, token).
+    pub fn issue(
+        &self,
+        store: &Store,
+        account: &str,
+        ttl_secs: u64,
+    ) -> Result<(TokenRecord, String), String> {
+        let now = hutch_core::now();
+        let rec = TokenRecord {
+            id: hex::encode(rand::random::<[u8; 8]>()),
+            account: account.into(),
+            created_at: now,
+            expires_at: now + ttl_secs,
+        };
+        let claims = Claims {
+            sub: rec.account.clone(),
+            jti: rec.id.clone(),
+            iat: now,
+            exp: rec.expires_at,
+        };
+        let input = format!(
+            "{}.{}",
+            b64(br#"{"alg":"HS256","typ":"JWT"}"#),
+            b64(&serde_json::to_vec(&claims).map_err(|e| e.to_string())?)
+        );
+        let jwt = format!("{input}.{}", b64(&self.mac(&input)));
+        store
+            .put(TOKENS, &rec.id, &rec)
+            .map_err(|e| e.to_string())?;
+        Ok((rec, jwt))
+    }
+
+    /// Checks signature, expiry, that the token was not revoked and its account still exists.
+    pub fn verify(&self, store: &Store, jwt: &str) -> Option<Caller> {
+        let (input, sig) = jwt.rsplit_once('.')?;
+        let sig = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(sig)
+            .ok()?;
+        let mut m = Hmac::<Sha256>::new_from_slice(&self.secret).ok()?;
+        m.update(input.as_bytes());
+        m.verify_slice(&sig).ok()?;
+        let (header, body) = input.split_once('.')?;
+        let header: serde_json::Value = serde_json::from_slice(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(header)
+                .ok()?,
+        )
+        .ok()?;
+        if header["alg"] != "HS256" {
+            return None;
+        }
+        let c: Claims = serde_json::from_slice(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(body)
+                .ok()?,
+        )
+        .ok()?;
+        if c.exp <= hutch_core::now() {
+            return None;
+        }
+        let rec: TokenRecord = store.get(TOKENS, &c.jti).ok()??;
+        if rec.account != c.sub {
+            return None;
+        }
+        let acc: Account = store.get(ACCOUNTS, &c.sub).ok()??;
+        Some(Caller {
+            account: acc.name,
+            admin: acc.admin,
+        })
+    }
+
+    pub fn list(store: &Store, account: &str) -> Vec<TokenRecord> {
+        let mut v: Vec<TokenRecord> = store
+            .list(TOKENS)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|t: &TokenRecord| t.account == account)
+            .collect();
+        v.sort_by_key(|t| t.created_at);
+        v
+    }
+
+    /// Revokes token `id` of `account`; false if there is none.
+    pub fn revoke(store: &Store, account: &str, id: &str) -> bool {
+        match store.get::<TokenRecord>(TOKENS, id) {
+            Ok(Some(t)) if t.account == account => store.delete(TOKENS, id).unwrap_or(false),
+            _ => false,
+        }
+    }
+}
