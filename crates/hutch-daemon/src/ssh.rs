@@ -12,11 +12,12 @@ use hutch_proto::{Frame, Kind, Request, Response, TtySize};
 use hutch_store::ACCOUNTS;
 use russh::keys::ssh_key::private::{Ed25519Keypair, KeypairData};
 use russh::keys::{HashAlg, PrivateKey, PublicKey};
-use russh::server::{self, Auth, Msg, Server as _, Session};
+use russh::server::{self, Auth, Msg, Session};
 use russh::{Channel, ChannelId, MethodKind, MethodSet};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 #[derive(Debug, Clone)]
@@ -26,6 +27,10 @@ pub struct SshOptions {
     pub admin_keys: Option<PathBuf>,
     /// Host name shown in "Connect:" lines.
     pub host_name: String,
+    /// Refused key offers from one address within 5 minutes before it is refused outright.
+    pub max_auth_failures: u32,
+    /// Seconds a connection has to log in.
+    pub auth_timeout_secs: u64,
 }
 
 fn err(m: impl std::fmt::Display) -> crate::DaemonError {
@@ -138,36 +143,145 @@ pub async fn serve(m: Arc<Manager>, opts: SshOptions) -> Result<(), crate::Daemo
         .map_err(|e| err(format!("binding {}: {e}", opts.listen)))?;
     let port = listener.local_addr().map(|a| a.port()).unwrap_or(2222);
     tracing::info!(addr = %opts.listen, "ssh front door listening");
-    let mut front = Front {
-        m,
-        host: opts.host_name,
-        port,
-    };
-    front
-        .run_on_socket(Arc::new(config), &listener)
-        .await
-        .map_err(|e| err(format!("ssh server: {e}")))
-}
-
-#[derive(Clone)]
-struct Front {
-    m: Arc<Manager>,
-    host: String,
-    port: u16,
-}
-
-impl server::Server for Front {
-    type Handler = Conn;
-    fn new_client(&mut self, peer: Option<SocketAddr>) -> Conn {
-        Conn {
-            m: self.m.clone(),
-            host: self.host.clone(),
-            port: self.port,
-            peer,
+    let limits = Arc::new(Limits {
+        max_failures: opts.max_auth_failures,
+        auth_deadline: std::time::Duration::from_secs(opts.auth_timeout_secs),
+        ..Limits::default()
+    });
+    let config = Arc::new(config);
+    loop {
+        let (sock, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(error = %e, "ssh accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        // Refused: too many failed logins from this address, or too many logins in progress.
+        let Some(slot) = limits.admit(peer.ip()) else {
+            drop(sock);
+            continue;
+        };
+        let authed = Arc::new(AtomicBool::new(false));
+        let conn = Conn {
+            m: m.clone(),
+            host: opts.host_name.clone(),
+            port,
+            peer: Some(peer),
             account: None,
             key_fp: String::new(),
             user: String::new(),
             chans: HashMap::new(),
+            limits: limits.clone(),
+            slot: Some(slot),
+            authed: authed.clone(),
+        };
+        let config = config.clone();
+        let deadline = limits.auth_deadline;
+        // A second handle on the socket: shutting it down ends a login that takes too long
+        // (russh runs the session in its own task), and holding it keeps the fd from reuse.
+        let keep = match std::os::fd::AsFd::as_fd(&sock).try_clone_to_owned() {
+            Ok(fd) => fd,
+            Err(_) => continue,
+        };
+        tokio::spawn(async move {
+            let session = match tokio::time::timeout(
+                deadline,
+                server::run_stream(config, sock, conn),
+            )
+            .await
+            {
+                Ok(Ok(s)) => s,
+                _ => return,
+            };
+            tokio::pin!(session);
+            tokio::select! {
+                r = &mut session => {
+                    if let Err(e) = r {
+                        tracing::debug!(error = ?e, ?peer, "ssh session ended with an error");
+                    }
+                    return;
+                }
+                _ = tokio::time::sleep(deadline) => {}
+            }
+            if !authed.load(Ordering::SeqCst) {
+                tracing::info!(?peer, "ssh login timed out");
+                // SAFETY: shutdown on an fd we own; it ends the session's reads and writes.
+                unsafe { libc::shutdown(std::os::fd::AsRawFd::as_raw_fd(&keep), libc::SHUT_RDWR) };
+            }
+            if let Err(e) = session.await {
+                tracing::debug!(error = ?e, ?peer, "ssh session ended with an error");
+            }
+            drop(keep);
+        });
+    }
+}
+
+/// Bounds on abuse: refused key offers per address, logins in progress, time to log in.
+pub struct Limits {
+    failures: std::sync::Mutex<HashMap<std::net::IpAddr, (u32, std::time::Instant)>>,
+    pending: Arc<AtomicUsize>,
+    pub max_failures: u32,
+    pub failure_window: std::time::Duration,
+    pub max_pending: usize,
+    pub auth_deadline: std::time::Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            failures: Default::default(),
+            pending: Default::default(),
+            max_failures: 30,
+            failure_window: std::time::Duration::from_secs(300),
+            max_pending: 64,
+            auth_deadline: std::time::Duration::from_secs(30),
+        }
+    }
+}
+
+/// A login in progress; released when it succeeds or the connection goes away.
+pub struct PendingSlot(Arc<AtomicUsize>);
+
+impl Drop for PendingSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl Limits {
+    fn admit(&self, ip: std::net::IpAddr) -> Option<PendingSlot> {
+        if self.blocked(ip) {
+            tracing::info!(%ip, "ssh connection refused: too many failed logins");
+            return None;
+        }
+        let n = self.pending.fetch_add(1, Ordering::SeqCst);
+        let slot = PendingSlot(self.pending.clone());
+        if n >= self.max_pending {
+            tracing::warn!(%ip, "ssh connection refused: too many logins in progress");
+            return None; // dropping the slot undoes the increment
+        }
+        Some(slot)
+    }
+
+    fn blocked(&self, ip: std::net::IpAddr) -> bool {
+        let f = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        f.get(&ip).is_some_and(|(n, since)| {
+            *n >= self.max_failures && since.elapsed() < self.failure_window
+        })
+    }
+
+    fn failed(&self, ip: std::net::IpAddr) {
+        let mut f = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        let window = self.failure_window;
+        let e = f.entry(ip).or_insert((0, std::time::Instant::now()));
+        if e.1.elapsed() >= window {
+            *e = (0, std::time::Instant::now());
+        }
+        e.0 += 1;
+        if f.len() > 100_000 {
+            f.retain(|_, (_, since)| since.elapsed() < window);
         }
     }
 }
@@ -184,6 +298,10 @@ struct Chan {
 }
 
 pub struct Conn {
+    limits: Arc<Limits>,
+    /// Held until the login succeeds.
+    slot: Option<PendingSlot>,
+    authed: Arc<AtomicBool>,
     m: Arc<Manager>,
     host: String,
     port: u16,
@@ -665,6 +783,21 @@ fn table(rows: Vec<Vec<String>>) -> String {
 impl server::Handler for Conn {
     type Error = russh::Error;
 
+    async fn auth_publickey_offered(
+        &mut self,
+        _user: &str,
+        offer: server::PublicKeyOffer<'_>,
+    ) -> Result<Auth, Self::Error> {
+        // Unknown keys are refused before the client proves it holds them, and counted.
+        if account_of(&self.m, &fingerprint(offer.public_key)).is_some() {
+            return Ok(Auth::Accept);
+        }
+        if let Some(p) = self.peer {
+            self.limits.failed(p.ip());
+        }
+        Ok(Auth::reject())
+    }
+
     async fn auth_publickey(
         &mut self,
         user: &str,
@@ -676,6 +809,8 @@ impl server::Handler for Conn {
                 tracing::info!(account = %acc.name, user, peer = ?self.peer, "ssh login");
                 self.account = Some(acc);
                 self.key_fp = fp;
+                self.authed.store(true, Ordering::SeqCst);
+                self.slot = None;
                 self.user = user.to_string();
                 Ok(Auth::Accept)
             }

@@ -98,6 +98,10 @@ fn ssh_front_door() {
         &format!("{}.pub", admin.display()),
         "--ssh-host-name",
         "hutch.test",
+        "--ssh-max-auth-failures",
+        "5",
+        "--ssh-auth-timeout",
+        "2",
     ]);
     d.ok(&[
         "image",
@@ -301,4 +305,34 @@ fn ssh_front_door() {
     assert_eq!(code, 0);
     assert!(d.qemu_pids().is_empty());
     assert_eq!(d.json(&["ls"]), serde_json::json!([]));
+
+    // A connection that does not log in is cut off after the deadline.
+    let mut raw = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    raw.set_read_timeout(Some(std::time::Duration::from_secs(15)))
+        .unwrap();
+    std::io::Write::write_all(&mut raw, b"SSH-2.0-hutch-test\r\n").unwrap();
+    let t = std::time::Instant::now();
+    let mut buf = [0u8; 4096];
+    while std::io::Read::read(&mut raw, &mut buf)
+        .map(|n| n > 0)
+        .unwrap_or(false)
+    {}
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(10),
+        "not cut off: {:?}",
+        t.elapsed()
+    );
+    // Repeated unknown keys lock the address out, even for a known key afterwards.
+    for _ in 0..5 {
+        assert_eq!(
+            s.run(&stranger, "x", &["ls"], None, false).status.code(),
+            Some(255)
+        );
+    }
+    assert_eq!(
+        s.run(&admin, "admin", &["whoami"], None, false)
+            .status
+            .code(),
+        Some(255)
+    );
 }

@@ -53,6 +53,12 @@ struct Args {
     /// Host name shown in "Connect: ssh ..." lines (default: this machine's hostname).
     #[arg(long)]
     ssh_host_name: Option<String>,
+    /// Refused SSH key offers from one address (per 5 minutes) before it is locked out.
+    #[arg(long, default_value_t = 30)]
+    ssh_max_auth_failures: u32,
+    /// Seconds an SSH connection has to authenticate.
+    #[arg(long, default_value_t = 30)]
+    ssh_auth_timeout: u64,
     /// Most entries all layers of one image may hold (against layer bombs).
     #[arg(long, default_value_t = 1_000_000)]
     max_image_entries: u64,
@@ -77,6 +83,8 @@ fn main() -> anyhow::Result<()> {
                 .parse()
                 .with_context(|| format!("--ssh-listen {addr:?}"))?,
             admin_keys: args.admin_keys,
+            max_auth_failures: args.ssh_max_auth_failures,
+            auth_timeout_secs: args.ssh_auth_timeout,
             host_name: args.ssh_host_name.unwrap_or_else(|| {
                 std::fs::read_to_string("/proc/sys/kernel/hostname")
                     .map(|h| h.trim().to_string())
