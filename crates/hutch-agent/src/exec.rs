@@ -548,3 +548,81 @@ pub fn write_file(shared: Arc<Shared>, gen: u64, stream: u32, path: String, mode
         }
     });
 }
+
+fn attr(md: &std::fs::Metadata) -> hutch_proto::FileAttr {
+    use std::os::unix::fs::MetadataExt;
+    hutch_proto::FileAttr {
+        size: md.len(),
+        mode: md.mode(),
+        uid: md.uid(),
+        gid: md.gid(),
+        atime: md.atime(),
+        mtime: md.mtime(),
+    }
+}
+
+/// Runs a filesystem operation and answers on `stream`.
+pub fn fs(shared: &Shared, gen: u64, stream: u32, req: hutch_proto::FsRequest) {
+    use hutch_proto::FsRequest as F;
+    let done = Response::Done { bytes: 0 };
+    let r: std::io::Result<Response> = (|| {
+        Ok(match req {
+            F::Stat { path, follow } => {
+                let md = if follow {
+                    std::fs::metadata(&path)?
+                } else {
+                    std::fs::symlink_metadata(&path)?
+                };
+                Response::FsAttr { attr: attr(&md) }
+            }
+            F::ReadDir { path } => {
+                let mut entries = Vec::new();
+                for e in std::fs::read_dir(&path)? {
+                    let e = e?;
+                    if let Ok(md) = e.path().symlink_metadata() {
+                        entries.push(hutch_proto::DirEntry {
+                            name: e.file_name().to_string_lossy().to_string(),
+                            attr: attr(&md),
+                        });
+                    }
+                }
+                Response::FsDir { entries }
+            }
+            F::Mkdir { path, mode } => {
+                std::fs::create_dir(&path)?;
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode & 0o7777))?;
+                done
+            }
+            F::Remove { path } => {
+                std::fs::remove_file(&path)?;
+                done
+            }
+            F::Rmdir { path } => {
+                std::fs::remove_dir(&path)?;
+                done
+            }
+            F::Rename { from, to } => {
+                std::fs::rename(&from, &to)?;
+                done
+            }
+            F::Realpath { path } => Response::FsPath {
+                path: std::fs::canonicalize(&path)?.to_string_lossy().to_string(),
+            },
+            F::Readlink { path } => Response::FsPath {
+                path: std::fs::read_link(&path)?.to_string_lossy().to_string(),
+            },
+            F::Symlink { target, link } => {
+                std::os::unix::fs::symlink(&target, &link)?;
+                done
+            }
+            F::Chmod { path, mode } => {
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode & 0o7777))?;
+                done
+            }
+        })
+    })();
+    match r {
+        Ok(resp) => shared.respond(gen, stream, &resp),
+        Err(e) => shared.error(gen, stream, io_code(&e), e.to_string()),
+    }
+}

@@ -251,6 +251,10 @@ fn request(shared: &Arc<Shared>, gen: u64, stream: u32, req: Request) {
         Request::WriteFile { path, mode } => {
             exec::write_file(shared.clone(), gen, stream, path, mode)
         }
+        Request::Fs(req) => {
+            let shared = shared.clone();
+            std::thread::spawn(move || exec::fs(&shared, gen, stream, req));
+        }
         Request::ExportChanges => {
             let shared = shared.clone();
             std::thread::spawn(move || crate::export::export(&shared, gen, stream));

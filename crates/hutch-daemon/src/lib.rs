@@ -6,6 +6,7 @@ pub mod api;
 pub mod auth;
 pub mod error;
 pub mod manager;
+pub mod sftp;
 pub mod ssh;
 
 use hutch_vmm::{AccelChoice, Vmm};
@@ -252,10 +253,13 @@ pub async fn run(mut cfg: DaemonConfig) -> Result<(), DaemonError> {
             .with_graceful_shutdown(shutdown())
             .await
     });
-    while let Some(r) = tasks.join_next().await {
-        if let Ok(Err(e)) = r {
-            return Err(setup(format!("server: {e}")));
-        }
+    // The HTTP servers end on SIGINT/SIGTERM; the first task to end (or fail) ends the daemon,
+    // and the rest (the SSH accept loop never ends by itself) are stopped with it.
+    let first = tasks.join_next().await;
+    tasks.abort_all();
+    while tasks.join_next().await.is_some() {}
+    if let Some(Ok(Err(e))) = first {
+        return Err(setup(format!("server: {e}")));
     }
     let _ = std::fs::remove_file(&sock);
     tracing::info!("hutchd stopped; VMs keep running");

@@ -807,6 +807,22 @@ impl Manager {
         }
     }
 
+    /// A filesystem operation in the guest (SFTP); returns the agent's answer.
+    pub async fn fs(&self, name: &str, req: hutch_proto::FsRequest) -> Result<Response, ApiError> {
+        let vm = self.get(name)?;
+        let client = self.client(&vm)?;
+        let mut s = client.open(&Request::Fs(req))?;
+        loop {
+            let f = s.rx.recv().await.ok_or(crate::agent::AgentError::Lost)?;
+            if f.kind == Kind::Response {
+                return match f.parse::<Response>("response").map_err(internal)? {
+                    Response::Error { code, message } => Err(file_error(&code, message)),
+                    r => Ok(r),
+                };
+            }
+        }
+    }
+
     pub async fn read_file(&self, name: &str, path: &str) -> Result<Vec<u8>, ApiError> {
         check_path(path)?;
         let vm = self.get(name)?;

@@ -294,6 +294,9 @@ struct Chan {
     vm: Option<(Arc<crate::agent::AgentClient>, u32)>,
     /// A control command that reads stdin, run at EOF.
     pending: Option<Vec<String>>,
+    /// The channel itself, kept until we know whether it becomes an SFTP subsystem (then it is
+    /// handed over) or anything else (then it is dropped: an unread channel would stall).
+    channel: Option<Channel<Msg>>,
     stdin: Vec<u8>,
 }
 
@@ -837,7 +840,14 @@ impl server::Handler for Conn {
         if self.chans.len() >= 16 {
             return Ok(()); // dropping the reply rejects the channel
         }
-        self.chans.insert(channel.id(), Chan::default());
+        let id = channel.id();
+        self.chans.insert(
+            id,
+            Chan {
+                channel: Some(channel),
+                ..Default::default()
+            },
+        );
         reply.accept().await;
         Ok(())
     }
@@ -904,6 +914,7 @@ impl server::Handler for Conn {
         session: &mut Session,
     ) -> Result<(), Self::Error> {
         session.channel_success(ch)?;
+        self.chans.entry(ch).or_default().channel = None;
         let line = String::from_utf8_lossy(data).to_string();
         if self.is_vm_user() {
             return self.vm_exec(ch, vec!["/bin/sh".into(), "-c".into(), line], session);
@@ -931,11 +942,36 @@ impl server::Handler for Conn {
         name: &str,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
-        tracing::info!(
-            subsystem = name,
-            "refused ssh subsystem (not supported yet)"
-        );
-        session.channel_failure(ch)?;
+        let channel = self.chans.get_mut(&ch).and_then(|c| c.channel.take());
+        match (name, channel) {
+            ("sftp", Some(channel)) if self.is_vm_user() => {
+                let vm = self.user.clone();
+                if self.find(&vm).is_none_or(|v| v.state != VmState::Running) {
+                    session.channel_failure(ch)?;
+                    return Ok(());
+                }
+                session.channel_success(ch)?;
+                let sftp = crate::sftp::VmSftp::new(self.m.clone(), vm);
+                // The SFTP server runs on one end of a pipe; this task carries the other end to
+                // the channel and, when both sides are done, reports success (scp checks it).
+                let (ours, theirs) = tokio::io::duplex(256 * 1024);
+                russh_sftp::server::run(theirs, sftp).await;
+                let handle = session.handle();
+                tokio::spawn(async move {
+                    let mut ours = ours;
+                    let mut chan = channel.into_stream();
+                    let _ = tokio::io::copy_bidirectional(&mut ours, &mut chan).await;
+                    drop(chan);
+                    let _ = handle.exit_status_request(ch, 0).await;
+                    let _ = handle.eof(ch).await;
+                    let _ = handle.close(ch).await;
+                });
+            }
+            _ => {
+                tracing::info!(subsystem = name, "refused ssh subsystem");
+                session.channel_failure(ch)?;
+            }
+        }
         Ok(())
     }
 

@@ -248,6 +248,8 @@ pub enum Request {
     /// layer tar on Stdout frames, deletions as whiteouts; then `Response::Done`. The writable
     /// filesystem is frozen meanwhile, so the layer is consistent.
     ExportChanges,
+    /// A filesystem operation (for SFTP); answered with `FsAttr`, `FsDir`, `FsPath` or `Done`.
+    Fs(FsRequest),
     /// Liveness and readiness.
     Health,
     /// Stops every process, syncs and unmounts, powers the VM off.
@@ -289,12 +291,73 @@ pub struct TtySize {
     pub cols: u16,
 }
 
+/// Filesystem operations in the guest.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "fs", rename_all = "snake_case")]
+pub enum FsRequest {
+    /// `follow`: stat (true) or lstat (false).
+    Stat {
+        path: String,
+        follow: bool,
+    },
+    ReadDir {
+        path: String,
+    },
+    Mkdir {
+        path: String,
+        mode: u32,
+    },
+    Remove {
+        path: String,
+    },
+    Rmdir {
+        path: String,
+    },
+    Rename {
+        from: String,
+        to: String,
+    },
+    Realpath {
+        path: String,
+    },
+    Readlink {
+        path: String,
+    },
+    Symlink {
+        target: String,
+        link: String,
+    },
+    Chmod {
+        path: String,
+        mode: u32,
+    },
+}
+
+/// File metadata; `mode` is the full st_mode (type and permission bits).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct FileAttr {
+    pub size: u64,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub atime: i64,
+    pub mtime: i64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DirEntry {
+    pub name: String,
+    pub attr: FileAttr,
+}
+
 /// Agent -> host answers.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Response {
     /// The process runs.
-    Started { pid: i32 },
+    Started {
+        pid: i32,
+    },
     /// The process ended; all its output has been sent before this frame.
     Exited {
         code: Option<i32>,
@@ -302,14 +365,28 @@ pub enum Response {
         timed_out: bool,
     },
     /// A file operation finished.
-    Done { bytes: u64 },
+    Done {
+        bytes: u64,
+    },
     Health {
         ready: bool,
         uptime_ms: u64,
         processes: u32,
     },
+    FsAttr {
+        attr: FileAttr,
+    },
+    FsDir {
+        entries: Vec<DirEntry>,
+    },
+    FsPath {
+        path: String,
+    },
     /// The request failed; the stream is finished.
-    Error { code: String, message: String },
+    Error {
+        code: String,
+        message: String,
+    },
 }
 
 #[cfg(test)]
