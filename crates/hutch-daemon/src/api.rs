@@ -55,6 +55,7 @@ pub fn router(m: AppState, local: bool) -> Router {
         .route("/api/v1/sandboxes/{name}", get(get_vm).delete(delete_vm))
         .route("/api/v1/sandboxes/{name}/start", post(start_vm))
         .route("/api/v1/sandboxes/{name}/stop", post(stop_vm))
+        .route("/api/v1/sandboxes/{name}/clone", post(clone_vm))
         .route("/api/v1/sandboxes/{name}/exec", post(exec_vm))
         .route(
             "/api/v1/sandboxes/{name}/files",
@@ -412,6 +413,24 @@ async fn start_vm(
     Path(name): Path<String>,
 ) -> Result<Json<Vm>, ApiError> {
     Ok(Json(m.start(&name).await?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CloneReq {
+    name: Option<String>,
+}
+
+/// Copies a stopped sandbox's disk into a new sandbox and boots it.
+async fn clone_vm(
+    State(m): State<AppState>,
+    Path(name): Path<String>,
+    ApiJson(req): ApiJson<CloneReq>,
+) -> Result<(StatusCode, Json<Vm>), ApiError> {
+    Ok((
+        StatusCode::CREATED,
+        Json(m.clone_vm(&name, req.name).await?),
+    ))
 }
 
 async fn stop_vm(

@@ -591,6 +591,73 @@ impl Manager {
         let _ = std::fs::remove_dir_all(self.vm_dir(&vm.id));
     }
 
+    /// Makes `dst` from a copy of `src`'s disk (boxcutter's `cp`) and boots it. `src` must be
+    /// stopped, so its disk is consistent; the copy keeps its image, size and owner.
+    pub async fn clone_vm(
+        self: &Arc<Self>,
+        src: &str,
+        dst: Option<String>,
+    ) -> Result<Vm, ApiError> {
+        let lock = self.lock_for(src);
+        let _g = lock.lock().await;
+        let from = self.get(src)?;
+        if from.state != VmState::Stopped {
+            return Err(ApiError::Conflict(format!(
+                "{src} is {}; stop it first to copy it",
+                from.state.as_str()
+            )));
+        }
+        let image = self
+            .store
+            .list::<Image>(IMAGES)?
+            .into_iter()
+            .find(|i| i.digest == from.image_digest)
+            .ok_or_else(|| {
+                ApiError::Conflict(format!("the image of {src} is no longer in the store"))
+            })?;
+        if let Some(n) = &dst {
+            names::validate_name(n).map_err(ApiError::Invalid)?;
+        }
+        let mut vm = Vm {
+            id: names::random_id(),
+            name: dst.unwrap_or_else(|| format!("{src}-copy")),
+            state: VmState::Starting,
+            reason: None,
+            pid: None,
+            created_at: hutch_core::now(),
+            started_at: None,
+            boot_ms: None,
+            main_pid: None,
+            ..from.clone()
+        };
+        self.store.insert_new(VMS, &vm.name, &vm)?;
+        let result = async {
+            let dir = self.vm_dir(&vm.id);
+            std::fs::create_dir_all(dir.join("run")).map_err(internal)?;
+            let t = Instant::now();
+            run_tool(
+                std::process::Command::new("cp")
+                    .arg("--sparse=always")
+                    .arg(self.vm_dir(&from.id).join("disk.qcow2"))
+                    .arg(dir.join("disk.qcow2")),
+            )?;
+            let us = t.elapsed().as_micros() as u64;
+            vm = self
+                .store
+                .update(VMS, &vm.name, |v: &mut Vm| v.disk_us = Some(us))?;
+            self.boot(&vm, &image).await
+        }
+        .await;
+        match result {
+            Ok(v) => Ok(v),
+            Err(e) => {
+                self.destroy(&vm);
+                let _ = self.store.delete(VMS, &vm.name);
+                Err(e)
+            }
+        }
+    }
+
     pub async fn start(self: &Arc<Self>, name: &str) -> Result<Vm, ApiError> {
         let lock = self.lock_for(name);
         let _g = lock.lock().await;

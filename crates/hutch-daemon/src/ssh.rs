@@ -353,7 +353,7 @@ fn mib(m: u64) -> String {
 
 const HELP: &str = "hutch over SSH. Commands:
   new --image IMAGE [--name NAME] [--vcpu N] [--mem MIB] [--disk GIB] [--run]
-  ls | describe NAME | stop NAME | start NAME | rm NAME | logs NAME
+  ls | describe NAME | stop NAME | start NAME | rm NAME | logs NAME | cp NAME [NEW-NAME]
   status | whoami | keys ls | keys add < key.pub | keys rm FINGERPRINT
   token create [--ttl HOURS] | token ls | token rm ID     (API tokens for the REST API)
   adduser NAME < key.pub        (admins)
@@ -466,6 +466,22 @@ impl Conn {
                 r.map(Out::ok).unwrap_or_else(|e| Out::fail(e.to_string()))
             }
             ["new", rest @ ..] => self.new_vm(rest, json).await,
+            ["cp", src, rest @ ..] if rest.len() <= 1 => {
+                if self.find(src).is_none() {
+                    return not_found(src);
+                }
+                match self
+                    .m
+                    .clone_vm(src, rest.first().map(|s| s.to_string()))
+                    .await
+                {
+                    Ok(v) if json => {
+                        Out::ok(serde_json::to_string_pretty(&v).unwrap_or_default() + "\n")
+                    }
+                    Ok(v) => Out::ok(self.describe(&v)),
+                    Err(e) => Out::fail(e.to_string()),
+                }
+            }
             ["status"] => {
                 let vms = self.m.list().unwrap_or_default();
                 let mine: Vec<&Vm> = vms.iter().filter(|v| self.visible(v)).collect();

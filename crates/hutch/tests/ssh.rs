@@ -391,8 +391,23 @@ fn ssh_front_door() {
     let (st, _) = get("/api/v1/sandboxes", at["token"].as_str().unwrap());
     assert_eq!(st, 401, "a revoked token stops working");
 
+    // cp copies a stopped VM's disk into a new VM.
+    let (_, se, code) = text(&s.run(&alice, "alice", &["cp", "web", "web2"], None, false));
+    assert_eq!(code, 1);
+    assert!(se.contains("stop it first"), "{se}");
     // A stopped VM says how to start it.
     s.run(&alice, "alice", &["stop", "web"], None, false);
+    let (so, se, code) = text(&s.run(&alice, "alice", &["cp", "web", "web2"], None, false));
+    assert_eq!(code, 0, "{se}");
+    assert!(so.contains("Name:    web2"), "{so}");
+    let (so, _, _) = text(&s.run(&alice, "web2", &["sha256sum /root/big.bin"], None, false));
+    assert_eq!(
+        so.split_whitespace().next().unwrap_or(""),
+        hex::encode(Sha256::digest(&big))
+    );
+    let (so, _, _) = text(&s.run(&bob, "bob", &["ls"], None, false));
+    assert!(!so.contains("web2"), "the copy belongs to alice: {so}");
+    s.run(&alice, "alice", &["rm", "web2"], None, false);
     let (_, se, code) = text(&s.run(&alice, "web", &["true"], None, false));
     assert_eq!(code, 1);
     assert_eq!(

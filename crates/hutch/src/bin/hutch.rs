@@ -122,6 +122,11 @@ enum Cmd {
         #[arg(long, short = 'm', default_value = "")]
         message: String,
     },
+    /// Copy a stopped VM's disk into a new VM and boot it.
+    Clone {
+        name: String,
+        new_name: Option<String>,
+    },
     /// Daemon status.
     Status,
 }
@@ -859,6 +864,20 @@ async fn run(cli: Cli) -> Result<i32> {
                 if let Some(p) = v["pushed"].as_str() {
                     println!("pushed {p}");
                 }
+            }
+        }
+        Cmd::Clone { name, new_name } => {
+            let v = c
+                .json(
+                    Method::POST,
+                    &format!("/api/v1/sandboxes/{}/clone", enc(&name)),
+                    Some(json!({"name": new_name})),
+                )
+                .await?;
+            if j {
+                out_json(&v)
+            } else {
+                describe(&v)
             }
         }
         Cmd::Status => out_json(&c.json(Method::GET, "/api/v1/health", None).await?),
