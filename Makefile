@@ -41,7 +41,9 @@ lint:
 test: test-deps agent lint
 	cargo test --workspace -- --test-threads=4
 
-bench: deps build
+bench: build
+	@scripts/install-deps.sh --bench
 	cargo build --release -p hutch --examples
 	target/release/examples/bench
 	target/release/examples/bench_pull
+	target/release/examples/bench_ssh

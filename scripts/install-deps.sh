@@ -10,6 +10,9 @@ want=("${run_pkgs[@]}")
 if [[ "${1:-}" == "--test" ]]; then
     want+=("${test_pkgs[@]}")
 fi
+if [[ "${1:-}" == "--bench" ]]; then
+    want+=("${test_pkgs[@]}" openssh-server)
+fi
 
 missing=()
 for p in "${want[@]}"; do

@@ -216,6 +216,11 @@ fn ssh_front_door() {
     let (so, _, code) = text(&s.run(&alice, "web", &["tty; echo $TERM"], None, true));
     assert_eq!(code, 0);
     assert!(so.starts_with("/dev/pts/"), "{so:?}");
+    // An interactive login shell on a PTY: typed commands run, `exit 3` ends the session with 3.
+    let typed = b"echo from-shell-$((6*7))\nexit 3\n";
+    let (so, _, code) = text(&s.run(&alice, "web", &[], Some(typed), true));
+    assert!(so.contains("from-shell-42"), "{so:?}");
+    assert_eq!(code, 3);
     // scp (SFTP) into and out of the VM: a 10 MB file, checksummed, and a directory tree.
     let big: Vec<u8> = (0..10 << 20)
         .map(|i: u32| (i.wrapping_mul(2_246_822_519) >> 11) as u8)
