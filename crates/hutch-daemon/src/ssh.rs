@@ -977,10 +977,12 @@ impl server::Handler for Conn {
                     let mut ours = ours;
                     let mut chan = channel.into_stream();
                     let _ = tokio::io::copy_bidirectional(&mut ours, &mut chan).await;
-                    drop(chan);
+                    // The exit status must go out before the channel closes (dropping the
+                    // stream closes it); a client that sees the close first reports failure.
                     let _ = handle.exit_status_request(ch, 0).await;
                     let _ = handle.eof(ch).await;
                     let _ = handle.close(ch).await;
+                    drop(chan);
                 });
             }
             _ => {

@@ -261,32 +261,23 @@ fn ssh_front_door() {
         w.join("back.bin").to_str().unwrap(),
     ]);
     assert_eq!(std::fs::read(w.join("back.bin")).unwrap(), big);
-    // Known issue (docs/ssh.md): OpenSSH 9.2 scp exits 1 after uploading to a path that did not
-    // exist yet although every SFTP reply is OK and ssh exits 0; the files do arrive.
-    let o = Command::new("scp")
-        .args([
-            "-q",
-            "-r",
-            "-P",
-            &port.to_string(),
-            "-o",
-            "StrictHostKeyChecking=no",
-            "-o",
-            "UserKnownHostsFile=/dev/null",
-        ])
-        .args(["-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-i"])
-        .arg(&alice)
-        .arg(w.join("tree"))
-        .arg("web@127.0.0.1:/tmp/")
-        .output()
-        .unwrap();
-    assert!(
-        o.stderr.is_empty(),
-        "{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    let (so, _, _) = text(&s.run(&alice, "web", &["cat /tmp/tree/sub/f"], None, false));
-    assert_eq!(so, "leaf");
+    scp(&[
+        "-r",
+        w.join("tree").to_str().unwrap(),
+        "web@127.0.0.1:/tmp/",
+    ]);
+    scp(&[
+        w.join("tree/sub/f").to_str().unwrap(),
+        "web@127.0.0.1:/root/new-name",
+    ]);
+    let (so, _, _) = text(&s.run(
+        &alice,
+        "web",
+        &["cat /tmp/tree/sub/f /root/new-name"],
+        None,
+        false,
+    ));
+    assert_eq!(so, "leafleaf");
     // sftp lists what is there; bob has no SFTP into alice's VM.
     let sftp = |key: &Path, user: &str, script: &str| {
         let mut c = Command::new("sftp")
