@@ -310,6 +310,34 @@ fn ssh_front_door() {
     );
     assert!(!sftp(&bob, "web", "ls /root\n").status.success());
 
+    // Ctrl-C typed on the PTY interrupts the guest's foreground process (SIGINT: 128+2).
+    let mut c = Command::new("ssh")
+        .args([
+            "-q",
+            "-tt",
+            "-p",
+            &port.to_string(),
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+        ])
+        .args(["-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-i"])
+        .arg(&alice)
+        .args(["web@127.0.0.1", "sleep 60; echo not-interrupted"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = c.stdin.take().unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let t = std::time::Instant::now();
+    std::io::Write::write_all(&mut stdin, &[3]).unwrap();
+    let o = c.wait_with_output().unwrap();
+    assert!(t.elapsed() < std::time::Duration::from_secs(20));
+    assert!(!String::from_utf8_lossy(&o.stdout).contains("not-interrupted"));
+    assert_eq!(o.status.code(), Some(130), "{o:?}");
+
     // Bad input does not hurt the server.
     let (_, se, code) = text(&s.run(
         &alice,
