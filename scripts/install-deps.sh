@@ -4,7 +4,7 @@
 set -euo pipefail
 
 run_pkgs=(qemu-system-x86 qemu-utils e2fsprogs erofs-utils kmod cpio)
-test_pkgs=(busybox-static umoci skopeo docker-registry apache2-utils openssh-client)
+test_pkgs=(busybox-static umoci skopeo docker-registry apache2-utils openssh-client python3)
 
 want=("${run_pkgs[@]}")
 if [[ "${1:-}" == "--test" ]]; then

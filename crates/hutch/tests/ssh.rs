@@ -338,6 +338,18 @@ fn ssh_front_door() {
     assert!(!String::from_utf8_lossy(&o.stdout).contains("not-interrupted"));
     assert_eq!(o.status.code(), Some(130), "{o:?}");
 
+    // Window-size changes reach the guest's terminal (a real local PTY drives ssh).
+    let o = Command::new("python3")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/winch.py"))
+        .args([&port.to_string(), alice.to_str().unwrap(), "web@127.0.0.1"])
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains("SIZE 40 100") && out.contains("SIZE 33 77"),
+        "{out}"
+    );
+
     // Bad input does not hurt the server.
     let (_, se, code) = text(&s.run(
         &alice,
