@@ -20,6 +20,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
+/// Most session channels one connection may have open.
+const MAX_CHANNELS: usize = 16;
+
 #[derive(Debug, Clone)]
 pub struct SshOptions {
     pub listen: SocketAddr,
@@ -853,7 +856,8 @@ impl server::Handler for Conn {
         reply: server::ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        if self.chans.len() >= 16 {
+        if self.chans.len() >= MAX_CHANNELS {
+            tracing::warn!(peer = ?self.peer, "ssh channel refused: {MAX_CHANNELS} open on one connection");
             return Ok(()); // dropping the reply rejects the channel
         }
         let id = channel.id();

@@ -350,6 +350,62 @@ fn ssh_front_door() {
         "{out}"
     );
 
+    // Many channels on one connection (OpenSSH multiplexing): concurrent sessions in the VM run
+    // side by side up to the cap of 16; the rest are refused; the server goes on serving.
+    let ctl = w.join("ctl.sock");
+    let base = |c: &mut Command| {
+        c.args([
+            "-q",
+            "-p",
+            &port.to_string(),
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+        ])
+        .args(["-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-i"])
+        .arg(&alice)
+        .arg("-S")
+        .arg(&ctl);
+    };
+    let mut master = Command::new("ssh");
+    base(&mut master);
+    let mut master = master.args(["-M", "-N", "web@127.0.0.1"]).spawn().unwrap();
+    wait_until(std::time::Duration::from_secs(20), || {
+        ctl.exists().then_some(())
+    })
+    .unwrap();
+    let outs: Vec<Output> = std::thread::scope(|sc| {
+        let hs: Vec<_> = (0..20)
+            .map(|_| {
+                sc.spawn(|| {
+                    let mut c = Command::new("ssh");
+                    base(&mut c);
+                    c.args(["web@127.0.0.1", "sleep 3; echo ok"])
+                        .stdin(Stdio::null())
+                        .output()
+                        .unwrap()
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    // Past 16 channels the connection refuses more (OpenSSH then falls back to connections of
+    // their own, so every session still runs).
+    assert!(outs
+        .iter()
+        .all(|o| o.status.success() && o.stdout == b"ok\n"));
+    assert!(
+        d.log()
+            .contains("ssh channel refused: 16 open on one connection"),
+        "{}",
+        d.log()
+    );
+    let _ = master.kill();
+    let _ = master.wait();
+    let (so, _, _) = text(&s.run(&alice, "web", &["echo still-serving"], None, false));
+    assert_eq!(so, "still-serving\n");
+
     // Bad input does not hurt the server.
     let (_, se, code) = text(&s.run(
         &alice,
