@@ -122,6 +122,25 @@ pub struct Image {
     pub created_at: u64,
 }
 
+/// Left-aligned text columns separated by two spaces, as the CLI and the SSH front door print.
+pub fn table(rows: Vec<Vec<String>>) -> String {
+    let n = rows.first().map(|r| r.len()).unwrap_or(0);
+    let widths: Vec<usize> = (0..n)
+        .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for r in rows {
+        let cells: Vec<String> = r
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
+            .collect();
+        out.push_str(cells.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
 /// The environment of a process started in a VM: image Env, then defaults for what is unset.
 pub fn image_env(cfg: &ImageConfig, hostname: &str) -> BTreeMap<String, String> {
     let mut env = BTreeMap::new();

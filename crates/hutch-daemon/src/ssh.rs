@@ -444,7 +444,7 @@ impl Conn {
                         v.state.as_str().into(),
                     ]);
                 }
-                Out::ok(table(rows))
+                Out::ok(hutch_core::table(rows))
             }
             ["describe", n] => match self.find(n) {
                 Some(v) if json => {
@@ -554,7 +554,7 @@ impl Conn {
                         hutch_image::rfc3339(t.expires_at),
                     ]);
                 }
-                Out::ok(table(rows))
+                Out::ok(hutch_core::table(rows))
             }
             ["token", "rm", id] => {
                 if crate::auth::Tokens::revoke(&self.m.store, &self.account().name, id) {
@@ -782,24 +782,6 @@ impl Conn {
     fn is_vm_user(&self) -> bool {
         self.account.is_some() && self.find(&self.user).is_some()
     }
-}
-
-fn table(rows: Vec<Vec<String>>) -> String {
-    let n = rows.first().map(|r| r.len()).unwrap_or(0);
-    let widths: Vec<usize> = (0..n)
-        .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
-        .collect();
-    let mut s = String::new();
-    for r in rows {
-        let line: Vec<String> = r
-            .iter()
-            .enumerate()
-            .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
-            .collect();
-        s.push_str(line.join("  ").trim_end());
-        s.push('\n');
-    }
-    s
 }
 
 impl server::Handler for Conn {

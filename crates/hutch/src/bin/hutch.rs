@@ -284,18 +284,7 @@ fn age(ts: u64) -> String {
 }
 
 fn table(rows: Vec<Vec<String>>) {
-    let n = rows.first().map(|r| r.len()).unwrap_or(0);
-    let widths: Vec<usize> = (0..n)
-        .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
-        .collect();
-    for r in rows {
-        let line: Vec<String> = r
-            .iter()
-            .enumerate()
-            .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
-            .collect();
-        println!("{}", line.join("  ").trim_end());
-    }
+    print!("{}", hutch_core::table(rows));
 }
 
 fn describe(v: &Value) {
