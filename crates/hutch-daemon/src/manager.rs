@@ -168,6 +168,18 @@ impl Manager {
         Ok(v)
     }
 
+    /// The image a VM was made from: by the name the VM records (its store key), else (the name
+    /// was deleted or moved) any image with the same manifest digest.
+    fn image_of(&self, vm: &Vm) -> Result<Option<Image>, ApiError> {
+        if let Some(i) = self.store.get::<Image>(IMAGES, &vm.image)? {
+            if i.digest == vm.image_digest {
+                return Ok(Some(i));
+            }
+        }
+        let all = self.store.list::<Image>(IMAGES)?;
+        Ok(all.into_iter().find(|i| i.digest == vm.image_digest))
+    }
+
     /// Finds an image by the name it was stored under (`busybox:latest`) or by its canonical
     /// registry reference (`alpine` = `docker.io/library/alpine:latest`).
     pub fn image(&self, reference: &str) -> Result<Image, ApiError> {
@@ -199,14 +211,9 @@ impl Manager {
         let _ops = self.image_ops.read().await;
         let vm = self.get(name)?;
         let client = self.client(&vm)?;
-        let base = self
-            .store
-            .list::<Image>(IMAGES)?
-            .into_iter()
-            .find(|i| i.digest == vm.image_digest)
-            .ok_or_else(|| {
-                ApiError::Conflict(format!("the image of {name} is no longer in the store"))
-            })?;
+        let base = self.image_of(&vm)?.ok_or_else(|| {
+            ApiError::Conflict(format!("the image of {name} is no longer in the store"))
+        })?;
         let tmp = self.images.tmp_dir()?;
         let tar = tmp.path().join("layer.tar");
         let mut f = tokio::fs::File::create(&tar).await.map_err(internal)?;
@@ -423,7 +430,7 @@ impl Manager {
         match result {
             Ok(vm) => Ok(vm),
             Err(e) => {
-                self.destroy(&vm);
+                tokio::task::block_in_place(|| self.destroy(&vm));
                 let _ = self.store.delete(VMS, &vm.name);
                 Err(e)
             }
@@ -607,14 +614,9 @@ impl Manager {
                 from.state.as_str()
             )));
         }
-        let image = self
-            .store
-            .list::<Image>(IMAGES)?
-            .into_iter()
-            .find(|i| i.digest == from.image_digest)
-            .ok_or_else(|| {
-                ApiError::Conflict(format!("the image of {src} is no longer in the store"))
-            })?;
+        let image = self.image_of(&from)?.ok_or_else(|| {
+            ApiError::Conflict(format!("the image of {src} is no longer in the store"))
+        })?;
         if let Some(n) = &dst {
             names::validate_name(n).map_err(ApiError::Invalid)?;
         }
@@ -651,7 +653,7 @@ impl Manager {
         match result {
             Ok(v) => Ok(v),
             Err(e) => {
-                self.destroy(&vm);
+                tokio::task::block_in_place(|| self.destroy(&vm));
                 let _ = self.store.delete(VMS, &vm.name);
                 Err(e)
             }
@@ -668,11 +670,7 @@ impl Manager {
                 vm.state.as_str()
             )));
         }
-        let image = self
-            .store
-            .list::<Image>(IMAGES)?
-            .into_iter()
-            .find(|i| i.digest == vm.image_digest);
+        let image = self.image_of(&vm)?;
         let image = image.ok_or_else(|| {
             ApiError::Conflict(format!(
                 "image {} of {name} is no longer in the store",
@@ -820,11 +818,7 @@ impl Manager {
             ),
             None => None,
         };
-        let image = self
-            .store
-            .list::<Image>(IMAGES)?
-            .into_iter()
-            .find(|i| i.digest == vm.image_digest);
+        let image = self.image_of(&vm)?;
         let icfg = image.map(|i| i.config).unwrap_or_default();
         let mut env = image_env(&icfg, &vm.name);
         env.extend(req.env.clone());
