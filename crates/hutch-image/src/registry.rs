@@ -429,6 +429,8 @@ impl Registry {
         let have = if have > size { 0 } else { have };
         let url = format!("{}/blobs/{digest}", self.base);
         let mut resumed = 0;
+        // Hashed as it arrives; None: nothing was fetched, hash what is on disk.
+        let mut hasher: Option<Sha256> = None;
         if have < size {
             let resp = self
                 .send(|c| {
@@ -455,6 +457,11 @@ impl Registry {
                 .map_err(crate::io_err(format!("writing {}", partial.display())))?;
             let mut done = if append { have } else { 0 };
             resumed = if append { have } else { 0 };
+            let mut h = if append {
+                hash_prefix(partial, have).await?
+            } else {
+                Sha256::new()
+            };
             progress(done);
             let mut s = resp.bytes_stream();
             while let Some(chunk) = s.next().await {
@@ -468,6 +475,7 @@ impl Registry {
                 f.write_all(&chunk)
                     .await
                     .map_err(crate::io_err("writing blob"))?;
+                h.update(&chunk);
                 progress(done);
             }
             f.flush().await.map_err(crate::io_err("writing blob"))?;
@@ -476,12 +484,14 @@ impl Registry {
                     "blob {digest} ended after {done} of {size} bytes"
                 )));
             }
+            hasher = Some(h);
         }
-        let p = partial.to_path_buf();
-        let actual = tokio::task::spawn_blocking(move || sha256_file(&p))
-            .await
-            .map_err(reg_err)?
-            .map_err(crate::io_err("hashing blob"))?;
+        let actual = match hasher {
+            Some(h) => format!("sha256:{}", hex::encode(h.finalize())),
+            None => hash_prefix(partial, size)
+                .await
+                .map(|h| format!("sha256:{}", hex::encode(h.finalize())))?,
+        };
         if actual != digest {
             let _ = tokio::fs::remove_file(partial).await;
             return Err(ImageError::DigestMismatch {
@@ -532,9 +542,10 @@ impl Registry {
         };
         let sep = if loc.contains('?') { '&' } else { '?' };
         let put = format!("{loc}{sep}digest={digest}");
-        let data = tokio::fs::read(path)
+        let data: bytes::Bytes = tokio::fs::read(path)
             .await
-            .map_err(crate::io_err(format!("reading {}", path.display())))?;
+            .map_err(crate::io_err(format!("reading {}", path.display())))?
+            .into();
         let r = self
             .send(|c| {
                 c.put(&put)
@@ -555,7 +566,7 @@ impl Registry {
         media: &str,
     ) -> Result<(), ImageError> {
         let url = format!("{}/manifests/{tag}", self.base);
-        let body = body.to_vec();
+        let body = bytes::Bytes::copy_from_slice(body);
         let r = self
             .send(|c| {
                 c.put(&url)
@@ -568,6 +579,27 @@ impl Registry {
         }
         Ok(())
     }
+}
+
+/// The hash state after the first `len` bytes of `p` (the part of a download already on disk).
+async fn hash_prefix(p: &Path, len: u64) -> Result<Sha256, ImageError> {
+    let p = p.to_path_buf();
+    tokio::task::spawn_blocking(move || -> std::io::Result<Sha256> {
+        use std::io::Read;
+        let mut f = std::fs::File::open(&p)?.take(len);
+        let mut h = Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = f.read(&mut buf)?;
+            if n == 0 {
+                return Ok(h);
+            }
+            h.update(&buf[..n]);
+        }
+    })
+    .await
+    .map_err(reg_err)?
+    .map_err(crate::io_err("hashing blob"))
 }
 
 pub fn sha256_file(p: &Path) -> std::io::Result<String> {
