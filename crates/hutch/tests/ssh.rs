@@ -8,24 +8,30 @@ use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
+/// `prog` (ssh, scp or sftp) with the options every connection of this test uses.
+fn client(prog: &str, port: u16, key: &Path) -> Command {
+    let port_flag = if prog == "ssh" { "-p" } else { "-P" };
+    let mut c = Command::new(prog);
+    c.args([
+        "-q",
+        port_flag,
+        &port.to_string(),
+        "-o",
+        "StrictHostKeyChecking=no",
+    ])
+    .args(["-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes"])
+    .args(["-o", "IdentitiesOnly=yes", "-i"])
+    .arg(key);
+    c
+}
+
 struct Ssh {
     port: u16,
 }
 
 impl Ssh {
     fn run(&self, key: &Path, user: &str, cmd: &[&str], stdin: Option<&[u8]>, tty: bool) -> Output {
-        let mut c = Command::new("ssh");
-        c.args([
-            "-q",
-            "-p",
-            &self.port.to_string(),
-            "-o",
-            "StrictHostKeyChecking=no",
-            "-o",
-            "UserKnownHostsFile=/dev/null",
-        ])
-        .args(["-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-i"])
-        .arg(key);
+        let mut c = client("ssh", self.port, key);
         if tty {
             c.arg("-tt");
         }
@@ -229,21 +235,7 @@ fn ssh_front_door() {
     std::fs::create_dir_all(w.join("tree/sub")).unwrap();
     std::fs::write(w.join("tree/sub/f"), b"leaf").unwrap();
     let scp = |args: &[&str]| {
-        let o = Command::new("scp")
-            .args([
-                "-q",
-                "-P",
-                &port.to_string(),
-                "-o",
-                "StrictHostKeyChecking=no",
-                "-o",
-                "UserKnownHostsFile=/dev/null",
-            ])
-            .args(["-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-i"])
-            .arg(&alice)
-            .args(args)
-            .output()
-            .unwrap();
+        let o = client("scp", port, &alice).args(args).output().unwrap();
         assert!(
             o.status.success(),
             "scp {args:?}: {}",
@@ -280,20 +272,8 @@ fn ssh_front_door() {
     assert_eq!(so, "leafleaf");
     // sftp lists what is there; bob has no SFTP into alice's VM.
     let sftp = |key: &Path, user: &str, script: &str| {
-        let mut c = Command::new("sftp")
-            .args([
-                "-q",
-                "-b",
-                "-",
-                "-P",
-                &port.to_string(),
-                "-o",
-                "StrictHostKeyChecking=no",
-                "-o",
-                "UserKnownHostsFile=/dev/null",
-            ])
-            .args(["-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-i"])
-            .arg(key)
+        let mut c = client("sftp", port, key)
+            .args(["-b", "-"])
             .arg(format!("{user}@127.0.0.1"))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -311,19 +291,8 @@ fn ssh_front_door() {
     assert!(!sftp(&bob, "web", "ls /root\n").status.success());
 
     // Ctrl-C typed on the PTY interrupts the guest's foreground process (SIGINT: 128+2).
-    let mut c = Command::new("ssh")
-        .args([
-            "-q",
-            "-tt",
-            "-p",
-            &port.to_string(),
-            "-o",
-            "StrictHostKeyChecking=no",
-            "-o",
-            "UserKnownHostsFile=/dev/null",
-        ])
-        .args(["-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-i"])
-        .arg(&alice)
+    let mut c = client("ssh", port, &alice)
+        .arg("-tt")
         .args(["web@127.0.0.1", "sleep 60; echo not-interrupted"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -353,24 +322,12 @@ fn ssh_front_door() {
     // Many channels on one connection (OpenSSH multiplexing): concurrent sessions in the VM run
     // side by side up to the cap of 16; the rest are refused; the server goes on serving.
     let ctl = w.join("ctl.sock");
-    let base = |c: &mut Command| {
-        c.args([
-            "-q",
-            "-p",
-            &port.to_string(),
-            "-o",
-            "StrictHostKeyChecking=no",
-            "-o",
-            "UserKnownHostsFile=/dev/null",
-        ])
-        .args(["-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-i"])
-        .arg(&alice)
-        .arg("-S")
-        .arg(&ctl);
+    let muxed = || {
+        let mut c = client("ssh", port, &alice);
+        c.arg("-S").arg(&ctl);
+        c
     };
-    let mut master = Command::new("ssh");
-    base(&mut master);
-    let mut master = master.args(["-M", "-N", "web@127.0.0.1"]).spawn().unwrap();
+    let mut master = muxed().args(["-M", "-N", "web@127.0.0.1"]).spawn().unwrap();
     wait_until(std::time::Duration::from_secs(20), || {
         ctl.exists().then_some(())
     })
@@ -379,9 +336,8 @@ fn ssh_front_door() {
         let hs: Vec<_> = (0..20)
             .map(|_| {
                 sc.spawn(|| {
-                    let mut c = Command::new("ssh");
-                    base(&mut c);
-                    c.args(["web@127.0.0.1", "sleep 3; echo ok"])
+                    muxed()
+                        .args(["web@127.0.0.1", "sleep 3; echo ok"])
                         .stdin(Stdio::null())
                         .output()
                         .unwrap()
