@@ -328,6 +328,35 @@ pub struct TestRegistry {
 
 impl TestRegistry {
     pub fn start(auth: Option<(&str, &str)>) -> TestRegistry {
+        Self::run(|dir| match auth {
+            None => String::new(),
+            Some((u, p)) => {
+                let o = Command::new("htpasswd")
+                    .args(["-Bbn", u, p])
+                    .output()
+                    .unwrap();
+                assert!(o.status.success());
+                std::fs::write(dir.join("htpasswd"), o.stdout).unwrap();
+                format!(
+                    "auth:\n  htpasswd:\n    realm: hutch-test\n    path: {}\n",
+                    dir.join("htpasswd").display()
+                )
+            }
+        })
+    }
+
+    /// A registry that wants Bearer tokens from `realm`, signed by the key of `cert`.
+    pub fn start_token(realm: &str, cert: &Path) -> TestRegistry {
+        Self::run(|_| {
+            format!(
+                "auth:\n  token:\n    realm: {realm}\n    service: hutch-test\n    issuer: hutch-issuer\n    rootcertbundle: {}\n",
+                cert.display()
+            )
+        })
+    }
+
+    /// Starts a registry on a free loopback port; `auth` gives the config's auth section.
+    fn run(auth: impl FnOnce(&Path) -> String) -> TestRegistry {
         let dir = tempfile::tempdir().unwrap();
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
@@ -339,40 +368,7 @@ impl TestRegistry {
             "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
             dir.path().join("data").display()
         );
-        if let Some((u, p)) = auth {
-            let o = Command::new("htpasswd")
-                .args(["-Bbn", u, p])
-                .output()
-                .unwrap();
-            assert!(o.status.success());
-            std::fs::write(dir.path().join("htpasswd"), o.stdout).unwrap();
-            cfg.push_str(&format!(
-                "auth:\n  htpasswd:\n    realm: hutch-test\n    path: {}\n",
-                dir.path().join("htpasswd").display()
-            ));
-        }
-        Self::run(dir, addr, cfg)
-    }
-
-    /// A registry that wants Bearer tokens from `realm`, signed by the key of `cert`.
-    pub fn start_token(realm: &str, cert: &Path) -> TestRegistry {
-        let dir = tempfile::tempdir().unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let addr = format!("127.0.0.1:{port}");
-        let cfg = format!(
-            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n\
-             auth:\n  token:\n    realm: {realm}\n    service: hutch-test\n    issuer: hutch-issuer\n    rootcertbundle: {}\n",
-            dir.path().join("data").display(),
-            cert.display()
-        );
-        Self::run(dir, addr, cfg)
-    }
-
-    fn run(dir: tempfile::TempDir, addr: String, cfg: String) -> TestRegistry {
+        cfg.push_str(&auth(dir.path()));
         std::fs::write(dir.path().join("config.yml"), cfg).unwrap();
         let child = Command::new("docker-registry")
             .arg("serve")
