@@ -266,23 +266,7 @@ async fn pull_image(
     // The pull goes on if the client goes away; what it fetched stays for the next pull.
     tokio::spawn(async move {
         let ptx = tx.clone();
-        let mut last = std::collections::HashMap::<String, u64>::new();
         let mut progress = move |ev: hutch_image::PullEvent| {
-            if let hutch_image::PullEvent::Progress {
-                digest,
-                done,
-                total,
-            } = &ev
-            {
-                // At most one progress event per 1% or 1 MiB of a blob.
-                let step = (total / 100).max(1 << 20);
-                let l = last.entry(digest.clone()).or_insert(0);
-                let due = *done == 0 || *done == *total || done.saturating_sub(*l) >= step;
-                if !due {
-                    return;
-                }
-                *l = *done;
-            }
             let _ = ptx.send(serde_json::to_value(&ev).unwrap_or(Value::Null));
         };
         let ev = match m.pull(&req.reference, opts, &mut progress).await {

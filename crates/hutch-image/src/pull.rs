@@ -17,7 +17,7 @@ pub enum PullEvent {
         digest: String,
         layers: Vec<(String, u64)>,
     },
-    /// Bytes of one blob so far.
+    /// Bytes of one blob so far (at the start, the end, and every 1% or 1 MiB).
     Progress {
         digest: String,
         done: u64,
@@ -83,13 +83,19 @@ impl ImageStore {
         }
         let partial = partial_path(&self.root, digest);
         let d = digest.to_string();
+        // Progress at the start, the end, and every 1% (at least 1 MiB) in between.
+        let step = (size / 100).max(1 << 20);
+        let mut last: Option<u64> = None;
         let resumed = reg
             .fetch_blob(digest, size, &partial, |done| {
-                progress(PullEvent::Progress {
-                    digest: d.clone(),
-                    done,
-                    total: size,
-                })
+                if last.is_none_or(|l| done == size || done.saturating_sub(l) >= step) {
+                    last = Some(done);
+                    progress(PullEvent::Progress {
+                        digest: d.clone(),
+                        done,
+                        total: size,
+                    })
+                }
             })
             .await?;
         self.adopt(&partial, digest)?;
