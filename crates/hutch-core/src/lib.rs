@@ -122,6 +122,15 @@ pub struct Image {
     pub created_at: u64,
 }
 
+/// A memory size in MiB as people write it: `512M`, `2G`.
+pub fn mib(m: u64) -> String {
+    if m >= 1024 && m.is_multiple_of(1024) {
+        format!("{}G", m / 1024)
+    } else {
+        format!("{m}M")
+    }
+}
+
 /// Left-aligned text columns separated by two spaces, as the CLI and the SSH front door print.
 pub fn table(rows: Vec<Vec<String>>) -> String {
     let n = rows.first().map(|r| r.len()).unwrap_or(0);

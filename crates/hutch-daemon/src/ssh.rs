@@ -7,7 +7,7 @@
 //! all): another account's VM answers as if it did not exist. Only public-key auth is offered.
 
 use crate::manager::{CreateVm, ExecVm, Manager};
-use hutch_core::{Account, Vm, VmState};
+use hutch_core::{mib, Account, Vm, VmState};
 use hutch_proto::{Frame, Kind, Request, Response, TtySize};
 use hutch_store::ACCOUNTS;
 use russh::keys::ssh_key::private::{Ed25519Keypair, KeypairData};
@@ -343,14 +343,6 @@ impl Out {
             stderr: e,
             code: 1,
         }
-    }
-}
-
-fn mib(m: u64) -> String {
-    if m >= 1024 && m.is_multiple_of(1024) {
-        format!("{}G", m / 1024)
-    } else {
-        format!("{m}M")
     }
 }
 

@@ -6,6 +6,7 @@ use base64::Engine;
 use bytes::Bytes;
 use clap::{Parser, Subcommand};
 use http_body_util::{BodyExt, Full};
+use hutch_core::mib;
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
@@ -263,14 +264,6 @@ fn enc(s: &str) -> String {
         }
     }
     o
-}
-
-fn mib(m: u64) -> String {
-    if m >= 1024 && m.is_multiple_of(1024) {
-        format!("{}G", m / 1024)
-    } else {
-        format!("{m}M")
-    }
 }
 
 fn age(ts: u64) -> String {
