@@ -1,46 +1,169 @@
 #!/usr/bin/env bash
-# Installs the system packages hutch needs (to run, and with --test to run its tests), only those
-# missing. Debian/Ubuntu; needs root (or sudo).
+# Installs the system packages hutch needs (with --test also what its tests need, with --bench what
+# the benchmarks need), only those missing, then checks that every promised binary runs.
+# Debian 12/13, Ubuntu 24.04+; needs root (or sudo). Running it twice changes nothing.
+#
+# QEMU comes from one release, all its packages together, and must be >= 8.2 (snapshots need
+# mapped-ram / x-ignore-shared). Debian 12 carries 7.2 in main, so there both qemu-system-x86 and
+# qemu-utils come from bookworm-backports (10.0). Mixing suites is what broke fresh machines: the
+# image ships qemu-utils 10 from backports, and installing qemu-system-x86 7.2 from main made apt
+# remove it.
 set -euo pipefail
 
-run_pkgs=(qemu-system-x86 qemu-utils e2fsprogs erofs-utils kmod cpio)
+MIN_QEMU=8.2
+run_pkgs=(e2fsprogs erofs-utils kmod cpio)
+qemu_pkgs=(qemu-system-x86 qemu-utils)
 test_pkgs=(busybox-static umoci skopeo docker-registry apache2-utils openssh-client python3)
+bench_pkgs=(openssh-server)
 
+mode="${1:-}"
 want=("${run_pkgs[@]}")
-if [[ "${1:-}" == "--test" ]]; then
-    want+=("${test_pkgs[@]}")
-fi
-if [[ "${1:-}" == "--bench" ]]; then
-    want+=("${test_pkgs[@]}" openssh-server)
-fi
-
-missing=()
-for p in "${want[@]}"; do
-    if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
-        missing+=("$p")
-    fi
-done
+case "$mode" in
+"") ;;
+--test) want+=("${test_pkgs[@]}") ;;
+--bench) want+=("${test_pkgs[@]}" "${bench_pkgs[@]}") ;;
+*)
+    echo "usage: $0 [--test|--bench]" >&2
+    exit 2
+    ;;
+esac
 
 SUDO=""
 if [[ $(id -u) -ne 0 ]]; then
     SUDO="sudo"
 fi
+export DEBIAN_FRONTEND=noninteractive
 
+die() {
+    echo "install-deps: $*" >&2
+    exit 1
+}
+
+updated=0
+apt_update() {
+    if ((!updated)); then
+        $SUDO apt-get update -qq
+        updated=1
+    fi
+}
+
+# Installed version of a package, empty when it is not installed.
+installed() {
+    dpkg-query -W -f='${Status} ${Version}\n' "$1" 2>/dev/null |
+        awk '$1 == "install" && $3 == "installed" { print $4 }'
+}
+
+# Upstream part of a Debian version: 1:10.0.2+ds-2+deb13u1~bpo12+1 -> 10.0.2
+upstream() {
+    local v="${1#*:}"
+    v="${v%%-*}"
+    echo "${v%%[+~]*}"
+}
+
+version_ge() {
+    dpkg --compare-versions "$1" ge "$2"
+}
+
+. /etc/os-release
+codename="${VERSION_CODENAME:-}"
+
+# Debian 12 only: make sure bookworm-backports is a package source, using the mirror this machine
+# already uses for bookworm.
+qemu_suite=()
+if [[ "${ID:-}" == debian && "$codename" == bookworm ]]; then
+    qemu_suite=(-t bookworm-backports)
+    if ! apt-cache policy 2>/dev/null | grep -q " bookworm-backports/main "; then
+        apt_update
+    fi
+    if ! apt-cache policy 2>/dev/null | grep -q " bookworm-backports/main "; then
+        mirror=$(apt-cache policy 2>/dev/null |
+            awk '$3 == "bookworm/main" && $2 ~ /^https?:\/\// { print $2; exit }')
+        [[ -n "$mirror" ]] || die "no bookworm/main package source found to derive a backports source from"
+        echo "adding bookworm-backports (from $mirror) for QEMU >= $MIN_QEMU"
+        echo "deb $mirror bookworm-backports main" |
+            $SUDO tee /etc/apt/sources.list.d/hutch-bookworm-backports.list >/dev/null
+        updated=0
+        apt_update
+    fi
+fi
+
+# QEMU is right when both packages are installed, from the same upstream release, >= MIN_QEMU.
+qemu_ok() {
+    local a b
+    a=$(installed qemu-system-x86)
+    b=$(installed qemu-utils)
+    [[ -n "$a" && -n "$b" ]] || return 1
+    [[ "$(upstream "$a")" == "$(upstream "$b")" ]] || return 1
+    version_ge "$(upstream "$a")" "$MIN_QEMU"
+}
+
+if ! qemu_ok; then
+    apt_update
+    cand=$(apt-cache policy qemu-system-x86 2>/dev/null | awk '/Candidate:/ { print $2 }')
+    if ((${#qemu_suite[@]})); then
+        # The candidate within the target suite, not the default one.
+        cand=$(apt-cache madison qemu-system-x86 | awk -F'|' '$3 ~ /bookworm-backports/ { gsub(/ /, "", $2); print $2; exit }')
+    fi
+    [[ -n "$cand" && "$cand" != "(none)" ]] || die "no qemu-system-x86 package available"
+    if ! version_ge "$(upstream "$cand")" "$MIN_QEMU"; then
+        die "this release offers QEMU $(upstream "$cand"); hutch needs >= $MIN_QEMU (Debian 12 with bookworm-backports, Debian 13, Ubuntu 24.04 or later)"
+    fi
+    echo "installing QEMU $(upstream "$cand"): ${qemu_pkgs[*]}"
+    $SUDO apt-get install -y -qq --no-install-recommends "${qemu_suite[@]}" \
+        "${qemu_pkgs[@]/%/=$cand}" >/dev/null
+    qemu_ok || die "QEMU packages still inconsistent after install: qemu-system-x86 $(installed qemu-system-x86), qemu-utils $(installed qemu-utils)"
+fi
+
+missing=()
+for p in "${want[@]}"; do
+    [[ -n "$(installed "$p")" ]] || missing+=("$p")
+done
 if ((${#missing[@]})); then
     echo "installing: ${missing[*]}"
-    $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    apt_update
+    $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
 # apt-get download (used by hutchd to fetch the guest kernel) needs package lists.
 if ! apt-cache policy linux-image-cloud-amd64 2>/dev/null | grep -q "Candidate: [0-9]"; then
-    $SUDO apt-get update -qq
+    apt_update
+fi
+
+# Every promised binary must run: a package that installed but left no working binary fails here,
+# loudly, instead of in the middle of a VM create.
+check() {
+    local what="$1"
+    shift
+    if ! "$@" >/dev/null 2>&1; then
+        die "$what does not run (tried: $*)"
+    fi
+}
+check qemu-system-x86_64 qemu-system-x86_64 --version
+check qemu-img qemu-img --version
+check mkfs.erofs mkfs.erofs --help
+check mkfs.ext4 mkfs.ext4 -V
+check depmod depmod -V
+check cpio cpio --version
+qv=$(qemu-system-x86_64 --version | awk 'NR == 1 { print $4 }')
+version_ge "$qv" "$MIN_QEMU" || die "qemu-system-x86_64 is $qv; hutch needs >= $MIN_QEMU"
+iv=$(qemu-img --version | awk 'NR == 1 { print $3 }')
+[[ "$iv" == "$qv" ]] || die "qemu-img $iv and qemu-system-x86_64 $qv are from different releases"
+if [[ "$mode" == --test || "$mode" == --bench ]]; then
+    check busybox busybox true
+    check umoci umoci --version
+    check skopeo skopeo --version
+    check docker-registry docker-registry --version
+    check htpasswd sh -c 'htpasswd -nbB u p'
+    check ssh sh -c 'ssh -V'
+    check python3 python3 --version
+fi
+if [[ "$mode" == --bench ]]; then
+    check sshd sh -c 'test -x /usr/sbin/sshd'
 fi
 
 if ! command -v cargo >/dev/null; then
-    echo "cargo not found: install Rust (https://rustup.rs) first" >&2
-    exit 1
+    die "cargo not found: install Rust (https://rustup.rs) first"
 fi
-if [[ "${1:-}" == "--test" ]] && command -v rustup >/dev/null; then
+if [[ "$mode" == --test ]] && command -v rustup >/dev/null; then
     rustup component list --installed 2>/dev/null | grep -q clippy || rustup component add clippy rustfmt
 fi

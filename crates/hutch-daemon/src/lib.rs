@@ -124,6 +124,8 @@ pub async fn prepare(cfg: &DaemonConfig) -> Result<Arc<manager::Manager>, Daemon
         std::os::unix::fs::PermissionsExt::from_mode(0o700),
     )
     .map_err(setup)?;
+    let qv = hutch_vmm::check_qemu(&cfg.qemu)?;
+    tracing::info!(version = %format!("{}.{}.{}", qv.0, qv.1, qv.2), "qemu");
     let (accel, why) = hutch_vmm::detect_accel(cfg.accel, Path::new("/"))?;
     tracing::info!(accel = accel.as_str(), reason = %why, "accelerator");
     let cache = cfg

@@ -8,9 +8,11 @@ pub mod accel;
 pub mod cmdline;
 pub mod qemu;
 pub mod qmp;
+pub mod version;
 
 pub use accel::{detect_accel, Accel, AccelChoice};
 pub use qemu::Qemu;
+pub use version::{check_qemu, MIN_QEMU};
 
 use std::path::PathBuf;
 
@@ -58,6 +60,8 @@ pub enum VmmError {
     Launch(String),
     #[error("QMP: {0}")]
     Qmp(String),
+    #[error("{0}")]
+    Version(String),
     #[error("accelerator {0} is not usable here: {1}")]
     Accel(&'static str, String),
 }
