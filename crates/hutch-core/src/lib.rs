@@ -72,9 +72,59 @@ pub struct Vm {
     /// Guest pid of that main process in the current boot.
     #[serde(default)]
     pub main_pid: Option<i32>,
-    /// The account that owns the VM (SSH front door); None: created locally (admin).
+    /// The account that owns the VM; None: the local admin (unix socket, static admin token).
     #[serde(default)]
     pub owner: Option<String>,
+    /// The config digest, layers and runtime config of the image the VM was made from, kept
+    /// with the VM so that re-pulling a moving tag or deleting the image never breaks it.
+    #[serde(default)]
+    pub image_config_digest: Option<String>,
+    #[serde(default)]
+    pub image_layers: Vec<String>,
+    #[serde(default)]
+    pub image_config: Option<ImageConfig>,
+}
+
+impl Vm {
+    /// The VM's key in the store: its name in its owner's namespace (`alice/web`), or the bare
+    /// name for the local admin's VMs. Account names and VM names never contain `/`.
+    pub fn key(&self) -> String {
+        vm_key(self.owner.as_deref(), &self.name)
+    }
+
+    /// The image the VM was made from, as recorded with the VM (None for records written before
+    /// hutch kept it).
+    pub fn recorded_image(&self) -> Option<Image> {
+        Some(Image {
+            name: self.image.clone(),
+            digest: self.image_digest.clone(),
+            config_digest: self.image_config_digest.clone()?,
+            layers: self.image_layers.clone(),
+            config: self.image_config.clone()?,
+            architecture: "amd64".into(),
+            rootfs_size: 0,
+            created_at: self.created_at,
+            owner: None,
+        })
+    }
+}
+
+/// The store key of VM `name` owned by `owner` (see [`Vm::key`]).
+pub fn vm_key(owner: Option<&str>, name: &str) -> String {
+    match owner {
+        Some(a) => format!("{a}/{name}"),
+        None => name.to_string(),
+    }
+}
+
+/// The store key of image `name` (normalised reference) owned by `owner`: the bare name for the
+/// shared library (the admin's images), `~alice/NAME` for an account's private image. `~` never
+/// occurs in a reference, so the two namespaces cannot collide.
+pub fn image_key(owner: Option<&str>, name: &str) -> String {
+    match owner {
+        Some(a) => format!("~{a}/{name}"),
+        None => name.to_string(),
+    }
 }
 
 /// An SSH identity: an account is a set of public keys.
@@ -85,6 +135,30 @@ pub struct Account {
     /// OpenSSH public key lines.
     pub keys: Vec<String>,
     pub created_at: u64,
+    /// Limits the admin set for this account; None: the daemon's defaults.
+    #[serde(default)]
+    pub quota: Option<Quota>,
+}
+
+/// What one account's VMs may add up to (all its VMs, running or stopped: a stopped VM keeps
+/// its disk and can be started at any time).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Quota {
+    pub vms: u32,
+    pub vcpus: u32,
+    pub mem_mib: u64,
+    pub disk_gib: u64,
+}
+
+impl Default for Quota {
+    fn default() -> Self {
+        Quota {
+            vms: 20,
+            vcpus: 16,
+            mem_mib: 32 * 1024,
+            disk_gib: 500,
+        }
+    }
 }
 
 /// The runtime configuration an image asks for (the OCI image config's `config` object).
@@ -120,6 +194,16 @@ pub struct Image {
     /// Bytes of the unpacked root filesystem image.
     pub rootfs_size: u64,
     pub created_at: u64,
+    /// The account whose private image this is; None: the shared library (the admin's).
+    #[serde(default)]
+    pub owner: Option<String>,
+}
+
+impl Image {
+    /// The image's key in the store (see [`image_key`]).
+    pub fn key(&self) -> String {
+        image_key(self.owner.as_deref(), &self.name)
+    }
 }
 
 /// A memory size in MiB as people write it: `512M`, `2G`.
@@ -163,4 +247,31 @@ pub fn image_env(cfg: &ImageConfig, hostname: &str) -> BTreeMap<String, String> 
     env.entry("HOSTNAME".into())
         .or_insert_with(|| hostname.to_string());
     env
+}
+
+/// Guest-controlled text made safe to show: control characters (terminal escapes included)
+/// become `?`, except newlines and tabs.
+pub fn clean_text(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_control() && c != '\n' && c != '\t' {
+                '?'
+            } else {
+                c
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clean_text_strips_escapes() {
+        assert_eq!(
+            clean_text("ok\x1b]0;pwned\x07\x1b[2J\r\nnext\tcol\u{9b}31m"),
+            "ok?]0;pwned??[2J?\nnext\tcol?31m"
+        );
+    }
 }

@@ -5,7 +5,8 @@ use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::manager::{CreateVm, ExecVm, Manager};
 use axum::body::{Body, Bytes};
-use axum::extract::{FromRequest, Path, Query, Request, State};
+use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request, State};
+use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -14,12 +15,31 @@ use base64::Engine;
 use futures_util::StreamExt;
 use hutch_core::{Image, Vm};
 use hutch_proto::{Frame, Kind};
-use hutch_store::IMAGES;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::sync::Arc;
 
 pub type AppState = Arc<Manager>;
+
+/// The sandbox a `/sandboxes/{name}/...` path names, resolved once for the caller (see
+/// tenancy.rs): handlers get the VM's store key and act on exactly the VM the caller may touch;
+/// another account's VM answers 404, as a missing one does.
+pub struct VmKey(pub String);
+
+impl FromRequestParts<AppState> for VmKey {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, m: &AppState) -> Result<Self, ApiError> {
+        let Path(name) = Path::<String>::from_request_parts(parts, m)
+            .await
+            .map_err(|e| ApiError::Invalid(e.body_text()))?;
+        let caller = parts
+            .extensions
+            .get::<Caller>()
+            .cloned()
+            .ok_or_else(|| ApiError::Unauthorized("no caller identity".into()))?;
+        Ok(VmKey(m.vm_for(&caller, &name)?.key()))
+    }
+}
 
 /// JSON body extractor whose rejections are our JSON errors.
 pub struct ApiJson<T>(pub T);
@@ -85,33 +105,24 @@ pub fn router(m: AppState, local: bool) -> Router {
     }
 }
 
-/// Accounts see and touch only their own sandboxes (others answer 404, as if absent); reading
-/// files on the daemon's host and deleting shared images are for admins.
+/// Every request acts for a caller; reading files on the daemon's host and garbage collection
+/// are for admins. Which sandbox a path names is resolved by the `VmKey` extractor.
 async fn ownership(
-    State(m): State<AppState>,
+    State(_m): State<AppState>,
     req: Request,
     next: axum::middleware::Next,
 ) -> Response {
     let Some(caller) = req.extensions().get::<Caller>().cloned() else {
         return ApiError::Unauthorized("no caller identity".into()).into_response();
     };
+    let path = req.uri().path().to_string();
     if !caller.admin {
-        let path = req.uri().path().to_string();
-        if let Some(rest) = path.strip_prefix("/api/v1/sandboxes/") {
-            let name = rest.split('/').next().unwrap_or("");
-            match m.get(name) {
-                Ok(vm) if caller.sees(vm.owner.as_deref()) => {}
-                _ => return ApiError::vm(name).into_response(),
-            }
-        }
         let is_json = req
             .headers()
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.starts_with("application/json"));
-        let admin_only = (req.method() == axum::http::Method::DELETE
-            && path.starts_with("/api/v1/images/"))
-            || path == "/api/v1/images/gc"
+        let admin_only = path == "/api/v1/images/gc"
             || (path == "/api/v1/images" && req.method() == axum::http::Method::POST && is_json);
         if admin_only {
             return ApiError::Forbidden(format!("{path} is for admins")).into_response();
@@ -137,24 +148,27 @@ async fn openapi() -> Response {
         .into_response()
 }
 
-async fn list_images(State(m): State<AppState>) -> Result<Json<Vec<Image>>, ApiError> {
-    let mut v: Vec<Image> = m.store.list(IMAGES)?;
-    v.sort_by(|a, b| a.name.cmp(&b.name));
-    Ok(Json(v))
+async fn list_images(
+    State(m): State<AppState>,
+    axum::Extension(caller): axum::Extension<Caller>,
+) -> Result<Json<Vec<Image>>, ApiError> {
+    Ok(Json(m.images_of(&caller)?))
 }
 
 async fn get_image(
     State(m): State<AppState>,
+    axum::Extension(caller): axum::Extension<Caller>,
     Path(name): Path<String>,
 ) -> Result<Json<Image>, ApiError> {
-    Ok(Json(m.image(&name)?))
+    Ok(Json(m.image_for(&caller, &name)?))
 }
 
 async fn delete_image(
     State(m): State<AppState>,
+    axum::Extension(caller): axum::Extension<Caller>,
     Path(name): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    m.delete_image(&name)?;
+    m.delete_image(&caller, &name)?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -174,6 +188,7 @@ struct NameQuery {
 /// archive itself as the request body (any other content type), with `?name=`.
 async fn import_image(
     State(m): State<AppState>,
+    axum::Extension(caller): axum::Extension<Caller>,
     Query(q): Query<NameQuery>,
     headers: HeaderMap,
     body: Body,
@@ -221,8 +236,8 @@ async fn import_image(
     let img = tokio::task::spawn_blocking(move || m2.images.import(&path, name.as_deref()))
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))??;
-    m.store.put(IMAGES, &img.name, &img)?;
-    tracing::info!(image = %img.name, digest = %img.digest, "imported image");
+    let img = m.store_image(caller.owner(), img)?;
+    tracing::info!(image = %img.key(), digest = %img.digest, "imported image");
     Ok((StatusCode::CREATED, Json(img)))
 }
 
@@ -241,6 +256,7 @@ struct PullReq {
 /// `{"type":"done","image":{...}}` or `{"type":"error","code","message"}`.
 async fn pull_image(
     State(m): State<AppState>,
+    axum::Extension(caller): axum::Extension<Caller>,
     ApiJson(req): ApiJson<PullReq>,
 ) -> Result<Response, ApiError> {
     hutch_image::registry::Reference::parse(&req.reference)
@@ -269,7 +285,7 @@ async fn pull_image(
         let mut progress = move |ev: hutch_image::PullEvent| {
             let _ = ptx.send(serde_json::to_value(&ev).unwrap_or(Value::Null));
         };
-        let ev = match m.pull(&req.reference, opts, &mut progress).await {
+        let ev = match m.pull(&caller, &req.reference, opts, &mut progress).await {
             Ok(img) => json!({"type": "done", "image": img}),
             Err(e) => json!({"type": "error", "code": e.code(), "message": e.to_string()}),
         };
@@ -319,11 +335,18 @@ struct PushReq {
 
 async fn push_image(
     State(m): State<AppState>,
+    axum::Extension(caller): axum::Extension<Caller>,
     ApiJson(req): ApiJson<PushReq>,
 ) -> Result<Json<Value>, ApiError> {
     let c = creds(req.username, req.password)?;
     let pushed = m
-        .push(&req.image, req.reference.as_deref(), req.insecure, c)
+        .push(
+            &caller,
+            &req.image,
+            req.reference.as_deref(),
+            req.insecure,
+            c,
+        )
         .await?;
     Ok(Json(json!({"pushed": pushed})))
 }
@@ -345,14 +368,21 @@ struct CommitReq {
 /// Commits a VM's changes to a new image; with `push`, sends it to the registry too.
 async fn commit_vm(
     State(m): State<AppState>,
-    Path(name): Path<String>,
+    axum::Extension(caller): axum::Extension<Caller>,
+    VmKey(name): VmKey,
     ApiJson(req): ApiJson<CommitReq>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let c = creds(req.username, req.password)?;
-    let img = m.commit(&name, &req.reference, &req.comment).await?;
+    let img = m
+        .commit(&caller, &name, &req.reference, &req.comment)
+        .await?;
     let mut v = serde_json::to_value(&img).map_err(|e| ApiError::Internal(e.to_string()))?;
     if req.push {
-        v["pushed"] = json!(m.push(&img.name, None, req.insecure, c).await?);
+        let key = img.key();
+        v["pushed"] = json!(
+            m.push(&caller, &key, Some(&img.name), req.insecure, c)
+                .await?
+        );
     }
     Ok((StatusCode::CREATED, Json(v)))
 }
@@ -361,41 +391,27 @@ async fn list_vms(
     State(m): State<AppState>,
     axum::Extension(caller): axum::Extension<Caller>,
 ) -> Result<Json<Vec<Vm>>, ApiError> {
-    let vms = m
-        .list()?
-        .into_iter()
-        .filter(|v| caller.sees(v.owner.as_deref()))
-        .collect();
-    Ok(Json(vms))
+    Ok(Json(m.vms_of(&caller)?))
 }
 
 async fn create_vm(
     State(m): State<AppState>,
     axum::Extension(caller): axum::Extension<Caller>,
-    ApiJson(mut req): ApiJson<CreateVm>,
+    ApiJson(req): ApiJson<CreateVm>,
 ) -> Result<(StatusCode, Json<Vm>), ApiError> {
-    // VMs made through the local socket (or the static admin token) have no owner: admin's.
-    let local = caller.admin && caller.account == "admin";
-    req.owner = (!local).then(|| caller.account.clone());
-    Ok((StatusCode::CREATED, Json(m.create(req).await?)))
+    Ok((StatusCode::CREATED, Json(m.create(&caller, req).await?)))
 }
 
-async fn get_vm(State(m): State<AppState>, Path(name): Path<String>) -> Result<Json<Vm>, ApiError> {
+async fn get_vm(State(m): State<AppState>, VmKey(name): VmKey) -> Result<Json<Vm>, ApiError> {
     Ok(Json(m.get(&name)?))
 }
 
-async fn delete_vm(
-    State(m): State<AppState>,
-    Path(name): Path<String>,
-) -> Result<StatusCode, ApiError> {
+async fn delete_vm(State(m): State<AppState>, VmKey(name): VmKey) -> Result<StatusCode, ApiError> {
     m.delete(&name).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
-async fn start_vm(
-    State(m): State<AppState>,
-    Path(name): Path<String>,
-) -> Result<Json<Vm>, ApiError> {
+async fn start_vm(State(m): State<AppState>, VmKey(name): VmKey) -> Result<Json<Vm>, ApiError> {
     Ok(Json(m.start(&name).await?))
 }
 
@@ -408,7 +424,7 @@ struct CloneReq {
 /// Copies a stopped sandbox's disk into a new sandbox and boots it.
 async fn clone_vm(
     State(m): State<AppState>,
-    Path(name): Path<String>,
+    VmKey(name): VmKey,
     ApiJson(req): ApiJson<CloneReq>,
 ) -> Result<(StatusCode, Json<Vm>), ApiError> {
     Ok((
@@ -417,10 +433,7 @@ async fn clone_vm(
     ))
 }
 
-async fn stop_vm(
-    State(m): State<AppState>,
-    Path(name): Path<String>,
-) -> Result<Json<Vm>, ApiError> {
+async fn stop_vm(State(m): State<AppState>, VmKey(name): VmKey) -> Result<Json<Vm>, ApiError> {
     Ok(Json(m.stop(&name).await?))
 }
 
@@ -451,7 +464,7 @@ fn line(v: Value) -> Bytes {
 /// Runs a process; the response is NDJSON events: started, stdout/stderr (base64), exit.
 async fn exec_vm(
     State(m): State<AppState>,
-    Path(name): Path<String>,
+    VmKey(name): VmKey,
     ApiJson(req): ApiJson<ExecVm>,
 ) -> Result<Response, ApiError> {
     let (client, stream) = m.exec(&name, req)?;
@@ -529,7 +542,7 @@ struct FileQuery {
 
 async fn get_file(
     State(m): State<AppState>,
-    Path(name): Path<String>,
+    VmKey(name): VmKey,
     Query(q): Query<FileQuery>,
 ) -> Result<Response, ApiError> {
     let data = m.read_file(&name, &q.path).await?;
@@ -538,7 +551,7 @@ async fn get_file(
 
 async fn put_file(
     State(m): State<AppState>,
-    Path(name): Path<String>,
+    VmKey(name): VmKey,
     Query(q): Query<FileQuery>,
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
@@ -553,10 +566,7 @@ async fn put_file(
     Ok(Json(json!({"path": q.path, "bytes": n})))
 }
 
-async fn vm_health(
-    State(m): State<AppState>,
-    Path(name): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+async fn vm_health(State(m): State<AppState>, VmKey(name): VmKey) -> Result<Json<Value>, ApiError> {
     Ok(Json(m.agent_health(&name).await?))
 }
 
@@ -567,7 +577,7 @@ struct LogQuery {
 
 async fn logs(
     State(m): State<AppState>,
-    Path(name): Path<String>,
+    VmKey(name): VmKey,
     Query(q): Query<LogQuery>,
 ) -> Result<Response, ApiError> {
     let vm = m.get(&name)?;

@@ -28,6 +28,23 @@ impl Caller {
     pub fn sees(&self, owner: Option<&str>) -> bool {
         self.admin || owner == Some(self.account.as_str())
     }
+
+    /// The owner of what this caller creates: None (the admin's namespace: bare VM names, the
+    /// shared image library) for the admin, else the account.
+    pub fn owner(&self) -> Option<String> {
+        (!self.admin).then(|| self.account.clone())
+    }
+
+    /// The store key of the VM this caller means by `name`, or None when it may not name it. An
+    /// account's names live in its own namespace, so no name it gives can reach another
+    /// account's VM; `account/name` is the qualified form (any account's for the admin, its own
+    /// for an account).
+    pub fn vm_key(&self, name: &str) -> Option<String> {
+        if let Some((acct, _)) = name.split_once('/') {
+            return (self.admin || acct == self.account).then(|| name.to_string());
+        }
+        Some(hutch_core::vm_key(self.owner().as_deref(), name))
+    }
 }
 
 /// An issued token, as stored (never the token itself).
@@ -56,22 +73,12 @@ fn b64(d: &[u8]) -> String {
 }
 
 impl Tokens {
-    pub fn load_or_create(data_dir: &Path) -> std::io::Result<Tokens> {
-        let p = data_dir.join("jwt-secret");
-        let secret = match std::fs::read(&p) {
-            Ok(s) if s.len() >= 32 => s,
-            _ => {
-                let s: [u8; 32] = rand::random();
-                let tmp = p.with_extension("tmp");
-                std::fs::write(&tmp, s)?;
-                std::fs::set_permissions(
-                    &tmp,
-                    std::os::unix::fs::PermissionsExt::from_mode(0o600),
-                )?;
-                std::fs::rename(&tmp, &p)?;
-                s.to_vec()
-            }
-        };
+    pub fn load_or_create(data_dir: &Path) -> Result<Tokens, crate::secrets::SecretError> {
+        let secret = crate::secrets::read_or_create(
+            &data_dir.join("jwt-secret"),
+            |s| s.len() >= 32,
+            || rand::random::<[u8; 32]>().to_vec(),
+        )?;
         Ok(Tokens { secret })
     }
 

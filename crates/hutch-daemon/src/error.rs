@@ -20,6 +20,10 @@ pub enum ApiError {
     #[error("{0}")]
     Registry(String),
     #[error("{0}")]
+    Quota(String),
+    #[error("{0}")]
+    Capacity(String),
+    #[error("{0}")]
     Internal(String),
 }
 
@@ -33,6 +37,8 @@ impl ApiError {
             ApiError::Forbidden(_) => "forbidden",
             ApiError::BadImage(_) => "bad_image",
             ApiError::Registry(_) => "registry_error",
+            ApiError::Quota(_) => "quota_exceeded",
+            ApiError::Capacity(_) => "insufficient_capacity",
             ApiError::Internal(_) => "internal",
         }
     }
@@ -45,6 +51,8 @@ impl ApiError {
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::Registry(_) => StatusCode::BAD_GATEWAY,
+            ApiError::Quota(_) => StatusCode::FORBIDDEN,
+            ApiError::Capacity(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -70,9 +78,11 @@ impl IntoResponse for ApiError {
 impl From<hutch_store::StoreError> for ApiError {
     fn from(e: hutch_store::StoreError) -> Self {
         match e {
+            // A VM key is `account/name`: the caller knows only its name.
             hutch_store::StoreError::Exists { table, key } => ApiError::Conflict(format!(
-                "{} {key:?} already exists",
-                table.trim_end_matches('s')
+                "{} {:?} already exists",
+                table.trim_end_matches('s'),
+                key.rsplit('/').next().unwrap_or(&key)
             )),
             hutch_store::StoreError::NotFound { table, key } => ApiError::NotFound {
                 kind: if table == "vms" { "sandbox" } else { "image" },

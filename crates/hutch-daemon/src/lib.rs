@@ -6,8 +6,10 @@ pub mod api;
 pub mod auth;
 pub mod error;
 pub mod manager;
+pub mod secrets;
 pub mod sftp;
 pub mod ssh;
+pub mod tenancy;
 
 use hutch_vmm::{AccelChoice, Vmm};
 use std::net::SocketAddr;
@@ -33,6 +35,8 @@ pub struct DaemonConfig {
     pub layer_limits: hutch_image::Limits,
     /// The SSH front door (None: off).
     pub ssh: Option<ssh::SshOptions>,
+    /// Per-account quotas and host admission control.
+    pub admission: tenancy::Admission,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -98,21 +102,15 @@ pub fn is_static_elf(p: &Path) -> bool {
     })
 }
 
-/// Reads or creates the API token for TCP clients.
+/// Reads or creates the API token for TCP clients (a secret: see secrets.rs).
 pub fn api_token(data_dir: &Path) -> Result<String, DaemonError> {
-    let p = data_dir.join("api-token");
-    if let Ok(t) = std::fs::read_to_string(&p) {
-        if !t.trim().is_empty() {
-            return Ok(t.trim().to_string());
-        }
-    }
-    let t = hex::encode(rand::random::<[u8; 32]>());
-    let tmp = data_dir.join("api-token.tmp");
-    std::fs::write(&tmp, &t).map_err(setup)?;
-    std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o600))
-        .map_err(setup)?;
-    std::fs::rename(&tmp, &p).map_err(setup)?;
-    Ok(t)
+    let t = secrets::read_or_create(
+        &data_dir.join("api-token"),
+        |t| !String::from_utf8_lossy(t).trim().is_empty(),
+        || hex::encode(rand::random::<[u8; 32]>()).into_bytes(),
+    )
+    .map_err(setup)?;
+    Ok(String::from_utf8_lossy(&t).trim().to_string())
 }
 
 /// Prepares everything and returns the manager (used by `run` and by tests).
@@ -159,7 +157,9 @@ pub async fn prepare(cfg: &DaemonConfig) -> Result<Arc<manager::Manager>, Daemon
         console_max_bytes: 2 << 20,
     };
     let tokens = auth::Tokens::load_or_create(&cfg.data_dir).map_err(setup)?;
-    let m = Arc::new(manager::Manager::new(node, store, images, vmm, tokens));
+    let mut m = manager::Manager::new(node, store, images, vmm, tokens);
+    m.admission = cfg.admission;
+    let m = Arc::new(m);
     // Make the default writable-disk template now, not inside the first create.
     let (m2, gib) = (m.clone(), cfg.default_disk_gib);
     tokio::task::spawn_blocking(move || m2.disk_template(gib))

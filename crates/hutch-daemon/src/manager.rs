@@ -5,7 +5,9 @@
 //! operation on one VM holds that VM's lock, so stop/start/delete never interleave.
 
 use crate::agent::{AgentClient, AgentStream};
+use crate::auth::Caller;
 use crate::error::ApiError;
+use crate::tenancy::{Admission, Ask};
 use hutch_core::{image_env, names, Image, Vm, VmState};
 use hutch_proto::{ExecRequest, Kind, Request, Response};
 use hutch_store::{Store, IMAGES, VMS};
@@ -38,6 +40,9 @@ pub struct Manager {
     /// never deletes the blobs of an image still being made.
     pub image_ops: tokio::sync::RwLock<()>,
     pub tokens: crate::auth::Tokens,
+    pub admission: Admission,
+    /// Held from an admission check until the admitted VM's record counts (see `admit`).
+    admit_lock: tokio::sync::Mutex<()>,
 }
 
 /// A request to create a VM.
@@ -54,9 +59,6 @@ pub struct CreateVm {
     /// Run the image's Entrypoint + Cmd as the VM's main process.
     #[serde(default)]
     pub run: bool,
-    /// The account that owns the VM (set by the SSH front door, never by the request body).
-    #[serde(skip)]
-    pub owner: Option<String>,
 }
 
 fn one() -> u32 {
@@ -127,7 +129,13 @@ impl Manager {
             host_mem_mib: mem_total_mib(),
             image_ops: tokio::sync::RwLock::new(()),
             tokens,
+            admission: Admission::default(),
+            admit_lock: tokio::sync::Mutex::new(()),
         }
+    }
+
+    pub fn host_mem_mib(&self) -> u64 {
+        self.host_mem_mib
     }
 
     fn lock_for(&self, name: &str) -> Arc<tokio::sync::Mutex<()>> {
@@ -171,6 +179,9 @@ impl Manager {
     /// The image a VM was made from: by the name the VM records (its store key), else (the name
     /// was deleted or moved) any image with the same manifest digest.
     fn image_of(&self, vm: &Vm) -> Result<Option<Image>, ApiError> {
+        if let Some(i) = vm.recorded_image() {
+            return Ok(Some(i));
+        }
         if let Some(i) = self.store.get::<Image>(IMAGES, &vm.image)? {
             if i.digest == vm.image_digest {
                 return Ok(Some(i));
@@ -180,29 +191,11 @@ impl Manager {
         Ok(all.into_iter().find(|i| i.digest == vm.image_digest))
     }
 
-    /// Finds an image by the name it was stored under (`busybox:latest`) or by its canonical
-    /// registry reference (`alpine` = `docker.io/library/alpine:latest`).
-    pub fn image(&self, reference: &str) -> Result<Image, ApiError> {
-        let n =
-            hutch_image::normalize_ref(reference).map_err(|e| ApiError::Invalid(e.to_string()))?;
-        if let Some(i) = self.store.get::<Image>(IMAGES, &n)? {
-            return Ok(i);
-        }
-        if let Ok(r) = hutch_image::registry::Reference::parse(reference) {
-            if let Some(i) = self.store.get::<Image>(IMAGES, &r.canonical())? {
-                return Ok(i);
-            }
-        }
-        Err(ApiError::NotFound {
-            kind: "image",
-            name: n,
-        })
-    }
-
     /// Makes a new image from a running VM's changes since boot (a consistent snapshot: the
     /// guest's writable filesystem is frozen while it is read).
     pub async fn commit(
         &self,
+        caller: &Caller,
         name: &str,
         reference: &str,
         comment: &str,
@@ -244,14 +237,22 @@ impl Manager {
         let img = tokio::task::block_in_place(|| {
             self.images.commit_layer(&base, &tar, &reference, &comment)
         })?;
-        self.store.put(IMAGES, &img.name, &img)?;
-        tracing::info!(vm = name, image = %img.name, digest = %img.digest, "committed");
+        let img = self.store_image(caller.owner(), img)?;
+        tracing::info!(vm = name, image = %img.key(), digest = %img.digest, "committed");
         Ok(img)
     }
 
     /// Removes blobs and root filesystems no image or VM uses.
     pub async fn gc(&self) -> Result<hutch_image::GcStats, ApiError> {
-        let _ops = self.image_ops.write().await;
+        // Pulls, imports and commits in progress finish first; gc waits for them a bounded
+        // time and then gives up rather than queueing every later pull behind it.
+        let _ops = tokio::time::timeout(Duration::from_secs(60), self.image_ops.write())
+            .await
+            .map_err(|_| {
+                ApiError::Conflict(
+                    "image operations are in progress; try garbage collection again later".into(),
+                )
+            })?;
         let mut keep = std::collections::HashSet::new();
         for i in self.store.list::<Image>(IMAGES)? {
             keep.insert(i.digest);
@@ -260,6 +261,8 @@ impl Manager {
         }
         for v in self.list()? {
             keep.insert(v.image_digest);
+            keep.extend(v.image_config_digest);
+            keep.extend(v.image_layers);
         }
         let st = tokio::task::block_in_place(|| self.images.gc(&keep))?;
         tracing::info!(?st, "garbage collection");
@@ -269,12 +272,13 @@ impl Manager {
     /// Pushes a stored image to `reference` (default: its own name).
     pub async fn push(
         &self,
+        caller: &Caller,
         image: &str,
         reference: Option<&str>,
         insecure: bool,
         creds: Option<hutch_image::registry::Credentials>,
     ) -> Result<String, ApiError> {
-        let img = self.image(image)?;
+        let img = self.image_for(caller, image)?;
         let target = reference.unwrap_or(&img.name).to_string();
         Ok(self.images.push(&img, &target, insecure, creds).await?)
     }
@@ -282,18 +286,23 @@ impl Manager {
     /// Pulls an image (one pull per reference at a time) and records it.
     pub async fn pull(
         &self,
+        caller: &Caller,
         reference: &str,
         opts: hutch_image::PullOptions,
         progress: &mut (dyn FnMut(hutch_image::PullEvent) + Send),
     ) -> Result<Image, ApiError> {
         let r = hutch_image::registry::Reference::parse(reference)
             .map_err(|e| ApiError::Invalid(e.to_string()))?;
-        let lock = self.lock_for(&format!("pull:{}", r.canonical()));
+        let owner = caller.owner();
+        let lock = self.lock_for(&format!(
+            "pull:{}",
+            hutch_core::image_key(owner.as_deref(), &r.canonical())
+        ));
         let _g = lock.lock().await;
         let _ops = self.image_ops.read().await;
         let img = self.images.pull(reference, &opts, progress).await?;
-        self.store.put(IMAGES, &img.name, &img)?;
-        tracing::info!(image = %img.name, digest = %img.digest, "pulled image");
+        let img = self.store_image(owner, img)?;
+        tracing::info!(image = %img.key(), digest = %img.digest, "pulled image");
         Ok(img)
     }
 
@@ -363,9 +372,9 @@ impl Manager {
     }
 
     /// Creates and boots a VM; on any failure nothing of it remains.
-    pub async fn create(self: &Arc<Self>, req: CreateVm) -> Result<Vm, ApiError> {
+    pub async fn create(self: &Arc<Self>, caller: &Caller, req: CreateVm) -> Result<Vm, ApiError> {
         self.validate(&req)?;
-        let image = self.image(&req.image)?;
+        let image = self.image_for(caller, &req.image)?;
         if req.run && image.config.entrypoint.is_empty() && image.config.cmd.is_empty() {
             return Err(ApiError::Invalid(format!(
                 "image {} has no Entrypoint or Cmd to --run",
@@ -396,19 +405,33 @@ impl Manager {
             disk_us: None,
             run: req.run,
             main_pid: None,
-            owner: req.owner.clone(),
+            owner: caller.owner(),
+            image_config_digest: Some(image.config_digest.clone()),
+            image_layers: image.layers.clone(),
+            image_config: Some(image.config.clone()),
         };
-        // The name is claimed in one store transaction: of concurrent creates, one wins.
+        // Admission and the name claim under one lock; the name is claimed in one store
+        // transaction: of concurrent creates, one wins.
+        let admit = self.admit_lock.lock().await;
+        self.admit(
+            vm.owner.as_deref(),
+            Ask {
+                vcpus: vm.vcpus,
+                mem_mib: vm.mem_mib,
+                disk_gib: vm.disk_gib,
+                new: true,
+            },
+        )?;
         match &req.name {
             Some(n) => {
                 vm.name = n.clone();
-                self.store.insert_new(VMS, n, &vm)?;
+                self.store.insert_new(VMS, &vm.key(), &vm)?;
             }
             None => {
                 let mut tries = 0;
                 loop {
                     vm.name = names::random_name();
-                    match self.store.insert_new(VMS, &vm.name, &vm) {
+                    match self.store.insert_new(VMS, &vm.key(), &vm) {
                         Ok(()) => break,
                         Err(hutch_store::StoreError::Exists { .. }) if tries < 50 => tries += 1,
                         Err(e) => return Err(e.into()),
@@ -416,14 +439,15 @@ impl Manager {
                 }
             }
         }
-        let lock = self.lock_for(&vm.name);
+        drop(admit);
+        let lock = self.lock_for(&vm.key());
         let _g = lock.lock().await;
         let result = async {
             let t = Instant::now();
-            self.create_disk(&vm)?;
+            tokio::task::block_in_place(|| self.create_disk(&vm))?;
             let us = t.elapsed().as_micros() as u64;
             self.store
-                .update(VMS, &vm.name, |v: &mut Vm| v.disk_us = Some(us))?;
+                .update(VMS, &vm.key(), |v: &mut Vm| v.disk_us = Some(us))?;
             self.boot(&vm, &image).await
         }
         .await;
@@ -431,7 +455,7 @@ impl Manager {
             Ok(vm) => Ok(vm),
             Err(e) => {
                 tokio::task::block_in_place(|| self.destroy(&vm));
-                let _ = self.store.delete(VMS, &vm.name);
+                let _ = self.store.delete(VMS, &vm.key());
                 Err(e)
             }
         }
@@ -446,7 +470,7 @@ impl Manager {
         let proc_ = tokio::task::spawn_blocking(move || vmm.launch(&spec2))
             .await
             .map_err(internal)??;
-        self.store.update(VMS, &vm.name, |v: &mut Vm| {
+        self.store.update(VMS, &vm.key(), |v: &mut Vm| {
             v.pid = Some(proc_.pid);
             v.state = VmState::Starting;
         })?;
@@ -459,7 +483,7 @@ impl Manager {
             Ok(c) => c,
             Err(e) => {
                 let _ = self.vmm.kill(&vm.id, proc_.pid);
-                let tail = self.console_tail(&vm.id, 2048);
+                let tail = self.console_text(&vm.id, 2048);
                 return Err(ApiError::Internal(format!(
                     "{} did not boot: {e}; console ends with:\n{}",
                     vm.name,
@@ -472,12 +496,12 @@ impl Manager {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(vm.id.clone(), client);
-        let vm = self.store.update(VMS, &vm.name, |v: &mut Vm| {
+        let vm = self.store.update(VMS, &vm.key(), |v: &mut Vm| {
             v.state = VmState::Running;
             v.reason = None;
             v.started_at = Some(hutch_core::now());
             v.boot_ms = Some(boot_ms);
-            v.kernel = Some(ack.kernel.clone());
+            v.kernel = Some(hutch_core::clean_text(&ack.kernel));
             v.accel = Some(self.cfg.accel.as_str().into());
         })?;
         let vm = if vm.run {
@@ -486,7 +510,7 @@ impl Manager {
             vm
         };
         tracing::info!(vm = %vm.name, pid = proc_.pid, boot_ms, "vm running");
-        self.watch(vm.name.clone(), vm.id.clone(), proc_.pid);
+        self.watch(vm.key(), vm.id.clone(), proc_.pid);
         Ok(vm)
     }
 
@@ -523,7 +547,7 @@ impl Manager {
                         "the main process of {} could not start (exit {}): {}",
                         vm.name,
                         code.unwrap_or(-1),
-                        String::from_utf8_lossy(&stderr).trim()
+                        hutch_core::clean_text(String::from_utf8_lossy(&stderr).trim())
                     )))
                 }
                 other => return Err(internal(format!("unexpected answer {other:?}"))),
@@ -531,7 +555,7 @@ impl Manager {
         };
         Ok(self
             .store
-            .update(VMS, &vm.name, |v: &mut Vm| v.main_pid = Some(pid))?)
+            .update(VMS, &vm.key(), |v: &mut Vm| v.main_pid = Some(pid))?)
     }
 
     async fn wait_exit(&self, id: &str, pid: u32) {
@@ -549,7 +573,7 @@ impl Manager {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .remove(&id);
-            let tail = me.console_tail(&id, 512);
+            let tail = me.console_text(&id, 512);
             let last = tail
                 .lines()
                 .rev()
@@ -579,7 +603,7 @@ impl Manager {
     fn destroy(&self, vm: &Vm) {
         if let Some(pid) = self
             .store
-            .get::<Vm>(VMS, &vm.name)
+            .get::<Vm>(VMS, &vm.key())
             .ok()
             .flatten()
             .and_then(|v| v.pid)
@@ -622,7 +646,7 @@ impl Manager {
         }
         let mut vm = Vm {
             id: names::random_id(),
-            name: dst.unwrap_or_else(|| format!("{src}-copy")),
+            name: dst.unwrap_or_else(|| format!("{}-copy", from.name)),
             state: VmState::Starting,
             reason: None,
             pid: None,
@@ -632,21 +656,35 @@ impl Manager {
             main_pid: None,
             ..from.clone()
         };
-        self.store.insert_new(VMS, &vm.name, &vm)?;
+        {
+            let _admit = self.admit_lock.lock().await;
+            self.admit(
+                vm.owner.as_deref(),
+                Ask {
+                    vcpus: vm.vcpus,
+                    mem_mib: vm.mem_mib,
+                    disk_gib: vm.disk_gib,
+                    new: true,
+                },
+            )?;
+            self.store.insert_new(VMS, &vm.key(), &vm)?;
+        }
         let result = async {
             let dir = self.vm_dir(&vm.id);
             std::fs::create_dir_all(dir.join("run")).map_err(internal)?;
             let t = Instant::now();
-            run_tool(
-                std::process::Command::new("cp")
-                    .arg("--sparse=always")
-                    .arg(self.vm_dir(&from.id).join("disk.qcow2"))
-                    .arg(dir.join("disk.qcow2")),
-            )?;
+            tokio::task::block_in_place(|| {
+                run_tool(
+                    std::process::Command::new("cp")
+                        .arg("--sparse=always")
+                        .arg(self.vm_dir(&from.id).join("disk.qcow2"))
+                        .arg(dir.join("disk.qcow2")),
+                )
+            })?;
             let us = t.elapsed().as_micros() as u64;
             vm = self
                 .store
-                .update(VMS, &vm.name, |v: &mut Vm| v.disk_us = Some(us))?;
+                .update(VMS, &vm.key(), |v: &mut Vm| v.disk_us = Some(us))?;
             self.boot(&vm, &image).await
         }
         .await;
@@ -654,7 +692,7 @@ impl Manager {
             Ok(v) => Ok(v),
             Err(e) => {
                 tokio::task::block_in_place(|| self.destroy(&vm));
-                let _ = self.store.delete(VMS, &vm.name);
+                let _ = self.store.delete(VMS, &vm.key());
                 Err(e)
             }
         }
@@ -680,10 +718,22 @@ impl Manager {
         if !self.vm_dir(&vm.id).join("disk.qcow2").exists() {
             return Err(ApiError::Conflict(format!("the disk of {name} is missing")));
         }
-        self.store.update(VMS, name, |v: &mut Vm| {
-            v.state = VmState::Starting;
-            v.reason = None;
-        })?;
+        {
+            let _admit = self.admit_lock.lock().await;
+            self.admit(
+                vm.owner.as_deref(),
+                Ask {
+                    vcpus: vm.vcpus,
+                    mem_mib: vm.mem_mib,
+                    disk_gib: vm.disk_gib,
+                    new: false,
+                },
+            )?;
+            self.store.update(VMS, name, |v: &mut Vm| {
+                v.state = VmState::Starting;
+                v.reason = None;
+            })?;
+        }
         match self.boot(&vm, &image).await {
             Ok(vm) => Ok(vm),
             Err(e) => {
@@ -936,8 +986,14 @@ impl Manager {
     }
 
     /// The last `max` bytes of the VM's console.
+    /// The raw end of a VM's console (`hutch logs` shows it as the guest wrote it).
     pub fn console_tail(&self, id: &str, max: u64) -> String {
         read_tail(&self.console_path(id), max)
+    }
+
+    /// The end of a VM's console made safe to put in errors and `describe`.
+    fn console_text(&self, id: &str, max: u64) -> String {
+        hutch_core::clean_text(&read_tail(&self.console_path(id), max))
     }
 
     /// Keeps every console log under the configured size (QEMU appends with O_APPEND, so
@@ -956,6 +1012,7 @@ impl Manager {
     /// After a (re)start of hutchd: re-attach to every VM whose QEMU still runs; mark the others
     /// stopped with the reason.
     pub async fn reattach(self: &Arc<Self>) -> Result<(), ApiError> {
+        self.migrate_keys()?;
         for vm in self.list()? {
             let alive = vm.pid.is_some_and(|p| self.vmm.is_alive(&vm.id, p));
             match (vm.state, alive) {
@@ -969,9 +1026,9 @@ impl Manager {
                                 .lock()
                                 .unwrap_or_else(|e| e.into_inner())
                                 .insert(vm.id.clone(), c);
-                            self.store.update(VMS, &vm.name, |v: &mut Vm| {
+                            self.store.update(VMS, &vm.key(), |v: &mut Vm| {
                                 v.state = VmState::Running;
-                                v.kernel = Some(ack.kernel.clone());
+                                v.kernel = Some(hutch_core::clean_text(&ack.kernel));
                             })?;
                             tracing::info!(vm = %vm.name, pid, "re-attached to running vm");
                         }
@@ -979,47 +1036,19 @@ impl Manager {
                             tracing::warn!(vm = %vm.name, error = %e, "vm runs but its agent does not answer");
                         }
                     }
-                    self.watch(vm.name.clone(), vm.id.clone(), pid);
+                    self.watch(vm.key(), vm.id.clone(), pid);
                 }
                 (state, false) => {
                     let reason = (state != VmState::Stopping)
                         .then(|| "QEMU exited while hutchd was not running".to_string());
                     tracing::warn!(vm = %vm.name, "vm process is gone; marking stopped");
-                    self.store.update(VMS, &vm.name, |v: &mut Vm| {
+                    self.store.update(VMS, &vm.key(), |v: &mut Vm| {
                         v.state = VmState::Stopped;
                         v.pid = None;
                         v.reason = reason.clone();
                     })?;
                 }
             }
-        }
-        Ok(())
-    }
-
-    /// Deletes an image unless a VM uses it.
-    pub fn delete_image(&self, reference: &str) -> Result<(), ApiError> {
-        let img = self.image(reference)?;
-        let users: Vec<String> = self
-            .list()?
-            .into_iter()
-            .filter(|v| v.image_digest == img.digest)
-            .map(|v| v.name)
-            .collect();
-        if !users.is_empty() {
-            return Err(ApiError::Conflict(format!(
-                "image {} is used by: {}",
-                img.name,
-                users.join(", ")
-            )));
-        }
-        self.store.delete(IMAGES, &img.name)?;
-        let still_used = self
-            .store
-            .list::<Image>(IMAGES)?
-            .iter()
-            .any(|i| i.digest == img.digest);
-        if !still_used {
-            self.images.remove_rootfs(&img.digest)?;
         }
         Ok(())
     }

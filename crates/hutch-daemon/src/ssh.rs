@@ -6,6 +6,9 @@
 //! status passed through the guest agent). A user sees and touches only their own VMs (admins
 //! all): another account's VM answers as if it did not exist. Only public-key auth is offered.
 
+mod quota;
+
+use crate::auth::Caller;
 use crate::manager::{CreateVm, ExecVm, Manager};
 use hutch_core::{mib, Account, Vm, VmState};
 use hutch_proto::{Frame, Kind, Request, Response, TtySize};
@@ -34,6 +37,8 @@ pub struct SshOptions {
     pub max_auth_failures: u32,
     /// Seconds a connection has to log in.
     pub auth_timeout_secs: u64,
+    /// SSH logins in progress from one address.
+    pub max_pending_per_address: usize,
 }
 
 fn err(m: impl std::fmt::Display) -> crate::DaemonError {
@@ -42,8 +47,8 @@ fn err(m: impl std::fmt::Display) -> crate::DaemonError {
 
 /// Loads the host key, generating it at first start.
 pub fn host_key(path: &Path) -> Result<PrivateKey, crate::DaemonError> {
-    if path.exists() {
-        return PrivateKey::read_openssh_file(path)
+    if let Some(pem) = crate::secrets::read(path).map_err(err)? {
+        return PrivateKey::from_openssh(&pem)
             .map_err(|e| err(format!("host key {}: {e}", path.display())));
     }
     let seed: [u8; 32] = rand::random();
@@ -55,11 +60,7 @@ pub fn host_key(path: &Path) -> Result<PrivateKey, crate::DaemonError> {
     let pem = key
         .to_openssh(russh::keys::ssh_key::LineEnding::LF)
         .map_err(err)?;
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, pem.as_bytes()).map_err(err)?;
-    std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o600))
-        .map_err(err)?;
-    std::fs::rename(&tmp, path).map_err(err)?;
+    crate::secrets::write(path, pem.as_bytes()).map_err(err)?;
     Ok(key)
 }
 
@@ -119,6 +120,7 @@ pub fn sync_admin(m: &Manager, file: &Path) -> Result<usize, crate::DaemonError>
         admin: true,
         keys: lines,
         created_at: hutch_core::now(),
+        quota: None,
     };
     m.store
         .put(ACCOUNTS, "admin", &acc)
@@ -148,6 +150,7 @@ pub async fn serve(m: Arc<Manager>, opts: SshOptions) -> Result<(), crate::Daemo
     tracing::info!(addr = %opts.listen, "ssh front door listening");
     let limits = Arc::new(Limits {
         max_failures: opts.max_auth_failures,
+        max_pending_per_ip: opts.max_pending_per_address,
         auth_deadline: std::time::Duration::from_secs(opts.auth_timeout_secs),
         ..Limits::default()
     });
@@ -221,13 +224,16 @@ pub async fn serve(m: Arc<Manager>, opts: SshOptions) -> Result<(), crate::Daemo
     }
 }
 
-/// Bounds on abuse: refused key offers per address, logins in progress, time to log in.
+/// Bounds on abuse: refused key offers per address, logins in progress (in all and per
+/// address, so idle connections from one address cannot lock others out), time to log in.
 pub struct Limits {
     failures: std::sync::Mutex<HashMap<std::net::IpAddr, (u32, std::time::Instant)>>,
-    pending: Arc<AtomicUsize>,
+    pending: AtomicUsize,
+    pending_by_ip: std::sync::Mutex<HashMap<std::net::IpAddr, usize>>,
     pub max_failures: u32,
     pub failure_window: std::time::Duration,
     pub max_pending: usize,
+    pub max_pending_per_ip: usize,
     pub auth_deadline: std::time::Duration,
 }
 
@@ -236,34 +242,63 @@ impl Default for Limits {
         Limits {
             failures: Default::default(),
             pending: Default::default(),
+            pending_by_ip: Default::default(),
             max_failures: 30,
             failure_window: std::time::Duration::from_secs(300),
             max_pending: 64,
+            max_pending_per_ip: 8,
             auth_deadline: std::time::Duration::from_secs(30),
         }
     }
 }
 
 /// A login in progress; released when it succeeds or the connection goes away.
-pub struct PendingSlot(Arc<AtomicUsize>);
+pub struct PendingSlot {
+    limits: Arc<Limits>,
+    ip: std::net::IpAddr,
+}
 
 impl Drop for PendingSlot {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
+        self.limits.pending.fetch_sub(1, Ordering::SeqCst);
+        let mut by_ip = self
+            .limits
+            .pending_by_ip
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = by_ip.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                by_ip.remove(&self.ip);
+            }
+        }
     }
 }
 
 impl Limits {
-    fn admit(&self, ip: std::net::IpAddr) -> Option<PendingSlot> {
+    fn admit(self: &Arc<Self>, ip: std::net::IpAddr) -> Option<PendingSlot> {
         if self.blocked(ip) {
             tracing::info!(%ip, "ssh connection refused: too many failed logins");
             return None;
         }
+        {
+            let mut by_ip = self.pending_by_ip.lock().unwrap_or_else(|e| e.into_inner());
+            let n = by_ip.entry(ip).or_insert(0);
+            if *n >= self.max_pending_per_ip {
+                tracing::warn!(%ip, "ssh connection refused: too many logins in progress from this address");
+                return None;
+            }
+            *n += 1;
+        }
         let n = self.pending.fetch_add(1, Ordering::SeqCst);
-        let slot = PendingSlot(self.pending.clone());
+        // From here on, dropping the slot undoes both counts.
+        let slot = PendingSlot {
+            limits: self.clone(),
+            ip,
+        };
         if n >= self.max_pending {
             tracing::warn!(%ip, "ssh connection refused: too many logins in progress");
-            return None; // dropping the slot undoes the increment
+            return None;
         }
         Some(slot)
     }
@@ -351,7 +386,8 @@ const HELP: &str = "hutch over SSH. Commands:
   ls | describe NAME | stop NAME | start NAME | rm NAME | logs NAME | cp NAME [NEW-NAME]
   status | whoami | keys ls | keys add < key.pub | keys rm FINGERPRINT
   token create [--ttl HOURS] | token ls | token rm ID     (API tokens for the REST API)
-  adduser NAME < key.pub        (admins)
+  quota                         (your quota and usage)
+  adduser NAME < key.pub | quota NAME [--vms N] [--vcpus N] [--mem MIB] [--disk GIB]   (admins)
 Add --json to ls, describe and new for JSON. Enter a VM: ssh -p PORT NAME@HOST
 ";
 
@@ -361,13 +397,17 @@ impl Conn {
         self.account.as_ref().expect("authenticated")
     }
 
-    fn visible(&self, vm: &Vm) -> bool {
+    fn caller(&self) -> Caller {
         let a = self.account();
-        a.admin || vm.owner.as_deref() == Some(a.name.as_str())
+        Caller {
+            account: a.name.clone(),
+            admin: a.admin,
+        }
     }
 
+    /// The VM `name` means for this account (its own namespace; see tenancy.rs).
     fn find(&self, name: &str) -> Option<Vm> {
-        self.m.get(name).ok().filter(|v| self.visible(v))
+        self.m.vm_for(&self.caller(), name).ok()
     }
 
     fn connect_line(&self, name: &str) -> String {
@@ -412,13 +452,7 @@ impl Conn {
                 ))
             }
             ["ls"] | ["list"] => {
-                let vms: Vec<Vm> = self
-                    .m
-                    .list()
-                    .unwrap_or_default()
-                    .into_iter()
-                    .filter(|v| self.visible(v))
-                    .collect();
+                let vms: Vec<Vm> = self.m.vms_of(&self.caller()).unwrap_or_default();
                 if json {
                     return Out::ok(serde_json::to_string_pretty(&vms).unwrap_or_default() + "\n");
                 }
@@ -427,7 +461,11 @@ impl Conn {
                     .to_vec()];
                 for v in &vms {
                     rows.push(vec![
-                        v.name.clone(),
+                        // Another account's VM (as the admin sees it) is `account/name`.
+                        match v.owner.as_deref() {
+                            Some(o) if o != self.account().name => v.key(),
+                            _ => v.name.clone(),
+                        },
                         self.host.clone(),
                         v.image.clone(),
                         v.vcpus.to_string(),
@@ -450,24 +488,25 @@ impl Conn {
                 None => not_found(n),
             },
             [op @ ("stop" | "start" | "rm" | "destroy"), n] => {
-                if self.find(n).is_none() {
+                let Some(vm) = self.find(n) else {
                     return not_found(n);
-                }
+                };
+                let k = vm.key();
                 let r = match *op {
-                    "stop" => self.m.stop(n).await.map(|_| format!("{n} stopped\n")),
-                    "start" => self.m.start(n).await.map(|_| format!("{n} running\n")),
-                    _ => self.m.delete(n).await.map(|_| format!("{n} deleted\n")),
+                    "stop" => self.m.stop(&k).await.map(|_| format!("{n} stopped\n")),
+                    "start" => self.m.start(&k).await.map(|_| format!("{n} running\n")),
+                    _ => self.m.delete(&k).await.map(|_| format!("{n} deleted\n")),
                 };
                 r.map(Out::ok).unwrap_or_else(|e| Out::fail(e.to_string()))
             }
             ["new", rest @ ..] => self.new_vm(rest, json).await,
             ["cp", src, rest @ ..] if rest.len() <= 1 => {
-                if self.find(src).is_none() {
+                let Some(vm) = self.find(src) else {
                     return not_found(src);
-                }
+                };
                 match self
                     .m
-                    .clone_vm(src, rest.first().map(|s| s.to_string()))
+                    .clone_vm(&vm.key(), rest.first().map(|s| s.to_string()))
                     .await
                 {
                     Ok(v) if json => {
@@ -478,8 +517,7 @@ impl Conn {
                 }
             }
             ["status"] => {
-                let vms = self.m.list().unwrap_or_default();
-                let mine: Vec<&Vm> = vms.iter().filter(|v| self.visible(v)).collect();
+                let mine = self.m.vms_of(&self.caller()).unwrap_or_default();
                 let running = mine.iter().filter(|v| v.state == VmState::Running).count();
                 Out::ok(format!(
                     "node {}: {} VMs visible to you, {running} running; accelerator {}; kernel {}\n",
@@ -499,6 +537,7 @@ impl Conn {
                     .collect();
                 Out::ok(lines.concat())
             }
+            ["quota", rest @ ..] => self.quota_cmd(rest, json),
             ["keys", "add"] => self.add_keys(&self.account().name.clone(), stdin, false),
             ["keys", "rm", fp] => {
                 let mut acc = self.account().clone();
@@ -514,10 +553,17 @@ impl Conn {
                 if acc.keys.is_empty() {
                     return Out::fail("refusing to remove the account's last key");
                 }
-                match self.m.store.put(ACCOUNTS, &acc.name, &acc) {
-                    Ok(()) => Out::ok(format!("removed {fp}\n")),
-                    Err(e) => Out::fail(e.to_string()),
+                if let Err(e) = self.m.store.put(ACCOUNTS, &acc.name, &acc) {
+                    return Out::fail(e.to_string());
                 }
+                // A removed key may have been how a token was obtained: revoke them all.
+                let mut revoked = 0;
+                for t in crate::auth::Tokens::list(&self.m.store, &acc.name) {
+                    if crate::auth::Tokens::revoke(&self.m.store, &acc.name, &t.id) {
+                        revoked += 1;
+                    }
+                }
+                Out::ok(format!("removed {fp}; revoked {revoked} API token(s)\n"))
             }
             ["token", "create", rest @ ..] => {
                 let hours = match rest {
@@ -605,6 +651,7 @@ impl Conn {
                 admin: false,
                 keys: lines,
                 created_at: hutch_core::now(),
+                quota: None,
             },
         };
         match self.m.store.put(ACCOUNTS, account, &acc) {
@@ -621,7 +668,6 @@ impl Conn {
             mem_mib: 256,
             disk_gib: None,
             run: false,
-            owner: Some(self.account().name.clone()),
         };
         let mut it = rest.iter().flat_map(|a| match a.split_once('=') {
             Some((k, v)) if k.starts_with("--") => vec![k.to_string(), v.to_string()],
@@ -663,7 +709,7 @@ impl Conn {
         if req.image.is_empty() {
             return Out::fail("--image is required");
         }
-        match self.m.create(req).await {
+        match self.m.create(&self.caller(), req).await {
             Ok(v) if json => Out::ok(serde_json::to_string_pretty(&v).unwrap_or_default() + "\n"),
             Ok(v) => Out::ok(self.describe(&v)),
             Err(e) => Out::fail(e.to_string()),
@@ -728,7 +774,7 @@ impl Conn {
             stream_stdin: true,
             ..Default::default()
         };
-        let (client, mut stream) = match self.m.exec(&name, req) {
+        let (client, mut stream) = match self.m.exec(&vm.key(), req) {
             Ok(x) => x,
             Err(e) => return self.finish(ch, Out::fail(e.to_string()), session),
         };
@@ -939,11 +985,13 @@ impl server::Handler for Conn {
         let channel = self.chans.get_mut(&ch).and_then(|c| c.channel.take());
         match (name, channel) {
             ("sftp", Some(channel)) if self.is_vm_user() => {
-                let vm = self.user.clone();
-                if self.find(&vm).is_none_or(|v| v.state != VmState::Running) {
-                    session.channel_failure(ch)?;
-                    return Ok(());
-                }
+                let vm = match self.find(&self.user) {
+                    Some(v) if v.state == VmState::Running => v.key(),
+                    _ => {
+                        session.channel_failure(ch)?;
+                        return Ok(());
+                    }
+                };
                 session.channel_success(ch)?;
                 let sftp = crate::sftp::VmSftp::new(self.m.clone(), vm);
                 // The SFTP server runs on one end of a pipe; this task carries the other end to

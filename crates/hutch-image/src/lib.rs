@@ -267,6 +267,7 @@ impl ImageStore {
             architecture: "amd64".into(),
             rootfs_size,
             created_at: hutch_core::now(),
+            owner: None,
         })
     }
 

@@ -83,6 +83,43 @@ impl Store {
         Ok(out)
     }
 
+    /// Every record of a table with its key.
+    pub fn entries<T: DeserializeOwned>(
+        &self,
+        table: Table,
+    ) -> Result<Vec<(String, T)>, StoreError> {
+        let tx = self.db.begin_read().map_err(db)?;
+        let t = tx.open_table(table.def()).map_err(db)?;
+        let mut out = Vec::new();
+        for item in t.iter().map_err(db)? {
+            let (k, v) = item.map_err(db)?;
+            out.push((k.value().to_string(), decode(k.value(), v.value())?));
+        }
+        Ok(out)
+    }
+
+    /// Moves a record to a new key in one transaction; refuses when the new key is taken.
+    pub fn rekey(&self, table: Table, old: &str, new: &str) -> Result<(), StoreError> {
+        self.write(table, |t| {
+            if t.get(new).map_err(db)?.is_some() {
+                return Err(StoreError::Exists {
+                    table: table.0,
+                    key: new.into(),
+                });
+            }
+            let v = t
+                .remove(old)
+                .map_err(db)?
+                .map(|v| v.value().to_vec())
+                .ok_or_else(|| StoreError::NotFound {
+                    table: table.0,
+                    key: old.into(),
+                })?;
+            t.insert(new, v.as_slice()).map_err(db)?;
+            Ok(())
+        })
+    }
+
     /// Inserts a record that must not exist yet.
     pub fn insert_new<T: Serialize>(
         &self,

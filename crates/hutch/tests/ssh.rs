@@ -3,75 +3,11 @@
 //! accounts, unknown keys refused, a stopped VM explained. One VM boot.
 
 mod common;
+use common::ssh_client::*;
 use common::*;
 use sha2::{Digest, Sha256};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
-
-/// `prog` (ssh, scp or sftp) with the options every connection of this test uses.
-fn client(prog: &str, port: u16, key: &Path) -> Command {
-    let port_flag = if prog == "ssh" { "-p" } else { "-P" };
-    let mut c = Command::new(prog);
-    c.args([
-        "-q",
-        port_flag,
-        &port.to_string(),
-        "-o",
-        "StrictHostKeyChecking=no",
-    ])
-    .args(["-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes"])
-    .args(["-o", "IdentitiesOnly=yes", "-i"])
-    .arg(key);
-    c
-}
-
-struct Ssh {
-    port: u16,
-}
-
-impl Ssh {
-    fn run(&self, key: &Path, user: &str, cmd: &[&str], stdin: Option<&[u8]>, tty: bool) -> Output {
-        let mut c = client("ssh", self.port, key);
-        if tty {
-            c.arg("-tt");
-        }
-        c.arg(format!("{user}@127.0.0.1")).args(cmd);
-        c.stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-        let mut ch = c.spawn().unwrap();
-        if let Some(d) = stdin {
-            let mut s = ch.stdin.take().unwrap();
-            std::io::Write::write_all(&mut s, d).unwrap();
-        }
-        ch.wait_with_output().unwrap()
-    }
-}
-
-fn text(o: &Output) -> (String, String, i32) {
-    (
-        String::from_utf8_lossy(&o.stdout).to_string(),
-        String::from_utf8_lossy(&o.stderr).to_string(),
-        o.status.code().unwrap_or(-1),
-    )
-}
-
-fn keygen(dir: &Path, name: &str, args: &[&str]) -> PathBuf {
-    let p = dir.join(name);
-    let st = Command::new("ssh-keygen")
-        .args(["-q", "-N", ""])
-        .args(args)
-        .arg("-f")
-        .arg(&p)
-        .status()
-        .unwrap();
-    assert!(st.success());
-    p
-}
 
 #[test]
 fn ssh_front_door() {
@@ -196,10 +132,24 @@ fn ssh_front_door() {
         let (_, se, code) = text(&s.run(&bob, "bob", &cmd, None, false));
         assert_eq!((code, se.trim()), (1, "web: no such VM"));
     }
-    let (so, _, _) = text(&s.run(&bob, "web", &["hostname"], None, false));
-    assert_ne!(so, "web\n", "bob must not land in alice's VM");
+    // "web" is no VM of bob's, so `hostname` is taken as a control command, which does not
+    // exist: bob never lands in alice's VM, and is not told that it exists.
+    let (so, se, code) = text(&s.run(&bob, "web", &["hostname"], None, false));
+    assert_eq!((so.as_str(), code), ("", 1), "{se}");
+    assert!(se.contains("unknown command"), "{se}");
+    let (so, _, _) = text(&s.run(&bob, "alice/web", &["hostname"], None, false));
+    assert_eq!(
+        so, "",
+        "bob cannot name alice's VM by its qualified name either"
+    );
     let (so, _, _) = text(&s.run(&admin, "admin", &["ls"], None, false));
-    assert!(so.contains("web"));
+    assert!(so.contains("alice/web"), "{so}");
+    let (so, _, code) = text(&s.run(&admin, "alice/web", &["hostname"], None, false));
+    assert_eq!(
+        (so.as_str(), code),
+        ("web\n", 0),
+        "the admin reaches it as alice/web"
+    );
 
     // In the VM: exit status, separate stdout/stderr, stdin pipes, a PTY.
     let (so, se, code) = text(&s.run(

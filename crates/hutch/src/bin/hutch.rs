@@ -266,6 +266,11 @@ fn enc(s: &str) -> String {
     o
 }
 
+/// One path segment: like `enc`, and `/` too (a qualified VM name is `account/name`).
+fn seg(s: &str) -> String {
+    enc(s).replace('/', "%2F")
+}
+
 fn age(ts: u64) -> String {
     let d = hutch_core::now().saturating_sub(ts);
     match d {
@@ -349,7 +354,7 @@ async fn exec(c: &Client, name: &str, body: Value) -> Result<i32> {
     let r = c
         .send(
             Method::POST,
-            &format!("/api/v1/sandboxes/{}/exec", enc(name)),
+            &format!("/api/v1/sandboxes/{}/exec", seg(name)),
             "application/json",
             Bytes::from(body.to_string()),
         )
@@ -604,8 +609,13 @@ async fn run(cli: Cli) -> Result<i32> {
                         "AGE".into(),
                     ]];
                     for i in v.as_array().cloned().unwrap_or_default() {
+                        // A private image is `~account/NAME`; the shared library's are bare.
+                        let name = i["name"].as_str().unwrap_or("");
                         rows.push(vec![
-                            i["name"].as_str().unwrap_or("").into(),
+                            match i["owner"].as_str() {
+                                Some(o) => format!("~{o}/{name}"),
+                                None => name.to_string(),
+                            },
                             i["digest"]
                                 .as_str()
                                 .unwrap_or("")
@@ -671,8 +681,13 @@ async fn run(cli: Cli) -> Result<i32> {
                 .map(String::from)
                 .to_vec()];
                 for vm in v.as_array().cloned().unwrap_or_default() {
+                    // Another account's VM (as the admin sees it) is named `account/name`.
+                    let name = vm["name"].as_str().unwrap_or("");
                     rows.push(vec![
-                        vm["name"].as_str().unwrap_or("").into(),
+                        match vm["owner"].as_str() {
+                            Some(o) if o != "admin" => format!("{o}/{name}"),
+                            _ => name.to_string(),
+                        },
                         vm["state"].as_str().unwrap_or("").into(),
                         vm["image"].as_str().unwrap_or("").into(),
                         vm["vcpus"].to_string(),
@@ -692,7 +707,7 @@ async fn run(cli: Cli) -> Result<i32> {
             let v = c
                 .json(
                     Method::GET,
-                    &format!("/api/v1/sandboxes/{}", enc(&name)),
+                    &format!("/api/v1/sandboxes/{}", seg(&name)),
                     None,
                 )
                 .await?;
@@ -731,7 +746,7 @@ async fn run(cli: Cli) -> Result<i32> {
             let b = c
                 .call(
                     Method::GET,
-                    &format!("/api/v1/sandboxes/{}/logs?tail={tail}", enc(&name)),
+                    &format!("/api/v1/sandboxes/{}/logs?tail={tail}", seg(&name)),
                     None,
                 )
                 .await?;
@@ -741,7 +756,7 @@ async fn run(cli: Cli) -> Result<i32> {
             let v = c
                 .json(
                     Method::POST,
-                    &format!("/api/v1/sandboxes/{}/stop", enc(&name)),
+                    &format!("/api/v1/sandboxes/{}/stop", seg(&name)),
                     None,
                 )
                 .await?;
@@ -755,7 +770,7 @@ async fn run(cli: Cli) -> Result<i32> {
             let v = c
                 .json(
                     Method::POST,
-                    &format!("/api/v1/sandboxes/{}/start", enc(&name)),
+                    &format!("/api/v1/sandboxes/{}/start", seg(&name)),
                     None,
                 )
                 .await?;
@@ -768,7 +783,7 @@ async fn run(cli: Cli) -> Result<i32> {
         Cmd::Rm { name } => {
             c.call(
                 Method::DELETE,
-                &format!("/api/v1/sandboxes/{}", enc(&name)),
+                &format!("/api/v1/sandboxes/{}", seg(&name)),
                 None,
             )
             .await?;
@@ -781,7 +796,7 @@ async fn run(cli: Cli) -> Result<i32> {
                 let b = c
                     .call(
                         Method::GET,
-                        &format!("/api/v1/sandboxes/{}/files?path={}", enc(vm), enc(p)),
+                        &format!("/api/v1/sandboxes/{}/files?path={}", seg(vm), enc(p)),
                         None,
                     )
                     .await?;
@@ -805,7 +820,7 @@ async fn run(cli: Cli) -> Result<i32> {
                 let r = c
                     .send(
                         Method::PUT,
-                        &format!("/api/v1/sandboxes/{}/files?path={}{m}", enc(vm), enc(p)),
+                        &format!("/api/v1/sandboxes/{}/files?path={}{m}", seg(vm), enc(p)),
                         "application/octet-stream",
                         Bytes::from(data),
                     )
@@ -831,7 +846,7 @@ async fn run(cli: Cli) -> Result<i32> {
             let v = c
                 .json(
                     Method::POST,
-                    &format!("/api/v1/sandboxes/{}/commit", enc(&name)),
+                    &format!("/api/v1/sandboxes/{}/commit", seg(&name)),
                     Some(body),
                 )
                 .await?;
@@ -852,7 +867,7 @@ async fn run(cli: Cli) -> Result<i32> {
             let v = c
                 .json(
                     Method::POST,
-                    &format!("/api/v1/sandboxes/{}/clone", enc(&name)),
+                    &format!("/api/v1/sandboxes/{}/clone", seg(&name)),
                     Some(json!({"name": new_name})),
                 )
                 .await?;

@@ -57,14 +57,39 @@ struct Args {
     #[arg(long, default_value_t = 30)]
     ssh_max_auth_failures: u32,
     /// Seconds an SSH connection has to authenticate.
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, default_value_t = 10)]
     ssh_auth_timeout: u64,
+    /// SSH logins in progress from one address (idle sockets from one address cannot lock
+    /// others out).
+    #[arg(long, default_value_t = 8)]
+    ssh_max_pending_per_address: usize,
     /// Most entries all layers of one image may hold (against layer bombs).
     #[arg(long, default_value_t = 1_000_000)]
     max_image_entries: u64,
     /// Most bytes of file data all layers of one image may unpack to, in MiB.
     #[arg(long, default_value_t = 32 * 1024)]
     max_image_mib: u64,
+    /// Guest memory of running VMs may add up to this many times the host's RAM.
+    #[arg(long, default_value_t = 1.0)]
+    mem_overcommit: f64,
+    /// Writable disks are sparse: a create needs its disk size divided by this free...
+    #[arg(long, default_value_t = 4.0)]
+    disk_overcommit: f64,
+    /// ...plus this many MiB always left free for the host.
+    #[arg(long, default_value_t = 1024)]
+    disk_reserve_mib: u64,
+    /// Default quota of an account: VMs (running or stopped).
+    #[arg(long, default_value_t = 20)]
+    quota_vms: u32,
+    /// Default quota of an account: vCPUs over all its VMs.
+    #[arg(long, default_value_t = 16)]
+    quota_vcpus: u32,
+    /// Default quota of an account: MiB of guest memory over all its VMs.
+    #[arg(long, default_value_t = 32 * 1024)]
+    quota_mem_mib: u64,
+    /// Default quota of an account: GiB of writable disk over all its VMs.
+    #[arg(long, default_value_t = 500)]
+    quota_disk_gib: u64,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -85,6 +110,7 @@ fn main() -> anyhow::Result<()> {
             admin_keys: args.admin_keys,
             max_auth_failures: args.ssh_max_auth_failures,
             auth_timeout_secs: args.ssh_auth_timeout,
+            max_pending_per_address: args.ssh_max_pending_per_address,
             host_name: args.ssh_host_name.unwrap_or_else(|| {
                 std::fs::read_to_string("/proc/sys/kernel/hostname")
                     .map(|h| h.trim().to_string())
@@ -92,6 +118,15 @@ fn main() -> anyhow::Result<()> {
             }),
         }),
     };
+    for (flag, v) in [
+        ("--mem-overcommit", args.mem_overcommit),
+        ("--disk-overcommit", args.disk_overcommit),
+    ] {
+        anyhow::ensure!(
+            v.is_finite() && v > 0.0,
+            "{flag} must be a positive number, not {v}"
+        );
+    }
     let cfg = hutch_daemon::DaemonConfig {
         ssh,
         data_dir: args.data_dir,
@@ -105,6 +140,17 @@ fn main() -> anyhow::Result<()> {
         qemu: args.qemu,
         default_disk_gib: args.disk_gib,
         boot_timeout: std::time::Duration::from_secs(args.boot_timeout),
+        admission: hutch_daemon::tenancy::Admission {
+            mem_overcommit: args.mem_overcommit,
+            disk_overcommit: args.disk_overcommit,
+            disk_reserve_mib: args.disk_reserve_mib,
+            default_quota: hutch_core::Quota {
+                vms: args.quota_vms,
+                vcpus: args.quota_vcpus,
+                mem_mib: args.quota_mem_mib,
+                disk_gib: args.quota_disk_gib,
+            },
+        },
         layer_limits: hutch_image::Limits {
             max_entries: args.max_image_entries,
             max_bytes: args.max_image_mib << 20,

@@ -2,6 +2,8 @@
 //! with umoci, and cleanup that leaves no process behind.
 #![allow(dead_code)]
 
+pub mod ssh_client;
+
 use serde_json::Value;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};

@@ -1,0 +1,283 @@
+//! Tenants: which VM or image a caller means by a name, per-account quotas, and host admission
+//! control. Front doors resolve names here once and then act on the resolved record's key.
+//!
+//! Namespaces: an account's VMs are keyed `account/name` and its private images `~account/REF`
+//! (see `hutch_core::vm_key`, `hutch_core::image_key`); the admin's VMs have bare names and the
+//! admin's images are the shared library every account may use. A name an account gives is
+//! always looked up inside its own namespace (images: then the shared library), so it can neither
+//! reach another account's VM or image nor learn that one exists.
+
+use crate::auth::Caller;
+use crate::error::ApiError;
+use crate::manager::Manager;
+use hutch_core::{Account, Image, Quota, Vm, VmState};
+use hutch_store::{ACCOUNTS, IMAGES, VMS};
+
+/// Host admission limits (the admin's configuration).
+#[derive(Debug, Clone, Copy)]
+pub struct Admission {
+    /// Guest memory of starting and running VMs may add up to this many times the host's RAM.
+    pub mem_overcommit: f64,
+    /// A VM's writable disk is sparse: a create needs `disk_gib / disk_overcommit` free...
+    pub disk_overcommit: f64,
+    /// ...plus this much, always left free for the host.
+    pub disk_reserve_mib: u64,
+    /// Quota of accounts the admin gave none.
+    pub default_quota: Quota,
+}
+
+impl Default for Admission {
+    fn default() -> Self {
+        Admission {
+            mem_overcommit: 1.0,
+            disk_overcommit: 4.0,
+            disk_reserve_mib: 1024,
+            default_quota: Quota::default(),
+        }
+    }
+}
+
+/// What a VM about to be created or started asks for.
+#[derive(Debug, Clone, Copy)]
+pub struct Ask {
+    pub vcpus: u32,
+    pub mem_mib: u64,
+    pub disk_gib: u64,
+    /// A new VM (counts against the VM count and disk), or a start of an existing one.
+    pub new: bool,
+}
+
+impl Manager {
+    /// The VM `name` means for `caller` (see the module doc); another account's VM answers
+    /// exactly as a missing one does.
+    pub fn vm_for(&self, caller: &Caller, name: &str) -> Result<Vm, ApiError> {
+        let missing = || ApiError::vm(name);
+        let key = caller.vm_key(name).ok_or_else(missing)?;
+        match self.store.get::<Vm>(VMS, &key)? {
+            Some(vm) if caller.sees(vm.owner.as_deref()) => Ok(vm),
+            Some(_) => Err(missing()),
+            // The admin's VMs made over SSH before namespaces carried the admin's account.
+            None if caller.admin && !name.contains('/') => self
+                .store
+                .get::<Vm>(VMS, &hutch_core::vm_key(Some(&caller.account), name))?
+                .ok_or_else(missing),
+            None => Err(missing()),
+        }
+    }
+
+    /// The VMs `caller` may see, oldest first.
+    pub fn vms_of(&self, caller: &Caller) -> Result<Vec<Vm>, ApiError> {
+        Ok(self
+            .list()?
+            .into_iter()
+            .filter(|v| caller.sees(v.owner.as_deref()))
+            .collect())
+    }
+
+    fn lookup_image(
+        &self,
+        owner: Option<&str>,
+        reference: &str,
+    ) -> Result<Option<Image>, ApiError> {
+        let n =
+            hutch_image::normalize_ref(reference).map_err(|e| ApiError::Invalid(e.to_string()))?;
+        if let Some(i) = self
+            .store
+            .get::<Image>(IMAGES, &hutch_core::image_key(owner, &n))?
+        {
+            return Ok(Some(i));
+        }
+        if let Ok(r) = hutch_image::registry::Reference::parse(reference) {
+            let k = hutch_core::image_key(owner, &r.canonical());
+            if let Some(i) = self.store.get::<Image>(IMAGES, &k)? {
+                return Ok(Some(i));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The image `reference` means for `caller`: its own private image of that name, else the
+    /// shared library's. `~account/REF` names a private image explicitly (any for the admin,
+    /// only its own for an account).
+    pub fn image_for(&self, caller: &Caller, reference: &str) -> Result<Image, ApiError> {
+        let missing = |n: &str| ApiError::NotFound {
+            kind: "image",
+            name: n.to_string(),
+        };
+        if let Some(rest) = reference.strip_prefix('~') {
+            let (acct, r) = rest
+                .split_once('/')
+                .ok_or_else(|| ApiError::Invalid(format!("{reference:?}: use ~ACCOUNT/IMAGE")))?;
+            if !caller.admin && acct != caller.account {
+                return Err(missing(reference));
+            }
+            return self
+                .lookup_image(Some(acct), r)?
+                .ok_or_else(|| missing(reference));
+        }
+        if let Some(owner) = caller.owner() {
+            if let Some(i) = self.lookup_image(Some(&owner), reference)? {
+                return Ok(i);
+            }
+        }
+        self.lookup_image(None, reference)?
+            .ok_or_else(|| missing(reference))
+    }
+
+    /// The images `caller` may use: its own and the shared library.
+    pub fn images_of(&self, caller: &Caller) -> Result<Vec<Image>, ApiError> {
+        let mut v: Vec<Image> = self
+            .store
+            .list::<Image>(IMAGES)?
+            .into_iter()
+            .filter(|i| i.owner.is_none() || caller.sees(i.owner.as_deref()))
+            .collect();
+        v.sort_by_key(Image::key);
+        Ok(v)
+    }
+
+    /// Records a pulled, imported or committed image in `owner`'s namespace (None: the shared
+    /// library). Never touches another namespace.
+    pub fn store_image(&self, owner: Option<String>, mut img: Image) -> Result<Image, ApiError> {
+        img.owner = owner;
+        self.store.put(IMAGES, &img.key(), &img)?;
+        Ok(img)
+    }
+
+    /// Deletes an image unless a VM the caller sees was made from it (VMs carry their image's
+    /// digest, layers and config, so a re-pull that moves the tag never breaks them; a delete is
+    /// refused all the same, as people expect). Accounts may delete only their own private
+    /// images.
+    pub fn delete_image(&self, caller: &Caller, reference: &str) -> Result<(), ApiError> {
+        let img = self.image_for(caller, reference)?;
+        if !caller.admin && img.owner.as_deref() != Some(caller.account.as_str()) {
+            return Err(ApiError::Forbidden(format!(
+                "{} is in the shared library; only the admin may delete it",
+                img.name
+            )));
+        }
+        let users: Vec<String> = self
+            .list()?
+            .into_iter()
+            .filter(|v| v.image_digest == img.digest && caller.sees(v.owner.as_deref()))
+            .map(|v| v.name)
+            .collect();
+        if !users.is_empty() {
+            return Err(ApiError::Conflict(format!(
+                "image {} is used by: {}",
+                img.name,
+                users.join(", ")
+            )));
+        }
+        self.store.delete(IMAGES, &img.key())?;
+        // The root filesystem goes only when no image and no VM (of any account) uses it.
+        let still_used = self
+            .store
+            .list::<Image>(IMAGES)?
+            .iter()
+            .any(|i| i.digest == img.digest)
+            || self.list()?.iter().any(|v| v.image_digest == img.digest);
+        if !still_used {
+            self.images.remove_rootfs(&img.digest)?;
+        }
+        Ok(())
+    }
+
+    /// The quota of `account`: the admin's setting for it, else the default.
+    pub fn quota_of(&self, account: &str) -> Result<Quota, ApiError> {
+        Ok(self
+            .store
+            .get::<Account>(ACCOUNTS, account)?
+            .and_then(|a| a.quota)
+            .unwrap_or(self.admission.default_quota))
+    }
+
+    /// Refuses a create or start that would take `owner` past its quota or the host past its
+    /// memory or disk. The caller holds `admit_lock` from this check until the VM's record says
+    /// it is starting, so concurrent requests cannot both pass on the same headroom.
+    pub fn admit(&self, owner: Option<&str>, ask: Ask) -> Result<(), ApiError> {
+        let vms = self.list()?;
+        if let Some(acct) = owner {
+            let q = self.quota_of(acct)?;
+            let mine: Vec<&Vm> = vms
+                .iter()
+                .filter(|v| v.owner.as_deref() == Some(acct))
+                .collect();
+            let add = u64::from(ask.new);
+            let used = (
+                mine.len() as u64 + add,
+                mine.iter().map(|v| u64::from(v.vcpus)).sum::<u64>() + u64::from(ask.vcpus) * add,
+                mine.iter().map(|v| v.mem_mib).sum::<u64>() + ask.mem_mib * add,
+                mine.iter().map(|v| v.disk_gib).sum::<u64>() + ask.disk_gib * add,
+            );
+            let over = [
+                ("VMs", used.0, u64::from(q.vms)),
+                ("vCPUs", used.1, u64::from(q.vcpus)),
+                ("MiB of memory", used.2, q.mem_mib),
+                ("GiB of disk", used.3, q.disk_gib),
+            ]
+            .into_iter()
+            .find(|(_, u, max)| u > max);
+            if let Some((what, u, max)) = over {
+                return Err(ApiError::Quota(format!(
+                    "account {acct} would have {u} {what}; its quota is {max}"
+                )));
+            }
+        }
+        let active: u64 = vms
+            .iter()
+            .filter(|v| matches!(v.state, VmState::Starting | VmState::Running))
+            .map(|v| v.mem_mib)
+            .sum();
+        let limit = (self.host_mem_mib() as f64 * self.admission.mem_overcommit) as u64;
+        if active + ask.mem_mib > limit {
+            return Err(ApiError::Capacity(format!(
+                "the host cannot take {} MiB more guest memory ({active} MiB of {limit} MiB in use)",
+                ask.mem_mib
+            )));
+        }
+        if ask.new {
+            let need = (ask.disk_gib as f64 * 1024.0 / self.admission.disk_overcommit) as u64
+                + self.admission.disk_reserve_mib;
+            let free = free_mib(&self.cfg.data_dir);
+            if free < need {
+                return Err(ApiError::Capacity(format!(
+                    "the host has {free} MiB of disk free; a {} GiB VM needs {need} MiB",
+                    ask.disk_gib
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves records written before per-account keys to their keys (one transaction each).
+    pub fn migrate_keys(&self) -> Result<(), ApiError> {
+        for (k, vm) in self.store.entries::<Vm>(VMS)? {
+            if k != vm.key() {
+                self.store.rekey(VMS, &k, &vm.key())?;
+                tracing::info!(from = %k, to = %vm.key(), "moved VM record to its account key");
+            }
+        }
+        for (k, img) in self.store.entries::<Image>(IMAGES)? {
+            if k != img.key() {
+                self.store.rekey(IMAGES, &k, &img.key())?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// MiB free for unprivileged use on the filesystem holding `dir` (0 if it cannot be read).
+pub fn free_mib(dir: &std::path::Path) -> u64 {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
+        return 0;
+    };
+    // SAFETY: statvfs writes only into the zeroed struct we pass; the path is a valid C string.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return 0;
+    }
+    (st.f_bavail as u64).saturating_mul(st.f_frsize as u64) >> 20
+}
