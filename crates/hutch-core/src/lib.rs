@@ -16,26 +16,34 @@ pub fn now() -> u64 {
 /// Where a VM is in its life.
 ///
 /// ```text
-///   create ──► starting ──► running ──stop──► stopping ──► stopped ──start──► starting
-///                 │            │ qemu died                    ▲
-///                 └──failed────┴──────────────────────────────┘ (reason recorded)
+///   create ──► creating ──► running ──stop──► stopping ──► stopped ──start──► starting ──► running
+///                 │            │ qemu died                    ▲                  │
+///                 │            └──────────────────────────────┴──────failed──────┘ (reason kept)
+///                 └── failed or hutchd crashed: undone (no record, disk or process remains)
+///   rm ──► deleting ──► (gone); a crash while deleting is finished at the next start
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum VmState {
+    /// Being made by create or clone: not the VM's yet; undone if hutchd stops meanwhile.
+    Creating,
     Starting,
     Running,
     Stopping,
     Stopped,
+    /// Being removed; finished if hutchd stops meanwhile.
+    Deleting,
 }
 
 impl VmState {
     pub fn as_str(self) -> &'static str {
         match self {
+            VmState::Creating => "creating",
             VmState::Starting => "starting",
             VmState::Running => "running",
             VmState::Stopping => "stopping",
             VmState::Stopped => "stopped",
+            VmState::Deleting => "deleting",
         }
     }
 }

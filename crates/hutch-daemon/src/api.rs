@@ -232,10 +232,12 @@ async fn import_image(
         (p, q.name)
     };
     let _ops = m.image_ops.read().await;
+    crate::crash::point("import.uploaded");
     let m2 = m.clone();
     let img = tokio::task::spawn_blocking(move || m2.images.import(&path, name.as_deref()))
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))??;
+    crate::crash::point("import.built");
     let img = m.store_image(caller.owner(), img)?;
     tracing::info!(image = %img.key(), digest = %img.digest, "imported image");
     Ok((StatusCode::CREATED, Json(img)))

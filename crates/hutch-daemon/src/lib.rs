@@ -4,8 +4,10 @@
 pub mod agent;
 pub mod api;
 pub mod auth;
+pub mod crash;
 pub mod error;
 pub mod manager;
+pub mod recover;
 pub mod secrets;
 pub mod sftp;
 pub mod ssh;

@@ -31,7 +31,7 @@ pub struct Manager {
     pub cfg: NodeConfig,
     pub store: Store,
     pub images: hutch_image::ImageStore,
-    vmm: Arc<dyn Vmm>,
+    pub(crate) vmm: Arc<dyn Vmm>,
     conns: Mutex<HashMap<String, Arc<AgentClient>>>,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     host_cpus: u32,
@@ -217,7 +217,10 @@ impl Manager {
                 return Err(crate::agent::AgentError::Lost.into());
             };
             match fr.kind {
-                Kind::Stdout => f.write_all(&fr.payload).await.map_err(internal)?,
+                Kind::Stdout => {
+                    f.write_all(&fr.payload).await.map_err(internal)?;
+                    crate::crash::point("commit.exporting");
+                }
                 Kind::Response => match fr.parse::<Response>("response").map_err(internal)? {
                     Response::Done { .. } => break,
                     Response::Error { message, .. } => {
@@ -237,6 +240,7 @@ impl Manager {
         let img = tokio::task::block_in_place(|| {
             self.images.commit_layer(&base, &tar, &reference, &comment)
         })?;
+        crate::crash::point("commit.built");
         let img = self.store_image(caller.owner(), img)?;
         tracing::info!(vm = name, image = %img.key(), digest = %img.digest, "committed");
         Ok(img)
@@ -301,6 +305,7 @@ impl Manager {
         let _g = lock.lock().await;
         let _ops = self.image_ops.read().await;
         let img = self.images.pull(reference, &opts, progress).await?;
+        crate::crash::point("pull.fetched");
         let img = self.store_image(owner, img)?;
         tracing::info!(image = %img.key(), digest = %img.digest, "pulled image");
         Ok(img)
@@ -394,7 +399,7 @@ impl Manager {
             vcpus: req.vcpus,
             mem_mib: req.mem_mib,
             disk_gib: req.disk_gib.unwrap_or(self.cfg.default_disk_gib),
-            state: VmState::Starting,
+            state: VmState::Creating,
             reason: None,
             pid: None,
             accel: Some(self.cfg.accel.as_str().into()),
@@ -443,8 +448,10 @@ impl Manager {
         let lock = self.lock_for(&vm.key());
         let _g = lock.lock().await;
         let result = async {
+            crate::crash::point("create.registered");
             let t = Instant::now();
             tokio::task::block_in_place(|| self.create_disk(&vm))?;
+            crate::crash::point("create.disk");
             let us = t.elapsed().as_micros() as u64;
             self.store
                 .update(VMS, &vm.key(), |v: &mut Vm| v.disk_us = Some(us))?;
@@ -470,9 +477,12 @@ impl Manager {
         let proc_ = tokio::task::spawn_blocking(move || vmm.launch(&spec2))
             .await
             .map_err(internal)??;
+        crate::crash::point("boot.launched");
         self.store.update(VMS, &vm.key(), |v: &mut Vm| {
             v.pid = Some(proc_.pid);
-            v.state = VmState::Starting;
+            if v.state != VmState::Creating {
+                v.state = VmState::Starting;
+            }
         })?;
         let agent_sock = spec.agent_socket();
         let connected = tokio::select! {
@@ -492,6 +502,7 @@ impl Manager {
             }
         };
         let boot_ms = t0.elapsed().as_millis() as u64;
+        crate::crash::point("boot.connected");
         self.conns
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -584,7 +595,10 @@ impl Manager {
                 if v.id != id || v.pid != Some(pid) {
                     return;
                 }
-                if v.state == VmState::Running || v.state == VmState::Starting {
+                if matches!(
+                    v.state,
+                    VmState::Running | VmState::Starting | VmState::Creating
+                ) {
                     v.reason = Some(if last.is_empty() {
                         "QEMU exited unexpectedly".into()
                     } else {
@@ -600,7 +614,7 @@ impl Manager {
     }
 
     /// Kills the VM's process (if any) and removes its directory.
-    fn destroy(&self, vm: &Vm) {
+    pub(crate) fn destroy(&self, vm: &Vm) {
         if let Some(pid) = self
             .store
             .get::<Vm>(VMS, &vm.key())
@@ -647,7 +661,7 @@ impl Manager {
         let mut vm = Vm {
             id: names::random_id(),
             name: dst.unwrap_or_else(|| format!("{}-copy", from.name)),
-            state: VmState::Starting,
+            state: VmState::Creating,
             reason: None,
             pid: None,
             created_at: hutch_core::now(),
@@ -681,6 +695,7 @@ impl Manager {
                         .arg(dir.join("disk.qcow2")),
                 )
             })?;
+            crate::crash::point("clone.copied");
             let us = t.elapsed().as_micros() as u64;
             vm = self
                 .store
@@ -756,8 +771,17 @@ impl Manager {
 
     async fn stop_locked(self: &Arc<Self>, name: &str) -> Result<Vm, ApiError> {
         let vm = self.get(name)?;
-        if vm.state == VmState::Stopped {
-            return Err(ApiError::Conflict(format!("{name} is already stopped")));
+        match vm.state {
+            VmState::Stopped => {
+                return Err(ApiError::Conflict(format!("{name} is already stopped")))
+            }
+            VmState::Creating | VmState::Deleting => {
+                return Err(ApiError::Conflict(format!(
+                    "{name} is {}",
+                    vm.state.as_str()
+                )))
+            }
+            _ => {}
         }
         self.store
             .update(VMS, name, |v: &mut Vm| v.state = VmState::Stopping)?;
@@ -815,15 +839,21 @@ impl Manager {
     pub async fn delete(self: &Arc<Self>, name: &str) -> Result<(), ApiError> {
         let lock = self.lock_for(name);
         let _g = lock.lock().await;
-        let vm = self.get(name)?;
-        if vm.state != VmState::Stopped {
-            self.stop_locked(name).await?;
+        self.get(name)?;
+        // Marked first: a delete that hutchd's crash interrupts is finished at the next start.
+        let vm = self
+            .store
+            .update(VMS, name, |v: &mut Vm| v.state = VmState::Deleting)?;
+        crate::crash::point("delete.marked");
+        if let Some(pid) = vm.pid {
+            self.halt(&vm, pid).await;
         }
         let me = self.clone();
         let vm2 = vm.clone();
         tokio::task::spawn_blocking(move || me.destroy(&vm2))
             .await
             .map_err(internal)?;
+        crate::crash::point("delete.destroyed");
         self.store.delete(VMS, name)?;
         self.locks
             .lock()
@@ -1013,6 +1043,7 @@ impl Manager {
     /// stopped with the reason.
     pub async fn reattach(self: &Arc<Self>) -> Result<(), ApiError> {
         self.migrate_keys()?;
+        self.recover().await?;
         for vm in self.list()? {
             let alive = vm.pid.is_some_and(|p| self.vmm.is_alive(&vm.id, p));
             match (vm.state, alive) {

@@ -69,6 +69,9 @@ struct Args {
     /// Most bytes of file data all layers of one image may unpack to, in MiB.
     #[arg(long, default_value_t = 32 * 1024)]
     max_image_mib: u64,
+    /// Abort at the named crash point (crash-safety tests; see crates/hutch-daemon/src/crash.rs).
+    #[arg(long, hide = true)]
+    crash_at: Option<String>,
     /// Guest memory of running VMs may add up to this many times the host's RAM.
     #[arg(long, default_value_t = 1.0)]
     mem_overcommit: f64,
@@ -101,6 +104,9 @@ fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
+    if let Some(p) = &args.crash_at {
+        hutch_daemon::crash::arm(p);
+    }
     let ssh = match args.ssh_listen.as_str() {
         "off" => None,
         addr => Some(hutch_daemon::ssh::SshOptions {

@@ -131,6 +131,16 @@ impl Daemon {
         std::fs::read_to_string(p).unwrap_or_default()
     }
 
+    /// Waits for hutchd to exit by itself (e.g. at a crash point); its status, None on timeout.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let c = self.child.as_mut()?;
+        let st = wait_until(timeout, || c.try_wait().ok().flatten());
+        if st.is_some() {
+            self.child = None;
+        }
+        st
+    }
+
     /// SIGKILL hutchd (VMs must survive).
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
