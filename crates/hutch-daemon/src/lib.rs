@@ -11,10 +11,10 @@ pub mod recover;
 pub mod secrets;
 pub mod sftp;
 pub mod ssh;
+pub mod tcp;
 pub mod tenancy;
 
 use hutch_vmm::{AccelChoice, Vmm};
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,7 +29,8 @@ pub struct DaemonConfig {
     pub kernel_package: String,
     pub agent: Option<PathBuf>,
     pub accel: AccelChoice,
-    pub tcp_listen: Option<SocketAddr>,
+    /// The REST API on TCP (None: unix socket only).
+    pub tcp: Option<tcp::TcpOptions>,
     pub qemu: PathBuf,
     pub default_disk_gib: u64,
     pub boot_timeout: Duration,
@@ -196,8 +197,10 @@ pub async fn run(mut cfg: DaemonConfig) -> Result<(), DaemonError> {
 
     let app = api::router(m.clone(), true);
     let mut tasks = tokio::task::JoinSet::new();
-    if let Some(addr) = cfg.tcp_listen {
-        let tcp = tokio::net::TcpListener::bind(addr)
+    if let Some(topts) = cfg.tcp.clone() {
+        let addr = topts.listen;
+        let tls = tcp::tls_config(&cfg.data_dir, &topts)?;
+        let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|e| setup(format!("binding {addr}: {e}")))?;
         let token = Arc::new(token);
@@ -235,12 +238,8 @@ pub async fn run(mut cfg: DaemonConfig) -> Result<(), DaemonError> {
                 }
             },
         ));
-        tracing::info!(%addr, "listening on tcp (bearer token required)");
-        tasks.spawn(async move {
-            axum::serve(tcp, authed)
-                .with_graceful_shutdown(shutdown())
-                .await
-        });
+        tracing::info!(%addr, tls = tls.is_some(), "listening on tcp (bearer token required)");
+        tasks.spawn(tcp::serve(listener, authed, tls, topts));
     }
     if let Some(opts) = cfg.ssh.take() {
         let m2 = m.clone();

@@ -12,6 +12,7 @@ use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
 use std::io::{IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 #[derive(Parser)]
 #[command(
@@ -28,9 +29,12 @@ struct Cli {
         default_value = "/var/lib/hutch"
     )]
     data_dir: PathBuf,
-    /// Talk to hutchd over TCP instead, e.g. http://10.0.0.5:7070.
+    /// Talk to hutchd over TCP instead, e.g. https://10.0.0.5:7070 (http:// only on loopback).
     #[arg(long, global = true, env = "HUTCH_URL")]
     url: Option<String>,
+    /// PEM certificate to trust for an https --url (hutchd's own: DATA_DIR/tls/cert.pem).
+    #[arg(long, global = true, env = "HUTCH_CA_CERT")]
+    ca_cert: Option<PathBuf>,
     /// Bearer token for --url (hutchd writes it to DATA_DIR/api-token).
     #[arg(long, global = true, env = "HUTCH_TOKEN", hide_env_values = true)]
     token: Option<String>,
@@ -174,7 +178,8 @@ enum ImageCmd {
 
 struct Client {
     data_dir: PathBuf,
-    url: Option<(String, String)>,
+    /// host:port and, for https, the TLS client configuration.
+    url: Option<(String, Option<Arc<rustls::ClientConfig>>)>,
     token: Option<String>,
 }
 
@@ -186,11 +191,26 @@ struct Resp {
 impl Client {
     async fn send(&self, method: Method, path: &str, ctype: &str, body: Bytes) -> Result<Resp> {
         let (io, host): (Box<dyn IoStream>, String) = match &self.url {
-            Some((hostport, _)) => {
+            Some((hostport, tls)) => {
                 let s = tokio::net::TcpStream::connect(hostport)
                     .await
                     .with_context(|| format!("cannot reach hutchd at {hostport}"))?;
-                (Box::new(s), hostport.clone())
+                match tls {
+                    Some(cfg) => {
+                        let host = hostport
+                            .rsplit_once(':')
+                            .map(|(h, _)| h.trim_start_matches('[').trim_end_matches(']'))
+                            .unwrap_or(hostport);
+                        let name = rustls_pki_types::ServerName::try_from(host.to_string())
+                            .with_context(|| format!("{host} is not a valid TLS server name"))?;
+                        let s = tokio_rustls::TlsConnector::from(cfg.clone())
+                            .connect(name, s)
+                            .await
+                            .with_context(|| format!("TLS with hutchd at {hostport}"))?;
+                        (Box::new(s), hostport.clone())
+                    }
+                    None => (Box::new(s), hostport.clone()),
+                }
             }
             None => {
                 let sock = self.data_dir.join("hutchd.sock");
@@ -487,6 +507,55 @@ fn docker_config() -> Option<PathBuf> {
     Some(dir.join("config.json"))
 }
 
+/// `http://HOST:PORT` or `https://HOST:PORT` (trusting `ca`, else the system's CA bundle;
+/// hutchd's own certificate is DATA_DIR/tls/cert.pem).
+fn parse_url(
+    u: &str,
+    ca: Option<&std::path::Path>,
+) -> Result<(String, Option<Arc<rustls::ClientConfig>>)> {
+    let (tls, rest) = if let Some(r) = u.strip_prefix("https://") {
+        (true, r)
+    } else if let Some(r) = u.strip_prefix("http://") {
+        (false, r)
+    } else {
+        (false, u)
+    };
+    let hp = rest.trim_end_matches('/').to_string();
+    if !tls {
+        return Ok((hp, None));
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    match ca {
+        Some(p) => {
+            use rustls_pki_types::pem::PemObject;
+            for c in rustls_pki_types::CertificateDer::pem_file_iter(p)
+                .with_context(|| format!("--ca-cert {}", p.display()))?
+            {
+                roots
+                    .add(c.with_context(|| format!("--ca-cert {}", p.display()))?)
+                    .with_context(|| format!("--ca-cert {}", p.display()))?;
+            }
+        }
+        None => {
+            // The system's CA bundle (Debian/Ubuntu: package ca-certificates).
+            let bundle = std::path::Path::new("/etc/ssl/certs/ca-certificates.crt");
+            use rustls_pki_types::pem::PemObject;
+            if let Ok(it) = rustls_pki_types::CertificateDer::pem_file_iter(bundle) {
+                for c in it.flatten() {
+                    let _ = roots.add(c);
+                }
+            }
+        }
+    }
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok((hp, Some(Arc::new(cfg))))
+}
+
 fn split_vm_path(s: &str) -> Option<(&str, &str)> {
     let (vm, p) = s.split_once(':')?;
     (!vm.is_empty() && !vm.contains('/') && p.starts_with('/')).then_some((vm, p))
@@ -494,13 +563,7 @@ fn split_vm_path(s: &str) -> Option<(&str, &str)> {
 
 async fn run(cli: Cli) -> Result<i32> {
     let url = match &cli.url {
-        Some(u) => {
-            let hp = u
-                .trim_start_matches("http://")
-                .trim_end_matches('/')
-                .to_string();
-            Some((hp, u.clone()))
-        }
+        Some(u) => Some(parse_url(u, cli.ca_cert.as_deref())?),
         None => None,
     };
     let c = Client {

@@ -14,9 +14,23 @@ struct Args {
     /// State, images, VM disks and sockets live here.
     #[arg(long, env = "HUTCH_DATA_DIR", default_value = "/var/lib/hutch")]
     data_dir: PathBuf,
-    /// Also serve the REST API on this TCP address (bearer token in DATA_DIR/api-token).
+    /// Also serve the REST API on this TCP address (bearer token in DATA_DIR/api-token). TLS
+    /// unless the address is loopback and no certificate is given.
     #[arg(long, env = "HUTCH_LISTEN")]
     listen: Option<std::net::SocketAddr>,
+    /// PEM certificate chain for the TCP API (default: hutchd makes one, DATA_DIR/tls/cert.pem,
+    /// when --listen is not a loopback address).
+    #[arg(long, env = "HUTCH_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert (mode 0600).
+    #[arg(long, env = "HUTCH_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Open TCP API connections at most; more are refused.
+    #[arg(long, default_value_t = 1024)]
+    max_connections: usize,
+    /// Seconds a TCP client has for the TLS handshake and for each request's headers.
+    #[arg(long, default_value_t = 10)]
+    http_header_timeout: u64,
     /// Guest kernel to boot instead of the distribution's cloud kernel.
     #[arg(long, env = "HUTCH_KERNEL")]
     kernel: Option<PathBuf>,
@@ -142,7 +156,13 @@ fn main() -> anyhow::Result<()> {
         kernel_package: args.kernel_package,
         agent: args.agent,
         accel: args.accel,
-        tcp_listen: args.listen,
+        tcp: args.listen.map(|listen| hutch_daemon::tcp::TcpOptions {
+            listen,
+            tls_cert: args.tls_cert.clone(),
+            tls_key: args.tls_key.clone(),
+            max_connections: args.max_connections.max(1),
+            header_timeout: std::time::Duration::from_secs(args.http_header_timeout.max(1)),
+        }),
         qemu: args.qemu,
         default_disk_gib: args.disk_gib,
         boot_timeout: std::time::Duration::from_secs(args.boot_timeout),
