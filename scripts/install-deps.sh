@@ -8,6 +8,9 @@
 # qemu-utils come from bookworm-backports (10.0). Mixing suites is what broke fresh machines: the
 # image ships qemu-utils 10 from backports, and installing qemu-system-x86 7.2 from main made apt
 # remove it.
+#
+# HUTCH_SKIP_CARGO_CHECK=1 skips the final cargo/rustup step; scripts/check-fresh-install.sh sets it
+# to run this script in a bare Debian chroot, which has no Rust toolchain.
 set -euo pipefail
 
 MIN_QEMU=8.2
@@ -39,6 +42,13 @@ die() {
     exit 1
 }
 
+# No `apt-cache ... | grep -q` or `| awk '{ ...; exit }'`: under pipefail, a reader that stops early
+# can kill apt-cache with SIGPIPE and fail the pipeline (or, in an assignment, the whole script).
+# Output is captured whole first, then searched.
+has_line() {
+    grep -q -- "$2" <<<"$1"
+}
+
 updated=0
 apt_update() {
     if ((!updated)); then
@@ -64,6 +74,7 @@ version_ge() {
     dpkg --compare-versions "$1" ge "$2"
 }
 
+# shellcheck source=/dev/null
 . /etc/os-release
 codename="${VERSION_CODENAME:-}"
 
@@ -72,12 +83,13 @@ codename="${VERSION_CODENAME:-}"
 qemu_suite=()
 if [[ "${ID:-}" == debian && "$codename" == bookworm ]]; then
     qemu_suite=(-t bookworm-backports)
-    if ! apt-cache policy 2>/dev/null | grep -q " bookworm-backports/main "; then
+    policy=$(apt-cache policy 2>/dev/null || true)
+    if ! has_line "$policy" " bookworm-backports/main "; then
         apt_update
+        policy=$(apt-cache policy 2>/dev/null || true)
     fi
-    if ! apt-cache policy 2>/dev/null | grep -q " bookworm-backports/main "; then
-        mirror=$(apt-cache policy 2>/dev/null |
-            awk '$3 == "bookworm/main" && $2 ~ /^https?:\/\// { print $2; exit }')
+    if ! has_line "$policy" " bookworm-backports/main "; then
+        mirror=$(awk '$3 == "bookworm/main" && $2 ~ /^https?:\/\// && !n++ { print $2 }' <<<"$policy")
         [[ -n "$mirror" ]] || die "no bookworm/main package source found to derive a backports source from"
         echo "adding bookworm-backports (from $mirror) for QEMU >= $MIN_QEMU"
         echo "deb $mirror bookworm-backports main" |
@@ -99,17 +111,22 @@ qemu_ok() {
 
 if ! qemu_ok; then
     apt_update
-    cand=$(apt-cache policy qemu-system-x86 2>/dev/null | awk '/Candidate:/ { print $2 }')
     if ((${#qemu_suite[@]})); then
         # The candidate within the target suite, not the default one.
-        cand=$(apt-cache madison qemu-system-x86 | awk -F'|' '$3 ~ /bookworm-backports/ { gsub(/ /, "", $2); print $2; exit }')
+        out=$(apt-cache madison qemu-system-x86 2>/dev/null || true)
+        cand=$(awk -F'|' '$3 ~ /bookworm-backports/ && !n++ { gsub(/ /, "", $2); print $2 }' <<<"$out")
+    else
+        out=$(apt-cache policy qemu-system-x86 2>/dev/null || true)
+        cand=$(awk '/Candidate:/ { print $2 }' <<<"$out")
     fi
     [[ -n "$cand" && "$cand" != "(none)" ]] || die "no qemu-system-x86 package available"
     if ! version_ge "$(upstream "$cand")" "$MIN_QEMU"; then
         die "this release offers QEMU $(upstream "$cand"); hutch needs >= $MIN_QEMU (Debian 12 with bookworm-backports, Debian 13, Ubuntu 24.04 or later)"
     fi
     echo "installing QEMU $(upstream "$cand"): ${qemu_pkgs[*]}"
-    $SUDO apt-get install -y -qq --no-install-recommends "${qemu_suite[@]}" \
+    # --no-remove: if apt would have to remove a package to do this (as it removed qemu-utils 10
+    # when 7.2 came from main), stop instead of removing it.
+    $SUDO apt-get install -y -qq --no-install-recommends --no-remove "${qemu_suite[@]}" \
         "${qemu_pkgs[@]/%/=$cand}" >/dev/null
     qemu_ok || die "QEMU packages still inconsistent after install: qemu-system-x86 $(installed qemu-system-x86), qemu-utils $(installed qemu-utils)"
 fi
@@ -121,12 +138,22 @@ done
 if ((${#missing[@]})); then
     echo "installing: ${missing[*]}"
     apt_update
-    $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    $SUDO apt-get install -y -qq --no-install-recommends --no-remove "${missing[@]}" >/dev/null
 fi
 
-# apt-get download (used by hutchd to fetch the guest kernel) needs package lists.
-if ! apt-cache policy linux-image-cloud-amd64 2>/dev/null | grep -q "Candidate: [0-9]"; then
-    apt_update
+# apt-get download (used by hutchd to fetch the guest kernel, linux-image-cloud-amd64 by default)
+# needs package lists. Only Debian has that package; elsewhere any package list will do, so that a
+# second run does not apt-get update again.
+if [[ "${ID:-}" == debian ]]; then
+    if ! has_line "$(apt-cache policy linux-image-cloud-amd64 2>/dev/null || true)" "Candidate: [0-9]"; then
+        apt_update
+    fi
+else
+    if ! has_line "$(apt-cache policy 2>/dev/null || true)" " Packages$"; then
+        apt_update
+    fi
+    echo "install-deps: note: hutchd's default guest kernel package (linux-image-cloud-amd64) is Debian's;" \
+        "on ${PRETTY_NAME:-this system} start hutchd with --kernel and --kernel-modules" >&2
 fi
 
 # Every promised binary must run: a package that installed but left no working binary fails here,
@@ -161,9 +188,16 @@ if [[ "$mode" == --bench ]]; then
     check sshd sh -c 'test -x /usr/sbin/sshd'
 fi
 
+if [[ "${HUTCH_SKIP_CARGO_CHECK:-0}" == 1 ]]; then
+    echo "install-deps: system packages ok; cargo/rustup check skipped (HUTCH_SKIP_CARGO_CHECK=1)"
+    exit 0
+fi
 if ! command -v cargo >/dev/null; then
     die "cargo not found: install Rust (https://rustup.rs) first"
 fi
 if [[ "$mode" == --test ]] && command -v rustup >/dev/null; then
-    rustup component list --installed 2>/dev/null | grep -q clippy || rustup component add clippy rustfmt
+    comps=$(rustup component list --installed 2>/dev/null || true)
+    if ! has_line "$comps" '^clippy' || ! has_line "$comps" '^rustfmt'; then
+        rustup component add clippy rustfmt
+    fi
 fi
