@@ -38,6 +38,14 @@ pub fn check_qemu(binary: &Path) -> Result<(u32, u32, u32), VmmError> {
                 MIN_QEMU.1
             ))
         })?;
+    if !out.status.success() {
+        return Err(VmmError::Version(format!(
+            "{} --version failed ({}): {}",
+            binary.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
     let text = String::from_utf8_lossy(&out.stdout);
     let v = parse_version(&text).ok_or_else(|| {
         VmmError::Version(format!(
