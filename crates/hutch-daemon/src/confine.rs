@@ -38,11 +38,7 @@ impl Default for JailOptions {
 impl JailOptions {
     /// The backend's settings for the hutchd of `data_dir`.
     pub fn config(&self, data_dir: &Path) -> JailConfig {
-        let cgroups = Cgroups::detect(
-            &self.cgroup_root,
-            &self.cgroup_parent,
-            &node_name(data_dir),
-        );
+        let cgroups = Cgroups::detect(&self.cgroup_root, &self.cgroup_parent, &node_name(data_dir));
         match &cgroups {
             Some(c) => tracing::info!(version = ?c.version, base = %c.base.display(), "VM cgroups"),
             None => tracing::warn!(

@@ -95,7 +95,12 @@ impl ToArgs for AddFd<'_> {
     fn to_args(&self) -> Vec<String> {
         vec![
             "-add-fd".into(),
-            format!("fd={},set={},opaque={}", self.fd, self.set, path(self.opaque)),
+            format!(
+                "fd={},set={},opaque={}",
+                self.fd,
+                self.set,
+                path(self.opaque)
+            ),
         ]
     }
 }

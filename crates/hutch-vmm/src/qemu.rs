@@ -43,9 +43,7 @@ fn open(p: &Path, o: &mut OpenOptions) -> Result<File, VmmError> {
 /// Makes `f` (a kernel or initrd: public content) readable by the VM's uid, which reopens it
 /// through `/proc/self/fd`.
 fn share_read(f: &File, p: &Path) -> Result<(), VmmError> {
-    let m = f
-        .metadata()
-        .map_err(io(format!("stat {}", p.display())))?;
+    let m = f.metadata().map_err(io(format!("stat {}", p.display())))?;
     if m.mode() & 0o004 == 0 {
         tracing::info!(file = %p.display(), "making readable for confined QEMUs");
         f.set_permissions(std::fs::Permissions::from_mode((m.mode() & 0o7777) | 0o044))
@@ -114,14 +112,16 @@ impl Qemu {
             own(&console, &spec.console_log, uid)?;
         }
         let bind = |p: PathBuf| {
-            std::os::unix::net::UnixListener::bind(&p).map_err(io(format!("binding {}", p.display())))
+            std::os::unix::net::UnixListener::bind(&p)
+                .map_err(io(format!("binding {}", p.display())))
         };
         let qmp = bind(spec.qmp_socket())?;
         let agent = bind(spec.agent_socket())?;
         let (jail_dir, procs) = match jailed {
             Some((j, _)) => {
                 let d = j.jail_dir(&spec.id);
-                std::fs::create_dir_all(&j.dir).map_err(io(format!("creating {}", j.dir.display())))?;
+                std::fs::create_dir_all(&j.dir)
+                    .map_err(io(format!("creating {}", j.dir.display())))?;
                 // An empty directory it cannot write: nothing to read, nowhere to chroot to.
                 match std::fs::remove_dir(&d) {
                     Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
@@ -132,10 +132,7 @@ impl Qemu {
                 std::fs::create_dir(&d).map_err(io(format!("creating {}", d.display())))?;
                 std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o555))
                     .map_err(io(format!("chmod {}", d.display())))?;
-                let dir = open(
-                    &d,
-                    ro().custom_flags(libc::O_PATH | libc::O_DIRECTORY),
-                )?;
+                let dir = open(&d, ro().custom_flags(libc::O_PATH | libc::O_DIRECTORY))?;
                 let mut procs = Vec::new();
                 if let Some(cg) = &j.cgroups {
                     cg.create(&spec.id, &j.limits(spec.vcpus, spec.mem_mib))?;
@@ -210,7 +207,11 @@ impl Qemu {
         let o = self.open_all(spec)?;
         let log = open(
             &spec.log_file(),
-            OpenOptions::new().write(true).create(true).truncate(true).mode(0o600),
+            OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600),
         )?;
         let log2 = log.try_clone().map_err(io("dup qemu.log".into()))?;
         let args = cmdline::build(spec, &o.fds);
@@ -264,8 +265,8 @@ impl Qemu {
                 }));
             }
             if !answered {
-                answered = crate::qmp::ping_blocking(&spec.qmp_socket(), Duration::from_secs(2))
-                    .is_ok();
+                answered =
+                    crate::qmp::ping_blocking(&spec.qmp_socket(), Duration::from_secs(2)).is_ok();
             }
             let in_jail = match &jail {
                 None => true,
@@ -346,7 +347,10 @@ impl Vmm for Qemu {
         };
         let mut ids = j.cgroups.as_ref().map(|c| c.list()).unwrap_or_default();
         if let Ok(rd) = std::fs::read_dir(&j.dir) {
-            ids.extend(rd.flatten().map(|e| e.file_name().to_string_lossy().to_string()));
+            ids.extend(
+                rd.flatten()
+                    .map(|e| e.file_name().to_string_lossy().to_string()),
+            );
         }
         ids.sort();
         ids.dedup();
