@@ -32,7 +32,9 @@ impl ToArgs for Machine {
         };
         let accel = match self.accel {
             Accel::Kvm => "kvm",
-            Accel::Tcg => "tcg,thread=multi",
+            // A bounded translation cache keeps QEMU's memory beyond guest RAM bounded, so the
+            // cgroup limit can be tight (docs/architecture.md, "Confinement").
+            Accel::Tcg => "tcg,thread=multi,tb-size=64",
         };
         vec![
             "-machine".into(),
@@ -443,7 +445,7 @@ mod tests {
     #[test]
     fn tcg_command_line() {
         let a = build(&spec(Accel::Tcg), &fds(true, true));
-        assert_eq!(after(&a, "-accel"), ["tcg,thread=multi"]);
+        assert_eq!(after(&a, "-accel"), ["tcg,thread=multi,tb-size=64"]);
         assert_eq!(after(&a, "-cpu"), ["qemu64"]);
         assert_eq!(after(&a, "-machine"), ["pc"]);
         assert_eq!(after(&a, "-smp"), ["2"]);

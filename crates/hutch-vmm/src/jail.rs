@@ -127,8 +127,8 @@ pub unsafe fn drop_privileges(
     keep: &[RawFd],
     who: Option<&Identity>,
 ) -> std::io::Result<()> {
-    // SAFETY (whole body): plain system calls on descriptors and values owned by the caller;
-    // pointers passed point to live stack or caller-owned memory of the declared sizes.
+    // SAFETY: plain system calls on descriptors and values owned by the caller; the pointers
+    // passed point to live stack or caller-owned memory of the declared sizes.
     unsafe {
         // A session of its own: no terminal signals from hutchd's, survives hutchd.
         check(libc::setsid() as libc::c_long)?;

@@ -127,7 +127,7 @@ fn main() -> anyhow::Result<()> {
             max_entries: args.max_image_entries,
             max_bytes: args.max_image_mib << 20,
         },
-        jail: (args.jail == "on").then(|| hutch_daemon::confine::JailOptions {
+        jail: (args.jail == "on").then_some(hutch_daemon::confine::JailOptions {
             uid_base: args.jail_uid_base,
             uid_count: args.jail_uid_count,
             cgroup_root: args.cgroup_root,
