@@ -91,6 +91,10 @@ pub struct Vm {
     pub image_layers: Vec<String>,
     #[serde(default)]
     pub image_config: Option<ImageConfig>,
+    /// How the VM's QEMU is confined (uid, chroot, cgroup limits); kept while it is stopped so
+    /// a restart keeps the same uid. None: not confined (hutchd --jail off, or never started).
+    #[serde(default)]
+    pub confinement: Option<Confinement>,
 }
 
 impl Vm {
@@ -133,6 +137,35 @@ pub fn image_key(owner: Option<&str>, name: &str) -> String {
         Some(a) => format!("~{a}/{name}"),
         None => name.to_string(),
     }
+}
+
+/// The confinement of one VM's QEMU process (docs/architecture.md, "Confinement").
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Confinement {
+    /// The unprivileged uid (and gid, the same number) QEMU runs as.
+    pub uid: u32,
+    pub gid: u32,
+    /// The empty directory QEMU chroots into once it has opened its files.
+    #[serde(default)]
+    pub jail: Option<String>,
+    /// QEMU's seccomp filter (`-sandbox on,...`).
+    #[serde(default)]
+    pub seccomp: bool,
+    #[serde(default)]
+    pub cgroup: Option<CgroupLimits>,
+}
+
+/// A VM's cgroup and the limits written to it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct CgroupLimits {
+    /// 1 or 2.
+    pub version: u8,
+    /// The cgroup's path below each hierarchy's root, e.g. `/hutch/NODE/ID`.
+    pub path: String,
+    pub memory_max_bytes: u64,
+    pub cpu_quota_us: u64,
+    pub cpu_period_us: u64,
+    pub pids_max: u64,
 }
 
 /// An SSH identity: an account is a set of public keys.

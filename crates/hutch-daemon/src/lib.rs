@@ -4,6 +4,7 @@
 pub mod agent;
 pub mod api;
 pub mod auth;
+pub mod confine;
 pub mod crash;
 pub mod error;
 pub mod manager;
@@ -40,6 +41,8 @@ pub struct DaemonConfig {
     pub ssh: Option<ssh::SshOptions>,
     /// Per-account quotas and host admission control.
     pub admission: tenancy::Admission,
+    /// Confine every QEMU (own uid, chroot, cgroup); None: `--jail off`.
+    pub jail: Option<confine::JailOptions>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -148,8 +151,22 @@ pub async fn prepare(cfg: &DaemonConfig) -> Result<Arc<manager::Manager>, Daemon
     let store = hutch_store::Store::open(&cfg.data_dir.join("state.redb"))?;
     let mut images = hutch_image::ImageStore::open(&cfg.data_dir.join("images"))?;
     images.limits = cfg.layer_limits;
+    let jail = match &cfg.jail {
+        // SAFETY: geteuid has no preconditions.
+        Some(_) if unsafe { libc::geteuid() } != 0 => {
+            return Err(setup(
+                "confining QEMU (own uid, chroot, cgroup) needs root; run hutchd as root or pass --jail off",
+            ))
+        }
+        Some(j) => Some(j.config(&cfg.data_dir)),
+        None => {
+            tracing::warn!("--jail off: QEMU runs as hutchd's user, without chroot or cgroup");
+            None
+        }
+    };
     let vmm: Arc<dyn Vmm> = Arc::new(hutch_vmm::Qemu {
         binary: cfg.qemu.clone(),
+        jail,
     });
     let node = manager::NodeConfig {
         data_dir: cfg.data_dir.clone(),
@@ -158,6 +175,7 @@ pub async fn prepare(cfg: &DaemonConfig) -> Result<Arc<manager::Manager>, Daemon
         boot_timeout: cfg.boot_timeout,
         default_disk_gib: cfg.default_disk_gib,
         console_max_bytes: 2 << 20,
+        jail_uids: cfg.jail.as_ref().map(|j| (j.uid_base, j.uid_count)),
     };
     let tokens = auth::Tokens::load_or_create(&cfg.data_dir).map_err(setup)?;
     let mut m = manager::Manager::new(node, store, images, vmm, tokens);

@@ -25,6 +25,8 @@ pub struct NodeConfig {
     pub boot_timeout: Duration,
     pub default_disk_gib: u64,
     pub console_max_bytes: u64,
+    /// Confinement: the uid range VMs get their own uid from (base, count); None: off.
+    pub jail_uids: Option<(u32, u32)>,
 }
 
 pub struct Manager {
@@ -161,6 +163,7 @@ impl Manager {
             runtime_dir: dir.join("run"),
             console_log: dir.join("console.log"),
             accel: self.cfg.accel,
+            jail_uid: vm.confinement.as_ref().map(|c| c.uid),
         }
     }
 
@@ -414,6 +417,7 @@ impl Manager {
             image_config_digest: Some(image.config_digest.clone()),
             image_layers: image.layers.clone(),
             image_config: Some(image.config.clone()),
+            confinement: None,
         };
         // Admission and the name claim under one lock; the name is claimed in one store
         // transaction: of concurrent creates, one wins.
@@ -470,6 +474,7 @@ impl Manager {
 
     /// Launches QEMU for `vm` and waits for its agent; records the VM as running.
     async fn boot(self: &Arc<Self>, vm: &Vm, image: &Image) -> Result<Vm, ApiError> {
+        let vm = &self.with_jail_uid(vm)?;
         let spec = self.spec(vm, image);
         let t0 = Instant::now();
         let vmm = self.vmm.clone();
@@ -483,6 +488,7 @@ impl Manager {
             if v.state != VmState::Creating {
                 v.state = VmState::Starting;
             }
+            v.confinement = proc_.confinement.clone().or(v.confinement.take());
         })?;
         let agent_sock = spec.agent_socket();
         let connected = tokio::select! {
@@ -493,6 +499,9 @@ impl Manager {
             Ok(c) => c,
             Err(e) => {
                 let _ = self.vmm.kill(&vm.id, proc_.pid);
+                let me = self.clone();
+                let id = vm.id.clone();
+                let _ = tokio::task::spawn_blocking(move || me.release_jail(&id)).await;
                 let tail = self.console_text(&vm.id, 2048);
                 return Err(ApiError::Internal(format!(
                     "{} did not boot: {e}; console ends with:\n{}",
@@ -591,10 +600,12 @@ impl Manager {
                 .find(|l| !l.trim().is_empty())
                 .unwrap_or("")
                 .to_string();
+            let mine = std::cell::Cell::new(false);
             let _ = me.store.update(VMS, &name, |v: &mut Vm| {
                 if v.id != id || v.pid != Some(pid) {
                     return;
                 }
+                mine.set(true);
                 if matches!(
                     v.state,
                     VmState::Running | VmState::Starting | VmState::Creating
@@ -610,6 +621,9 @@ impl Manager {
                 v.pid = None;
                 v.main_pid = None;
             });
+            if mine.get() {
+                let _ = tokio::task::spawn_blocking(move || me.release_jail(&id)).await;
+            }
         });
     }
 
@@ -633,6 +647,7 @@ impl Manager {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&vm.id);
+        self.release_jail(&vm.id);
         let _ = std::fs::remove_dir_all(self.vm_dir(&vm.id));
     }
 
@@ -668,6 +683,7 @@ impl Manager {
             started_at: None,
             boot_ms: None,
             main_pid: None,
+            confinement: None,
             ..from.clone()
         };
         {
@@ -788,6 +804,8 @@ impl Manager {
         if let Some(pid) = vm.pid {
             self.halt(&vm, pid).await;
         }
+        let (me, id) = (self.clone(), vm.id.clone());
+        let _ = tokio::task::spawn_blocking(move || me.release_jail(&id)).await;
         self.conns
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -1070,6 +1088,7 @@ impl Manager {
                     self.watch(vm.key(), vm.id.clone(), pid);
                 }
                 (state, false) => {
+                    self.release_jail(&vm.id);
                     let reason = (state != VmState::Stopping)
                         .then(|| "QEMU exited while hutchd was not running".to_string());
                     tracing::warn!(vm = %vm.name, "vm process is gone; marking stopped");
@@ -1080,6 +1099,16 @@ impl Manager {
                     })?;
                 }
             }
+        }
+        // Cgroups and jails of VMs that are gone (removed or crashed while hutchd was down).
+        let keep: Vec<String> = self
+            .list()?
+            .into_iter()
+            .filter(|v| v.pid.is_some_and(|p| self.vmm.is_alive(&v.id, p)))
+            .map(|v| v.id)
+            .collect();
+        if let Err(e) = self.vmm.reconcile(&keep) {
+            tracing::warn!(error = %e, "reconciling VM cgroups and jails");
         }
         Ok(())
     }

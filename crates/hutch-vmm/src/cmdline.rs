@@ -1,7 +1,8 @@
 //! The QEMU command line, built from typed parts that each render their own arguments.
 
 use crate::{Accel, VmSpec};
-use std::path::Path;
+use std::os::fd::RawFd;
+use std::path::{Path, PathBuf};
 
 /// One part of a QEMU command line.
 pub trait ToArgs {
@@ -31,7 +32,9 @@ impl ToArgs for Machine {
         };
         let accel = match self.accel {
             Accel::Kvm => "kvm",
-            Accel::Tcg => "tcg,thread=multi",
+            // A bounded translation cache keeps QEMU's memory beyond guest RAM bounded, so the
+            // cgroup limit can be tight (docs/architecture.md, "Confinement").
+            Accel::Tcg => "tcg,thread=multi,tb-size=64",
         };
         vec![
             "-machine".into(),
@@ -60,83 +63,138 @@ impl ToArgs for Sizing {
     }
 }
 
-pub struct DirectBoot<'a> {
-    pub kernel: &'a Path,
-    pub initrd: &'a Path,
+/// Direct kernel boot. The kernel and initrd are handed in as descriptors and named by their
+/// `/proc/self/fd` links (QEMU opens them by path, with no fd-passing form).
+pub struct DirectBoot {
+    pub kernel: RawFd,
+    pub initrd: RawFd,
     pub append: String,
 }
 
-impl ToArgs for DirectBoot<'_> {
+impl ToArgs for DirectBoot {
     fn to_args(&self) -> Vec<String> {
         vec![
             "-kernel".into(),
-            self.kernel.to_string_lossy().into(),
+            format!("/proc/self/fd/{}", self.kernel),
             "-initrd".into(),
-            self.initrd.to_string_lossy().into(),
+            format!("/proc/self/fd/{}", self.initrd),
             "-append".into(),
             self.append.clone(),
         ]
     }
 }
 
-#[derive(Clone, Copy)]
+/// A descriptor handed to QEMU as fd set `set` (opened as `/dev/fdset/SET`); `opaque` is the
+/// host path it was opened from (shown by `query-fdsets`, and it keeps the data dir visible in
+/// QEMU's command line).
+pub struct AddFd<'a> {
+    pub fd: RawFd,
+    pub set: u32,
+    pub opaque: &'a Path,
+}
+
+impl ToArgs for AddFd<'_> {
+    fn to_args(&self) -> Vec<String> {
+        vec![
+            "-add-fd".into(),
+            format!(
+                "fd={},set={},opaque={}",
+                self.fd,
+                self.set,
+                path(self.opaque)
+            ),
+        ]
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DiskFormat {
     Raw,
     Qcow2,
 }
 
-pub struct VirtioDisk<'a> {
-    pub id: &'a str,
-    pub file: &'a Path,
+impl DiskFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DiskFormat::Raw => "raw",
+            DiskFormat::Qcow2 => "qcow2",
+        }
+    }
+}
+
+/// A block node `NAME` in format `format` over fd set `set` (`NAME-file` is its protocol node).
+pub struct BlockNode<'a> {
+    pub name: &'a str,
+    pub set: u32,
     pub format: DiskFormat,
     pub read_only: bool,
+    /// The node name of the backing image (qcow2 only).
+    pub backing: Option<&'a str>,
+}
+
+impl ToArgs for BlockNode<'_> {
+    fn to_args(&self) -> Vec<String> {
+        let ro = if self.read_only { ",read-only=on" } else { "" };
+        let backing = self
+            .backing
+            .map(|b| format!(",backing={b}"))
+            .unwrap_or_default();
+        vec![
+            "-blockdev".into(),
+            format!(
+                "driver=file,node-name={}-file,filename=/dev/fdset/{}{ro}",
+                self.name, self.set
+            ),
+            "-blockdev".into(),
+            format!(
+                "driver={},node-name={},file={}-file{ro}{backing}",
+                self.format.as_str(),
+                self.name,
+                self.name
+            ),
+        ]
+    }
+}
+
+/// A virtio-blk device on block node `node`.
+pub struct VirtioDisk<'a> {
+    pub node: &'a str,
     /// Seen by the guest in /sys/block/vdX/serial; the agent finds its disks by it.
     pub serial: &'a str,
 }
 
 impl ToArgs for VirtioDisk<'_> {
     fn to_args(&self) -> Vec<String> {
-        let fmt = match self.format {
-            DiskFormat::Raw => "raw",
-            DiskFormat::Qcow2 => "qcow2",
-        };
-        let ro = if self.read_only { ",readonly=on" } else { "" };
         vec![
-            "-drive".into(),
-            format!(
-                "file={},format={fmt},if=none,id={},cache=writeback{ro}",
-                path(self.file),
-                self.id
-            ),
             "-device".into(),
             format!(
                 "virtio-blk-pci,drive={},serial={}",
-                self.id,
+                self.node,
                 escape(self.serial)
             ),
         ]
     }
 }
 
-/// The guest console (ttyS0) appended to a file.
-pub struct ConsoleFile<'a> {
-    pub file: &'a Path,
+/// The guest console (ttyS0) appended to the file in fd set `set`.
+pub struct ConsoleFile {
+    pub set: u32,
 }
 
-impl ToArgs for ConsoleFile<'_> {
+impl ToArgs for ConsoleFile {
     fn to_args(&self) -> Vec<String> {
         vec![
             "-chardev".into(),
-            format!("file,id=console,path={},append=on", path(self.file)),
+            format!("file,id=console,path=/dev/fdset/{},append=on", self.set),
             "-serial".into(),
             "chardev:console".into(),
         ]
     }
 }
 
-/// A virtio-serial port backed by a unix socket on which QEMU listens.
+/// A virtio-serial port backed by a unix socket hutchd listens on and hands in as `fd`.
 pub struct AgentPort<'a> {
-    pub socket: &'a Path,
+    pub fd: RawFd,
     pub name: &'a str,
 }
 
@@ -146,10 +204,7 @@ impl ToArgs for AgentPort<'_> {
             "-device".into(),
             "virtio-serial-pci,id=vser0".into(),
             "-chardev".into(),
-            format!(
-                "socket,id=agent,path={},server=on,wait=off",
-                path(self.socket)
-            ),
+            format!("socket,id=agent,fd={},server=on,wait=off", self.fd),
             "-device".into(),
             format!(
                 "virtserialport,bus=vser0.0,chardev=agent,name={}",
@@ -159,36 +214,91 @@ impl ToArgs for AgentPort<'_> {
     }
 }
 
-pub struct Qmp<'a> {
-    pub socket: &'a Path,
+/// QMP on a listening unix socket handed in as `fd`.
+pub struct Qmp {
+    pub fd: RawFd,
 }
 
-impl ToArgs for Qmp<'_> {
+impl ToArgs for Qmp {
     fn to_args(&self) -> Vec<String> {
         vec![
-            "-qmp".into(),
-            format!("unix:{},server=on,wait=off", path(self.socket)),
+            "-chardev".into(),
+            format!("socket,id=qmp,fd={},server=on,wait=off", self.fd),
+            "-mon".into(),
+            "chardev=qmp,mode=control".into(),
         ]
     }
 }
 
-/// Detach from hutchd: QEMU forks into the background once initialised and writes its pid.
-pub struct Daemonize<'a> {
-    pub pidfile: &'a Path,
+/// QEMU's seccomp filter: obsolete calls, set*id, fork/exec/namespaces and scheduler changes
+/// are refused for the life of the process.
+pub struct Sandbox;
+
+/// The `-sandbox` value every VM gets.
+pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
+
+impl ToArgs for Sandbox {
+    fn to_args(&self) -> Vec<String> {
+        vec!["-sandbox".into(), SANDBOX.into()]
+    }
 }
 
-impl ToArgs for Daemonize<'_> {
+/// Chroot into the (empty) directory handed in as `fd` once initialised, before the guest runs.
+pub struct Chroot {
+    pub fd: RawFd,
+}
+
+impl ToArgs for Chroot {
     fn to_args(&self) -> Vec<String> {
         vec![
-            "-daemonize".into(),
-            "-pidfile".into(),
-            self.pidfile.to_string_lossy().into(),
+            "-run-with".into(),
+            format!("chroot=/proc/self/fd/{}", self.fd),
         ]
     }
 }
 
-/// Builds the full argument list (without the program name) for `spec`.
-pub fn build(spec: &VmSpec) -> Vec<String> {
+/// The descriptors hutchd opened for one QEMU, by what they are.
+#[derive(Debug, Clone)]
+pub struct Fds {
+    pub kernel: RawFd,
+    pub initrd: RawFd,
+    pub image: RawFd,
+    pub data: RawFd,
+    /// The data disk's backing image: descriptor, format, path.
+    pub backing: Option<(RawFd, DiskFormat, PathBuf)>,
+    pub console: RawFd,
+    pub qmp: RawFd,
+    pub agent: RawFd,
+    /// The empty directory to chroot into (None: not confined).
+    pub jail: Option<RawFd>,
+}
+
+impl Fds {
+    /// Every descriptor QEMU must inherit.
+    pub fn all(&self) -> Vec<RawFd> {
+        let mut v = vec![
+            self.kernel,
+            self.initrd,
+            self.image,
+            self.data,
+            self.console,
+            self.qmp,
+            self.agent,
+        ];
+        v.extend(self.backing.as_ref().map(|b| b.0));
+        v.extend(self.jail);
+        v
+    }
+}
+
+const SET_IMAGE: u32 = 1;
+const SET_DATA: u32 = 2;
+const SET_BACKING: u32 = 3;
+const SET_CONSOLE: u32 = 4;
+
+/// Builds the full argument list (without the program name) for `spec`, whose files and
+/// sockets hutchd opened as `fds`.
+pub fn build(spec: &VmSpec, fds: &Fds) -> Vec<String> {
     let mut args: Vec<String> = vec![
         "-name".into(),
         format!(
@@ -206,42 +316,81 @@ pub fn build(spec: &VmSpec) -> Vec<String> {
         "console=ttyS0 quiet loglevel=3 panic=-1 reboot=t hutch.hostname={}",
         spec.hostname
     );
-    let (agent_sock, qmp_sock, pidfile) = (spec.agent_socket(), spec.qmp_socket(), spec.pidfile());
-    let parts: Vec<Box<dyn ToArgs + '_>> = vec![
+    let mut parts: Vec<Box<dyn ToArgs + '_>> = vec![
+        Box::new(Sandbox),
         Box::new(Machine { accel: spec.accel }),
         Box::new(Sizing {
             vcpus: spec.vcpus,
             mem_mib: spec.mem_mib,
         }),
         Box::new(DirectBoot {
-            kernel: &spec.kernel,
-            initrd: &spec.initrd,
+            kernel: fds.kernel,
+            initrd: fds.initrd,
             append,
         }),
-        Box::new(VirtioDisk {
-            id: "image",
-            file: &spec.image_disk,
-            format: DiskFormat::Raw,
-            read_only: true,
-            serial: "hutch-image",
+        Box::new(AddFd {
+            fd: fds.image,
+            set: SET_IMAGE,
+            opaque: &spec.image_disk,
         }),
-        Box::new(VirtioDisk {
-            id: "data",
-            file: &spec.data_disk,
-            format: DiskFormat::Qcow2,
-            read_only: false,
-            serial: "hutch-data",
+        Box::new(AddFd {
+            fd: fds.data,
+            set: SET_DATA,
+            opaque: &spec.data_disk,
         }),
-        Box::new(ConsoleFile {
-            file: &spec.console_log,
-        }),
-        Box::new(AgentPort {
-            socket: &agent_sock,
-            name: AGENT_PORT_NAME,
-        }),
-        Box::new(Qmp { socket: &qmp_sock }),
-        Box::new(Daemonize { pidfile: &pidfile }),
     ];
+    if let Some((fd, _, p)) = &fds.backing {
+        parts.push(Box::new(AddFd {
+            fd: *fd,
+            set: SET_BACKING,
+            opaque: p,
+        }));
+    }
+    parts.push(Box::new(AddFd {
+        fd: fds.console,
+        set: SET_CONSOLE,
+        opaque: &spec.console_log,
+    }));
+    parts.push(Box::new(BlockNode {
+        name: "image",
+        set: SET_IMAGE,
+        format: DiskFormat::Raw,
+        read_only: true,
+        backing: None,
+    }));
+    parts.push(Box::new(VirtioDisk {
+        node: "image",
+        serial: "hutch-image",
+    }));
+    if let Some((_, format, _)) = &fds.backing {
+        parts.push(Box::new(BlockNode {
+            name: "base",
+            set: SET_BACKING,
+            format: *format,
+            read_only: true,
+            backing: None,
+        }));
+    }
+    parts.push(Box::new(BlockNode {
+        name: "data",
+        set: SET_DATA,
+        format: DiskFormat::Qcow2,
+        read_only: false,
+        backing: fds.backing.as_ref().map(|_| "base"),
+    }));
+    parts.push(Box::new(VirtioDisk {
+        node: "data",
+        serial: "hutch-data",
+    }));
+    parts.push(Box::new(ConsoleFile { set: SET_CONSOLE }));
+    parts.push(Box::new(AgentPort {
+        fd: fds.agent,
+        name: AGENT_PORT_NAME,
+    }));
+    parts.push(Box::new(Qmp { fd: fds.qmp }));
+    if let Some(fd) = fds.jail {
+        parts.push(Box::new(Chroot { fd }));
+    }
     for p in parts {
         args.extend(p.to_args());
     }
@@ -254,7 +403,6 @@ pub const AGENT_PORT_NAME: &str = "org.hutch.agent";
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::path::PathBuf;
 
     fn spec(accel: Accel) -> VmSpec {
         VmSpec {
@@ -269,6 +417,21 @@ mod tests {
             runtime_dir: PathBuf::from("/run/vm1"),
             console_log: "/vm/console.log".into(),
             accel,
+            jail_uid: None,
+        }
+    }
+
+    fn fds(backing: bool, jail: bool) -> Fds {
+        Fds {
+            kernel: 10,
+            initrd: 11,
+            image: 12,
+            data: 13,
+            backing: backing.then(|| (14, DiskFormat::Raw, PathBuf::from("/t/base.ext4"))),
+            console: 15,
+            qmp: 16,
+            agent: 17,
+            jail: jail.then_some(18),
         }
     }
 
@@ -281,36 +444,80 @@ mod tests {
 
     #[test]
     fn tcg_command_line() {
-        let a = build(&spec(Accel::Tcg));
-        assert_eq!(after(&a, "-accel"), ["tcg,thread=multi"]);
+        let a = build(&spec(Accel::Tcg), &fds(true, true));
+        assert_eq!(after(&a, "-accel"), ["tcg,thread=multi,tb-size=64"]);
         assert_eq!(after(&a, "-cpu"), ["qemu64"]);
         assert_eq!(after(&a, "-machine"), ["pc"]);
         assert_eq!(after(&a, "-smp"), ["2"]);
         assert_eq!(after(&a, "-m"), ["512M"]);
-        assert_eq!(after(&a, "-kernel"), ["/k/vmlinuz"]);
+        assert_eq!(after(&a, "-kernel"), ["/proc/self/fd/10"]);
+        assert_eq!(after(&a, "-initrd"), ["/proc/self/fd/11"]);
         assert!(after(&a, "-append")[0].contains("hutch.hostname=demo"));
-        let drives = after(&a, "-drive");
-        // Commas in paths are escaped for QEMU's option parser.
+        // Files come in as fd sets; commas in the paths they name are escaped.
         assert_eq!(
-            drives[0],
-            "file=/img/a,,b.erofs,format=raw,if=none,id=image,cache=writeback,readonly=on"
+            after(&a, "-add-fd"),
+            [
+                "fd=12,set=1,opaque=/img/a,,b.erofs",
+                "fd=13,set=2,opaque=/vm/data.qcow2",
+                "fd=14,set=3,opaque=/t/base.ext4",
+                "fd=15,set=4,opaque=/vm/console.log",
+            ]
         );
-        assert!(drives[1].starts_with("file=/vm/data.qcow2,format=qcow2"));
+        assert_eq!(
+            after(&a, "-blockdev"),
+            [
+                "driver=file,node-name=image-file,filename=/dev/fdset/1,read-only=on",
+                "driver=raw,node-name=image,file=image-file,read-only=on",
+                "driver=file,node-name=base-file,filename=/dev/fdset/3,read-only=on",
+                "driver=raw,node-name=base,file=base-file,read-only=on",
+                "driver=file,node-name=data-file,filename=/dev/fdset/2",
+                "driver=qcow2,node-name=data,file=data-file,backing=base",
+            ]
+        );
         let devs = after(&a, "-device");
         assert!(devs.contains(&"virtio-blk-pci,drive=image,serial=hutch-image"));
+        assert!(devs.contains(&"virtio-blk-pci,drive=data,serial=hutch-data"));
         assert!(devs.contains(&"virtserialport,bus=vser0.0,chardev=agent,name=org.hutch.agent"));
         assert_eq!(
-            after(&a, "-qmp"),
-            ["unix:/run/vm1/qmp.sock,server=on,wait=off"]
+            after(&a, "-chardev"),
+            [
+                "file,id=console,path=/dev/fdset/4,append=on",
+                "socket,id=agent,fd=17,server=on,wait=off",
+                "socket,id=qmp,fd=16,server=on,wait=off",
+            ]
         );
-        assert_eq!(after(&a, "-pidfile"), ["/run/vm1/qemu.pid"]);
-        assert!(a.contains(&"-daemonize".to_string()));
+        assert_eq!(after(&a, "-mon"), ["chardev=qmp,mode=control"]);
         assert_eq!(after(&a, "-name"), ["hutch-vm1,process=hutch-vm1"]);
+        // Confinement: seccomp always, chroot when jailed; QEMU never daemonizes itself (its
+        // fork and setsid would be refused by its own filter).
+        assert_eq!(
+            after(&a, "-sandbox"),
+            ["on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"]
+        );
+        assert_eq!(after(&a, "-run-with"), ["chroot=/proc/self/fd/18"]);
+        assert!(!a.iter().any(|x| x == "-daemonize" || x == "-pidfile"));
+        let mut want = vec![10, 11, 12, 13, 15, 16, 17, 14, 18];
+        let mut got = fds(true, true).all();
+        want.sort();
+        got.sort();
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn without_backing_or_jail() {
+        let a = build(&spec(Accel::Tcg), &fds(false, false));
+        assert_eq!(
+            after(&a, "-blockdev")[3],
+            "driver=qcow2,node-name=data,file=data-file"
+        );
+        assert_eq!(after(&a, "-add-fd").len(), 3);
+        assert!(after(&a, "-run-with").is_empty());
+        assert_eq!(after(&a, "-sandbox").len(), 1);
     }
 
     #[test]
     fn kvm_uses_host_cpu_without_arch_capabilities() {
-        let a = build(&spec(Accel::Kvm));
+        let a = build(&spec(Accel::Kvm), &fds(true, false));
         assert_eq!(after(&a, "-accel"), ["kvm"]);
         assert_eq!(after(&a, "-cpu"), ["host,-arch-capabilities"]);
     }

@@ -1,17 +1,33 @@
-//! The QEMU backend: launches `qemu-system-x86_64 -daemonize` and recognises its processes.
+//! The QEMU backend: opens a VM's files and sockets, starts `qemu-system-x86_64` confined (see
+//! [`crate::jail`]) and recognises its processes.
+//!
+//! QEMU gets every host resource as an inherited descriptor: disks and the console through
+//! `-add-fd` fd sets, kernel and initrd through `/proc/self/fd`, QMP and agent as listening
+//! sockets hutchd bound, the jail directory for `-run-with chroot=`. So a confined QEMU needs
+//! no access to any host path, and the data dir stays 0700 root.
 
-use crate::{cmdline, VmProcess, VmSpec, Vmm, VmmError};
-use std::path::PathBuf;
+use crate::cmdline::{self, DiskFormat, Fds};
+use crate::jail::{self, Identity, JailConfig};
+use crate::{Accel, VmProcess, VmSpec, Vmm, VmmError};
+use std::fs::{File, OpenOptions};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 pub struct Qemu {
     pub binary: PathBuf,
+    /// Confinement settings; None runs QEMU as hutchd's user, unconfined but for seccomp.
+    pub jail: Option<JailConfig>,
 }
 
 impl Default for Qemu {
     fn default() -> Self {
         Qemu {
             binary: "qemu-system-x86_64".into(),
+            jail: None,
         }
     }
 }
@@ -20,38 +36,277 @@ fn io(context: String) -> impl FnOnce(std::io::Error) -> VmmError {
     move |source| VmmError::Io { context, source }
 }
 
-impl Vmm for Qemu {
-    fn launch(&self, spec: &VmSpec) -> Result<VmProcess, VmmError> {
+fn open(p: &Path, o: &mut OpenOptions) -> Result<File, VmmError> {
+    o.open(p).map_err(io(format!("opening {}", p.display())))
+}
+
+/// Makes `f` (a kernel or initrd: public content) readable by the VM's uid, which reopens it
+/// through `/proc/self/fd`.
+fn share_read(f: &File, p: &Path) -> Result<(), VmmError> {
+    let m = f.metadata().map_err(io(format!("stat {}", p.display())))?;
+    if m.mode() & 0o004 == 0 {
+        tracing::info!(file = %p.display(), "making readable for confined QEMUs");
+        f.set_permissions(std::fs::Permissions::from_mode((m.mode() & 0o7777) | 0o044))
+            .map_err(io(format!("chmod {}", p.display())))?;
+    }
+    Ok(())
+}
+
+/// Gives `f` (a VM's own disk or console) to `uid` alone.
+fn own(f: &File, p: &Path, uid: u32) -> Result<(), VmmError> {
+    std::os::unix::fs::fchown(f, Some(uid), Some(uid))
+        .map_err(io(format!("chown {}", p.display())))?;
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))
+        .map_err(io(format!("chmod {}", p.display())))
+}
+
+/// Everything opened for one launch; dropped (closed in hutchd) once QEMU runs.
+struct Opened {
+    _files: Vec<File>,
+    _sockets: Vec<std::os::unix::net::UnixListener>,
+    fds: Fds,
+    procs: Vec<File>,
+}
+
+impl Qemu {
+    fn confined(&self, spec: &VmSpec) -> Option<(&JailConfig, u32)> {
+        match (&self.jail, spec.jail_uid) {
+            (Some(j), Some(uid)) => Some((j, uid)),
+            _ => None,
+        }
+    }
+
+    fn open_all(&self, spec: &VmSpec) -> Result<Opened, VmmError> {
+        let jailed = self.confined(spec);
+        let ro = || {
+            let mut o = OpenOptions::new();
+            o.read(true);
+            o
+        };
+        let kernel = open(&spec.kernel, &mut ro())?;
+        let initrd = open(&spec.initrd, &mut ro())?;
+        let image = open(&spec.image_disk, &mut ro())?;
+        let mut data = open(&spec.data_disk, OpenOptions::new().read(true).write(true))?;
+        let console = open(
+            &spec.console_log,
+            OpenOptions::new().append(true).create(true).mode(0o600),
+        )?;
+        let backing = crate::qcow2::backing(&mut data, &spec.data_disk)
+            .map_err(io(format!("reading {}", spec.data_disk.display())))?;
+        let backing = match backing {
+            Some(b) => {
+                let f = open(&b.path, &mut ro())?;
+                let fmt = if b.format == "qcow2" {
+                    DiskFormat::Qcow2
+                } else {
+                    DiskFormat::Raw
+                };
+                Some((f, fmt, b.path))
+            }
+            None => None,
+        };
+        if let Some((_, uid)) = jailed {
+            share_read(&kernel, &spec.kernel)?;
+            share_read(&initrd, &spec.initrd)?;
+            own(&data, &spec.data_disk, uid)?;
+            own(&console, &spec.console_log, uid)?;
+        }
+        let bind = |p: PathBuf| {
+            std::os::unix::net::UnixListener::bind(&p)
+                .map_err(io(format!("binding {}", p.display())))
+        };
+        let qmp = bind(spec.qmp_socket())?;
+        let agent = bind(spec.agent_socket())?;
+        let (jail_dir, procs) = match jailed {
+            Some((j, _)) => {
+                let d = j.jail_dir(&spec.id);
+                std::fs::create_dir_all(&j.dir)
+                    .map_err(io(format!("creating {}", j.dir.display())))?;
+                // An empty directory it cannot write: nothing to read, nowhere to chroot to.
+                match std::fs::remove_dir(&d) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        return Err(io(format!("clearing jail {}", d.display()))(e))
+                    }
+                    _ => {}
+                }
+                std::fs::create_dir(&d).map_err(io(format!("creating {}", d.display())))?;
+                std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o555))
+                    .map_err(io(format!("chmod {}", d.display())))?;
+                let dir = open(&d, ro().custom_flags(libc::O_PATH | libc::O_DIRECTORY))?;
+                let mut procs = Vec::new();
+                if let Some(cg) = &j.cgroups {
+                    cg.create(&spec.id, &j.limits(spec.vcpus, spec.mem_mib))?;
+                    for f in cg.procs_files(&spec.id) {
+                        procs.push(open(&f, OpenOptions::new().write(true))?);
+                    }
+                }
+                (Some(dir), procs)
+            }
+            None => (None, Vec::new()),
+        };
+        let fds = Fds {
+            kernel: kernel.as_raw_fd(),
+            initrd: initrd.as_raw_fd(),
+            image: image.as_raw_fd(),
+            data: data.as_raw_fd(),
+            backing: backing
+                .as_ref()
+                .map(|(f, fmt, p)| (f.as_raw_fd(), *fmt, p.clone())),
+            console: console.as_raw_fd(),
+            qmp: qmp.as_raw_fd(),
+            agent: agent.as_raw_fd(),
+            jail: jail_dir.as_ref().map(|d| d.as_raw_fd()),
+        };
+        let mut files = vec![kernel, initrd, image, data, console];
+        files.extend(backing.map(|b| b.0));
+        files.extend(jail_dir);
+        Ok(Opened {
+            _files: files,
+            _sockets: vec![qmp, agent],
+            fds,
+            procs,
+        })
+    }
+
+    fn confinement(&self, spec: &VmSpec) -> Option<hutch_core::Confinement> {
+        let (j, uid) = self.confined(spec)?;
+        Some(hutch_core::Confinement {
+            uid,
+            gid: uid,
+            jail: Some(j.jail_dir(&spec.id).display().to_string()),
+            seccomp: true,
+            cgroup: j.cgroups.as_ref().map(|cg| {
+                let l = j.limits(spec.vcpus, spec.mem_mib);
+                hutch_core::CgroupLimits {
+                    version: match cg.version {
+                        crate::cgroup::Version::V1 => 1,
+                        crate::cgroup::Version::V2 => 2,
+                    },
+                    path: cg.path(&spec.id),
+                    memory_max_bytes: l.memory_bytes,
+                    cpu_quota_us: l.cpu_quota_us,
+                    cpu_period_us: l.cpu_period_us,
+                    pids_max: l.pids,
+                }
+            }),
+        })
+    }
+
+    fn start(&self, spec: &VmSpec) -> Result<u32, VmmError> {
         std::fs::create_dir_all(&spec.runtime_dir)
             .map_err(io(format!("creating {}", spec.runtime_dir.display())))?;
-        for stale in [spec.pidfile(), spec.qmp_socket(), spec.agent_socket()] {
+        std::fs::set_permissions(&spec.runtime_dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(io(format!("chmod {}", spec.runtime_dir.display())))?;
+        for stale in [
+            spec.qmp_socket(),
+            spec.agent_socket(),
+            spec.runtime_dir.join("qemu.pid"),
+        ] {
             let _ = std::fs::remove_file(stale);
         }
-        let args = cmdline::build(spec);
+        let o = self.open_all(spec)?;
+        let log = open(
+            &spec.log_file(),
+            OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600),
+        )?;
+        let log2 = log.try_clone().map_err(io("dup qemu.log".into()))?;
+        let args = cmdline::build(spec, &o.fds);
         tracing::debug!(id = %spec.id, ?args, "launching qemu");
-        // With -daemonize the process we start exits once QEMU is initialised (sockets bound);
-        // the VM lives on in a grandchild that is not ours and survives hutchd.
-        let out = Command::new(&self.binary)
-            .args(&args)
+        let who = self.confined(spec).map(|(_, uid)| Identity {
+            uid,
+            gid: uid,
+            groups: match spec.accel {
+                // /dev/kvm is opened before the chroot; its group lets the uid open it.
+                Accel::Kvm => std::fs::metadata("/dev/kvm")
+                    .map(|m| vec![m.gid()])
+                    .unwrap_or_default(),
+                Accel::Tcg => vec![],
+            },
+        });
+        let procs: Vec<RawFd> = o.procs.iter().map(|f| f.as_raw_fd()).collect();
+        let keep = o.fds.all();
+        let mut cmd = Command::new(&self.binary);
+        cmd.args(&args)
             .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .output()
-            .map_err(io(format!("running {}", self.binary.display())))?;
-        if !out.status.success() {
-            let msg = String::from_utf8_lossy(&out.stderr).trim().to_string();
-            return Err(VmmError::Launch(if msg.is_empty() {
-                out.status.to_string()
-            } else {
-                msg
-            }));
+            .stdout(Stdio::from(log))
+            .stderr(Stdio::from(log2));
+        // SAFETY: drop_privileges only makes system calls on the descriptors and values
+        // captured here (allocated before the fork), as pre_exec requires.
+        unsafe {
+            cmd.pre_exec(move || jail::drop_privileges(&procs, &keep, who.as_ref()));
         }
-        let pid = std::fs::read_to_string(spec.pidfile())
-            .map_err(io("reading qemu pidfile".into()))?
-            .trim()
-            .parse::<u32>()
-            .map_err(|e| VmmError::Launch(format!("bad pidfile: {e}")))?;
-        Ok(VmProcess { pid })
+        let mut child = cmd
+            .spawn()
+            .map_err(io(format!("running {}", self.binary.display())))?;
+        let pid = child.id();
+        // QEMU is our child until hutchd exits (then init's): reap it so it leaves no zombie.
+        std::thread::spawn(move || child.wait());
+        drop(o);
+        Ok(pid)
+    }
+
+    /// Waits until QEMU's main loop answers on QMP (and, when confined, it sits in its jail).
+    fn wait_ready(&self, spec: &VmSpec, pid: u32) -> Result<(), VmmError> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let jail = self.confined(spec).map(|(j, _)| j.jail_dir(&spec.id));
+        let mut answered = false;
+        loop {
+            if !is_vm_process(&spec.id, pid) {
+                let log = std::fs::read_to_string(spec.log_file()).unwrap_or_default();
+                let log = log.trim();
+                return Err(VmmError::Launch(if log.is_empty() {
+                    "qemu exited during start-up".into()
+                } else {
+                    log.to_string()
+                }));
+            }
+            if !answered {
+                answered =
+                    crate::qmp::ping_blocking(&spec.qmp_socket(), Duration::from_secs(2)).is_ok();
+            }
+            let in_jail = match &jail {
+                None => true,
+                Some(j) => std::fs::read_link(format!("/proc/{pid}/root")).is_ok_and(|r| &r == j),
+            };
+            if answered && in_jail {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(VmmError::Launch(format!(
+                    "qemu {pid} did not become ready (QMP answered: {answered}, chrooted: {in_jail})"
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Vmm for Qemu {
+    fn launch(&self, spec: &VmSpec) -> Result<VmProcess, VmmError> {
+        let started = self.start(spec).and_then(|pid| {
+            self.wait_ready(spec, pid).inspect_err(|_| {
+                let _ = self.kill(&spec.id, pid);
+            })?;
+            Ok(pid)
+        });
+        match started {
+            Ok(pid) => Ok(VmProcess {
+                pid,
+                confinement: self.confinement(spec),
+            }),
+            Err(e) => {
+                if self.confined(spec).is_some() {
+                    if let Err(r) = self.release(&spec.id) {
+                        tracing::warn!(id = %spec.id, error = %r, "releasing after a failed launch");
+                    }
+                }
+                Err(e)
+            }
+        }
     }
 
     fn is_alive(&self, id: &str, pid: u32) -> bool {
@@ -67,6 +322,41 @@ impl Vmm for Qemu {
             return Err(io(format!("killing qemu {pid}"))(
                 std::io::Error::last_os_error(),
             ));
+        }
+        Ok(())
+    }
+
+    fn release(&self, id: &str) -> Result<(), VmmError> {
+        let Some(j) = &self.jail else {
+            return Ok(());
+        };
+        if let Some(cg) = &j.cgroups {
+            cg.remove(id)?;
+        }
+        match std::fs::remove_dir(j.jail_dir(id)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(io(format!("removing jail of {id}"))(e))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn reconcile(&self, keep: &[String]) -> Result<(), VmmError> {
+        let Some(j) = &self.jail else {
+            return Ok(());
+        };
+        let mut ids = j.cgroups.as_ref().map(|c| c.list()).unwrap_or_default();
+        if let Ok(rd) = std::fs::read_dir(&j.dir) {
+            ids.extend(
+                rd.flatten()
+                    .map(|e| e.file_name().to_string_lossy().to_string()),
+            );
+        }
+        ids.sort();
+        ids.dedup();
+        for id in ids.iter().filter(|i| !keep.contains(i)) {
+            tracing::info!(id = %id, "removing the confinement of a VM that no longer runs");
+            self.release(id)?;
         }
         Ok(())
     }

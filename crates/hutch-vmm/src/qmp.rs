@@ -96,3 +96,36 @@ impl QmpClient {
         }
     }
 }
+
+/// Connects, negotiates and runs `query-status` without an async runtime; Ok once QEMU's main
+/// loop answers (it only does after QEMU finished initialising, chroot included).
+pub fn ping_blocking(path: &Path, timeout: Duration) -> Result<(), VmmError> {
+    use std::io::{BufRead, Write};
+    let s = std::os::unix::net::UnixStream::connect(path)
+        .map_err(|e| err(format!("connect {}: {e}", path.display())))?;
+    s.set_read_timeout(Some(timeout)).map_err(err)?;
+    s.set_write_timeout(Some(timeout)).map_err(err)?;
+    let mut r = std::io::BufReader::new(s.try_clone().map_err(err)?);
+    let mut w = s;
+    let mut line = String::new();
+    r.read_line(&mut line).map_err(err)?;
+    if !line.contains("\"QMP\"") {
+        return Err(err(format!("unexpected greeting {line:?}")));
+    }
+    for cmd in ["qmp_capabilities", "query-status"] {
+        writeln!(w, "{{\"execute\":\"{cmd}\"}}").map_err(err)?;
+        loop {
+            line.clear();
+            if r.read_line(&mut line).map_err(err)? == 0 {
+                return Err(err("connection closed"));
+            }
+            if line.contains("\"return\"") {
+                break;
+            }
+            if line.contains("\"error\"") {
+                return Err(err(format!("{cmd}: {}", line.trim())));
+            }
+        }
+    }
+    Ok(())
+}

@@ -94,6 +94,7 @@ fn bare_boot(
         runtime_dir: dir.join("run"),
         console_log: dir.join("console.log"),
         accel,
+        jail_uid: None,
     };
     let q = hutch_vmm::Qemu::default();
     let t = Instant::now();

@@ -107,6 +107,24 @@ struct Args {
     /// Default quota of an account: GiB of writable disk over all its VMs.
     #[arg(long, default_value_t = 500)]
     quota_disk_gib: u64,
+    /// Confine every QEMU: own uid, seccomp, chroot, cgroup (`off` only for a non-root hutchd).
+    #[arg(long, env = "HUTCH_JAIL", default_value = "on", value_parser = ["on", "off"])]
+    jail: String,
+    /// First uid (and gid) of the range each VM's QEMU gets its own uid from.
+    #[arg(long, default_value_t = 900_000)]
+    jail_uid_base: u32,
+    /// Size of that uid range (the most VMs one host can run confined).
+    #[arg(long, default_value_t = 65_536)]
+    jail_uid_count: u32,
+    /// Where the cgroup hierarchies are mounted (v2 unified, or v1 per controller).
+    #[arg(long, default_value = "/sys/fs/cgroup")]
+    cgroup_root: PathBuf,
+    /// VM cgroups are made under PARENT/NODE/VM-ID (NODE: a hash of the data dir).
+    #[arg(long, default_value = "hutch")]
+    cgroup_parent: String,
+    /// Memory a VM's cgroup allows beyond its guest RAM, MiB (QEMU's own use).
+    #[arg(long, default_value_t = hutch_vmm::jail::DEFAULT_MEM_OVERHEAD_MIB)]
+    vm_mem_overhead_mib: u64,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -181,6 +199,13 @@ fn main() -> anyhow::Result<()> {
             max_entries: args.max_image_entries,
             max_bytes: args.max_image_mib << 20,
         },
+        jail: (args.jail == "on").then_some(hutch_daemon::confine::JailOptions {
+            uid_base: args.jail_uid_base,
+            uid_count: args.jail_uid_count,
+            cgroup_root: args.cgroup_root,
+            cgroup_parent: args.cgroup_parent,
+            mem_overhead_mib: args.vm_mem_overhead_mib,
+        }),
     };
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     rt.block_on(hutch_daemon::run(cfg))

@@ -304,6 +304,15 @@ impl Drop for Daemon {
         wait_until(Duration::from_secs(10), || {
             self.qemu_pids().is_empty().then_some(())
         });
+        // The VMs' cgroups outlive the killed hutchd; remove them (empty now) with its node.
+        let node = hutch_vmm::cgroup::node_name(self.data());
+        if let Some(cg) =
+            hutch_vmm::cgroup::Cgroups::detect(Path::new("/sys/fs/cgroup"), "hutch", &node)
+        {
+            for id in cg.list() {
+                let _ = cg.remove(&id);
+            }
+        }
         let log = self.data().join("../").join(format!(
             "{}.hutchd.log",
             self.data().file_name().unwrap().to_string_lossy()

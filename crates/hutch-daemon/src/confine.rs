@@ -1,0 +1,101 @@
+//! The daemon's side of confining QEMU (the mechanism is `hutch_vmm::jail`): the hutchd options,
+//! building the backend's [`JailConfig`], and giving each VM its own uid from the configured
+//! range, persisted in its record so restarts and re-attach keep it.
+
+use crate::error::ApiError;
+use crate::manager::Manager;
+use hutch_core::{Confinement, Vm};
+use hutch_store::VMS;
+use hutch_vmm::cgroup::{node_name, Cgroups};
+use hutch_vmm::JailConfig;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+/// hutchd's confinement options (`--jail-*`, `--cgroup-*`).
+#[derive(Debug, Clone)]
+pub struct JailOptions {
+    pub uid_base: u32,
+    pub uid_count: u32,
+    /// Where the cgroup hierarchies are mounted (normally /sys/fs/cgroup).
+    pub cgroup_root: PathBuf,
+    /// Our cgroups live in `PARENT/NODE/VM-ID` (NODE: a hash of the data dir).
+    pub cgroup_parent: String,
+    pub mem_overhead_mib: u64,
+}
+
+impl Default for JailOptions {
+    fn default() -> Self {
+        JailOptions {
+            uid_base: 900_000,
+            uid_count: 65_536,
+            cgroup_root: "/sys/fs/cgroup".into(),
+            cgroup_parent: "hutch".into(),
+            mem_overhead_mib: hutch_vmm::jail::DEFAULT_MEM_OVERHEAD_MIB,
+        }
+    }
+}
+
+impl JailOptions {
+    /// The backend's settings for the hutchd of `data_dir`.
+    pub fn config(&self, data_dir: &Path) -> JailConfig {
+        let cgroups = Cgroups::detect(&self.cgroup_root, &self.cgroup_parent, &node_name(data_dir));
+        match &cgroups {
+            Some(c) => tracing::info!(version = ?c.version, base = %c.base.display(), "VM cgroups"),
+            None => tracing::warn!(
+                root = %self.cgroup_root.display(),
+                "no usable cgroup v1 or v2 hierarchy with memory, cpu and pids: VMs run without limits"
+            ),
+        }
+        JailConfig {
+            uid_base: self.uid_base,
+            uid_count: self.uid_count,
+            dir: data_dir.join("jail"),
+            cgroups,
+            mem_overhead_mib: self.mem_overhead_mib,
+        }
+    }
+}
+
+/// Serialises uid allocation (pick + record) within this hutchd.
+static ALLOCATE: Mutex<()> = Mutex::new(());
+
+impl Manager {
+    /// The VM with a uid of its own when confinement is on: the one it has, else the lowest of
+    /// the range that no VM of this node holds and no process on the host runs as.
+    pub(crate) fn with_jail_uid(&self, vm: &Vm) -> Result<Vm, ApiError> {
+        let Some((base, count)) = self.cfg.jail_uids else {
+            return Ok(vm.clone());
+        };
+        let in_range = |u: u32| u >= base && u - base < count;
+        if vm.confinement.as_ref().is_some_and(|c| in_range(c.uid)) {
+            return Ok(vm.clone());
+        }
+        let _g = ALLOCATE.lock().unwrap_or_else(|e| e.into_inner());
+        let mut used: Vec<u32> = self
+            .list()?
+            .iter()
+            .filter_map(|v| v.confinement.as_ref().map(|c| c.uid))
+            .collect();
+        used.extend(hutch_vmm::jail::uids_in_use());
+        let uid = hutch_vmm::jail::allocate_uid(base, count, &used).ok_or_else(|| {
+            ApiError::Conflict(format!(
+                "no free VM uid left in {base}..{} (hutchd --jail-uid-count)",
+                u64::from(base) + u64::from(count)
+            ))
+        })?;
+        Ok(self.store.update(VMS, &vm.name, |v: &mut Vm| {
+            v.confinement = Some(Confinement {
+                uid,
+                gid: uid,
+                ..Default::default()
+            });
+        })?)
+    }
+
+    /// Frees VM `id`'s cgroup and jail (its QEMU is gone); failures are logged.
+    pub(crate) fn release_jail(&self, id: &str) {
+        if let Err(e) = self.vmm.release(id) {
+            tracing::warn!(id, error = %e, "releasing the VM's cgroup and jail");
+        }
+    }
+}
