@@ -83,7 +83,7 @@ impl Manager {
                 u64::from(base) + u64::from(count)
             ))
         })?;
-        Ok(self.store.update(VMS, &vm.name, |v: &mut Vm| {
+        Ok(self.store.update(VMS, &vm.key(), |v: &mut Vm| {
             v.confinement = Some(Confinement {
                 uid,
                 gid: uid,
