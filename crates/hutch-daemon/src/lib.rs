@@ -3,6 +3,8 @@
 
 pub mod agent;
 pub mod api;
+#[cfg(test)]
+mod api_tests;
 pub mod auth;
 pub mod confine;
 pub mod crash;

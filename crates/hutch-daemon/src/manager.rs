@@ -617,7 +617,11 @@ impl Manager {
                     });
                     tracing::warn!(vm = %name, "vm process exited unexpectedly");
                 }
-                v.state = VmState::Stopped;
+                // A delete in progress owns the record: it stays `deleting` (so a crash before
+                // the delete finishes is finished at restart, not left as a stopped VM).
+                if v.state != VmState::Deleting {
+                    v.state = VmState::Stopped;
+                }
                 v.pid = None;
                 v.main_pid = None;
             });

@@ -11,7 +11,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 /// What must hold after any crash and restart; returns the VMs by name.
-fn check(d: &Daemon) -> Vec<Value> {
+fn check(d: &Daemon, point: &str) -> Vec<Value> {
     let vms = d.json(&["ls"]);
     let vms = vms.as_array().unwrap().clone();
     let mut running_pids = BTreeSet::new();
@@ -20,7 +20,7 @@ fn check(d: &Daemon) -> Vec<Value> {
         let state = v["state"].as_str().unwrap();
         assert!(
             state == "running" || state == "stopped",
-            "{name} is {state} after restart: {v}"
+            "{point}: {name} is {state} after restart: {v}"
         );
         if state == "running" {
             running_pids.insert(v["pid"].as_u64().unwrap() as u32);
@@ -32,11 +32,14 @@ fn check(d: &Daemon) -> Vec<Value> {
                 "-c",
                 "echo ok >/root/probe && cat /root/probe",
             ]);
-            assert_eq!(o, "ok\n", "{name} is usable");
+            assert_eq!(o, "ok\n", "{point}: {name} is usable");
         }
     }
     let qemus: BTreeSet<u32> = d.qemu_pids().into_iter().collect();
-    assert_eq!(qemus, running_pids, "every QEMU belongs to a running VM");
+    assert_eq!(
+        qemus, running_pids,
+        "{point}: every QEMU belongs to a running VM"
+    );
     let ids: BTreeSet<String> = vms
         .iter()
         .map(|v| v["id"].as_str().unwrap().to_string())
@@ -48,11 +51,11 @@ fn check(d: &Daemon) -> Vec<Value> {
                 .collect()
         })
         .unwrap_or_default();
-    assert_eq!(dirs, ids, "every VM directory has a record");
+    assert_eq!(dirs, ids, "{point}: every VM directory has a record");
     let tmp = std::fs::read_dir(d.data().join("images/tmp"))
         .unwrap()
         .count();
-    assert_eq!(tmp, 0, "no temp files left");
+    assert_eq!(tmp, 0, "{point}: no temp files left");
     vms
 }
 
@@ -143,7 +146,7 @@ fn hutchd_crash_at_any_step_is_repaired() {
         );
         d.extra.clear();
         d.spawn();
-        let vms = check(&d);
+        let vms = check(&d, point);
         let have = names(&vms);
         assert!(
             !have.contains("x"),
