@@ -31,6 +31,8 @@ pub struct DaemonConfig {
     pub boot_timeout: Duration,
     /// Bounds on what one image may unpack to (layer bombs).
     pub layer_limits: hutch_image::Limits,
+    /// Non-admin accounts may pull from loopback, link-local and private addresses.
+    pub registry_allow_private: bool,
     /// The SSH front door (None: off).
     pub ssh: Option<ssh::SshOptions>,
 }
@@ -157,6 +159,7 @@ pub async fn prepare(cfg: &DaemonConfig) -> Result<Arc<manager::Manager>, Daemon
         boot_timeout: cfg.boot_timeout,
         default_disk_gib: cfg.default_disk_gib,
         console_max_bytes: 2 << 20,
+        registry_allow_private: cfg.registry_allow_private,
     };
     let tokens = auth::Tokens::load_or_create(&cfg.data_dir).map_err(setup)?;
     let m = Arc::new(manager::Manager::new(node, store, images, vmm, tokens));

@@ -23,6 +23,8 @@ pub struct NodeConfig {
     pub boot_timeout: Duration,
     pub default_disk_gib: u64,
     pub console_max_bytes: u64,
+    /// Non-admin accounts may pull from loopback, link-local and private addresses.
+    pub registry_allow_private: bool,
 }
 
 pub struct Manager {

@@ -62,9 +62,13 @@ struct Args {
     /// Most entries all layers of one image may hold (against layer bombs).
     #[arg(long, default_value_t = 1_000_000)]
     max_image_entries: u64,
-    /// Most bytes of file data all layers of one image may unpack to, in MiB.
+    /// Most bytes all layers of one image may decompress to, in MiB.
     #[arg(long, default_value_t = 32 * 1024)]
     max_image_mib: u64,
+    /// Let accounts other than the admin pull from loopback, link-local and private addresses
+    /// (the admin always may).
+    #[arg(long)]
+    registry_allow_private: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -108,7 +112,9 @@ fn main() -> anyhow::Result<()> {
         layer_limits: hutch_image::Limits {
             max_entries: args.max_image_entries,
             max_bytes: args.max_image_mib << 20,
+            ..Default::default()
         },
+        registry_allow_private: args.registry_allow_private,
     };
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     rt.block_on(hutch_daemon::run(cfg))
