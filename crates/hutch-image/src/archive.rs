@@ -102,7 +102,9 @@ pub(crate) fn extract_archive(src: &Path, dest: &Path, limits: Limits) -> Result
             }
             tar::EntryType::Regular | tar::EntryType::Continuous => {
                 let dir = root.create_dir_all(parent, 0o755).map_err(arch_err)?;
-                let mut f = dir.create_file(&name, 0o644).map_err(arch_err)?;
+                // A later entry of the same name wins, as with tar; the old one is unlinked,
+                // never written through.
+                let mut f = dir.replace_file(&name, 0o644).map_err(arch_err)?;
                 let n = std::io::copy(&mut data.take(m.size), &mut f)
                     .map_err(|e| bad(format!("truncated archive at {}: {e}", m.path_lossy())))?;
                 if n != m.size {

@@ -22,25 +22,29 @@ use std::time::Duration;
 pub const MAX_REDIRECTS: usize = 5;
 
 /// The registry egress policy.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Egress {
     /// Connect to loopback, link-local and private addresses too.
     pub allow_private: bool,
+    /// Private addresses allowed all the same (a registry the admin vouches for).
+    pub allow_addrs: Vec<IpAddr>,
 }
 
 impl Egress {
     /// Anything the host can reach (the admin).
     pub const OPEN: Egress = Egress {
         allow_private: true,
+        allow_addrs: Vec::new(),
     };
     /// Public addresses only (non-admin accounts by default).
     pub const PUBLIC: Egress = Egress {
         allow_private: false,
+        allow_addrs: Vec::new(),
     };
 
     /// Whether connecting to `ip` is allowed.
     pub fn allows(&self, ip: IpAddr) -> bool {
-        self.allow_private || !is_private(ip)
+        self.allow_private || !is_private(ip) || self.allow_addrs.contains(&ip)
     }
 
     /// Refuses a URL whose scheme is not HTTP(S) or whose host is a literal address this
@@ -155,7 +159,7 @@ struct Resolver {
 
 impl reqwest::dns::Resolve for Resolver {
     fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
-        let egress = self.egress;
+        let egress = self.egress.clone();
         Box::pin(async move {
             let host = name.as_str().to_string();
             let addrs: Vec<SocketAddr> =
@@ -180,11 +184,12 @@ impl reqwest::dns::Resolve for Resolver {
 
 /// An HTTP client that keeps to `egress` and `timeouts`.
 pub(crate) fn client(egress: Egress, timeouts: Timeouts) -> Result<reqwest::Client, ImageError> {
+    let redirects = egress.clone();
     let policy = reqwest::redirect::Policy::custom(move |attempt| {
         if attempt.previous().len() >= MAX_REDIRECTS {
             return attempt.error(format!("more than {MAX_REDIRECTS} redirects"));
         }
-        match egress.check_url(attempt.url()) {
+        match redirects.check_url(attempt.url()) {
             Ok(()) => attempt.follow(),
             Err(e) => attempt.error(e.to_string()),
         }
@@ -193,7 +198,9 @@ pub(crate) fn client(egress: Egress, timeouts: Timeouts) -> Result<reqwest::Clie
         .connect_timeout(timeouts.connect)
         .read_timeout(timeouts.read)
         .redirect(policy)
-        .dns_resolver(Arc::new(Resolver { egress }))
+        .dns_resolver(Arc::new(Resolver {
+            egress: egress.clone(),
+        }))
         .user_agent(concat!("hutch/", env!("CARGO_PKG_VERSION")));
     if !egress.allow_private {
         b = b.no_proxy();

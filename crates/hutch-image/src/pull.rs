@@ -59,6 +59,9 @@ pub struct PullOptions {
     /// account when the admin allowed it). Off: those are refused, redirects and token realms
     /// included.
     pub allow_private: bool,
+    /// Private addresses allowed even without `allow_private` (registries the admin vouches
+    /// for).
+    pub allow_addrs: Vec<std::net::IpAddr>,
     /// Connect, read and document timeouts.
     pub timeouts: Timeouts,
 }
@@ -71,6 +74,7 @@ impl Default for PullOptions {
             creds: None,
             name: None,
             allow_private: false,
+            allow_addrs: Vec::new(),
             timeouts: Timeouts::default(),
         }
     }
@@ -153,6 +157,7 @@ impl ImageStore {
         let name = crate::normalize_ref(opts.name.as_deref().unwrap_or(&r.canonical()))?;
         let egress = Egress {
             allow_private: opts.allow_private,
+            allow_addrs: opts.allow_addrs.clone(),
         };
         let reg = Registry::with_policy(
             r.clone(),

@@ -264,7 +264,7 @@ impl Registry {
         egress: Egress,
         timeouts: Timeouts,
     ) -> Result<Registry, ImageError> {
-        let http = crate::egress::client(egress, timeouts)?;
+        let http = crate::egress::client(egress.clone(), timeouts)?;
         let scheme = if insecure { "http" } else { "https" };
         let base = format!(
             "{scheme}://{}/v2/{}",
