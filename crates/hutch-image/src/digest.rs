@@ -154,7 +154,7 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(512))]
+        #![proptest_config(ProptestConfig { cases: 512, failure_persistence: None, ..ProptestConfig::default() })]
 
         /// Whatever the text, a parsed digest is exactly `sha256:` + 64 of [0-9a-f], so its hex
         /// part is a single safe file name.

@@ -15,6 +15,7 @@
 //! docs/images.md.
 
 mod archive;
+mod challenge;
 mod commit;
 mod digest;
 pub mod egress;

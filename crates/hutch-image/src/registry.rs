@@ -7,6 +7,7 @@
 //! request whose answer must carry the matching `Content-Range`. Every connection keeps to the
 //! client's [`Egress`] policy and [`Timeouts`] (see [`crate::egress`]).
 
+pub use crate::challenge::{docker_config_credentials, parse_challenge, Challenge, Credentials};
 use crate::egress::{Egress, Timeouts};
 use crate::{Digest, ImageError};
 use base64::Engine;
@@ -115,104 +116,6 @@ impl Reference {
             &self.registry
         }
     }
-}
-
-#[derive(Clone)]
-pub struct Credentials {
-    pub username: String,
-    pub password: String,
-}
-
-impl std::fmt::Debug for Credentials {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Credentials({}, <hidden>)", self.username)
-    }
-}
-
-/// Credentials for `registry` from a docker config file (`~/.docker/config.json` format).
-pub fn docker_config_credentials(registry: &str, config: &Path) -> Option<Credentials> {
-    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(config).ok()?).ok()?;
-    let auths = v.get("auths")?.as_object()?;
-    let keys: Vec<String> = if registry == "docker.io" {
-        vec![
-            "https://index.docker.io/v1/".into(),
-            "index.docker.io".into(),
-            "docker.io".into(),
-        ]
-    } else {
-        vec![
-            registry.into(),
-            format!("https://{registry}"),
-            format!("http://{registry}"),
-        ]
-    };
-    let entry = keys.iter().find_map(|k| auths.get(k))?;
-    if let Some(a) = entry.get("auth").and_then(|a| a.as_str()) {
-        let dec = base64::engine::general_purpose::STANDARD.decode(a).ok()?;
-        let (u, p) = std::str::from_utf8(&dec).ok()?.split_once(':')?;
-        return Some(Credentials {
-            username: u.into(),
-            password: p.into(),
-        });
-    }
-    Some(Credentials {
-        username: entry.get("username")?.as_str()?.into(),
-        password: entry.get("password")?.as_str()?.into(),
-    })
-}
-
-/// A challenge from `WWW-Authenticate`.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Challenge {
-    Basic,
-    Bearer {
-        realm: String,
-        service: Option<String>,
-        scope: Option<String>,
-    },
-}
-
-pub fn parse_challenge(h: &str) -> Option<Challenge> {
-    let (scheme, params) = h.trim().split_once(' ').unwrap_or((h.trim(), ""));
-    if scheme.eq_ignore_ascii_case("basic") {
-        return Some(Challenge::Basic);
-    }
-    if !scheme.eq_ignore_ascii_case("bearer") {
-        return None;
-    }
-    let mut realm = None;
-    let (mut service, mut scope) = (None, None);
-    // key="value" pairs; values may contain commas (scopes), so split on `",`.
-    let mut rest = params.trim();
-    while !rest.is_empty() {
-        let (k, after) = rest.split_once('=')?;
-        let after = after.trim_start();
-        let (v, next) = if let Some(stripped) = after.strip_prefix('"') {
-            let end = stripped.find('"')?;
-            (
-                &stripped[..end],
-                stripped[end + 1..].trim_start_matches(',').trim_start(),
-            )
-        } else {
-            let end = after.find(',').unwrap_or(after.len());
-            (
-                &after[..end],
-                after[end..].trim_start_matches(',').trim_start(),
-            )
-        };
-        match k.trim() {
-            "realm" => realm = Some(v.to_string()),
-            "service" => service = Some(v.to_string()),
-            "scope" => scope = Some(v.to_string()),
-            _ => {}
-        }
-        rest = next;
-    }
-    Some(Challenge::Bearer {
-        realm: realm?,
-        service,
-        scope,
-    })
 }
 
 /// One registry connection for one repository.
@@ -757,40 +660,19 @@ mod tests {
     }
 
     #[test]
-    fn challenges() {
-        assert_eq!(
-            parse_challenge(r#"Basic realm="x""#),
-            Some(Challenge::Basic)
-        );
-        let c = parse_challenge(
-            r#"Bearer realm="https://auth.docker.io/token",service="registry.docker.io",scope="repository:library/node:pull,push""#,
-        );
-        assert_eq!(
-            c,
-            Some(Challenge::Bearer {
-                realm: "https://auth.docker.io/token".into(),
-                service: Some("registry.docker.io".into()),
-                scope: Some("repository:library/node:pull,push".into()),
-            })
-        );
-        assert_eq!(parse_challenge("Negotiate abc"), None);
-    }
-
-    #[test]
-    fn docker_config() {
-        let d = tempfile::tempdir().unwrap();
-        let p = d.path().join("config.json");
-        let auth = base64::engine::general_purpose::STANDARD.encode("bob:pw:with:colons");
-        std::fs::write(&p, format!(r#"{{"auths":{{"localhost:5000":{{"auth":"{auth}"}},"https://index.docker.io/v1/":{{"username":"u","password":"p"}}}}}}"#)).unwrap();
-        let c = docker_config_credentials("localhost:5000", &p).unwrap();
-        assert_eq!(
-            (c.username.as_str(), c.password.as_str()),
-            ("bob", "pw:with:colons")
-        );
-        assert_eq!(
-            docker_config_credentials("docker.io", &p).unwrap().username,
-            "u"
-        );
-        assert!(docker_config_credentials("ghcr.io", &p).is_none());
+    fn content_ranges() {
+        assert!(content_range_ok("bytes 10-99/100", 10, 100));
+        assert!(content_range_ok("bytes 10-99/*", 10, 100));
+        for bad in [
+            "bytes 0-99/100",
+            "bytes 10-98/100",
+            "bytes 10-99/101",
+            "bytes */100",
+            "10-99/100",
+            "",
+            "bytes 10-99",
+        ] {
+            assert!(!content_range_ok(bad, 10, 100), "{bad}");
+        }
     }
 }

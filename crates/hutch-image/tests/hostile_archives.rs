@@ -288,7 +288,7 @@ fn decompression_bombs_stop_at_the_cap() {
         max_layer_bytes: 4 << 20,
         ..Limits::default()
     });
-    let p = h2.input("img.tar", &oci_archive(&[bomb.clone()], |_| {}));
+    let p = h2.input("img.tar", &oci_archive(std::slice::from_ref(&bomb), |_| {}));
     let e = h2.store.import(&p, None).unwrap_err();
     assert!(
         e.to_string()
