@@ -432,6 +432,11 @@ impl Root {
     }
 }
 
+/// Sets extended attribute `attr` on an open file (one made through a [`Root`]).
+pub fn set_xattr_fd(f: &File, attr: &[u8], value: &[u8]) -> io::Result<()> {
+    sys::fsetxattr(f.as_fd(), attr, value)
+}
+
 fn set_blocking(f: &File) -> io::Result<()> {
     use std::os::fd::AsRawFd;
     // SAFETY: F_GETFL/F_SETFL on a descriptor we own.

@@ -228,7 +228,10 @@ fn apply_entry(
             std::os::unix::fs::fchown(&f, Some(uid), Some(gid)).map_err(io(&rel))?;
             f.set_permissions(std::fs::Permissions::from_mode(m.mode))
                 .map_err(io(&rel))?;
-            set_xattrs(&dir, &name, m)?;
+            // On the descriptor just written: whatever the mode, nothing is reopened.
+            for (k, v) in &m.xattrs {
+                hutch_fs::set_xattr_fd(&f, k, v).map_err(io(&rel))?;
+            }
             made.insert(rel);
             return Ok(false);
         }

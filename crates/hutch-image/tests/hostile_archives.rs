@@ -247,6 +247,18 @@ fn huge_gnu_and_pax_headers_are_refused_before_reading() {
     apply(&tree, &t.finish(), Limits::default()).unwrap();
     assert_eq!(std::fs::read(tree.join(&long)).unwrap(), b"long");
     assert_eq!(std::fs::read(tree.join("p/x")).unwrap(), b"pax");
+    let path = std::ffi::CString::new(tree.join("p/x").to_str().unwrap()).unwrap();
+    let mut v = [0u8; 16];
+    // SAFETY: NUL-terminated strings and a buffer of the given length.
+    let n = unsafe {
+        libc::lgetxattr(
+            path.as_ptr(),
+            c"user.k".as_ptr(),
+            v.as_mut_ptr() as *mut libc::c_void,
+            v.len(),
+        )
+    };
+    assert_eq!(&v[..n.max(0) as usize], b"v", "xattr from PAX");
     std::fs::remove_dir_all(&tree).unwrap();
     h.check();
 }

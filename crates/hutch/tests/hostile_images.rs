@@ -62,8 +62,18 @@ fn hostile_archives_and_registries_through_hutchd() {
         )
         .unwrap();
     let v: Value = serde_json::from_slice(&body).unwrap_or_default();
-    assert_eq!((st, v["error"]["code"].as_str()), (400, Some("bad_image")), "{v}");
-    assert!(v["error"]["message"].as_str().unwrap().contains("leads outside"), "{v}");
+    assert_eq!(
+        (st, v["error"]["code"].as_str()),
+        (400, Some("bad_image")),
+        "{v}"
+    );
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("leads outside"),
+        "{v}"
+    );
     // Imported from a path by the CLI.
     let p = work.path().join("chain.tar");
     std::fs::File::create(&p)
@@ -91,13 +101,23 @@ fn hostile_archives_and_registries_through_hutchd() {
     .to_string();
     let server = std::thread::spawn(move || {
         let mut paths = Vec::new();
-        l.set_nonblocking(false).unwrap();
-        // Answers until the pull gives up; each connection gets the manifest.
-        for s in l.incoming().take(1) {
-            let mut s = s.unwrap();
+        // Answers every connection with the manifest until the pull is over (bounded).
+        l.set_nonblocking(true).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while std::time::Instant::now() < deadline && paths.is_empty() {
+            let Ok((mut s, _)) = l.accept() else {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+                continue;
+            };
+            s.set_nonblocking(false).unwrap();
             let mut buf = [0u8; 4096];
             let n = std::io::Read::read(&mut s, &mut buf).unwrap_or(0);
-            paths.push(String::from_utf8_lossy(&buf[..n]).lines().next().unwrap_or("").to_string());
+            let first = String::from_utf8_lossy(&buf[..n])
+                .lines()
+                .next()
+                .unwrap_or("")
+                .to_string();
+            paths.push(first);
             let _ = write!(
                 s,
                 "HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Type: application/vnd.oci.image.manifest.v1+json\r\nContent-Length: {}\r\n\r\n{m}",
@@ -110,19 +130,26 @@ fn hostile_archives_and_registries_through_hutchd() {
         .api_raw(
             "POST",
             "/api/v1/images/pull",
-            Some(json!({"reference": format!("{addr}/evil/app:1"), "insecure": true}).to_string().as_bytes()),
+            Some(
+                json!({"reference": format!("{addr}/evil/app:1"), "insecure": true})
+                    .to_string()
+                    .as_bytes(),
+            ),
             "application/json",
         )
         .unwrap();
     assert_eq!(st, 200);
     let last: Value = String::from_utf8_lossy(&body)
         .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .last()
+        .rev()
+        .find_map(|l| serde_json::from_str(l).ok())
         .unwrap();
     assert_eq!(last["type"], "error", "{last}");
     assert_eq!(last["code"], "bad_image", "{last}");
-    assert!(last["message"].as_str().unwrap().contains("invalid digest"), "{last}");
+    assert!(
+        last["message"].as_str().unwrap().contains("invalid digest"),
+        "{last}"
+    );
     let paths = server.join().unwrap();
     assert!(paths.iter().all(|p| p.contains("/manifests/")), "{paths:?}");
     assert!(!target.exists());
