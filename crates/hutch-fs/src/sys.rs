@@ -159,7 +159,27 @@ pub(crate) fn lchownat(dir: BorrowedFd<'_>, name: &OsStr, uid: u32, gid: u32) ->
 }
 
 /// `fchmodat2(dir, name, mode, AT_SYMLINK_NOFOLLOW)`: never changes the target of a symlink.
+/// Kernels before 6.6 have no fchmodat2: there the entry is checked not to be a symlink and
+/// changed with `fchmodat` (one name in a directory descriptor; only a concurrent writer in
+/// that directory could swap it in between, which hutch's own uses never have).
 pub(crate) fn lchmodat(dir: BorrowedFd<'_>, name: &OsStr, mode: u32) -> io::Result<()> {
+    match fchmodat2(dir, name, mode) {
+        Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => chmod_checked(dir, name, mode),
+        r => r,
+    }
+}
+
+/// The pre-6.6 path of [`lchmodat`]: EOPNOTSUPP for a symlink, as fchmodat2 answers.
+pub(crate) fn chmod_checked(dir: BorrowedFd<'_>, name: &OsStr, mode: u32) -> io::Result<()> {
+    if fstatat(dir, name)?.st_mode & libc::S_IFMT == libc::S_IFLNK {
+        return Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP));
+    }
+    let c = cstr(name)?;
+    // SAFETY: valid descriptor and NUL-terminated name.
+    check(unsafe { libc::fchmodat(dir.as_raw_fd(), c.as_ptr(), mode as libc::mode_t, 0) })
+}
+
+fn fchmodat2(dir: BorrowedFd<'_>, name: &OsStr, mode: u32) -> io::Result<()> {
     let c = cstr(name)?;
     // SAFETY: valid descriptor and NUL-terminated name.
     let r = unsafe {

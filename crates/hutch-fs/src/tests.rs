@@ -332,3 +332,18 @@ fn plain_operations_work() {
     std::os::unix::fs::symlink(h.rootp(), h.dir.path().join("rootlink")).unwrap();
     assert!(Root::open(&h.dir.path().join("rootlink"), Mode::Beneath).is_err());
 }
+
+#[test]
+fn chmod_without_fchmodat2_leaves_link_targets_alone() {
+    let h = Host::new();
+    let before = h.outside();
+    std::os::unix::fs::symlink(h.canary().join("file"), h.rootp().join("l")).unwrap();
+    std::fs::write(h.rootp().join("f"), b"").unwrap();
+    let r = h.root(Mode::Beneath);
+    let d = r.dir(Path::new("")).unwrap();
+    let e = sys::chmod_checked(d.fd(), OsStr::new("l"), 0o777).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EOPNOTSUPP));
+    sys::chmod_checked(d.fd(), OsStr::new("f"), 0o4711).unwrap();
+    assert_eq!(r.stat(Path::new("f")).unwrap().mode, 0o4711);
+    assert_eq!(h.outside(), before);
+}
