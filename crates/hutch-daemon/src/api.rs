@@ -279,6 +279,9 @@ async fn pull_image(
         insecure: req.insecure,
         creds,
         name: req.name,
+        // Private destinations only for the admin, or for everyone if the admin said so.
+        allow_private: caller.admin || m.cfg.registry_allow_private,
+        ..Default::default()
     };
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Value>();
     // The pull goes on if the client goes away; what it fetched stays for the next pull.

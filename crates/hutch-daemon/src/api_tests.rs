@@ -43,6 +43,7 @@ fn manager(dir: &std::path::Path) -> Arc<Manager> {
         default_disk_gib: 1,
         console_max_bytes: 1 << 20,
         jail_uids: None,
+        registry_allow_private: false,
     };
     let store = hutch_store::Store::open(&dir.join("state.redb")).unwrap();
     let images = hutch_image::ImageStore::open(&dir.join("images")).unwrap();

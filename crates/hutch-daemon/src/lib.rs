@@ -39,6 +39,8 @@ pub struct DaemonConfig {
     pub boot_timeout: Duration,
     /// Bounds on what one image may unpack to (layer bombs).
     pub layer_limits: hutch_image::Limits,
+    /// Non-admin accounts may pull from loopback, link-local and private addresses.
+    pub registry_allow_private: bool,
     /// The SSH front door (None: off).
     pub ssh: Option<ssh::SshOptions>,
     /// Per-account quotas and host admission control.
@@ -178,6 +180,7 @@ pub async fn prepare(cfg: &DaemonConfig) -> Result<Arc<manager::Manager>, Daemon
         default_disk_gib: cfg.default_disk_gib,
         console_max_bytes: 2 << 20,
         jail_uids: cfg.jail.as_ref().map(|j| (j.uid_base, j.uid_count)),
+        registry_allow_private: cfg.registry_allow_private,
     };
     let tokens = auth::Tokens::load_or_create(&cfg.data_dir).map_err(setup)?;
     let mut m = manager::Manager::new(node, store, images, vmm, tokens);

@@ -27,6 +27,8 @@ pub struct NodeConfig {
     pub console_max_bytes: u64,
     /// Confinement: the uid range VMs get their own uid from (base, count); None: off.
     pub jail_uids: Option<(u32, u32)>,
+    /// Non-admin accounts may pull from loopback, link-local and private addresses.
+    pub registry_allow_private: bool,
 }
 
 pub struct Manager {
@@ -287,7 +289,22 @@ impl Manager {
     ) -> Result<String, ApiError> {
         let img = self.image_for(caller, image)?;
         let target = reference.unwrap_or(&img.name).to_string();
-        Ok(self.images.push(&img, &target, insecure, creds).await?)
+        // Accounts push to public addresses only, unless the admin allowed private ones.
+        let egress = hutch_image::Egress {
+            allow_private: caller.admin || self.cfg.registry_allow_private,
+            allow_addrs: Vec::new(),
+        };
+        Ok(self
+            .images
+            .push_with(
+                &img,
+                &target,
+                insecure,
+                creds,
+                egress,
+                hutch_image::Timeouts::default(),
+            )
+            .await?)
     }
 
     /// Pulls an image (one pull per reference at a time) and records it.

@@ -1,12 +1,24 @@
 //! Reading image archives: OCI image layouts (a directory, or a tar of one as written by
 //! `skopeo copy ... oci-archive:`) and `docker save` tarballs.
+//!
+//! An archive is untrusted input. It is extracted through a [`hutch_fs::Root`] in
+//! [`Mode::Beneath`]: entries are created with `O_EXCL` relative to their resolved parent, and
+//! any path that would leave the staging directory (`..`, an absolute symlink, a chain of
+//! relative ones) is refused by the kernel. The stream obeys the store's [`Limits`] (entries and
+//! decompressed bytes) and the tar extension caps. Files inside are then read through the same
+//! root, JSON documents with size caps, blobs by [`Digest`] against their descriptors.
 
-use crate::{io_err, Found, ImageError, ImageStore};
+use crate::oci::{is_index, pick, Index, Manifest, MAX_CONFIG, MAX_JSON};
+use crate::tarstream::{for_each_entry, Budget};
+use crate::unpack::{fs_err, Limits};
+use crate::{Digest, Found, ImageError, ImageStore};
+use hutch_fs::{FsError, Mode, Root};
 use serde::Deserialize;
 use serde_json::json;
+use std::ffi::OsStr;
+use std::io::Read;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
-
-const MAX_JSON: u64 = 4 << 20;
 
 /// Normalises an image reference: `busybox` -> `busybox:latest`; refuses malformed ones.
 pub fn normalize_ref(r: &str) -> Result<String, ImageError> {
@@ -34,116 +46,97 @@ fn bad(m: impl Into<String>) -> ImageError {
     ImageError::BadArchive(m.into())
 }
 
-/// Lexically resolves `rel` (relative to `base`, itself relative to the archive root); None if
-/// it leaves the archive.
-fn inside(base: &Path, rel: &Path) -> Option<PathBuf> {
-    let mut out = PathBuf::new();
-    for c in base.join(rel).components() {
-        match c {
-            Component::Normal(n) => out.push(n),
-            Component::CurDir => {}
-            Component::ParentDir => {
-                if !out.pop() {
-                    return None;
-                }
-            }
-            Component::RootDir | Component::Prefix(_) => return None,
-        }
+/// A hutch-fs error met while reading an archive: an archive problem unless it is the host's.
+fn arch_err(e: FsError) -> ImageError {
+    match e {
+        FsError::Io { .. } | FsError::NoOpenat2 => fs_err(e),
+        other => bad(other.to_string()),
     }
-    Some(out)
 }
 
-/// Extracts an image archive (plain or gzip tar) into `dest`, refusing any entry that would land
-/// outside it.
-pub(crate) fn extract_archive(src: &Path, dest: &Path) -> Result<(), ImageError> {
+/// Normal components of an archive entry name or link; `..` and NUL are refused.
+fn clean(p: &[u8]) -> Result<PathBuf, ImageError> {
+    if p.contains(&0) {
+        return Err(bad("NUL in an archive entry name"));
+    }
+    let mut out = PathBuf::new();
+    for c in Path::new(OsStr::from_bytes(p)).components() {
+        match c {
+            Component::Normal(n) => out.push(n),
+            Component::CurDir | Component::RootDir => {}
+            Component::ParentDir | Component::Prefix(_) => {
+                return Err(bad(format!(
+                    "archive entry {} escapes the archive",
+                    String::from_utf8_lossy(p)
+                )))
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Extracts an image archive (plain, gzip or zstd tar) into the empty directory `dest`, within
+/// `limits`. Directories, regular files, symlinks and hard links are made (through `dest` as a
+/// [`hutch_fs::Root`]); other entry types are skipped.
+pub(crate) fn extract_archive(src: &Path, dest: &Path, limits: Limits) -> Result<(), ImageError> {
     let r = crate::unpack::open_layer(src).map_err(|e| match e {
         ImageError::Io { .. } => e,
         other => bad(other.to_string()),
     })?;
-    let mut ar = tar::Archive::new(r);
-    let mut n = 0;
-    for e in ar
-        .entries()
-        .map_err(|e| bad(format!("{}: {e}", src.display())))?
-    {
-        let mut e = e.map_err(|e| bad(format!("{}: {e}", src.display())))?;
-        n += 1;
-        let p = e.path().map_err(|e| bad(e.to_string()))?.into_owned();
-        let rel = inside(Path::new(""), &p)
-            .ok_or_else(|| bad(format!("archive entry {} escapes the archive", p.display())))?;
-        if rel.as_os_str().is_empty() {
-            continue;
-        }
-        let target = dest.join(&rel);
-        match e.header().entry_type() {
+    let root = Root::open(dest, Mode::Beneath).map_err(fs_err)?;
+    let budget = Budget {
+        bytes: limits.max_bytes,
+        entries: limits.max_entries,
+        what: "archive",
+        entries_what: "archive",
+    };
+    let used = for_each_entry(r, budget, |m, data| {
+        let rel = clean(&m.path)?;
+        let Some(name) = rel.file_name().map(|n| n.to_os_string()) else {
+            return Ok(());
+        };
+        let parent = rel.parent().unwrap_or(Path::new(""));
+        match m.kind {
             tar::EntryType::Directory => {
-                std::fs::create_dir_all(&target).map_err(io_err("extracting archive"))?;
+                root.create_dir_all(&rel, 0o755).map_err(arch_err)?;
             }
             tar::EntryType::Regular | tar::EntryType::Continuous => {
-                if let Some(parent) = target.parent() {
-                    std::fs::create_dir_all(parent).map_err(io_err("extracting archive"))?;
+                let dir = root.create_dir_all(parent, 0o755).map_err(arch_err)?;
+                // A later entry of the same name wins, as with tar; the old one is unlinked,
+                // never written through.
+                let mut f = dir.replace_file(&name, 0o644).map_err(arch_err)?;
+                let n = std::io::copy(&mut data.take(m.size), &mut f)
+                    .map_err(|e| bad(format!("truncated archive at {}: {e}", m.path_lossy())))?;
+                if n != m.size {
+                    return Err(bad(format!("truncated archive at {}", m.path_lossy())));
                 }
-                let mut f = std::fs::File::create(&target).map_err(io_err("extracting archive"))?;
-                std::io::copy(&mut e, &mut f)
-                    .map_err(|err| bad(format!("truncated archive at {}: {err}", p.display())))?;
             }
             tar::EntryType::Symlink => {
-                // docker save links duplicate layers to one another; only links that stay
-                // inside the archive are kept.
-                let link = e
-                    .link_name()
-                    .map_err(|e| bad(e.to_string()))?
-                    .unwrap_or_default();
-                let parent = rel.parent().unwrap_or(Path::new(""));
-                if link.is_absolute() || inside(parent, &link).is_none() {
-                    return Err(bad(format!(
-                        "archive symlink {} points outside the archive",
-                        p.display()
-                    )));
-                }
-                if let Some(parent) = target.parent() {
-                    std::fs::create_dir_all(parent).map_err(io_err("extracting archive"))?;
-                }
-                std::os::unix::fs::symlink(&link, &target).map_err(io_err("extracting archive"))?;
+                // docker save links duplicate layers to one another. The link is stored as it
+                // is; reading through it later resolves beneath the archive or fails.
+                let link = m
+                    .link
+                    .as_deref()
+                    .filter(|l| !l.is_empty() && !l.contains(&0))
+                    .ok_or_else(|| bad(format!("bad symlink {}", m.path_lossy())))?;
+                let dir = root.create_dir_all(parent, 0o755).map_err(arch_err)?;
+                dir.symlink(Path::new(OsStr::from_bytes(link)), &name)
+                    .map_err(arch_err)?;
+            }
+            tar::EntryType::Link => {
+                let link = clean(m.link.as_deref().unwrap_or_default())?;
+                let dir = root.create_dir_all(parent, 0o755).map_err(arch_err)?;
+                let (sdir, sname) = root.parent(&link).map_err(arch_err)?;
+                dir.hard_link(&sdir, &sname, &name).map_err(arch_err)?;
             }
             _ => {}
         }
-    }
-    if n == 0 {
+        Ok(())
+    })?;
+    if used.entries == 0 {
         return Err(bad(format!("{} is empty", src.display())));
     }
     Ok(())
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub(crate) struct Descriptor {
-    #[serde(default)]
-    pub media_type: String,
-    pub digest: String,
-    #[serde(default)]
-    pub size: u64,
-    #[serde(default)]
-    platform: Option<Platform>,
-    #[serde(default)]
-    annotations: std::collections::BTreeMap<String, String>,
-}
-
-#[derive(Deserialize)]
-struct Platform {
-    architecture: String,
-    os: String,
-}
-
-#[derive(Deserialize)]
-pub(crate) struct Index {
-    pub manifests: Vec<Descriptor>,
-}
-
-#[derive(Deserialize)]
-pub(crate) struct Manifest {
-    pub config: Descriptor,
-    pub layers: Vec<Descriptor>,
 }
 
 #[derive(Deserialize)]
@@ -155,108 +148,117 @@ struct DockerEntry {
     layers: Vec<String>,
 }
 
-fn read_json<T: for<'a> Deserialize<'a>>(p: &Path) -> Result<T, ImageError> {
-    let m = std::fs::metadata(p).map_err(|_| bad(format!("{} is missing", p.display())))?;
-    if m.len() > MAX_JSON {
-        return Err(bad(format!(
-            "{} is larger than {MAX_JSON} bytes",
-            p.display()
+/// Reads a file of the archive, refusing more than `max` bytes (checked while reading).
+fn read_small(root: &Root, rel: &Path, max: u64) -> Result<Vec<u8>, ImageError> {
+    let f = root.open_file(rel).map_err(|e| match e {
+        FsError::NotFound(_) => bad(format!("{} is missing from the archive", rel.display())),
+        e => arch_err(e),
+    })?;
+    let mut v = Vec::new();
+    f.take(max + 1)
+        .read_to_end(&mut v)
+        .map_err(crate::io_err(format!("reading {}", rel.display())))?;
+    if v.len() as u64 > max {
+        return Err(ImageError::Limit(format!(
+            "{} is larger than {max} bytes",
+            rel.display()
         )));
     }
-    let b = std::fs::read(p).map_err(io_err(format!("reading {}", p.display())))?;
-    serde_json::from_slice(&b).map_err(|e| bad(format!("{}: {e}", p.display())))
+    Ok(v)
 }
 
-fn layout_blob(dir: &Path, digest: &str) -> Result<PathBuf, ImageError> {
-    let (alg, hex) = digest
-        .split_once(':')
-        .ok_or_else(|| bad(format!("bad digest {digest:?}")))?;
-    if alg != "sha256" || hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(bad(format!("unsupported digest {digest:?}")));
-    }
-    let p = dir.join("blobs").join(alg).join(hex);
-    if !p.is_file() {
-        return Err(bad(format!("blob {digest} is missing from the layout")));
-    }
-    Ok(p)
+fn read_json<T: for<'a> Deserialize<'a>>(root: &Root, rel: &str) -> Result<T, ImageError> {
+    let b = read_small(root, Path::new(rel), MAX_JSON)?;
+    serde_json::from_slice(&b).map_err(|e| bad(format!("{rel}: {e}")))
 }
 
-fn import_blob(store: &ImageStore, dir: &Path, digest: &str) -> Result<(), ImageError> {
-    let p = layout_blob(dir, digest)?;
-    let f = std::fs::File::open(&p).map_err(io_err(format!("reading {}", p.display())))?;
-    store.add_blob(f, Some(digest))?;
+/// Copies blob `digest` of the layout into the store, checking its size and digest.
+fn import_blob(
+    store: &ImageStore,
+    root: &Root,
+    digest: &Digest,
+    size: u64,
+) -> Result<(), ImageError> {
+    if store.has_blob(digest) {
+        return Ok(());
+    }
+    let rel = PathBuf::from("blobs/sha256").join(digest.hex());
+    let f = root.open_file(&rel).map_err(|e| match e {
+        FsError::NotFound(_) => bad(format!("blob {digest} is missing from the layout")),
+        e => arch_err(e),
+    })?;
+    store.add_blob(f, Some(digest), Some(size), size)?;
     Ok(())
 }
 
-pub(crate) const INDEX_TYPES: [&str; 2] = [
-    "application/vnd.oci.image.index.v1+json",
-    "application/vnd.docker.distribution.manifest.list.v2+json",
-];
-
-/// Locates the image in an extracted archive and copies its blobs into the store.
+/// Locates the image in an extracted archive (or a layout directory) and copies its blobs into
+/// the store.
 pub(crate) fn find_image(store: &ImageStore, dir: &Path) -> Result<Found, ImageError> {
-    if dir.join("index.json").is_file() {
-        let index: Index = read_json(&dir.join("index.json"))?;
+    let root = Root::open(dir, Mode::Beneath).map_err(fs_err)?;
+    let exists = |n: &str| root.stat(Path::new(n)).is_ok();
+    if exists("index.json") {
+        let index: Index = read_json(&root, "index.json")?;
         let top = pick(&index.manifests)?;
         let name = top.annotations.get("io.containerd.image.name").cloned();
-        let mut desc_digest = top.digest.clone();
-        let mut media = top.media_type.clone();
+        let mut desc = top.clone();
         // Nested indexes (multi-arch images): descend to the linux/amd64 manifest.
         for _ in 0..4 {
-            if !INDEX_TYPES.contains(&media.as_str()) {
+            if !crate::oci::INDEX_TYPES.contains(&desc.media_type.as_str()) {
                 break;
             }
-            let p = layout_blob(dir, &desc_digest)?;
-            import_blob(store, dir, &desc_digest)?;
-            let nested: Index = read_json(&p)?;
-            let d = pick(&nested.manifests)?;
-            desc_digest = d.digest.clone();
-            media = d.media_type.clone();
+            desc.check("index", &crate::oci::INDEX_TYPES, MAX_JSON)?;
+            import_blob(store, &root, &desc.digest, desc.size)?;
+            let nested = Index::parse(&store.read_blob(&desc.digest, MAX_JSON)?)?;
+            desc = pick(&nested.manifests)?.clone();
         }
-        import_blob(store, dir, &desc_digest)?;
-        let manifest: Manifest = serde_json::from_slice(&store.read_blob(&desc_digest, MAX_JSON)?)
-            .map_err(|e| bad(format!("manifest {desc_digest}: {e}")))?;
-        import_blob(store, dir, &manifest.config.digest)?;
+        desc.check("manifest", &crate::oci::MANIFEST_TYPES, MAX_JSON)?;
+        import_blob(store, &root, &desc.digest, desc.size)?;
+        let body = store.read_blob(&desc.digest, MAX_JSON)?;
+        if is_index("", &body) {
+            return Err(bad("too many nested indexes"));
+        }
+        let manifest = Manifest::parse(&body, &store.limits)?;
+        import_blob(store, &root, &manifest.config.digest, manifest.config.size)?;
         for l in &manifest.layers {
-            import_blob(store, dir, &l.digest)?;
+            import_blob(store, &root, &l.digest, l.size)?;
         }
         return Ok(Found {
-            manifest_digest: desc_digest,
+            manifest_digest: desc.digest,
+            layers: manifest.layer_digests(),
             config_digest: manifest.config.digest,
-            layers: manifest.layers.into_iter().map(|l| l.digest).collect(),
             name,
         });
     }
-    if dir.join("manifest.json").is_file() {
-        let entries: Vec<DockerEntry> = read_json(&dir.join("manifest.json"))?;
+    if exists("manifest.json") {
+        let entries: Vec<DockerEntry> = read_json(&root, "manifest.json")?;
         let e = entries
             .into_iter()
             .next()
             .ok_or_else(|| bad("manifest.json lists no image"))?;
-        let file = |rel: &str| -> Result<PathBuf, ImageError> {
-            let r = inside(Path::new(""), Path::new(rel))
-                .ok_or_else(|| bad(format!("{rel} escapes the archive")))?;
-            let p = dir.join(r);
-            std::fs::File::open(&p)
-                .map_err(|_| bad(format!("{rel} is missing from the archive")))?;
-            Ok(p)
-        };
-        let open =
-            |p: &Path| std::fs::File::open(p).map_err(io_err(format!("reading {}", p.display())));
-        let cfg_path = file(&e.config)?;
-        if std::fs::metadata(&cfg_path).map(|m| m.len()).unwrap_or(0) > MAX_JSON {
-            return Err(bad("image config is too large"));
+        if e.layers.len() > crate::oci::MAX_LAYERS {
+            return Err(ImageError::Limit(format!(
+                "{} layers, more than {}",
+                e.layers.len(),
+                crate::oci::MAX_LAYERS
+            )));
         }
-        let config_digest = store.add_blob(open(&cfg_path)?, None)?;
-        let cfg_size = std::fs::metadata(&cfg_path).map(|m| m.len()).unwrap_or(0);
+        let open = |rel: &str| -> Result<std::fs::File, ImageError> {
+            let p = clean(rel.as_bytes())?;
+            root.open_file(&p).map_err(|err| match err {
+                FsError::NotFound(_) => bad(format!("{rel} is missing from the archive")),
+                err => arch_err(err),
+            })
+        };
+        let cfg = read_small(&root, &clean(e.config.as_bytes())?, MAX_CONFIG)?;
+        let config_digest = store.add_blob(cfg.as_slice(), None, None, MAX_CONFIG)?;
         let mut layers = Vec::new();
         let mut descs = Vec::new();
+        let mut total: u64 = 0;
         for l in &e.layers {
-            let p = file(l)?;
-            let d = store.add_blob(open(&p)?, None)?;
-            let size = std::fs::metadata(store.blob_path(&d))
-                .map(|m| m.len())
-                .unwrap_or(0);
+            let f = open(l)?;
+            let d = store.add_blob(f, None, None, store.limits.max_bytes - total)?;
+            let size = store.blob_size(&d)?;
+            total += size;
             descs.push(json!({"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": d, "size": size}));
             layers.push(d);
         }
@@ -264,11 +266,11 @@ pub(crate) fn find_image(store: &ImageStore, dir: &Path) -> Result<Found, ImageE
         let manifest = json!({
             "schemaVersion": 2,
             "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": cfg_size},
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": cfg.len()},
             "layers": descs,
         });
         let bytes = serde_json::to_vec(&manifest).map_err(|e| bad(e.to_string()))?;
-        let manifest_digest = store.add_blob(bytes.as_slice(), None)?;
+        let manifest_digest = store.add_blob(bytes.as_slice(), None, None, MAX_JSON)?;
         return Ok(Found {
             manifest_digest,
             config_digest,
@@ -279,31 +281,6 @@ pub(crate) fn find_image(store: &ImageStore, dir: &Path) -> Result<Found, ImageE
     Err(bad(
         "neither an OCI image layout (index.json) nor a docker save archive (manifest.json)",
     ))
-}
-
-pub(crate) fn pick(ds: &[Descriptor]) -> Result<&Descriptor, ImageError> {
-    if ds.is_empty() {
-        return Err(bad("index lists no manifests"));
-    }
-    if let Some(d) = ds.iter().find(|d| {
-        d.platform
-            .as_ref()
-            .is_some_and(|p| p.architecture == "amd64" && p.os == "linux")
-    }) {
-        return Ok(d);
-    }
-    if let Some(d) = ds.iter().find(|d| d.platform.is_none()) {
-        return Ok(d);
-    }
-    let have: Vec<String> = ds
-        .iter()
-        .filter_map(|d| {
-            d.platform
-                .as_ref()
-                .map(|p| format!("{}/{}", p.os, p.architecture))
-        })
-        .collect();
-    Err(ImageError::WrongArchitecture(have.join(", ")))
 }
 
 #[cfg(test)]
@@ -327,11 +304,9 @@ mod tests {
     }
 
     #[test]
-    fn lexical_inside() {
-        assert_eq!(
-            inside(Path::new("a"), Path::new("../b")),
-            Some(PathBuf::from("b"))
-        );
-        assert_eq!(inside(Path::new("a"), Path::new("../../b")), None);
+    fn entry_names() {
+        assert_eq!(clean(b"./a//b/").unwrap(), PathBuf::from("a/b"));
+        assert!(clean(b"a/../../b").is_err());
+        assert!(clean(b"a\0b").is_err());
     }
 }

@@ -1,7 +1,13 @@
 //! Commit (a VM's changes become a new layer on its image) and push (an image to a registry).
+//!
+//! The changeset tar comes from the guest, so it is untrusted: it is stored as a blob like any
+//! other layer (written to a temp file of the store and renamed in through the store's
+//! [`hutch_fs::Root`]), bounded by the image byte limit, and only ever applied by
+//! [`crate::unpack`] when the root filesystem is built.
 
+use crate::egress::{Egress, Timeouts};
 use crate::registry::{sha256_file, Credentials, Reference, Registry};
-use crate::{io_err, Found, ImageError, ImageStore};
+use crate::{io_err, Digest, Found, ImageError, ImageStore};
 use hutch_core::Image;
 use serde_json::{json, Value};
 use std::io::Write;
@@ -33,7 +39,8 @@ pub fn rfc3339(secs: u64) -> String {
 
 impl ImageStore {
     fn json_blob(&self, digest: &str) -> Result<Value, ImageError> {
-        serde_json::from_slice(&self.read_blob(digest, 8 << 20)?)
+        let digest = Digest::parse(digest)?;
+        serde_json::from_slice(&self.read_blob(&digest, crate::oci::MAX_CONFIG)?)
             .map_err(|e| ImageError::BadArchive(format!("blob {digest}: {e}")))
     }
 
@@ -47,8 +54,16 @@ impl ImageStore {
     ) -> Result<Image, ImageError> {
         let name = crate::normalize_ref(name)?;
         let diff_id = sha256_file(layer_tar).map_err(io_err("hashing layer"))?;
-        let gz = tempfile::NamedTempFile::new_in(self.root.join("tmp"))
-            .map_err(io_err("creating layer"))?;
+        let limit = self.limits.max_bytes.min(self.limits.max_layer_bytes);
+        let raw_size = std::fs::metadata(layer_tar)
+            .map_err(io_err("reading layer"))?
+            .len();
+        if raw_size > limit {
+            return Err(ImageError::Limit(format!(
+                "the changes are {raw_size} bytes, more than the limit of {limit}"
+            )));
+        }
+        let gz = self.tmp_file()?;
         {
             let mut enc = flate2::write::GzEncoder::new(
                 std::io::BufWriter::new(gz.as_file()),
@@ -68,6 +83,8 @@ impl ImageStore {
         let layer_digest = self.add_blob(
             std::fs::File::open(gz.path()).map_err(io_err("layer"))?,
             None,
+            Some(layer_size),
+            limit,
         )?;
 
         let mut manifest = self.json_blob(&base.digest)?;
@@ -89,7 +106,7 @@ impl ImageStore {
         config["created"] = json!(now);
         let cfg_bytes =
             serde_json::to_vec(&config).map_err(|e| ImageError::BadArchive(e.to_string()))?;
-        let cfg_digest = self.add_blob(cfg_bytes.as_slice(), None)?;
+        let cfg_digest = self.add_blob(cfg_bytes.as_slice(), None, None, crate::oci::MAX_CONFIG)?;
         manifest["config"]["digest"] = json!(cfg_digest);
         manifest["config"]["size"] = json!(cfg_bytes.len());
         if manifest["config"]["mediaType"].is_null() {
@@ -108,8 +125,12 @@ impl ImageStore {
         }
         let m_bytes =
             serde_json::to_vec(&manifest).map_err(|e| ImageError::BadArchive(e.to_string()))?;
-        let m_digest = self.add_blob(m_bytes.as_slice(), None)?;
-        let mut layers = base.layers.clone();
+        let m_digest = self.add_blob(m_bytes.as_slice(), None, None, crate::oci::MAX_JSON)?;
+        let mut layers = base
+            .layers
+            .iter()
+            .map(|l| Digest::parse(l))
+            .collect::<Result<Vec<_>, _>>()?;
         layers.push(layer_digest);
         self.finish(
             Found {
@@ -122,7 +143,8 @@ impl ImageStore {
         )
     }
 
-    /// Pushes `image` to `reference` (blobs the registry has are skipped, the manifest last).
+    /// Pushes `image` to `reference` (blobs the registry has are skipped, the manifest last),
+    /// to any destination the host can reach (the admin's view; see [`ImageStore::push_with`]).
     pub async fn push(
         &self,
         image: &Image,
@@ -130,17 +152,40 @@ impl ImageStore {
         insecure: bool,
         creds: Option<Credentials>,
     ) -> Result<String, ImageError> {
+        self.push_with(
+            image,
+            reference,
+            insecure,
+            creds,
+            Egress::OPEN,
+            Timeouts::default(),
+        )
+        .await
+    }
+
+    /// [`ImageStore::push`] keeping to an egress policy and timeouts.
+    pub async fn push_with(
+        &self,
+        image: &Image,
+        reference: &str,
+        insecure: bool,
+        creds: Option<Credentials>,
+        egress: Egress,
+        timeouts: Timeouts,
+    ) -> Result<String, ImageError> {
         let r = Reference::parse(reference)?;
         if r.digest.is_some() {
             return Err(ImageError::Registry("push to a tag, not a digest".into()));
         }
-        let reg = Registry::new(r.clone(), insecure, creds, true)?;
-        reg.push_blob(&image.config_digest, &self.blob_path(&image.config_digest))
-            .await?;
+        let reg = Registry::with_policy(r.clone(), insecure, creds, true, egress, timeouts)?;
+        let config = Digest::parse(&image.config_digest)?;
+        reg.push_blob(&config, &self.blob_path(&config)).await?;
         for l in &image.layers {
-            reg.push_blob(l, &self.blob_path(l)).await?;
+            let l = Digest::parse(l)?;
+            reg.push_blob(&l, &self.blob_path(&l)).await?;
         }
-        let body = self.read_blob(&image.digest, crate::registry::MAX_MANIFEST)?;
+        let digest = Digest::parse(&image.digest)?;
+        let body = self.read_blob(&digest, crate::registry::MAX_MANIFEST)?;
         let v: Value =
             serde_json::from_slice(&body).map_err(|e| ImageError::BadArchive(e.to_string()))?;
         let media = v["mediaType"].as_str().unwrap_or(OCI_MANIFEST).to_string();

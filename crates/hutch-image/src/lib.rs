@@ -8,21 +8,35 @@
 //! partial/HEX             a blob being downloaded (kept across restarts: pulls resume)
 //! tmp/                    work in progress; never read as a result
 //! ```
+//!
+//! Every name under the store is made from a parsed [`Digest`] (64 lowercase hex digits), and
+//! files are created and renamed through a [`hutch_fs::Root`] on the store directory, so no
+//! input can name a path outside it. What each boundary does, and which test proves it, is in
+//! docs/images.md.
 
 mod archive;
+mod challenge;
 mod commit;
+mod digest;
+pub mod egress;
+pub mod oci;
 mod pull;
 pub mod registry;
+mod tarstream;
 pub mod unpack;
 
 pub use archive::normalize_ref;
 pub use commit::rfc3339;
+pub use digest::{Digest, DigestError};
+pub use egress::{Egress, Timeouts};
 pub use pull::{PullEvent, PullOptions};
+pub use tarstream::{MAX_LONG_NAME, MAX_PAX};
 pub use unpack::{Limits, Stats};
 
 use hutch_core::{Image, ImageConfig};
+use hutch_fs::{Mode, Root};
 use serde::Deserialize;
-use sha2::{Digest, Sha256};
+use sha2::Sha256;
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -52,6 +66,11 @@ pub enum ImageError {
     Build(String),
     #[error("{0}")]
     Registry(String),
+    /// A download cut off midway; what arrived is kept, and pulling again resumes it.
+    #[error("{0} (interrupted; pulling again resumes the download)")]
+    Interrupted(String),
+    #[error(transparent)]
+    Digest(#[from] DigestError),
 }
 
 pub(crate) fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> ImageError {
@@ -71,6 +90,8 @@ pub struct GcStats {
 /// The on-disk image store.
 pub struct ImageStore {
     root: PathBuf,
+    /// The store directory, for every file made or renamed in it.
+    dir: Root,
     pub limits: Limits,
     blob_locks: pull::BlobLocks,
 }
@@ -107,9 +128,9 @@ struct OciRuntimeConfig {
 
 /// An image manifest found in an archive, its blobs already in the store.
 pub(crate) struct Found {
-    pub manifest_digest: String,
-    pub config_digest: String,
-    pub layers: Vec<String>,
+    pub manifest_digest: Digest,
+    pub config_digest: Digest,
+    pub layers: Vec<Digest>,
     /// Name the archive gives the image, if any.
     pub name: Option<String>,
 }
@@ -120,83 +141,144 @@ impl ImageStore {
             std::fs::create_dir_all(root.join(d))
                 .map_err(io_err(format!("creating {}", root.join(d).display())))?;
         }
+        let dir = Root::open(root, Mode::Beneath).map_err(unpack::fs_err)?;
         // Leftovers of an import that crashed are never results.
-        if let Ok(rd) = std::fs::read_dir(root.join("tmp")) {
-            for e in rd.flatten() {
-                let _ =
-                    std::fs::remove_dir_all(e.path()).or_else(|_| std::fs::remove_file(e.path()));
-            }
+        for e in dir.read_dir(Path::new("tmp")).map_err(unpack::fs_err)? {
+            let _ = dir.remove_all(&Path::new("tmp").join(e));
         }
         Ok(ImageStore {
             root: root.to_path_buf(),
+            dir,
             limits: Limits::default(),
             blob_locks: Default::default(),
         })
     }
 
-    pub fn blob_path(&self, digest: &str) -> PathBuf {
-        let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
-        self.root.join("blobs/sha256").join(hex)
+    fn blob_rel(digest: &Digest) -> PathBuf {
+        Path::new("blobs/sha256").join(digest.hex())
     }
 
+    pub fn blob_path(&self, digest: &Digest) -> PathBuf {
+        self.root.join(Self::blob_rel(digest))
+    }
+
+    pub(crate) fn has_blob(&self, digest: &Digest) -> bool {
+        self.dir.stat(&Self::blob_rel(digest)).is_ok()
+    }
+
+    pub(crate) fn blob_size(&self, digest: &Digest) -> Result<u64, ImageError> {
+        Ok(self
+            .dir
+            .stat(&Self::blob_rel(digest))
+            .map_err(unpack::fs_err)?
+            .size)
+    }
+
+    /// The root filesystem image of a manifest. A string that is not a valid digest gives a
+    /// path that never exists.
     pub fn rootfs_path(&self, manifest_digest: &str) -> PathBuf {
-        let hex = manifest_digest
-            .strip_prefix("sha256:")
-            .unwrap_or(manifest_digest);
-        self.root.join("rootfs").join(format!("{hex}.erofs"))
+        let name = match Digest::parse(manifest_digest) {
+            Ok(d) => format!("{}.erofs", d.hex()),
+            Err(_) => "invalid-digest".into(),
+        };
+        self.root.join("rootfs").join(name)
     }
 
     pub fn tmp_dir(&self) -> Result<tempfile::TempDir, ImageError> {
         tempfile::tempdir_in(self.root.join("tmp")).map_err(io_err("creating temp dir"))
     }
 
-    /// Copies `src` into the blob store. With `expect`, the content must hash to it; without,
-    /// its digest is computed. Returns the digest.
+    /// A new temp file in `tmp/` (removed when dropped unless persisted).
+    pub(crate) fn tmp_file(&self) -> Result<tempfile::NamedTempFile, ImageError> {
+        tempfile::NamedTempFile::new_in(self.root.join("tmp")).map_err(io_err("creating temp file"))
+    }
+
+    /// Moves a finished temp file to `rel` in the store (renameat beneath the store root).
+    pub(crate) fn persist(
+        &self,
+        tmp: tempfile::NamedTempFile,
+        rel: &Path,
+    ) -> Result<(), ImageError> {
+        let name = tmp
+            .path()
+            .file_name()
+            .ok_or_else(|| ImageError::Build("temp file without a name".into()))?
+            .to_os_string();
+        let path = tmp.into_temp_path();
+        self.dir
+            .rename(&Path::new("tmp").join(name), rel)
+            .map_err(unpack::fs_err)?;
+        // Renamed: nothing is left for the guard to remove.
+        let _ = path.keep();
+        Ok(())
+    }
+
+    /// Copies `src` into the blob store. With `expect`, the content must hash to it; with
+    /// `size`, it must be exactly that long; never more than `max` bytes are read. Returns the
+    /// digest. On any error nothing is left behind.
     pub(crate) fn add_blob(
         &self,
-        mut src: impl Read,
-        expect: Option<&str>,
-    ) -> Result<String, ImageError> {
+        src: impl Read,
+        expect: Option<&Digest>,
+        size: Option<u64>,
+        max: u64,
+    ) -> Result<Digest, ImageError> {
         if let Some(d) = expect {
-            if !d.starts_with("sha256:")
-                || d.len() != 71
-                || !d[7..].bytes().all(|b| b.is_ascii_hexdigit())
-            {
-                return Err(ImageError::BadArchive(format!("unsupported digest {d:?}")));
-            }
-            if self.blob_path(d).exists() {
-                return Ok(d.to_string());
+            if self.has_blob(d) {
+                return Ok(d.clone());
             }
         }
-        let mut tmp = tempfile::NamedTempFile::new_in(self.root.join("tmp"))
-            .map_err(io_err("creating blob"))?;
-        let mut h = Sha256::new();
+        if let Some(s) = size {
+            if s > max {
+                return Err(ImageError::Limit(format!(
+                    "blob of {s} bytes exceeds the limit of {max}"
+                )));
+            }
+        }
+        let mut tmp = self.tmp_file()?;
+        let mut h = <Sha256 as sha2::Digest>::new();
         let mut buf = vec![0u8; 256 * 1024];
+        let mut src = src.take(max.saturating_add(1));
+        let mut n: u64 = 0;
         loop {
-            let n = src.read(&mut buf).map_err(io_err("reading blob"))?;
-            if n == 0 {
+            let k = src.read(&mut buf).map_err(io_err("reading blob"))?;
+            if k == 0 {
                 break;
             }
-            h.update(&buf[..n]);
-            tmp.write_all(&buf[..n]).map_err(io_err("writing blob"))?;
+            n += k as u64;
+            if n > max {
+                return Err(ImageError::Limit(format!(
+                    "blob is larger than the limit of {max} bytes"
+                )));
+            }
+            sha2::Digest::update(&mut h, &buf[..k]);
+            tmp.write_all(&buf[..k]).map_err(io_err("writing blob"))?;
         }
-        let actual = format!("sha256:{}", hex::encode(h.finalize()));
+        let actual = Digest::from_hasher(sha2::Digest::finalize(h).into());
         if let Some(d) = expect {
-            if d != actual {
+            if *d != actual {
                 return Err(ImageError::DigestMismatch {
-                    digest: d.into(),
-                    actual,
+                    digest: d.to_string(),
+                    actual: actual.to_string(),
                 });
             }
         }
-        tmp.persist(self.blob_path(&actual))
-            .map_err(|e| io_err("storing blob")(e.error))?;
+        if let Some(s) = size {
+            if s != n {
+                return Err(ImageError::BadArchive(format!(
+                    "blob {actual} is {n} bytes, its descriptor says {s}"
+                )));
+            }
+        }
+        self.persist(tmp, &Self::blob_rel(&actual))?;
         Ok(actual)
     }
 
-    pub(crate) fn read_blob(&self, digest: &str, max: u64) -> Result<Vec<u8>, ImageError> {
-        let p = self.blob_path(digest);
-        let f = std::fs::File::open(&p).map_err(io_err(format!("blob {digest}")))?;
+    pub(crate) fn read_blob(&self, digest: &Digest, max: u64) -> Result<Vec<u8>, ImageError> {
+        let f = self
+            .dir
+            .open_file(&Self::blob_rel(digest))
+            .map_err(unpack::fs_err)?;
         let mut v = Vec::new();
         f.take(max + 1)
             .read_to_end(&mut v)
@@ -218,7 +300,7 @@ impl ImageStore {
             src
         } else {
             staged = self.tmp_dir()?;
-            archive::extract_archive(src, staged.path())?;
+            archive::extract_archive(src, staged.path(), self.limits)?;
             staged.path()
         };
         let found = archive::find_image(self, dir)?;
@@ -237,7 +319,7 @@ impl ImageStore {
     }
 
     pub(crate) fn finish(&self, found: Found, name: String) -> Result<Image, ImageError> {
-        let cfg_bytes = self.read_blob(&found.config_digest, 8 << 20)?;
+        let cfg_bytes = self.read_blob(&found.config_digest, oci::MAX_CONFIG)?;
         let cfg: OciConfigFile = serde_json::from_slice(&cfg_bytes)
             .map_err(|e| ImageError::BadArchive(format!("image config: {e}")))?;
         if cfg.architecture != "amd64" || (cfg.os != "linux" && !cfg.os.is_empty()) {
@@ -256,13 +338,14 @@ impl ImageStore {
             exposed_ports: rc.exposed_ports.unwrap_or_default().into_keys().collect(),
             labels: rc.labels.unwrap_or_default(),
         };
-        let rootfs = self.build_rootfs(&found.manifest_digest, &found.layers)?;
+        let layers: Vec<String> = found.layers.into_iter().map(String::from).collect();
+        let rootfs = self.build_rootfs(found.manifest_digest.as_str(), &layers)?;
         let rootfs_size = std::fs::metadata(&rootfs).map(|m| m.len()).unwrap_or(0);
         Ok(Image {
             name,
-            digest: found.manifest_digest,
-            config_digest: found.config_digest,
-            layers: found.layers,
+            digest: found.manifest_digest.into(),
+            config_digest: found.config_digest.into(),
+            layers,
             config,
             architecture: "amd64".into(),
             rootfs_size,
@@ -277,7 +360,12 @@ impl ImageStore {
         manifest_digest: &str,
         layers: &[String],
     ) -> Result<PathBuf, ImageError> {
-        let out = self.rootfs_path(manifest_digest);
+        let manifest = Digest::parse(manifest_digest)?;
+        let layers = layers
+            .iter()
+            .map(|l| Digest::parse(l))
+            .collect::<Result<Vec<_>, _>>()?;
+        let out = self.rootfs_path(manifest.as_str());
         if out.exists() {
             return Ok(out);
         }
@@ -286,10 +374,11 @@ impl ImageStore {
         std::fs::create_dir(&tree).map_err(io_err("creating rootfs dir"))?;
         std::fs::set_permissions(&tree, std::os::unix::fs::PermissionsExt::from_mode(0o755))
             .map_err(io_err("rootfs dir"))?;
+        let tree_root = Root::open(&tree, Mode::InRoot).map_err(unpack::fs_err)?;
         let mut stats = Stats::default();
-        for l in layers {
+        for l in &layers {
             let r = unpack::open_layer(&self.blob_path(l))?;
-            unpack::apply_layer(&tree, r, self.limits, &mut stats)?;
+            unpack::apply_layer_in(&tree_root, r, self.limits, &mut stats)?;
         }
         let img = work.path().join("rootfs.erofs");
         let o = Command::new("mkfs.erofs")

@@ -1,18 +1,24 @@
 //! A client for OCI distribution-spec registries (Docker Hub, GHCR, Debian's docker-registry, ...):
 //! references, credentials, Basic and Bearer-token auth, manifests and blobs, push.
 //!
-//! Everything fetched is bounded and verified: manifests and configs have size limits, blobs are
-//! checked against their digest and descriptor size before they enter the store. Blob downloads
-//! resume from a partial file with an HTTP Range request.
+//! Everything fetched is bounded and verified: manifests and token answers have size limits
+//! enforced while they stream, blobs are checked against their digest and descriptor size
+//! before they enter the store. Blob downloads resume from a partial file with an HTTP Range
+//! request whose answer must carry the matching `Content-Range`. Every connection keeps to the
+//! client's [`Egress`] policy and [`Timeouts`] (see [`crate::egress`]).
 
-use crate::ImageError;
+pub use crate::challenge::{docker_config_credentials, parse_challenge, Challenge, Credentials};
+use crate::egress::{Egress, Timeouts};
+use crate::{Digest, ImageError};
 use base64::Engine;
 use futures_util::StreamExt;
-use sha2::{Digest, Sha256};
-use std::path::{Path, PathBuf};
-use tokio::io::AsyncWriteExt;
+use sha2::{Digest as _, Sha256};
+use std::path::Path;
+use tokio::io::{AsyncSeekExt, AsyncWriteExt};
 
-pub const MAX_MANIFEST: u64 = 4 << 20;
+pub const MAX_MANIFEST: u64 = crate::oci::MAX_JSON;
+/// A token service's answer: at most this many bytes.
+pub const MAX_TOKEN: u64 = 1 << 20;
 
 /// A parsed image reference: `alpine` = `docker.io/library/alpine:latest`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,12 +37,7 @@ impl Reference {
     pub fn parse(s: &str) -> Result<Reference, ImageError> {
         let (rest, digest) = match s.split_once('@') {
             Some((r, d)) => {
-                let hex = d
-                    .strip_prefix("sha256:")
-                    .ok_or_else(|| bad_ref(s, "only sha256 digests"))?;
-                if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-                    return Err(bad_ref(s, "malformed digest"));
-                }
+                let d = Digest::parse(d).map_err(|e| bad_ref(s, &e.to_string()))?;
                 (r, Some(d.to_string()))
             }
             None => (s, None),
@@ -117,104 +118,6 @@ impl Reference {
     }
 }
 
-#[derive(Clone)]
-pub struct Credentials {
-    pub username: String,
-    pub password: String,
-}
-
-impl std::fmt::Debug for Credentials {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Credentials({}, <hidden>)", self.username)
-    }
-}
-
-/// Credentials for `registry` from a docker config file (`~/.docker/config.json` format).
-pub fn docker_config_credentials(registry: &str, config: &Path) -> Option<Credentials> {
-    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(config).ok()?).ok()?;
-    let auths = v.get("auths")?.as_object()?;
-    let keys: Vec<String> = if registry == "docker.io" {
-        vec![
-            "https://index.docker.io/v1/".into(),
-            "index.docker.io".into(),
-            "docker.io".into(),
-        ]
-    } else {
-        vec![
-            registry.into(),
-            format!("https://{registry}"),
-            format!("http://{registry}"),
-        ]
-    };
-    let entry = keys.iter().find_map(|k| auths.get(k))?;
-    if let Some(a) = entry.get("auth").and_then(|a| a.as_str()) {
-        let dec = base64::engine::general_purpose::STANDARD.decode(a).ok()?;
-        let (u, p) = std::str::from_utf8(&dec).ok()?.split_once(':')?;
-        return Some(Credentials {
-            username: u.into(),
-            password: p.into(),
-        });
-    }
-    Some(Credentials {
-        username: entry.get("username")?.as_str()?.into(),
-        password: entry.get("password")?.as_str()?.into(),
-    })
-}
-
-/// A challenge from `WWW-Authenticate`.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Challenge {
-    Basic,
-    Bearer {
-        realm: String,
-        service: Option<String>,
-        scope: Option<String>,
-    },
-}
-
-pub fn parse_challenge(h: &str) -> Option<Challenge> {
-    let (scheme, params) = h.trim().split_once(' ').unwrap_or((h.trim(), ""));
-    if scheme.eq_ignore_ascii_case("basic") {
-        return Some(Challenge::Basic);
-    }
-    if !scheme.eq_ignore_ascii_case("bearer") {
-        return None;
-    }
-    let mut realm = None;
-    let (mut service, mut scope) = (None, None);
-    // key="value" pairs; values may contain commas (scopes), so split on `",`.
-    let mut rest = params.trim();
-    while !rest.is_empty() {
-        let (k, after) = rest.split_once('=')?;
-        let after = after.trim_start();
-        let (v, next) = if let Some(stripped) = after.strip_prefix('"') {
-            let end = stripped.find('"')?;
-            (
-                &stripped[..end],
-                stripped[end + 1..].trim_start_matches(',').trim_start(),
-            )
-        } else {
-            let end = after.find(',').unwrap_or(after.len());
-            (
-                &after[..end],
-                after[end..].trim_start_matches(',').trim_start(),
-            )
-        };
-        match k.trim() {
-            "realm" => realm = Some(v.to_string()),
-            "service" => service = Some(v.to_string()),
-            "scope" => scope = Some(v.to_string()),
-            _ => {}
-        }
-        rest = next;
-    }
-    Some(Challenge::Bearer {
-        realm: realm?,
-        service,
-        scope,
-    })
-}
-
 /// One registry connection for one repository.
 pub struct Registry {
     http: reqwest::Client,
@@ -223,6 +126,8 @@ pub struct Registry {
     creds: Option<Credentials>,
     auth: tokio::sync::Mutex<Option<String>>,
     push: bool,
+    egress: Egress,
+    timeouts: Timeouts,
 }
 
 fn reg_err(m: impl std::fmt::Display) -> ImageError {
@@ -235,24 +140,43 @@ application/vnd.oci.image.manifest.v1+json, \
 application/vnd.docker.distribution.manifest.v2+json";
 
 impl Registry {
-    /// `insecure` allows plain HTTP (only when asked for).
+    /// `insecure` allows plain HTTP (only when asked for). Any destination the host can
+    /// reach is allowed (the admin's view); see [`Registry::with_policy`].
     pub fn new(
         reference: Reference,
         insecure: bool,
         creds: Option<Credentials>,
         push: bool,
     ) -> Result<Registry, ImageError> {
-        let http = reqwest::Client::builder()
-            .connect_timeout(std::time::Duration::from_secs(15))
-            .user_agent(concat!("hutch/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(reg_err)?;
+        Self::with_policy(
+            reference,
+            insecure,
+            creds,
+            push,
+            Egress::OPEN,
+            Timeouts::default(),
+        )
+    }
+
+    /// A client that connects only where `egress` allows, within `timeouts`.
+    pub fn with_policy(
+        reference: Reference,
+        insecure: bool,
+        creds: Option<Credentials>,
+        push: bool,
+        egress: Egress,
+        timeouts: Timeouts,
+    ) -> Result<Registry, ImageError> {
+        let http = crate::egress::client(egress.clone(), timeouts)?;
         let scheme = if insecure { "http" } else { "https" };
         let base = format!(
             "{scheme}://{}/v2/{}",
             reference.host(),
             reference.repository
         );
+        let url = reqwest::Url::parse(&base)
+            .map_err(|e| reg_err(format!("registry address {base}: {e}")))?;
+        egress.check_url(&url)?;
         Ok(Registry {
             http,
             base,
@@ -260,6 +184,8 @@ impl Registry {
             creds,
             auth: tokio::sync::Mutex::new(None),
             push,
+            egress,
+            timeouts,
         })
     }
 
@@ -278,12 +204,7 @@ impl Registry {
                 rb = rb.header(reqwest::header::AUTHORIZATION, a);
             }
             let resp = rb.send().await.map_err(|e| {
-                let mut m = format!("cannot reach registry {}: {e}", self.host());
-                let mut src = std::error::Error::source(&e);
-                while let Some(s) = src {
-                    m.push_str(&format!(": {s}"));
-                    src = s.source();
-                }
+                let mut m = format!("cannot reach registry {}: {}", self.host(), chain(&e));
                 if m.contains("InvalidContentType") || m.contains("corrupt message") {
                     m.push_str(" (is it a plain-HTTP registry? pull with --insecure)");
                 }
@@ -333,23 +254,25 @@ impl Registry {
         if let Some(s) = service {
             q.push(("service", s));
         }
-        let mut rb = self.http.get(realm).query(&q);
+        let url = reqwest::Url::parse(realm)
+            .map_err(|e| reg_err(format!("token service {realm:?}: {e}")))?;
+        self.egress.check_url(&url)?;
+        let mut rb = self.http.get(url).query(&q).timeout(self.timeouts.document);
         if let Some(c) = &self.creds {
             rb = rb.basic_auth(&c.username, Some(&c.password));
         }
         let resp = rb
             .send()
             .await
-            .map_err(|e| reg_err(format!("token service {realm}: {e}")))?;
+            .map_err(|e| reg_err(format!("token service {realm}: {}", chain(&e))))?;
         if !resp.status().is_success() {
             return Err(reg_err(format!(
                 "token service {realm} refused: {}",
                 resp.status()
             )));
         }
-        let v: serde_json::Value = resp
-            .json()
-            .await
+        let body = read_capped(resp, MAX_TOKEN, "token service answer").await?;
+        let v: serde_json::Value = serde_json::from_slice(&body)
             .map_err(|e| reg_err(format!("token service {realm}: {e}")))?;
         let t = v["token"]
             .as_str()
@@ -369,10 +292,19 @@ impl Registry {
     }
 
     /// Fetches a manifest or index by tag or digest: (bytes, media type, digest).
-    pub async fn manifest(&self, target: &str) -> Result<(Vec<u8>, String, String), ImageError> {
+    pub async fn manifest(&self, target: &str) -> Result<(Vec<u8>, String, Digest), ImageError> {
+        let want = if target.starts_with("sha256:") {
+            Some(Digest::parse(target)?)
+        } else {
+            None
+        };
         let url = format!("{}/manifests/{target}", self.base);
         let resp = self
-            .send(|c| c.get(&url).header(reqwest::header::ACCEPT, MANIFEST_TYPES))
+            .send(|c| {
+                c.get(&url)
+                    .header(reqwest::header::ACCEPT, MANIFEST_TYPES)
+                    .timeout(self.timeouts.document)
+            })
             .await?;
         if !resp.status().is_success() {
             return Err(self.status_error("manifest", resp.status()));
@@ -386,52 +318,52 @@ impl Registry {
             .next()
             .unwrap_or("")
             .to_string();
-        if resp.content_length().is_some_and(|l| l > MAX_MANIFEST) {
-            return Err(reg_err(format!(
-                "manifest of {} is larger than {MAX_MANIFEST} bytes",
-                self.reference.canonical()
-            )));
-        }
-        let mut body = Vec::new();
-        let mut s = resp.bytes_stream();
-        while let Some(chunk) = s.next().await {
-            body.extend_from_slice(&chunk.map_err(reg_err)?);
-            if body.len() as u64 > MAX_MANIFEST {
-                return Err(reg_err(format!(
-                    "manifest of {} is larger than {MAX_MANIFEST} bytes",
-                    self.reference.canonical()
-                )));
+        let body = read_capped(
+            resp,
+            MAX_MANIFEST,
+            &format!("manifest of {}", self.reference.canonical()),
+        )
+        .await?;
+        let digest = Digest::of(&body);
+        if let Some(want) = want {
+            if want != digest {
+                return Err(ImageError::DigestMismatch {
+                    digest: want.to_string(),
+                    actual: digest.to_string(),
+                });
             }
-        }
-        let digest = format!("sha256:{}", hex::encode(Sha256::digest(&body)));
-        if target.starts_with("sha256:") && target != digest {
-            return Err(ImageError::DigestMismatch {
-                digest: target.into(),
-                actual: digest,
-            });
         }
         Ok((body, media, digest))
     }
 
-    /// Downloads blob `digest` of `size` bytes into `partial` (resuming what is there) and
-    /// verifies it; `progress(done)` is called as bytes arrive. Returns the offset resumed from.
+    /// Downloads blob `digest` of `size` bytes into `file` (a partial download: what it holds
+    /// is resumed with a Range request) and verifies it; `progress(done)` is called as bytes
+    /// arrive. Returns the offset resumed from. A transfer cut off midway is
+    /// [`ImageError::Interrupted`] (the partial file is worth keeping); any other error means
+    /// its content is useless.
     pub async fn fetch_blob(
         &self,
-        digest: &str,
+        digest: &Digest,
         size: u64,
-        partial: &Path,
+        file: std::fs::File,
         mut progress: impl FnMut(u64),
     ) -> Result<u64, ImageError> {
-        let have = tokio::fs::metadata(partial)
-            .await
-            .map(|m| m.len())
-            .unwrap_or(0);
-        let have = if have > size { 0 } else { have };
+        let reader = file
+            .try_clone()
+            .map_err(crate::io_err("partial download"))?;
+        let mut f = tokio::fs::File::from_std(file);
+        let io = |what: &'static str| crate::io_err(format!("{what} of blob {digest}"));
+        let mut have = f.metadata().await.map_err(io("partial download"))?.len();
+        if have > size {
+            f.set_len(0)
+                .await
+                .map_err(io("truncating partial download"))?;
+            have = 0;
+        }
         let url = format!("{}/blobs/{digest}", self.base);
         let mut resumed = 0;
-        // Hashed as it arrives; None: nothing was fetched, hash what is on disk.
-        let mut hasher: Option<Sha256> = None;
-        if have < size {
+        // Hashed as it arrives; when nothing is left to fetch, what is on disk is hashed.
+        let hasher = if have < size {
             let resp = self
                 .send(|c| {
                     let rb = c.get(&url);
@@ -446,63 +378,94 @@ impl Registry {
             if !status.is_success() {
                 return Err(self.status_error(&format!("blob {digest}"), status));
             }
-            let append = status == reqwest::StatusCode::PARTIAL_CONTENT;
-            let mut f = tokio::fs::OpenOptions::new()
-                .create(true)
-                .write(true)
-                .append(append)
-                .truncate(!append)
-                .open(partial)
-                .await
-                .map_err(crate::io_err(format!("writing {}", partial.display())))?;
-            let mut done = if append { have } else { 0 };
-            resumed = if append { have } else { 0 };
+            let append = match status.as_u16() {
+                200 => false,
+                206 if have > 0 => {
+                    let cr = resp
+                        .headers()
+                        .get(reqwest::header::CONTENT_RANGE)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("");
+                    if !content_range_ok(cr, have, size) {
+                        return Err(reg_err(format!(
+                            "blob {digest}: asked for bytes {have}- of {size}, \
+                             the registry answered Content-Range {:?}",
+                            cr.chars().take(100).collect::<String>()
+                        )));
+                    }
+                    true
+                }
+                s => {
+                    return Err(reg_err(format!(
+                        "blob {digest}: unexpected answer {s} from the registry"
+                    )))
+                }
+            };
+            let start = if append { have } else { 0 };
+            if let Some(l) = resp.content_length() {
+                if start.checked_add(l) != Some(size) {
+                    return Err(reg_err(format!(
+                        "blob {digest}: the registry announces {l} bytes from offset {start}, \
+                         its descriptor says {size} in all"
+                    )));
+                }
+            }
             let mut h = if append {
-                hash_prefix(partial, have).await?
+                hash_prefix(reader, have).await?
             } else {
                 Sha256::new()
             };
+            f.set_len(start).await.map_err(io("writing"))?;
+            f.seek(std::io::SeekFrom::Start(start))
+                .await
+                .map_err(io("writing"))?;
+            let mut done = start;
+            resumed = start;
             progress(done);
             let mut s = resp.bytes_stream();
             while let Some(chunk) = s.next().await {
-                let chunk = chunk.map_err(|e| reg_err(format!("downloading {digest}: {e}")))?;
+                let chunk = match chunk {
+                    Ok(c) => c,
+                    Err(e) => {
+                        f.flush().await.map_err(io("writing"))?;
+                        return Err(ImageError::Interrupted(format!(
+                            "downloading {digest}: {}",
+                            chain(&e)
+                        )));
+                    }
+                };
                 done += chunk.len() as u64;
                 if done > size {
                     return Err(reg_err(format!(
                         "blob {digest} is larger than its descriptor says ({size} bytes)"
                     )));
                 }
-                f.write_all(&chunk)
-                    .await
-                    .map_err(crate::io_err("writing blob"))?;
-                h.update(&chunk);
+                f.write_all(&chunk).await.map_err(io("writing"))?;
+                sha2::Digest::update(&mut h, &chunk);
                 progress(done);
             }
-            f.flush().await.map_err(crate::io_err("writing blob"))?;
+            f.flush().await.map_err(io("writing"))?;
             if done < size {
                 return Err(reg_err(format!(
                     "blob {digest} ended after {done} of {size} bytes"
                 )));
             }
-            hasher = Some(h);
-        }
-        let actual = match hasher {
-            Some(h) => format!("sha256:{}", hex::encode(h.finalize())),
-            None => hash_prefix(partial, size)
-                .await
-                .map(|h| format!("sha256:{}", hex::encode(h.finalize())))?,
+            h
+        } else {
+            drop(f);
+            hash_prefix(reader, size).await?
         };
-        if actual != digest {
-            let _ = tokio::fs::remove_file(partial).await;
+        let actual = Digest::from_hasher(sha2::Digest::finalize(hasher).into());
+        if actual != *digest {
             return Err(ImageError::DigestMismatch {
-                digest: digest.into(),
-                actual,
+                digest: digest.to_string(),
+                actual: actual.to_string(),
             });
         }
         Ok(resumed)
     }
 
-    pub async fn has_blob(&self, digest: &str) -> Result<bool, ImageError> {
+    pub async fn has_blob(&self, digest: &Digest) -> Result<bool, ImageError> {
         let url = format!("{}/blobs/{digest}", self.base);
         let r = self.send(|c| c.head(&url)).await?;
         match r.status().as_u16() {
@@ -513,7 +476,7 @@ impl Registry {
     }
 
     /// Uploads a blob (monolithic: POST for a session, PUT with the digest).
-    pub async fn push_blob(&self, digest: &str, path: &Path) -> Result<(), ImageError> {
+    pub async fn push_blob(&self, digest: &Digest, path: &Path) -> Result<(), ImageError> {
         if self.has_blob(digest).await? {
             return Ok(());
         }
@@ -542,6 +505,9 @@ impl Registry {
         };
         let sep = if loc.contains('?') { '&' } else { '?' };
         let put = format!("{loc}{sep}digest={digest}");
+        let put_url =
+            reqwest::Url::parse(&put).map_err(|e| reg_err(format!("upload location: {e}")))?;
+        self.egress.check_url(&put_url)?;
         let data: bytes::Bytes = tokio::fs::read(path)
             .await
             .map_err(crate::io_err(format!("reading {}", path.display())))?
@@ -581,28 +547,74 @@ impl Registry {
     }
 }
 
-/// The hash state after the first `len` bytes of `p` (the part of a download already on disk).
-async fn hash_prefix(p: &Path, len: u64) -> Result<Sha256, ImageError> {
-    let p = p.to_path_buf();
+/// The hash state after the first `len` bytes of `f` (the part of a download already on disk).
+async fn hash_prefix(f: std::fs::File, len: u64) -> Result<Sha256, ImageError> {
     tokio::task::spawn_blocking(move || -> std::io::Result<Sha256> {
-        use std::io::Read;
-        let mut f = std::fs::File::open(&p)?.take(len);
+        use std::os::unix::fs::FileExt;
         let mut h = Sha256::new();
         let mut buf = vec![0u8; 1 << 20];
-        loop {
-            let n = f.read(&mut buf)?;
+        let mut off = 0;
+        while off < len {
+            let want = buf.len().min((len - off) as usize);
+            let n = f.read_at(&mut buf[..want], off)?;
             if n == 0 {
-                return Ok(h);
+                return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof));
             }
-            h.update(&buf[..n]);
+            sha2::Digest::update(&mut h, &buf[..n]);
+            off += n as u64;
         }
+        Ok(h)
     })
     .await
     .map_err(reg_err)?
     .map_err(crate::io_err("hashing blob"))
 }
 
-pub fn sha256_file(p: &Path) -> std::io::Result<String> {
+/// Whether `Content-Range` says the answer holds bytes `from`..`size` of a `size`-byte blob.
+fn content_range_ok(h: &str, from: u64, size: u64) -> bool {
+    let Some(rest) = h.trim().strip_prefix("bytes ") else {
+        return false;
+    };
+    let Some((range, total)) = rest.split_once('/') else {
+        return false;
+    };
+    let Some((a, b)) = range.split_once('-') else {
+        return false;
+    };
+    let total_ok = total == "*" || total.parse::<u64>().ok() == Some(size);
+    a.parse::<u64>().ok() == Some(from) && b.parse::<u64>().ok() == Some(size - 1) && total_ok
+}
+
+/// An error and its causes on one line.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut m = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        m.push_str(&format!(": {s}"));
+        src = s.source();
+    }
+    m
+}
+
+/// Reads a response body, failing as soon as it passes `max` bytes (announced or streamed).
+async fn read_capped(resp: reqwest::Response, max: u64, what: &str) -> Result<Vec<u8>, ImageError> {
+    let too_big = || reg_err(format!("{what} is larger than {max} bytes"));
+    if resp.content_length().is_some_and(|l| l > max) {
+        return Err(too_big());
+    }
+    let mut body = Vec::new();
+    let mut s = resp.bytes_stream();
+    while let Some(chunk) = s.next().await {
+        let chunk = chunk.map_err(|e| reg_err(format!("reading {what}: {}", chain(&e))))?;
+        if (body.len() + chunk.len()) as u64 > max {
+            return Err(too_big());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+pub fn sha256_file(p: &Path) -> std::io::Result<Digest> {
     use std::io::Read;
     let mut f = std::fs::File::open(p)?;
     let mut h = Sha256::new();
@@ -612,15 +624,9 @@ pub fn sha256_file(p: &Path) -> std::io::Result<String> {
         if n == 0 {
             break;
         }
-        h.update(&buf[..n]);
+        sha2::Digest::update(&mut h, &buf[..n]);
     }
-    Ok(format!("sha256:{}", hex::encode(h.finalize())))
-}
-
-/// Where partial downloads live (kept across restarts, so pulls resume).
-pub fn partial_path(root: &Path, digest: &str) -> PathBuf {
-    root.join("partial")
-        .join(digest.trim_start_matches("sha256:"))
+    Ok(Digest::from_hasher(sha2::Digest::finalize(h).into()))
 }
 
 #[cfg(test)]
@@ -654,40 +660,19 @@ mod tests {
     }
 
     #[test]
-    fn challenges() {
-        assert_eq!(
-            parse_challenge(r#"Basic realm="x""#),
-            Some(Challenge::Basic)
-        );
-        let c = parse_challenge(
-            r#"Bearer realm="https://auth.docker.io/token",service="registry.docker.io",scope="repository:library/node:pull,push""#,
-        );
-        assert_eq!(
-            c,
-            Some(Challenge::Bearer {
-                realm: "https://auth.docker.io/token".into(),
-                service: Some("registry.docker.io".into()),
-                scope: Some("repository:library/node:pull,push".into()),
-            })
-        );
-        assert_eq!(parse_challenge("Negotiate abc"), None);
-    }
-
-    #[test]
-    fn docker_config() {
-        let d = tempfile::tempdir().unwrap();
-        let p = d.path().join("config.json");
-        let auth = base64::engine::general_purpose::STANDARD.encode("bob:pw:with:colons");
-        std::fs::write(&p, format!(r#"{{"auths":{{"localhost:5000":{{"auth":"{auth}"}},"https://index.docker.io/v1/":{{"username":"u","password":"p"}}}}}}"#)).unwrap();
-        let c = docker_config_credentials("localhost:5000", &p).unwrap();
-        assert_eq!(
-            (c.username.as_str(), c.password.as_str()),
-            ("bob", "pw:with:colons")
-        );
-        assert_eq!(
-            docker_config_credentials("docker.io", &p).unwrap().username,
-            "u"
-        );
-        assert!(docker_config_credentials("ghcr.io", &p).is_none());
+    fn content_ranges() {
+        assert!(content_range_ok("bytes 10-99/100", 10, 100));
+        assert!(content_range_ok("bytes 10-99/*", 10, 100));
+        for bad in [
+            "bytes 0-99/100",
+            "bytes 10-98/100",
+            "bytes 10-99/101",
+            "bytes */100",
+            "10-99/100",
+            "",
+            "bytes 10-99",
+        ] {
+            assert!(!content_range_ok(bad, 10, 100), "{bad}");
+        }
     }
 }

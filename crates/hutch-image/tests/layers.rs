@@ -215,6 +215,7 @@ fn limits_stop_layer_bombs() {
     let lim = Limits {
         max_entries: 10,
         max_bytes: 1 << 30,
+        ..Limits::default()
     };
     let e = apply_layer(d.path(), layer(&entries).as_slice(), lim, &mut st).unwrap_err();
     assert!(e.to_string().contains("entries"), "{e}");
@@ -222,6 +223,7 @@ fn limits_stop_layer_bombs() {
     let lim = Limits {
         max_entries: 1000,
         max_bytes: 100,
+        ..Limits::default()
     };
     let e = apply_layer(d.path(), layer(&entries).as_slice(), lim, &mut st).unwrap_err();
     assert!(e.to_string().contains("bytes"), "{e}");

@@ -198,6 +198,31 @@ fn tenants_are_isolated_and_bounded() {
         "now busybox is the shared one again: {v}"
     );
 
+    // Registry egress: accounts reach public registries only (the admin may reach any).
+    let (st, v) = r.call(
+        &bt,
+        "POST",
+        "/api/v1/images/push",
+        Some(json!({"image": "busybox", "reference": "127.0.0.1:9/x:1", "insecure": true})),
+    );
+    assert!(st >= 400 && v.to_string().contains("private"), "{st} {v}");
+    let mut c = std::net::TcpStream::connect(&r.addr).unwrap();
+    let body = json!({"reference": "127.0.0.1:9/x:1", "insecure": true}).to_string();
+    let (_, out) = http(
+        &mut c,
+        "POST",
+        "/api/v1/images/pull",
+        Some(body.as_bytes()),
+        "application/json",
+        Some(&bt),
+    )
+    .unwrap();
+    let out = String::from_utf8_lossy(&out);
+    assert!(
+        out.contains("\"error\"") && out.contains("private"),
+        "{out}"
+    );
+
     // VM names are per account: bob's "web" does not collide with alice's, and reveals nothing.
     let new = |t: &str, name: &str| {
         r.call(

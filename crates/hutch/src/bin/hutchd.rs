@@ -80,7 +80,7 @@ struct Args {
     /// Most entries all layers of one image may hold (against layer bombs).
     #[arg(long, default_value_t = 1_000_000)]
     max_image_entries: u64,
-    /// Most bytes of file data all layers of one image may unpack to, in MiB.
+    /// Most bytes all layers of one image may decompress to, in MiB.
     #[arg(long, default_value_t = 32 * 1024)]
     max_image_mib: u64,
     /// Abort at the named crash point (crash-safety tests; see crates/hutch-daemon/src/crash.rs).
@@ -125,6 +125,10 @@ struct Args {
     /// Memory a VM's cgroup allows beyond its guest RAM, MiB (QEMU's own use).
     #[arg(long, default_value_t = hutch_vmm::jail::DEFAULT_MEM_OVERHEAD_MIB)]
     vm_mem_overhead_mib: u64,
+    /// Let accounts other than the admin pull from loopback, link-local and private addresses
+    /// (the admin always may).
+    #[arg(long)]
+    registry_allow_private: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -198,6 +202,7 @@ fn main() -> anyhow::Result<()> {
         layer_limits: hutch_image::Limits {
             max_entries: args.max_image_entries,
             max_bytes: args.max_image_mib << 20,
+            ..Default::default()
         },
         jail: (args.jail == "on").then_some(hutch_daemon::confine::JailOptions {
             uid_base: args.jail_uid_base,
@@ -206,6 +211,7 @@ fn main() -> anyhow::Result<()> {
             cgroup_parent: args.cgroup_parent,
             mem_overhead_mib: args.vm_mem_overhead_mib,
         }),
+        registry_allow_private: args.registry_allow_private,
     };
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     rt.block_on(hutch_daemon::run(cfg))
