@@ -347,7 +347,9 @@ impl Manager {
                 .args(["-E", "lazy_itable_init=1,lazy_journal_init=1"])
                 .arg(tmp.path()),
         )?;
+        hutch_fs::durable::sync_file(tmp.as_file()).map_err(internal)?;
         tmp.persist(&p).map_err(|e| internal(e.error))?;
+        hutch_fs::durable::sync_dir(&dir).map_err(internal)?;
         Ok(p)
     }
 
@@ -360,7 +362,11 @@ impl Manager {
                 .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
                 .arg(&template)
                 .arg(dir.join("disk.qcow2")),
-        )
+        )?;
+        // The disk, its directory and the VM's entry in vms/ reach the disk before the VM
+        // counts as created.
+        hutch_fs::durable::sync_path(&dir.join("disk.qcow2")).map_err(internal)?;
+        hutch_fs::durable::sync_dir(&self.cfg.data_dir.join("vms")).map_err(internal)
     }
 
     fn validate(&self, req: &CreateVm) -> Result<(), ApiError> {
@@ -732,6 +738,7 @@ impl Manager {
                         .arg(dir.join("disk.qcow2")),
                 )
             })?;
+            hutch_fs::durable::sync_path(&dir.join("disk.qcow2")).map_err(internal)?;
             crate::crash::point("clone.copied");
             let us = t.elapsed().as_micros() as u64;
             vm = self

@@ -30,6 +30,7 @@
 //! there is no weaker fallback.
 
 mod dir;
+pub mod durable;
 mod sys;
 
 pub use dir::Dir;

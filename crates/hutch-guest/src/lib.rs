@@ -87,8 +87,10 @@ pub fn ensure_bundle(
         let w_err = io_err("writing initramfs");
         build_initramfs(&mut w, kernel, &mods, &agent_bytes).map_err(w_err)?;
         drop(w);
+        hutch_fs::durable::sync_file(tmp.as_file()).map_err(io_err("flushing initramfs"))?;
         tmp.persist(&initrd)
             .map_err(|e| io_err("saving initramfs")(e.error))?;
+        hutch_fs::durable::sync_dir(cache).map_err(io_err("flushing initramfs"))?;
     }
     Ok(BootBundle {
         kernel: kernel.image.clone(),

@@ -179,7 +179,7 @@ fn import_blob(
     digest: &Digest,
     size: u64,
 ) -> Result<(), ImageError> {
-    if store.has_blob(digest) {
+    if store.has_blob_sized(digest, size) {
         return Ok(());
     }
     let rel = PathBuf::from("blobs/sha256").join(digest.hex());

@@ -166,6 +166,20 @@ impl ImageStore {
         self.dir.stat(&Self::blob_rel(digest)).is_ok()
     }
 
+    /// Whether the store holds blob `digest` at exactly `size` bytes. A stored blob of another
+    /// size (truncated by a crash or a full disk) is removed so that it is fetched again.
+    pub(crate) fn has_blob_sized(&self, digest: &Digest, size: u64) -> bool {
+        match self.dir.stat(&Self::blob_rel(digest)) {
+            Ok(st) if st.size == size => true,
+            Ok(st) => {
+                tracing::warn!(%digest, have = st.size, want = size, "removing a damaged blob");
+                let _ = self.dir.remove(&Self::blob_rel(digest));
+                false
+            }
+            Err(_) => false,
+        }
+    }
+
     pub(crate) fn blob_size(&self, digest: &Digest) -> Result<u64, ImageError> {
         Ok(self
             .dir
@@ -204,10 +218,13 @@ impl ImageStore {
             .file_name()
             .ok_or_else(|| ImageError::Build("temp file without a name".into()))?
             .to_os_string();
+        hutch_fs::durable::sync_file(tmp.as_file()).map_err(io_err("flushing blob"))?;
         let path = tmp.into_temp_path();
         self.dir
             .rename(&Path::new("tmp").join(name), rel)
             .map_err(unpack::fs_err)?;
+        let dir = self.root.join(rel.parent().unwrap_or(Path::new("")));
+        hutch_fs::durable::sync_dir(&dir).map_err(io_err("flushing blob directory"))?;
         // Renamed: nothing is left for the guard to remove.
         let _ = path.keep();
         Ok(())
@@ -224,7 +241,11 @@ impl ImageStore {
         max: u64,
     ) -> Result<Digest, ImageError> {
         if let Some(d) = expect {
-            if self.has_blob(d) {
+            let present = match size {
+                Some(s) => self.has_blob_sized(d, s),
+                None => self.has_blob(d),
+            };
+            if present {
                 return Ok(d.clone());
             }
         }
@@ -367,7 +388,11 @@ impl ImageStore {
             .collect::<Result<Vec<_>, _>>()?;
         let out = self.rootfs_path(manifest.as_str());
         if out.exists() {
-            return Ok(out);
+            if erofs_complete(&out) {
+                return Ok(out);
+            }
+            tracing::warn!(path = %out.display(), "rebuilding a truncated root filesystem");
+            std::fs::remove_file(&out).map_err(io_err("removing a truncated rootfs"))?;
         }
         let work = self.tmp_dir()?;
         let tree = work.path().join("rootfs");
@@ -392,7 +417,10 @@ impl ImageStore {
                 String::from_utf8_lossy(&o.stderr).trim().to_string(),
             ));
         }
+        hutch_fs::durable::sync_path(&img).map_err(io_err("flushing rootfs"))?;
         std::fs::rename(&img, &out).map_err(io_err("storing rootfs"))?;
+        hutch_fs::durable::sync_dir(&self.root.join("rootfs"))
+            .map_err(io_err("flushing rootfs"))?;
         tracing::info!(
             digest = manifest_digest,
             entries = stats.entries,
@@ -447,4 +475,23 @@ impl ImageStore {
             _ => Ok(()),
         }
     }
+}
+
+/// Whether the EROFS image at `p` is as long as its superblock says (a file cut short by a
+/// crash is not trusted). The superblock sits at byte 1024: magic 0xE0F5E1E2, the block size's
+/// log2 at +12, the block count at +36.
+pub fn erofs_complete(p: &Path) -> bool {
+    let Ok(mut f) = std::fs::File::open(p) else {
+        return false;
+    };
+    let mut sb = [0u8; 64];
+    let read = std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(1024))
+        .and_then(|_| f.read_exact(&mut sb));
+    if read.is_err() || u32::from_le_bytes([sb[0], sb[1], sb[2], sb[3]]) != 0xE0F5_E1E2 {
+        return false;
+    }
+    let bits = u32::from(sb[12]);
+    let blocks = u64::from(u32::from_le_bytes([sb[36], sb[37], sb[38], sb[39]]));
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    (9..=16).contains(&bits) && blocks > 0 && len >= blocks << bits
 }

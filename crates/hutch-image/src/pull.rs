@@ -94,7 +94,7 @@ impl ImageStore {
         let (digest, size) = (&desc.digest, desc.size);
         let lock = self.blob_locks.get(digest.as_str());
         let _g = lock.lock().await;
-        if self.has_blob(digest) {
+        if self.has_blob_sized(digest, size) {
             progress(PullEvent::Blob {
                 digest: digest.to_string(),
                 cached: true,
@@ -131,10 +131,22 @@ impl ImageStore {
                 return Err(e);
             }
         };
+        // Flushed before it is renamed into place, and its directory after.
+        let flushed = self
+            .dir
+            .open_file(&rel)
+            .map_err(fs_err)
+            .and_then(|f| f.sync_all().map_err(crate::io_err("flushing blob")));
+        if let Err(e) = flushed {
+            let _ = self.dir.remove(&rel);
+            return Err(e);
+        }
         if let Err(e) = self.dir.rename(&rel, &Self::blob_rel(digest)) {
             let _ = self.dir.remove(&rel);
             return Err(fs_err(e));
         }
+        hutch_fs::durable::sync_dir(&self.root.join("blobs/sha256"))
+            .map_err(crate::io_err("flushing blob directory"))?;
         progress(PullEvent::Blob {
             digest: digest.to_string(),
             cached: false,
