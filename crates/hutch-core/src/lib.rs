@@ -155,6 +155,35 @@ pub struct Confinement {
     pub cgroup: Option<CgroupLimits>,
 }
 
+impl Confinement {
+    /// The `Jail:` and `Cgroup:` lines of `describe`, as the CLI and the SSH front door print
+    /// them (docs/architecture.md, "Confinement").
+    pub fn describe(c: Option<&Confinement>) -> String {
+        let Some(c) = c else {
+            return "  Jail:    none (not started, or hutchd --jail off)\n".into();
+        };
+        let mut s = format!(
+            "  Jail:    uid {}, chroot {}, seccomp {}\n",
+            c.uid,
+            c.jail.as_deref().unwrap_or("-"),
+            if c.seccomp { "on" } else { "off" }
+        );
+        if let Some(g) = &c.cgroup {
+            s.push_str(&format!(
+                "  Cgroup:  v{} {}: memory {}, cpu {:.2} ({}/{} us), pids {}\n",
+                g.version,
+                g.path,
+                mib(g.memory_max_bytes >> 20),
+                g.cpu_quota_us as f64 / g.cpu_period_us.max(1) as f64,
+                g.cpu_quota_us,
+                g.cpu_period_us,
+                g.pids_max
+            ));
+        }
+        s
+    }
+}
+
 /// A VM's cgroup and the limits written to it.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct CgroupLimits {

@@ -428,6 +428,7 @@ impl Conn {
         if let Some(r) = &v.reason {
             s.push_str(&format!("  Reason:  {r}\n"));
         }
+        s.push_str(&hutch_core::Confinement::describe(v.confinement.as_ref()));
         s.push_str(&format!("\n  Connect: {}\n\n", self.connect_line(&v.name)));
         s
     }

@@ -345,30 +345,8 @@ fn describe(v: &Value) {
 
 /// The `Jail:` and `Cgroup:` lines of `describe` (docs/architecture.md, "Confinement").
 fn confinement(c: &Value) {
-    let Some(uid) = c["uid"].as_u64() else {
-        println!("  Jail:    none (hutchd --jail off)");
-        return;
-    };
-    let chroot = c["jail"].as_str().unwrap_or("-");
-    let seccomp = if c["seccomp"].as_bool() == Some(true) {
-        "on"
-    } else {
-        "off"
-    };
-    println!("  Jail:    uid {uid}, chroot {chroot}, seccomp {seccomp}");
-    let g = &c["cgroup"];
-    if let Some(path) = g["path"].as_str() {
-        let n = |k: &str| g[k].as_u64().unwrap_or(0);
-        println!(
-            "  Cgroup:  v{} {path}: memory {}, cpu {:.2} ({}/{} us), pids {}",
-            n("version"),
-            mib(n("memory_max_bytes") >> 20),
-            n("cpu_quota_us") as f64 / n("cpu_period_us").max(1) as f64,
-            n("cpu_quota_us"),
-            n("cpu_period_us"),
-            n("pids_max")
-        );
-    }
+    let c: Option<hutch_core::Confinement> = serde_json::from_value(c.clone()).ok();
+    print!("{}", hutch_core::Confinement::describe(c.as_ref()));
 }
 
 fn out_json(v: &Value) {
