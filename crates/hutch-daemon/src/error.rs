@@ -21,6 +21,9 @@ pub enum ApiError {
     Registry(String),
     #[error("{0}")]
     Internal(String),
+    /// A request body over its limit.
+    #[error("{0}")]
+    TooLarge(String),
 }
 
 impl ApiError {
@@ -34,6 +37,7 @@ impl ApiError {
             ApiError::BadImage(_) => "bad_image",
             ApiError::Registry(_) => "registry_error",
             ApiError::Internal(_) => "internal",
+            ApiError::TooLarge(_) => "payload_too_large",
         }
     }
 
@@ -46,6 +50,7 @@ impl ApiError {
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::Registry(_) => StatusCode::BAD_GATEWAY,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
         }
     }
 
@@ -96,7 +101,10 @@ impl From<hutch_image::ImageError> for ApiError {
 
 impl From<crate::agent::AgentError> for ApiError {
     fn from(e: crate::agent::AgentError) -> Self {
-        ApiError::Conflict(e.to_string())
+        match e {
+            crate::agent::AgentError::Proto(_) => ApiError::Internal(e.to_string()),
+            _ => ApiError::Conflict(e.to_string()),
+        }
     }
 }
 

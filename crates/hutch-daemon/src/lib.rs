@@ -5,8 +5,10 @@ pub mod agent;
 pub mod api;
 pub mod auth;
 pub mod error;
+pub mod files;
 pub mod manager;
 pub mod sftp;
+pub mod stream_api;
 pub mod ssh;
 
 use hutch_vmm::{AccelChoice, Vmm};
@@ -33,6 +35,8 @@ pub struct DaemonConfig {
     pub layer_limits: hutch_image::Limits,
     /// The SSH front door (None: off).
     pub ssh: Option<ssh::SshOptions>,
+    /// Largest upload (file PUT, image archive) in bytes; 413 beyond.
+    pub max_upload_bytes: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -157,6 +161,7 @@ pub async fn prepare(cfg: &DaemonConfig) -> Result<Arc<manager::Manager>, Daemon
         boot_timeout: cfg.boot_timeout,
         default_disk_gib: cfg.default_disk_gib,
         console_max_bytes: 2 << 20,
+        max_upload_bytes: cfg.max_upload_bytes,
     };
     let tokens = auth::Tokens::load_or_create(&cfg.data_dir).map_err(setup)?;
     let m = Arc::new(manager::Manager::new(node, store, images, vmm, tokens));

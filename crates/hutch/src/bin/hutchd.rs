@@ -65,6 +65,9 @@ struct Args {
     /// Most bytes of file data all layers of one image may unpack to, in MiB.
     #[arg(long, default_value_t = 32 * 1024)]
     max_image_mib: u64,
+    /// Largest upload (a file written into a VM, an image archive), in MiB; 413 beyond.
+    #[arg(long, env = "HUTCH_MAX_UPLOAD_MIB", default_value_t = 8 * 1024)]
+    max_upload_mib: u64,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -109,6 +112,7 @@ fn main() -> anyhow::Result<()> {
             max_entries: args.max_image_entries,
             max_bytes: args.max_image_mib << 20,
         },
+        max_upload_bytes: args.max_upload_mib.saturating_mul(1 << 20),
     };
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     rt.block_on(hutch_daemon::run(cfg))
