@@ -100,6 +100,34 @@ fn exec_with_stdin(d: &Daemon, args: &[&str], stdin: Vec<u8>) -> (String, String
     )
 }
 
+/// A request whose body the server may refuse before reading it all: written from a thread,
+/// write errors ignored; returns the status and the JSON error body.
+fn refused_request(d: &Daemon, method: &str, path: &str, ctype: &str, body: Vec<u8>) -> (u16, Value) {
+    let mut s = UnixStream::connect(d.data().join("hutchd.sock")).unwrap();
+    let mut w = s.try_clone().unwrap();
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: hutchd\r\nConnection: close\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    let t = std::thread::spawn(move || {
+        let _ = w.write_all(head.as_bytes());
+        let _ = w.write_all(&body);
+    });
+    let mut resp = Vec::new();
+    let _ = s.read_to_end(&mut resp);
+    drop(s);
+    let _ = t.join();
+    let split = resp.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or(0);
+    let head = String::from_utf8_lossy(&resp[..split]);
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let v = serde_json::from_slice(&resp[(split + 4).min(resp.len())..]).unwrap_or(Value::Null);
+    (status, v)
+}
+
 fn sh_in(d: &Daemon, script: &str) -> String {
     d.ok(&["exec", "hv", "--", "sh", "-c", script])
 }
@@ -224,20 +252,22 @@ fn hostile_guest_and_clients() {
 
     // 4. Body limits: JSON over 1 MiB, uploads over --max-upload-mib 1.
     let big = format!(r#"{{"argv":["true"],"cwd":"{}"}}"#, "x".repeat(2 << 20));
-    let (st, v) = d
-        .api("POST", "/api/v1/sandboxes/hv/exec", Some(&big))
-        .unwrap();
-    assert_eq!((st, v["error"]["code"].as_str()), (413, Some("payload_too_large")));
-    let (st, b) = d
-        .api_raw(
-            "PUT",
-            "/api/v1/sandboxes/hv/files?path=/root/big",
-            Some(&vec![0u8; (1 << 20) + 1]),
-            "application/octet-stream",
-        )
-        .unwrap();
-    let v: Value = serde_json::from_slice(&b).unwrap_or(Value::Null);
-    assert_eq!((st, v["error"]["code"].as_str()), (413, Some("payload_too_large")));
+    let (st, v) = refused_request(
+        &d,
+        "POST",
+        "/api/v1/sandboxes/hv/exec",
+        "application/json",
+        big.into_bytes(),
+    );
+    assert_eq!((st, v["error"]["code"].as_str()), (413, Some("payload_too_large")), "{v}");
+    let (st, v) = refused_request(
+        &d,
+        "PUT",
+        "/api/v1/sandboxes/hv/files?path=/root/big",
+        "application/octet-stream",
+        vec![0u8; (1 << 20) + 1],
+    );
+    assert_eq!((st, v["error"]["code"].as_str()), (413, Some("payload_too_large")), "{v}");
     let (st, _) = d
         .api_raw(
             "PUT",
