@@ -12,8 +12,8 @@ use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
-use std::sync::mpsc::{channel, sync_channel, Receiver, SyncSender};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{channel, sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
@@ -212,9 +212,7 @@ fn pump(
                 shared.send(gen, Frame::new(kind, stream, buf[..n].to_vec()));
                 progress.frames.fetch_add(1, Ordering::SeqCst);
             }
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {
-                shared.release(stream, credit)
-            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => shared.release(stream, credit),
             Err(_) => {
                 shared.release(stream, credit);
                 break;
@@ -226,7 +224,14 @@ fn pump(
 
 /// Feeds a stream's input to `w`, returning credit to the host as it goes. After `w` fails (the
 /// process closed its stdin) input is still taken and dropped, so the host's sender finishes.
-fn feed(shared: Arc<Shared>, gen: u64, stream: u32, mut w: impl Write, rx: Receiver<Input>, tty: bool) {
+fn feed(
+    shared: Arc<Shared>,
+    gen: u64,
+    stream: u32,
+    mut w: impl Write,
+    rx: Receiver<Input>,
+    tty: bool,
+) {
     let mut credit = InputCredit::new(gen, stream);
     let mut broken = false;
     for msg in rx {
@@ -574,9 +579,7 @@ pub fn read_file(
                 left -= n as u64;
                 shared.send(gen, Frame::new(Kind::Stdout, stream, buf[..n].to_vec()));
             }
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {
-                shared.release(stream, credit)
-            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => shared.release(stream, credit),
             Err(e) => return shared.error(gen, stream, io_code(&e), format!("{path}: {e}")),
         }
     }

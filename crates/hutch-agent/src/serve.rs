@@ -166,11 +166,10 @@ impl Shared {
             if n > 0 {
                 return Some(n);
             }
-            st = c
-                .cv
-                .wait_timeout(st, Duration::from_secs(1))
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
+            st =
+                c.cv.wait_timeout(st, Duration::from_secs(1))
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
         }
     }
 
@@ -180,7 +179,11 @@ impl Shared {
             return;
         }
         if let Some(c) = self.credit_of(stream) {
-            c.state.lock().unwrap_or_else(|e| e.into_inner()).0.untake(n);
+            c.state
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .0
+                .untake(n);
             c.cv.notify_all();
         }
     }

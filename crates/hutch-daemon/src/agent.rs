@@ -139,7 +139,12 @@ impl Conn {
             slot.readable.notify_one();
             slot.writable.notify_one();
         }
-        for t in self.tasks.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
+        for t in self
+            .tasks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+        {
             t.abort();
         }
         if was_alive {
@@ -205,6 +210,7 @@ impl Conn {
     async fn establish(
         socket: &Path,
         timeout: Duration,
+        owner: Option<Weak<AgentClient>>,
     ) -> Result<(Arc<Conn>, HelloAck), AgentError> {
         let deadline = Instant::now() + timeout;
         let stream = loop {
@@ -230,6 +236,10 @@ impl Conn {
             owner: OnceLock::new(),
             tasks: Mutex::default(),
         });
+        if let Some(o) = owner {
+            // Before any frame is read, so a loss right after the handshake reconnects too.
+            let _ = conn.owner.set(o);
+        }
         let nonce: u64 = rand::random();
         let (hello_tx, mut hello_rx) = mpsc::channel::<HelloAck>(4);
         let w = tokio::spawn(writer(conn.clone(), wr, data_rx));
@@ -440,7 +450,7 @@ impl AgentClient {
         socket: &Path,
         timeout: Duration,
     ) -> Result<(Arc<AgentClient>, HelloAck), AgentError> {
-        let (conn, ack) = Conn::establish(socket, timeout).await?;
+        let (conn, ack) = Conn::establish(socket, timeout, None).await?;
         let client = Arc::new(AgentClient {
             socket: socket.to_path_buf(),
             conn: Mutex::new(conn.clone()),
@@ -474,13 +484,19 @@ impl AgentClient {
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 let Some(me) = weak.upgrade() else { return };
                 attempts += 1;
-                match Conn::establish(&me.socket, RECONNECT_TIMEOUT).await {
+                match Conn::establish(&me.socket, RECONNECT_TIMEOUT, Some(weak.clone())).await {
                     Ok((conn, _)) => {
-                        let _ = conn.owner.set(weak.clone());
                         *me.conn.lock().unwrap_or_else(|e| e.into_inner()) = conn;
                         me.reconnecting.store(false, Ordering::SeqCst);
-                        tracing::info!(socket = %me.socket.display(), attempts, "agent connection re-established");
-                        return;
+                        if me.is_alive() {
+                            tracing::info!(socket = %me.socket.display(), attempts, "agent connection re-established");
+                            return;
+                        }
+                        // Lost again before it was installed: keep trying, unless a loss
+                        // noticed after the install started another attempt.
+                        if me.reconnecting.swap(true, Ordering::SeqCst) {
+                            return;
+                        }
                     }
                     Err(e) => {
                         if attempts == 1 {
@@ -594,5 +610,171 @@ impl AgentClient {
     /// Streams currently open on the live connection (for tests and health).
     pub fn open_streams(&self) -> usize {
         self.conn().routes().len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The client against a fake agent on a unix socket (the layer below the client).
+    use super::*;
+    use tokio::net::UnixListener;
+
+    /// Accepts one connection, answers the hello with `version`, then runs `then`.
+    async fn fake_agent<F, Fut>(l: &UnixListener, version: u32, then: F)
+    where
+        F: FnOnce(UnixStream, Decoder) -> Fut,
+        Fut: std::future::Future<Output = ()>,
+    {
+        let (mut s, _) = l.accept().await.unwrap();
+        let mut dec = Decoder::new();
+        let mut buf = vec![0u8; 4096];
+        let hello: Hello = loop {
+            let n = s.read(&mut buf).await.unwrap();
+            dec.push(&buf[..n]);
+            if let Some(f) = dec.next_frame() {
+                break f.parse("hello").unwrap();
+            }
+        };
+        let ack = HelloAck {
+            nonce: hello.nonce,
+            version,
+            hostname: "fake".into(),
+            kernel: "0".into(),
+            uptime_ms: 0,
+        };
+        let b = Frame::json(Kind::Hello, 0, &ack).encode().unwrap();
+        s.write_all(&b).await.unwrap();
+        then(s, dec).await;
+    }
+
+    /// Reads frames until a request arrives; returns its stream id.
+    async fn next_request(s: &mut UnixStream, dec: &mut Decoder) -> u32 {
+        let mut buf = vec![0u8; 4096];
+        loop {
+            while let Some(f) = dec.next_frame() {
+                if f.kind == Kind::Request {
+                    return f.stream;
+                }
+            }
+            let n = s.read(&mut buf).await.unwrap();
+            assert!(n > 0, "host closed");
+            dec.push(&buf[..n]);
+        }
+    }
+
+    #[tokio::test]
+    async fn mismatched_agent_is_refused_clearly() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("a.sock");
+        let l = UnixListener::bind(&sock).unwrap();
+        let server = async { fake_agent(&l, 1, |_, _| async {}).await };
+        let (_, r) = tokio::join!(server, AgentClient::connect(&sock, Duration::from_secs(5)));
+        let e = r.err().expect("a v1 agent must be refused");
+        assert!(
+            matches!(e, AgentError::Version { agent: 1, host: 2 }),
+            "{e}"
+        );
+        assert!(e.to_string().contains("make agent"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn data_beyond_credit_or_oversized_drops_and_reconnects() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("a.sock");
+        let l = UnixListener::bind(&sock).unwrap();
+        let (client_tx, mut client_rx) = mpsc::channel(1);
+        let (hung_up_tx, mut hung_up) = mpsc::channel::<()>(1);
+        let sock2 = sock.clone();
+        let host = tokio::spawn(async move {
+            let (c, _) = AgentClient::connect(&sock2, Duration::from_secs(5))
+                .await
+                .unwrap();
+            let mut s = c.open(&Request::Health).unwrap();
+            // Nothing is consumed (so no credit returned) until the agent has been cut off.
+            hung_up.recv().await.unwrap();
+            // The fake agent overruns its credit: the stream ends as lost, nothing is kept.
+            let mut got = 0usize;
+            while let Some(f) = s.rx.recv().await {
+                got += f.payload.len();
+            }
+            assert!(got <= hutch_proto::WINDOW as usize, "{got}");
+            client_tx.send(c).await.unwrap();
+        });
+        // First connection: more data than the window, never waiting for credit.
+        fake_agent(&l, hutch_proto::VERSION, |mut s, mut dec| async move {
+            let id = next_request(&mut s, &mut dec).await;
+            let chunk = vec![0u8; 64 * 1024];
+            for _ in 0..8 {
+                let b = Frame::new(Kind::Stdout, id, chunk.clone())
+                    .encode()
+                    .unwrap();
+                if s.write_all(&b).await.is_err() {
+                    break;
+                }
+            }
+            // Wait until the host hangs up.
+            let mut buf = [0u8; 1024];
+            while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {}
+            hung_up_tx.send(()).await.unwrap();
+        })
+        .await;
+        let c = client_rx.recv().await.unwrap();
+        host.await.unwrap();
+        // Second connection: the client came back by itself; now an oversized frame.
+        fake_agent(&l, hutch_proto::VERSION, |mut s, _| async move {
+            let mut h = b"HU\x04\x00\x00\x00\x00\x01".to_vec();
+            h.extend_from_slice(&u32::MAX.to_be_bytes());
+            s.write_all(&h).await.unwrap();
+            let mut buf = [0u8; 1024];
+            while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {}
+        })
+        .await;
+        // Third connection: the client reconnects again and works.
+        let c2 = c.clone();
+        let probe = tokio::spawn(async move {
+            let ok = loop {
+                if c2.is_alive() {
+                    if let Ok(mut s) = c2.open(&Request::Health) {
+                        break s.rx.recv_within(Duration::from_secs(5)).await;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            };
+            ok.unwrap()
+        });
+        fake_agent(&l, hutch_proto::VERSION, |mut s, mut dec| async move {
+            let id = next_request(&mut s, &mut dec).await;
+            let r = Response::Done { bytes: 0 };
+            let b = Frame::json(Kind::Response, id, &r).encode().unwrap();
+            s.write_all(&b).await.unwrap();
+            let mut buf = [0u8; 1024];
+            let _ = tokio::time::timeout(Duration::from_secs(1), s.read(&mut buf)).await;
+        })
+        .await;
+        let f = probe.await.unwrap();
+        assert_eq!(f.kind, Kind::Response);
+    }
+
+    #[tokio::test]
+    async fn a_silent_agent_times_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("a.sock");
+        let l = UnixListener::bind(&sock).unwrap();
+        let (tx, mut rx) = mpsc::channel::<()>(1);
+        let server = tokio::spawn(async move {
+            fake_agent(&l, hutch_proto::VERSION, |s, _| async move {
+                let _keep_open = s;
+                let _ = rx.recv().await;
+            })
+            .await
+        });
+        let (c, _) = AgentClient::connect(&sock, Duration::from_secs(5))
+            .await
+            .unwrap();
+        let mut s = c.open(&Request::Health).unwrap();
+        let r = s.rx.recv_within(Duration::from_millis(300)).await;
+        assert!(matches!(r, Err(AgentError::Timeout(_))));
+        tx.send(()).await.unwrap();
+        server.await.unwrap();
     }
 }

@@ -27,9 +27,12 @@ impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
         match Json::<T>::from_request(req, state).await {
             Ok(Json(v)) => Ok(ApiJson(v)),
-            Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(ApiError::TooLarge(
-                format!("JSON bodies are limited to {} bytes", stream_api::JSON_LIMIT),
-            )),
+            Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                Err(ApiError::TooLarge(format!(
+                    "JSON bodies are limited to {} bytes",
+                    stream_api::JSON_LIMIT
+                )))
+            }
             Err(e) => Err(ApiError::Invalid(format!(
                 "malformed request body: {}",
                 e.body_text()

@@ -117,11 +117,9 @@ pub struct FileWriter {
 impl FileWriter {
     /// Sends a chunk, waiting (boundedly) for the guest to take the previous ones.
     pub async fn write(&mut self, data: &[u8]) -> Result<(), ApiError> {
-        let sent = tokio::time::timeout(
-            ANSWER_TIMEOUT,
-            self.client.send_stdin(self.stream.id, data),
-        )
-        .await;
+        let sent =
+            tokio::time::timeout(ANSWER_TIMEOUT, self.client.send_stdin(self.stream.id, data))
+                .await;
         match sent {
             Ok(Ok(())) => Ok(()),
             // The agent ended the stream early: its answer says why.
@@ -230,11 +228,10 @@ impl Manager {
         let vm = self.get(name)?;
         let client = self.client(&vm)?;
         let mut s = client.open(&Request::Health)?;
-        let f = s
-            .rx
-            .recv_within(Duration::from_secs(10))
-            .await
-            .map_err(|e| no_answer(name, "a health check", e))?;
+        let f =
+            s.rx.recv_within(Duration::from_secs(10))
+                .await
+                .map_err(|e| no_answer(name, "a health check", e))?;
         match f.parse::<Response>("response").map_err(internal)? {
             Response::Health {
                 ready,
@@ -253,11 +250,10 @@ impl Manager {
         let client = self.client(&vm)?;
         let mut s = client.open(&Request::Fs(req))?;
         loop {
-            let f = s
-                .rx
-                .recv_within(ANSWER_TIMEOUT)
-                .await
-                .map_err(|e| no_answer(name, "a file operation", e))?;
+            let f =
+                s.rx.recv_within(ANSWER_TIMEOUT)
+                    .await
+                    .map_err(|e| no_answer(name, "a file operation", e))?;
             if f.kind == Kind::Response {
                 return match f.parse::<Response>("response").map_err(internal)? {
                     Response::Error { code, message } => Err(file_error(&code, message)),
@@ -369,11 +365,10 @@ impl Manager {
                     EXPORT_TIMEOUT.as_secs()
                 )));
             }
-            let fr = s
-                .rx
-                .recv_within(EXPORT_IDLE_TIMEOUT.min(left))
-                .await
-                .map_err(|e| no_answer(name, "the export of its changes", e))?;
+            let fr =
+                s.rx.recv_within(EXPORT_IDLE_TIMEOUT.min(left))
+                    .await
+                    .map_err(|e| no_answer(name, "the export of its changes", e))?;
             match fr.kind {
                 Kind::Stdout => {
                     total += fr.payload.len() as u64;

@@ -8,8 +8,8 @@ pub mod error;
 pub mod files;
 pub mod manager;
 pub mod sftp;
-pub mod stream_api;
 pub mod ssh;
+pub mod stream_api;
 
 use hutch_vmm::{AccelChoice, Vmm};
 use std::net::SocketAddr;

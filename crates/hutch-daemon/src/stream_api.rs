@@ -46,12 +46,11 @@ enum BodyKind {
 
 fn body_kind(method: &Method, path: &str, ctype: &str) -> BodyKind {
     let is_json = ctype.starts_with("application/json");
-    if *method == Method::PUT && path.ends_with("/files") {
+    let file_put = *method == Method::PUT && path.ends_with("/files");
+    let archive = *method == Method::POST && path == "/api/v1/images" && !is_json;
+    if file_put || archive {
         BodyKind::Upload
-    } else if *method == Method::POST && path == "/api/v1/images" && !is_json {
-        BodyKind::Upload
-    } else if *method == Method::POST && path.ends_with("/exec") && ctype.starts_with(EXEC_STREAM)
-    {
+    } else if *method == Method::POST && path.ends_with("/exec") && ctype.starts_with(EXEC_STREAM) {
         BodyKind::Stream
     } else {
         BodyKind::Json
@@ -110,9 +109,7 @@ async fn exec_head(
         let chunk = s
             .next()
             .await
-            .ok_or_else(|| {
-                ApiError::Invalid("the body ended before the exec request line".into())
-            })?
+            .ok_or_else(|| ApiError::Invalid("the body ended before the exec request line".into()))?
             .map_err(|e| ApiError::Invalid(format!("reading the body: {e}")))?;
         if let Some(pos) = chunk.iter().position(|&b| b == b'\n') {
             head.extend_from_slice(&chunk[..pos]);
@@ -172,7 +169,11 @@ pub async fn exec_vm(
         let b64 = base64::engine::general_purpose::STANDARD;
         let (mut stream, started) = st?;
         let f = if started {
-            stream.rx.recv().await.ok_or("connection to the guest agent was lost".to_string())
+            stream
+                .rx
+                .recv()
+                .await
+                .ok_or("connection to the guest agent was lost".to_string())
         } else {
             stream
                 .rx
@@ -188,8 +189,14 @@ pub async fn exec_vm(
             }
         };
         let (v, end) = match f.kind {
-            Kind::Stdout => (json!({"type": "stdout", "data": b64.encode(&f.payload)}), false),
-            Kind::Stderr => (json!({"type": "stderr", "data": b64.encode(&f.payload)}), false),
+            Kind::Stdout => (
+                json!({"type": "stdout", "data": b64.encode(&f.payload)}),
+                false,
+            ),
+            Kind::Stderr => (
+                json!({"type": "stderr", "data": b64.encode(&f.payload)}),
+                false,
+            ),
             Kind::Response => match f.parse::<hutch_proto::Response>("response") {
                 Ok(hutch_proto::Response::Started { pid }) => {
                     (json!({"type": "started", "pid": pid}), false)
@@ -206,7 +213,10 @@ pub async fn exec_vm(
                     json!({"type": "error", "code": code, "message": message}),
                     true,
                 ),
-                Ok(other) => (json!({"type": "other", "value": format!("{other:?}")}), false),
+                Ok(other) => (
+                    json!({"type": "other", "value": format!("{other:?}")}),
+                    false,
+                ),
                 Err(e) => (
                     json!({"type": "error", "code": "protocol", "message": e.to_string()}),
                     true,

@@ -534,17 +534,29 @@ mod tests {
         let mut h = b"HU\x04\x00\x00\x00\x00\x01".to_vec();
         h.extend_from_slice(&((MAX_PAYLOAD as u32) + 1).to_be_bytes());
         d.push(&h);
-        assert!(matches!(d.next_frame_strict(), Err(ProtoError::TooLarge(_))));
+        assert!(matches!(
+            d.next_frame_strict(),
+            Err(ProtoError::TooLarge(_))
+        ));
         let mut d = Decoder::new();
         d.push(b"XX\x04\x00\x00\x00\x00\x01\x00\x00\x00\x00");
-        assert!(matches!(d.next_frame_strict(), Err(ProtoError::BadHeader(_))));
+        assert!(matches!(
+            d.next_frame_strict(),
+            Err(ProtoError::BadHeader(_))
+        ));
         let mut d = Decoder::new();
         d.push(b"HU\x63\x00\x00\x00\x00\x01\x00\x00\x00\x00");
-        assert!(matches!(d.next_frame_strict(), Err(ProtoError::BadHeader(_))));
+        assert!(matches!(
+            d.next_frame_strict(),
+            Err(ProtoError::BadHeader(_))
+        ));
         let mut d = Decoder::new();
         d.push(&Frame::credit(3, 77).encode().unwrap());
         let f = d.next_frame_strict().unwrap().unwrap();
-        assert_eq!((f.kind, f.stream, f.credit_amount().unwrap()), (Kind::Credit, 3, 77));
+        assert_eq!(
+            (f.kind, f.stream, f.credit_amount().unwrap()),
+            (Kind::Credit, 3, 77)
+        );
     }
 
     mod props {
@@ -552,7 +564,11 @@ mod tests {
         use proptest::prelude::*;
 
         fn frame() -> impl Strategy<Value = Frame> {
-            (1u8..=8, any::<u32>(), proptest::collection::vec(any::<u8>(), 0..3000))
+            (
+                1u8..=8,
+                any::<u32>(),
+                proptest::collection::vec(any::<u8>(), 0..3000),
+            )
                 .prop_map(|(k, stream, payload)| Frame {
                     kind: Kind::from_u8(k).unwrap(),
                     stream,

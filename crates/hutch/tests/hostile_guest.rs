@@ -102,7 +102,13 @@ fn exec_with_stdin(d: &Daemon, args: &[&str], stdin: Vec<u8>) -> (String, String
 
 /// A request whose body the server may refuse before reading it all: written from a thread,
 /// write errors ignored; returns the status and the JSON error body.
-fn refused_request(d: &Daemon, method: &str, path: &str, ctype: &str, body: Vec<u8>) -> (u16, Value) {
+fn refused_request(
+    d: &Daemon,
+    method: &str,
+    path: &str,
+    ctype: &str,
+    body: Vec<u8>,
+) -> (u16, Value) {
     let mut s = UnixStream::connect(d.data().join("hutchd.sock")).unwrap();
     let mut w = s.try_clone().unwrap();
     let head = format!(
@@ -140,8 +146,20 @@ fn hostile_tool() -> std::path::PathBuf {
         let st = Command::new(cargo)
             .current_dir(workspace())
             .env("RUSTFLAGS", "-C target-feature=+crt-static")
-            .args(["build", "--release", "-p", "hutch-agent", "--bin", "hutch-hostile"])
-            .args(["--target", "x86_64-unknown-linux-gnu", "--target-dir", "target/agent"])
+            .args([
+                "build",
+                "--release",
+                "-p",
+                "hutch-agent",
+                "--bin",
+                "hutch-hostile",
+            ])
+            .args([
+                "--target",
+                "x86_64-unknown-linux-gnu",
+                "--target-dir",
+                "target/agent",
+            ])
             .status()
             .unwrap();
         assert!(st.success(), "building hutch-hostile failed");
@@ -191,7 +209,11 @@ fn hostile_guest_and_clients() {
         "a second exec took {other:?} during the flood"
     );
     // The flood stalls in the guest: a few MiB in buffers at most, and no progress.
-    assert!(n2 * 64 < 16 * 1024, "the guest wrote {} KiB unread", n2 * 64);
+    assert!(
+        n2 * 64 < 16 * 1024,
+        "the guest wrote {} KiB unread",
+        n2 * 64
+    );
     assert_eq!(n1, n2, "the flood kept going while nobody read it");
     assert!(
         peak - base < RSS_GROWTH_BOUND_KIB,
@@ -201,7 +223,10 @@ fn hostile_guest_and_clients() {
     // The client goes away: the flooding process is killed.
     drop(client);
     let gone = wait_until(Duration::from_secs(10), || {
-        let o = sh_in(&d, "grep -l floodmar[k] /proc/[0-9]*/cmdline 2>/dev/null | wc -l");
+        let o = sh_in(
+            &d,
+            "grep -l floodmar[k] /proc/[0-9]*/cmdline 2>/dev/null | wc -l",
+        );
         (o.trim() == "0").then_some(())
     });
     assert!(gone.is_some(), "the flooding process outlived its client");
@@ -259,7 +284,11 @@ fn hostile_guest_and_clients() {
         "application/json",
         big.into_bytes(),
     );
-    assert_eq!((st, v["error"]["code"].as_str()), (413, Some("payload_too_large")), "{v}");
+    assert_eq!(
+        (st, v["error"]["code"].as_str()),
+        (413, Some("payload_too_large")),
+        "{v}"
+    );
     let (st, v) = refused_request(
         &d,
         "PUT",
@@ -267,7 +296,11 @@ fn hostile_guest_and_clients() {
         "application/octet-stream",
         vec![0u8; (1 << 20) + 1],
     );
-    assert_eq!((st, v["error"]["code"].as_str()), (413, Some("payload_too_large")), "{v}");
+    assert_eq!(
+        (st, v["error"]["code"].as_str()),
+        (413, Some("payload_too_large")),
+        "{v}"
+    );
     let (st, _) = d
         .api_raw(
             "PUT",
@@ -322,7 +355,10 @@ fn hostile_guest_and_clients() {
                 .unwrap();
             assert_eq!(st, 200);
         }
-        sh_in(&d, "cat /root/part* > /root/hostile && chmod 755 /root/hostile");
+        sh_in(
+            &d,
+            "cat /root/part* > /root/hostile && chmod 755 /root/hostile",
+        );
     } else {
         assert_eq!(st, 200);
     }

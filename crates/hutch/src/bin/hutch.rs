@@ -414,8 +414,13 @@ async fn exec(
             let mut head = req.to_string().into_bytes();
             head.push(b'\n');
             let body = reader_body(Bytes::from(head), input);
-            c.send_body(Method::POST, &path, "application/vnd.hutch.exec-stream", body)
-                .await?
+            c.send_body(
+                Method::POST,
+                &path,
+                "application/vnd.hutch.exec-stream",
+                body,
+            )
+            .await?
         }
         None => {
             c.send(
