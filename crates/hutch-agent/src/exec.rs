@@ -4,7 +4,7 @@
 //! reaper thread calls `waitpid(-1)` and hands each exit status to whoever waits for that pid;
 //! children are never waited on through `std::process::Child`.
 
-use crate::serve::{Input, Session, Shared};
+use crate::serve::{Input, InputCredit, Session, Shared, CHUNK};
 use crate::sys;
 use hutch_proto::{ExecRequest, Frame, Kind, Response};
 use std::collections::HashMap;
@@ -12,11 +12,10 @@ use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{channel, sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
-
-const CHUNK: usize = 64 * 1024;
 
 #[derive(Default)]
 struct ReapState {
@@ -156,24 +155,100 @@ fn decode_status(status: i32) -> (Option<i32>, Option<i32>) {
     }
 }
 
+/// How the output pumps of one process are doing, so the exit path can tell "still sending to a
+/// slow host" (wait) from "pipe held open by a background child" (stop waiting).
+#[derive(Default)]
+struct PumpProgress {
+    frames: AtomicU64,
+    waiting_for_credit: AtomicUsize,
+}
+
+impl PumpProgress {
+    /// Waits for `n` pumps to finish after the process exited: as long as they make progress or
+    /// wait for the host's credit, but no more than 0.5 s of idle pipes.
+    fn drain(&self, done: &Receiver<()>, n: usize) {
+        let mut left = n;
+        let mut seen = self.frames.load(Ordering::SeqCst);
+        while left > 0 {
+            match done.recv_timeout(Duration::from_millis(500)) {
+                Ok(()) => left -= 1,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    let now = self.frames.load(Ordering::SeqCst);
+                    if now == seen && self.waiting_for_credit.load(Ordering::SeqCst) == 0 {
+                        return;
+                    }
+                    seen = now;
+                }
+                Err(_) => return,
+            }
+        }
+    }
+}
+
+/// Copies `r` to the host as `kind` frames, reading only as much as the stream has credit for:
+/// when the host stops taking output, the pipe fills and the writer blocks.
 fn pump(
     shared: Arc<Shared>,
     gen: u64,
     stream: u32,
     kind: Kind,
     mut r: impl Read,
+    progress: Arc<PumpProgress>,
     done: SyncSender<()>,
 ) {
     let mut buf = vec![0u8; CHUNK];
     loop {
-        match r.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => shared.send(gen, Frame::new(kind, stream, buf[..n].to_vec())),
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(_) => break,
+        progress.waiting_for_credit.fetch_add(1, Ordering::SeqCst);
+        let credit = shared.acquire(gen, stream, CHUNK);
+        progress.waiting_for_credit.fetch_sub(1, Ordering::SeqCst);
+        let Some(credit) = credit else { break };
+        match r.read(&mut buf[..credit]) {
+            Ok(0) => {
+                shared.release(stream, credit);
+                break;
+            }
+            Ok(n) => {
+                shared.release(stream, credit - n);
+                shared.send(gen, Frame::new(kind, stream, buf[..n].to_vec()));
+                progress.frames.fetch_add(1, Ordering::SeqCst);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => shared.release(stream, credit),
+            Err(_) => {
+                shared.release(stream, credit);
+                break;
+            }
         }
     }
     let _ = done.send(());
+}
+
+/// Feeds a stream's input to `w`, returning credit to the host as it goes. After `w` fails (the
+/// process closed its stdin) input is still taken and dropped, so the host's sender finishes.
+fn feed(
+    shared: Arc<Shared>,
+    gen: u64,
+    stream: u32,
+    mut w: impl Write,
+    rx: Receiver<Input>,
+    tty: bool,
+) {
+    let mut credit = InputCredit::new(gen, stream);
+    let mut broken = false;
+    for msg in rx {
+        match msg {
+            Input::Data(d) => {
+                if !broken && w.write_all(&d).is_err() {
+                    broken = true;
+                }
+                credit.consumed(&shared, d.len());
+            }
+            // ^D: end of input for a program reading the terminal.
+            Input::Eof if tty => {
+                let _ = w.write_all(&[4]);
+            }
+            Input::Eof => break,
+        }
+    }
 }
 
 /// Starts `req` on its own thread; all results go to the host as frames on `stream`.
@@ -199,18 +274,20 @@ pub fn start(shared: Arc<Shared>, gen: u64, stream: u32, req: ExecRequest) {
 fn fail(shared: &Shared, gen: u64, stream: u32, code: i32, msg: String) {
     let mut m = msg.into_bytes();
     m.push(b'\n');
-    shared.send(gen, Frame::new(Kind::Stderr, stream, m));
+    shared.send_data(gen, stream, Kind::Stderr, &m);
     let r = Response::Exited {
         code: Some(code),
         signal: None,
         timed_out: false,
     };
+    shared.close_credit(stream);
     shared.respond(gen, stream, &r);
 }
 
 fn run(shared: Arc<Shared>, gen: u64, stream: u32, req: ExecRequest, input_rx: Receiver<Input>) {
     let Some(prog) = req.argv.first() else {
         shared.end_session(stream, gen);
+        shared.close_credit(stream);
         shared.error(gen, stream, "bad_request", "argv is empty".into());
         return;
     };
@@ -322,6 +399,7 @@ fn run(shared: Arc<Shared>, gen: u64, stream: u32, req: ExecRequest, input_rx: R
     if req.detach {
         // Not tied to this connection: never killed on disconnect; the reaper collects it.
         shared.end_session(stream, gen);
+        shared.close_credit(stream);
         eprintln!("hutch-agent: started main process {pid}: {:?}", req.argv);
         shared.respond(gen, stream, &Response::Started { pid });
         return;
@@ -351,28 +429,22 @@ fn run(shared: Arc<Shared>, gen: u64, stream: u32, req: ExecRequest, input_rx: R
         );
     }
 
-    if let Some(mut stdin) = child.stdin.take() {
-        std::thread::spawn(move || {
-            for msg in input_rx {
-                match msg {
-                    Input::Data(d) => {
-                        if stdin.write_all(&d).is_err() {
-                            break;
-                        }
-                    }
-                    Input::Eof => break,
-                }
-            }
-        });
+    if let Some(stdin) = child.stdin.take() {
+        let s = shared.clone();
+        std::thread::spawn(move || feed(s, gen, stream, stdin, input_rx, false));
     }
     let (done_tx, done_rx) = sync_channel(2);
+    let progress = Arc::new(PumpProgress::default());
+    let mut pumps = 0;
     if let Some(out) = child.stdout.take() {
-        let (s, d) = (shared.clone(), done_tx.clone());
-        std::thread::spawn(move || pump(s, gen, stream, Kind::Stdout, out, d));
+        let (s, d, p) = (shared.clone(), done_tx.clone(), progress.clone());
+        std::thread::spawn(move || pump(s, gen, stream, Kind::Stdout, out, p, d));
+        pumps += 1;
     }
     if let Some(err) = child.stderr.take() {
-        let (s, d) = (shared.clone(), done_tx.clone());
-        std::thread::spawn(move || pump(s, gen, stream, Kind::Stderr, err, d));
+        let (s, d, p) = (shared.clone(), done_tx.clone(), progress.clone());
+        std::thread::spawn(move || pump(s, gen, stream, Kind::Stderr, err, p, d));
+        pumps += 1;
     }
     drop(done_tx);
 
@@ -389,19 +461,16 @@ fn run(shared: Arc<Shared>, gen: u64, stream: u32, req: ExecRequest, input_rx: R
         },
         None => status_rx.recv().ok(),
     };
-    // Output written before exit is in the pipes: drain it, but do not wait forever on
-    // background processes that inherited them.
-    for _ in 0..2 {
-        if done_rx.recv_timeout(Duration::from_millis(500)).is_err() {
-            break;
-        }
-    }
+    // Output written before exit is in the pipes: drain it (however slowly the host takes it),
+    // but do not wait on background processes that inherited the pipes and stay quiet.
+    progress.drain(&done_rx, pumps);
     let (code, signal) = status.map(decode_status).unwrap_or((None, None));
     let r = Response::Exited {
         code,
         signal,
         timed_out: timed_out.load(std::sync::atomic::Ordering::SeqCst),
     };
+    shared.close_credit(stream);
     shared.respond(gen, stream, &r);
     shared.end_session(stream, gen);
 }
@@ -419,26 +488,15 @@ fn run_tty(
     timeout_ms: Option<u64>,
     pid: i32,
 ) {
-    if let Ok(mut w) = master.try_clone() {
-        std::thread::spawn(move || {
-            for msg in input_rx {
-                match msg {
-                    Input::Data(d) => {
-                        if w.write_all(&d).is_err() {
-                            break;
-                        }
-                    }
-                    // ^D: end of input for a program reading the terminal.
-                    Input::Eof => {
-                        let _ = w.write_all(&[4]);
-                    }
-                }
-            }
-        });
+    if let Ok(w) = master.try_clone() {
+        let s = shared.clone();
+        std::thread::spawn(move || feed(s, gen, stream, w, input_rx, true));
     }
     let (done_tx, done_rx) = sync_channel(1);
     let s2 = shared.clone();
-    std::thread::spawn(move || pump(s2, gen, stream, Kind::Stdout, master, done_tx));
+    let progress = Arc::new(PumpProgress::default());
+    let p2 = progress.clone();
+    std::thread::spawn(move || pump(s2, gen, stream, Kind::Stdout, master, p2, done_tx));
     let mut timed_out = false;
     let status = match timeout_ms {
         Some(ms) => match status_rx.recv_timeout(Duration::from_millis(ms)) {
@@ -451,8 +509,9 @@ fn run_tty(
         },
         None => status_rx.recv().ok(),
     };
-    let _ = done_rx.recv_timeout(Duration::from_millis(500));
+    progress.drain(&done_rx, 1);
     let (code, signal) = status.map(decode_status).unwrap_or((None, None));
+    shared.close_credit(stream);
     shared.respond(
         gen,
         stream,
@@ -473,7 +532,16 @@ fn io_code(e: &std::io::Error) -> &'static str {
     }
 }
 
-pub fn read_file(shared: &Shared, gen: u64, stream: u32, path: &str) {
+/// Sends `len` bytes (or all) of `path` from `offset`, within the stream's credit.
+pub fn read_file(
+    shared: &Shared,
+    gen: u64,
+    stream: u32,
+    path: &str,
+    offset: u64,
+    len: Option<u64>,
+) {
+    use std::io::{Seek, SeekFrom};
     let mut f = match std::fs::File::open(path) {
         Ok(f) => f,
         Err(e) => return shared.error(gen, stream, io_code(&e), format!("{path}: {e}")),
@@ -486,22 +554,48 @@ pub fn read_file(shared: &Shared, gen: u64, stream: u32, path: &str) {
             format!("{path} is a directory"),
         );
     }
+    if offset > 0 {
+        if let Err(e) = f.seek(SeekFrom::Start(offset)) {
+            return shared.error(gen, stream, io_code(&e), format!("{path}: {e}"));
+        }
+    }
+    let mut left = len.unwrap_or(u64::MAX);
     let mut buf = vec![0u8; CHUNK];
     let mut total = 0u64;
-    loop {
-        match f.read(&mut buf) {
-            Ok(0) => break,
+    while left > 0 {
+        let want = CHUNK.min(usize::try_from(left).unwrap_or(CHUNK));
+        let Some(credit) = shared.acquire(gen, stream, want) else {
+            // The host went away or gave up on this read.
+            return;
+        };
+        match f.read(&mut buf[..credit]) {
+            Ok(0) => {
+                shared.release(stream, credit);
+                break;
+            }
             Ok(n) => {
+                shared.release(stream, credit - n);
                 total += n as u64;
+                left -= n as u64;
                 shared.send(gen, Frame::new(Kind::Stdout, stream, buf[..n].to_vec()));
             }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => shared.release(stream, credit),
             Err(e) => return shared.error(gen, stream, io_code(&e), format!("{path}: {e}")),
         }
     }
     shared.respond(gen, stream, &Response::Done { bytes: total });
 }
 
-pub fn write_file(shared: Arc<Shared>, gen: u64, stream: u32, path: String, mode: Option<u32>) {
+/// Writes the stream's input to `path`: created or truncated without `offset`, written in place
+/// at `offset` otherwise; credit goes back to the host as bytes reach the file.
+pub fn write_file(
+    shared: Arc<Shared>,
+    gen: u64,
+    stream: u32,
+    path: String,
+    mode: Option<u32>,
+    offset: Option<u64>,
+) {
     let (tx, rx) = channel();
     shared
         .sessions
@@ -517,22 +611,42 @@ pub fn write_file(shared: Arc<Shared>, gen: u64, stream: u32, path: String, mode
             },
         );
     std::thread::spawn(move || {
+        let mut credit = InputCredit::new(gen, stream);
         let result = (|| -> std::io::Result<u64> {
+            use std::io::{Seek, SeekFrom};
+            use std::os::unix::fs::OpenOptionsExt;
             let p = std::path::Path::new(&path);
-            if let Some(parent) = p.parent() {
-                std::fs::create_dir_all(parent)?;
-            }
-            let mut f = std::fs::File::create(p)?;
+            let mut f = match offset {
+                None => {
+                    if let Some(parent) = p.parent() {
+                        std::fs::create_dir_all(parent)?;
+                    }
+                    std::fs::File::create(p)?
+                }
+                Some(off) => {
+                    let mut f = std::fs::OpenOptions::new()
+                        .write(true)
+                        .create(true)
+                        .mode(mode.unwrap_or(0o644))
+                        .open(p)?;
+                    f.seek(SeekFrom::Start(off))?;
+                    f
+                }
+            };
             let mut total = 0u64;
             for msg in rx {
                 match msg {
                     Input::Data(d) => {
                         f.write_all(&d)?;
                         total += d.len() as u64;
+                        credit.consumed(&shared, d.len());
                     }
                     Input::Eof => {
-                        f.sync_all()?;
-                        f.set_permissions(std::fs::Permissions::from_mode(mode.unwrap_or(0o644)))?;
+                        if offset.is_none() {
+                            f.sync_all()?;
+                            let perm = std::fs::Permissions::from_mode(mode.unwrap_or(0o644));
+                            f.set_permissions(perm)?;
+                        }
                         return Ok(total);
                     }
                 }

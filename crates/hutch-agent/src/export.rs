@@ -6,7 +6,7 @@
 //! the upper dir, modes, owners, mtimes, xattrs) is written as it is.
 
 use crate::serve::Shared;
-use hutch_proto::{Frame, Kind, Response};
+use hutch_proto::{Kind, Response};
 use std::collections::HashMap;
 use std::ffi::CString;
 use std::io::{self, Write};
@@ -41,8 +41,12 @@ impl Write for FrameWriter<'_> {
             }
             self.total += self.buf.len() as u64;
             let chunk = std::mem::take(&mut self.buf);
-            self.shared
-                .send(self.gen, Frame::new(Kind::Stdout, self.stream, chunk));
+            if !self
+                .shared
+                .send_data(self.gen, self.stream, Kind::Stdout, &chunk)
+            {
+                return Err(io::Error::other("the host gave up on the export"));
+            }
         }
         Ok(())
     }

@@ -5,17 +5,65 @@
 //! returns EOF, the generation is bumped, every process started for the old connection is killed
 //! and queued output of that generation is dropped. Writes block while no host is connected (the
 //! virtio-console driver waits for the host), which is why output goes through the writer thread.
+//!
+//! Output is flow-controlled per stream (`hutch_proto::credit`): a producer (process pipe, file,
+//! export) takes credit before it reads, so when the host's consumer stops reading, the producer
+//! stops reading too and the guest process blocks on its full pipe, while other streams go on.
 
 use crate::init::Config;
 use crate::{exec, sys};
+use hutch_proto::credit::{RecvCredit, SendCredit};
 use hutch_proto::{Decoder, Frame, Hello, HelloAck, Kind, Request, Response};
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, Sender, SyncSender};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
+
+/// Output credit of one stream (agent -> host data frames).
+#[derive(Default)]
+pub struct Credit {
+    state: Mutex<(SendCredit, bool)>,
+    cv: Condvar,
+}
+
+impl Credit {
+    fn close(&self) {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).1 = true;
+        self.cv.notify_all();
+    }
+}
+
+/// Returns stdin/file credit to the host as the consumer of a stream's input takes it.
+pub struct InputCredit {
+    stream: u32,
+    gen: u64,
+    credit: RecvCredit,
+}
+
+impl InputCredit {
+    pub fn new(gen: u64, stream: u32) -> InputCredit {
+        InputCredit {
+            stream,
+            gen,
+            credit: RecvCredit::new(),
+        }
+    }
+
+    /// `n` bytes of input were taken (written to the process or the file, or discarded).
+    pub fn consumed(&mut self, shared: &Shared, n: usize) {
+        // The host is trusted to keep to its window; received() only keeps the books.
+        let _ = self.credit.received(n);
+        if let Some(g) = self.credit.consumed(n) {
+            shared.send(self.gen, Frame::credit(self.stream, g));
+        }
+    }
+}
+
+/// Largest data frame the agent sends.
+pub const CHUNK: usize = 64 * 1024;
 
 /// Input for a stream: stdin bytes or file contents, then end.
 pub enum Input {
@@ -38,6 +86,8 @@ pub struct Shared {
     out: SyncSender<(u64, Vec<u8>)>,
     gen: AtomicU64,
     pub sessions: Mutex<HashMap<u32, Session>>,
+    /// Output credit of the streams that send data.
+    credits: Mutex<HashMap<u32, Arc<Credit>>>,
     pub reaper: Arc<exec::Reaper>,
     pub hostname: String,
     /// fd of the writable disk's mount root, for exports.
@@ -75,6 +125,91 @@ impl Shared {
         self.respond(gen, stream, &r);
     }
 
+    /// Makes the output credit of a new stream.
+    pub fn open_credit(&self, stream: u32) {
+        let mut c = self.credits.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(old) = c.insert(stream, Arc::default()) {
+            old.close();
+        }
+    }
+
+    /// Ends a stream's output: producers still waiting for credit give up.
+    pub fn close_credit(&self, stream: u32) {
+        let c = self
+            .credits
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&stream);
+        if let Some(c) = c {
+            c.close();
+        }
+    }
+
+    fn credit_of(&self, stream: u32) -> Option<Arc<Credit>> {
+        self.credits
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&stream)
+            .cloned()
+    }
+
+    /// Waits until the host lets this stream send, then takes up to `want` bytes of credit.
+    /// None once the stream or its connection is gone.
+    pub fn acquire(&self, gen: u64, stream: u32, want: usize) -> Option<usize> {
+        let c = self.credit_of(stream)?;
+        let mut st = c.state.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if st.1 || gen != self.gen() {
+                return None;
+            }
+            let n = st.0.take(want);
+            if n > 0 {
+                return Some(n);
+            }
+            st =
+                c.cv.wait_timeout(st, Duration::from_secs(1))
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
+        }
+    }
+
+    /// Gives back credit taken by [`Shared::acquire`] and not used.
+    pub fn release(&self, stream: u32, n: usize) {
+        if n == 0 {
+            return;
+        }
+        if let Some(c) = self.credit_of(stream) {
+            c.state
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .0
+                .untake(n);
+            c.cv.notify_all();
+        }
+    }
+
+    /// Sends `data` as data frames of `kind`, each within the stream's credit. False once the
+    /// stream or connection is gone.
+    pub fn send_data(&self, gen: u64, stream: u32, kind: Kind, mut data: &[u8]) -> bool {
+        while !data.is_empty() {
+            let Some(n) = self.acquire(gen, stream, data.len().min(CHUNK)) else {
+                return false;
+            };
+            self.send(gen, Frame::new(kind, stream, data[..n].to_vec()));
+            data = &data[n..];
+        }
+        true
+    }
+
+    fn grant(&self, stream: u32, n: u32) {
+        if let Some(c) = self.credit_of(stream) {
+            if let Err(e) = c.state.lock().unwrap_or_else(|e| e.into_inner()).0.grant(n) {
+                eprintln!("hutch-agent: stream {stream}: {e}");
+            }
+            c.cv.notify_all();
+        }
+    }
+
     pub fn end_session(&self, stream: u32, gen: u64) {
         let mut s = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
         if s.get(&stream).is_some_and(|x| x.gen == gen) {
@@ -90,6 +225,16 @@ impl Shared {
             if let Some(pgid) = sess.pgid {
                 let _ = sys::kill(-pgid, libc::SIGKILL);
             }
+        }
+        drop(s);
+        let credits: Vec<_> = self
+            .credits
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain()
+            .collect();
+        for (_, c) in credits {
+            c.close();
         }
         eprintln!("hutch-agent: host disconnected (connection {old})");
     }
@@ -130,6 +275,7 @@ fn serve_port(cfg: &Config, reaper: &Arc<exec::Reaper>) -> std::io::Result<()> {
         out: tx,
         gen: AtomicU64::new(1),
         sessions: Mutex::new(HashMap::new()),
+        credits: Mutex::new(HashMap::new()),
         reaper: reaper.clone(),
         hostname: cfg.hostname.clone(),
         data_fd: cfg.data.as_ref().map(|f| f.as_raw_fd()),
@@ -176,6 +322,15 @@ fn handle(shared: &Arc<Shared>, frame: Frame) {
     match frame.kind {
         Kind::Hello => match frame.parse::<Hello>("hello") {
             Ok(h) => {
+                if h.version != hutch_proto::VERSION {
+                    // Answer anyway, with our version: the host refuses the connection with a
+                    // message that names both.
+                    eprintln!(
+                        "hutch-agent: host speaks protocol v{}, this agent v{}",
+                        h.version,
+                        hutch_proto::VERSION
+                    );
+                }
                 let ack = HelloAck {
                     nonce: h.nonce,
                     version: hutch_proto::VERSION,
@@ -205,13 +360,37 @@ fn handle(shared: &Arc<Shared>, frame: Frame) {
                 let _ = input.send(msg);
             }
         }
+        Kind::Credit => match frame.credit_amount() {
+            Ok(n) => shared.grant(stream, n),
+            Err(e) => eprintln!("hutch-agent: {e}"),
+        },
         Kind::Response | Kind::Stdout | Kind::Stderr => {}
     }
 }
 
 fn request(shared: &Arc<Shared>, gen: u64, stream: u32, req: Request) {
+    if matches!(
+        req,
+        Request::Exec(_) | Request::ReadFile { .. } | Request::ExportChanges
+    ) {
+        shared.open_credit(stream);
+    }
     match req {
         Request::Exec(r) => exec::start(shared.clone(), gen, stream, r),
+        Request::Cancel => {
+            // The host gave up on the stream: stop its producer and its process, and drop its
+            // input (a file write then ends with an error).
+            shared.close_credit(stream);
+            let pgid = shared
+                .sessions
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&stream)
+                .and_then(|s| s.pgid);
+            if let Some(p) = pgid {
+                let _ = sys::kill(-p, libc::SIGKILL);
+            }
+        }
         Request::Signal { signal } => {
             let pgid = shared
                 .sessions
@@ -244,12 +423,15 @@ fn request(shared: &Arc<Shared>, gen: u64, stream: u32, req: Request) {
                 sys::set_winsize(fd, size);
             }
         }
-        Request::ReadFile { path } => {
+        Request::ReadFile { path, offset, len } => {
             let shared = shared.clone();
-            std::thread::spawn(move || exec::read_file(&shared, gen, stream, &path));
+            std::thread::spawn(move || {
+                exec::read_file(&shared, gen, stream, &path, offset, len);
+                shared.close_credit(stream);
+            });
         }
-        Request::WriteFile { path, mode } => {
-            exec::write_file(shared.clone(), gen, stream, path, mode)
+        Request::WriteFile { path, mode, offset } => {
+            exec::write_file(shared.clone(), gen, stream, path, mode, offset)
         }
         Request::Fs(req) => {
             let shared = shared.clone();
@@ -257,7 +439,10 @@ fn request(shared: &Arc<Shared>, gen: u64, stream: u32, req: Request) {
         }
         Request::ExportChanges => {
             let shared = shared.clone();
-            std::thread::spawn(move || crate::export::export(&shared, gen, stream));
+            std::thread::spawn(move || {
+                crate::export::export(&shared, gen, stream);
+                shared.close_credit(stream);
+            });
         }
         Request::Health => {
             let processes = shared.sessions.lock().map(|s| s.len() as u32).unwrap_or(0);

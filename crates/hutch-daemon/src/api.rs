@@ -1,9 +1,9 @@
 //! The REST API under /api/v1: turns HTTP into manager calls, nothing more.
 
-use crate::agent::{AgentClient, AgentStream};
 use crate::auth::Caller;
 use crate::error::ApiError;
-use crate::manager::{CreateVm, ExecVm, Manager};
+use crate::manager::{CreateVm, Manager};
+use crate::stream_api;
 use axum::body::{Body, Bytes};
 use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request, State};
 use axum::http::request::Parts;
@@ -11,10 +11,8 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use base64::Engine;
 use futures_util::StreamExt;
 use hutch_core::{Image, Vm};
-use hutch_proto::{Frame, Kind};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::sync::Arc;
@@ -49,6 +47,12 @@ impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
         match Json::<T>::from_request(req, state).await {
             Ok(Json(v)) => Ok(ApiJson(v)),
+            Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                Err(ApiError::TooLarge(format!(
+                    "JSON bodies are limited to {} bytes",
+                    stream_api::JSON_LIMIT
+                )))
+            }
             Err(e) => Err(ApiError::Invalid(format!(
                 "malformed request body: {}",
                 e.body_text()
@@ -76,10 +80,10 @@ pub fn router(m: AppState, local: bool) -> Router {
         .route("/api/v1/sandboxes/{name}/start", post(start_vm))
         .route("/api/v1/sandboxes/{name}/stop", post(stop_vm))
         .route("/api/v1/sandboxes/{name}/clone", post(clone_vm))
-        .route("/api/v1/sandboxes/{name}/exec", post(exec_vm))
+        .route("/api/v1/sandboxes/{name}/exec", post(stream_api::exec_vm))
         .route(
             "/api/v1/sandboxes/{name}/files",
-            get(get_file).put(put_file),
+            get(stream_api::get_file).put(stream_api::put_file),
         )
         .route("/api/v1/sandboxes/{name}/logs", get(logs))
         .route("/api/v1/sandboxes/{name}/health", get(vm_health))
@@ -90,7 +94,11 @@ pub fn router(m: AppState, local: bool) -> Router {
                 name: "this path".into(),
             }
         })
-        .layer(axum::extract::DefaultBodyLimit::max(1 << 30))
+        .layer(axum::extract::DefaultBodyLimit::max(stream_api::JSON_LIMIT))
+        .layer(axum::middleware::from_fn_with_state(
+            m.clone(),
+            stream_api::body_limits,
+        ))
         .layer(axum::middleware::from_fn_with_state(m.clone(), ownership))
         .with_state(m);
     if local {
@@ -199,11 +207,7 @@ async fn import_image(
         .is_some_and(|v| v.starts_with("application/json"));
     let upload;
     let (path, name) = if is_json {
-        let bytes = axum::body::to_bytes(body, 1 << 20)
-            .await
-            .map_err(|e| ApiError::Invalid(format!("reading body: {e}")))?;
-        let req: ImportReq = serde_json::from_slice(&bytes)
-            .map_err(|e| ApiError::Invalid(format!("malformed request body: {e}")))?;
+        let req: ImportReq = stream_api::json_body(body).await?;
         let p = std::path::PathBuf::from(&req.path);
         if !p.exists() {
             return Err(ApiError::Invalid(format!(
@@ -220,8 +224,15 @@ async fn import_image(
             .map_err(|e| ApiError::Internal(e.to_string()))?;
         let mut s = body.into_data_stream();
         use tokio::io::AsyncWriteExt;
+        let (mut total, limit) = (0u64, m.cfg.max_upload_bytes);
         while let Some(chunk) = s.next().await {
             let chunk = chunk.map_err(|e| ApiError::Invalid(format!("reading upload: {e}")))?;
+            total += chunk.len() as u64;
+            if total > limit {
+                return Err(ApiError::TooLarge(format!(
+                    "uploads are limited to {limit} bytes (hutchd --max-upload-mib)"
+                )));
+            }
             f.write_all(&chunk)
                 .await
                 .map_err(|e| ApiError::Internal(e.to_string()))?;
@@ -442,133 +453,10 @@ async fn stop_vm(State(m): State<AppState>, VmKey(name): VmKey) -> Result<Json<V
     Ok(Json(m.stop(&name).await?))
 }
 
-/// Kills the process if the HTTP client goes away before it exited.
-struct ExecGuard {
-    client: Arc<AgentClient>,
-    stream: AgentStream,
-    done: bool,
-}
-
-impl Drop for ExecGuard {
-    fn drop(&mut self) {
-        if !self.done {
-            let r = hutch_proto::Request::Signal { signal: 9 };
-            let _ = self
-                .client
-                .send(Frame::json(Kind::Request, self.stream.id, &r));
-        }
-    }
-}
-
 fn line(v: Value) -> Bytes {
     let mut s = v.to_string();
     s.push('\n');
     Bytes::from(s)
-}
-
-/// Runs a process; the response is NDJSON events: started, stdout/stderr (base64), exit.
-async fn exec_vm(
-    State(m): State<AppState>,
-    VmKey(name): VmKey,
-    ApiJson(req): ApiJson<ExecVm>,
-) -> Result<Response, ApiError> {
-    let (client, stream) = m.exec(&name, req)?;
-    let guard = ExecGuard {
-        client,
-        stream,
-        done: false,
-    };
-    let events = futures_util::stream::unfold(Some(guard), move |g| async move {
-        let b64 = base64::engine::general_purpose::STANDARD;
-        let mut g = g?;
-        let ev = match g.stream.rx.recv().await {
-            None => {
-                g.done = true;
-                let ev = json!({"type": "error", "code": "agent_lost", "message": "connection to the guest agent was lost"});
-                return Some((Ok::<_, std::convert::Infallible>(line(ev)), None));
-            }
-            Some(f) => f,
-        };
-        let (v, end) = match ev.kind {
-            Kind::Stdout => (
-                json!({"type": "stdout", "data": b64.encode(&ev.payload)}),
-                false,
-            ),
-            Kind::Stderr => (
-                json!({"type": "stderr", "data": b64.encode(&ev.payload)}),
-                false,
-            ),
-            Kind::Response => match ev.parse::<hutch_proto::Response>("response") {
-                Ok(hutch_proto::Response::Started { pid }) => {
-                    (json!({"type": "started", "pid": pid}), false)
-                }
-                Ok(hutch_proto::Response::Exited {
-                    code,
-                    signal,
-                    timed_out,
-                }) => (
-                    json!({"type": "exit", "code": code, "signal": signal, "timed_out": timed_out}),
-                    true,
-                ),
-                Ok(hutch_proto::Response::Error { code, message }) => (
-                    json!({"type": "error", "code": code, "message": message}),
-                    true,
-                ),
-                Ok(other) => (
-                    json!({"type": "other", "value": format!("{other:?}")}),
-                    false,
-                ),
-                Err(e) => (
-                    json!({"type": "error", "code": "protocol", "message": e.to_string()}),
-                    true,
-                ),
-            },
-            _ => (json!({"type": "other"}), false),
-        };
-        if end {
-            g.done = true;
-            Some((Ok(line(v)), None))
-        } else {
-            Some((Ok(line(v)), Some(g)))
-        }
-    });
-    Ok((
-        [(header::CONTENT_TYPE, "application/x-ndjson")],
-        Body::from_stream(events),
-    )
-        .into_response())
-}
-
-#[derive(Deserialize)]
-struct FileQuery {
-    path: String,
-    mode: Option<String>,
-}
-
-async fn get_file(
-    State(m): State<AppState>,
-    VmKey(name): VmKey,
-    Query(q): Query<FileQuery>,
-) -> Result<Response, ApiError> {
-    let data = m.read_file(&name, &q.path).await?;
-    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], data).into_response())
-}
-
-async fn put_file(
-    State(m): State<AppState>,
-    VmKey(name): VmKey,
-    Query(q): Query<FileQuery>,
-    body: Bytes,
-) -> Result<Json<Value>, ApiError> {
-    let mode = match q.mode.as_deref() {
-        Some(s) => Some(
-            u32::from_str_radix(s, 8)
-                .map_err(|_| ApiError::Invalid(format!("mode {s:?} is not octal")))?,
-        ),
-        None => None,
-    };
-    let n = m.write_file(&name, &q.path, mode, &body).await?;
-    Ok(Json(json!({"path": q.path, "bytes": n})))
 }
 
 async fn vm_health(State(m): State<AppState>, VmKey(name): VmKey) -> Result<Json<Value>, ApiError> {

@@ -44,6 +44,7 @@ fn manager(dir: &std::path::Path) -> Arc<Manager> {
         console_max_bytes: 1 << 20,
         jail_uids: None,
         registry_allow_private: false,
+        max_upload_bytes: 1 << 30,
     };
     let store = hutch_store::Store::open(&dir.join("state.redb")).unwrap();
     let images = hutch_image::ImageStore::open(&dir.join("images")).unwrap();

@@ -25,6 +25,9 @@ pub enum ApiError {
     Capacity(String),
     #[error("{0}")]
     Internal(String),
+    /// A request body over its limit.
+    #[error("{0}")]
+    TooLarge(String),
 }
 
 impl ApiError {
@@ -40,6 +43,7 @@ impl ApiError {
             ApiError::Quota(_) => "quota_exceeded",
             ApiError::Capacity(_) => "insufficient_capacity",
             ApiError::Internal(_) => "internal",
+            ApiError::TooLarge(_) => "payload_too_large",
         }
     }
 
@@ -54,6 +58,7 @@ impl ApiError {
             ApiError::Quota(_) => StatusCode::FORBIDDEN,
             ApiError::Capacity(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
         }
     }
 
@@ -106,7 +111,10 @@ impl From<hutch_image::ImageError> for ApiError {
 
 impl From<crate::agent::AgentError> for ApiError {
     fn from(e: crate::agent::AgentError) -> Self {
-        ApiError::Conflict(e.to_string())
+        match e {
+            crate::agent::AgentError::Proto(_) => ApiError::Internal(e.to_string()),
+            _ => ApiError::Conflict(e.to_string()),
+        }
     }
 }
 

@@ -9,11 +9,13 @@ pub mod auth;
 pub mod confine;
 pub mod crash;
 pub mod error;
+pub mod files;
 pub mod manager;
 pub mod recover;
 pub mod secrets;
 pub mod sftp;
 pub mod ssh;
+pub mod stream_api;
 pub mod tcp;
 pub mod tenancy;
 
@@ -47,6 +49,8 @@ pub struct DaemonConfig {
     pub admission: tenancy::Admission,
     /// Confine every QEMU (own uid, chroot, cgroup); None: `--jail off`.
     pub jail: Option<confine::JailOptions>,
+    /// Largest upload (file PUT, image archive) in bytes; 413 beyond.
+    pub max_upload_bytes: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -181,6 +185,7 @@ pub async fn prepare(cfg: &DaemonConfig) -> Result<Arc<manager::Manager>, Daemon
         console_max_bytes: 2 << 20,
         jail_uids: cfg.jail.as_ref().map(|j| (j.uid_base, j.uid_count)),
         registry_allow_private: cfg.registry_allow_private,
+        max_upload_bytes: cfg.max_upload_bytes,
     };
     let tokens = auth::Tokens::load_or_create(&cfg.data_dir).map_err(setup)?;
     let mut m = manager::Manager::new(node, store, images, vmm, tokens);

@@ -4,7 +4,7 @@
 //! The store says what exists; QEMU processes (not our children) are what runs. Every lifecycle
 //! operation on one VM holds that VM's lock, so stop/start/delete never interleave.
 
-use crate::agent::{AgentClient, AgentStream};
+use crate::agent::AgentClient;
 use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::tenancy::{Admission, Ask};
@@ -29,6 +29,8 @@ pub struct NodeConfig {
     pub jail_uids: Option<(u32, u32)>,
     /// Non-admin accounts may pull from loopback, link-local and private addresses.
     pub registry_allow_private: bool,
+    /// Largest upload (file PUT, image archive) in bytes.
+    pub max_upload_bytes: u64,
 }
 
 pub struct Manager {
@@ -183,7 +185,7 @@ impl Manager {
 
     /// The image a VM was made from: by the name the VM records (its store key), else (the name
     /// was deleted or moved) any image with the same manifest digest.
-    fn image_of(&self, vm: &Vm) -> Result<Option<Image>, ApiError> {
+    pub(crate) fn image_of(&self, vm: &Vm) -> Result<Option<Image>, ApiError> {
         if let Some(i) = vm.recorded_image() {
             return Ok(Some(i));
         }
@@ -215,30 +217,9 @@ impl Manager {
         let tmp = self.images.tmp_dir()?;
         let tar = tmp.path().join("layer.tar");
         let mut f = tokio::fs::File::create(&tar).await.map_err(internal)?;
-        let mut s = client.open(&Request::ExportChanges)?;
-        use tokio::io::AsyncWriteExt;
-        loop {
-            let Some(fr) = s.rx.recv().await else {
-                return Err(crate::agent::AgentError::Lost.into());
-            };
-            match fr.kind {
-                Kind::Stdout => {
-                    f.write_all(&fr.payload).await.map_err(internal)?;
-                    crate::crash::point("commit.exporting");
-                }
-                Kind::Response => match fr.parse::<Response>("response").map_err(internal)? {
-                    Response::Done { .. } => break,
-                    Response::Error { message, .. } => {
-                        return Err(ApiError::Internal(format!(
-                            "exporting the changes of {name}: {message}"
-                        )))
-                    }
-                    _ => {}
-                },
-                _ => {}
-            }
-        }
-        f.flush().await.map_err(internal)?;
+        // A guest cannot make the layer bigger than its disk (plus tar headers).
+        let max = (vm.disk_gib.max(1) << 30).saturating_mul(2);
+        self.export_changes(name, &client, &mut f, max).await?;
         drop(f);
         let reference = reference.to_string();
         let comment = comment.to_string();
@@ -908,7 +889,7 @@ impl Manager {
         Ok(())
     }
 
-    fn client(&self, vm: &Vm) -> Result<Arc<AgentClient>, ApiError> {
+    pub(crate) fn client(&self, vm: &Vm) -> Result<Arc<AgentClient>, ApiError> {
         if vm.state != VmState::Running {
             return Err(ApiError::Conflict(format!(
                 "{} is {}; run: hutch start {}",
@@ -924,137 +905,6 @@ impl Manager {
             .filter(|c| c.is_alive())
             .cloned()
             .ok_or_else(|| ApiError::Conflict(format!("the agent of {} is not connected", vm.name)))
-    }
-
-    /// Starts a process; returns the stream its output and exit arrive on.
-    pub fn exec(
-        &self,
-        name: &str,
-        req: ExecVm,
-    ) -> Result<(Arc<AgentClient>, AgentStream), ApiError> {
-        if req.argv.is_empty() || req.argv[0].is_empty() {
-            return Err(ApiError::Invalid("argv must name a program".into()));
-        }
-        let vm = self.get(name)?;
-        let client = self.client(&vm)?;
-        let stdin = match &req.stdin {
-            Some(s) => Some(
-                base64::Engine::decode(&base64::engine::general_purpose::STANDARD, s)
-                    .map_err(|e| ApiError::Invalid(format!("stdin is not base64: {e}")))?,
-            ),
-            None => None,
-        };
-        let image = self.image_of(&vm)?;
-        let icfg = image.map(|i| i.config).unwrap_or_default();
-        let mut env = image_env(&icfg, &vm.name);
-        env.extend(req.env.clone());
-        let cwd = req
-            .cwd
-            .clone()
-            .or_else(|| Some(icfg.working_dir.clone()).filter(|w| !w.is_empty()));
-        let user = req
-            .user
-            .clone()
-            .or_else(|| Some(icfg.user.clone()).filter(|u| !u.is_empty()));
-        let r = Request::Exec(ExecRequest {
-            argv: req.argv,
-            env,
-            cwd,
-            user,
-            stdin: stdin.is_some() || req.stream_stdin,
-            timeout_ms: req.timeout_secs.map(|s| s * 1000),
-            detach: false,
-            tty: req.tty,
-        });
-        let stream = client.open(&r)?;
-        if let Some(data) = stdin {
-            client.send_input(stream.id, &data)?;
-        }
-        Ok((client, stream))
-    }
-
-    /// Asks the guest agent how it is.
-    pub async fn agent_health(&self, name: &str) -> Result<serde_json::Value, ApiError> {
-        let vm = self.get(name)?;
-        let client = self.client(&vm)?;
-        let mut s = client.open(&Request::Health)?;
-        let f = tokio::time::timeout(Duration::from_secs(10), s.rx.recv())
-            .await
-            .map_err(|_| ApiError::Conflict(format!("the agent of {name} did not answer")))?
-            .ok_or(crate::agent::AgentError::Lost)?;
-        match f.parse::<Response>("response").map_err(internal)? {
-            Response::Health {
-                ready,
-                uptime_ms,
-                processes,
-            } => Ok(serde_json::json!({
-                "ready": ready, "uptime_ms": uptime_ms, "processes": processes
-            })),
-            other => Err(internal(format!("unexpected answer {other:?}"))),
-        }
-    }
-
-    /// A filesystem operation in the guest (SFTP); returns the agent's answer.
-    pub async fn fs(&self, name: &str, req: hutch_proto::FsRequest) -> Result<Response, ApiError> {
-        let vm = self.get(name)?;
-        let client = self.client(&vm)?;
-        let mut s = client.open(&Request::Fs(req))?;
-        loop {
-            let f = s.rx.recv().await.ok_or(crate::agent::AgentError::Lost)?;
-            if f.kind == Kind::Response {
-                return match f.parse::<Response>("response").map_err(internal)? {
-                    Response::Error { code, message } => Err(file_error(&code, message)),
-                    r => Ok(r),
-                };
-            }
-        }
-    }
-
-    pub async fn read_file(&self, name: &str, path: &str) -> Result<Vec<u8>, ApiError> {
-        check_path(path)?;
-        let vm = self.get(name)?;
-        let client = self.client(&vm)?;
-        let mut s = client.open(&Request::ReadFile { path: path.into() })?;
-        let mut out = Vec::new();
-        while let Some(f) = s.rx.recv().await {
-            match f.kind {
-                Kind::Stdout => out.extend_from_slice(&f.payload),
-                Kind::Response => match f.parse::<Response>("response").map_err(internal)? {
-                    Response::Done { .. } => return Ok(out),
-                    Response::Error { code, message } => return Err(file_error(&code, message)),
-                    _ => {}
-                },
-                _ => {}
-            }
-        }
-        Err(crate::agent::AgentError::Lost.into())
-    }
-
-    pub async fn write_file(
-        &self,
-        name: &str,
-        path: &str,
-        mode: Option<u32>,
-        data: &[u8],
-    ) -> Result<u64, ApiError> {
-        check_path(path)?;
-        let vm = self.get(name)?;
-        let client = self.client(&vm)?;
-        let mut s = client.open(&Request::WriteFile {
-            path: path.into(),
-            mode,
-        })?;
-        client.send_input(s.id, data)?;
-        while let Some(f) = s.rx.recv().await {
-            if f.kind == Kind::Response {
-                match f.parse::<Response>("response").map_err(internal)? {
-                    Response::Done { bytes } => return Ok(bytes),
-                    Response::Error { code, message } => return Err(file_error(&code, message)),
-                    _ => {}
-                }
-            }
-        }
-        Err(crate::agent::AgentError::Lost.into())
     }
 
     pub fn console_path(&self, id: &str) -> PathBuf {
@@ -1155,24 +1005,6 @@ fn run_tool(cmd: &mut std::process::Command) -> Result<(), ApiError> {
         )));
     }
     Ok(())
-}
-
-fn check_path(p: &str) -> Result<(), ApiError> {
-    if !p.starts_with('/') {
-        return Err(ApiError::Invalid(format!("path {p:?} must be absolute")));
-    }
-    Ok(())
-}
-
-fn file_error(code: &str, message: String) -> ApiError {
-    match code {
-        "not_found" => ApiError::NotFound {
-            kind: "file",
-            name: message,
-        },
-        "is_directory" | "permission_denied" => ApiError::Invalid(message),
-        _ => ApiError::Internal(message),
-    }
 }
 
 /// When `p` is over `max` bytes, keeps only its last `max / 2` bytes. The writer (QEMU) has the

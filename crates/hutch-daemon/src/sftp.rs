@@ -1,27 +1,30 @@
 //! SFTP into a VM (so `scp` and `sftp` work): the SFTP subsystem of an `ssh VM@host` session,
 //! carried out through the guest agent's file and filesystem operations.
 //!
-//! Open files are staged on the host: a file opened for reading is fetched whole at open, one
-//! opened for writing is collected and written whole at close (writes at any offset).
+//! Nothing is staged on the host: every read and write goes to the guest at its offset, as one
+//! agent request of at most [`MAX_IO`] bytes, so an SFTP session holds no file data beyond the
+//! request in flight (no per-session quota is needed). Offsets are checked: `offset + len`
+//! beyond the largest guest file offset is refused with a clear message, never wrapped.
 
 use crate::error::ApiError;
+use crate::files::checked_end;
 use crate::manager::Manager;
 use hutch_proto::{FileAttr, FsRequest, Response};
 use russh_sftp::protocol::{
     Attrs, Data, File, FileAttributes, Handle, Name, OpenFlags, Status, StatusCode,
 };
+use russh_sftp::server::StatusReply;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-/// Biggest file staged for one open handle.
-const MAX_FILE: usize = 1 << 30;
+/// Most bytes one SFTP read returns (clients ask for 32-256 KiB).
+pub const MAX_IO: u32 = 256 * 1024;
 
 enum Open {
-    Read(Vec<u8>),
-    Write {
+    File {
         path: String,
-        data: Vec<u8>,
-        mode: Option<u32>,
+        /// Where the next write goes for a handle opened with APPEND (SFTP offsets ignored).
+        append_at: Option<u64>,
     },
     Dir(Option<Vec<File>>),
 }
@@ -50,20 +53,31 @@ impl VmSftp {
         h
     }
 
-    async fn fs(&self, req: FsRequest) -> Result<Response, StatusCode> {
+    async fn fs(&self, req: FsRequest) -> Result<Response, StatusReply> {
         self.m.fs(&self.vm, req).await.map_err(code)
     }
 
-    async fn attr_of(&self, path: String, follow: bool) -> Result<FileAttributes, StatusCode> {
+    async fn guest_stat(&self, path: &str, follow: bool) -> Result<FileAttr, StatusReply> {
         match self
             .fs(FsRequest::Stat {
-                path: abs(&path),
+                path: path.to_string(),
                 follow,
             })
             .await?
         {
-            Response::FsAttr { attr } => Ok(attrs(&attr)),
-            _ => Err(StatusCode::Failure),
+            Response::FsAttr { attr } => Ok(attr),
+            _ => Err(StatusCode::Failure.into()),
+        }
+    }
+
+    async fn attr_of(&self, path: String, follow: bool) -> Result<FileAttributes, StatusReply> {
+        Ok(attrs(&self.guest_stat(&abs(&path), follow).await?))
+    }
+
+    fn file(&self, handle: &str) -> Result<&str, StatusReply> {
+        match self.handles.get(handle) {
+            Some(Open::File { path, .. }) => Ok(path),
+            _ => Err(StatusCode::Failure.with_message("not an open file handle")),
         }
     }
 
@@ -77,12 +91,14 @@ impl VmSftp {
     }
 }
 
-fn code(e: ApiError) -> StatusCode {
-    match e {
+/// The SFTP status of an error, with its message.
+fn code(e: ApiError) -> StatusReply {
+    let c = match &e {
         ApiError::NotFound { .. } => StatusCode::NoSuchFile,
         ApiError::Invalid(m) if m.contains("ermission") => StatusCode::PermissionDenied,
         _ => StatusCode::Failure,
-    }
+    };
+    c.with_message(e.to_string())
 }
 
 /// Relative SFTP paths are relative to root's home.
@@ -126,10 +142,10 @@ fn longname(name: &str, a: &FileAttr) -> String {
 }
 
 impl russh_sftp::server::Handler for VmSftp {
-    type Error = StatusCode;
+    type Error = StatusReply;
 
     fn unimplemented(&self) -> Self::Error {
-        StatusCode::OpUnsupported
+        StatusCode::OpUnsupported.into()
     }
 
     async fn init(
@@ -148,37 +164,35 @@ impl russh_sftp::server::Handler for VmSftp {
         attrs: FileAttributes,
     ) -> Result<Handle, Self::Error> {
         let path = abs(&filename);
-        let h = if pflags.intersects(
+        let mode = attrs.permissions.map(|p| p & 0o7777);
+        let writes = pflags.intersects(
             OpenFlags::WRITE | OpenFlags::CREATE | OpenFlags::TRUNCATE | OpenFlags::APPEND,
-        ) {
-            let data =
-                if pflags.contains(OpenFlags::TRUNCATE) || !pflags.contains(OpenFlags::APPEND) {
-                    Vec::new()
-                } else {
-                    self.m.read_file(&self.vm, &path).await.unwrap_or_default()
-                };
-            let mode = attrs.permissions.map(|p| p & 0o7777);
-            Open::Write { path, data, mode }
-        } else {
-            Open::Read(self.m.read_file(&self.vm, &path).await.map_err(code)?)
-        };
+        );
+        if pflags.contains(OpenFlags::TRUNCATE) {
+            self.m
+                .write_file(&self.vm, &path, mode, &[])
+                .await
+                .map_err(code)?;
+        } else if writes && pflags.contains(OpenFlags::CREATE) {
+            // Created if missing, never truncated.
+            let w = self.m.open_write(&self.vm, &path, mode, Some(0)).await;
+            w.map_err(code)?.finish().await.map_err(code)?;
+        }
+        let attr = self.guest_stat(&path, true).await?;
+        if attr.mode & 0o170000 == 0o040000 {
+            return Err(StatusCode::Failure.with_message(format!("{path} is a directory")));
+        }
+        let append_at = pflags.contains(OpenFlags::APPEND).then_some(attr.size);
         Ok(Handle {
             id,
-            handle: self.handle(h),
+            handle: self.handle(Open::File { path, append_at }),
         })
     }
 
     async fn close(&mut self, id: u32, handle: String) -> Result<Status, Self::Error> {
         match self.handles.remove(&handle) {
-            Some(Open::Write { path, data, mode }) => {
-                self.m
-                    .write_file(&self.vm, &path, mode, &data)
-                    .await
-                    .map_err(code)?;
-                Ok(Self::ok(id))
-            }
             Some(_) => Ok(Self::ok(id)),
-            None => Err(StatusCode::Failure),
+            None => Err(StatusCode::Failure.with_message("no such handle")),
         }
     }
 
@@ -189,20 +203,22 @@ impl russh_sftp::server::Handler for VmSftp {
         offset: u64,
         len: u32,
     ) -> Result<Data, Self::Error> {
-        match self.handles.get(&handle) {
-            Some(Open::Read(d)) => {
-                let start = offset.min(d.len() as u64) as usize;
-                if start >= d.len() {
-                    return Err(StatusCode::Eof);
-                }
-                let end = (start + len as usize).min(d.len());
-                Ok(Data {
-                    id,
-                    data: d[start..end].to_vec(),
-                })
-            }
-            _ => Err(StatusCode::Failure),
+        let len = len.min(MAX_IO);
+        checked_end(offset, u64::from(len)).map_err(code)?;
+        let path = self.file(&handle)?.to_string();
+        let mut r = self
+            .m
+            .open_read(&self.vm, &path, offset, Some(u64::from(len)))
+            .await
+            .map_err(code)?;
+        let mut data = Vec::new();
+        while let Some(b) = r.next().await.map_err(code)? {
+            data.extend_from_slice(&b);
         }
+        if data.is_empty() {
+            return Err(StatusCode::Eof.into());
+        }
+        Ok(Data { id, data })
     }
 
     async fn write(
@@ -212,20 +228,25 @@ impl russh_sftp::server::Handler for VmSftp {
         offset: u64,
         data: Vec<u8>,
     ) -> Result<Status, Self::Error> {
-        match self.handles.get_mut(&handle) {
-            Some(Open::Write { data: buf, .. }) => {
-                let end = offset as usize + data.len();
-                if end > MAX_FILE {
-                    return Err(StatusCode::Failure);
+        let (path, offset) = match self.handles.get_mut(&handle) {
+            Some(Open::File { path, append_at }) => {
+                let at = append_at.unwrap_or(offset);
+                let end = checked_end(at, data.len() as u64).map_err(code)?;
+                if let Some(a) = append_at {
+                    *a = end;
                 }
-                if buf.len() < end {
-                    buf.resize(end, 0);
-                }
-                buf[offset as usize..end].copy_from_slice(&data);
-                Ok(Self::ok(id))
+                (path.clone(), at)
             }
-            _ => Err(StatusCode::Failure),
-        }
+            _ => return Err(StatusCode::Failure.with_message("not an open file handle")),
+        };
+        let mut w = self
+            .m
+            .open_write(&self.vm, &path, None, Some(offset))
+            .await
+            .map_err(code)?;
+        w.write(&data).await.map_err(code)?;
+        w.finish().await.map_err(code)?;
+        Ok(Self::ok(id))
     }
 
     async fn lstat(&mut self, id: u32, path: String) -> Result<Attrs, Self::Error> {
@@ -243,20 +264,11 @@ impl russh_sftp::server::Handler for VmSftp {
     }
 
     async fn fstat(&mut self, id: u32, handle: String) -> Result<Attrs, Self::Error> {
-        let a = match self.handles.get(&handle) {
-            Some(Open::Read(d)) => FileAttributes {
-                size: Some(d.len() as u64),
-                permissions: Some(0o100644),
-                ..Default::default()
-            },
-            Some(Open::Write { data, mode, .. }) => FileAttributes {
-                size: Some(data.len() as u64),
-                permissions: Some(0o100000 | mode.unwrap_or(0o644)),
-                ..Default::default()
-            },
-            _ => return Err(StatusCode::Failure),
-        };
-        Ok(Attrs { id, attrs: a })
+        let path = self.file(&handle)?.to_string();
+        Ok(Attrs {
+            id,
+            attrs: attrs(&self.guest_stat(&path, true).await?),
+        })
     }
 
     async fn setstat(
@@ -281,10 +293,9 @@ impl russh_sftp::server::Handler for VmSftp {
         handle: String,
         attrs: FileAttributes,
     ) -> Result<Status, Self::Error> {
-        if let (Some(Open::Write { mode, .. }), Some(p)) =
-            (self.handles.get_mut(&handle), attrs.permissions)
-        {
-            *mode = Some(p & 0o7777);
+        let path = self.file(&handle)?.to_string();
+        if let Some(p) = attrs.permissions {
+            self.fs(FsRequest::Chmod { path, mode: p }).await?;
         }
         Ok(Self::ok(id))
     }
@@ -292,7 +303,7 @@ impl russh_sftp::server::Handler for VmSftp {
     async fn opendir(&mut self, id: u32, path: String) -> Result<Handle, Self::Error> {
         let entries = match self.fs(FsRequest::ReadDir { path: abs(&path) }).await? {
             Response::FsDir { entries } => entries,
-            _ => return Err(StatusCode::Failure),
+            _ => return Err(StatusCode::Failure.into()),
         };
         let files = entries
             .iter()
@@ -312,9 +323,9 @@ impl russh_sftp::server::Handler for VmSftp {
         match self.handles.get_mut(&handle) {
             Some(Open::Dir(files)) => match files.take() {
                 Some(files) => Ok(Name { id, files }),
-                None => Err(StatusCode::Eof),
+                None => Err(StatusCode::Eof.into()),
             },
-            _ => Err(StatusCode::Failure),
+            _ => Err(StatusCode::Failure.into()),
         }
     }
 
@@ -390,7 +401,7 @@ impl russh_sftp::server::Handler for VmSftp {
                     files: vec![file],
                 })
             }
-            _ => Err(StatusCode::Failure),
+            _ => Err(StatusCode::Failure.into()),
         }
     }
 

@@ -1028,9 +1028,10 @@ impl server::Handler for Conn {
     ) -> Result<(), Self::Error> {
         if let Some(c) = self.chans.get_mut(&ch) {
             if let Some((client, id)) = &c.vm {
-                for chunk in data.chunks(64 * 1024) {
-                    let _ = client.send(Frame::new(Kind::Stdin, *id, chunk.to_vec()));
-                }
+                // Within the stream's credit: a process that does not read its stdin holds the
+                // SSH channel's window closed instead of filling hutchd's memory.
+                let (client, id) = (client.clone(), *id);
+                let _ = client.send_stdin(id, data).await;
             } else if c.pending.is_some() && c.stdin.len() < 1 << 20 {
                 c.stdin.extend_from_slice(data);
             }
@@ -1047,7 +1048,8 @@ impl server::Handler for Conn {
             return Ok(());
         };
         if let Some((client, id)) = &c.vm {
-            let _ = client.send(Frame::new(Kind::StdinEof, *id, Vec::new()));
+            let (client, id) = (client.clone(), *id);
+            let _ = client.send_eof(id).await;
             return Ok(());
         }
         if let Some(args) = c.pending.take() {

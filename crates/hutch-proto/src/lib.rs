@@ -12,11 +12,19 @@
 //! ```
 //!
 //! Control frames (`Hello`, `Request`, `Response`) carry JSON; data frames (`Stdout`, `Stderr`,
-//! `Stdin`, `StdinEof`) carry raw bytes. The magic lets a reader resynchronise after a peer went
-//! away mid-frame (hutchd killed while writing): the decoder skips to the next magic. The host
-//! starts every connection with a `Hello` carrying a fresh nonce and ignores everything until the
-//! agent echoes it, so nothing left over from an earlier connection is mistaken for a reply.
-//! See docs/protocol.md.
+//! `Stdin`) carry raw bytes; `StdinEof` is empty and `Credit` carries a u32. The magic lets a
+//! reader resynchronise after a peer went away mid-frame (hutchd killed while writing): the
+//! lenient decoder skips to the next magic. The host starts every connection with a `Hello`
+//! carrying a fresh nonce and ignores everything until the agent echoes it, so nothing left over
+//! from an earlier connection is mistaken for a reply; from then on it decodes strictly, and a
+//! malformed or oversized frame ends the connection.
+//!
+//! Data frames are flow-controlled per stream and direction (see [`credit`]): a sender may send
+//! only as many data bytes as the receiver has granted ([`WINDOW`] initially), and the receiver
+//! grants more with `Credit` frames as its consumer takes the data. One stream whose consumer
+//! stops reading thus stalls only that stream. See docs/protocol.md.
+
+pub mod credit;
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -29,8 +37,11 @@ pub const HEADER_LEN: usize = 12;
 pub const MAX_PAYLOAD: usize = 256 * 1024;
 /// Name of the virtio-serial port the agent listens on.
 pub const PORT_NAME: &str = "org.hutch.agent";
-/// Protocol version, bumped on incompatible changes.
-pub const VERSION: u32 = 1;
+/// Protocol version, bumped on incompatible changes. Version 2 added per-stream credit.
+pub const VERSION: u32 = 2;
+/// Data bytes a sender may have in flight per stream and direction before the receiver grants
+/// more with a `Credit` frame.
+pub const WINDOW: u32 = 256 * 1024;
 
 /// What a frame carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,6 +61,9 @@ pub enum Kind {
     Stdin = 6,
     /// Host -> agent: no more stdin on this stream.
     StdinEof = 7,
+    /// Either direction: the sender's consumer took data; payload is a u32 BE count of bytes the
+    /// peer may send on this stream in addition to what it was granted before.
+    Credit = 8,
 }
 
 impl Kind {
@@ -62,6 +76,7 @@ impl Kind {
             5 => Kind::Stderr,
             6 => Kind::Stdin,
             7 => Kind::StdinEof,
+            8 => Kind::Credit,
             _ => return None,
         })
     }
@@ -80,6 +95,10 @@ pub struct Frame {
 pub enum ProtoError {
     #[error("payload of {0} bytes exceeds the frame limit of {MAX_PAYLOAD}")]
     TooLarge(usize),
+    #[error("malformed frame header {0:02x?}")]
+    BadHeader([u8; HEADER_LEN]),
+    #[error("credit frame with a {0}-byte payload (want 4)")]
+    BadCredit(usize),
     #[error("malformed {what} message: {source}")]
     Json {
         what: &'static str,
@@ -95,6 +114,23 @@ impl Frame {
             stream,
             payload,
         }
+    }
+
+    /// A `Credit` frame granting `n` more bytes on `stream`.
+    pub fn credit(stream: u32, n: u32) -> Frame {
+        Frame::new(Kind::Credit, stream, n.to_be_bytes().to_vec())
+    }
+
+    /// The grant of a `Credit` frame.
+    pub fn credit_amount(&self) -> Result<u32, ProtoError> {
+        <[u8; 4]>::try_from(self.payload.as_slice())
+            .map(u32::from_be_bytes)
+            .map_err(|_| ProtoError::BadCredit(self.payload.len()))
+    }
+
+    /// Whether this frame carries flow-controlled data (counted against the stream's window).
+    pub fn is_data(&self) -> bool {
+        matches!(self.kind, Kind::Stdout | Kind::Stderr | Kind::Stdin)
     }
 
     /// A frame with a JSON payload.
@@ -166,6 +202,47 @@ impl Decoder {
     /// Bytes skipped while resynchronising.
     pub fn skipped(&self) -> u64 {
         self.skipped
+    }
+
+    /// Bytes buffered and not yet returned as frames (at most one partial frame after
+    /// [`Decoder::next_frame_strict`] returned `Ok(None)`).
+    pub fn buffered(&self) -> usize {
+        self.buf.len() - self.start
+    }
+
+    /// The next frame, refusing anything malformed: for a peer that is in sync (after the
+    /// handshake), where a bad header means a broken or hostile peer, not a resynchronisation.
+    /// Never buffers more than one maximal frame beyond what was pushed.
+    pub fn next_frame_strict(&mut self) -> Result<Option<Frame>, ProtoError> {
+        let avail = &self.buf[self.start..];
+        if avail.len() < HEADER_LEN {
+            if !avail.is_empty() && avail[0] != MAGIC[0] {
+                let mut h = [0u8; HEADER_LEN];
+                h[..avail.len()].copy_from_slice(avail);
+                return Err(ProtoError::BadHeader(h));
+            }
+            return Ok(None);
+        }
+        let mut h = [0u8; HEADER_LEN];
+        h.copy_from_slice(&avail[..HEADER_LEN]);
+        let len = u32::from_be_bytes([h[8], h[9], h[10], h[11]]) as usize;
+        let Some(kind) = Kind::from_u8(h[2]).filter(|_| h[..2] == MAGIC && h[3] == 0) else {
+            return Err(ProtoError::BadHeader(h));
+        };
+        if len > MAX_PAYLOAD {
+            return Err(ProtoError::TooLarge(len));
+        }
+        if avail.len() < HEADER_LEN + len {
+            return Ok(None);
+        }
+        let stream = u32::from_be_bytes([h[4], h[5], h[6], h[7]]);
+        let payload = avail[HEADER_LEN..HEADER_LEN + len].to_vec();
+        self.start += HEADER_LEN + len;
+        Ok(Some(Frame {
+            kind,
+            stream,
+            payload,
+        }))
     }
 
     pub fn next_frame(&mut self) -> Option<Frame> {
@@ -240,16 +317,32 @@ pub enum Request {
     Signal { signal: i32 },
     /// Changes the terminal size of this stream's process (`tty` execs).
     Resize(TtySize),
-    /// Reads a file: Stdout frames with its bytes, then `Response::Done`.
-    ReadFile { path: String },
+    /// Reads a file from `offset`, at most `len` bytes (to its end if absent): Stdout frames
+    /// with its bytes, then `Response::Done`.
+    ReadFile {
+        path: String,
+        #[serde(default)]
+        offset: u64,
+        #[serde(default)]
+        len: Option<u64>,
+    },
     /// Writes a file from the Stdin frames that follow, up to StdinEof; then `Response::Done`.
-    WriteFile { path: String, mode: Option<u32> },
+    /// Without `offset` the file is created or truncated (and its parents made); with it the
+    /// bytes go at that offset of the file (created if missing, never truncated).
+    WriteFile {
+        path: String,
+        mode: Option<u32>,
+        #[serde(default)]
+        offset: Option<u64>,
+    },
     /// Streams the VM's changes since boot from the image (the overlay upper layer) as an OCI
     /// layer tar on Stdout frames, deletions as whiteouts; then `Response::Done`. The writable
     /// filesystem is frozen meanwhile, so the layer is consistent.
     ExportChanges,
     /// A filesystem operation (for SFTP); answered with `FsAttr`, `FsDir`, `FsPath` or `Done`.
     Fs(FsRequest),
+    /// The host gave up on this stream: the agent stops sending on it and kills its process.
+    Cancel,
     /// Liveness and readiness.
     Health,
     /// Stops every process, syncs and unmounts, powers the VM off.
@@ -432,6 +525,117 @@ mod tests {
     fn oversized_payload_refused() {
         let f = Frame::new(Kind::Stdin, 1, vec![0; MAX_PAYLOAD + 1]);
         assert!(matches!(f.encode(), Err(ProtoError::TooLarge(_))));
+    }
+
+    #[test]
+    fn strict_decoder_refuses_oversized_and_garbage() {
+        // A header announcing more than MAX_PAYLOAD: an error at once, nothing buffered for it.
+        let mut d = Decoder::new();
+        let mut h = b"HU\x04\x00\x00\x00\x00\x01".to_vec();
+        h.extend_from_slice(&((MAX_PAYLOAD as u32) + 1).to_be_bytes());
+        d.push(&h);
+        assert!(matches!(
+            d.next_frame_strict(),
+            Err(ProtoError::TooLarge(_))
+        ));
+        let mut d = Decoder::new();
+        d.push(b"XX\x04\x00\x00\x00\x00\x01\x00\x00\x00\x00");
+        assert!(matches!(
+            d.next_frame_strict(),
+            Err(ProtoError::BadHeader(_))
+        ));
+        let mut d = Decoder::new();
+        d.push(b"HU\x63\x00\x00\x00\x00\x01\x00\x00\x00\x00");
+        assert!(matches!(
+            d.next_frame_strict(),
+            Err(ProtoError::BadHeader(_))
+        ));
+        let mut d = Decoder::new();
+        d.push(&Frame::credit(3, 77).encode().unwrap());
+        let f = d.next_frame_strict().unwrap().unwrap();
+        assert_eq!(
+            (f.kind, f.stream, f.credit_amount().unwrap()),
+            (Kind::Credit, 3, 77)
+        );
+    }
+
+    mod props {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        fn frame() -> impl Strategy<Value = Frame> {
+            (
+                1u8..=8,
+                any::<u32>(),
+                proptest::collection::vec(any::<u8>(), 0..3000),
+            )
+                .prop_map(|(k, stream, payload)| Frame {
+                    kind: Kind::from_u8(k).unwrap(),
+                    stream,
+                    payload,
+                })
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
+
+            /// Any sequence of frames, cut into any pieces, decodes back to itself, strictly and
+            /// leniently.
+            #[test]
+            fn roundtrip_any_split(
+                frames in proptest::collection::vec(frame(), 0..12),
+                cuts in proptest::collection::vec(1usize..5000, 0..20),
+            ) {
+                let mut wire = Vec::new();
+                for f in &frames {
+                    f.encode_into(&mut wire).unwrap();
+                }
+                let (mut strict, mut lenient) = (Decoder::new(), Decoder::new());
+                let (mut a, mut b) = (Vec::new(), Vec::new());
+                let mut rest = wire.as_slice();
+                let mut cuts = cuts.into_iter();
+                while !rest.is_empty() {
+                    let n = cuts.next().unwrap_or(rest.len()).min(rest.len());
+                    strict.push(&rest[..n]);
+                    lenient.push(&rest[..n]);
+                    rest = &rest[n..];
+                    while let Some(f) = strict.next_frame_strict().unwrap() {
+                        a.push(f);
+                    }
+                    b.extend(std::iter::from_fn(|| lenient.next_frame()));
+                    prop_assert!(strict.buffered() <= HEADER_LEN + MAX_PAYLOAD);
+                }
+                prop_assert_eq!(&a, &frames);
+                prop_assert_eq!(&b, &frames);
+                prop_assert_eq!(strict.buffered(), 0);
+            }
+
+            /// Arbitrary bytes never panic either decoder; the strict one stops at the first bad
+            /// header and never returns a payload over the limit; the lenient one never buffers
+            /// more than a frame's worth beyond its input.
+            #[test]
+            fn garbage_never_panics(chunks in proptest::collection::vec(
+                proptest::collection::vec(any::<u8>(), 0..600), 0..20)) {
+                let (mut strict, mut lenient) = (Decoder::new(), Decoder::new());
+                let mut failed = false;
+                for c in &chunks {
+                    lenient.push(c);
+                    while let Some(f) = lenient.next_frame() {
+                        prop_assert!(f.payload.len() <= MAX_PAYLOAD);
+                    }
+                    if !failed {
+                        strict.push(c);
+                        loop {
+                            match strict.next_frame_strict() {
+                                Ok(Some(f)) => prop_assert!(f.payload.len() <= MAX_PAYLOAD),
+                                Ok(None) => break,
+                                Err(_) => { failed = true; break; }
+                            }
+                        }
+                    }
+                }
+            }
+        }
     }
 
     #[test]

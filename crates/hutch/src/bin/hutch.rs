@@ -188,8 +188,63 @@ struct Resp {
     body: hyper::body::Incoming,
 }
 
+/// A request body: whole or streamed.
+type ReqBody = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
+
+/// A body streamed from a blocking reader (a file, stdin) after `prefix`: read only as fast as
+/// the connection takes it, so nothing is held whole in memory.
+fn reader_body(prefix: Bytes, mut r: impl Read + Send + 'static) -> ReqBody {
+    let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(4);
+    // A thread, not a blocking task: reading stdin may block for ever and must not hold up the
+    // runtime's shutdown.
+    std::thread::spawn(move || {
+        if !prefix.is_empty() && tx.blocking_send(Ok(prefix)).is_err() {
+            return;
+        }
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match r.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    if tx
+                        .blocking_send(Ok(Bytes::copy_from_slice(&buf[..n])))
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    let _ = tx.blocking_send(Err(e));
+                    break;
+                }
+            }
+        }
+    });
+    let s = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv()
+            .await
+            .map(|r| (r.map(hyper::body::Frame::data), rx))
+    });
+    http_body_util::StreamBody::new(s).boxed()
+}
+
+fn whole(b: Bytes) -> ReqBody {
+    Full::new(b).map_err(|never| match never {}).boxed()
+}
+
 impl Client {
     async fn send(&self, method: Method, path: &str, ctype: &str, body: Bytes) -> Result<Resp> {
+        self.send_body(method, path, ctype, whole(body)).await
+    }
+
+    async fn send_body(
+        &self,
+        method: Method,
+        path: &str,
+        ctype: &str,
+        body: ReqBody,
+    ) -> Result<Resp> {
         let (io, host): (Box<dyn IoStream>, String) = match &self.url {
             Some((hostport, tls)) => {
                 let s = tokio::net::TcpStream::connect(hostport)
@@ -235,7 +290,7 @@ impl Client {
         if let Some(t) = &self.token {
             req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {t}"));
         }
-        let resp = sender.send_request(req.body(Full::new(body))?).await?;
+        let resp = sender.send_request(req.body(body)?).await?;
         Ok(Resp {
             status: resp.status(),
             body: resp.into_body(),
@@ -377,15 +432,38 @@ async fn ndjson<T>(r: Resp, mut f: impl FnMut(Value) -> Result<Option<T>>) -> Re
     bail!("connection to hutchd ended early")
 }
 
-async fn exec(c: &Client, name: &str, body: Value) -> Result<i32> {
-    let r = c
-        .send(
-            Method::POST,
-            &format!("/api/v1/sandboxes/{}/exec", seg(name)),
-            "application/json",
-            Bytes::from(body.to_string()),
-        )
-        .await?;
+/// Runs a process. With `stdin`, the streaming form: the request line, then stdin streamed as
+/// the process takes it.
+async fn exec(
+    c: &Client,
+    name: &str,
+    req: Value,
+    stdin: Option<Box<dyn Read + Send>>,
+) -> Result<i32> {
+    let path = format!("/api/v1/sandboxes/{}/exec", seg(name));
+    let r = match stdin {
+        Some(input) => {
+            let mut head = req.to_string().into_bytes();
+            head.push(b'\n');
+            let body = reader_body(Bytes::from(head), input);
+            c.send_body(
+                Method::POST,
+                &path,
+                "application/vnd.hutch.exec-stream",
+                body,
+            )
+            .await?
+        }
+        None => {
+            c.send(
+                Method::POST,
+                &path,
+                "application/json",
+                Bytes::from(req.to_string()),
+            )
+            .await?
+        }
+    };
     let b64 = base64::engine::general_purpose::STANDARD;
     let (mut out, mut err) = (std::io::stdout().lock(), std::io::stderr().lock());
     ndjson(r, |ev| {
@@ -802,15 +880,13 @@ async fn run(cli: Cli) -> Result<i32> {
                     .ok_or_else(|| anyhow!("--env {kv:?} is not KEY=VALUE"))?;
                 envmap.insert(k.into(), Value::String(v.into()));
             }
-            let stdin = if std::io::stdin().is_terminal() {
+            let stdin: Option<Box<dyn Read + Send>> = if std::io::stdin().is_terminal() {
                 None
             } else {
-                let mut b = Vec::new();
-                std::io::stdin().read_to_end(&mut b)?;
-                Some(base64::engine::general_purpose::STANDARD.encode(b))
+                Some(Box::new(std::io::stdin()))
             };
-            let body = json!({"argv": argv, "env": envmap, "cwd": cwd, "user": user, "stdin": stdin, "timeout_secs": timeout});
-            return exec(&c, &name, body).await;
+            let body = json!({"argv": argv, "env": envmap, "cwd": cwd, "user": user, "timeout_secs": timeout});
+            return exec(&c, &name, body, stdin).await;
         }
         Cmd::Logs { name, tail } => {
             let b = c
@@ -863,36 +939,48 @@ async fn run(cli: Cli) -> Result<i32> {
         }
         Cmd::Cp { src, dst, mode } => match (split_vm_path(&src), split_vm_path(&dst)) {
             (Some((vm, p)), None) => {
-                let b = c
-                    .call(
+                let r = c
+                    .send(
                         Method::GET,
                         &format!("/api/v1/sandboxes/{}/files?path={}", seg(vm), enc(p)),
-                        None,
+                        "application/json",
+                        Bytes::new(),
                     )
                     .await?;
-                if dst == "-" {
-                    std::io::stdout().write_all(&b)?;
-                } else {
-                    std::fs::write(&dst, &b).with_context(|| dst.clone())?;
+                if !r.status.is_success() {
+                    finish(r).await?;
+                    bail!("copy failed");
                 }
+                // Streamed to the destination chunk by chunk.
+                let mut out: Box<dyn Write> = if dst == "-" {
+                    Box::new(std::io::stdout().lock())
+                } else {
+                    Box::new(std::fs::File::create(&dst).with_context(|| dst.clone())?)
+                };
+                let mut body = r.body;
+                while let Some(frame) = body.frame().await {
+                    let frame = frame.with_context(|| format!("reading {src}"))?;
+                    if let Some(d) = frame.data_ref() {
+                        out.write_all(d).with_context(|| dst.clone())?;
+                    }
+                }
+                out.flush()?;
             }
             (None, Some((vm, p))) => {
-                let data = if src == "-" {
-                    let mut b = Vec::new();
-                    std::io::stdin().read_to_end(&mut b)?;
-                    b
+                let input: Box<dyn Read + Send> = if src == "-" {
+                    Box::new(std::io::stdin())
                 } else {
-                    std::fs::read(Path::new(&src)).with_context(|| src.clone())?
+                    Box::new(std::fs::File::open(Path::new(&src)).with_context(|| src.clone())?)
                 };
                 let m = mode
                     .map(|m| format!("&mode={}", enc(&m)))
                     .unwrap_or_default();
                 let r = c
-                    .send(
+                    .send_body(
                         Method::PUT,
                         &format!("/api/v1/sandboxes/{}/files?path={}{m}", seg(vm), enc(p)),
                         "application/octet-stream",
-                        Bytes::from(data),
+                        reader_body(Bytes::new(), input),
                     )
                     .await?;
                 finish(r).await?;

@@ -129,6 +129,9 @@ struct Args {
     /// (the admin always may).
     #[arg(long)]
     registry_allow_private: bool,
+    /// Largest upload (a file written into a VM, an image archive), in MiB; 413 beyond.
+    #[arg(long, env = "HUTCH_MAX_UPLOAD_MIB", default_value_t = 8 * 1024)]
+    max_upload_mib: u64,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -212,6 +215,7 @@ fn main() -> anyhow::Result<()> {
             mem_overhead_mib: args.vm_mem_overhead_mib,
         }),
         registry_allow_private: args.registry_allow_private,
+        max_upload_bytes: args.max_upload_mib.saturating_mul(1 << 20),
     };
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     rt.block_on(hutch_daemon::run(cfg))
