@@ -228,6 +228,8 @@ async fn every_route_answers_per_owner() {
                 (&bob, "web", false),
                 (&bob, "alice%2Fweb", false),
                 (&alice, "adm", false),
+                // A handler that looked names up without the caller would find the admin's.
+                (&bob, "adm", false),
                 (&bob, "..%2Fweb", false),
             ] {
                 fixtures(&m);

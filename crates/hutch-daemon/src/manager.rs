@@ -13,7 +13,7 @@ use hutch_proto::{ExecRequest, Kind, Request, Response};
 use hutch_store::{Store, IMAGES, VMS};
 use hutch_vmm::{Accel, VmSpec, Vmm};
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -38,7 +38,7 @@ pub struct Manager {
     pub store: Store,
     pub images: hutch_image::ImageStore,
     pub(crate) vmm: Arc<dyn Vmm>,
-    conns: Mutex<HashMap<String, Arc<AgentClient>>>,
+    pub(crate) conns: Mutex<HashMap<String, Arc<AgentClient>>>,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     host_cpus: u32,
     host_mem_mib: u64,
@@ -94,7 +94,7 @@ pub struct ExecVm {
     pub stream_stdin: bool,
 }
 
-fn internal(e: impl std::fmt::Display) -> ApiError {
+pub(crate) fn internal(e: impl std::fmt::Display) -> ApiError {
     ApiError::Internal(e.to_string())
 }
 
@@ -144,7 +144,7 @@ impl Manager {
         self.host_mem_mib
     }
 
-    fn lock_for(&self, name: &str) -> Arc<tokio::sync::Mutex<()>> {
+    pub(crate) fn lock_for(&self, name: &str) -> Arc<tokio::sync::Mutex<()>> {
         let mut l = self.locks.lock().unwrap_or_else(|e| e.into_inner());
         l.entry(name.to_string()).or_default().clone()
     }
@@ -196,120 +196,6 @@ impl Manager {
         }
         let all = self.store.list::<Image>(IMAGES)?;
         Ok(all.into_iter().find(|i| i.digest == vm.image_digest))
-    }
-
-    /// Makes a new image from a running VM's changes since boot (a consistent snapshot: the
-    /// guest's writable filesystem is frozen while it is read).
-    pub async fn commit(
-        &self,
-        caller: &Caller,
-        name: &str,
-        reference: &str,
-        comment: &str,
-    ) -> Result<Image, ApiError> {
-        hutch_image::normalize_ref(reference).map_err(|e| ApiError::Invalid(e.to_string()))?;
-        let _ops = self.image_ops.read().await;
-        let vm = self.get(name)?;
-        let client = self.client(&vm)?;
-        let base = self.image_of(&vm)?.ok_or_else(|| {
-            ApiError::Conflict(format!("the image of {name} is no longer in the store"))
-        })?;
-        let tmp = self.images.tmp_dir()?;
-        let tar = tmp.path().join("layer.tar");
-        let mut f = tokio::fs::File::create(&tar).await.map_err(internal)?;
-        // A guest cannot make the layer bigger than its disk (plus tar headers).
-        let max = (vm.disk_gib.max(1) << 30).saturating_mul(2);
-        self.export_changes(name, &client, &mut f, max).await?;
-        drop(f);
-        let reference = reference.to_string();
-        let comment = comment.to_string();
-        let img = tokio::task::block_in_place(|| {
-            self.images.commit_layer(&base, &tar, &reference, &comment)
-        })?;
-        crate::crash::point("commit.built");
-        let img = self.store_image(caller.owner(), img)?;
-        tracing::info!(vm = name, image = %img.key(), digest = %img.digest, "committed");
-        Ok(img)
-    }
-
-    /// Removes blobs and root filesystems no image or VM uses.
-    pub async fn gc(&self) -> Result<hutch_image::GcStats, ApiError> {
-        // Pulls, imports and commits in progress finish first; gc waits for them a bounded
-        // time and then gives up rather than queueing every later pull behind it.
-        let _ops = tokio::time::timeout(Duration::from_secs(60), self.image_ops.write())
-            .await
-            .map_err(|_| {
-                ApiError::Conflict(
-                    "image operations are in progress; try garbage collection again later".into(),
-                )
-            })?;
-        let mut keep = std::collections::HashSet::new();
-        for i in self.store.list::<Image>(IMAGES)? {
-            keep.insert(i.digest);
-            keep.insert(i.config_digest);
-            keep.extend(i.layers);
-        }
-        for v in self.list()? {
-            keep.insert(v.image_digest);
-            keep.extend(v.image_config_digest);
-            keep.extend(v.image_layers);
-        }
-        let st = tokio::task::block_in_place(|| self.images.gc(&keep))?;
-        tracing::info!(?st, "garbage collection");
-        Ok(st)
-    }
-
-    /// Pushes a stored image to `reference` (default: its own name).
-    pub async fn push(
-        &self,
-        caller: &Caller,
-        image: &str,
-        reference: Option<&str>,
-        insecure: bool,
-        creds: Option<hutch_image::registry::Credentials>,
-    ) -> Result<String, ApiError> {
-        let img = self.image_for(caller, image)?;
-        let target = reference.unwrap_or(&img.name).to_string();
-        // Accounts push to public addresses only, unless the admin allowed private ones.
-        let egress = hutch_image::Egress {
-            allow_private: caller.admin || self.cfg.registry_allow_private,
-            allow_addrs: Vec::new(),
-        };
-        Ok(self
-            .images
-            .push_with(
-                &img,
-                &target,
-                insecure,
-                creds,
-                egress,
-                hutch_image::Timeouts::default(),
-            )
-            .await?)
-    }
-
-    /// Pulls an image (one pull per reference at a time) and records it.
-    pub async fn pull(
-        &self,
-        caller: &Caller,
-        reference: &str,
-        opts: hutch_image::PullOptions,
-        progress: &mut (dyn FnMut(hutch_image::PullEvent) + Send),
-    ) -> Result<Image, ApiError> {
-        let r = hutch_image::registry::Reference::parse(reference)
-            .map_err(|e| ApiError::Invalid(e.to_string()))?;
-        let owner = caller.owner();
-        let lock = self.lock_for(&format!(
-            "pull:{}",
-            hutch_core::image_key(owner.as_deref(), &r.canonical())
-        ));
-        let _g = lock.lock().await;
-        let _ops = self.image_ops.read().await;
-        let img = self.images.pull(reference, &opts, progress).await?;
-        crate::crash::point("pull.fetched");
-        let img = self.store_image(owner, img)?;
-        tracing::info!(image = %img.key(), digest = %img.digest, "pulled image");
-        Ok(img)
     }
 
     /// The empty ext4 filesystem every VM's writable disk starts as (a qcow2 overlay on it).
@@ -589,7 +475,7 @@ impl Manager {
     }
 
     /// Follows a running VM's process; records it stopped (with why) when it goes away.
-    fn watch(self: &Arc<Self>, name: String, id: String, pid: u32) {
+    pub(crate) fn watch(self: &Arc<Self>, name: String, id: String, pid: u32) {
         let me = self.clone();
         tokio::spawn(async move {
             me.wait_exit(&id, pid).await;
@@ -906,90 +792,6 @@ impl Manager {
             .cloned()
             .ok_or_else(|| ApiError::Conflict(format!("the agent of {} is not connected", vm.name)))
     }
-
-    pub fn console_path(&self, id: &str) -> PathBuf {
-        self.vm_dir(id).join("console.log")
-    }
-
-    /// The last `max` bytes of the VM's console.
-    /// The raw end of a VM's console (`hutch logs` shows it as the guest wrote it).
-    pub fn console_tail(&self, id: &str, max: u64) -> String {
-        read_tail(&self.console_path(id), max)
-    }
-
-    /// The end of a VM's console made safe to put in errors and `describe`.
-    fn console_text(&self, id: &str, max: u64) -> String {
-        hutch_core::clean_text(&read_tail(&self.console_path(id), max))
-    }
-
-    /// Keeps every console log under the configured size (QEMU appends with O_APPEND, so
-    /// truncating in place is safe).
-    pub fn trim_consoles(&self) {
-        let Ok(vms) = self.store.list::<Vm>(VMS) else {
-            return;
-        };
-        for vm in vms {
-            if let Err(e) = trim_log(&self.console_path(&vm.id), self.cfg.console_max_bytes) {
-                tracing::warn!(vm = %vm.name, error = %e, "trimming console log");
-            }
-        }
-    }
-
-    /// After a (re)start of hutchd: re-attach to every VM whose QEMU still runs; mark the others
-    /// stopped with the reason.
-    pub async fn reattach(self: &Arc<Self>) -> Result<(), ApiError> {
-        self.migrate_keys()?;
-        self.recover().await?;
-        for vm in self.list()? {
-            let alive = vm.pid.is_some_and(|p| self.vmm.is_alive(&vm.id, p));
-            match (vm.state, alive) {
-                (VmState::Stopped, _) => {}
-                (_, true) => {
-                    let pid = vm.pid.unwrap_or_default();
-                    let sock = self.vm_dir(&vm.id).join("run/agent.sock");
-                    match AgentClient::connect(&sock, self.cfg.boot_timeout).await {
-                        Ok((c, ack)) => {
-                            self.conns
-                                .lock()
-                                .unwrap_or_else(|e| e.into_inner())
-                                .insert(vm.id.clone(), c);
-                            self.store.update(VMS, &vm.key(), |v: &mut Vm| {
-                                v.state = VmState::Running;
-                                v.kernel = Some(hutch_core::clean_text(&ack.kernel));
-                            })?;
-                            tracing::info!(vm = %vm.name, pid, "re-attached to running vm");
-                        }
-                        Err(e) => {
-                            tracing::warn!(vm = %vm.name, error = %e, "vm runs but its agent does not answer");
-                        }
-                    }
-                    self.watch(vm.key(), vm.id.clone(), pid);
-                }
-                (state, false) => {
-                    self.release_jail(&vm.id);
-                    let reason = (state != VmState::Stopping)
-                        .then(|| "QEMU exited while hutchd was not running".to_string());
-                    tracing::warn!(vm = %vm.name, "vm process is gone; marking stopped");
-                    self.store.update(VMS, &vm.key(), |v: &mut Vm| {
-                        v.state = VmState::Stopped;
-                        v.pid = None;
-                        v.reason = reason.clone();
-                    })?;
-                }
-            }
-        }
-        // Cgroups and jails of VMs that are gone (removed or crashed while hutchd was down).
-        let keep: Vec<String> = self
-            .list()?
-            .into_iter()
-            .filter(|v| v.pid.is_some_and(|p| self.vmm.is_alive(&v.id, p)))
-            .map(|v| v.id)
-            .collect();
-        if let Err(e) = self.vmm.reconcile(&keep) {
-            tracing::warn!(error = %e, "reconciling VM cgroups and jails");
-        }
-        Ok(())
-    }
 }
 
 /// Runs a host tool; its stderr becomes the error.
@@ -1005,63 +807,4 @@ fn run_tool(cmd: &mut std::process::Command) -> Result<(), ApiError> {
         )));
     }
     Ok(())
-}
-
-/// When `p` is over `max` bytes, keeps only its last `max / 2` bytes. The writer (QEMU) has the
-/// file open with O_APPEND, so its next write lands at the new end.
-pub fn trim_log(p: &Path, max: u64) -> std::io::Result<bool> {
-    let size = match std::fs::metadata(p) {
-        Ok(m) => m.len(),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
-        Err(e) => return Err(e),
-    };
-    if size <= max {
-        return Ok(false);
-    }
-    use std::io::{Read, Seek, SeekFrom, Write};
-    let mut f = std::fs::OpenOptions::new().read(true).write(true).open(p)?;
-    f.seek(SeekFrom::Start(size - max / 2))?;
-    let mut keep = Vec::new();
-    f.read_to_end(&mut keep)?;
-    f.set_len(0)?;
-    f.seek(SeekFrom::Start(0))?;
-    f.write_all(&keep)?;
-    Ok(true)
-}
-
-fn read_tail(p: &Path, max: u64) -> String {
-    use std::io::{Read, Seek, SeekFrom};
-    let Ok(mut f) = std::fs::File::open(p) else {
-        return String::new();
-    };
-    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-    let _ = f.seek(SeekFrom::Start(len.saturating_sub(max)));
-    let mut b = Vec::new();
-    let _ = f.take(max).read_to_end(&mut b);
-    String::from_utf8_lossy(&b).to_string()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn console_logs_stay_bounded_and_keep_the_end() {
-        let d = tempfile::tempdir().unwrap();
-        let p = d.path().join("console.log");
-        assert!(!trim_log(&p, 100).unwrap(), "a missing log is fine");
-        std::fs::write(&p, vec![b'a'; 80]).unwrap();
-        assert!(!trim_log(&p, 100).unwrap());
-        // An appending writer keeps writing at the end after a trim.
-        let mut w = std::fs::OpenOptions::new().append(true).open(&p).unwrap();
-        use std::io::Write;
-        w.write_all(&[b'b'; 70]).unwrap();
-        assert!(trim_log(&p, 100).unwrap());
-        assert_eq!(std::fs::read(&p).unwrap(), vec![b'b'; 50]);
-        w.write_all(b"end").unwrap();
-        let got = std::fs::read(&p).unwrap();
-        assert_eq!(got.len(), 53);
-        assert!(got.ends_with(b"bend"));
-        assert_eq!(read_tail(&p, 4), "bend");
-    }
 }

@@ -3,6 +3,7 @@
 //! processes of this data dir that no record accounts for are killed, and VM directories without
 //! a record are deleted. The store is the truth; the host is made to match it.
 
+use crate::agent::AgentClient;
 use crate::error::ApiError;
 use crate::manager::Manager;
 use hutch_core::{Vm, VmState};
@@ -11,6 +12,62 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 impl Manager {
+    /// After a (re)start of hutchd: re-attach to every VM whose QEMU still runs; mark the others
+    /// stopped with the reason.
+    pub async fn reattach(self: &Arc<Self>) -> Result<(), ApiError> {
+        self.migrate_keys()?;
+        self.recover().await?;
+        for vm in self.list()? {
+            let alive = vm.pid.is_some_and(|p| self.vmm.is_alive(&vm.id, p));
+            match (vm.state, alive) {
+                (VmState::Stopped, _) => {}
+                (_, true) => {
+                    let pid = vm.pid.unwrap_or_default();
+                    let sock = self.vm_dir(&vm.id).join("run/agent.sock");
+                    match AgentClient::connect(&sock, self.cfg.boot_timeout).await {
+                        Ok((c, ack)) => {
+                            self.conns
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .insert(vm.id.clone(), c);
+                            self.store.update(VMS, &vm.key(), |v: &mut Vm| {
+                                v.state = VmState::Running;
+                                v.kernel = Some(hutch_core::clean_text(&ack.kernel));
+                            })?;
+                            tracing::info!(vm = %vm.name, pid, "re-attached to running vm");
+                        }
+                        Err(e) => {
+                            tracing::warn!(vm = %vm.name, error = %e, "vm runs but its agent does not answer");
+                        }
+                    }
+                    self.watch(vm.key(), vm.id.clone(), pid);
+                }
+                (state, false) => {
+                    self.release_jail(&vm.id);
+                    let reason = (state != VmState::Stopping)
+                        .then(|| "QEMU exited while hutchd was not running".to_string());
+                    tracing::warn!(vm = %vm.name, "vm process is gone; marking stopped");
+                    self.store.update(VMS, &vm.key(), |v: &mut Vm| {
+                        v.state = VmState::Stopped;
+                        v.pid = None;
+                        v.reason = reason.clone();
+                    })?;
+                }
+            }
+        }
+        // Cgroups and jails of VMs that are gone (removed or crashed while hutchd was down).
+        let keep: Vec<String> = self
+            .list()?
+            .into_iter()
+            .filter(|v| v.pid.is_some_and(|p| self.vmm.is_alive(&v.id, p)))
+            .map(|v| v.id)
+            .collect();
+        if let Err(e) = self.vmm.reconcile(&keep) {
+            tracing::warn!(error = %e, "reconciling VM cgroups and jails");
+        }
+        Ok(())
+    }
+
     /// Undoes creates, finishes deletes, kills orphan QEMUs, removes orphan VM directories.
     pub async fn recover(self: &Arc<Self>) -> Result<(), ApiError> {
         for vm in self.list()? {
