@@ -16,7 +16,8 @@ set -euo pipefail
 MIN_QEMU=8.2
 run_pkgs=(e2fsprogs erofs-utils kmod cpio)
 qemu_pkgs=(qemu-system-x86 qemu-utils)
-test_pkgs=(busybox-static umoci skopeo docker-registry apache2-utils openssh-client python3)
+# python3-venv: tests/api_fuzz.rs installs schemathesis (PyPI) into a venv under target/.
+test_pkgs=(busybox-static umoci skopeo docker-registry apache2-utils openssh-client python3 python3-venv)
 bench_pkgs=(openssh-server)
 
 mode="${1:-}"
@@ -183,6 +184,8 @@ if [[ "$mode" == --test || "$mode" == --bench ]]; then
     check htpasswd sh -c 'htpasswd -nbB u p'
     check ssh sh -c 'ssh -V'
     check python3 python3 --version
+    # shellcheck disable=SC2016 # expanded by the inner shell
+    check python3-venv sh -c 'd=$(mktemp -d) && python3 -m venv "$d/v"; r=$?; rm -rf "$d"; exit $r'
 fi
 if [[ "$mode" == --bench ]]; then
     check sshd sh -c 'test -x /usr/sbin/sshd'

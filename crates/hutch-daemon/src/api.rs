@@ -61,6 +61,33 @@ impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<
     }
 }
 
+/// Query-string extractor whose rejections are our JSON errors (axum's own are plain text).
+pub struct ApiQuery<T>(pub T);
+
+impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match Query::<T>::from_request_parts(parts, state).await {
+            Ok(Query(v)) => Ok(ApiQuery(v)),
+            Err(e) => Err(ApiError::Invalid(e.body_text())),
+        }
+    }
+}
+
+/// Path-parameter extractor whose rejections (e.g. a name that is not UTF-8 once
+/// percent-decoded) are our JSON errors.
+pub struct ApiPath<T>(pub T);
+
+impl<T: serde::de::DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for ApiPath<T> {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match Path::<T>::from_request_parts(parts, state).await {
+            Ok(Path(v)) => Ok(ApiPath(v)),
+            Err(e) => Err(ApiError::Invalid(e.body_text())),
+        }
+    }
+}
+
 /// The API. `local`: every caller is the admin (the unix socket); otherwise an outer layer must
 /// put the `Caller` in the request extensions (the TCP listener's token check).
 pub fn router(m: AppState, local: bool) -> Router {
@@ -166,7 +193,7 @@ async fn list_images(
 async fn get_image(
     State(m): State<AppState>,
     axum::Extension(caller): axum::Extension<Caller>,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
 ) -> Result<Json<Image>, ApiError> {
     Ok(Json(m.image_for(&caller, &name)?))
 }
@@ -174,7 +201,7 @@ async fn get_image(
 async fn delete_image(
     State(m): State<AppState>,
     axum::Extension(caller): axum::Extension<Caller>,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
 ) -> Result<StatusCode, ApiError> {
     m.delete_image(&caller, &name)?;
     Ok(StatusCode::NO_CONTENT)
@@ -197,7 +224,7 @@ struct NameQuery {
 async fn import_image(
     State(m): State<AppState>,
     axum::Extension(caller): axum::Extension<Caller>,
-    Query(q): Query<NameQuery>,
+    ApiQuery(q): ApiQuery<NameQuery>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<(StatusCode, Json<Image>), ApiError> {
@@ -471,7 +498,7 @@ struct LogQuery {
 async fn logs(
     State(m): State<AppState>,
     VmKey(name): VmKey,
-    Query(q): Query<LogQuery>,
+    ApiQuery(q): ApiQuery<LogQuery>,
 ) -> Result<Response, ApiError> {
     let vm = m.get(&name)?;
     let text = m.console_tail(&vm.id, q.tail.unwrap_or(64 * 1024).min(16 << 20));

@@ -12,12 +12,12 @@
 //! - Bodies: JSON requests up to [`JSON_LIMIT`]; uploads up to the configured size; 413 beyond.
 
 use crate::api::AppState;
-use crate::api::VmKey;
+use crate::api::{ApiQuery, VmKey};
 use crate::error::ApiError;
 use crate::files::ANSWER_TIMEOUT;
 use crate::manager::ExecVm;
 use axum::body::{Body, Bytes};
-use axum::extract::{Query, Request, State};
+use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, Method};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -251,7 +251,7 @@ pub struct FileQuery {
 pub async fn get_file(
     State(m): State<AppState>,
     VmKey(name): VmKey,
-    Query(q): Query<FileQuery>,
+    ApiQuery(q): ApiQuery<FileQuery>,
 ) -> Result<Response, ApiError> {
     let reader = m.open_read(&name, &q.path, q.offset, q.length).await?;
     let chunks = futures_util::stream::unfold(Some(reader), |r| async move {
@@ -274,7 +274,7 @@ pub async fn get_file(
 pub async fn put_file(
     State(m): State<AppState>,
     VmKey(name): VmKey,
-    Query(q): Query<FileQuery>,
+    ApiQuery(q): ApiQuery<FileQuery>,
     body: Body,
 ) -> Result<Json<Value>, ApiError> {
     let mode = match q.mode.as_deref() {

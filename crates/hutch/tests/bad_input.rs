@@ -298,6 +298,9 @@ fn images_and_bad_input() {
     assert_eq!((s, err_code(&v)), (404, "not_found"));
     let (s, v) = d.api("GET", "/api/v1/nothing-here", None).unwrap();
     assert_eq!((s, err_code(&v)), (404, "not_found"));
+    // A path parameter that is not UTF-8 once decoded: a JSON error too (was axum's plain text).
+    let (s, v) = d.api("GET", "/api/v1/images/%FF", None).unwrap();
+    assert_eq!((s, err_code(&v)), (400, "invalid_argument"), "{v}");
     let o = d.hutch(&["new", "--image", "busybox", "--vcpu", "0"]);
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("vcpus"));
@@ -348,6 +351,14 @@ fn images_and_bad_input() {
         "cat /proc/[0-9]*/cmdline | tr '\\0' ' ' | grep -o 'sleep 100000' | head -1",
     ]);
     assert_eq!(ps.trim(), "sleep 100000");
+    // Bad query strings are JSON errors (found by tests/api_fuzz.rs; were axum's plain text).
+    for path in [
+        "/api/v1/sandboxes/same/logs?tail=x",
+        "/api/v1/sandboxes/same/files",
+    ] {
+        let (s, v) = d.api("GET", path, None).unwrap();
+        assert_eq!((s, err_code(&v)), (400, "invalid_argument"), "{path}: {v}");
+    }
     // An image in use cannot be deleted.
     let o = d.hutch(&["image", "rm", "bb-archive:1"]);
     assert!(String::from_utf8_lossy(&o.stderr).contains("used by"));
