@@ -1,18 +1,21 @@
 //! hutch: the command-line client of hutchd. Talks to the REST API over DATA_DIR/hutchd.sock,
 //! or over TCP with --url and a bearer token.
 
+mod client;
+mod render;
+
 use anyhow::{anyhow, bail, Context, Result};
 use base64::Engine;
 use bytes::Bytes;
 use clap::{Parser, Subcommand};
-use http_body_util::{BodyExt, Full};
+use client::*;
+use http_body_util::BodyExt;
 use hutch_core::mib;
-use hyper::{Method, Request, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper::Method;
+use render::*;
 use serde_json::{json, Value};
 use std::io::{IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 #[derive(Parser)]
 #[command(
@@ -176,262 +179,6 @@ enum ImageCmd {
     Rm { name: String },
 }
 
-struct Client {
-    data_dir: PathBuf,
-    /// host:port and, for https, the TLS client configuration.
-    url: Option<(String, Option<Arc<rustls::ClientConfig>>)>,
-    token: Option<String>,
-}
-
-struct Resp {
-    status: StatusCode,
-    body: hyper::body::Incoming,
-}
-
-/// A request body: whole or streamed.
-type ReqBody = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
-
-/// A body streamed from a blocking reader (a file, stdin) after `prefix`: read only as fast as
-/// the connection takes it, so nothing is held whole in memory.
-fn reader_body(prefix: Bytes, mut r: impl Read + Send + 'static) -> ReqBody {
-    let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(4);
-    // A thread, not a blocking task: reading stdin may block for ever and must not hold up the
-    // runtime's shutdown.
-    std::thread::spawn(move || {
-        if !prefix.is_empty() && tx.blocking_send(Ok(prefix)).is_err() {
-            return;
-        }
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            match r.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => {
-                    if tx
-                        .blocking_send(Ok(Bytes::copy_from_slice(&buf[..n])))
-                        .is_err()
-                    {
-                        break;
-                    }
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    let _ = tx.blocking_send(Err(e));
-                    break;
-                }
-            }
-        }
-    });
-    let s = futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv()
-            .await
-            .map(|r| (r.map(hyper::body::Frame::data), rx))
-    });
-    http_body_util::StreamBody::new(s).boxed()
-}
-
-fn whole(b: Bytes) -> ReqBody {
-    Full::new(b).map_err(|never| match never {}).boxed()
-}
-
-impl Client {
-    async fn send(&self, method: Method, path: &str, ctype: &str, body: Bytes) -> Result<Resp> {
-        self.send_body(method, path, ctype, whole(body)).await
-    }
-
-    async fn send_body(
-        &self,
-        method: Method,
-        path: &str,
-        ctype: &str,
-        body: ReqBody,
-    ) -> Result<Resp> {
-        let (io, host): (Box<dyn IoStream>, String) = match &self.url {
-            Some((hostport, tls)) => {
-                let s = tokio::net::TcpStream::connect(hostport)
-                    .await
-                    .with_context(|| format!("cannot reach hutchd at {hostport}"))?;
-                match tls {
-                    Some(cfg) => {
-                        let host = hostport
-                            .rsplit_once(':')
-                            .map(|(h, _)| h.trim_start_matches('[').trim_end_matches(']'))
-                            .unwrap_or(hostport);
-                        let name = rustls_pki_types::ServerName::try_from(host.to_string())
-                            .with_context(|| format!("{host} is not a valid TLS server name"))?;
-                        let s = tokio_rustls::TlsConnector::from(cfg.clone())
-                            .connect(name, s)
-                            .await
-                            .with_context(|| format!("TLS with hutchd at {hostport}"))?;
-                        (Box::new(s), hostport.clone())
-                    }
-                    None => (Box::new(s), hostport.clone()),
-                }
-            }
-            None => {
-                let sock = self.data_dir.join("hutchd.sock");
-                let s = tokio::net::UnixStream::connect(&sock)
-                    .await
-                    .with_context(|| {
-                        format!(
-                            "cannot reach hutchd at {} (is it running? `make run` starts it)",
-                            sock.display()
-                        )
-                    })?;
-                (Box::new(s), "hutchd".into())
-            }
-        };
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await?;
-        tokio::spawn(conn);
-        let mut req = Request::builder()
-            .method(method)
-            .uri(path)
-            .header(hyper::header::HOST, host)
-            .header(hyper::header::CONTENT_TYPE, ctype);
-        if let Some(t) = &self.token {
-            req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {t}"));
-        }
-        let resp = sender.send_request(req.body(body)?).await?;
-        Ok(Resp {
-            status: resp.status(),
-            body: resp.into_body(),
-        })
-    }
-
-    /// Sends a request; returns the body bytes, or the API's error message as an error.
-    async fn call(&self, method: Method, path: &str, body: Option<Value>) -> Result<Bytes> {
-        let b = body.map(|v| Bytes::from(v.to_string())).unwrap_or_default();
-        let r = self.send(method, path, "application/json", b).await?;
-        finish(r).await
-    }
-
-    async fn json(&self, method: Method, path: &str, body: Option<Value>) -> Result<Value> {
-        let b = self.call(method, path, body).await?;
-        if b.is_empty() {
-            return Ok(Value::Null);
-        }
-        Ok(serde_json::from_slice(&b)?)
-    }
-}
-
-trait IoStream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
-impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> IoStream for T {}
-
-async fn finish(r: Resp) -> Result<Bytes> {
-    let status = r.status;
-    let body = r.body.collect().await?.to_bytes();
-    if status.is_success() {
-        return Ok(body);
-    }
-    let msg = serde_json::from_slice::<Value>(&body)
-        .ok()
-        .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
-        .unwrap_or_else(|| String::from_utf8_lossy(&body).to_string());
-    Err(anyhow!("{msg}"))
-}
-
-fn enc(s: &str) -> String {
-    let mut o = String::new();
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~/".contains(&b) {
-            o.push(b as char);
-        } else {
-            o.push_str(&format!("%{b:02X}"));
-        }
-    }
-    o
-}
-
-/// One path segment: like `enc`, and `/` too (a qualified VM name is `account/name`).
-fn seg(s: &str) -> String {
-    enc(s).replace('/', "%2F")
-}
-
-fn age(ts: u64) -> String {
-    let d = hutch_core::now().saturating_sub(ts);
-    match d {
-        0..=59 => format!("{d}s"),
-        60..=3599 => format!("{}m", d / 60),
-        3600..=86399 => format!("{}h", d / 3600),
-        _ => format!("{}d", d / 86400),
-    }
-}
-
-fn table(rows: Vec<Vec<String>>) {
-    print!("{}", hutch_core::table(rows));
-}
-
-fn describe(v: &Value) {
-    let s = |k: &str| {
-        v[k].as_str()
-            .map(str::to_string)
-            .or_else(|| v[k].as_u64().map(|n| n.to_string()))
-    };
-    println!();
-    println!("  Name:    {}", s("name").unwrap_or_default());
-    println!("  ID:      {}", s("id").unwrap_or_default());
-    println!("  Image:   {}", s("image").unwrap_or_default());
-    println!("  vCPU:    {}", s("vcpus").unwrap_or_default());
-    println!("  RAM:     {}", mib(v["mem_mib"].as_u64().unwrap_or(0)));
-    println!("  Disk:    {}G", s("disk_gib").unwrap_or_default());
-    println!("  Status:  {}", s("state").unwrap_or_default());
-    if let Some(r) = s("reason") {
-        println!("  Reason:  {r}");
-    }
-    if let Some(p) = s("pid") {
-        println!("  PID:     {p}");
-    }
-    if let Some(p) = v["main_pid"].as_i64() {
-        println!("  Main:    guest pid {p} (image Entrypoint/Cmd; output in hutch logs)");
-    }
-    if let Some(k) = s("kernel") {
-        println!("  Kernel:  {k} ({})", s("accel").unwrap_or_default());
-    }
-    if let Some(b) = s("boot_ms") {
-        println!("  Boot:    {b} ms");
-    }
-    confinement(&v["confinement"]);
-    println!();
-    println!(
-        "  Connect: hutch exec {} -- sh",
-        s("name").unwrap_or_default()
-    );
-    println!();
-}
-
-/// The `Jail:` and `Cgroup:` lines of `describe` (docs/architecture.md, "Confinement").
-fn confinement(c: &Value) {
-    let c: Option<hutch_core::Confinement> = serde_json::from_value(c.clone()).ok();
-    print!("{}", hutch_core::Confinement::describe(c.as_ref()));
-}
-
-fn out_json(v: &Value) {
-    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
-}
-
-/// Reads an NDJSON response, handing each event to `f` until it returns a result.
-async fn ndjson<T>(r: Resp, mut f: impl FnMut(Value) -> Result<Option<T>>) -> Result<T> {
-    if !r.status.is_success() {
-        finish(r).await?;
-        bail!("request failed");
-    }
-    let mut body = r.body;
-    let mut buf: Vec<u8> = Vec::new();
-    while let Some(frame) = body.frame().await {
-        let frame = frame?;
-        let Some(data) = frame.data_ref() else {
-            continue;
-        };
-        buf.extend_from_slice(data);
-        while let Some(pos) = buf.iter().position(|&b| b == b'\n') {
-            let line: Vec<u8> = buf.drain(..=pos).collect();
-            if let Some(v) = f(serde_json::from_slice(&line)?)? {
-                return Ok(v);
-            }
-        }
-    }
-    bail!("connection to hutchd ended early")
-}
-
 /// Runs a process. With `stdin`, the streaming form: the request line, then stdin streamed as
 /// the process takes it.
 async fn exec(
@@ -590,55 +337,6 @@ fn docker_config() -> Option<PathBuf> {
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".docker")))?;
     Some(dir.join("config.json"))
-}
-
-/// `http://HOST:PORT` or `https://HOST:PORT` (trusting `ca`, else the system's CA bundle;
-/// hutchd's own certificate is DATA_DIR/tls/cert.pem).
-fn parse_url(
-    u: &str,
-    ca: Option<&std::path::Path>,
-) -> Result<(String, Option<Arc<rustls::ClientConfig>>)> {
-    let (tls, rest) = if let Some(r) = u.strip_prefix("https://") {
-        (true, r)
-    } else if let Some(r) = u.strip_prefix("http://") {
-        (false, r)
-    } else {
-        (false, u)
-    };
-    let hp = rest.trim_end_matches('/').to_string();
-    if !tls {
-        return Ok((hp, None));
-    }
-    let mut roots = rustls::RootCertStore::empty();
-    match ca {
-        Some(p) => {
-            use rustls_pki_types::pem::PemObject;
-            for c in rustls_pki_types::CertificateDer::pem_file_iter(p)
-                .with_context(|| format!("--ca-cert {}", p.display()))?
-            {
-                roots
-                    .add(c.with_context(|| format!("--ca-cert {}", p.display()))?)
-                    .with_context(|| format!("--ca-cert {}", p.display()))?;
-            }
-        }
-        None => {
-            // The system's CA bundle (Debian/Ubuntu: package ca-certificates).
-            let bundle = std::path::Path::new("/etc/ssl/certs/ca-certificates.crt");
-            use rustls_pki_types::pem::PemObject;
-            if let Ok(it) = rustls_pki_types::CertificateDer::pem_file_iter(bundle) {
-                for c in it.flatten() {
-                    let _ = roots.add(c);
-                }
-            }
-        }
-    }
-    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    Ok((hp, Some(Arc::new(cfg))))
 }
 
 fn split_vm_path(s: &str) -> Option<(&str, &str)> {

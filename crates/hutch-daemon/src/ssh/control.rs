@@ -1,0 +1,290 @@
+//! The control commands of the SSH front door (`ssh -p 2222 HOST COMMAND`): VMs, accounts, keys,
+//! tokens, status. Parsing and rendering only; the work is the manager's.
+
+use super::*;
+
+impl Conn {
+    pub(super) async fn control(&mut self, args: Vec<String>, stdin: &[u8]) -> Out {
+        let json = args.iter().any(|a| a == "--json");
+        let args: Vec<String> = args.into_iter().filter(|a| a != "--json").collect();
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        let not_found = |n: &str| Out::fail(format!("{n}: no such VM"));
+        match a.as_slice() {
+            [] | ["help"] | ["--help"] => Out::ok(
+                HELP.replace("PORT", &self.port.to_string())
+                    .replace("HOST", &self.host),
+            ),
+            ["whoami"] => {
+                let acc = self.account();
+                Out::ok(format!(
+                    "{}{}\nkey {}\n",
+                    acc.name,
+                    if acc.admin { " (admin)" } else { "" },
+                    self.key_fp
+                ))
+            }
+            ["ls"] | ["list"] => {
+                let vms: Vec<Vm> = self.m.vms_of(&self.caller()).unwrap_or_default();
+                if json {
+                    return Out::ok(serde_json::to_string_pretty(&vms).unwrap_or_default() + "\n");
+                }
+                let mut rows = vec![["NAME", "NODE", "IMAGE", "VCPU", "RAM", "DISK", "STATE"]
+                    .map(String::from)
+                    .to_vec()];
+                for v in &vms {
+                    rows.push(vec![
+                        // Another account's VM (as the admin sees it) is `account/name`.
+                        match v.owner.as_deref() {
+                            Some(o) if o != self.account().name => v.key(),
+                            _ => v.name.clone(),
+                        },
+                        self.host.clone(),
+                        v.image.clone(),
+                        v.vcpus.to_string(),
+                        mib(v.mem_mib),
+                        format!("{}G", v.disk_gib),
+                        v.state.as_str().into(),
+                    ]);
+                }
+                Out::ok(hutch_core::table(rows))
+            }
+            ["describe", n] => match self.find(n) {
+                Some(v) if json => {
+                    Out::ok(serde_json::to_string_pretty(&v).unwrap_or_default() + "\n")
+                }
+                Some(v) => Out::ok(self.describe(&v)),
+                None => not_found(n),
+            },
+            ["logs", n] => match self.find(n) {
+                Some(v) => Out::ok(self.m.console_tail(&v.id, 64 * 1024)),
+                None => not_found(n),
+            },
+            [op @ ("stop" | "start" | "rm" | "destroy"), n] => {
+                let Some(vm) = self.find(n) else {
+                    return not_found(n);
+                };
+                let k = vm.key();
+                let r = match *op {
+                    "stop" => self.m.stop(&k).await.map(|_| format!("{n} stopped\n")),
+                    "start" => self.m.start(&k).await.map(|_| format!("{n} running\n")),
+                    _ => self.m.delete(&k).await.map(|_| format!("{n} deleted\n")),
+                };
+                r.map(Out::ok).unwrap_or_else(|e| Out::fail(e.to_string()))
+            }
+            ["new", rest @ ..] => self.new_vm(rest, json).await,
+            ["cp", src, rest @ ..] if rest.len() <= 1 => {
+                let Some(vm) = self.find(src) else {
+                    return not_found(src);
+                };
+                match self
+                    .m
+                    .clone_vm(&vm.key(), rest.first().map(|s| s.to_string()))
+                    .await
+                {
+                    Ok(v) if json => {
+                        Out::ok(serde_json::to_string_pretty(&v).unwrap_or_default() + "\n")
+                    }
+                    Ok(v) => Out::ok(self.describe(&v)),
+                    Err(e) => Out::fail(e.to_string()),
+                }
+            }
+            ["status"] => {
+                let mine = self.m.vms_of(&self.caller()).unwrap_or_default();
+                let running = mine.iter().filter(|v| v.state == VmState::Running).count();
+                Out::ok(format!(
+                    "node {}: {} VMs visible to you, {running} running; accelerator {}; kernel {}\n",
+                    self.host,
+                    mine.len(),
+                    self.m.cfg.accel.as_str(),
+                    self.m.cfg.bundle.release
+                ))
+            }
+            ["keys", "ls"] => {
+                let lines: Vec<String> = self
+                    .account()
+                    .keys
+                    .iter()
+                    .filter_map(|k| PublicKey::from_openssh(k).ok())
+                    .map(|k| format!("{}  {}\n", fingerprint(&k), k.algorithm()))
+                    .collect();
+                Out::ok(lines.concat())
+            }
+            ["quota", rest @ ..] => self.quota_cmd(rest, json),
+            ["keys", "add"] => self.add_keys(&self.account().name.clone(), stdin, false),
+            ["keys", "rm", fp] => {
+                let mut acc = self.account().clone();
+                let before = acc.keys.len();
+                acc.keys.retain(|k| {
+                    PublicKey::from_openssh(k)
+                        .map(|p| fingerprint(&p) != *fp)
+                        .unwrap_or(true)
+                });
+                if acc.keys.len() == before {
+                    return Out::fail(format!("no key {fp} on this account"));
+                }
+                if acc.keys.is_empty() {
+                    return Out::fail("refusing to remove the account's last key");
+                }
+                if let Err(e) = self.m.store.put(ACCOUNTS, &acc.name, &acc) {
+                    return Out::fail(e.to_string());
+                }
+                // A removed key may have been how a token was obtained: revoke them all.
+                let mut revoked = 0;
+                for t in crate::auth::Tokens::list(&self.m.store, &acc.name) {
+                    if crate::auth::Tokens::revoke(&self.m.store, &acc.name, &t.id) {
+                        revoked += 1;
+                    }
+                }
+                Out::ok(format!("removed {fp}; revoked {revoked} API token(s)\n"))
+            }
+            ["token", "create", rest @ ..] => {
+                let hours = match rest {
+                    [] => 24,
+                    ["--ttl", h] => match h.trim_end_matches('h').parse::<u64>() {
+                        Ok(h) if (1..=24 * 365).contains(&h) => h,
+                        _ => return Out::fail(format!("--ttl {h:?}: hours between 1 and 8760")),
+                    },
+                    _ => return Out::fail("usage: token create [--ttl HOURS]"),
+                };
+                let acc = self.account().name.clone();
+                match self.m.tokens.issue(&self.m.store, &acc, hours * 3600) {
+                    Ok((rec, jwt)) if json => Out::ok(
+                        serde_json::json!({"id": rec.id, "token": jwt, "expires_at": rec.expires_at}).to_string() + "\n",
+                    ),
+                    Ok((rec, jwt)) => Out::ok(format!("{jwt}\n# id {} expires in {hours}h; revoke: token rm {}\n", rec.id, rec.id)),
+                    Err(e) => Out::fail(e),
+                }
+            }
+            ["token", "ls"] => {
+                let mut rows = vec![vec!["ID".to_string(), "CREATED".into(), "EXPIRES".into()]];
+                for t in crate::auth::Tokens::list(&self.m.store, &self.account().name) {
+                    rows.push(vec![
+                        t.id,
+                        hutch_image::rfc3339(t.created_at),
+                        hutch_image::rfc3339(t.expires_at),
+                    ]);
+                }
+                Out::ok(hutch_core::table(rows))
+            }
+            ["token", "rm", id] => {
+                if crate::auth::Tokens::revoke(&self.m.store, &self.account().name, id) {
+                    Out::ok(format!("revoked {id}\n"))
+                } else {
+                    Out::fail(format!("no token {id} on this account"))
+                }
+            }
+            ["adduser", name] => {
+                if !self.account().admin {
+                    return Out::fail("only admins can add users");
+                }
+                if hutch_core::names::validate_name(name).is_err() {
+                    return Out::fail(format!("invalid account name {name:?}"));
+                }
+                self.add_keys(name, stdin, true)
+            }
+            _ => Out::fail(format!(
+                "unknown command {:?}; try: ssh -p {} {} help",
+                args.join(" "),
+                self.port,
+                self.host
+            )),
+        }
+    }
+
+    pub(super) fn add_keys(&self, account: &str, stdin: &[u8], create: bool) -> Out {
+        let keys = match parse_keys(&String::from_utf8_lossy(stdin)) {
+            Ok(k) => k,
+            Err(e) => return Out::fail(e),
+        };
+        for k in &keys {
+            if let Some(other) = account_of(&self.m, &fingerprint(k)) {
+                if other.name != account {
+                    return Out::fail(format!(
+                        "key {} already belongs to another account",
+                        fingerprint(k)
+                    ));
+                }
+            }
+        }
+        let lines: Vec<String> = keys.iter().filter_map(|k| k.to_openssh().ok()).collect();
+        let existing: Option<Account> = self.m.store.get(ACCOUNTS, account).ok().flatten();
+        let acc = match (existing, create) {
+            (Some(_), true) => return Out::fail(format!("account {account} exists")),
+            (Some(mut a), false) => {
+                for l in lines {
+                    if !a.keys.contains(&l) {
+                        a.keys.push(l);
+                    }
+                }
+                a
+            }
+            (None, _) => Account {
+                name: account.into(),
+                admin: false,
+                keys: lines,
+                created_at: hutch_core::now(),
+                quota: None,
+            },
+        };
+        match self.m.store.put(ACCOUNTS, account, &acc) {
+            Ok(()) => Out::ok(format!("account {account}: {} key(s)\n", acc.keys.len())),
+            Err(e) => Out::fail(e.to_string()),
+        }
+    }
+
+    pub(super) async fn new_vm(&self, rest: &[&str], json: bool) -> Out {
+        let mut req = CreateVm {
+            name: None,
+            image: String::new(),
+            vcpus: 1,
+            mem_mib: 256,
+            disk_gib: None,
+            run: false,
+        };
+        let mut it = rest.iter().flat_map(|a| match a.split_once('=') {
+            Some((k, v)) if k.starts_with("--") => vec![k.to_string(), v.to_string()],
+            _ => vec![a.to_string()],
+        });
+        while let Some(flag) = it.next() {
+            if flag == "--run" {
+                req.run = true;
+                continue;
+            }
+            let Some(val) = it.next() else {
+                return Out::fail(format!("{flag} needs a value"));
+            };
+            let num = |v: &str| {
+                v.parse::<u64>()
+                    .map_err(|_| format!("{flag}: {v:?} is not a number"))
+            };
+            let r = match flag.as_str() {
+                "--name" => {
+                    req.name = Some(val);
+                    Ok(())
+                }
+                "--image" => {
+                    req.image = val;
+                    Ok(())
+                }
+                "--vcpu" => num(&val).map(|n| req.vcpus = n as u32),
+                "--mem" | "--ram" => num(&val).map(|n| req.mem_mib = n),
+                "--disk" => num(&val).map(|n| req.disk_gib = Some(n)),
+                other => Err(format!(
+                    "unknown flag {other}; see: ssh -p {} {} help",
+                    self.port, self.host
+                )),
+            };
+            if let Err(e) = r {
+                return Out::fail(e);
+            }
+        }
+        if req.image.is_empty() {
+            return Out::fail("--image is required");
+        }
+        match self.m.create(&self.caller(), req).await {
+            Ok(v) if json => Out::ok(serde_json::to_string_pretty(&v).unwrap_or_default() + "\n"),
+            Ok(v) => Out::ok(self.describe(&v)),
+            Err(e) => Out::fail(e.to_string()),
+        }
+    }
+}
