@@ -175,7 +175,18 @@ impl Store {
         self.write(table, |t| Ok(t.remove(key).map_err(db)?.is_some()))
     }
 
+    /// One write transaction. A commit is durable (it waits for the disk), so on hutchd's
+    /// multi-threaded runtime it runs as blocking work (`block_in_place`): the worker thread's
+    /// other tasks move to another thread meanwhile, instead of waiting behind an fsync.
     fn write<R>(
+        &self,
+        table: Table,
+        f: impl FnOnce(&mut redb::Table<'_, &'static str, &'static [u8]>) -> Result<R, StoreError>,
+    ) -> Result<R, StoreError> {
+        offload(|| self.write_now(table, f))
+    }
+
+    fn write_now<R>(
         &self,
         table: Table,
         f: impl FnOnce(&mut redb::Table<'_, &'static str, &'static [u8]>) -> Result<R, StoreError>,
@@ -195,6 +206,18 @@ impl Store {
                 Err(e)
             }
         }
+    }
+}
+
+/// Runs blocking `f` without stalling an async worker: through `block_in_place` on a
+/// multi-threaded tokio runtime, directly anywhere else (plain threads, blocking-pool threads,
+/// a current-thread runtime, where `block_in_place` is not allowed).
+fn offload<R>(f: impl FnOnce() -> R) -> R {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
     }
 }
 
@@ -254,6 +277,36 @@ mod tests {
         let p = d.path().join("state.redb");
         let _s = Store::open(&p).unwrap();
         assert!(Store::open(&p).is_err());
+    }
+
+    #[test]
+    fn writes_from_every_kind_of_thread() {
+        let d = tempfile::tempdir().unwrap();
+        let s = Arc::new(Store::open(&d.path().join("s.redb")).unwrap());
+        let rec = |n: u32| Rec { n };
+        // An async worker of a multi-threaded runtime (block_in_place), its blocking pool, a
+        // current-thread runtime (where block_in_place would panic), a plain thread.
+        let mt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .build()
+            .unwrap();
+        let s1 = s.clone();
+        mt.block_on(async move {
+            let s2 = s1.clone();
+            tokio::spawn(async move { s2.put(VMS, "a", &rec(1)).unwrap() })
+                .await
+                .unwrap();
+            let s3 = s1.clone();
+            tokio::task::spawn_blocking(move || s3.put(VMS, "b", &rec(2)).unwrap())
+                .await
+                .unwrap();
+        });
+        let ct = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        ct.block_on(async { s.put(VMS, "c", &rec(3)).unwrap() });
+        s.put(VMS, "d", &rec(4)).unwrap();
+        assert_eq!(s.list::<Rec>(VMS).unwrap().len(), 4);
     }
 
     #[test]
