@@ -4,7 +4,9 @@
 //! Nothing is staged on the host: every read and write goes to the guest at its offset, as one
 //! agent request of at most [`MAX_IO`] bytes, so an SFTP session holds no file data beyond the
 //! request in flight (no per-session quota is needed). Offsets are checked: `offset + len`
-//! beyond the largest guest file offset is refused with a clear message, never wrapped.
+//! beyond the largest guest file offset is refused with a clear message, never wrapped. A
+//! session holds at most [`MAX_HANDLES`] handles, at most [`MAX_DIRS`] of them directories
+//! (each keeps its listing until read), so a client that never closes them is bounded too.
 
 use crate::error::ApiError;
 use crate::files::checked_end;
@@ -17,8 +19,16 @@ use russh_sftp::server::StatusReply;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-/// Most bytes one SFTP read returns (clients ask for 32-256 KiB).
-pub const MAX_IO: u32 = 256 * 1024;
+/// Most bytes one SFTP read returns (clients ask for 32-256 KiB). As in OpenSSH's sftp-server,
+/// 1 KiB under 256 KiB, so that the reply fits in the 256 KiB packets clients accept.
+pub const MAX_IO: u32 = 255 * 1024;
+/// Most handles one SFTP session may hold open (OpenSSH's sftp-server is bounded by its fds).
+pub const MAX_HANDLES: usize = 1024;
+/// Most directory handles among them: each holds its listing (up to an agent frame).
+pub const MAX_DIRS: usize = 16;
+/// Most entries one readdir answer carries (as OpenSSH's sftp-server), so that it fits in a
+/// 256 KiB packet whatever the names.
+const READDIR_BATCH: usize = 100;
 
 enum Open {
     File {
@@ -26,7 +36,8 @@ enum Open {
         /// Where the next write goes for a handle opened with APPEND (SFTP offsets ignored).
         append_at: Option<u64>,
     },
-    Dir(Option<Vec<File>>),
+    /// What readdir has yet to return.
+    Dir(Vec<File>),
 }
 
 pub struct VmSftp {
@@ -51,6 +62,21 @@ impl VmSftp {
         self.next += 1;
         self.handles.insert(h.clone(), o);
         h
+    }
+
+    /// Refuses a new handle (a directory with `dir`) past the session's limits.
+    fn room(&self, dir: bool) -> Result<(), StatusReply> {
+        let dirs = || {
+            let d = self.handles.values();
+            d.filter(|o| matches!(o, Open::Dir(_))).count()
+        };
+        if self.handles.len() >= MAX_HANDLES || (dir && dirs() >= MAX_DIRS) {
+            let what = if dir { "directory handles" } else { "handles" };
+            return Err(
+                StatusCode::Failure.with_message(format!("too many open {what}; close some first"))
+            );
+        }
+        Ok(())
     }
 
     async fn fs(&self, req: FsRequest) -> Result<Response, StatusReply> {
@@ -163,6 +189,7 @@ impl russh_sftp::server::Handler for VmSftp {
         pflags: OpenFlags,
         attrs: FileAttributes,
     ) -> Result<Handle, Self::Error> {
+        self.room(false)?;
         let path = abs(&filename);
         let mode = attrs.permissions.map(|p| p & 0o7777);
         let writes = pflags.intersects(
@@ -301,6 +328,7 @@ impl russh_sftp::server::Handler for VmSftp {
     }
 
     async fn opendir(&mut self, id: u32, path: String) -> Result<Handle, Self::Error> {
+        self.room(true)?;
         let entries = match self.fs(FsRequest::ReadDir { path: abs(&path) }).await? {
             Response::FsDir { entries } => entries,
             _ => return Err(StatusCode::Failure.into()),
@@ -315,16 +343,18 @@ impl russh_sftp::server::Handler for VmSftp {
             .collect();
         Ok(Handle {
             id,
-            handle: self.handle(Open::Dir(Some(files))),
+            handle: self.handle(Open::Dir(files)),
         })
     }
 
     async fn readdir(&mut self, id: u32, handle: String) -> Result<Name, Self::Error> {
         match self.handles.get_mut(&handle) {
-            Some(Open::Dir(files)) => match files.take() {
-                Some(files) => Ok(Name { id, files }),
-                None => Err(StatusCode::Eof.into()),
-            },
+            Some(Open::Dir(files)) if files.is_empty() => Err(StatusCode::Eof.into()),
+            Some(Open::Dir(files)) => {
+                let rest = files.split_off(files.len().min(READDIR_BATCH));
+                let files = std::mem::replace(files, rest);
+                Ok(Name { id, files })
+            }
             _ => Err(StatusCode::Failure.into()),
         }
     }

@@ -123,6 +123,11 @@ impl Daemon {
         assert!(ok.is_some(), "hutchd did not become ready: {}", self.log());
     }
 
+    /// hutchd's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
     pub fn log(&self) -> String {
         let p = self.data().join("../").join(format!(
             "{}.hutchd.log",
