@@ -689,10 +689,19 @@ pub fn fs(shared: &Shared, gen: u64, stream: u32, req: hutch_proto::FsRequest) {
                 };
                 Response::FsAttr { attr: attr(&md) }
             }
-            F::ReadDir { path } => {
+            F::ReadDir { path, skip } => {
                 let mut entries = Vec::new();
-                for e in std::fs::read_dir(&path)? {
+                let mut more = false;
+                let mut next = skip;
+                let skip = usize::try_from(skip).unwrap_or(usize::MAX);
+                for e in std::fs::read_dir(&path)?.skip(skip) {
+                    if entries.len() == hutch_proto::DIR_PAGE {
+                        more = true;
+                        break;
+                    }
+                    next += 1;
                     let e = e?;
+                    // An entry removed meanwhile is left out (it still counts as a position).
                     if let Ok(md) = e.path().symlink_metadata() {
                         entries.push(hutch_proto::DirEntry {
                             name: e.file_name().to_string_lossy().to_string(),
@@ -700,7 +709,11 @@ pub fn fs(shared: &Shared, gen: u64, stream: u32, req: hutch_proto::FsRequest) {
                         });
                     }
                 }
-                Response::FsDir { entries }
+                Response::FsDir {
+                    entries,
+                    more,
+                    next,
+                }
             }
             F::Mkdir { path, mode } => {
                 std::fs::create_dir(&path)?;

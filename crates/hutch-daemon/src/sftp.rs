@@ -26,9 +26,6 @@ pub const MAX_IO: u32 = 255 * 1024;
 pub const MAX_HANDLES: usize = 1024;
 /// Most directory handles among them: each holds its listing (up to an agent frame).
 pub const MAX_DIRS: usize = 16;
-/// Most entries one readdir answer carries (as OpenSSH's sftp-server), so that it fits in a
-/// 256 KiB packet whatever the names.
-const READDIR_BATCH: usize = 100;
 
 enum Open {
     File {
@@ -36,8 +33,18 @@ enum Open {
         /// Where the next write goes for a handle opened with APPEND (SFTP offsets ignored).
         append_at: Option<u64>,
     },
-    /// What readdir has yet to return.
-    Dir(Vec<File>),
+    /// A directory: the page readdir returns next, fetched from the agent one page at a time,
+    /// so a handle holds at most one page (`hutch_proto::DIR_PAGE` entries) however large the
+    /// directory.
+    Dir { path: String, page: DirPage },
+}
+
+/// One page of a directory listing and where the next starts.
+#[derive(Clone)]
+struct DirPage {
+    files: Vec<File>,
+    more: bool,
+    next: u64,
 }
 
 pub struct VmSftp {
@@ -68,7 +75,7 @@ impl VmSftp {
     fn room(&self, dir: bool) -> Result<(), StatusReply> {
         let dirs = || {
             let d = self.handles.values();
-            d.filter(|o| matches!(o, Open::Dir(_))).count()
+            d.filter(|o| matches!(o, Open::Dir { .. })).count()
         };
         if self.handles.len() >= MAX_HANDLES || (dir && dirs() >= MAX_DIRS) {
             let what = if dir { "directory handles" } else { "handles" };
@@ -81,6 +88,33 @@ impl VmSftp {
 
     async fn fs(&self, req: FsRequest) -> Result<Response, StatusReply> {
         self.m.fs(&self.vm, req).await.map_err(code)
+    }
+
+    /// Entries of directory `path` from position `skip` on, one agent page.
+    async fn dir_page(&self, path: &str, skip: u64) -> Result<DirPage, StatusReply> {
+        let req = FsRequest::ReadDir {
+            path: path.to_string(),
+            skip,
+        };
+        match self.fs(req).await? {
+            Response::FsDir {
+                entries,
+                more,
+                next,
+            } => Ok(DirPage {
+                files: entries
+                    .iter()
+                    .map(|e| File {
+                        filename: e.name.clone(),
+                        longname: longname(&e.name, &e.attr),
+                        attrs: attrs(&e.attr),
+                    })
+                    .collect(),
+                more,
+                next,
+            }),
+            _ => Err(StatusCode::Failure.into()),
+        }
     }
 
     async fn guest_stat(&self, path: &str, follow: bool) -> Result<FileAttr, StatusReply> {
@@ -329,33 +363,31 @@ impl russh_sftp::server::Handler for VmSftp {
 
     async fn opendir(&mut self, id: u32, path: String) -> Result<Handle, Self::Error> {
         self.room(true)?;
-        let entries = match self.fs(FsRequest::ReadDir { path: abs(&path) }).await? {
-            Response::FsDir { entries } => entries,
-            _ => return Err(StatusCode::Failure.into()),
-        };
-        let files = entries
-            .iter()
-            .map(|e| File {
-                filename: e.name.clone(),
-                longname: longname(&e.name, &e.attr),
-                attrs: attrs(&e.attr),
-            })
-            .collect();
+        let path = abs(&path);
+        // The first page now: a missing or unreadable directory fails the open, as it should.
+        let page = self.dir_page(&path, 0).await?;
         Ok(Handle {
             id,
-            handle: self.handle(Open::Dir(files)),
+            handle: self.handle(Open::Dir { path, page }),
         })
     }
 
     async fn readdir(&mut self, id: u32, handle: String) -> Result<Name, Self::Error> {
-        match self.handles.get_mut(&handle) {
-            Some(Open::Dir(files)) if files.is_empty() => Err(StatusCode::Eof.into()),
-            Some(Open::Dir(files)) => {
-                let rest = files.split_off(files.len().min(READDIR_BATCH));
-                let files = std::mem::replace(files, rest);
-                Ok(Name { id, files })
+        loop {
+            let (path, next) = match self.handles.get_mut(&handle) {
+                Some(Open::Dir { page, .. }) if !page.files.is_empty() => {
+                    let files = std::mem::take(&mut page.files);
+                    return Ok(Name { id, files });
+                }
+                Some(Open::Dir { page, .. }) if !page.more => return Err(StatusCode::Eof.into()),
+                Some(Open::Dir { path, page }) => (path.clone(), page.next),
+                _ => return Err(StatusCode::Failure.into()),
+            };
+            // The next page (one whose entries all vanished meanwhile is skipped over).
+            let page = self.dir_page(&path, next).await?;
+            if let Some(Open::Dir { page: p, .. }) = self.handles.get_mut(&handle) {
+                *p = page;
             }
-            _ => Err(StatusCode::Failure.into()),
         }
     }
 

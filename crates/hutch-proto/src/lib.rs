@@ -35,6 +35,10 @@ pub const MAGIC: [u8; 2] = *b"HU";
 pub const HEADER_LEN: usize = 12;
 /// Largest payload a frame may carry; bigger data is split across frames.
 pub const MAX_PAYLOAD: usize = 256 * 1024;
+
+/// Entries in one `ReadDir` page: a name of 255 bytes, JSON-escaped at worst 6 bytes a byte, plus
+/// its attributes, times this stays under [`MAX_PAYLOAD`].
+pub const DIR_PAGE: usize = 100;
 /// Name of the virtio-serial port the agent listens on.
 pub const PORT_NAME: &str = "org.hutch.agent";
 /// Protocol version, bumped on incompatible changes. Version 2 added per-stream credit.
@@ -393,8 +397,12 @@ pub enum FsRequest {
         path: String,
         follow: bool,
     },
+    /// One page of a directory listing: up to [`DIR_PAGE`] entries after the first `skip`
+    /// (so a listing of any size fits in frames; `FsDir.more` says whether more follow).
     ReadDir {
         path: String,
+        #[serde(default)]
+        skip: u64,
     },
     Mkdir {
         path: String,
@@ -471,6 +479,11 @@ pub enum Response {
     },
     FsDir {
         entries: Vec<DirEntry>,
+        /// More entries follow this page, from position `next` on (the `skip` of the next page).
+        #[serde(default)]
+        more: bool,
+        #[serde(default)]
+        next: u64,
     },
     FsPath {
         path: String,

@@ -231,13 +231,14 @@ fn hostile_sftp_client() {
             assert_eq!(code, StatusCode::Failure);
         }
 
-        // A directory of 600 names of 200 bytes: its listing (~290 KiB as SFTP names) comes in
-        // readdir answers that each fit a 256 KiB packet.
+        // A directory of 2000 names of 200 bytes: its listing (~1 MiB as SFTP names, more than one
+        // agent frame) comes from the guest a page at a time, in readdir answers that each fit a
+        // 256 KiB packet.
         guest(&[
             "sh",
             "-c",
             "mkdir /root/d && cd /root/d && \
-             busybox awk 'BEGIN { for (i = 0; i < 600; i++) printf \"%0200d\\n\", i }' | busybox xargs busybox touch",
+             busybox awk 'BEGIN { for (i = 0; i < 2000; i++) printf \"%0200d\\n\", i }' | busybox xargs busybox touch",
         ]);
         let dh = h.opendir("d").await.unwrap().handle;
         let mut names = Vec::new();
@@ -253,11 +254,11 @@ fn hostile_sftp_client() {
         h.close(&dh).await.unwrap();
         names.retain(|n| n != "." && n != "..");
         names.sort();
-        let want: Vec<String> = (0..600).map(|i| format!("{i:0200}")).collect();
+        let want: Vec<String> = (0..2000).map(|i| format!("{i:0200}")).collect();
         assert_eq!(names, want);
 
-        // Thousands of handles, never closed: directory handles (each holding a listing, here
-        // ~300 KiB) stop at MAX_DIRS, all handles at MAX_HANDLES; past that, a clean failure.
+        // Thousands of handles, never closed: directory handles (each holding one page of its
+        // listing) stop at MAX_DIRS, all handles at MAX_HANDLES; past that, a clean failure.
         let h2 = sftp(&conn).await;
         let mut dirs = 0;
         for _ in 0..1000 {
