@@ -6,7 +6,7 @@
 //! entry budget. The stream is walked by this module (the `tar` crate only parses headers), so
 //! that what follows a header is always read here: GNU sparse entries (old GNU `S` with its
 //! extension blocks, PAX 1.0 and 0.1) are read with bounds (see `sparse`) and handed on with
-//! their map; consumers write them with [`crate::sparse::write_data`], holes staying holes.
+//! their map; consumers write them with `sparse::write_data`, holes staying holes.
 //! A sparse file's holes count against the byte budget as if they had been read, so its
 //! apparent size is paid for in full.
 
