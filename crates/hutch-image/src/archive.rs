@@ -5,8 +5,9 @@
 //! [`Mode::Beneath`]: entries are created with `O_EXCL` relative to their resolved parent, and
 //! any path that would leave the staging directory (`..`, an absolute symlink, a chain of
 //! relative ones) is refused by the kernel. The stream obeys the store's [`Limits`] (entries and
-//! decompressed bytes) and the tar extension caps. Files inside are then read through the same
-//! root, JSON documents with size caps, blobs by [`Digest`] against their descriptors.
+//! decompressed bytes, sparse files counting at their full size) and the tar extension and
+//! sparse map caps; sparse files are extracted with holes. Files inside are then read through
+//! the same root, JSON documents with size caps, blobs by [`Digest`] against their descriptors.
 
 use crate::oci::{is_index, pick, Index, Manifest, MAX_CONFIG, MAX_JSON};
 use crate::tarstream::{for_each_entry, Budget};
@@ -105,11 +106,14 @@ pub(crate) fn extract_archive(src: &Path, dest: &Path, limits: Limits) -> Result
                 // A later entry of the same name wins, as with tar; the old one is unlinked,
                 // never written through.
                 let mut f = dir.replace_file(&name, 0o644).map_err(arch_err)?;
-                let n = std::io::copy(&mut data.take(m.size), &mut f)
-                    .map_err(|e| bad(format!("truncated archive at {}: {e}", m.path_lossy())))?;
-                if n != m.size {
-                    return Err(bad(format!("truncated archive at {}", m.path_lossy())));
-                }
+                crate::sparse::write_data(
+                    &mut f,
+                    data,
+                    m.size,
+                    m.sparse.as_ref(),
+                    &m.path_lossy(),
+                    bad,
+                )?;
             }
             tar::EntryType::Symlink => {
                 // docker save links duplicate layers to one another. The link is stored as it

@@ -7,9 +7,10 @@
 //! [`Mode::InRoot`], so the kernel resolves symlinks met on the way as if the root were `/` (as
 //! they will be inside the VM), the last component is never followed, and an entry is replaced
 //! (unlinked, then created with `O_EXCL`), never written through. `..` in entry names and hard
-//! link targets is refused outright. The stream is bounded by [`Limits`]: entries, and
-//! decompressed bytes per layer and per image; tar extension headers have fixed caps
-//! (see `tarstream`).
+//! link targets is refused outright. GNU sparse files become files with holes (data written at
+//! its offsets on the descriptor just created, see `sparse`). The stream is bounded by
+//! [`Limits`]: entries, and decompressed bytes per layer and per image (sparse files counting at
+//! their full size); tar extension headers and sparse maps have fixed caps (see `tarstream`).
 
 use crate::tarstream::{for_each_entry, Budget, Meta};
 use crate::ImageError;
@@ -47,7 +48,7 @@ impl Default for Limits {
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Stats {
     pub entries: u64,
-    /// Decompressed tar bytes read.
+    /// Decompressed tar bytes read, plus the holes of sparse files (their full size counts).
     pub bytes: u64,
     pub skipped_devices: u64,
 }
@@ -211,19 +212,15 @@ fn apply_entry(
                 clear(&dir)?;
             }
             let mut f = dir.replace_file(&name, 0o600).map_err(fs_err)?;
-            let copied = std::io::copy(&mut data.take(m.size), &mut f).map_err(|e| {
-                bad(format!(
-                    "truncated or unreadable layer at {}: {e}",
-                    m.path_lossy()
-                ))
-            })?;
-            if copied != m.size {
-                return Err(bad(format!(
-                    "{}: expected {} bytes, layer had {copied}",
-                    m.path_lossy(),
-                    m.size
-                )));
-            }
+            // Sparse files: segments written at their offsets, the rest left as holes.
+            crate::sparse::write_data(
+                &mut f,
+                data,
+                m.size,
+                m.sparse.as_ref(),
+                &m.path_lossy(),
+                bad,
+            )?;
             // chown clears setuid/setgid, so the mode is set after it.
             std::os::unix::fs::fchown(&f, Some(uid), Some(gid)).map_err(io(&rel))?;
             f.set_permissions(std::fs::Permissions::from_mode(m.mode))

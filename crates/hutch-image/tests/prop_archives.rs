@@ -110,3 +110,102 @@ proptest! {
         prop_assert!(!at_host_root(&marker()), "{sp:?}");
     }
 }
+
+/// A sparse map as the strategy makes it: real size, (offset, length) segments, format (0 old
+/// GNU, 1 PAX 1.0, 2 PAX 0.1), and the path it is written at.
+type SparseCase = (u64, Vec<(u64, u64)>, u8, String);
+
+fn sparse_case() -> impl Strategy<Value = SparseCase> {
+    (
+        0u64..20_000,
+        prop::collection::vec((0u64..24_000, 0u64..1500), 0..30),
+        0u8..3,
+        any::<bool>(),
+        path(),
+    )
+        .prop_map(|(real, mut segs, fmt, tidy, p)| {
+            // Half the cases are sorted, with no overlap: mostly valid maps.
+            if tidy {
+                segs.sort();
+                let mut end = 0;
+                for s in &mut segs {
+                    s.0 = s.0.max(end);
+                    end = s.0 + s.1;
+                }
+            }
+            (real, segs, fmt, p)
+        })
+}
+
+/// Whether a map is one to accept: sorted, not overlapping, within the real size.
+fn valid_map(real: u64, segs: &[(u64, u64)]) -> bool {
+    let mut end = 0;
+    segs.iter().all(|&(o, l)| {
+        let ok = o >= end && o + l <= real;
+        end = o + l;
+        ok
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 96, failure_persistence: None, ..ProptestConfig::default() })]
+
+    /// Any sparse map, in any format, at any path: an exact file with holes when the map is
+    /// valid, an error when it is not; never a panic, nothing outside the tree.
+    #[test]
+    fn sparse_maps_are_exact_or_refused(case in sparse_case()) {
+        let (real, segs, fmt, p) = case;
+        let h = Host::new();
+        let tree = h.path().join("store/tmp/tree");
+        std::fs::create_dir(&tree).unwrap();
+        let mut data = Vec::new();
+        let mut want = vec![0u8; real as usize];
+        for (i, &(o, l)) in segs.iter().enumerate() {
+            let chunk: Vec<u8> = (0..l).map(|k| (i as u8).wrapping_mul(31) ^ k as u8 | 1).collect();
+            if valid_map(real, &segs) {
+                want[o as usize..(o + l) as usize].copy_from_slice(&chunk);
+            }
+            data.extend(chunk);
+        }
+        let mut t = Tar::default();
+        t.symlink("up", "..");
+        t.dir("a/");
+        let name = format!("up/{p}/{}", marker());
+        match fmt {
+            0 => t.sparse_gnu(&name, real, &segs, data.len() as u64, &data),
+            1 => t.sparse_pax1(&name, real, &segs, &data),
+            _ => t.sparse_pax01(&name, real, &segs, &data),
+        }
+        let mut st = Stats::default();
+        let r = apply_layer(&tree, t.finish().as_slice(), Limits::default(), &mut st);
+        if valid_map(real, &segs) {
+            let r = r.map_err(|e| e.to_string());
+            // `..` in the generated path is refused before the map matters.
+            if p.split('/').any(|c| c == "..") {
+                prop_assert!(r.is_err());
+            } else {
+                prop_assert!(r.is_ok(), "{r:?}");
+                let mut found = None;
+                let mut todo = vec![tree.clone()];
+                while let Some(d) = todo.pop() {
+                    for e in std::fs::read_dir(&d).unwrap() {
+                        let e = e.unwrap();
+                        let ft = e.file_type().unwrap();
+                        if ft.is_dir() {
+                            todo.push(e.path());
+                        } else if ft.is_file() && e.file_name().to_string_lossy() == marker() {
+                            found = Some(e.path());
+                        }
+                    }
+                }
+                let f = found.expect("the sparse file was made");
+                prop_assert_eq!(std::fs::read(&f).unwrap(), want);
+            }
+        } else {
+            prop_assert!(r.is_err());
+        }
+        std::fs::remove_dir_all(&tree).unwrap();
+        h.check();
+        prop_assert!(!at_host_root(&marker()));
+    }
+}

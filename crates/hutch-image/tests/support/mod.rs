@@ -18,25 +18,77 @@ impl Tar {
     /// Appends a header with raw name/link bytes, claiming `size` bytes of data, followed by
     /// `data` (which may be shorter than claimed) padded to a block.
     pub fn raw(&mut self, kind: u8, name: &[u8], link: &[u8], size: u64, data: &[u8]) {
-        let mut h = tar::Header::new_gnu();
-        h.set_entry_type(tar::EntryType::new(kind));
-        h.set_mode(if kind == b'5' { 0o755 } else { 0o644 });
-        h.set_uid(0);
-        h.set_gid(0);
-        h.set_mtime(0);
-        h.set_size(size);
-        {
-            let old = h.as_old_mut();
-            old.name.fill(0);
-            old.name[..name.len().min(100)].copy_from_slice(&name[..name.len().min(100)]);
-            old.linkname.fill(0);
-            old.linkname[..link.len().min(100)].copy_from_slice(&link[..link.len().min(100)]);
-        }
-        h.set_cksum();
+        let h = header(kind, name, link, size);
         self.0.extend_from_slice(h.as_bytes());
+        self.data(data);
+    }
+    /// Appends `data` padded to a block.
+    pub fn data(&mut self, data: &[u8]) {
         self.0.extend_from_slice(data);
         let pad = (512 - data.len() % 512) % 512;
         self.0.extend(std::iter::repeat_n(0u8, pad));
+    }
+    /// An old GNU sparse entry (type `S`, as `tar --sparse --format=gnu` writes): the map's
+    /// first 4 segments in the header, the rest in extension blocks of 21; `data` is the
+    /// segments' data back to back; `size` is what the header says it is.
+    pub fn sparse_gnu(
+        &mut self,
+        name: &str,
+        real_size: u64,
+        segs: &[(u64, u64)],
+        size: u64,
+        data: &[u8],
+    ) {
+        let mut h = header(b'S', name.as_bytes(), b"", size);
+        let g = h.as_gnu_mut().unwrap();
+        for (slot, &(o, l)) in g.sparse.iter_mut().zip(segs) {
+            num_field(o, &mut slot.offset);
+            num_field(l, &mut slot.numbytes);
+        }
+        g.isextended[0] = u8::from(segs.len() > 4);
+        num_field(real_size, &mut g.realsize);
+        h.set_cksum();
+        self.0.extend_from_slice(h.as_bytes());
+        let rest: Vec<&[(u64, u64)]> = segs.get(4..).unwrap_or_default().chunks(21).collect();
+        for (i, chunk) in rest.iter().enumerate() {
+            let mut b = [0u8; 512];
+            for (j, &(o, l)) in chunk.iter().enumerate() {
+                num_field(o, &mut b[j * 24..j * 24 + 12]);
+                num_field(l, &mut b[j * 24 + 12..j * 24 + 24]);
+            }
+            b[504] = u8::from(i + 1 < rest.len());
+            self.0.extend_from_slice(&b);
+        }
+        self.data(data);
+    }
+    /// A PAX 1.0 sparse entry (as `tar --sparse --format=posix` writes) with the map `text`
+    /// (padded to a block) before `data`.
+    pub fn sparse_pax1_text(&mut self, name: &str, real_size: u64, text: &[u8], data: &[u8]) {
+        self.pax(&[
+            ("GNU.sparse.major", b"1"),
+            ("GNU.sparse.minor", b"0"),
+            ("GNU.sparse.name", name.as_bytes()),
+            ("GNU.sparse.realsize", real_size.to_string().as_bytes()),
+        ]);
+        let mut body = text.to_vec();
+        body.resize(text.len().next_multiple_of(512), 0);
+        body.extend_from_slice(data);
+        self.raw(b'0', b"./GNUSparseFile.0/f", b"", body.len() as u64, &body);
+    }
+    /// [`Tar::sparse_pax1_text`] with the map made from `segs`.
+    pub fn sparse_pax1(&mut self, name: &str, real_size: u64, segs: &[(u64, u64)], data: &[u8]) {
+        self.sparse_pax1_text(name, real_size, &map_text(segs), data);
+    }
+    /// A PAX 0.1 sparse entry: the map in a `GNU.sparse.map` record.
+    pub fn sparse_pax01(&mut self, name: &str, real_size: u64, segs: &[(u64, u64)], data: &[u8]) {
+        let map: Vec<String> = segs.iter().map(|(o, l)| format!("{o},{l}")).collect();
+        self.pax(&[
+            ("GNU.sparse.size", real_size.to_string().as_bytes()),
+            ("GNU.sparse.numblocks", segs.len().to_string().as_bytes()),
+            ("GNU.sparse.name", name.as_bytes()),
+            ("GNU.sparse.map", map.join(",").as_bytes()),
+        ]);
+        self.raw(b'0', b"./GNUSparseFile.0/f", b"", data.len() as u64, data);
     }
     pub fn dir(&mut self, name: &str) {
         self.raw(b'5', name.as_bytes(), b"", 0, b"");
@@ -69,6 +121,49 @@ impl Tar {
         self.0.extend(std::iter::repeat_n(0u8, 1024));
         self.0
     }
+}
+
+/// A GNU-style header with raw name/link bytes.
+pub fn header(kind: u8, name: &[u8], link: &[u8], size: u64) -> tar::Header {
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::new(kind));
+    h.set_mode(if kind == b'5' { 0o755 } else { 0o644 });
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(0);
+    h.set_size(size);
+    {
+        let old = h.as_old_mut();
+        old.name.fill(0);
+        old.name[..name.len().min(100)].copy_from_slice(&name[..name.len().min(100)]);
+        old.linkname.fill(0);
+        old.linkname[..link.len().min(100)].copy_from_slice(&link[..link.len().min(100)]);
+    }
+    h.set_cksum();
+    h
+}
+
+/// A numeric header field: octal when it fits, else GNU base-256.
+pub fn num_field(v: u64, out: &mut [u8]) {
+    let n = out.len();
+    let oct = format!("{v:0w$o}", w = n - 1);
+    if oct.len() < n {
+        out[..n - 1].copy_from_slice(oct.as_bytes());
+        out[n - 1] = 0;
+    } else {
+        out.fill(0);
+        out[0] = 0x80;
+        out[n - 8..].copy_from_slice(&v.to_be_bytes());
+    }
+}
+
+/// A PAX 1.0 sparse map's text: the count, then offset and length of each segment.
+pub fn map_text(segs: &[(u64, u64)]) -> Vec<u8> {
+    let mut t = format!("{}\n", segs.len());
+    for (o, l) in segs {
+        t.push_str(&format!("{o}\n{l}\n"));
+    }
+    t.into_bytes()
 }
 
 pub fn gzip(data: &[u8]) -> Vec<u8> {
