@@ -339,9 +339,34 @@ fn docker_config() -> Option<PathBuf> {
     Some(dir.join("config.json"))
 }
 
+/// `VM:/path` or `ACCOUNT/VM:/path` (the qualified name of another account's VM); anything
+/// else is a local path.
 fn split_vm_path(s: &str) -> Option<(&str, &str)> {
     let (vm, p) = s.split_once(':')?;
-    (!vm.is_empty() && !vm.contains('/') && p.starts_with('/')).then_some((vm, p))
+    let name = |n: &str| hutch_core::names::validate_name(n).is_ok();
+    let ok = match vm.split_once('/') {
+        Some((acct, n)) => name(acct) && name(n),
+        None => name(vm),
+    };
+    (ok && p.starts_with('/')).then_some((vm, p))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_vm_path;
+
+    #[test]
+    fn vm_paths() {
+        assert_eq!(split_vm_path("web:/root/f"), Some(("web", "/root/f")));
+        assert_eq!(
+            split_vm_path("alice/web:/root/f"),
+            Some(("alice/web", "/root/f"))
+        );
+        assert_eq!(split_vm_path("./web:/x"), None);
+        assert_eq!(split_vm_path("dir/sub/web:/x"), None);
+        assert_eq!(split_vm_path("web:relative"), None);
+        assert_eq!(split_vm_path("/tmp/file"), None);
+    }
 }
 
 async fn run(cli: Cli) -> Result<i32> {
