@@ -351,24 +351,6 @@ fn split_vm_path(s: &str) -> Option<(&str, &str)> {
     (ok && p.starts_with('/')).then_some((vm, p))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::split_vm_path;
-
-    #[test]
-    fn vm_paths() {
-        assert_eq!(split_vm_path("web:/root/f"), Some(("web", "/root/f")));
-        assert_eq!(
-            split_vm_path("alice/web:/root/f"),
-            Some(("alice/web", "/root/f"))
-        );
-        assert_eq!(split_vm_path("./web:/x"), None);
-        assert_eq!(split_vm_path("dir/sub/web:/x"), None);
-        assert_eq!(split_vm_path("web:relative"), None);
-        assert_eq!(split_vm_path("/tmp/file"), None);
-    }
-}
-
 async fn run(cli: Cli) -> Result<i32> {
     let url = match &cli.url {
         Some(u) => Some(parse_url(u, cli.ca_cert.as_deref())?),
@@ -781,5 +763,23 @@ fn main() {
             eprintln!("hutch: {e:#}");
             std::process::exit(1);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_vm_path;
+
+    #[test]
+    fn vm_paths() {
+        assert_eq!(split_vm_path("web:/root/f"), Some(("web", "/root/f")));
+        assert_eq!(
+            split_vm_path("alice/web:/root/f"),
+            Some(("alice/web", "/root/f"))
+        );
+        assert_eq!(split_vm_path("./web:/x"), None);
+        assert_eq!(split_vm_path("dir/sub/web:/x"), None);
+        assert_eq!(split_vm_path("web:relative"), None);
+        assert_eq!(split_vm_path("/tmp/file"), None);
     }
 }
