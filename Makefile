@@ -38,8 +38,10 @@ lint:
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
 
+# The tests' hutchds remove their own cgroups; the shared parent they were made under goes last.
 test: test-deps agent lint
 	cargo test --workspace -- --test-threads=4
+	@rmdir /sys/fs/cgroup/hutch /sys/fs/cgroup/*/hutch 2>/dev/null || true
 
 bench: build
 	@scripts/install-deps.sh --bench
