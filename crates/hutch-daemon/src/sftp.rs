@@ -481,3 +481,84 @@ impl russh_sftp::server::Handler for VmSftp {
         Ok(Self::ok(id))
     }
 }
+
+/// The largest SFTP packet a client may send (russh-sftp's server refuses longer ones without
+/// reading them, and then reads the rest as if it were packets).
+pub const MAX_CLIENT_PACKET: u32 = 262_144;
+
+/// Follows the packet boundaries of the client -> server SFTP byte stream, so that a packet over
+/// [`MAX_CLIENT_PACKET`] ends the session (as OpenSSH's sftp-server does) instead of leaving the
+/// server reading a packet's body as packets.
+#[derive(Debug, Default)]
+pub struct PacketGuard {
+    /// Bytes of the current packet's body still to come.
+    body_left: u64,
+    /// Bytes of the next length prefix seen so far.
+    len: [u8; 4],
+    len_have: usize,
+}
+
+impl PacketGuard {
+    /// Takes the next bytes the client sent; an error when a packet announces more than
+    /// [`MAX_CLIENT_PACKET`] bytes.
+    pub fn feed(&mut self, mut data: &[u8]) -> Result<(), u32> {
+        while !data.is_empty() {
+            if self.body_left > 0 {
+                let n = (self.body_left.min(data.len() as u64)) as usize;
+                self.body_left -= n as u64;
+                data = &data[n..];
+                continue;
+            }
+            let n = (4 - self.len_have).min(data.len());
+            self.len[self.len_have..self.len_have + n].copy_from_slice(&data[..n]);
+            self.len_have += n;
+            data = &data[n..];
+            if self.len_have == 4 {
+                let len = u32::from_be_bytes(self.len);
+                if len > MAX_CLIENT_PACKET {
+                    return Err(len);
+                }
+                self.body_left = u64::from(len);
+                self.len_have = 0;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod guard_tests {
+    use super::*;
+
+    fn packet(len: u32) -> Vec<u8> {
+        let mut p = len.to_be_bytes().to_vec();
+        p.resize(4 + len as usize, 7);
+        p
+    }
+
+    #[test]
+    fn follows_packets_split_anywhere_and_stops_oversized_ones() {
+        let mut stream = Vec::new();
+        for l in [5, 0, 1000, MAX_CLIENT_PACKET] {
+            stream.extend(packet(l));
+        }
+        for chunk in [1, 3, 7, 4096, stream.len()] {
+            let mut g = PacketGuard::default();
+            for c in stream.chunks(chunk) {
+                g.feed(c).unwrap();
+            }
+            assert_eq!((g.body_left, g.len_have), (0, 0), "chunks of {chunk}");
+        }
+        let mut g = PacketGuard::default();
+        g.feed(&packet(10)).unwrap();
+        g.feed(&(MAX_CLIENT_PACKET + 1).to_be_bytes()[..2]).unwrap();
+        assert_eq!(
+            g.feed(&(MAX_CLIENT_PACKET + 1).to_be_bytes()[2..]),
+            Err(MAX_CLIENT_PACKET + 1)
+        );
+        assert_eq!(
+            PacketGuard::default().feed(&u32::MAX.to_be_bytes()),
+            Err(u32::MAX)
+        );
+    }
+}

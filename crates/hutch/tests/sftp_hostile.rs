@@ -289,6 +289,21 @@ fn hostile_sftp_client() {
             "hutchd grew from {rss0} KiB to {rss} KiB"
         );
 
+        // A packet over the 256 KiB limit (a 300 KiB write) ends its session at once, as
+        // OpenSSH's sftp-server does, instead of leaving it reading the packet's body as packets.
+        let h4 = sftp(&conn).await;
+        let f4 = h4.open("big", rw, Default::default()).await.unwrap().handle;
+        let t = std::time::Instant::now();
+        let r = h4.write(&f4, 0, vec![1u8; 300 * 1024]).await;
+        assert!(r.is_err(), "an oversized packet is not served: {r:?}");
+        assert!(h4.realpath(".").await.is_err(), "its session is over");
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(8),
+            "ended at once, not by a timeout: {:?}",
+            t.elapsed()
+        );
+        drop(h4);
+
         // A normal round trip in a fresh session still works.
         let h3 = sftp(&conn).await;
         let body: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
