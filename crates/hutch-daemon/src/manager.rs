@@ -312,15 +312,7 @@ impl Manager {
         // Admission and the name claim under one lock; the name is claimed in one store
         // transaction: of concurrent creates, one wins.
         let admit = self.admit_lock.lock().await;
-        self.admit(
-            vm.owner.as_deref(),
-            Ask {
-                vcpus: vm.vcpus,
-                mem_mib: vm.mem_mib,
-                disk_gib: vm.disk_gib,
-                new: true,
-            },
-        )?;
+        self.admit(vm.owner.as_deref(), Ask::of(&vm, true))?;
         match &req.name {
             Some(n) => {
                 vm.name = n.clone();
@@ -582,15 +574,7 @@ impl Manager {
         };
         {
             let _admit = self.admit_lock.lock().await;
-            self.admit(
-                vm.owner.as_deref(),
-                Ask {
-                    vcpus: vm.vcpus,
-                    mem_mib: vm.mem_mib,
-                    disk_gib: vm.disk_gib,
-                    new: true,
-                },
-            )?;
+            self.admit(vm.owner.as_deref(), Ask::of(&vm, true))?;
             self.store.insert_new(VMS, &vm.key(), &vm)?;
         }
         let result = async {
@@ -646,15 +630,7 @@ impl Manager {
         }
         {
             let _admit = self.admit_lock.lock().await;
-            self.admit(
-                vm.owner.as_deref(),
-                Ask {
-                    vcpus: vm.vcpus,
-                    mem_mib: vm.mem_mib,
-                    disk_gib: vm.disk_gib,
-                    new: false,
-                },
-            )?;
+            self.admit(vm.owner.as_deref(), Ask::of(&vm, false))?;
             self.store.update(VMS, name, |v: &mut Vm| {
                 v.state = VmState::Starting;
                 v.reason = None;

@@ -621,13 +621,14 @@ impl server::Handler for Conn {
                 russh_sftp::server::run(theirs, sftp).await;
                 let handle = session.handle();
                 tokio::spawn(async move {
-                    let chan = channel.into_stream();
-                    sftp_pump(ours, chan).await;
+                    let mut chan = channel.into_stream();
+                    sftp_pump(ours, &mut chan).await;
                     // The exit status must go out before the channel closes (dropping the
                     // stream closes it); a client that sees the close first reports failure.
                     let _ = handle.exit_status_request(ch, 0).await;
                     let _ = handle.eof(ch).await;
                     let _ = handle.close(ch).await;
+                    drop(chan);
                 });
             }
             _ => {
@@ -698,7 +699,9 @@ impl server::Handler for Conn {
 }
 
 /// Carries an SFTP session between the SSH channel and the SFTP server's end of the pipe. What
-/// the client sends is followed packet by packet: one over the limit ends the session.
+/// the client sends is followed packet by packet: one over the limit ends the session. The
+/// channel is borrowed: it must outlive this, as dropping it closes the channel before the exit
+/// status could be sent (scp checks it).
 async fn sftp_pump(
     server: tokio::io::DuplexStream,
     chan: impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,

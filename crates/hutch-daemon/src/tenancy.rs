@@ -47,6 +47,18 @@ pub struct Ask {
     pub new: bool,
 }
 
+impl Ask {
+    /// What `vm` asks for: as a new VM, or as a start of an existing one.
+    pub fn of(vm: &Vm, new: bool) -> Ask {
+        Ask {
+            vcpus: vm.vcpus,
+            mem_mib: vm.mem_mib,
+            disk_gib: vm.disk_gib,
+            new,
+        }
+    }
+}
+
 impl Manager {
     /// The VM `name` means for `caller` (see the module doc); another account's VM answers
     /// exactly as a missing one does.
