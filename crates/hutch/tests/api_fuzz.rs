@@ -67,14 +67,6 @@ fn schemathesis() -> PathBuf {
     bin
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// A loopback "proxy" that counts connections and closes them: every registry request hutchd
 /// makes ends here (a refused pull or push, answered as the API's 4xx).
 fn sink_proxy() -> (u16, Arc<AtomicUsize>) {
@@ -203,22 +195,9 @@ fn fuzz(st: &Path, work: &Path, spec: &Path, port: u16, token: Option<&str>, who
 
 /// Puts alice's VM back (running) when a run deleted or stopped it.
 fn ensure_vm(d: &Daemon, token: &str, port: u16) {
+    let addr = format!("127.0.0.1:{port}");
     let call = |method: &str, path: &str, body: Option<Value>| {
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-        let b = body.map(|b| b.to_string());
-        let (st, out) = http(
-            &mut s,
-            method,
-            path,
-            b.as_deref().map(str::as_bytes),
-            "application/json",
-            Some(token),
-        )
-        .unwrap();
-        (
-            st,
-            serde_json::from_slice::<Value>(&out).unwrap_or(Value::Null),
-        )
+        http_json(&addr, token, method, path, body.as_ref())
     };
     let (st, v) = d
         .api("GET", &format!("/api/v1/sandboxes/alice%2F{VM}"), None)
@@ -277,13 +256,7 @@ fn api_fuzzing_finds_no_server_errors() {
         "--mem-overcommit",
         "1000",
     ]);
-    d.ok(&[
-        "image",
-        "import",
-        layout.to_str().unwrap(),
-        "--name",
-        "busybox",
-    ]);
+    d.import_busybox(&layout);
     let s = Ssh { port: ssh_port };
     let pubkey = std::fs::read(format!("{}.pub", alice.display())).unwrap();
     let (_, se, c) = text(&s.run(&admin, "admin", &["adduser", "alice"], Some(&pubkey), false));

@@ -151,13 +151,7 @@ fn images_and_bad_input() {
 
     // Image formats: OCI layout dir, oci-archive written by skopeo, docker save (with a
     // whiteout across layers).
-    d.ok(&[
-        "image",
-        "import",
-        layout.to_str().unwrap(),
-        "--name",
-        "busybox",
-    ]);
+    d.import_busybox(&layout);
     let archive = work.path().join("bb-oci.tar");
     let st = std::process::Command::new("skopeo")
         .args([

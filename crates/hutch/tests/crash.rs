@@ -79,13 +79,7 @@ fn hutchd_crash_at_any_step_is_repaired() {
     let reg = TestRegistry::start(None);
     reg.push(&layout, "bb", "team/app:1", None);
     let mut d = Daemon::start(&[]);
-    d.ok(&[
-        "image",
-        "import",
-        layout.to_str().unwrap(),
-        "--name",
-        "busybox",
-    ]);
+    d.import_busybox(&layout);
     d.ok(&["new", "--image", "busybox", "--name", "keep"]);
     d.ok(&["new", "--image", "busybox", "--name", "cold"]);
     d.ok(&["stop", "cold"]);

@@ -88,11 +88,7 @@ fn hostile_sftp_client() {
     let w = work.path();
     let admin = keygen(w, "admin", &["-t", "ed25519"]);
     let alice = keygen(w, "alice", &["-t", "ed25519"]);
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let layout = busybox_layout(w);
     let d = Daemon::start(&[
         "--ssh-listen",
@@ -100,13 +96,7 @@ fn hostile_sftp_client() {
         "--admin-keys",
         &format!("{}.pub", admin.display()),
     ]);
-    d.ok(&[
-        "image",
-        "import",
-        layout.to_str().unwrap(),
-        "--name",
-        "busybox",
-    ]);
+    d.import_busybox(&layout);
     let s = Ssh { port };
     let pubkey = std::fs::read(format!("{}.pub", alice.display())).unwrap();
     let (_, se, c) = text(&s.run(&admin, "admin", &["adduser", "alice"], Some(&pubkey), false));

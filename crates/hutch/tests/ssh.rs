@@ -19,17 +19,9 @@ fn ssh_front_door() {
     let bob = keygen(w, "bob", &["-t", "ed25519"]);
     let stranger = keygen(w, "stranger", &["-t", "ed25519"]);
     let weak = keygen(w, "weak", &["-t", "rsa", "-b", "1024"]);
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let layout = busybox_layout(w);
-    let api_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let api_port = free_port();
     let api_addr = format!("127.0.0.1:{api_port}");
     let d = Daemon::start(&[
         "--listen",
@@ -45,13 +37,7 @@ fn ssh_front_door() {
         "--ssh-auth-timeout",
         "2",
     ]);
-    d.ok(&[
-        "image",
-        "import",
-        layout.to_str().unwrap(),
-        "--name",
-        "busybox",
-    ]);
+    d.import_busybox(&layout);
     let s = Ssh { port };
     let pubkey = |k: &Path| std::fs::read(format!("{}.pub", k.display())).unwrap();
 

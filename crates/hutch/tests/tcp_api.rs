@@ -58,11 +58,7 @@ fn tls_client(
 
 #[test]
 fn tcp_api_tls_deadlines_and_caps() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let mut d = Daemon::start(&[
         "--listen",
         &format!("0.0.0.0:{port}"),

@@ -15,18 +15,7 @@ struct Rest {
 
 impl Rest {
     fn call(&self, token: &str, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
-        let mut c = std::net::TcpStream::connect(&self.addr).unwrap();
-        let b = body.map(|b| b.to_string());
-        let (st, out) = http(
-            &mut c,
-            method,
-            path,
-            b.as_deref().map(str::as_bytes),
-            "application/json",
-            Some(token),
-        )
-        .unwrap();
-        (st, serde_json::from_slice(&out).unwrap_or(Value::Null))
+        http_json(&self.addr, token, method, path, body.as_ref())
     }
 
     fn upload(&self, token: &str, name: &str, tar: &Path) -> (u16, Value) {
@@ -47,14 +36,6 @@ impl Rest {
 
 fn code(v: &Value) -> &str {
     v["error"]["code"].as_str().unwrap_or("")
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// MiB free on the filesystem of `p`, as df sees it.
@@ -113,13 +94,7 @@ fn tenants_are_isolated_and_bounded() {
         "--quota-vms",
         "1",
     ]);
-    d.ok(&[
-        "image",
-        "import",
-        layout.to_str().unwrap(),
-        "--name",
-        "busybox",
-    ]);
+    d.import_busybox(&layout);
     let s = Ssh { port: ssh_port };
     for (name, key) in [("alice", &alice), ("bob", &bob)] {
         let pubkey = std::fs::read(format!("{}.pub", key.display())).unwrap();

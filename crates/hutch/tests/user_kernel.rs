@@ -40,13 +40,7 @@ fn user_supplied_kernel_boots_and_nothing_is_downloaded() {
         "--boot-cache",
         cache.path().to_str().unwrap(),
     ]);
-    d.ok(&[
-        "image",
-        "import",
-        layout.to_str().unwrap(),
-        "--name",
-        "busybox",
-    ]);
+    d.import_busybox(&layout);
     d.ok(&["new", "--image", "busybox", "--name", "k"]);
     assert_eq!(d.ok(&["exec", "k", "--", "uname", "-r"]).trim(), release);
     assert!(

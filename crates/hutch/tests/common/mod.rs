@@ -136,6 +136,17 @@ impl Daemon {
         std::fs::read_to_string(p).unwrap_or_default()
     }
 
+    /// Imports the busybox test layout (`busybox_layout`) as `busybox`.
+    pub fn import_busybox(&self, layout: &Path) {
+        self.ok(&[
+            "image",
+            "import",
+            layout.to_str().unwrap(),
+            "--name",
+            "busybox",
+        ]);
+    }
+
     /// Waits for hutchd to exit by itself (e.g. at a crash point); its status, None on timeout.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
         let c = self.child.as_mut()?;
@@ -222,6 +233,37 @@ impl Daemon {
     pub fn qemu_pids(&self) -> Vec<u32> {
         qemu_pids_under(self.data())
     }
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// One JSON request over TCP to `addr` with a bearer token: status and parsed body (or Null).
+pub fn http_json(
+    addr: &str,
+    token: &str,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+) -> (u16, Value) {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    let b = body.map(|b| b.to_string());
+    let (st, out) = http(
+        &mut s,
+        method,
+        path,
+        b.as_deref().map(str::as_bytes),
+        "application/json",
+        Some(token),
+    )
+    .unwrap();
+    (st, serde_json::from_slice(&out).unwrap_or(Value::Null))
 }
 
 pub fn http(
