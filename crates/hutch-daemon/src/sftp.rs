@@ -39,6 +39,9 @@ enum Open {
     Dir { path: String, page: DirPage },
 }
 
+/// Empty listing pages readdir skips in a row before it gives up on the guest.
+const MAX_EMPTY_PAGES: usize = 16;
+
 /// One page of a directory listing and where the next starts.
 #[derive(Clone)]
 struct DirPage {
@@ -101,7 +104,7 @@ impl VmSftp {
                 entries,
                 more,
                 next,
-            } => Ok(DirPage {
+            } if !more || next > skip => Ok(DirPage {
                 files: entries
                     .iter()
                     .map(|e| File {
@@ -373,7 +376,9 @@ impl russh_sftp::server::Handler for VmSftp {
     }
 
     async fn readdir(&mut self, id: u32, handle: String) -> Result<Name, Self::Error> {
-        loop {
+        // Pages whose entries all vanished are skipped, a few in a row at most: a guest that
+        // answers empty pages for ever does not keep this session looping.
+        for _ in 0..MAX_EMPTY_PAGES {
             let (path, next) = match self.handles.get_mut(&handle) {
                 Some(Open::Dir { page, .. }) if !page.files.is_empty() => {
                     let files = std::mem::take(&mut page.files);
@@ -389,6 +394,7 @@ impl russh_sftp::server::Handler for VmSftp {
                 *p = page;
             }
         }
+        Err(StatusCode::Failure.with_message("the guest's directory listing does not advance"))
     }
 
     async fn remove(&mut self, id: u32, filename: String) -> Result<Status, Self::Error> {
