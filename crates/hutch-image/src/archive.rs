@@ -10,7 +10,7 @@
 //! the same root, JSON documents with size caps, blobs by [`Digest`] against their descriptors.
 
 use crate::oci::{is_index, pick, Index, Manifest, MAX_CONFIG, MAX_JSON};
-use crate::tarstream::{for_each_entry, Budget};
+use crate::tarstream::{for_each_entry, BadName, Budget};
 use crate::unpack::{fs_err, Limits};
 use crate::{Digest, Found, ImageError, ImageStore};
 use hutch_fs::{FsError, Mode, Root};
@@ -19,7 +19,7 @@ use serde_json::json;
 use std::ffi::OsStr;
 use std::io::Read;
 use std::os::unix::ffi::OsStrExt;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 
 /// Normalises an image reference: `busybox` -> `busybox:latest`; refuses malformed ones.
 pub fn normalize_ref(r: &str) -> Result<String, ImageError> {
@@ -57,23 +57,13 @@ fn arch_err(e: FsError) -> ImageError {
 
 /// Normal components of an archive entry name or link; `..` and NUL are refused.
 fn clean(p: &[u8]) -> Result<PathBuf, ImageError> {
-    if p.contains(&0) {
-        return Err(bad("NUL in an archive entry name"));
-    }
-    let mut out = PathBuf::new();
-    for c in Path::new(OsStr::from_bytes(p)).components() {
-        match c {
-            Component::Normal(n) => out.push(n),
-            Component::CurDir | Component::RootDir => {}
-            Component::ParentDir | Component::Prefix(_) => {
-                return Err(bad(format!(
-                    "archive entry {} escapes the archive",
-                    String::from_utf8_lossy(p)
-                )))
-            }
-        }
-    }
-    Ok(out)
+    crate::tarstream::entry_path(p).map_err(|e| match e {
+        BadName::Nul => bad("NUL in an archive entry name"),
+        BadName::Escapes => bad(format!(
+            "archive entry {} escapes the archive",
+            String::from_utf8_lossy(p)
+        )),
+    })
 }
 
 /// Extracts an image archive (plain, gzip or zstd tar) into the empty directory `dest`, within

@@ -14,6 +14,31 @@ use crate::sparse::{self, PaxKind, PaxSparse, Segment, SparseMap};
 use crate::ImageError;
 use std::io::Read;
 
+/// Why an entry name was refused by [`entry_path`].
+pub(crate) enum BadName {
+    Nul,
+    Escapes,
+}
+
+/// The normal components of a tar entry name or link target (`.`, `/` and empty components
+/// dropped); `..` and NUL are refused.
+pub(crate) fn entry_path(p: &[u8]) -> Result<std::path::PathBuf, BadName> {
+    use std::os::unix::ffi::OsStrExt;
+    use std::path::{Component, Path};
+    if p.contains(&0) {
+        return Err(BadName::Nul);
+    }
+    let mut out = std::path::PathBuf::new();
+    for c in Path::new(std::ffi::OsStr::from_bytes(p)).components() {
+        match c {
+            Component::Normal(n) => out.push(n),
+            Component::CurDir | Component::RootDir => {}
+            Component::ParentDir | Component::Prefix(_) => return Err(BadName::Escapes),
+        }
+    }
+    Ok(out)
+}
+
 /// A GNU long name or long link name: at most this many bytes (PATH_MAX is 4096).
 pub const MAX_LONG_NAME: u64 = 64 << 10;
 /// One PAX extension header (all its records): at most this many bytes.

@@ -12,7 +12,7 @@
 //! [`Limits`]: entries, and decompressed bytes per layer and per image (sparse files counting at
 //! their full size); tar extension headers and sparse maps have fixed caps (see `tarstream`).
 
-use crate::tarstream::{for_each_entry, Budget, Meta};
+use crate::tarstream::{for_each_entry, BadName, Budget, Meta};
 use crate::ImageError;
 use hutch_fs::{Dir, FsError, Kind, Mode, Root};
 use std::collections::HashSet;
@@ -20,7 +20,7 @@ use std::ffi::{OsStr, OsString};
 use std::io::Read;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 
 /// Bounds against layer and archive bombs.
 #[derive(Debug, Clone, Copy)]
@@ -69,26 +69,15 @@ pub(crate) fn fs_err(e: FsError) -> ImageError {
     }
 }
 
-/// Splits a tar entry path into normal components; refuses `..`.
+/// Splits a tar entry path into normal components; refuses `..` and NUL.
 fn clean(path: &[u8]) -> Result<PathBuf, ImageError> {
-    let p = Path::new(OsStr::from_bytes(path));
-    if path.contains(&0) {
-        return Err(bad("NUL in an entry name"));
-    }
-    let mut out = PathBuf::new();
-    for c in p.components() {
-        match c {
-            Component::Normal(n) => out.push(n),
-            Component::RootDir | Component::CurDir => {}
-            Component::ParentDir | Component::Prefix(_) => {
-                return Err(bad(format!(
-                    "entry {} escapes the root",
-                    String::from_utf8_lossy(path)
-                )))
-            }
-        }
-    }
-    Ok(out)
+    crate::tarstream::entry_path(path).map_err(|e| match e {
+        BadName::Nul => bad("NUL in an entry name"),
+        BadName::Escapes => bad(format!(
+            "entry {} escapes the root",
+            String::from_utf8_lossy(path)
+        )),
+    })
 }
 
 /// Opens a layer blob, undoing its compression (detected from the first bytes).
