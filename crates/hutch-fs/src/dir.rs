@@ -88,18 +88,7 @@ impl<'r> Dir<'r> {
     /// Opens a regular file read-write, creating it if absent; anything else there is an error.
     pub fn open_rw(&self, name: &OsStr, mode: u32) -> Result<File, FsError> {
         match self.open(name, libc::O_RDWR | libc::O_NONBLOCK, 0) {
-            Ok(fd) => {
-                let f = File::from(fd);
-                let st = sys::fstatat(f.as_fd(), OsStr::new("")).map_err(|e| self.err(name, e))?;
-                if st.st_mode & libc::S_IFMT != libc::S_IFREG {
-                    return Err(FsError::BadPath {
-                        path: self.rel.join(name).display().to_string(),
-                        why: "not a regular file",
-                    });
-                }
-                crate::set_blocking(&f).map_err(|e| self.err(name, e))?;
-                Ok(f)
-            }
+            Ok(fd) => self.regular(name, File::from(fd)),
             Err(FsError::NotFound(_)) => Ok(File::from(self.open(
                 name,
                 libc::O_RDWR | libc::O_CREAT | libc::O_EXCL,
@@ -112,6 +101,12 @@ impl<'r> Dir<'r> {
     /// Opens an existing regular file for reading (not through a symlink).
     pub fn open_file(&self, name: &OsStr) -> Result<File, FsError> {
         let f = File::from(self.open(name, libc::O_RDONLY | libc::O_NONBLOCK, 0)?);
+        self.regular(name, f)
+    }
+
+    /// `f` (opened non-blocking, so a FIFO planted there cannot hang the open) if it is a
+    /// regular file, made blocking again; anything else is an error.
+    fn regular(&self, name: &OsStr, f: File) -> Result<File, FsError> {
         let st = sys::fstatat(f.as_fd(), OsStr::new("")).map_err(|e| self.err(name, e))?;
         if st.st_mode & libc::S_IFMT != libc::S_IFREG {
             return Err(FsError::BadPath {

@@ -138,33 +138,9 @@ fn sh_in(d: &Daemon, script: &str) -> String {
     d.ok(&["exec", "hv", "--", "sh", "-c", script])
 }
 
-/// Builds the hostile guest tool (a bin of hutch-agent, static like the agent) if needed.
+/// The hostile guest tool (a static bin of hutch-agent, like the agent).
 fn hostile_tool() -> std::path::PathBuf {
-    let p = workspace().join("target/agent/x86_64-unknown-linux-gnu/release/hutch-hostile");
-    if !p.exists() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let st = Command::new(cargo)
-            .current_dir(workspace())
-            .env("RUSTFLAGS", "-C target-feature=+crt-static")
-            .args([
-                "build",
-                "--release",
-                "-p",
-                "hutch-agent",
-                "--bin",
-                "hutch-hostile",
-            ])
-            .args([
-                "--target",
-                "x86_64-unknown-linux-gnu",
-                "--target-dir",
-                "target/agent",
-            ])
-            .status()
-            .unwrap();
-        assert!(st.success(), "building hutch-hostile failed");
-    }
-    p
+    agent_bin("hutch-hostile")
 }
 
 #[test]

@@ -23,27 +23,29 @@ static START: Mutex<()> = Mutex::new(());
 
 /// Builds the static agent if the Makefile has not.
 pub fn ensure_agent() {
-    let agent = workspace().join("target/agent/x86_64-unknown-linux-gnu/release/hutch-agent");
-    if agent.exists() {
-        return;
+    agent_bin("hutch-agent");
+}
+
+/// A static binary of the hutch-agent crate (the agent, or a guest-side test tool), built the
+/// way `make agent` builds it if it is not there yet; its path.
+pub fn agent_bin(bin: &str) -> PathBuf {
+    let p = workspace()
+        .join("target/agent/x86_64-unknown-linux-gnu/release")
+        .join(bin);
+    if p.exists() {
+        return p;
     }
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let st = Command::new(cargo)
         .current_dir(workspace())
         .env("RUSTFLAGS", "-C target-feature=+crt-static")
-        .args([
-            "build",
-            "--release",
-            "-p",
-            "hutch-agent",
-            "--target",
-            "x86_64-unknown-linux-gnu",
-            "--target-dir",
-            "target/agent",
-        ])
+        .args(["build", "--release", "-p", "hutch-agent", "--bin", bin])
+        .args(["--target", "x86_64-unknown-linux-gnu"])
+        .args(["--target-dir", "target/agent"])
         .status()
         .unwrap();
-    assert!(st.success(), "building hutch-agent failed");
+    assert!(st.success(), "building {bin} failed");
+    p
 }
 
 /// Polls `f` until it returns Some or `timeout` passes.
