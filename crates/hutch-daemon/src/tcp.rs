@@ -95,8 +95,10 @@ fn make_cert(cert: &Path, key: &Path, listen: SocketAddr) -> Result<(), DaemonEr
     if let Some(d) = cert.parent() {
         std::fs::create_dir_all(d).map_err(setup)?;
     }
+    // Both atomically (a crash leaves the pair whole or absent), the certificate last: its
+    // presence is what says the pair is there.
     crate::secrets::write(key, pair.serialize_pem().as_bytes()).map_err(setup)?;
-    std::fs::write(cert, c.pem()).map_err(setup)?;
+    crate::secrets::write(cert, c.pem().as_bytes()).map_err(setup)?;
     Ok(())
 }
 
