@@ -287,6 +287,31 @@ fn tenants_are_isolated_and_bounded() {
         assert_eq!(st, 204, "{v}");
     }
 
+    // Removing one of an account's keys revokes its API tokens (a lost key may have made them).
+    let alice2 = keygen(w, "alice2", &["-t", "ed25519"]);
+    let pub2 = std::fs::read(format!("{}.pub", alice2.display())).unwrap();
+    let (_, se, c) = text(&s.run(&alice, "alice", &["keys", "add"], Some(&pub2), false));
+    assert_eq!(c, 0, "{se}");
+    let t2 = token(&alice2, "alice");
+    assert_eq!(r.call(&t2, "GET", "/api/v1/sandboxes", None).0, 200);
+    let fp = std::process::Command::new("ssh-keygen")
+        .args(["-l", "-E", "sha256", "-f"])
+        .arg(format!("{}.pub", alice2.display()))
+        .output()
+        .unwrap();
+    let fp = String::from_utf8_lossy(&fp.stdout)
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .to_string();
+    let (so, se, c) = text(&s.run(&alice, "alice", &["keys", "rm", &fp], None, false));
+    assert_eq!(c, 0, "{se}");
+    assert!(so.contains("revoked 2 API token(s)"), "{so}");
+    for t in [&t2, &at] {
+        let (st, v) = r.call(t, "GET", "/api/v1/sandboxes", None);
+        assert_eq!((st, code(&v)), (401, "unauthorized"), "{v}");
+    }
+
     // Idle SSH sockets from one address use up that address's logins in progress, not
     // everyone's: another address still logs in, and the idle ones are cut at the deadline.
     let idle: Vec<std::net::TcpStream> = (0..4)
