@@ -3,7 +3,11 @@
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
+pub mod lifecycle;
 pub mod names;
+pub mod status;
+
+pub use lifecycle::{Denied, Event, RestartPolicy, VmEvent, VmState};
 
 /// Seconds since the Unix epoch.
 pub fn now() -> u64 {
@@ -11,41 +15,6 @@ pub fn now() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
-}
-
-/// Where a VM is in its life.
-///
-/// ```text
-///   create ──► creating ──► running ──stop──► stopping ──► stopped ──start──► starting ──► running
-///                 │            │ qemu died                    ▲                  │
-///                 │            └──────────────────────────────┴──────failed──────┘ (reason kept)
-///                 └── failed or hutchd crashed: undone (no record, disk or process remains)
-///   rm ──► deleting ──► (gone); a crash while deleting is finished at the next start
-/// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum VmState {
-    /// Being made by create or clone: not the VM's yet; undone if hutchd stops meanwhile.
-    Creating,
-    Starting,
-    Running,
-    Stopping,
-    Stopped,
-    /// Being removed; finished if hutchd stops meanwhile.
-    Deleting,
-}
-
-impl VmState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            VmState::Creating => "creating",
-            VmState::Starting => "starting",
-            VmState::Running => "running",
-            VmState::Stopping => "stopping",
-            VmState::Stopped => "stopped",
-            VmState::Deleting => "deleting",
-        }
-    }
 }
 
 /// A VM as stored and as returned by the API.
@@ -61,7 +30,7 @@ pub struct Vm {
     pub mem_mib: u64,
     pub disk_gib: u64,
     pub state: VmState,
-    /// Why the VM is stopped when it did not stop on request (QEMU died, boot failed, ...).
+    /// Why the VM is `failed` (QEMU died, the boot did not finish, ...); None in other states.
     pub reason: Option<String>,
     pub pid: Option<u32>,
     pub accel: Option<String>,
@@ -95,9 +64,30 @@ pub struct Vm {
     /// a restart keeps the same uid. None: not confined (hutchd --jail off, or never started).
     #[serde(default)]
     pub confinement: Option<Confinement>,
+    /// What happens when its QEMU exits without `hutch stop` (`hutch new --restart`).
+    #[serde(default)]
+    pub restart: RestartPolicy,
+    /// Automatic restarts since the VM last ran for a while (restart back-off).
+    #[serde(default)]
+    pub restarts: u32,
 }
 
 impl Vm {
+    /// Applies a lifecycle event: the new state, and the reason kept exactly while `failed`.
+    pub fn apply(&mut self, event: &Event) -> Result<VmState, Denied> {
+        let next = self.state.on(event)?;
+        self.state = next;
+        self.reason = match next {
+            VmState::Failed => event
+                .reason()
+                .map(str::to_string)
+                .or(self.reason.take())
+                .or_else(|| Some("failed".into())),
+            _ => None,
+        };
+        Ok(next)
+    }
+
     /// The VM's key in the store: its name in its owner's namespace (`alice/web`), or the bare
     /// name for the local admin's VMs. Account names and VM names never contain `/`.
     pub fn key(&self) -> String {

@@ -10,7 +10,7 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use hutch_core::{Image, ImageConfig, Vm, VmState};
 use hutch_store::{IMAGES, VMS};
-use hutch_vmm::{Accel, VmProcess, VmSpec, Vmm, VmmError};
+use hutch_vmm::{Accel, VmHandle, VmProcess, VmSpec, Vmm, VmmError};
 use serde_json::Value;
 use std::sync::Arc;
 use tower::ServiceExt;
@@ -19,13 +19,16 @@ use tower::ServiceExt;
 struct NoVms;
 
 impl Vmm for NoVms {
+    fn name(&self) -> &'static str {
+        "none"
+    }
     fn launch(&self, _spec: &VmSpec) -> Result<VmProcess, VmmError> {
         Err(VmmError::Launch("the test VMM launches nothing".into()))
     }
-    fn is_alive(&self, _id: &str, _pid: u32) -> bool {
+    fn is_alive(&self, _vm: &VmHandle) -> bool {
         false
     }
-    fn kill(&self, _id: &str, _pid: u32) -> Result<(), VmmError> {
+    fn kill(&self, _vm: &VmHandle) -> Result<(), VmmError> {
         Ok(())
     }
 }
@@ -45,6 +48,7 @@ fn manager(dir: &std::path::Path) -> Arc<Manager> {
         jail_uids: None,
         registry_allow_private: false,
         max_upload_bytes: 1 << 30,
+        qemu_version: "10.0.0".into(),
     };
     let store = hutch_store::Store::open(&dir.join("state.redb")).unwrap();
     let images = hutch_image::ImageStore::open(&dir.join("images")).unwrap();
@@ -84,6 +88,8 @@ fn vm(name: &str, owner: Option<&str>) -> Vm {
         image_layers: vec![],
         image_config: None,
         confinement: None,
+        restart: Default::default(),
+        restarts: 0,
     }
 }
 
@@ -126,6 +132,14 @@ async fn call(m: &Arc<Manager>, who: &Caller, method: &str, path: &str) -> (Stat
         .unwrap();
     let resp = app.oneshot(req).await.unwrap();
     let st = resp.status();
+    // The event stream never ends by itself.
+    if resp
+        .headers()
+        .get("content-type")
+        .is_some_and(|v| v == "application/x-ndjson")
+    {
+        return (st, Value::Null);
+    }
     let b = axum::body::to_bytes(resp.into_body(), 1 << 20)
         .await
         .unwrap_or_default();

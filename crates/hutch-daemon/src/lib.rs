@@ -10,10 +10,14 @@ pub mod confine;
 pub mod console;
 pub mod crash;
 pub mod error;
+pub mod events;
 pub mod files;
 pub mod image_ops;
 pub mod manager;
+pub mod metrics;
+pub mod ops_api;
 pub mod recover;
+pub mod restart;
 pub mod secrets;
 pub mod sftp;
 pub mod ssh;
@@ -174,10 +178,7 @@ pub async fn prepare(cfg: &DaemonConfig) -> Result<Arc<manager::Manager>, Daemon
             None
         }
     };
-    let vmm: Arc<dyn Vmm> = Arc::new(hutch_vmm::Qemu {
-        binary: cfg.qemu.clone(),
-        jail,
-    });
+    let vmm: Arc<dyn Vmm> = Arc::new(hutch_vmm::Qemu::new(cfg.qemu.clone(), jail));
     let node = manager::NodeConfig {
         data_dir: cfg.data_dir.clone(),
         bundle,
@@ -188,6 +189,7 @@ pub async fn prepare(cfg: &DaemonConfig) -> Result<Arc<manager::Manager>, Daemon
         jail_uids: cfg.jail.as_ref().map(|j| (j.uid_base, j.uid_count)),
         registry_allow_private: cfg.registry_allow_private,
         max_upload_bytes: cfg.max_upload_bytes,
+        qemu_version: format!("{}.{}.{}", qv.0, qv.1, qv.2),
     };
     let tokens = auth::Tokens::load_or_create(&cfg.data_dir).map_err(setup)?;
     let mut m = manager::Manager::new(node, store, images, vmm, tokens);

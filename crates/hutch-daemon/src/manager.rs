@@ -8,10 +8,10 @@ use crate::agent::AgentClient;
 use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::tenancy::{Admission, Ask};
-use hutch_core::{image_env, names, Image, Vm, VmState};
+use hutch_core::{image_env, names, Event, Image, Vm, VmState};
 use hutch_proto::{ExecRequest, Kind, Request, Response};
 use hutch_store::{Store, IMAGES, VMS};
-use hutch_vmm::{Accel, VmSpec, Vmm};
+use hutch_vmm::{Accel, VmExit, VmHandle, VmSpec, Vmm};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -31,6 +31,8 @@ pub struct NodeConfig {
     pub registry_allow_private: bool,
     /// Largest upload (file PUT, image archive) in bytes.
     pub max_upload_bytes: u64,
+    /// QEMU's version, for `hutch status`.
+    pub qemu_version: String,
 }
 
 pub struct Manager {
@@ -49,6 +51,9 @@ pub struct Manager {
     pub admission: Admission,
     /// Held from an admission check until the admitted VM's record counts (see `admit`).
     admit_lock: tokio::sync::Mutex<()>,
+    /// Lifecycle events, published after each persisted change.
+    pub events: crate::events::EventBus,
+    pub metrics: crate::metrics::Metrics,
 }
 
 /// A request to create a VM.
@@ -65,13 +70,34 @@ pub struct CreateVm {
     /// Run the image's Entrypoint + Cmd as the VM's main process.
     #[serde(default)]
     pub run: bool,
+    /// What happens when its QEMU exits without `hutch stop` (default: no).
+    #[serde(default)]
+    pub restart: hutch_core::RestartPolicy,
 }
 
+/// The defaults of a create, the one place they live (REST, SSH and the CLI all use them).
+pub const DEFAULT_VCPUS: u32 = 1;
+pub const DEFAULT_MEM_MIB: u64 = 256;
+
 fn one() -> u32 {
-    1
+    DEFAULT_VCPUS
 }
 fn default_mem() -> u64 {
-    256
+    DEFAULT_MEM_MIB
+}
+
+impl Default for CreateVm {
+    fn default() -> Self {
+        CreateVm {
+            name: None,
+            image: String::new(),
+            vcpus: DEFAULT_VCPUS,
+            mem_mib: DEFAULT_MEM_MIB,
+            disk_gib: None,
+            run: false,
+            restart: Default::default(),
+        }
+    }
 }
 
 /// A request to run a process in a VM.
@@ -137,11 +163,17 @@ impl Manager {
             tokens,
             admission: Admission::default(),
             admit_lock: tokio::sync::Mutex::new(()),
+            events: Default::default(),
+            metrics: Default::default(),
         }
     }
 
     pub fn host_mem_mib(&self) -> u64 {
         self.host_mem_mib
+    }
+
+    pub fn host_cpus(&self) -> u32 {
+        self.host_cpus
     }
 
     pub(crate) fn lock_for(&self, name: &str) -> Arc<tokio::sync::Mutex<()>> {
@@ -151,6 +183,15 @@ impl Manager {
 
     pub fn vm_dir(&self, id: &str) -> PathBuf {
         self.cfg.data_dir.join("vms").join(id)
+    }
+
+    /// The handle of `vm`'s QEMU process, when it has one.
+    pub fn handle(&self, vm: &Vm) -> Option<VmHandle> {
+        vm.pid.map(|pid| VmHandle {
+            id: vm.id.clone(),
+            pid,
+            runtime_dir: self.vm_dir(&vm.id).join("run"),
+        })
     }
 
     fn spec(&self, vm: &Vm, image: &Image) -> VmSpec {
@@ -175,6 +216,40 @@ impl Manager {
         self.store
             .get::<Vm>(VMS, name)?
             .ok_or_else(|| ApiError::vm(name))
+    }
+
+    /// Moves VM `key` through the lifecycle state machine (hutch_core::lifecycle) and persists
+    /// the new state, with `also` applied to the record, in one store transaction. A denied
+    /// event changes nothing and is a 409.
+    pub(crate) fn transition(
+        &self,
+        key: &str,
+        event: Event,
+        also: impl FnOnce(&mut Vm),
+    ) -> Result<Vm, ApiError> {
+        let denied = std::cell::RefCell::new(None);
+        let from = std::cell::Cell::new(VmState::Creating);
+        let vm = self.store.update(VMS, key, |v: &mut Vm| {
+            from.set(v.state);
+            match v.apply(&event) {
+                Ok(_) => also(v),
+                Err(d) => *denied.borrow_mut() = Some(format!("{} {d}", v.name)),
+            }
+        })?;
+        if let Some(m) = denied.into_inner() {
+            return Err(ApiError::Conflict(m));
+        }
+        self.events.transition(&vm, from.get(), &event);
+        Ok(vm)
+    }
+
+    /// Refuses `event` at once when `vm`'s current state does not allow it (before waiting for
+    /// the VM's lock), so a second operation on a VM in a transitional state is a 409, not a wait.
+    pub(crate) fn check(vm: &Vm, event: &Event) -> Result<(), ApiError> {
+        vm.state
+            .on(event)
+            .map(|_| ())
+            .map_err(|d| ApiError::Conflict(format!("{} {d}", vm.name)))
     }
 
     pub fn list(&self) -> Result<Vec<Vm>, ApiError> {
@@ -271,6 +346,7 @@ impl Manager {
 
     /// Creates and boots a VM; on any failure nothing of it remains.
     pub async fn create(self: &Arc<Self>, caller: &Caller, req: CreateVm) -> Result<Vm, ApiError> {
+        let t0 = Instant::now();
         self.validate(&req)?;
         let image = self.image_for(caller, &req.image)?;
         if req.run && image.config.entrypoint.is_empty() && image.config.cmd.is_empty() {
@@ -308,6 +384,8 @@ impl Manager {
             image_layers: image.layers.clone(),
             image_config: Some(image.config.clone()),
             confinement: None,
+            restart: req.restart,
+            restarts: 0,
         };
         // Admission and the name claim under one lock; the name is claimed in one store
         // transaction: of concurrent creates, one wins.
@@ -345,7 +423,10 @@ impl Manager {
         }
         .await;
         match result {
-            Ok(vm) => Ok(vm),
+            Ok(vm) => {
+                self.metrics.creates.observe(t0.elapsed());
+                Ok(vm)
+            }
             Err(e) => {
                 tokio::task::block_in_place(|| self.destroy(&vm));
                 let _ = self.store.delete(VMS, &vm.key());
@@ -365,22 +446,20 @@ impl Manager {
             .await
             .map_err(internal)??;
         crate::crash::point("boot.launched");
+        let h = proc_.handle.clone();
         self.store.update(VMS, &vm.key(), |v: &mut Vm| {
-            v.pid = Some(proc_.pid);
-            if v.state != VmState::Creating {
-                v.state = VmState::Starting;
-            }
+            v.pid = Some(h.pid);
             v.confinement = proc_.confinement.clone().or(v.confinement.take());
         })?;
         let agent_sock = spec.agent_socket();
         let connected = tokio::select! {
             r = AgentClient::connect(&agent_sock, self.cfg.boot_timeout) => r.map_err(ApiError::from),
-            _ = self.wait_exit(&vm.id, proc_.pid) => Err(ApiError::Internal("QEMU exited during boot".into())),
+            _ = self.wait_exit(&h) => Err(ApiError::Internal("QEMU exited during boot".into())),
         };
         let (client, ack) = match connected {
             Ok(c) => c,
             Err(e) => {
-                let _ = self.vmm.kill(&vm.id, proc_.pid);
+                let _ = self.vmm.kill(&h);
                 let me = self.clone();
                 let id = vm.id.clone();
                 let _ = tokio::task::spawn_blocking(move || me.release_jail(&id)).await;
@@ -393,14 +472,13 @@ impl Manager {
             }
         };
         let boot_ms = t0.elapsed().as_millis() as u64;
+        self.metrics.boots.observe(t0.elapsed());
         crate::crash::point("boot.connected");
         self.conns
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(vm.id.clone(), client);
-        let vm = self.store.update(VMS, &vm.key(), |v: &mut Vm| {
-            v.state = VmState::Running;
-            v.reason = None;
+        let vm = self.transition(&vm.key(), Event::Booted, |v| {
             v.started_at = Some(hutch_core::now());
             v.boot_ms = Some(boot_ms);
             v.kernel = Some(hutch_core::clean_text(&ack.kernel));
@@ -411,8 +489,8 @@ impl Manager {
         } else {
             vm
         };
-        tracing::info!(vm = %vm.name, pid = proc_.pid, boot_ms, "vm running");
-        self.watch(vm.key(), vm.id.clone(), proc_.pid);
+        tracing::info!(vm = %vm.name, pid = h.pid, boot_ms, "vm running");
+        self.watch(vm.key(), h);
         Ok(vm)
     }
 
@@ -460,57 +538,69 @@ impl Manager {
             .update(VMS, &vm.key(), |v: &mut Vm| v.main_pid = Some(pid))?)
     }
 
-    async fn wait_exit(&self, id: &str, pid: u32) {
-        while self.vmm.is_alive(id, pid) {
+    async fn wait_exit(&self, h: &VmHandle) {
+        while self.vmm.is_alive(h) {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
-    /// Follows a running VM's process; records it stopped (with why) when it goes away.
-    pub(crate) fn watch(self: &Arc<Self>, name: String, id: String, pid: u32) {
+    /// Follows a running VM's process. When it goes away without a stop or delete asking for it,
+    /// the VM becomes `failed` (with the reason) and its restart policy decides what next.
+    pub(crate) fn watch(self: &Arc<Self>, key: String, h: VmHandle) {
         let me = self.clone();
         tokio::spawn(async move {
-            me.wait_exit(&id, pid).await;
+            me.wait_exit(&h).await;
             me.conns
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .remove(&id);
-            let tail = me.console_text(&id, 512);
-            let last = tail
-                .lines()
-                .rev()
-                .find(|l| !l.trim().is_empty())
-                .unwrap_or("")
-                .to_string();
-            let mine = std::cell::Cell::new(false);
-            let _ = me.store.update(VMS, &name, |v: &mut Vm| {
-                if v.id != id || v.pid != Some(pid) {
-                    return;
-                }
-                mine.set(true);
-                if matches!(
-                    v.state,
-                    VmState::Running | VmState::Starting | VmState::Creating
-                ) {
-                    v.reason = Some(if last.is_empty() {
-                        "QEMU exited unexpectedly".into()
-                    } else {
-                        format!("QEMU exited unexpectedly; console: {last}")
-                    });
-                    tracing::warn!(vm = %name, "vm process exited unexpectedly");
-                }
-                // A delete in progress owns the record: it stays `deleting` (so a crash before
-                // the delete finishes is finished at restart, not left as a stopped VM).
-                if v.state != VmState::Deleting {
-                    v.state = VmState::Stopped;
-                }
-                v.pid = None;
-                v.main_pid = None;
-            });
-            if mine.get() {
-                let _ = tokio::task::spawn_blocking(move || me.release_jail(&id)).await;
-            }
+                .remove(&h.id);
+            let how = {
+                let (vmm, h2) = (me.vmm.clone(), h.clone());
+                tokio::task::spawn_blocking(move || vmm.exit(&h2))
+                    .await
+                    .unwrap_or(VmExit::Unknown)
+            };
+            me.exited(&key, &h, how).await;
         });
+    }
+
+    /// Records that the process `h` of VM `key` is gone (see [`Manager::watch`]).
+    pub(crate) async fn exited(self: &Arc<Self>, key: &str, h: &VmHandle, how: VmExit) {
+        let Ok(Some(vm)) = self.store.get::<Vm>(VMS, key) else {
+            return;
+        };
+        if vm.id != h.id || vm.pid != Some(h.pid) {
+            return;
+        }
+        let tail = self.console_text(&h.id, 512);
+        let last = tail
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("")
+            .to_string();
+        let what = match &how {
+            VmExit::Clean => "the guest powered off".to_string(),
+            VmExit::Crashed(why) => why.clone(),
+            VmExit::Unknown => "QEMU exited unexpectedly".to_string(),
+        };
+        let reason = if last.is_empty() {
+            what
+        } else {
+            format!("{what}; console: {last}")
+        };
+        let after = self.transition(key, Event::Exited(reason), |v| {
+            v.pid = None;
+            v.main_pid = None;
+        });
+        let (me, id) = (self.clone(), h.id.clone());
+        let _ = tokio::task::spawn_blocking(move || me.release_jail(&id)).await;
+        if let Ok(v) = after {
+            if v.state == VmState::Failed {
+                tracing::warn!(vm = %key, reason = v.reason.as_deref().unwrap_or(""), "vm failed");
+                self.consider_restart(v, how == VmExit::Clean);
+            }
+        }
     }
 
     /// Kills the VM's process (if any) and removes its directory.
@@ -523,9 +613,14 @@ impl Manager {
             .and_then(|v| v.pid)
             .or(vm.pid)
         {
-            let _ = self.vmm.kill(&vm.id, pid);
+            let h = VmHandle {
+                id: vm.id.clone(),
+                pid,
+                runtime_dir: self.vm_dir(&vm.id).join("run"),
+            };
+            let _ = self.vmm.kill(&h);
             let deadline = Instant::now() + Duration::from_secs(5);
-            while self.vmm.is_alive(&vm.id, pid) && Instant::now() < deadline {
+            while self.vmm.is_alive(&h) && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
@@ -547,7 +642,8 @@ impl Manager {
         let lock = self.lock_for(src);
         let _g = lock.lock().await;
         let from = self.get(src)?;
-        if from.state != VmState::Stopped {
+        // Stopped or failed: no process writes the disk, so it is consistent.
+        if !matches!(from.state, VmState::Stopped | VmState::Failed) {
             return Err(ApiError::Conflict(format!(
                 "{src} is {}; stop it first to copy it",
                 from.state.as_str()
@@ -570,6 +666,7 @@ impl Manager {
             boot_ms: None,
             main_pid: None,
             confinement: None,
+            restarts: 0,
             ..from.clone()
         };
         {
@@ -608,16 +705,17 @@ impl Manager {
         }
     }
 
+    /// Starts a stopped or failed VM.
     pub async fn start(self: &Arc<Self>, name: &str) -> Result<Vm, ApiError> {
+        Self::check(&self.get(name)?, &Event::Start)?;
         let lock = self.lock_for(name);
         let _g = lock.lock().await;
+        self.start_locked(name).await
+    }
+
+    pub(crate) async fn start_locked(self: &Arc<Self>, name: &str) -> Result<Vm, ApiError> {
         let vm = self.get(name)?;
-        if vm.state != VmState::Stopped {
-            return Err(ApiError::Conflict(format!(
-                "{name} is {}, not stopped",
-                vm.state.as_str()
-            )));
-        }
+        Self::check(&vm, &Event::Start)?;
         let image = self.image_of(&vm)?;
         let image = image.ok_or_else(|| {
             ApiError::Conflict(format!(
@@ -628,21 +726,16 @@ impl Manager {
         if !self.vm_dir(&vm.id).join("disk.qcow2").exists() {
             return Err(ApiError::Conflict(format!("the disk of {name} is missing")));
         }
-        {
+        let vm = {
             let _admit = self.admit_lock.lock().await;
             self.admit(vm.owner.as_deref(), Ask::of(&vm, false))?;
-            self.store.update(VMS, name, |v: &mut Vm| {
-                v.state = VmState::Starting;
-                v.reason = None;
-            })?;
-        }
+            self.transition(name, Event::Start, |_| {})?
+        };
         match self.boot(&vm, &image).await {
             Ok(vm) => Ok(vm),
             Err(e) => {
-                let _ = self.store.update(VMS, name, |v: &mut Vm| {
-                    v.state = VmState::Stopped;
+                let _ = self.transition(name, Event::BootFailed(e.to_string()), |v| {
                     v.pid = None;
-                    v.reason = Some(e.to_string());
                 });
                 Err(e)
             }
@@ -651,29 +744,22 @@ impl Manager {
 
     /// Stops a VM: the agent syncs and powers off; QMP quit and then SIGKILL if it does not.
     pub async fn stop(self: &Arc<Self>, name: &str) -> Result<Vm, ApiError> {
+        Self::check(&self.get(name)?, &Event::Stop)?;
         let lock = self.lock_for(name);
         let _g = lock.lock().await;
         self.stop_locked(name).await
     }
 
-    async fn stop_locked(self: &Arc<Self>, name: &str) -> Result<Vm, ApiError> {
+    pub(crate) async fn stop_locked(self: &Arc<Self>, name: &str) -> Result<Vm, ApiError> {
+        self.transition(name, Event::Stop, |_| {})?;
+        self.finish_stop(name).await
+    }
+
+    /// Halts a `stopping` VM's process and records it stopped.
+    pub(crate) async fn finish_stop(self: &Arc<Self>, name: &str) -> Result<Vm, ApiError> {
         let vm = self.get(name)?;
-        match vm.state {
-            VmState::Stopped => {
-                return Err(ApiError::Conflict(format!("{name} is already stopped")))
-            }
-            VmState::Creating | VmState::Deleting => {
-                return Err(ApiError::Conflict(format!(
-                    "{name} is {}",
-                    vm.state.as_str()
-                )))
-            }
-            _ => {}
-        }
-        self.store
-            .update(VMS, name, |v: &mut Vm| v.state = VmState::Stopping)?;
-        if let Some(pid) = vm.pid {
-            self.halt(&vm, pid).await;
+        if let Some(h) = self.handle(&vm) {
+            self.halt(&h).await;
         }
         let (me, id) = (self.clone(), vm.id.clone());
         let _ = tokio::task::spawn_blocking(move || me.release_jail(&id)).await;
@@ -681,20 +767,23 @@ impl Manager {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&vm.id);
-        Ok(self.store.update(VMS, name, |v: &mut Vm| {
-            v.state = VmState::Stopped;
+        // The watch may have recorded the exit already (stopping + exited = stopped).
+        let now = self.get(name)?;
+        if now.state != VmState::Stopping {
+            return Ok(now);
+        }
+        self.transition(name, Event::Halted, |v| {
             v.pid = None;
             v.main_pid = None;
-            v.reason = None;
-        })?)
+        })
     }
 
-    async fn halt(&self, vm: &Vm, pid: u32) {
+    async fn halt(&self, h: &VmHandle) {
         let client = self
             .conns
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .get(&vm.id)
+            .get(&h.id)
             .cloned();
         if let Some(c) = client {
             if let Ok(mut s) = c.open(&Request::Shutdown) {
@@ -704,38 +793,34 @@ impl Manager {
         let wait = |secs| {
             let deadline = Instant::now() + Duration::from_secs(secs);
             async move {
-                while self.vmm.is_alive(&vm.id, pid) && Instant::now() < deadline {
+                while self.vmm.is_alive(h) && Instant::now() < deadline {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
-                !self.vmm.is_alive(&vm.id, pid)
+                !self.vmm.is_alive(h)
             }
         };
         if wait(10).await {
             return;
         }
-        let qmp = self.vm_dir(&vm.id).join("run/qmp.sock");
-        if let Ok(mut q) = hutch_vmm::qmp::QmpClient::connect(&qmp).await {
-            let _ = q.quit().await;
-        }
+        let (vmm, h2) = (self.vmm.clone(), h.clone());
+        let _ = tokio::task::spawn_blocking(move || vmm.quit(&h2)).await;
         if wait(3).await {
             return;
         }
-        let _ = self.vmm.kill(&vm.id, pid);
+        let _ = self.vmm.kill(h);
         wait(5).await;
     }
 
     /// Deletes a VM, stopping it first; leaves no process, socket, disk or record behind.
     pub async fn delete(self: &Arc<Self>, name: &str) -> Result<(), ApiError> {
+        Self::check(&self.get(name)?, &Event::Delete)?;
         let lock = self.lock_for(name);
         let _g = lock.lock().await;
-        self.get(name)?;
         // Marked first: a delete that hutchd's crash interrupts is finished at the next start.
-        let vm = self
-            .store
-            .update(VMS, name, |v: &mut Vm| v.state = VmState::Deleting)?;
+        let vm = self.transition(name, Event::Delete, |_| {})?;
         crate::crash::point("delete.marked");
-        if let Some(pid) = vm.pid {
-            self.halt(&vm, pid).await;
+        if let Some(h) = self.handle(&vm) {
+            self.halt(&h).await;
         }
         let me = self.clone();
         let vm2 = vm.clone();
@@ -744,6 +829,7 @@ impl Manager {
             .map_err(internal)?;
         crate::crash::point("delete.destroyed");
         self.store.delete(VMS, name)?;
+        self.events.publish(&vm, "deleted", None);
         self.locks
             .lock()
             .unwrap_or_else(|e| e.into_inner())

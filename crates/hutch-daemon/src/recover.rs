@@ -6,52 +6,73 @@
 use crate::agent::AgentClient;
 use crate::error::ApiError;
 use crate::manager::Manager;
-use hutch_core::{Vm, VmState};
+use hutch_core::{Event, Vm, VmState};
 use hutch_store::VMS;
+use hutch_vmm::VmHandle;
 use std::collections::HashMap;
 use std::sync::Arc;
 
 impl Manager {
-    /// After a (re)start of hutchd: re-attach to every VM whose QEMU still runs; mark the others
-    /// stopped with the reason.
+    /// After a (re)start of hutchd: re-attach to every VM whose QEMU still runs; record the
+    /// others as exited (a VM that should have run becomes `failed`, and its restart policy
+    /// starts it again: after a host reboot too); finish stops that a crash interrupted.
     pub async fn reattach(self: &Arc<Self>) -> Result<(), ApiError> {
         self.migrate_keys()?;
         self.recover().await?;
         for vm in self.list()? {
-            let alive = vm.pid.is_some_and(|p| self.vmm.is_alive(&vm.id, p));
-            match (vm.state, alive) {
-                (VmState::Stopped, _) => {}
-                (_, true) => {
-                    let pid = vm.pid.unwrap_or_default();
-                    let sock = self.vm_dir(&vm.id).join("run/agent.sock");
-                    match AgentClient::connect(&sock, self.cfg.boot_timeout).await {
+            let handle = self.handle(&vm).filter(|h| self.vmm.is_alive(h));
+            match (vm.state, handle) {
+                (VmState::Stopped | VmState::Failed, _) => {}
+                (state, Some(h)) => {
+                    match AgentClient::connect(&h.agent_socket(), self.cfg.boot_timeout).await {
                         Ok((c, ack)) => {
                             self.conns
                                 .lock()
                                 .unwrap_or_else(|e| e.into_inner())
                                 .insert(vm.id.clone(), c);
-                            self.store.update(VMS, &vm.key(), |v: &mut Vm| {
-                                v.state = VmState::Running;
-                                v.kernel = Some(hutch_core::clean_text(&ack.kernel));
-                            })?;
-                            tracing::info!(vm = %vm.name, pid, "re-attached to running vm");
+                            let kernel = hutch_core::clean_text(&ack.kernel);
+                            if state == VmState::Starting {
+                                self.transition(&vm.key(), Event::Booted, |v| {
+                                    v.kernel = Some(kernel);
+                                })?;
+                            } else {
+                                self.store.update(VMS, &vm.key(), |v: &mut Vm| {
+                                    v.kernel = Some(kernel);
+                                })?;
+                            }
+                            tracing::info!(vm = %vm.name, pid = h.pid, "re-attached to running vm");
                         }
                         Err(e) => {
                             tracing::warn!(vm = %vm.name, error = %e, "vm runs but its agent does not answer");
                         }
                     }
-                    self.watch(vm.key(), vm.id.clone(), pid);
+                    self.watch(vm.key(), h);
+                    if state == VmState::Stopping {
+                        // A stop that hutchd's crash interrupted: finish it.
+                        let (me, key) = (self.clone(), vm.key());
+                        tokio::spawn(async move {
+                            let lock = me.lock_for(&key);
+                            let _g = lock.lock().await;
+                            if let Err(e) = me.finish_stop(&key).await {
+                                tracing::warn!(vm = %key, error = %e, "finishing an interrupted stop");
+                            }
+                        });
+                    }
                 }
-                (state, false) => {
+                (_, None) => {
                     self.release_jail(&vm.id);
-                    let reason = (state != VmState::Stopping)
-                        .then(|| "QEMU exited while hutchd was not running".to_string());
-                    tracing::warn!(vm = %vm.name, "vm process is gone; marking stopped");
-                    self.store.update(VMS, &vm.key(), |v: &mut Vm| {
-                        v.state = VmState::Stopped;
-                        v.pid = None;
-                        v.reason = reason.clone();
-                    })?;
+                    tracing::warn!(vm = %vm.name, "vm process is gone");
+                    let v = self.transition(
+                        &vm.key(),
+                        Event::Exited("QEMU exited while hutchd was not running".into()),
+                        |v| {
+                            v.pid = None;
+                            v.main_pid = None;
+                        },
+                    )?;
+                    if v.state == VmState::Failed {
+                        self.consider_restart(v, false);
+                    }
                 }
             }
         }
@@ -59,7 +80,7 @@ impl Manager {
         let keep: Vec<String> = self
             .list()?
             .into_iter()
-            .filter(|v| v.pid.is_some_and(|p| self.vmm.is_alive(&v.id, p)))
+            .filter(|v| self.handle(v).is_some_and(|h| self.vmm.is_alive(&h)))
             .map(|v| v.id)
             .collect();
         if let Err(e) = self.vmm.reconcile(&keep) {
@@ -95,17 +116,18 @@ impl Manager {
         let vms_dir = self.cfg.data_dir.join("vms");
         for (pid, id) in qemu_processes(&vms_dir) {
             let owned = vms.get(&id).is_some_and(|v| {
-                v.pid == Some(pid)
-                    && matches!(
-                        v.state,
-                        VmState::Starting | VmState::Running | VmState::Stopping
-                    )
+                v.pid == Some(pid) && v.state.has_process() && v.state != VmState::Creating
             });
             if !owned {
                 tracing::warn!(pid, vm_id = %id, "killing a QEMU no VM record accounts for");
-                let _ = self.vmm.kill(&id, pid);
+                let h = VmHandle {
+                    id: id.clone(),
+                    pid,
+                    runtime_dir: vms_dir.join(&id).join("run"),
+                };
+                let _ = self.vmm.kill(&h);
                 let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-                while self.vmm.is_alive(&id, pid) && std::time::Instant::now() < deadline {
+                while self.vmm.is_alive(&h) && std::time::Instant::now() < deadline {
                     tokio::time::sleep(std::time::Duration::from_millis(20)).await;
                 }
             }

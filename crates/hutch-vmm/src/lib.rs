@@ -53,6 +53,14 @@ impl VmSpec {
     pub fn agent_socket(&self) -> PathBuf {
         self.runtime_dir.join("agent.sock")
     }
+    /// The handle of this VM's process `pid`.
+    pub fn handle(&self, pid: u32) -> VmHandle {
+        VmHandle {
+            id: self.id.clone(),
+            pid,
+            runtime_dir: self.runtime_dir.clone(),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -73,24 +81,93 @@ pub enum VmmError {
     Accel(&'static str, String),
     #[error(transparent)]
     Cgroup(#[from] cgroup::CgroupError),
+    #[error("the {backend} backend cannot {op} VMs yet")]
+    Unsupported {
+        backend: &'static str,
+        op: &'static str,
+    },
 }
 
-/// A running VM process as the backend knows it.
+/// A VM process as the backend knows it: which VM, which process, and the runtime directory
+/// that holds its control sockets. Everything needed to find a VM again after a hutchd restart.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VmHandle {
+    pub id: String,
+    pub pid: u32,
+    pub runtime_dir: PathBuf,
+}
+
+impl VmHandle {
+    pub fn qmp_socket(&self) -> PathBuf {
+        self.runtime_dir.join("qmp.sock")
+    }
+    pub fn agent_socket(&self) -> PathBuf {
+        self.runtime_dir.join("agent.sock")
+    }
+    pub fn log_file(&self) -> PathBuf {
+        self.runtime_dir.join("qemu.log")
+    }
+}
+
+/// A launched VM.
 #[derive(Debug, Clone, PartialEq)]
 pub struct VmProcess {
-    pub pid: u32,
+    pub handle: VmHandle,
     /// How it is confined (None: it is not).
     pub confinement: Option<hutch_core::Confinement>,
 }
 
-/// A VM backend. Implementations must leave VMs running when the daemon process dies.
+/// How a VM process ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmExit {
+    /// QEMU exited with status 0: the guest powered off, or QEMU was asked to quit.
+    Clean,
+    /// Killed by a signal or a non-zero status (the text says which).
+    Crashed(String),
+    /// Not known: the process was not this backend's child (it was launched before a restart of
+    /// hutchd), or it has not ended.
+    Unknown,
+}
+
+/// A VM backend. Implementations must leave VMs running when the daemon process dies. What a
+/// backend cannot do yet answers [`VmmError::Unsupported`] (the defaults below), never panics.
 pub trait Vmm: Send + Sync {
+    /// The backend's name, for messages ("qemu").
+    fn name(&self) -> &'static str;
     /// Starts the VM described by `spec`; returns once the process runs (not once the guest booted).
     fn launch(&self, spec: &VmSpec) -> Result<VmProcess, VmmError>;
-    /// Whether `pid` is still the VM process of `id` (and not a reused pid).
-    fn is_alive(&self, id: &str, pid: u32) -> bool;
+    /// Whether the handle's process is still the VM process (and not a reused pid).
+    fn is_alive(&self, vm: &VmHandle) -> bool;
+    /// How the process ended, once it has.
+    fn exit(&self, _vm: &VmHandle) -> VmExit {
+        VmExit::Unknown
+    }
+    /// Asks the VMM to end the VM now (QEMU: QMP `quit`), without waiting for the guest.
+    fn quit(&self, vm: &VmHandle) -> Result<(), VmmError> {
+        self.kill(vm)
+    }
     /// Kills the VM process at once (SIGKILL); used when a graceful stop did not finish.
-    fn kill(&self, id: &str, pid: u32) -> Result<(), VmmError>;
+    fn kill(&self, vm: &VmHandle) -> Result<(), VmmError>;
+    /// Stops the guest's CPUs; memory stays allocated.
+    fn pause(&self, _vm: &VmHandle) -> Result<(), VmmError> {
+        Err(self.unsupported("pause"))
+    }
+    /// Lets a paused guest run again.
+    fn resume(&self, _vm: &VmHandle) -> Result<(), VmmError> {
+        Err(self.unsupported("resume"))
+    }
+    /// Writes the VM's memory and device state under `dir`.
+    fn snapshot(&self, _vm: &VmHandle, _dir: &std::path::Path) -> Result<(), VmmError> {
+        Err(self.unsupported("snapshot"))
+    }
+    /// Launches `spec` from a snapshot written by [`Vmm::snapshot`].
+    fn restore(&self, _spec: &VmSpec, _dir: &std::path::Path) -> Result<VmProcess, VmmError> {
+        Err(self.unsupported("restore"))
+    }
+    /// Moves the running VM to the VMM listening at `to`.
+    fn migrate(&self, _vm: &VmHandle, _to: &str) -> Result<(), VmmError> {
+        Err(self.unsupported("migrate"))
+    }
     /// Frees what confined VM `id` (its cgroup, its jail directory), killing anything left in
     /// its cgroup; called once its process is gone. Doing it twice is harmless.
     fn release(&self, _id: &str) -> Result<(), VmmError> {
@@ -100,5 +177,12 @@ pub trait Vmm: Send + Sync {
     /// (leftovers of VMs removed or crashed while hutchd was not running).
     fn reconcile(&self, _keep: &[String]) -> Result<(), VmmError> {
         Ok(())
+    }
+    /// The error for an operation this backend does not have.
+    fn unsupported(&self, op: &'static str) -> VmmError {
+        VmmError::Unsupported {
+            backend: self.name(),
+            op,
+        }
     }
 }

@@ -8,27 +8,42 @@
 
 use crate::cmdline::{self, DiskFormat, Fds};
 use crate::jail::{self, Identity, JailConfig};
-use crate::{Accel, VmProcess, VmSpec, Vmm, VmmError};
+use crate::{Accel, VmExit, VmHandle, VmProcess, VmSpec, Vmm, VmmError};
+use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 pub struct Qemu {
     pub binary: PathBuf,
     /// Confinement settings; None runs QEMU as hutchd's user, unconfined but for seccomp.
     pub jail: Option<JailConfig>,
+    /// Exit statuses of the QEMUs this process launched and reaped, by pid (bounded: a status
+    /// is taken out when read, and the map is cleared past [`MAX_EXITS`]).
+    exits: Arc<Mutex<HashMap<u32, std::process::ExitStatus>>>,
+}
+
+/// Exit statuses kept for [`Vmm::exit`] before the oldest are dropped.
+const MAX_EXITS: usize = 4096;
+
+impl Qemu {
+    pub fn new(binary: PathBuf, jail: Option<JailConfig>) -> Qemu {
+        Qemu {
+            binary,
+            jail,
+            exits: Arc::default(),
+        }
+    }
 }
 
 impl Default for Qemu {
     fn default() -> Self {
-        Qemu {
-            binary: "qemu-system-x86_64".into(),
-            jail: None,
-        }
+        Qemu::new("qemu-system-x86_64".into(), None)
     }
 }
 
@@ -243,8 +258,18 @@ impl Qemu {
             .spawn()
             .map_err(io(format!("running {}", self.binary.display())))?;
         let pid = child.id();
-        // QEMU is our child until hutchd exits (then init's): reap it so it leaves no zombie.
-        std::thread::spawn(move || child.wait());
+        // QEMU is our child until hutchd exits (then init's): reap it so it leaves no zombie,
+        // and keep how it ended for the restart policy.
+        let exits = self.exits.clone();
+        std::thread::spawn(move || {
+            if let Ok(st) = child.wait() {
+                let mut m = exits.lock().unwrap_or_else(|e| e.into_inner());
+                if m.len() >= MAX_EXITS {
+                    m.clear();
+                }
+                m.insert(pid, st);
+            }
+        });
         drop(o);
         Ok(pid)
     }
@@ -286,16 +311,20 @@ impl Qemu {
 }
 
 impl Vmm for Qemu {
+    fn name(&self) -> &'static str {
+        "qemu"
+    }
+
     fn launch(&self, spec: &VmSpec) -> Result<VmProcess, VmmError> {
         let started = self.start(spec).and_then(|pid| {
             self.wait_ready(spec, pid).inspect_err(|_| {
-                let _ = self.kill(&spec.id, pid);
+                let _ = self.kill(&spec.handle(pid));
             })?;
             Ok(pid)
         });
         match started {
             Ok(pid) => Ok(VmProcess {
-                pid,
+                handle: spec.handle(pid),
                 confinement: self.confinement(spec),
             }),
             Err(e) => {
@@ -309,11 +338,49 @@ impl Vmm for Qemu {
         }
     }
 
-    fn is_alive(&self, id: &str, pid: u32) -> bool {
-        is_vm_process(id, pid)
+    fn is_alive(&self, vm: &VmHandle) -> bool {
+        is_vm_process(&vm.id, vm.pid)
     }
 
-    fn kill(&self, id: &str, pid: u32) -> Result<(), VmmError> {
+    fn exit(&self, vm: &VmHandle) -> VmExit {
+        use std::os::unix::process::ExitStatusExt;
+        // The reaper thread may record the status just after the process disappears.
+        for _ in 0..20 {
+            let st = self
+                .exits
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&vm.pid);
+            match st {
+                Some(st) if st.success() => return VmExit::Clean,
+                Some(st) => {
+                    return VmExit::Crashed(match (st.code(), st.signal()) {
+                        (Some(c), _) => format!("QEMU exited with status {c}"),
+                        (_, Some(s)) => format!("QEMU was killed by signal {s}"),
+                        _ => "QEMU ended abnormally".into(),
+                    })
+                }
+                None if is_vm_process(&vm.id, vm.pid) => return VmExit::Unknown,
+                None => std::thread::sleep(Duration::from_millis(5)),
+            }
+        }
+        VmExit::Unknown
+    }
+
+    fn quit(&self, vm: &VmHandle) -> Result<(), VmmError> {
+        crate::qmp::execute_blocking(&vm.qmp_socket(), "quit", Duration::from_secs(2)).map(|_| ())
+    }
+
+    fn pause(&self, vm: &VmHandle) -> Result<(), VmmError> {
+        crate::qmp::execute_blocking(&vm.qmp_socket(), "stop", Duration::from_secs(5)).map(|_| ())
+    }
+
+    fn resume(&self, vm: &VmHandle) -> Result<(), VmmError> {
+        crate::qmp::execute_blocking(&vm.qmp_socket(), "cont", Duration::from_secs(5)).map(|_| ())
+    }
+
+    fn kill(&self, vm: &VmHandle) -> Result<(), VmmError> {
+        let (id, pid) = (vm.id.as_str(), vm.pid);
         if !is_vm_process(id, pid) {
             return Ok(());
         }

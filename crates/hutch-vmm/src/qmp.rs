@@ -100,20 +100,26 @@ impl QmpClient {
 /// Connects, negotiates and runs `query-status` without an async runtime; Ok once QEMU's main
 /// loop answers (it only does after QEMU finished initialising, chroot included).
 pub fn ping_blocking(path: &Path, timeout: Duration) -> Result<(), VmmError> {
-    use std::io::{BufRead, Write};
+    execute_blocking(path, "query-status", timeout).map(|_| ())
+}
+
+/// Connects, negotiates and runs one argument-less command without an async runtime; returns
+/// the answer line. QEMU's greeting and events are bounded by the timeouts and a line limit.
+pub fn execute_blocking(path: &Path, cmd: &str, timeout: Duration) -> Result<String, VmmError> {
+    use std::io::{BufRead, Read, Write};
     let s = std::os::unix::net::UnixStream::connect(path)
         .map_err(|e| err(format!("connect {}: {e}", path.display())))?;
     s.set_read_timeout(Some(timeout)).map_err(err)?;
     s.set_write_timeout(Some(timeout)).map_err(err)?;
-    let mut r = std::io::BufReader::new(s.try_clone().map_err(err)?);
+    let mut r = std::io::BufReader::new(s.try_clone().map_err(err)?.take(1 << 20));
     let mut w = s;
     let mut line = String::new();
     r.read_line(&mut line).map_err(err)?;
     if !line.contains("\"QMP\"") {
         return Err(err(format!("unexpected greeting {line:?}")));
     }
-    for cmd in ["qmp_capabilities", "query-status"] {
-        writeln!(w, "{{\"execute\":\"{cmd}\"}}").map_err(err)?;
+    for c in ["qmp_capabilities", cmd] {
+        writeln!(w, "{{\"execute\":\"{c}\"}}").map_err(err)?;
         loop {
             line.clear();
             if r.read_line(&mut line).map_err(err)? == 0 {
@@ -123,9 +129,9 @@ pub fn ping_blocking(path: &Path, timeout: Duration) -> Result<(), VmmError> {
                 break;
             }
             if line.contains("\"error\"") {
-                return Err(err(format!("{cmd}: {}", line.trim())));
+                return Err(err(format!("{c}: {}", line.trim())));
             }
         }
     }
-    Ok(())
+    Ok(line)
 }

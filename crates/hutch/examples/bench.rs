@@ -127,8 +127,8 @@ fn bare_boot(
         }
     }
     let ms = t.elapsed().as_secs_f64() * 1000.0;
-    q.kill(&spec.id, p.pid).unwrap();
-    while q.is_alive(&spec.id, p.pid) {
+    q.kill(&p.handle).unwrap();
+    while q.is_alive(&p.handle) {
         std::thread::sleep(Duration::from_millis(10));
     }
     std::fs::remove_dir_all(dir).unwrap();

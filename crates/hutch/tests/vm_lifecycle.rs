@@ -197,7 +197,7 @@ fn vm_lifecycle_end_to_end() {
         "kept\n"
     );
 
-    // QEMU dies while hutchd is down: shown as stopped, with the reason.
+    // QEMU dies while hutchd is down: shown as failed, with the reason.
     let pid = d.json(&["describe", "demo"])["pid"].as_u64().unwrap() as i32;
     d.kill9();
     // SAFETY: kill has no memory-safety preconditions.
@@ -208,7 +208,7 @@ fn vm_lifecycle_end_to_end() {
     .unwrap();
     d.spawn();
     let vm = d.json(&["describe", "demo"]);
-    assert_eq!(vm["state"], "stopped");
+    assert_eq!(vm["state"], "failed");
     assert!(
         vm["reason"]
             .as_str()

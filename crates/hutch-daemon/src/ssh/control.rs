@@ -88,17 +88,13 @@ impl Conn {
                     Err(e) => Out::fail(e.to_string()),
                 }
             }
-            ["status"] => {
-                let mine = self.m.vms_of(&self.caller()).unwrap_or_default();
-                let running = mine.iter().filter(|v| v.state == VmState::Running).count();
-                Out::ok(format!(
-                    "node {}: {} VMs visible to you, {running} running; accelerator {}; kernel {}\n",
-                    self.host,
-                    mine.len(),
-                    self.m.cfg.accel.as_str(),
-                    self.m.cfg.bundle.release
-                ))
-            }
+            ["status"] => match self.m.status(&self.caller()) {
+                Ok(st) if json => {
+                    Out::ok(serde_json::to_string_pretty(&st).unwrap_or_default() + "\n")
+                }
+                Ok(st) => Out::ok(format!("node {}\n{}", self.host, st.render())),
+                Err(e) => Out::fail(e.to_string()),
+            },
             ["keys", "ls"] => {
                 let lines: Vec<String> = self
                     .account()
@@ -233,14 +229,7 @@ impl Conn {
     }
 
     pub(super) async fn new_vm(&self, rest: &[&str], json: bool) -> Out {
-        let mut req = CreateVm {
-            name: None,
-            image: String::new(),
-            vcpus: 1,
-            mem_mib: 256,
-            disk_gib: None,
-            run: false,
-        };
+        let mut req = CreateVm::default();
         let mut it = rest.iter().flat_map(|a| match a.split_once('=') {
             Some((k, v)) if k.starts_with("--") => vec![k.to_string(), v.to_string()],
             _ => vec![a.to_string()],
@@ -269,6 +258,7 @@ impl Conn {
                 "--vcpu" => num(&val).map(|n| req.vcpus = n as u32),
                 "--mem" | "--ram" => num(&val).map(|n| req.mem_mib = n),
                 "--disk" => num(&val).map(|n| req.disk_gib = Some(n)),
+                "--restart" => val.parse().map(|r| req.restart = r),
                 other => Err(format!(
                     "unknown flag {other}; see: ssh -p {} {} help",
                     self.port, self.host

@@ -2,6 +2,7 @@
 //! or over TCP with --url and a bearer token.
 
 mod client;
+mod events;
 mod render;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -70,6 +71,10 @@ enum Cmd {
         /// Run the image's Entrypoint + Cmd as the VM's main process (output in `hutch logs`).
         #[arg(long)]
         run: bool,
+        /// When its QEMU exits without `hutch stop`: no, on-failure (crash, kill, host reboot)
+        /// or always (a clean guest power-off too).
+        #[arg(long, default_value = "no")]
+        restart: hutch_core::RestartPolicy,
     },
     /// List VMs.
     #[command(alias = "list")]
@@ -135,8 +140,10 @@ enum Cmd {
         name: String,
         new_name: Option<String>,
     },
-    /// Daemon status.
+    /// Host capacity at a glance: vCPUs, memory and disk used and free, VMs by state, versions.
     Status,
+    /// Follow lifecycle events (created, started, stopped, failed, deleted, ...) as they happen.
+    Events,
 }
 
 #[derive(Subcommand)]
@@ -513,9 +520,10 @@ async fn run(cli: Cli) -> Result<i32> {
             mem,
             disk,
             run,
+            restart,
         } => {
             let v = c
-                .json(Method::POST, "/api/v1/sandboxes", Some(json!({"image": image, "name": name, "vcpus": vcpu, "mem_mib": mem, "disk_gib": disk, "run": run})))
+                .json(Method::POST, "/api/v1/sandboxes", Some(json!({"image": image, "name": name, "vcpus": vcpu, "mem_mib": mem, "disk_gib": disk, "run": run, "restart": restart})))
                 .await?;
             if j {
                 out_json(&v)
@@ -740,7 +748,16 @@ async fn run(cli: Cli) -> Result<i32> {
                 describe(&v)
             }
         }
-        Cmd::Status => out_json(&c.json(Method::GET, "/api/v1/health", None).await?),
+        Cmd::Status => {
+            let v = c.json(Method::GET, "/api/v1/status", None).await?;
+            if j {
+                out_json(&v)
+            } else {
+                let st: hutch_core::status::Status = serde_json::from_value(v)?;
+                print!("{}", st.render());
+            }
+        }
+        Cmd::Events => return events::follow(&c, j).await,
     }
     Ok(0)
 }
