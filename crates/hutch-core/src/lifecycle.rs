@@ -472,7 +472,10 @@ mod doc_tests {
         let end = start + src[start..].find("//! ```\n").unwrap();
         let diagram: Vec<&str> = src[start..end]
             .lines()
-            .map(|l| l.strip_prefix("//! ").unwrap_or(l.trim_start_matches("//!")))
+            .map(|l| {
+                l.strip_prefix("//! ")
+                    .unwrap_or(l.trim_start_matches("//!"))
+            })
             .collect();
         let doc = include_str!("../../../docs/architecture.md");
         assert!(

@@ -9,8 +9,10 @@
 mod control;
 mod limits;
 mod quota;
+mod signup;
 
 pub use limits::{Limits, PendingSlot};
+pub use signup::Signup;
 
 use crate::auth::Caller;
 use crate::manager::{CreateVm, ExecVm, Manager};
@@ -43,6 +45,8 @@ pub struct SshOptions {
     pub auth_timeout_secs: u64,
     /// SSH logins in progress from one address.
     pub max_pending_per_address: usize,
+    /// What happens to keys no account has.
+    pub signup: Signup,
 }
 
 fn err(m: impl std::fmt::Display) -> crate::DaemonError {
@@ -186,6 +190,9 @@ pub async fn serve(m: Arc<Manager>, opts: SshOptions) -> Result<(), crate::Daemo
             limits: limits.clone(),
             slot: Some(slot),
             authed: authed.clone(),
+            signup: opts.signup,
+            unknown_key: None,
+            _counted: None,
         };
         let config = config.clone();
         let deadline = limits.auth_deadline;
@@ -255,6 +262,29 @@ pub struct Conn {
     key_fp: String,
     user: String,
     chans: HashMap<ChannelId, Chan>,
+    signup: Signup,
+    /// A verified key without an account (`--signup invite`), as OpenSSH text: it may only
+    /// redeem an invite.
+    unknown_key: Option<String>,
+    /// Counts the connection in the SSH session metrics while it is logged in.
+    _counted: Option<SessionCount>,
+}
+
+/// One logged-in SSH connection in `hutch_ssh_sessions`; uncounted when dropped.
+struct SessionCount(Arc<Manager>);
+
+impl SessionCount {
+    fn new(m: &Arc<Manager>) -> SessionCount {
+        m.metrics.ssh_sessions.fetch_add(1, Ordering::Relaxed);
+        m.metrics.ssh_sessions_total.fetch_add(1, Ordering::Relaxed);
+        SessionCount(m.clone())
+    }
+}
+
+impl Drop for SessionCount {
+    fn drop(&mut self) {
+        self.0.metrics.ssh_sessions.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// What a control command prints and returns.
@@ -292,6 +322,7 @@ const HELP: &str = "hutch over SSH. Commands:
   token create [--ttl HOURS] | token ls | token rm ID     (API tokens for the REST API)
   quota                         (your quota and usage)
   adduser NAME < key.pub | quota NAME [--vms N] [--vcpus N] [--mem MIB] [--disk GIB]   (admins)
+  invite [--ttl HOURS]          (admins: a one-time code; a new key runs: signup CODE [NAME])
 Add --json to ls, describe and new for JSON. Enter a VM: ssh -p PORT NAME@HOST
 ";
 
@@ -451,8 +482,11 @@ impl server::Handler for Conn {
         _user: &str,
         offer: server::PublicKeyOffer<'_>,
     ) -> Result<Auth, Self::Error> {
-        // Unknown keys are refused before the client proves it holds them, and counted.
-        if account_of(&self.m, &fingerprint(offer.public_key)).is_some() {
+        // Unknown keys are refused before the client proves it holds them, and counted
+        // (unless unknown keys may sign up).
+        if account_of(&self.m, &fingerprint(offer.public_key)).is_some()
+            || self.signup != Signup::Closed
+        {
             return Ok(Auth::Accept);
         }
         if let Some(p) = self.peer {
@@ -467,8 +501,31 @@ impl server::Handler for Conn {
         key: server::VerifiedPublicKey<'_>,
     ) -> Result<Auth, Self::Error> {
         let fp = fingerprint(key.public_key);
-        match account_of(&self.m, &fp) {
+        let known = account_of(&self.m, &fp);
+        let line = key.public_key.to_openssh().unwrap_or_default();
+        let known = match (known, self.signup) {
+            (Some(acc), _) => Some(acc),
+            (None, Signup::Open) => match self.peer.map(|p| self.limits.signup(p.ip())) {
+                Some(false) => {
+                    tracing::warn!(peer = ?self.peer, "ssh sign-up refused: too many from this address");
+                    None
+                }
+                _ => self.make_account(&signup::name_for(&fp), &line).ok(),
+            },
+            (None, Signup::Invite) => {
+                tracing::info!(%fp, peer = ?self.peer, "ssh login of a key without an account (may redeem an invite)");
+                self.unknown_key = Some(line);
+                self.key_fp = fp;
+                self.authed.store(true, Ordering::SeqCst);
+                self.slot = None;
+                self.user = user.to_string();
+                return Ok(Auth::Accept);
+            }
+            (None, Signup::Closed) => None,
+        };
+        match known {
             Some(acc) => {
+                self._counted = Some(SessionCount::new(&self.m));
                 tracing::info!(account = %acc.name, user, peer = ?self.peer, "ssh login");
                 self.account = Some(acc);
                 self.key_fp = fp;
@@ -560,6 +617,10 @@ impl server::Handler for Conn {
         session: &mut Session,
     ) -> Result<(), Self::Error> {
         session.channel_success(ch)?;
+        if self.account.is_none() {
+            let out = self.unknown_key_command(&[]);
+            return self.finish(ch, out, session);
+        }
         if self.is_vm_user() {
             let sh = "if [ -x /bin/bash ]; then exec /bin/bash -l; fi; exec /bin/sh -l";
             return self.vm_exec(ch, vec!["/bin/sh".into(), "-c".into(), sh.into()], session);
@@ -586,6 +647,10 @@ impl server::Handler for Conn {
                 return self.finish(ch, Out::fail(format!("cannot parse command: {e}")), session)
             }
         };
+        if self.account.is_none() {
+            let out = self.unknown_key_command(&args);
+            return self.finish(ch, out, session);
+        }
         let reads_stdin = matches!(args.first().map(String::as_str), Some("adduser"))
             || (args.first().map(String::as_str) == Some("keys")
                 && args.get(1).map(String::as_str) == Some("add"));

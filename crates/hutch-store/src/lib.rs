@@ -17,7 +17,8 @@ pub const VMS: Table = Table("vms");
 pub const IMAGES: Table = Table("images");
 pub const ACCOUNTS: Table = Table("accounts");
 pub const TOKENS: Table = Table("tokens");
-const ALL: [Table; 4] = [VMS, IMAGES, ACCOUNTS, TOKENS];
+pub const INVITES: Table = Table("invites");
+const ALL: [Table; 5] = [VMS, IMAGES, ACCOUNTS, TOKENS, INVITES];
 
 impl Table {
     fn def(self) -> TableDefinition<'static, &'static str, &'static [u8]> {

@@ -169,6 +169,7 @@ impl Conn {
                     Out::fail(format!("no token {id} on this account"))
                 }
             }
+            ["invite", rest @ ..] => self.invite(rest),
             ["adduser", name] => {
                 if !self.account().admin {
                     return Out::fail("only admins can add users");

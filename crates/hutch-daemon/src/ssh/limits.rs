@@ -16,6 +16,9 @@ pub struct Limits {
     pub max_pending: usize,
     pub max_pending_per_ip: usize,
     pub auth_deadline: std::time::Duration,
+    /// Accounts made by open sign-up per address within the last hour.
+    pub(super) signups: std::sync::Mutex<HashMap<std::net::IpAddr, (u32, std::time::Instant)>>,
+    pub max_signups_per_ip_hour: u32,
 }
 
 impl Default for Limits {
@@ -29,6 +32,8 @@ impl Default for Limits {
             max_pending: 64,
             max_pending_per_ip: 8,
             auth_deadline: std::time::Duration::from_secs(30),
+            signups: Default::default(),
+            max_signups_per_ip_hour: 5,
         }
     }
 }
@@ -102,5 +107,23 @@ impl Limits {
         if f.len() > 100_000 {
             f.retain(|_, (_, since)| since.elapsed() < window);
         }
+    }
+
+    /// Counts a sign-up from `ip`; false when the address made too many this hour.
+    pub(super) fn signup(&self, ip: std::net::IpAddr) -> bool {
+        let hour = std::time::Duration::from_secs(3600);
+        let mut f = self.signups.lock().unwrap_or_else(|e| e.into_inner());
+        if f.len() > 100_000 {
+            f.retain(|_, (_, since)| since.elapsed() < hour);
+        }
+        let e = f.entry(ip).or_insert((0, std::time::Instant::now()));
+        if e.1.elapsed() >= hour {
+            *e = (0, std::time::Instant::now());
+        }
+        if e.0 >= self.max_signups_per_ip_hour {
+            return false;
+        }
+        e.0 += 1;
+        true
     }
 }

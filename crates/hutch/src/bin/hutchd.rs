@@ -77,6 +77,10 @@ struct Args {
     /// others out).
     #[arg(long, default_value_t = 8)]
     ssh_max_pending_per_address: usize,
+    /// SSH keys no account has: closed (refused), open (an account at first login) or invite
+    /// (an admin's one-time code: `ssh HOST invite`, then `ssh HOST signup CODE`).
+    #[arg(long, env = "HUTCH_SIGNUP", default_value = "closed")]
+    signup: hutch_daemon::ssh::Signup,
     /// Most entries all layers of one image may hold (against layer bombs).
     #[arg(long, default_value_t = 1_000_000)]
     max_image_entries: u64,
@@ -156,6 +160,7 @@ fn main() -> anyhow::Result<()> {
             max_auth_failures: args.ssh_max_auth_failures,
             auth_timeout_secs: args.ssh_auth_timeout,
             max_pending_per_address: args.ssh_max_pending_per_address,
+            signup: args.signup,
             host_name: args.ssh_host_name.unwrap_or_else(|| {
                 std::fs::read_to_string("/proc/sys/kernel/hostname")
                     .map(|h| h.trim().to_string())
