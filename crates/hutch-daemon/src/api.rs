@@ -97,6 +97,7 @@ pub fn router(m: AppState, local: bool) -> Router {
         .route("/api/v1/status", get(crate::ops_api::status))
         .route("/api/v1/events", get(crate::ops_api::events))
         .route("/metrics", get(crate::ops_api::metrics))
+        .route("/api/v1/admin/recover", post(crate::ops_api::recover))
         .route("/api/v1/images", get(list_images).post(import_image))
         .route("/api/v1/images/pull", post(pull_image))
         .route("/api/v1/images/push", post(push_image))

@@ -116,7 +116,40 @@ impl Manager {
         ));
         let _g = lock.lock().await;
         let _ops = self.image_ops.read().await;
-        let img = self.images.pull(reference, &opts, progress).await?;
+        // Bytes fetched, for the metrics: the last progress of each blob, less where a resumed
+        // download started.
+        let mut fetched: std::collections::HashMap<String, u64> = Default::default();
+        let mut counting = |e: hutch_image::PullEvent| {
+            match &e {
+                hutch_image::PullEvent::Progress { digest, done, .. } => {
+                    fetched.insert(digest.clone(), *done);
+                }
+                hutch_image::PullEvent::Blob {
+                    digest,
+                    cached: true,
+                    ..
+                } => {
+                    fetched.remove(digest);
+                }
+                hutch_image::PullEvent::Blob {
+                    digest,
+                    resumed_from,
+                    ..
+                } => {
+                    if let Some(d) = fetched.get_mut(digest) {
+                        *d = d.saturating_sub(*resumed_from);
+                    }
+                }
+                _ => {}
+            }
+            progress(e)
+        };
+        let pulled = self.images.pull(reference, &opts, &mut counting).await;
+        self.metrics.pull_bytes.fetch_add(
+            fetched.values().sum::<u64>(),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        let img = pulled?;
         crate::crash::point("pull.fetched");
         let img = self.store_image(owner, img)?;
         tracing::info!(image = %img.key(), digest = %img.digest, "pulled image");

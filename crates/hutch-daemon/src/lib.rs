@@ -16,6 +16,7 @@ pub mod image_ops;
 pub mod manager;
 pub mod metrics;
 pub mod ops_api;
+pub mod rebuild;
 pub mod recover;
 pub mod restart;
 pub mod secrets;
@@ -162,7 +163,15 @@ pub async fn prepare(cfg: &DaemonConfig) -> Result<Arc<manager::Manager>, Daemon
     let agent = find_agent(cfg.agent.as_deref())?;
     let bundle = hutch_guest::ensure_bundle(&cache, &kernel, &agent)?;
     tracing::info!(kernel = %bundle.kernel.display(), initrd = %bundle.initrd.display(), "guest boot bundle");
-    let store = hutch_store::Store::open(&cfg.data_dir.join("state.redb"))?;
+    let state = cfg.data_dir.join("state.redb");
+    let store = hutch_store::Store::open(&state).map_err(|e| {
+        setup(format!(
+            "the state store {} cannot be opened: {e}. If another hutchd uses this data dir, stop \
+             it. If the file is corrupt, move it aside (mv {0} {0}.broken), start hutchd again and \
+             run `hutch admin recover`: VMs are rebuilt from their directories (nothing is stopped)",
+            state.display()
+        ))
+    })?;
     let mut images = hutch_image::ImageStore::open(&cfg.data_dir.join("images"))?;
     images.limits = cfg.layer_limits;
     let jail = match &cfg.jail {

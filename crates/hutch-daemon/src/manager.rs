@@ -416,6 +416,7 @@ impl Manager {
             let t = Instant::now();
             tokio::task::block_in_place(|| self.create_disk(&vm))?;
             crate::crash::point("create.disk");
+            self.save_record(&vm)?;
             let us = t.elapsed().as_micros() as u64;
             self.store
                 .update(VMS, &vm.key(), |v: &mut Vm| v.disk_us = Some(us))?;
@@ -489,6 +490,9 @@ impl Manager {
         } else {
             vm
         };
+        if let Err(e) = self.save_record(&vm) {
+            tracing::warn!(vm = %vm.key(), error = %e, "saving the record copy");
+        }
         tracing::info!(vm = %vm.name, pid = h.pid, boot_ms, "vm running");
         self.watch(vm.key(), h);
         Ok(vm)

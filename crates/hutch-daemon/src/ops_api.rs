@@ -171,3 +171,14 @@ pub async fn metrics(
         .map_err(|e| ApiError::Internal(e.to_string()))??;
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response())
 }
+
+/// `POST /api/v1/admin/recover`: rebuilds the VM records the state store lost (see rebuild.rs).
+pub async fn recover(
+    State(m): State<AppState>,
+    axum::Extension(caller): axum::Extension<Caller>,
+) -> Result<Json<Vec<crate::rebuild::Recovered>>, ApiError> {
+    if !caller.admin {
+        return Err(ApiError::Forbidden("recover is for admins".into()));
+    }
+    Ok(Json(m.rebuild().await?))
+}

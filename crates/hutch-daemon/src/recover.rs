@@ -24,29 +24,7 @@ impl Manager {
             match (vm.state, handle) {
                 (VmState::Stopped | VmState::Failed, _) => {}
                 (state, Some(h)) => {
-                    match AgentClient::connect(&h.agent_socket(), self.cfg.boot_timeout).await {
-                        Ok((c, ack)) => {
-                            self.conns
-                                .lock()
-                                .unwrap_or_else(|e| e.into_inner())
-                                .insert(vm.id.clone(), c);
-                            let kernel = hutch_core::clean_text(&ack.kernel);
-                            if state == VmState::Starting {
-                                self.transition(&vm.key(), Event::Booted, |v| {
-                                    v.kernel = Some(kernel);
-                                })?;
-                            } else {
-                                self.store.update(VMS, &vm.key(), |v: &mut Vm| {
-                                    v.kernel = Some(kernel);
-                                })?;
-                            }
-                            tracing::info!(vm = %vm.name, pid = h.pid, "re-attached to running vm");
-                        }
-                        Err(e) => {
-                            tracing::warn!(vm = %vm.name, error = %e, "vm runs but its agent does not answer");
-                        }
-                    }
-                    self.watch(vm.key(), h);
+                    self.attach(&vm, h).await;
                     if state == VmState::Stopping {
                         // A stop that hutchd's crash interrupted: finish it.
                         let (me, key) = (self.clone(), vm.key());
@@ -77,19 +55,60 @@ impl Manager {
             }
         }
         // Cgroups and jails of VMs that are gone (removed or crashed while hutchd was down).
-        let keep: Vec<String> = self
-            .list()?
-            .into_iter()
+        // VMs the store lost (their directory has a record copy) keep theirs: their QEMU
+        // runs on until `hutch admin recover`.
+        let vms = self.list()?;
+        let mut keep: Vec<String> = vms
+            .iter()
             .filter(|v| self.handle(v).is_some_and(|h| self.vmm.is_alive(&h)))
-            .map(|v| v.id)
+            .map(|v| v.id.clone())
             .collect();
+        keep.extend(
+            qemu_processes(&self.cfg.data_dir.join("vms"))
+                .into_iter()
+                .map(|(_, id)| id)
+                .filter(|id| !vms.iter().any(|v| &v.id == id) && self.saved_record(id).is_some()),
+        );
         if let Err(e) = self.vmm.reconcile(&keep) {
             tracing::warn!(error = %e, "reconciling VM cgroups and jails");
         }
         Ok(())
     }
 
+    /// Re-attaches to the running QEMU `h` of `vm`: a new agent connection (the agent kills
+    /// what the old one started), `starting` becomes `running`, and a watch on the process.
+    pub(crate) async fn attach(self: &Arc<Self>, vm: &Vm, h: VmHandle) {
+        match AgentClient::connect(&h.agent_socket(), self.cfg.boot_timeout).await {
+            Ok((c, ack)) => {
+                self.conns
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(vm.id.clone(), c);
+                let kernel = hutch_core::clean_text(&ack.kernel);
+                let r = if vm.state == VmState::Starting {
+                    self.transition(&vm.key(), Event::Booted, |v| v.kernel = Some(kernel))
+                        .map(|_| ())
+                } else {
+                    self.store
+                        .update(VMS, &vm.key(), |v: &mut Vm| v.kernel = Some(kernel))
+                        .map(|_| ())
+                        .map_err(ApiError::from)
+                };
+                if let Err(e) = r {
+                    tracing::warn!(vm = %vm.name, error = %e, "recording a re-attached vm");
+                }
+                tracing::info!(vm = %vm.name, pid = h.pid, "re-attached to running vm");
+            }
+            Err(e) => {
+                tracing::warn!(vm = %vm.name, error = %e, "vm runs but its agent does not answer");
+            }
+        }
+        self.watch(vm.key(), h);
+    }
+
     /// Undoes creates, finishes deletes, kills orphan QEMUs, removes orphan VM directories.
+    /// A directory with a record copy (`vm.json`) that the store does not know is not an orphan
+    /// but a VM the store lost: it and its QEMU are left for `hutch admin recover`.
     pub async fn recover(self: &Arc<Self>) -> Result<(), ApiError> {
         for vm in self.list()? {
             if !matches!(vm.state, VmState::Creating | VmState::Deleting) {
@@ -114,7 +133,12 @@ impl Manager {
             .map(|v| (v.id.clone(), v))
             .collect();
         let vms_dir = self.cfg.data_dir.join("vms");
+        let lost = |id: &str| !vms.contains_key(id) && self.saved_record(id).is_some();
+        let mut warned = std::collections::HashSet::new();
         for (pid, id) in qemu_processes(&vms_dir) {
+            if lost(&id) {
+                continue;
+            }
             let owned = vms.get(&id).is_some_and(|v| {
                 v.pid == Some(pid) && v.state.has_process() && v.state != VmState::Creating
             });
@@ -135,6 +159,15 @@ impl Manager {
         if let Ok(rd) = std::fs::read_dir(&vms_dir) {
             for e in rd.flatten() {
                 let name = e.file_name().to_string_lossy().to_string();
+                if lost(&name) {
+                    if warned.insert(name.clone()) {
+                        tracing::warn!(
+                            id = %name,
+                            "VM directory without a record in the state store (was the store lost?): kept; run `hutch admin recover` to restore it"
+                        );
+                    }
+                    continue;
+                }
                 if !vms.contains_key(&name) {
                     tracing::warn!(dir = %e.path().display(), "removing a VM directory without a record");
                     let _ = std::fs::remove_dir_all(e.path());
@@ -147,7 +180,7 @@ impl Manager {
 
 /// (pid, VM id) of every QEMU whose command line names a VM directory under `vms_dir` and
 /// carries hutch's `-name hutch-ID,...` tag.
-fn qemu_processes(vms_dir: &std::path::Path) -> Vec<(u32, String)> {
+pub(crate) fn qemu_processes(vms_dir: &std::path::Path) -> Vec<(u32, String)> {
     let needle = format!("{}/", vms_dir.display());
     let mut out = Vec::new();
     let Ok(rd) = std::fs::read_dir("/proc") else {

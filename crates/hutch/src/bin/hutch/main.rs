@@ -144,6 +144,16 @@ enum Cmd {
     Status,
     /// Follow lifecycle events (created, started, stopped, failed, deleted, ...) as they happen.
     Events,
+    /// Administration (the admin only).
+    #[command(subcommand)]
+    Admin(AdminCmd),
+}
+
+#[derive(Subcommand)]
+enum AdminCmd {
+    /// Rebuild the records of VMs the state store lost (it was deleted or corrupt) from their
+    /// directories and running QEMUs; nothing is stopped.
+    Recover,
 }
 
 #[derive(Subcommand)]
@@ -758,6 +768,28 @@ async fn run(cli: Cli) -> Result<i32> {
             }
         }
         Cmd::Events => return events::follow(&c, j).await,
+        Cmd::Admin(AdminCmd::Recover) => {
+            let v = c.json(Method::POST, "/api/v1/admin/recover", None).await?;
+            if j {
+                out_json(&v)
+            } else {
+                let items = v.as_array().cloned().unwrap_or_default();
+                if items.is_empty() {
+                    println!("every VM directory has its record; nothing to recover");
+                }
+                for r in items {
+                    let name = match r["owner"].as_str() {
+                        Some(o) => format!("{o}/{}", r["vm"].as_str().unwrap_or("")),
+                        None => r["vm"].as_str().unwrap_or("").to_string(),
+                    };
+                    println!(
+                        "{}  {name}  {}",
+                        r["id"].as_str().unwrap_or(""),
+                        r["outcome"].as_str().unwrap_or("")
+                    );
+                }
+            }
+        }
     }
     Ok(0)
 }
