@@ -114,7 +114,7 @@ fn registry_pull_commit_push() {
     sh(&format!(
         r#"set -e; cd {w}
 step() {{ umoci unpack --image oci:bb b >/dev/null; r=b/rootfs; eval "$1"; umoci repack --image oci:bb b >/dev/null; rm -rf b; }}
-step 'mkdir -p $r/etc $r/opt/keep $r/opt/gone $r/data; echo a > $r/etc/a; echo b > $r/etc/b; echo x > $r/opt/keep/x; echo y > $r/opt/gone/y'
+step 'mkdir -p $r/etc $r/opt/keep $r/opt/gone $r/data $r/run/app; echo a > $r/etc/a; echo b > $r/etc/b; echo x > $r/opt/keep/x; echo y > $r/opt/gone/y; echo seed > $r/run/app/f; chown -R 65534:65534 $r/run/app; chmod 750 $r/run/app'
 step 'rm $r/etc/a; rm -r $r/opt/gone; echo c > $r/etc/c; echo h > $r/data/h1; ln $r/data/h1 $r/data/h2'
 step 'rm $r/etc/c'
 mkdir big && {ws}/scripts/make-test-image.sh big 8 && mkdir bad && {ws}/scripts/make-test-image.sh bad 1 && mkdir cut && {ws}/scripts/make-test-image.sh cut 1
@@ -328,6 +328,16 @@ mkdir big && {ws}/scripts/make-test-image.sh big 8 && mkdir bad && {ws}/scripts/
         "ls /etc; ls /opt; busybox stat -c %h /data/h1 /data/h2; cat /etc/b",
     ]);
     assert_eq!(ls, "b\ngroup\npasswd\nkeep\n2\n2\nb\n", "{ls}");
+    // The tmpfs on /run starts with what the image has there, owners and modes kept.
+    let run = d.ok(&[
+        "exec",
+        "w",
+        "--",
+        "sh",
+        "-c",
+        "stat -c '%u %a' /run /run/app; cat /run/app/f",
+    ]);
+    assert_eq!(run, "0 1777\n65534 750\nseed\n", "{run}");
     // Commit the VM's changes (a new file, a deleted image file) and push them.
     d.ok(&[
         "exec",
