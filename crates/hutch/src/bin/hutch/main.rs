@@ -2,6 +2,7 @@
 //! or over TCP with --url and a bearer token.
 
 mod client;
+mod completions;
 mod pull;
 mod render;
 
@@ -140,6 +141,9 @@ enum Cmd {
     },
     /// Daemon status.
     Status,
+    /// Print a shell completion script: `source <(hutch completions bash)`; `make install` puts
+    /// them where bash, zsh and fish look.
+    Completions { shell: completions::Shell },
 }
 
 #[derive(Subcommand)]
@@ -646,12 +650,21 @@ async fn run(cli: Cli) -> Result<i32> {
             }
         }
         Cmd::Status => out_json(&c.json(Method::GET, "/api/v1/health", None).await?),
+        Cmd::Completions { shell } => completions::print(shell)?,
     }
     Ok(0)
 }
 
 fn main() {
     let cli = Cli::parse();
+    // Needs no hutchd (nor a runtime).
+    if let Cmd::Completions { shell } = cli.cmd {
+        if let Err(e) = completions::print(shell) {
+            eprintln!("hutch: {e}");
+            std::process::exit(1);
+        }
+        return;
+    }
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
