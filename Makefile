@@ -5,7 +5,26 @@ AGENT := target/agent/$(AGENT_TARGET)/release/hutch-agent
 HUTCH_DATA_DIR ?= /var/lib/hutch
 export HUTCH_DATA_DIR
 
-.PHONY: all deps test-deps build agent run test lint fmt bench clean-test
+# `make install`: where things go (GNU conventions; DESTDIR for staging and packaging).
+PREFIX ?= /usr/local
+BINDIR ?= $(PREFIX)/bin
+DATADIR ?= $(PREFIX)/share
+SYSTEMDUNITDIR ?= $(PREFIX)/lib/systemd/system
+BASHCOMPDIR ?= $(DATADIR)/bash-completion/completions
+FISHCOMPDIR ?= $(DATADIR)/fish/vendor_completions.d
+# zsh's own site directory for /usr/local; Debian's zsh reads packages' from vendor-completions.
+ifeq ($(PREFIX),/usr)
+ZSHCOMPDIR ?= $(DATADIR)/zsh/vendor-completions
+else
+ZSHCOMPDIR ?= $(DATADIR)/zsh/site-functions
+endif
+# Where install-files takes hutch and hutchd from (the install test points it at a debug build).
+BIN_DIR ?= target/release
+INSTALLED := $(BINDIR)/hutchd $(BINDIR)/hutch $(BINDIR)/hutch-agent \
+	$(SYSTEMDUNITDIR)/hutchd.service $(BASHCOMPDIR)/hutch $(ZSHCOMPDIR)/_hutch \
+	$(FISHCOMPDIR)/hutch.fish
+
+.PHONY: all deps test-deps build agent run test lint fmt bench clean-test install install-files uninstall
 
 all: build
 
@@ -49,3 +68,25 @@ bench: build
 	target/release/examples/bench
 	target/release/examples/bench_pull
 	target/release/examples/bench_ssh
+
+# Release build, then hutchd, hutch and hutch-agent (beside hutchd, where hutchd looks for it),
+# the systemd unit (its /usr/local/bin paths rewritten to BINDIR) and shell completions.
+# Runtime packages (QEMU, erofs-utils, ...) come from `make deps`.
+install: build
+	$(MAKE) --no-print-directory install-files
+	@if [ -z "$(DESTDIR)" ]; then echo "installed; start hutchd at boot with: systemctl daemon-reload && systemctl enable --now hutchd"; fi
+
+install-files:
+	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(SYSTEMDUNITDIR) $(DESTDIR)$(BASHCOMPDIR) \
+		$(DESTDIR)$(ZSHCOMPDIR) $(DESTDIR)$(FISHCOMPDIR)
+	install -m 0755 $(BIN_DIR)/hutchd $(BIN_DIR)/hutch $(DESTDIR)$(BINDIR)/
+	install -m 0755 $(AGENT) $(DESTDIR)$(BINDIR)/hutch-agent
+	sed 's|/usr/local/bin/|$(BINDIR)/|g' dist/systemd/hutchd.service >$(DESTDIR)$(SYSTEMDUNITDIR)/hutchd.service
+	chmod 0644 $(DESTDIR)$(SYSTEMDUNITDIR)/hutchd.service
+	$(BIN_DIR)/hutch completions bash >$(DESTDIR)$(BASHCOMPDIR)/hutch
+	$(BIN_DIR)/hutch completions zsh >$(DESTDIR)$(ZSHCOMPDIR)/_hutch
+	$(BIN_DIR)/hutch completions fish >$(DESTDIR)$(FISHCOMPDIR)/hutch.fish
+
+# Removes what install put in place; hutchd's data (/var/lib/hutch) and running VMs stay.
+uninstall:
+	rm -f $(addprefix $(DESTDIR),$(INSTALLED))

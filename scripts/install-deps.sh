@@ -17,7 +17,8 @@ MIN_QEMU=8.2
 run_pkgs=(e2fsprogs erofs-utils kmod cpio)
 qemu_pkgs=(qemu-system-x86 qemu-utils)
 # python3-venv: tests/api_fuzz.rs installs schemathesis (PyPI) into a venv under target/.
-test_pkgs=(busybox-static umoci skopeo docker-registry apache2-utils openssh-client python3 python3-venv)
+# systemd: tests/install.rs checks the installed hutchd.service with systemd-analyze verify.
+test_pkgs=(busybox-static umoci skopeo docker-registry apache2-utils openssh-client python3 python3-venv systemd)
 bench_pkgs=(openssh-server)
 
 mode="${1:-}"
@@ -184,6 +185,7 @@ if [[ "$mode" == --test || "$mode" == --bench ]]; then
     check htpasswd sh -c 'htpasswd -nbB u p'
     check ssh sh -c 'ssh -V'
     check python3 python3 --version
+    check systemd-analyze systemd-analyze --version
     # shellcheck disable=SC2016 # expanded by the inner shell
     check python3-venv sh -c 'd=$(mktemp -d) && python3 -m venv "$d/v"; r=$?; rm -rf "$d"; exit $r'
 fi

@@ -89,13 +89,6 @@ pub fn init() -> io::Result<Config> {
         libc::MS_NOSUID | libc::MS_NODEV,
         Some("mode=1777"),
     )?;
-    sys::mount(
-        "tmpfs",
-        &root.join("run"),
-        "tmpfs",
-        libc::MS_NOSUID | libc::MS_NODEV,
-        Some("mode=0755"),
-    )?;
 
     let data_fd = std::fs::File::open(DATA)?;
     // Switch root: make the overlay "/" and forget the initramfs paths.
@@ -108,6 +101,8 @@ pub fn init() -> io::Result<Config> {
     unsafe {
         libc::umask(0o022);
     }
+    // /tmp and /run (/dev/shm is mounted above), inside the guest's root.
+    crate::scratch::setup()?;
 
     let port = find_port(hutch_proto::PORT_NAME)?;
     eprintln!(

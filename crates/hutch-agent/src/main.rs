@@ -3,13 +3,14 @@
 //! As init it mounts the kernel filesystems, loads the kernel modules listed by the host in
 //! `/hutch/modules.load`, mounts the image (read-only, found by virtio-blk serial `hutch-image`)
 //! under a writable overlay whose upper layer lives on the VM's own disk (`hutch-data`), switches
-//! root into it and sets the hostname. Then it serves the host over the virtio-serial port
-//! `org.hutch.agent` (see `serve`). It never returns: if init fails it prints why on the console
-//! and powers the VM off.
+//! root into it, sets the hostname and makes `/tmp`, `/run` and `/dev/shm` (see `scratch`).
+//! Then it serves the host over the virtio-serial port `org.hutch.agent` (see `serve`). It never
+//! returns: if init fails it prints why on the console and powers the VM off.
 
 mod exec;
 mod export;
 mod init;
+mod scratch;
 mod serve;
 mod sys;
 

@@ -118,6 +118,39 @@ impl Reference {
     }
 }
 
+/// Whether a registry address (`HOST`, `HOST:PORT`, `[IPV6]:PORT`) is this machine's loopback
+/// by its spelling alone: `localhost`, an IPv4 address in 127.0.0.0/8, or `[::1]` (and its
+/// IPv4-mapped form of 127.0.0.0/8). Names are not resolved: `registry.example` that happens
+/// to resolve to 127.0.0.1 is not loopback here.
+pub fn is_loopback_registry(registry: &str) -> bool {
+    let host = match registry.strip_prefix('[') {
+        Some(rest) => match rest.split_once(']') {
+            Some((h, port)) if port.is_empty() || port.starts_with(':') => h,
+            _ => return false,
+        },
+        None => registry.split(':').next().unwrap_or(registry),
+    };
+    if host.eq_ignore_ascii_case("localhost") {
+        return true;
+    }
+    if registry.starts_with('[') {
+        return host.parse::<std::net::Ipv6Addr>().is_ok_and(|a| {
+            a.is_loopback() || a.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+        });
+    }
+    host.parse::<std::net::Ipv4Addr>()
+        .is_ok_and(|a| a.is_loopback())
+}
+
+/// Whether hutch speaks plain HTTP to `registry`: when asked to (`--insecure`), and always to a
+/// loopback registry ([`is_loopback_registry`]), as Docker allows without configuration. Every
+/// other registry is HTTPS only. Loopback goes straight to HTTP, without trying HTTPS first:
+/// hutch trusts only the public web PKI (webpki roots), which issues no certificate for
+/// `localhost` or `127.0.0.1`, so an HTTPS attempt there could never verify.
+pub fn plain_http(registry: &str, insecure: bool) -> bool {
+    insecure || is_loopback_registry(registry)
+}
+
 /// One registry connection for one repository.
 pub struct Registry {
     http: reqwest::Client,
@@ -140,8 +173,9 @@ application/vnd.oci.image.manifest.v1+json, \
 application/vnd.docker.distribution.manifest.v2+json";
 
 impl Registry {
-    /// `insecure` allows plain HTTP (only when asked for). Any destination the host can
-    /// reach is allowed (the admin's view); see [`Registry::with_policy`].
+    /// `insecure` asks for plain HTTP (loopback registries get it anyway: [`plain_http`]).
+    /// Any destination the host can reach is allowed (the admin's view); see
+    /// [`Registry::with_policy`].
     pub fn new(
         reference: Reference,
         insecure: bool,
@@ -168,7 +202,11 @@ impl Registry {
         timeouts: Timeouts,
     ) -> Result<Registry, ImageError> {
         let http = crate::egress::client(egress.clone(), timeouts)?;
-        let scheme = if insecure { "http" } else { "https" };
+        let scheme = if plain_http(&reference.registry, insecure) {
+            "http"
+        } else {
+            "https"
+        };
         let base = format!(
             "{scheme}://{}/v2/{}",
             reference.host(),
@@ -206,7 +244,7 @@ impl Registry {
             let resp = rb.send().await.map_err(|e| {
                 let mut m = format!("cannot reach registry {}: {}", self.host(), chain(&e));
                 if m.contains("InvalidContentType") || m.contains("corrupt message") {
-                    m.push_str(" (is it a plain-HTTP registry? pull with --insecure)");
+                    m.push_str(" (is it a plain-HTTP registry? use --insecure)");
                 }
                 reg_err(m)
             })?;
@@ -657,6 +695,51 @@ mod tests {
         for bad in ["", "UPPER/x", "a@sha256:zz", "a:b c", "a//b"] {
             assert!(Reference::parse(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn loopback_registries_speak_plain_http() {
+        for r in [
+            "localhost",
+            "localhost:5000",
+            "LocalHost:5000",
+            "127.0.0.1",
+            "127.0.0.1:5000",
+            "127.8.9.10:80",
+            "[::1]",
+            "[::1]:5000",
+            "[::ffff:127.0.0.1]:5000",
+        ] {
+            assert!(is_loopback_registry(r), "{r}");
+            assert!(plain_http(r, false), "{r}");
+        }
+        // Everything else needs --insecure for plain HTTP: private and public addresses,
+        // names that merely start or end like loopback ones, malformed forms.
+        for r in [
+            "docker.io",
+            "ghcr.io",
+            "10.0.0.5:5000",
+            "192.168.1.2",
+            "0.0.0.0:5000",
+            "128.0.0.1:5000",
+            "localhost.example.com:5000",
+            "my-localhost:5000",
+            "127.0.0.1.nip.io:5000",
+            "127.1:5000",
+            "[::2]:5000",
+            "[::1]x",
+            "[::1",
+            "::1",
+        ] {
+            assert!(!is_loopback_registry(r), "{r}");
+            assert!(!plain_http(r, false), "{r}");
+            assert!(plain_http(r, true), "{r}");
+        }
+        // The reference's registry is what is judged (`alpine` is Docker Hub).
+        let r = Reference::parse("127.0.0.1:5000/team/app:1").unwrap();
+        assert!(plain_http(&r.registry, false));
+        let r = Reference::parse("alpine").unwrap();
+        assert!(!plain_http(&r.registry, false));
     }
 
     #[test]

@@ -229,6 +229,32 @@ async fn honest_registry_pull_works() {
     h.check();
 }
 
+/// Loopback registries speak plain HTTP without `insecure` (as with Docker), by address or
+/// by the name `localhost`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loopback_registries_need_no_insecure() {
+    let h = Host::new();
+    let s = Server::start("127.0.0.1:0", honest(|_| None)).await;
+    let v6 = Server::start("[::1]:0", honest(|_| None)).await;
+    let secure = PullOptions {
+        insecure: false,
+        ..opts()
+    };
+    let port = s.addr.port();
+    pull(&h, &s.reference(), &secure).await.unwrap();
+    pull(&h, &format!("localhost:{port}/hostile/app:1"), &secure)
+        .await
+        .unwrap();
+    let named = PullOptions {
+        name: Some("v6:1".into()),
+        ..secure
+    };
+    let r6 = format!("[::1]:{}/hostile/app:1", v6.addr.port());
+    pull(&h, &r6, &named).await.unwrap();
+    assert!(v6.conns.load(Ordering::SeqCst) > 0);
+    h.check();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn traversal_and_malformed_digests_are_refused_before_any_fetch() {
     let h = Host::new();

@@ -1,6 +1,6 @@
 //! Images against real registries: pull by tag and digest, multi-arch indexes, auth, bad blobs,
 //! resume, concurrent pulls, whiteouts across layers, commit, push, and the result read back by
-//! skopeo and umoci. Two VM boots.
+//! skopeo and umoci; `hutch new` pulling a missing image with progress. Three VM boots.
 
 mod common;
 use common::*;
@@ -10,6 +10,24 @@ use std::path::Path;
 
 fn stderr(o: &std::process::Output) -> String {
     String::from_utf8_lossy(&o.stderr).to_string()
+}
+
+/// The CLI's stdout and stderr as one stream, in the order written; whether it succeeded.
+fn merged(d: &Daemon, args: &[&str]) -> (bool, String) {
+    let o = std::process::Command::new("sh")
+        .arg("-c")
+        .arg("exec \"$0\" \"$@\" 2>&1")
+        .arg(env!("CARGO_BIN_EXE_hutch"))
+        .arg("--data-dir")
+        .arg(d.data())
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stdout).to_string(),
+    )
 }
 
 /// NDJSON events of a pull through the API.
@@ -96,7 +114,7 @@ fn registry_pull_commit_push() {
     sh(&format!(
         r#"set -e; cd {w}
 step() {{ umoci unpack --image oci:bb b >/dev/null; r=b/rootfs; eval "$1"; umoci repack --image oci:bb b >/dev/null; rm -rf b; }}
-step 'mkdir -p $r/etc $r/opt/keep $r/opt/gone $r/data; echo a > $r/etc/a; echo b > $r/etc/b; echo x > $r/opt/keep/x; echo y > $r/opt/gone/y'
+step 'mkdir -p $r/etc $r/opt/keep $r/opt/gone $r/data $r/run/app; echo a > $r/etc/a; echo b > $r/etc/b; echo x > $r/opt/keep/x; echo y > $r/opt/gone/y; echo seed > $r/run/app/f; chown -R 65534:65534 $r/run/app; chmod 750 $r/run/app'
 step 'rm $r/etc/a; rm -r $r/opt/gone; echo c > $r/etc/c; echo h > $r/data/h1; ln $r/data/h1 $r/data/h2'
 step 'rm $r/etc/c'
 mkdir big && {ws}/scripts/make-test-image.sh big 8 && mkdir bad && {ws}/scripts/make-test-image.sh bad 1 && mkdir cut && {ws}/scripts/make-test-image.sh cut 1
@@ -118,8 +136,9 @@ mkdir big && {ws}/scripts/make-test-image.sh big 8 && mkdir bad && {ws}/scripts/
     let r = &reg.addr;
     let d = Daemon::start(&[]);
 
-    // By tag, then by digest: the same image; the second downloads nothing.
-    let img = d.json(&["image", "pull", "--insecure", &format!("{r}/team/app:1")]);
+    // By tag, then by digest: the same image; the second downloads nothing. A loopback
+    // registry speaks plain HTTP without --insecure.
+    let img = d.json(&["image", "pull", &format!("{r}/team/app:1")]);
     assert_eq!(img["name"], format!("{r}/team/app:1"));
     assert_eq!(img["layers"].as_array().unwrap().len(), 4);
     let digest = img["digest"].as_str().unwrap().to_string();
@@ -309,6 +328,16 @@ mkdir big && {ws}/scripts/make-test-image.sh big 8 && mkdir bad && {ws}/scripts/
         "ls /etc; ls /opt; busybox stat -c %h /data/h1 /data/h2; cat /etc/b",
     ]);
     assert_eq!(ls, "b\ngroup\npasswd\nkeep\n2\n2\nb\n", "{ls}");
+    // The tmpfs on /run starts with what the image has there, owners and modes kept.
+    let run = d.ok(&[
+        "exec",
+        "w",
+        "--",
+        "sh",
+        "-c",
+        "stat -c '%u %a' /run /run/app; cat /run/app/f",
+    ]);
+    assert_eq!(run, "0 1777\n65534 750\nseed\n", "{run}");
     // Commit the VM's changes (a new file, a deleted image file) and push them.
     d.ok(&[
         "exec",
@@ -323,13 +352,46 @@ mkdir big && {ws}/scripts/make-test-image.sh big 8 && mkdir bad && {ws}/scripts/
         "w",
         &format!("{r}/team/app:2"),
         "--push",
-        "--insecure",
         "-m",
         "test",
     ]);
     assert_eq!(c["pushed"], format!("{r}/team/app:2"));
     assert_eq!(c["layers"].as_array().unwrap().len(), 5);
-    d.ok(&["new", "--image", &format!("{r}/team/app:2"), "--name", "w2"]);
+    // `hutch new` pulls a missing image first, with progress, as `docker run` does: the
+    // committed layer is gone from the store, the other four are already there.
+    d.ok(&["image", "rm", &format!("{r}/team/app:2")]);
+    d.json(&["image", "gc"]);
+    let (ok, out) = merged(
+        &d,
+        &["new", "--image", &format!("{r}/team/app:2"), "--name", "w2"],
+    );
+    assert!(ok, "{out}");
+    let at = |s: &str| out.find(s).unwrap_or_else(|| panic!("no {s:?} in:\n{out}"));
+    let (missing, pulled, vm) = (
+        at(&format!("Unable to find image '{r}/team/app:2' locally")),
+        at(&format!(
+            "pulled {r}/team/app:2 ({})",
+            c["digest"].as_str().unwrap()
+        )),
+        at("Name:    w2"),
+    );
+    assert!(out.matches(": already present").count() == 4, "{out}");
+    assert!(out.matches(": downloaded").count() == 1, "{out}");
+    for p in [
+        at("5 layers"),
+        at(": downloaded"),
+        at("building root filesystem"),
+    ] {
+        assert!(missing < p && p < pulled, "{out}");
+    }
+    assert!(pulled < vm, "{out}");
+    // A missing image whose reference names no registry is not pulled: a clear message.
+    let (ok, out) = merged(&d, &["new", "--image", "nosuch"]);
+    assert!(!ok && out.contains("image \"nosuch\" not found"), "{out}");
+    assert!(
+        out.contains("names a registry") && !out.contains("Unable"),
+        "{out}"
+    );
     assert_eq!(
         d.ok(&["exec", "w2", "--", "sh", "-c", "cat /root/new; ls /etc"]),
         "mine\ngroup\npasswd\n"

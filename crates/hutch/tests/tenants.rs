@@ -198,6 +198,21 @@ fn tenants_are_isolated_and_bounded() {
         "{out}"
     );
 
+    // `hutch new` pulls a missing image for an account as for the admin, through the same
+    // API and so under the same egress policy: loopback is refused here.
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_hutch"))
+        .args(["--url", &format!("http://{}", r.addr), "--token", &bt])
+        .args(["new", "--image", "127.0.0.1:9/x:1"])
+        .output()
+        .unwrap();
+    let se = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{se}");
+    assert!(
+        se.contains("Unable to find image '127.0.0.1:9/x:1'")
+            && se.contains("--registry-allow-private"),
+        "{se}"
+    );
+
     // VM names are per account: bob's "web" does not collide with alice's, and reveals nothing.
     let new = |t: &str, name: &str| {
         r.call(

@@ -64,6 +64,24 @@ fn vm_lifecycle_end_to_end() {
         d.ok(&["exec", "demo", "-u", "nobody", "--", "id", "-u"]),
         "65534\n"
     );
+    // Scratch space whatever the image ships (this one has /tmp at 0755 and no /run): /tmp on
+    // the writable layer at 1777, /run and /dev/shm tmpfs at 1777, all writable by nobody.
+    let so = d.ok(&[
+        "exec",
+        "demo",
+        "-u",
+        "nobody",
+        "--",
+        "sh",
+        "-c",
+        "for d in /tmp /run /dev/shm; do echo hi > $d/by-nobody && cat $d/by-nobody; done; \
+         stat -c '%a %n' /tmp /run /dev/shm; \
+         grep -E ' /(tmp|run|dev/shm) ' /proc/mounts | busybox cut -d' ' -f2,3",
+    ]);
+    assert_eq!(
+        so,
+        "hi\nhi\nhi\n1777 /tmp\n1777 /run\n1777 /dev/shm\n/dev/shm tmpfs\n/run tmpfs\n"
+    );
     // stdin reaches the process.
     let o = d.hutch_stdin(
         &["exec", "demo", "--", "sh", "-c", "cat; echo done"],
@@ -195,6 +213,18 @@ fn vm_lifecycle_end_to_end() {
     assert_eq!(
         d.ok(&["exec", "demo", "--", "cat", "/root/persist"]),
         "kept\n"
+    );
+    // /tmp is on the writable layer and keeps its files; /run is fresh on every boot.
+    assert_eq!(
+        d.ok(&[
+            "exec",
+            "demo",
+            "--",
+            "sh",
+            "-c",
+            "cat /tmp/by-nobody; ls -A /run"
+        ]),
+        "hi\n"
     );
 
     // QEMU dies while hutchd is down: shown as failed, with the reason.

@@ -1,7 +1,7 @@
 //! The CLI's HTTP client: the unix socket or TCP (TLS for https URLs), whole or streamed
 //! request bodies, JSON errors turned into messages, NDJSON streams.
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::{Method, Request, StatusCode};
@@ -171,17 +171,41 @@ pub(crate) trait IoStream:
 
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> IoStream for T {}
 
+/// An error answer from hutchd: its status, `error.code` and `error.message`. Displays as the
+/// message; callers that care about the kind of error downcast to it.
+#[derive(Debug)]
+pub(crate) struct ApiFailure {
+    pub(crate) status: StatusCode,
+    pub(crate) code: String,
+    pub(crate) message: String,
+}
+
+impl std::fmt::Display for ApiFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for ApiFailure {}
+
 pub(crate) async fn finish(r: Resp) -> Result<Bytes> {
     let status = r.status;
     let body = r.body.collect().await?.to_bytes();
     if status.is_success() {
         return Ok(body);
     }
-    let msg = serde_json::from_slice::<Value>(&body)
-        .ok()
-        .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
+    let v = serde_json::from_slice::<Value>(&body).unwrap_or(Value::Null);
+    let message = v["error"]["message"]
+        .as_str()
+        .map(str::to_string)
         .unwrap_or_else(|| String::from_utf8_lossy(&body).to_string());
-    Err(anyhow!("{msg}"))
+    let code = v["error"]["code"].as_str().unwrap_or("").to_string();
+    Err(ApiFailure {
+        status,
+        code,
+        message,
+    }
+    .into())
 }
 
 pub(crate) fn enc(s: &str) -> String {

@@ -2,7 +2,9 @@
 //! or over TCP with --url and a bearer token.
 
 mod client;
+mod completions;
 mod events;
+mod pull;
 mod render;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -13,6 +15,7 @@ use client::*;
 use http_body_util::BodyExt;
 use hutch_core::mib;
 use hyper::Method;
+use pull::{pull, resolve_creds};
 use render::*;
 use serde_json::{json, Value};
 use std::io::{IsTerminal, Read, Write};
@@ -54,8 +57,9 @@ enum Cmd {
     /// Manage images.
     #[command(subcommand)]
     Image(ImageCmd),
-    /// Create and boot a VM.
+    /// Create and boot a VM; pulls its image first when it is missing and names a registry.
     New {
+        /// An image name, or a registry reference (HOST[:PORT]/REPO[:TAG]) pulled if missing.
         #[arg(long)]
         image: String,
         #[arg(long)]
@@ -126,7 +130,7 @@ enum Cmd {
         /// Also push it to its registry.
         #[arg(long)]
         push: bool,
-        /// Plain HTTP for the push.
+        /// Plain HTTP for the push (loopback registries always use it).
         #[arg(long)]
         insecure: bool,
         /// USER:PASS for the push; default: ~/.docker/config.json.
@@ -147,6 +151,9 @@ enum Cmd {
     /// Administration (the admin only).
     #[command(subcommand)]
     Admin(AdminCmd),
+    /// Print a shell completion script: `source <(hutch completions bash)`; `make install` puts
+    /// them where bash, zsh and fish look.
+    Completions { shell: completions::Shell },
 }
 
 #[derive(Subcommand)]
@@ -167,7 +174,7 @@ enum ImageCmd {
     /// Pull from a registry: `alpine`, `ghcr.io/o/r:tag`, `localhost:5000/app@sha256:...`.
     Pull {
         reference: String,
-        /// Plain HTTP (for a local registry).
+        /// Plain HTTP for a registry off loopback (loopback registries always use it).
         #[arg(long)]
         insecure: bool,
         /// USER:PASS; default: the registry's entry in ~/.docker/config.json.
@@ -181,6 +188,7 @@ enum ImageCmd {
     Push {
         image: String,
         reference: Option<String>,
+        /// Plain HTTP for a registry off loopback (loopback registries always use it).
         #[arg(long)]
         insecure: bool,
         #[arg(long)]
@@ -256,104 +264,6 @@ async fn exec(
         Ok(None)
     })
     .await
-}
-
-/// Pulls with per-layer progress bars on a terminal, quietly otherwise.
-async fn pull(c: &Client, body: Value) -> Result<Value> {
-    let r = c
-        .send(
-            Method::POST,
-            "/api/v1/images/pull",
-            "application/json",
-            Bytes::from(body.to_string()),
-        )
-        .await?;
-    let tty = std::io::stderr().is_terminal();
-    let multi = indicatif::MultiProgress::new();
-    let style = indicatif::ProgressStyle::with_template(
-        "{prefix:.bold} [{bar:30}] {bytes}/{total_bytes} {msg}",
-    )
-    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-    .progress_chars("=> ");
-    let mut bars: std::collections::HashMap<String, indicatif::ProgressBar> = Default::default();
-    ndjson(r, |ev| {
-        let digest = ev["digest"].as_str().unwrap_or("").to_string();
-        let short: String = digest
-            .trim_start_matches("sha256:")
-            .chars()
-            .take(12)
-            .collect();
-        match ev["type"].as_str().unwrap_or("") {
-            "resolved" if tty => {
-                for l in ev["layers"].as_array().cloned().unwrap_or_default() {
-                    let d = l[0].as_str().unwrap_or("").to_string();
-                    let b = multi.add(indicatif::ProgressBar::new(l[1].as_u64().unwrap_or(0)));
-                    b.set_style(style.clone());
-                    b.set_prefix(
-                        d.trim_start_matches("sha256:")
-                            .chars()
-                            .take(12)
-                            .collect::<String>(),
-                    );
-                    bars.insert(d, b);
-                }
-            }
-            "progress" => {
-                if let Some(b) = bars.get(&digest) {
-                    b.set_position(ev["done"].as_u64().unwrap_or(0));
-                }
-            }
-            "blob" => {
-                if let Some(b) = bars.get(&digest) {
-                    let msg = if ev["cached"] == true {
-                        "already present".to_string()
-                    } else if ev["resumed_from"].as_u64().unwrap_or(0) > 0 {
-                        format!("done (resumed at {} bytes)", ev["resumed_from"])
-                    } else {
-                        "done".to_string()
-                    };
-                    b.set_position(b.length().unwrap_or(0));
-                    b.finish_with_message(msg);
-                } else if !tty && ev["cached"] != true {
-                    eprintln!("{short}: downloaded");
-                }
-            }
-            "building" if tty => {
-                let _ = multi.println("building root filesystem...");
-            }
-            "done" => return Ok(Some(ev["image"].clone())),
-            "error" => bail!("{}", ev["message"].as_str().unwrap_or("pull failed")),
-            _ => {}
-        }
-        Ok(None)
-    })
-    .await
-}
-
-/// Credentials for the registry of `reference`: `--creds USER:PASS`, else the docker config.
-fn resolve_creds(
-    reference: &str,
-    flag: Option<String>,
-) -> Result<(Option<String>, Option<String>)> {
-    if let Some(c) = flag {
-        let (u, p) = c
-            .split_once(':')
-            .ok_or_else(|| anyhow!("--creds must be USER:PASS"))?;
-        return Ok((Some(u.into()), Some(p.into())));
-    }
-    let r = hutch_image::registry::Reference::parse(reference)?;
-    Ok(docker_config()
-        .and_then(|p| hutch_image::registry::docker_config_credentials(&r.registry, &p))
-        .map(|c| (Some(c.username), Some(c.password)))
-        .unwrap_or((None, None)))
-}
-
-/// The docker client's config file: $DOCKER_CONFIG/config.json or ~/.docker/config.json.
-fn docker_config() -> Option<PathBuf> {
-    let dir = std::env::var_os("DOCKER_CONFIG")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".docker")))?;
-    Some(dir.join("config.json"))
 }
 
 /// `VM:/path` or `ACCOUNT/VM:/path` (the qualified name of another account's VM); anything
@@ -532,9 +442,8 @@ async fn run(cli: Cli) -> Result<i32> {
             run,
             restart,
         } => {
-            let v = c
-                .json(Method::POST, "/api/v1/sandboxes", Some(json!({"image": image, "name": name, "vcpus": vcpu, "mem_mib": mem, "disk_gib": disk, "run": run, "restart": restart})))
-                .await?;
+            let body = json!({"image": image, "name": name, "vcpus": vcpu, "mem_mib": mem, "disk_gib": disk, "run": run, "restart": restart});
+            let v = pull::create(&c, body).await?;
             if j {
                 out_json(&v)
             } else {
@@ -790,12 +699,21 @@ async fn run(cli: Cli) -> Result<i32> {
                 }
             }
         }
+        Cmd::Completions { shell } => completions::print(shell)?,
     }
     Ok(0)
 }
 
 fn main() {
     let cli = Cli::parse();
+    // Needs no hutchd (nor a runtime).
+    if let Cmd::Completions { shell } = cli.cmd {
+        if let Err(e) = completions::print(shell) {
+            eprintln!("hutch: {e}");
+            std::process::exit(1);
+        }
+        return;
+    }
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
