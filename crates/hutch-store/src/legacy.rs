@@ -9,6 +9,7 @@
 //! [`crate::kv::RedbStore::open`] converts a file in this layout into the revisioned one (every row
 //! becomes `legacy/{table}/{key}`); the two are never open on the same file at once.
 
+use crate::offload::offload;
 use redb::{Database, ReadableTable, TableDefinition};
 use serde::{de::DeserializeOwned, Serialize};
 use std::path::Path;
@@ -216,18 +217,6 @@ impl Store {
                 Err(e)
             }
         }
-    }
-}
-
-/// Runs blocking `f` without stalling an async worker: through `block_in_place` on a
-/// multi-threaded tokio runtime, directly anywhere else (plain threads, blocking-pool threads,
-/// a current-thread runtime, where `block_in_place` is not allowed).
-fn offload<R>(f: impl FnOnce() -> R) -> R {
-    match tokio::runtime::Handle::try_current() {
-        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
-            tokio::task::block_in_place(f)
-        }
-        _ => f(),
     }
 }
 

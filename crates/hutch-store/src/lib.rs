@@ -66,5 +66,6 @@
 pub mod conformance;
 pub mod kv;
 mod legacy;
+mod offload;
 
 pub use legacy::{Store, StoreError, Table, ACCOUNTS, IMAGES, TOKENS, VMS};

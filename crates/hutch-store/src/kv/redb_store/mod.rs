@@ -1,5 +1,9 @@
-//! [`RedbStore`]: the embedded, single-node backend. One redb file; writes go through the
-//! group-commit [`writer`] thread, reads are redb read transactions run off the async workers.
+//! [`RedbStore`]: the embedded, single-node backend. One redb file ([`layout`]), prepared (and
+//! converted from the legacy layout) when opened ([`migrate`]). Writes go through the
+//! group-commit [`writer`] thread: the transactions queued while it commits are applied
+//! together in one redb write transaction with one fsync, each at its own revision. Reads (and
+//! watch history) are redb read transactions run on tokio's blocking pool (inline outside a
+//! runtime), never on an async worker.
 
 mod layout;
 mod migrate;
@@ -21,8 +25,9 @@ use std::thread::JoinHandle;
 use tokio::sync::oneshot;
 
 /// The redb backend. Opening takes the file's lock (a second opener, in this process or another,
-/// fails); dropping the store stops its writer after the queued transactions, closes its watchers
-/// and releases the file (once no read is in flight).
+/// fails). Every commit is durable (fsynced) before its caller hears of it. Dropping the store
+/// waits for the queued transactions to commit, closes its watchers and releases the file (once
+/// no read is in flight).
 pub struct RedbStore {
     shared: Arc<Shared>,
     submit: Option<mpsc::Sender<writer::Request>>,
@@ -105,8 +110,9 @@ impl Drop for RedbStore {
         // The writer ends once its queue is drained and every sender is gone.
         self.submit.take();
         if let Some(w) = self.writer.take() {
-            // It only panics on a bug; the store is going away either way.
-            let _ = w.join();
+            // Waits for the last commit, off the async worker where there is one. The writer
+            // only panics on a bug; the store is going away either way.
+            let _ = crate::offload::offload(|| w.join());
         }
     }
 }
