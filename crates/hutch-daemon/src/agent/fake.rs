@@ -1,0 +1,768 @@
+//! [`FakeAgent`]: an in-memory [`Agent`] for unit tests of what sits above the agent client
+//! (no VM, no socket). Built for tests and with the `fakes` feature.
+//!
+//! - Files: a map of absolute paths to files, directories and symlinks, starting with `/`,
+//!   `/root` and `/tmp`. Paths are resolved lexically (`.`/`..`); a symlink is followed only as
+//!   the last component (as far as `stat`, reads and writes go). A write lands at its `finish`;
+//!   a cancelled one leaves nothing. Errors carry the codes and messages the real agent gives.
+//! - Exec: a script run per process ([`FakeAgent::with_exec`]) that writes output and reads input
+//!   through a [`FakeProcess`]; the default script knows `echo`, `cat`, `true`, `false` and
+//!   `sleep N` (ends early on a signal), and answers anything else like a missing program (127).
+//!   `timeout_ms` kills the script like the agent does; `detach` ends after `Started`.
+//! - [`FakeAgent::set_lost`] makes every new operation fail with [`AgentError::Lost`], as does a
+//!   `shutdown`.
+//!
+//! Streams are driven by tokio tasks: use the fake inside a tokio runtime.
+
+use super::stream::{Incoming, Transport};
+use super::{
+    Agent, AgentError, DirPage, ExecStream, FileRead, FileWrite, FsAnswer, Health, TtySize,
+};
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use hutch_proto::{DirEntry, ErrorCode, ExecRequest, FileAttr, FsRequest, Request, Response};
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+/// What a fake process receives from the host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FakeInput {
+    Stdin(Bytes),
+    Eof,
+    Signal(i32),
+    Resize(TtySize),
+}
+
+/// How a fake process ends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FakeExit {
+    Code(i32),
+    Signal(i32),
+    /// The agent refuses the request instead (an `error` answer).
+    Refuse(ErrorCode, String),
+}
+
+/// A fake process's side of its stream.
+pub struct FakeProcess {
+    out: mpsc::UnboundedSender<Incoming>,
+    input: mpsc::UnboundedReceiver<FakeInput>,
+}
+
+impl FakeProcess {
+    /// Writes stdout; false once the host gave up on the stream.
+    pub fn stdout(&self, data: impl Into<Bytes>) -> bool {
+        self.out.send(Incoming::Stdout(data.into())).is_ok()
+    }
+
+    pub fn stderr(&self, data: impl Into<Bytes>) -> bool {
+        self.out.send(Incoming::Stderr(data.into())).is_ok()
+    }
+
+    /// The next input; None once the host gave up on the stream.
+    pub async fn input(&mut self) -> Option<FakeInput> {
+        self.input.recv().await
+    }
+
+    /// Stdin up to its end (or until the host gives up); signals and resizes are skipped.
+    pub async fn read_stdin(&mut self) -> Vec<u8> {
+        let mut all = Vec::new();
+        while let Some(i) = self.input().await {
+            match i {
+                FakeInput::Stdin(b) => all.extend_from_slice(&b),
+                FakeInput::Eof => break,
+                _ => {}
+            }
+        }
+        all
+    }
+}
+
+type Script = Arc<dyn Fn(ExecRequest, FakeProcess) -> BoxFuture<'static, FakeExit> + Send + Sync>;
+
+#[derive(Debug, Clone)]
+enum Node {
+    File { data: Vec<u8>, mode: u32 },
+    Dir { mode: u32 },
+    Link { target: String },
+}
+
+impl Node {
+    fn attr(&self) -> FileAttr {
+        let (size, mode) = match self {
+            Node::File { data, mode } => (data.len() as u64, 0o100000 | mode),
+            Node::Dir { mode } => (4096, 0o040000 | mode),
+            Node::Link { target } => (target.len() as u64, 0o120777),
+        };
+        FileAttr {
+            size,
+            mode,
+            ..FileAttr::default()
+        }
+    }
+}
+
+#[derive(Default)]
+struct State {
+    nodes: BTreeMap<String, Node>,
+    layer: Vec<u8>,
+    execs: Vec<ExecRequest>,
+    next_pid: i32,
+    lost: bool,
+}
+
+/// An in-memory agent; see the module doc.
+#[derive(Clone)]
+pub struct FakeAgent {
+    state: Arc<Mutex<State>>,
+    script: Script,
+    running: Arc<AtomicU32>,
+    born: Instant,
+}
+
+impl Default for FakeAgent {
+    fn default() -> Self {
+        FakeAgent::new()
+    }
+}
+
+/// The error the real agent gives for `code` (its strerror text).
+fn os_error(code: ErrorCode, path: &str) -> AgentError {
+    let text = match code {
+        ErrorCode::NotFound => "No such file or directory (os error 2)",
+        ErrorCode::Exists => "File exists (os error 17)",
+        ErrorCode::NotADirectory => "Not a directory (os error 20)",
+        ErrorCode::IsDirectory => "Is a directory (os error 21)",
+        ErrorCode::NotEmpty => "Directory not empty (os error 39)",
+        ErrorCode::InvalidArgument => "Invalid argument (os error 22)",
+        _ => "Input/output error (os error 5)",
+    };
+    AgentError::guest(code, &format!("{path}: {text}"))
+}
+
+/// `p` made absolute and free of `.`, `..` and repeated slashes; None if it is relative.
+fn normalize(p: &str) -> Option<String> {
+    if !p.starts_with('/') {
+        return None;
+    }
+    let mut parts: Vec<&str> = Vec::new();
+    for c in p.split('/') {
+        match c {
+            "" | "." => {}
+            ".." => {
+                parts.pop();
+            }
+            c => parts.push(c),
+        }
+    }
+    Some(format!("/{}", parts.join("/")))
+}
+
+fn parent(p: &str) -> Option<String> {
+    (p != "/").then(|| match p.rfind('/') {
+        Some(0) | None => "/".to_string(),
+        Some(i) => p[..i].to_string(),
+    })
+}
+
+fn join(dir: &str, name: &str) -> String {
+    if dir == "/" {
+        format!("/{name}")
+    } else {
+        format!("{dir}/{name}")
+    }
+}
+
+impl State {
+    /// The normalized path, with a final symlink followed when `follow`.
+    fn resolve(&self, path: &str, follow: bool) -> Result<String, AgentError> {
+        let mut p = normalize(path).ok_or_else(|| os_error(ErrorCode::InvalidArgument, path))?;
+        if path.contains('\0') {
+            return Err(os_error(ErrorCode::InvalidArgument, path));
+        }
+        for _ in 0..8 {
+            match self.nodes.get(&p) {
+                Some(Node::Link { target }) if follow => {
+                    let base = parent(&p).unwrap_or_else(|| "/".into());
+                    let t = if target.starts_with('/') {
+                        target.clone()
+                    } else {
+                        join(&base, target)
+                    };
+                    p = normalize(&t).unwrap_or_else(|| "/".into());
+                }
+                _ => return Ok(p),
+            }
+        }
+        Err(AgentError::guest(
+            ErrorCode::NotADirectory,
+            &format!("{path}: Too many levels of symbolic links (os error 40)"),
+        ))
+    }
+
+    fn node(&self, path: &str, follow: bool) -> Result<(String, &Node), AgentError> {
+        let p = self.resolve(path, follow)?;
+        match self.nodes.get(&p) {
+            Some(n) => Ok((p, n)),
+            None => Err(os_error(ErrorCode::NotFound, path)),
+        }
+    }
+
+    /// Checks that the parent of `p` is a directory.
+    fn parent_dir(&self, p: &str, shown: &str) -> Result<(), AgentError> {
+        match parent(p).and_then(|d| self.nodes.get(&d)) {
+            Some(Node::Dir { .. }) => Ok(()),
+            Some(_) => Err(os_error(ErrorCode::NotADirectory, shown)),
+            None => Err(os_error(ErrorCode::NotFound, shown)),
+        }
+    }
+
+    fn children(&self, dir: &str) -> Vec<String> {
+        let prefix = if dir == "/" {
+            "/".to_string()
+        } else {
+            format!("{dir}/")
+        };
+        self.nodes
+            .range(prefix.clone()..)
+            .take_while(|(k, _)| k.starts_with(&prefix))
+            .filter(|(k, _)| *k != "/" && !k[prefix.len()..].contains('/'))
+            .map(|(k, _)| k.clone())
+            .collect()
+    }
+
+    fn fs(&mut self, req: FsRequest) -> Result<FsAnswer, AgentError> {
+        Ok(match req {
+            FsRequest::Stat { path, follow } => FsAnswer::Attr(self.node(&path, follow)?.1.attr()),
+            FsRequest::ReadDir { path, skip } => {
+                let (p, n) = self.node(&path, true)?;
+                if !matches!(n, Node::Dir { .. }) {
+                    return Err(os_error(ErrorCode::NotADirectory, &path));
+                }
+                let all = self.children(&p);
+                let from = usize::try_from(skip).unwrap_or(usize::MAX).min(all.len());
+                let page: Vec<DirEntry> = all[from..]
+                    .iter()
+                    .take(hutch_proto::DIR_PAGE)
+                    .filter_map(|k| {
+                        let attr = self.nodes.get(k)?.attr();
+                        let name = k.rsplit('/').next().unwrap_or(k).to_string();
+                        Some(DirEntry { name, attr })
+                    })
+                    .collect();
+                let next = (from + page.len()) as u64;
+                FsAnswer::Dir(DirPage {
+                    more: (next as usize) < all.len(),
+                    entries: page,
+                    next,
+                })
+            }
+            FsRequest::Mkdir { path, mode } => {
+                let p = self.resolve(&path, false)?;
+                if self.nodes.contains_key(&p) {
+                    return Err(os_error(ErrorCode::Exists, &path));
+                }
+                self.parent_dir(&p, &path)?;
+                let mode = mode & 0o7777;
+                self.nodes.insert(p, Node::Dir { mode });
+                FsAnswer::Done
+            }
+            FsRequest::Remove { path } => {
+                let (p, n) = self.node(&path, false)?;
+                if matches!(n, Node::Dir { .. }) {
+                    return Err(os_error(ErrorCode::IsDirectory, &path));
+                }
+                self.nodes.remove(&p);
+                FsAnswer::Done
+            }
+            FsRequest::Rmdir { path } => {
+                let (p, n) = self.node(&path, false)?;
+                if !matches!(n, Node::Dir { .. }) {
+                    return Err(os_error(ErrorCode::NotADirectory, &path));
+                }
+                if !self.children(&p).is_empty() {
+                    return Err(os_error(ErrorCode::NotEmpty, &path));
+                }
+                self.nodes.remove(&p);
+                FsAnswer::Done
+            }
+            FsRequest::Rename { from, to } => {
+                let (src, _) = self.node(&from, false)?;
+                let dst = self.resolve(&to, false)?;
+                self.parent_dir(&dst, &to)?;
+                if dst.starts_with(&format!("{src}/")) {
+                    return Err(os_error(ErrorCode::InvalidArgument, &to));
+                }
+                let moved: Vec<String> = self
+                    .nodes
+                    .keys()
+                    .filter(|k| **k == src || k.starts_with(&format!("{src}/")))
+                    .cloned()
+                    .collect();
+                for k in moved {
+                    if let Some(n) = self.nodes.remove(&k) {
+                        self.nodes.insert(format!("{dst}{}", &k[src.len()..]), n);
+                    }
+                }
+                FsAnswer::Done
+            }
+            FsRequest::Realpath { path } => {
+                let (p, _) = self.node(&path, true)?;
+                FsAnswer::Path(p)
+            }
+            FsRequest::Readlink { path } => match self.node(&path, false)? {
+                (_, Node::Link { target }) => FsAnswer::Path(target.clone()),
+                _ => return Err(os_error(ErrorCode::InvalidArgument, &path)),
+            },
+            FsRequest::Symlink { target, link } => {
+                let p = self.resolve(&link, false)?;
+                if self.nodes.contains_key(&p) {
+                    return Err(os_error(ErrorCode::Exists, &link));
+                }
+                self.parent_dir(&p, &link)?;
+                self.nodes.insert(p, Node::Link { target });
+                FsAnswer::Done
+            }
+            FsRequest::Chmod { path, mode } => {
+                let p = self.node(&path, true)?.0;
+                if let Some(Node::File { mode: m, .. } | Node::Dir { mode: m }) =
+                    self.nodes.get_mut(&p)
+                {
+                    *m = mode & 0o7777;
+                }
+                FsAnswer::Done
+            }
+        })
+    }
+
+    /// Applies a finished write.
+    fn write(
+        &mut self,
+        path: &str,
+        mode: Option<u32>,
+        offset: Option<u64>,
+        data: &[u8],
+    ) -> Result<u64, AgentError> {
+        let p = self.resolve(path, true)?;
+        if matches!(self.nodes.get(&p), Some(Node::Dir { .. })) {
+            return Err(os_error(ErrorCode::IsDirectory, path));
+        }
+        let mode = mode.unwrap_or(0o644) & 0o7777;
+        match offset {
+            None => {
+                // Parents are made, as the agent does.
+                let mut missing = Vec::new();
+                let mut d = parent(&p);
+                while let Some(dir) = d {
+                    match self.nodes.get(&dir) {
+                        Some(Node::Dir { .. }) => break,
+                        Some(_) => return Err(os_error(ErrorCode::NotADirectory, path)),
+                        None => {
+                            d = parent(&dir);
+                            missing.push(dir);
+                        }
+                    }
+                }
+                for dir in missing {
+                    self.nodes.insert(dir, Node::Dir { mode: 0o755 });
+                }
+                let data = data.to_vec();
+                self.nodes.insert(p, Node::File { data, mode });
+            }
+            Some(off) => {
+                self.parent_dir(&p, path)?;
+                let off = usize::try_from(off)
+                    .ok()
+                    .filter(|o| o.saturating_add(data.len()) <= 1 << 30)
+                    .ok_or_else(|| os_error(ErrorCode::TooLarge, path))?;
+                let n = self.nodes.entry(p).or_insert(Node::File {
+                    data: Vec::new(),
+                    mode,
+                });
+                if let Node::File { data: d, .. } = n {
+                    if d.len() < off + data.len() {
+                        d.resize(off + data.len(), 0);
+                    }
+                    d[off..off + data.len()].copy_from_slice(data);
+                }
+            }
+        }
+        Ok(data.len() as u64)
+    }
+}
+
+/// A fake stream: what the "agent" sends, and the input it gets.
+struct FakeStream {
+    rx: tokio::sync::Mutex<mpsc::UnboundedReceiver<Incoming>>,
+    input: mpsc::UnboundedSender<FakeInput>,
+    finished: Arc<AtomicBool>,
+}
+
+impl Transport for FakeStream {
+    fn recv(&self) -> BoxFuture<'_, Option<Incoming>> {
+        Box::pin(async move { self.rx.lock().await.recv().await })
+    }
+
+    fn send<'a>(&'a self, data: &'a [u8]) -> BoxFuture<'a, Result<(), AgentError>> {
+        Box::pin(async move {
+            if self.finished.load(Ordering::SeqCst) {
+                return Err(AgentError::Closed);
+            }
+            self.input
+                .send(FakeInput::Stdin(Bytes::copy_from_slice(data)))
+                .map_err(|_| AgentError::Closed)
+        })
+    }
+
+    fn eof(&self) -> BoxFuture<'_, Result<(), AgentError>> {
+        // As on the real connection, an end of input is sent whatever the stream's state.
+        let _ = self.input.send(FakeInput::Eof);
+        Box::pin(async { Ok(()) })
+    }
+
+    fn control(&self, req: Request) -> Result<(), AgentError> {
+        let i = match req {
+            Request::Signal { signal } => FakeInput::Signal(signal),
+            Request::Resize(s) => FakeInput::Resize(s),
+            _ => return Ok(()),
+        };
+        let _ = self.input.send(i);
+        Ok(())
+    }
+}
+
+/// The agent's end of a fake stream.
+struct Peer {
+    out: mpsc::UnboundedSender<Incoming>,
+    input: mpsc::UnboundedReceiver<FakeInput>,
+    finished: Arc<AtomicBool>,
+}
+
+impl Peer {
+    fn answer(&self, r: Response) {
+        if !matches!(r, Response::Started { .. }) {
+            self.finished.store(true, Ordering::SeqCst);
+        }
+        let _ = self.out.send(Incoming::Answer(r));
+    }
+
+    fn refuse(&self, e: AgentError) {
+        let (code, message) = match e {
+            AgentError::Guest { code, message } => (code, message),
+            other => (ErrorCode::Io, other.to_string()),
+        };
+        self.answer(Response::Error { code, message });
+    }
+}
+
+fn stream() -> (Arc<FakeStream>, Peer) {
+    let (out, rx) = mpsc::unbounded_channel();
+    let (input_tx, input) = mpsc::unbounded_channel();
+    let finished = Arc::new(AtomicBool::new(false));
+    let s = FakeStream {
+        rx: tokio::sync::Mutex::new(rx),
+        input: input_tx,
+        finished: finished.clone(),
+    };
+    (
+        Arc::new(s),
+        Peer {
+            out,
+            input,
+            finished,
+        },
+    )
+}
+
+/// `data` as file chunks, then `done`.
+fn read_stream(data: &[u8]) -> Arc<FakeStream> {
+    let (s, peer) = stream();
+    for c in data.chunks(64 * 1024) {
+        let _ = peer.out.send(Incoming::Stdout(Bytes::copy_from_slice(c)));
+    }
+    peer.answer(Response::Done {
+        bytes: data.len() as u64,
+    });
+    s
+}
+
+/// The default exec script; see the module doc.
+async fn builtin(req: ExecRequest, mut p: FakeProcess) -> FakeExit {
+    let args: Vec<&str> = req.argv.iter().map(String::as_str).collect();
+    match args.as_slice() {
+        ["echo", rest @ ..] => {
+            p.stdout(format!("{}\n", rest.join(" ")));
+            FakeExit::Code(0)
+        }
+        ["cat"] => {
+            while let Some(i) = p.input().await {
+                match i {
+                    FakeInput::Stdin(b) => {
+                        p.stdout(b);
+                    }
+                    FakeInput::Eof => break,
+                    FakeInput::Signal(s) => return FakeExit::Signal(s),
+                    FakeInput::Resize(_) => {}
+                }
+            }
+            FakeExit::Code(0)
+        }
+        ["true"] => FakeExit::Code(0),
+        ["false"] => FakeExit::Code(1),
+        ["sleep", secs] => {
+            let d = Duration::from_secs_f64(secs.parse::<f64>().unwrap_or(0.0).clamp(0.0, 1e6));
+            let sleep = tokio::time::sleep(d);
+            tokio::pin!(sleep);
+            loop {
+                tokio::select! {
+                    _ = &mut sleep => return FakeExit::Code(0),
+                    i = p.input() => match i {
+                        Some(FakeInput::Signal(s)) => return FakeExit::Signal(s),
+                        None => return FakeExit::Signal(9),
+                        Some(_) => {}
+                    },
+                }
+            }
+        }
+        [prog, ..] => {
+            p.stderr(format!(
+                "hutch: cannot run {prog:?} (cwd /): No such file or directory (os error 2)\n"
+            ));
+            FakeExit::Code(127)
+        }
+        [] => FakeExit::Refuse(ErrorCode::BadRequest, "argv is empty".into()),
+    }
+}
+
+impl FakeAgent {
+    /// An agent with `/`, `/root` and `/tmp` and the builtin exec script.
+    pub fn new() -> FakeAgent {
+        let mut st = State {
+            next_pid: 100,
+            ..State::default()
+        };
+        for d in ["/", "/root", "/tmp"] {
+            st.nodes.insert(d.into(), Node::Dir { mode: 0o755 });
+        }
+        FakeAgent {
+            state: Arc::new(Mutex::new(st)),
+            script: Arc::new(|req, p| Box::pin(builtin(req, p))),
+            running: Arc::default(),
+            born: Instant::now(),
+        }
+    }
+
+    /// Runs `script` for every exec instead of the builtin one.
+    pub fn with_exec<F, Fut>(mut self, script: F) -> FakeAgent
+    where
+        F: Fn(ExecRequest, FakeProcess) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = FakeExit> + Send + 'static,
+    {
+        self.script = Arc::new(move |req, p| Box::pin(script(req, p)));
+        self
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn check(&self) -> Result<(), AgentError> {
+        if self.lock().lost {
+            return Err(AgentError::Lost);
+        }
+        Ok(())
+    }
+
+    /// Whether new operations fail as if the connection were lost.
+    pub fn set_lost(&self, lost: bool) {
+        self.lock().lost = lost;
+    }
+
+    /// What `export_changes` streams.
+    pub fn set_layer(&self, layer: Vec<u8>) {
+        self.lock().layer = layer;
+    }
+
+    /// Puts a file in place (parents made).
+    pub fn put_file(&self, path: &str, data: &[u8]) -> Result<(), AgentError> {
+        self.lock().write(path, None, None, data).map(|_| ())
+    }
+
+    /// A file's contents, if there is one at `path`.
+    pub fn file(&self, path: &str) -> Option<Vec<u8>> {
+        let st = self.lock();
+        match st.node(path, true) {
+            Ok((_, Node::File { data, .. })) => Some(data.clone()),
+            _ => None,
+        }
+    }
+
+    /// The exec requests so far, in order.
+    pub fn execs(&self) -> Vec<ExecRequest> {
+        self.lock().execs.clone()
+    }
+
+    /// Processes running now.
+    pub fn running(&self) -> u32 {
+        self.running.load(Ordering::SeqCst)
+    }
+}
+
+impl Agent for FakeAgent {
+    fn exec(&self, req: ExecRequest) -> Result<ExecStream, AgentError> {
+        self.check()?;
+        let (s, peer) = stream();
+        let pid = {
+            let mut st = self.lock();
+            st.execs.push(req.clone());
+            st.next_pid += 1;
+            st.next_pid
+        };
+        if !matches!(req.argv.first(), Some(a) if !a.is_empty()) {
+            peer.refuse(AgentError::guest(ErrorCode::BadRequest, "argv is empty"));
+            return Ok(ExecStream::new(s));
+        }
+        peer.answer(Response::Started { pid });
+        if req.detach {
+            // The process outlives the stream, which has nothing after `started` (and is not
+            // lost while the host holds it).
+            tokio::spawn(async move {
+                let mut peer = peer;
+                while peer.input.recv().await.is_some() {}
+            });
+            return Ok(ExecStream::new(s));
+        }
+        let Peer {
+            out,
+            input,
+            finished,
+        } = peer;
+        let done = Peer {
+            out: out.clone(),
+            input: mpsc::unbounded_channel().1,
+            finished,
+        };
+        let proc_ = FakeProcess { out, input };
+        let timeout = req.timeout_ms.map(Duration::from_millis);
+        let run = (self.script)(req, proc_);
+        let running = self.running.clone();
+        running.fetch_add(1, Ordering::SeqCst);
+        tokio::spawn(async move {
+            let (exit, timed_out) = match timeout {
+                Some(t) => match tokio::time::timeout(t, run).await {
+                    Ok(e) => (e, false),
+                    Err(_) => (FakeExit::Signal(9), true),
+                },
+                None => (run.await, false),
+            };
+            running.fetch_sub(1, Ordering::SeqCst);
+            match exit {
+                FakeExit::Code(c) => done.answer(Response::Exited {
+                    code: Some(c),
+                    signal: None,
+                    timed_out,
+                }),
+                FakeExit::Signal(s) => done.answer(Response::Exited {
+                    code: None,
+                    signal: Some(s),
+                    timed_out,
+                }),
+                FakeExit::Refuse(code, message) => done.answer(Response::Error { code, message }),
+            }
+        });
+        Ok(ExecStream::new(s))
+    }
+
+    fn read_file(&self, path: &str, offset: u64, len: Option<u64>) -> Result<FileRead, AgentError> {
+        self.check()?;
+        let st = self.lock();
+        let s = match st.node(path, true) {
+            Ok((_, Node::File { data, .. })) => {
+                let from = usize::try_from(offset)
+                    .unwrap_or(usize::MAX)
+                    .min(data.len());
+                let n = len
+                    .and_then(|l| usize::try_from(l).ok())
+                    .unwrap_or(usize::MAX)
+                    .min(data.len() - from);
+                read_stream(&data[from..from + n])
+            }
+            Ok(_) => {
+                let (s, peer) = stream();
+                let msg = format!("{path} is a directory");
+                peer.refuse(AgentError::guest(ErrorCode::IsDirectory, &msg));
+                s
+            }
+            Err(e) => {
+                let (s, peer) = stream();
+                peer.refuse(e);
+                s
+            }
+        };
+        Ok(FileRead::new(s))
+    }
+
+    fn write_file(
+        &self,
+        path: &str,
+        mode: Option<u32>,
+        offset: Option<u64>,
+    ) -> Result<FileWrite, AgentError> {
+        self.check()?;
+        let (s, mut peer) = stream();
+        let state = self.state.clone();
+        let path = path.to_string();
+        tokio::spawn(async move {
+            let mut data = Vec::new();
+            while let Some(i) = peer.input.recv().await {
+                match i {
+                    FakeInput::Stdin(b) => data.extend_from_slice(&b),
+                    FakeInput::Eof => {
+                        let r = state
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .write(&path, mode, offset, &data);
+                        match r {
+                            Ok(bytes) => peer.answer(Response::Done { bytes }),
+                            Err(e) => peer.refuse(e),
+                        }
+                        return;
+                    }
+                    _ => {}
+                }
+            }
+        });
+        Ok(FileWrite::new(s))
+    }
+
+    fn export_changes(&self) -> Result<FileRead, AgentError> {
+        self.check()?;
+        Ok(FileRead::new(read_stream(&self.lock().layer)))
+    }
+
+    fn fs(&self, req: FsRequest) -> BoxFuture<'_, Result<FsAnswer, AgentError>> {
+        let r = self.check().and_then(|_| self.lock().fs(req));
+        Box::pin(async move { r })
+    }
+
+    fn health(&self) -> BoxFuture<'_, Result<Health, AgentError>> {
+        let r = self.check().map(|_| Health {
+            ready: true,
+            uptime_ms: self.born.elapsed().as_millis() as u64,
+            processes: self.running(),
+        });
+        Box::pin(async move { r })
+    }
+
+    fn shutdown(&self) -> BoxFuture<'_, Result<(), AgentError>> {
+        let r = self.check();
+        if r.is_ok() {
+            // The VM powers off: its connection goes away.
+            self.set_lost(true);
+        }
+        Box::pin(async move { r })
+    }
+}
