@@ -57,6 +57,8 @@ struct SlotState {
     control_bytes: usize,
     /// The final answer arrived: no more input is taken.
     finished: bool,
+    /// The stream's owner gave up on it: no more input is taken.
+    closed: bool,
     /// The connection is gone.
     lost: bool,
 }
@@ -412,7 +414,7 @@ impl RawStream {
                 if st.lost {
                     return Err(AgentError::Lost);
                 }
-                if st.finished {
+                if st.finished || st.closed {
                     return Err(AgentError::Closed);
                 }
                 st.send.take(data.len().min(STDIN_CHUNK))
@@ -464,10 +466,16 @@ impl Transport for RawStream {
         self.conn
             .push_control(Frame::json(Kind::Request, self.id, &req))
     }
-}
 
-impl Drop for RawStream {
-    fn drop(&mut self) {
+    fn close(&self) {
+        {
+            let mut st = self.slot.lock();
+            if st.closed {
+                return;
+            }
+            st.closed = true;
+        }
+        self.slot.writable.notify_one();
         self.conn.routes().remove(&self.id);
         self.conn
             .control
@@ -482,6 +490,12 @@ impl Drop for RawStream {
                 .conn
                 .push_control(Frame::json(Kind::Request, self.id, &Request::Cancel));
         }
+    }
+}
+
+impl Drop for RawStream {
+    fn drop(&mut self) {
+        self.close();
     }
 }
 

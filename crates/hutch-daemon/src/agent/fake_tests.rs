@@ -221,6 +221,22 @@ async fn exec_signals_timeouts_and_scripts() {
             timed_out: false
         }
     );
+    // A stream given up on: the process sees its input end (the builtin sleep is killed).
+    let mut s = a.exec(argv(&["sleep", "1000"])).unwrap();
+    assert!(matches!(
+        s.next().await.unwrap(),
+        Some(ExecEvent::Started { .. })
+    ));
+    let h = s.handle();
+    s.cancel();
+    assert!(matches!(h.stdin(b"x").await, Err(AgentError::Closed)));
+    for _ in 0..100 {
+        if fake.running() == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(fake.running(), 0);
     let req = ExecRequest {
         timeout_ms: Some(50),
         ..argv(&["sleep", "1000"])

@@ -33,6 +33,10 @@ pub(crate) trait Transport: Send + Sync {
     fn eof(&self) -> BoxFuture<'_, Result<(), AgentError>>;
     /// Sends a request that acts on this stream (signal, resize, cancel) without waiting.
     fn control(&self, req: Request) -> Result<(), AgentError>;
+    /// The stream's owner gave up on it: cancel it in the guest unless it has its final answer,
+    /// and fail any send waiting for credit (and later ones) with [`AgentError::Closed`], even
+    /// while another task still holds the transport. Also done when the transport is dropped.
+    fn close(&self);
 }
 
 /// The name of an answer, for errors (never its contents: a hostile guest chooses those).
@@ -140,8 +144,15 @@ impl ExecStream {
     }
 }
 
+impl Drop for ExecStream {
+    fn drop(&mut self) {
+        // A handle may be inside a send (holding the transport): the stream ends now anyway.
+        self.t.close();
+    }
+}
+
 /// Input to a running process. It does not keep the stream open: once its [`ExecStream`] is
-/// gone, every call fails with [`AgentError::Closed`].
+/// gone, every call (and a send waiting for credit) fails with [`AgentError::Closed`].
 #[derive(Clone)]
 pub struct ExecHandle {
     t: Weak<dyn Transport>,

@@ -372,6 +372,51 @@ async fn an_abandoned_stream_is_cancelled_and_a_refused_write_says_why() {
 }
 
 #[tokio::test]
+async fn dropping_the_stream_ends_a_send_blocked_on_credit_and_cancels() {
+    let (_d, sock, l) = socket();
+    let peer = tokio::spawn(async move {
+        let mut p = Peer::accept(&l).await;
+        let (id, _) = p.request().await;
+        p.answer(id, &Response::Started { pid: 1 }).await;
+        // Take stdin, never grant credit, until the host cancels.
+        let mut got = 0usize;
+        loop {
+            let f = p.frame().await;
+            match f.kind {
+                Kind::Stdin => got += f.payload.len(),
+                Kind::Request => {
+                    assert_eq!(
+                        (f.stream, f.parse::<Request>("r").unwrap()),
+                        (id, Request::Cancel)
+                    );
+                    return got;
+                }
+                _ => {}
+            }
+        }
+    });
+    let c = client(&sock).await;
+    let mut s = c.exec(exec(&["never-reads"])).unwrap();
+    assert_eq!(s.next().await.unwrap(), Some(ExecEvent::Started { pid: 1 }));
+    let h = s.handle();
+    let send = tokio::spawn(async move { h.stdin(&vec![0u8; 1 << 20]).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!send.is_finished(), "the send waits for credit");
+    drop(s);
+    let r = within(Duration::from_secs(5), async { Ok(send.await.unwrap()) }).await;
+    assert!(matches!(r, Ok(Err(AgentError::Closed))), "{r:?}");
+    let got = within(Duration::from_secs(5), async { Ok(peer.await.unwrap()) })
+        .await
+        .unwrap();
+    assert_eq!(
+        got,
+        hutch_proto::WINDOW as usize,
+        "stdin kept to its credit"
+    );
+    assert_eq!(c.open_streams(), 0);
+}
+
+#[tokio::test]
 async fn data_beyond_credit_or_oversized_drops_and_reconnects() {
     let (_d, sock, l) = socket();
     let (hung_up_tx, mut hung_up) = mpsc::channel::<()>(1);

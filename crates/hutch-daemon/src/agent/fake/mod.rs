@@ -1,10 +1,9 @@
 //! [`FakeAgent`]: an in-memory [`Agent`] for unit tests of what sits above the agent client
 //! (no VM, no socket). Built for tests and with the `fakes` feature.
 //!
-//! - Files: a map of absolute paths to files, directories and symlinks, starting with `/`,
-//!   `/root` and `/tmp`. Paths are resolved lexically (`.`/`..`); a symlink is followed only as
-//!   the last component (as far as `stat`, reads and writes go). A write lands at its `finish`;
-//!   a cancelled one leaves nothing. Errors carry the codes and messages the real agent gives.
+//! - Files: an in-memory tree (the `fs` submodule) starting with `/`, `/root` and `/tmp`. A write lands at
+//!   its `finish`; a cancelled one leaves nothing. Errors carry the codes and messages the real
+//!   agent gives.
 //! - Exec: a script run per process ([`FakeAgent::with_exec`]) that writes output and reads input
 //!   through a [`FakeProcess`]; the default script knows `echo`, `cat`, `true`, `false` and
 //!   `sleep N` (ends early on a signal), and answers anything else like a missing program (127).
@@ -14,14 +13,14 @@
 //!
 //! Streams are driven by tokio tasks: use the fake inside a tokio runtime.
 
+mod fs;
+
 use super::stream::{Incoming, Transport};
-use super::{
-    Agent, AgentError, DirPage, ExecStream, FileRead, FileWrite, FsAnswer, Health, TtySize,
-};
+use super::{Agent, AgentError, ExecStream, FileRead, FileWrite, FsAnswer, Health, TtySize};
 use bytes::Bytes;
+use fs::{Node, Tree};
 use futures_util::future::BoxFuture;
-use hutch_proto::{DirEntry, ErrorCode, ExecRequest, FileAttr, FsRequest, Request, Response};
-use std::collections::BTreeMap;
+use hutch_proto::{ErrorCode, ExecRequest, FsRequest, Request, Response};
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -83,37 +82,14 @@ impl FakeProcess {
 
 type Script = Arc<dyn Fn(ExecRequest, FakeProcess) -> BoxFuture<'static, FakeExit> + Send + Sync>;
 
-#[derive(Debug, Clone)]
-enum Node {
-    File { data: Vec<u8>, mode: u32 },
-    Dir { mode: u32 },
-    Link { target: String },
-}
-
-impl Node {
-    fn attr(&self) -> FileAttr {
-        let (size, mode) = match self {
-            Node::File { data, mode } => (data.len() as u64, 0o100000 | mode),
-            Node::Dir { mode } => (4096, 0o040000 | mode),
-            Node::Link { target } => (target.len() as u64, 0o120777),
-        };
-        FileAttr {
-            size,
-            mode,
-            ..FileAttr::default()
-        }
-    }
-}
-
 #[derive(Default)]
 struct State {
-    nodes: BTreeMap<String, Node>,
+    tree: Tree,
     layer: Vec<u8>,
     execs: Vec<ExecRequest>,
     next_pid: i32,
     lost: bool,
 }
-
 /// An in-memory agent; see the module doc.
 #[derive(Clone)]
 pub struct FakeAgent {
@@ -129,276 +105,22 @@ impl Default for FakeAgent {
     }
 }
 
-/// The error the real agent gives for `code` (its strerror text).
-fn os_error(code: ErrorCode, path: &str) -> AgentError {
-    let text = match code {
-        ErrorCode::NotFound => "No such file or directory (os error 2)",
-        ErrorCode::Exists => "File exists (os error 17)",
-        ErrorCode::NotADirectory => "Not a directory (os error 20)",
-        ErrorCode::IsDirectory => "Is a directory (os error 21)",
-        ErrorCode::NotEmpty => "Directory not empty (os error 39)",
-        ErrorCode::InvalidArgument => "Invalid argument (os error 22)",
-        _ => "Input/output error (os error 5)",
-    };
-    AgentError::guest(code, &format!("{path}: {text}"))
-}
-
-/// `p` made absolute and free of `.`, `..` and repeated slashes; None if it is relative.
-fn normalize(p: &str) -> Option<String> {
-    if !p.starts_with('/') {
-        return None;
-    }
-    let mut parts: Vec<&str> = Vec::new();
-    for c in p.split('/') {
-        match c {
-            "" | "." => {}
-            ".." => {
-                parts.pop();
-            }
-            c => parts.push(c),
-        }
-    }
-    Some(format!("/{}", parts.join("/")))
-}
-
-fn parent(p: &str) -> Option<String> {
-    (p != "/").then(|| match p.rfind('/') {
-        Some(0) | None => "/".to_string(),
-        Some(i) => p[..i].to_string(),
-    })
-}
-
-fn join(dir: &str, name: &str) -> String {
-    if dir == "/" {
-        format!("/{name}")
-    } else {
-        format!("{dir}/{name}")
-    }
-}
-
-impl State {
-    /// The normalized path, with a final symlink followed when `follow`.
-    fn resolve(&self, path: &str, follow: bool) -> Result<String, AgentError> {
-        let mut p = normalize(path).ok_or_else(|| os_error(ErrorCode::InvalidArgument, path))?;
-        if path.contains('\0') {
-            return Err(os_error(ErrorCode::InvalidArgument, path));
-        }
-        for _ in 0..8 {
-            match self.nodes.get(&p) {
-                Some(Node::Link { target }) if follow => {
-                    let base = parent(&p).unwrap_or_else(|| "/".into());
-                    let t = if target.starts_with('/') {
-                        target.clone()
-                    } else {
-                        join(&base, target)
-                    };
-                    p = normalize(&t).unwrap_or_else(|| "/".into());
-                }
-                _ => return Ok(p),
-            }
-        }
-        Err(AgentError::guest(
-            ErrorCode::NotADirectory,
-            &format!("{path}: Too many levels of symbolic links (os error 40)"),
-        ))
-    }
-
-    fn node(&self, path: &str, follow: bool) -> Result<(String, &Node), AgentError> {
-        let p = self.resolve(path, follow)?;
-        match self.nodes.get(&p) {
-            Some(n) => Ok((p, n)),
-            None => Err(os_error(ErrorCode::NotFound, path)),
-        }
-    }
-
-    /// Checks that the parent of `p` is a directory.
-    fn parent_dir(&self, p: &str, shown: &str) -> Result<(), AgentError> {
-        match parent(p).and_then(|d| self.nodes.get(&d)) {
-            Some(Node::Dir { .. }) => Ok(()),
-            Some(_) => Err(os_error(ErrorCode::NotADirectory, shown)),
-            None => Err(os_error(ErrorCode::NotFound, shown)),
-        }
-    }
-
-    fn children(&self, dir: &str) -> Vec<String> {
-        let prefix = if dir == "/" {
-            "/".to_string()
-        } else {
-            format!("{dir}/")
-        };
-        self.nodes
-            .range(prefix.clone()..)
-            .take_while(|(k, _)| k.starts_with(&prefix))
-            .filter(|(k, _)| *k != "/" && !k[prefix.len()..].contains('/'))
-            .map(|(k, _)| k.clone())
-            .collect()
-    }
-
-    fn fs(&mut self, req: FsRequest) -> Result<FsAnswer, AgentError> {
-        Ok(match req {
-            FsRequest::Stat { path, follow } => FsAnswer::Attr(self.node(&path, follow)?.1.attr()),
-            FsRequest::ReadDir { path, skip } => {
-                let (p, n) = self.node(&path, true)?;
-                if !matches!(n, Node::Dir { .. }) {
-                    return Err(os_error(ErrorCode::NotADirectory, &path));
-                }
-                let all = self.children(&p);
-                let from = usize::try_from(skip).unwrap_or(usize::MAX).min(all.len());
-                let page: Vec<DirEntry> = all[from..]
-                    .iter()
-                    .take(hutch_proto::DIR_PAGE)
-                    .filter_map(|k| {
-                        let attr = self.nodes.get(k)?.attr();
-                        let name = k.rsplit('/').next().unwrap_or(k).to_string();
-                        Some(DirEntry { name, attr })
-                    })
-                    .collect();
-                let next = (from + page.len()) as u64;
-                FsAnswer::Dir(DirPage {
-                    more: (next as usize) < all.len(),
-                    entries: page,
-                    next,
-                })
-            }
-            FsRequest::Mkdir { path, mode } => {
-                let p = self.resolve(&path, false)?;
-                if self.nodes.contains_key(&p) {
-                    return Err(os_error(ErrorCode::Exists, &path));
-                }
-                self.parent_dir(&p, &path)?;
-                let mode = mode & 0o7777;
-                self.nodes.insert(p, Node::Dir { mode });
-                FsAnswer::Done
-            }
-            FsRequest::Remove { path } => {
-                let (p, n) = self.node(&path, false)?;
-                if matches!(n, Node::Dir { .. }) {
-                    return Err(os_error(ErrorCode::IsDirectory, &path));
-                }
-                self.nodes.remove(&p);
-                FsAnswer::Done
-            }
-            FsRequest::Rmdir { path } => {
-                let (p, n) = self.node(&path, false)?;
-                if !matches!(n, Node::Dir { .. }) {
-                    return Err(os_error(ErrorCode::NotADirectory, &path));
-                }
-                if !self.children(&p).is_empty() {
-                    return Err(os_error(ErrorCode::NotEmpty, &path));
-                }
-                self.nodes.remove(&p);
-                FsAnswer::Done
-            }
-            FsRequest::Rename { from, to } => {
-                let (src, _) = self.node(&from, false)?;
-                let dst = self.resolve(&to, false)?;
-                self.parent_dir(&dst, &to)?;
-                if dst.starts_with(&format!("{src}/")) {
-                    return Err(os_error(ErrorCode::InvalidArgument, &to));
-                }
-                let moved: Vec<String> = self
-                    .nodes
-                    .keys()
-                    .filter(|k| **k == src || k.starts_with(&format!("{src}/")))
-                    .cloned()
-                    .collect();
-                for k in moved {
-                    if let Some(n) = self.nodes.remove(&k) {
-                        self.nodes.insert(format!("{dst}{}", &k[src.len()..]), n);
-                    }
-                }
-                FsAnswer::Done
-            }
-            FsRequest::Realpath { path } => {
-                let (p, _) = self.node(&path, true)?;
-                FsAnswer::Path(p)
-            }
-            FsRequest::Readlink { path } => match self.node(&path, false)? {
-                (_, Node::Link { target }) => FsAnswer::Path(target.clone()),
-                _ => return Err(os_error(ErrorCode::InvalidArgument, &path)),
-            },
-            FsRequest::Symlink { target, link } => {
-                let p = self.resolve(&link, false)?;
-                if self.nodes.contains_key(&p) {
-                    return Err(os_error(ErrorCode::Exists, &link));
-                }
-                self.parent_dir(&p, &link)?;
-                self.nodes.insert(p, Node::Link { target });
-                FsAnswer::Done
-            }
-            FsRequest::Chmod { path, mode } => {
-                let p = self.node(&path, true)?.0;
-                if let Some(Node::File { mode: m, .. } | Node::Dir { mode: m }) =
-                    self.nodes.get_mut(&p)
-                {
-                    *m = mode & 0o7777;
-                }
-                FsAnswer::Done
-            }
-        })
-    }
-
-    /// Applies a finished write.
-    fn write(
-        &mut self,
-        path: &str,
-        mode: Option<u32>,
-        offset: Option<u64>,
-        data: &[u8],
-    ) -> Result<u64, AgentError> {
-        let p = self.resolve(path, true)?;
-        if matches!(self.nodes.get(&p), Some(Node::Dir { .. })) {
-            return Err(os_error(ErrorCode::IsDirectory, path));
-        }
-        let mode = mode.unwrap_or(0o644) & 0o7777;
-        match offset {
-            None => {
-                // Parents are made, as the agent does.
-                let mut missing = Vec::new();
-                let mut d = parent(&p);
-                while let Some(dir) = d {
-                    match self.nodes.get(&dir) {
-                        Some(Node::Dir { .. }) => break,
-                        Some(_) => return Err(os_error(ErrorCode::NotADirectory, path)),
-                        None => {
-                            d = parent(&dir);
-                            missing.push(dir);
-                        }
-                    }
-                }
-                for dir in missing {
-                    self.nodes.insert(dir, Node::Dir { mode: 0o755 });
-                }
-                let data = data.to_vec();
-                self.nodes.insert(p, Node::File { data, mode });
-            }
-            Some(off) => {
-                self.parent_dir(&p, path)?;
-                let off = usize::try_from(off)
-                    .ok()
-                    .filter(|o| o.saturating_add(data.len()) <= 1 << 30)
-                    .ok_or_else(|| os_error(ErrorCode::TooLarge, path))?;
-                let n = self.nodes.entry(p).or_insert(Node::File {
-                    data: Vec::new(),
-                    mode,
-                });
-                if let Node::File { data: d, .. } = n {
-                    if d.len() < off + data.len() {
-                        d.resize(off + data.len(), 0);
-                    }
-                    d[off..off + data.len()].copy_from_slice(data);
-                }
-            }
-        }
-        Ok(data.len() as u64)
-    }
-}
-
 /// A fake stream: what the "agent" sends, and the input it gets.
 struct FakeStream {
     rx: tokio::sync::Mutex<mpsc::UnboundedReceiver<Incoming>>,
-    input: mpsc::UnboundedSender<FakeInput>,
+    /// None once the owner closed the stream (the process then sees the end of its input).
+    input: Mutex<Option<mpsc::UnboundedSender<FakeInput>>>,
     finished: Arc<AtomicBool>,
+}
+
+impl FakeStream {
+    fn input(&self, i: FakeInput) -> Result<(), AgentError> {
+        let input = self.input.lock().unwrap_or_else(|e| e.into_inner());
+        match input.as_ref() {
+            Some(tx) => tx.send(i).map_err(|_| AgentError::Closed),
+            None => Err(AgentError::Closed),
+        }
+    }
 }
 
 impl Transport for FakeStream {
@@ -411,15 +133,13 @@ impl Transport for FakeStream {
             if self.finished.load(Ordering::SeqCst) {
                 return Err(AgentError::Closed);
             }
-            self.input
-                .send(FakeInput::Stdin(Bytes::copy_from_slice(data)))
-                .map_err(|_| AgentError::Closed)
+            self.input(FakeInput::Stdin(Bytes::copy_from_slice(data)))
         })
     }
 
     fn eof(&self) -> BoxFuture<'_, Result<(), AgentError>> {
         // As on the real connection, an end of input is sent whatever the stream's state.
-        let _ = self.input.send(FakeInput::Eof);
+        let _ = self.input(FakeInput::Eof);
         Box::pin(async { Ok(()) })
     }
 
@@ -429,8 +149,12 @@ impl Transport for FakeStream {
             Request::Resize(s) => FakeInput::Resize(s),
             _ => return Ok(()),
         };
-        let _ = self.input.send(i);
+        let _ = self.input(i);
         Ok(())
+    }
+
+    fn close(&self) {
+        self.input.lock().unwrap_or_else(|e| e.into_inner()).take();
     }
 }
 
@@ -464,7 +188,7 @@ fn stream() -> (Arc<FakeStream>, Peer) {
     let finished = Arc::new(AtomicBool::new(false));
     let s = FakeStream {
         rx: tokio::sync::Mutex::new(rx),
-        input: input_tx,
+        input: Mutex::new(Some(input_tx)),
         finished: finished.clone(),
     };
     (
@@ -540,13 +264,10 @@ async fn builtin(req: ExecRequest, mut p: FakeProcess) -> FakeExit {
 impl FakeAgent {
     /// An agent with `/`, `/root` and `/tmp` and the builtin exec script.
     pub fn new() -> FakeAgent {
-        let mut st = State {
+        let st = State {
             next_pid: 100,
             ..State::default()
         };
-        for d in ["/", "/root", "/tmp"] {
-            st.nodes.insert(d.into(), Node::Dir { mode: 0o755 });
-        }
         FakeAgent {
             state: Arc::new(Mutex::new(st)),
             script: Arc::new(|req, p| Box::pin(builtin(req, p))),
@@ -588,13 +309,13 @@ impl FakeAgent {
 
     /// Puts a file in place (parents made).
     pub fn put_file(&self, path: &str, data: &[u8]) -> Result<(), AgentError> {
-        self.lock().write(path, None, None, data).map(|_| ())
+        self.lock().tree.write(path, None, None, data).map(|_| ())
     }
 
     /// A file's contents, if there is one at `path`.
     pub fn file(&self, path: &str) -> Option<Vec<u8>> {
         let st = self.lock();
-        match st.node(path, true) {
+        match st.tree.node(path, true) {
             Ok((_, Node::File { data, .. })) => Some(data.clone()),
             _ => None,
         }
@@ -679,7 +400,7 @@ impl Agent for FakeAgent {
     fn read_file(&self, path: &str, offset: u64, len: Option<u64>) -> Result<FileRead, AgentError> {
         self.check()?;
         let st = self.lock();
-        let s = match st.node(path, true) {
+        let s = match st.tree.node(path, true) {
             Ok((_, Node::File { data, .. })) => {
                 let from = usize::try_from(offset)
                     .unwrap_or(usize::MAX)
@@ -724,6 +445,7 @@ impl Agent for FakeAgent {
                         let r = state
                             .lock()
                             .unwrap_or_else(|e| e.into_inner())
+                            .tree
                             .write(&path, mode, offset, &data);
                         match r {
                             Ok(bytes) => peer.answer(Response::Done { bytes }),
@@ -744,7 +466,7 @@ impl Agent for FakeAgent {
     }
 
     fn fs(&self, req: FsRequest) -> BoxFuture<'_, Result<FsAnswer, AgentError>> {
-        let r = self.check().and_then(|_| self.lock().fs(req));
+        let r = self.check().and_then(|_| self.lock().tree.fs(req));
         Box::pin(async move { r })
     }
 
