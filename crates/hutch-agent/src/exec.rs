@@ -6,7 +6,7 @@
 
 use crate::serve::{Input, InputCredit, Session, Shared, CHUNK};
 use crate::sys;
-use hutch_proto::{ExecRequest, Frame, Kind, Response};
+use hutch_proto::{ErrorCode, ExecRequest, Frame, Kind, Response};
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -288,7 +288,7 @@ fn run(shared: Arc<Shared>, gen: u64, stream: u32, req: ExecRequest, input_rx: R
     let Some(prog) = req.argv.first() else {
         shared.end_session(stream, gen);
         shared.close_credit(stream);
-        shared.error(gen, stream, "bad_request", "argv is empty".into());
+        shared.error(gen, stream, ErrorCode::BadRequest, "argv is empty".into());
         return;
     };
     let mut cmd = Command::new(prog);
@@ -524,11 +524,33 @@ fn run_tty(
     shared.end_session(stream, gen);
 }
 
-fn io_code(e: &std::io::Error) -> &'static str {
+/// The protocol's code for an I/O error: by its errno where it has one, else by its kind.
+pub fn io_code(e: &std::io::Error) -> ErrorCode {
+    if let Some(errno) = e.raw_os_error() {
+        return match errno {
+            libc::ENOENT => ErrorCode::NotFound,
+            libc::EEXIST => ErrorCode::Exists,
+            libc::EACCES | libc::EPERM => ErrorCode::PermissionDenied,
+            libc::ENOTDIR | libc::ELOOP => ErrorCode::NotADirectory,
+            libc::EISDIR => ErrorCode::IsDirectory,
+            libc::ENOTEMPTY => ErrorCode::NotEmpty,
+            libc::EINVAL | libc::EBADF => ErrorCode::InvalidArgument,
+            libc::EFBIG | libc::E2BIG | libc::ENAMETOOLONG => ErrorCode::TooLarge,
+            libc::ENOSPC | libc::EDQUOT => ErrorCode::NoSpace,
+            libc::EROFS => ErrorCode::ReadOnly,
+            libc::EBUSY | libc::ETXTBSY => ErrorCode::Busy,
+            libc::ENOTSUP | libc::ENOSYS | libc::EXDEV => ErrorCode::Unsupported,
+            _ => ErrorCode::Io,
+        };
+    }
     match e.kind() {
-        std::io::ErrorKind::NotFound => "not_found",
-        std::io::ErrorKind::PermissionDenied => "permission_denied",
-        _ => "io_error",
+        std::io::ErrorKind::NotFound => ErrorCode::NotFound,
+        std::io::ErrorKind::PermissionDenied => ErrorCode::PermissionDenied,
+        std::io::ErrorKind::AlreadyExists => ErrorCode::Exists,
+        // E.g. a NUL byte in a path, refused before any system call.
+        std::io::ErrorKind::InvalidInput => ErrorCode::InvalidArgument,
+        std::io::ErrorKind::Unsupported => ErrorCode::Unsupported,
+        _ => ErrorCode::Io,
     }
 }
 
@@ -550,7 +572,7 @@ pub fn read_file(
         return shared.error(
             gen,
             stream,
-            "is_directory",
+            ErrorCode::IsDirectory,
             format!("{path} is a directory"),
         );
     }

@@ -206,7 +206,7 @@ pub fn export(shared: &Shared, gen: u64, stream: u32) {
         return shared.error(
             gen,
             stream,
-            "unsupported",
+            hutch_proto::ErrorCode::Unsupported,
             "this VM has no writable layer".into(),
         );
     };
@@ -236,6 +236,11 @@ pub fn export(shared: &Shared, gen: u64, stream: u32) {
     })();
     match result {
         Ok(bytes) => shared.respond(gen, stream, &Response::Done { bytes }),
-        Err(e) => shared.error(gen, stream, "export_failed", e.to_string()),
+        Err(e) => shared.error(
+            gen,
+            stream,
+            hutch_proto::ErrorCode::ExportFailed,
+            e.to_string(),
+        ),
     }
 }

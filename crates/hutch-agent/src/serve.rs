@@ -13,7 +13,7 @@
 use crate::init::Config;
 use crate::{exec, sys};
 use hutch_proto::credit::{RecvCredit, SendCredit};
-use hutch_proto::{Decoder, Frame, Hello, HelloAck, Kind, Request, Response};
+use hutch_proto::{Decoder, ErrorCode, Frame, Hello, HelloAck, Kind, Request, Response};
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
@@ -117,11 +117,8 @@ impl Shared {
         self.send(gen, Frame::json(Kind::Response, stream, r));
     }
 
-    pub fn error(&self, gen: u64, stream: u32, code: &str, message: String) {
-        let r = Response::Error {
-            code: code.into(),
-            message,
-        };
+    pub fn error(&self, gen: u64, stream: u32, code: ErrorCode, message: String) {
+        let r = Response::Error { code, message };
         self.respond(gen, stream, &r);
     }
 
@@ -347,7 +344,7 @@ fn handle(shared: &Arc<Shared>, frame: Frame) {
         },
         Kind::Request => match frame.parse::<Request>("request") {
             Ok(req) => request(shared, gen, stream, req),
-            Err(e) => shared.error(gen, stream, "bad_request", e.to_string()),
+            Err(e) => shared.error(gen, stream, ErrorCode::BadRequest, e.to_string()),
         },
         Kind::Stdin | Kind::StdinEof => {
             let sessions = shared.sessions.lock().unwrap_or_else(|e| e.into_inner());
@@ -401,13 +398,13 @@ fn request(shared: &Arc<Shared>, gen: u64, stream: u32, req: Request) {
             match pgid {
                 Some(p) => {
                     if let Err(e) = sys::kill(-p, signal) {
-                        shared.error(gen, stream, "signal_failed", e.to_string());
+                        shared.error(gen, stream, ErrorCode::SignalFailed, e.to_string());
                     }
                 }
                 None => shared.error(
                     gen,
                     stream,
-                    "no_process",
+                    ErrorCode::NoProcess,
                     format!("stream {stream} runs no process"),
                 ),
             }

@@ -109,10 +109,35 @@ impl From<hutch_image::ImageError> for ApiError {
     }
 }
 
+/// The HTTP meaning of what the guest agent answered: its error codes by kind (a missing file is
+/// 404, a denied one 403, a bad path 400, a busy or full guest 409), a broken protocol 500, and
+/// an agent that is gone, slow or saturated 409.
 impl From<crate::agent::AgentError> for ApiError {
     fn from(e: crate::agent::AgentError) -> Self {
+        use crate::agent::{AgentError as A, ErrorCode as C};
         match e {
-            crate::agent::AgentError::Proto(_) => ApiError::Internal(e.to_string()),
+            A::Guest { code, message } => match code {
+                C::NotFound => ApiError::NotFound {
+                    kind: "file",
+                    name: message,
+                },
+                C::PermissionDenied | C::ReadOnly => ApiError::Forbidden(message),
+                C::NotADirectory
+                | C::IsDirectory
+                | C::NotEmpty
+                | C::InvalidArgument
+                | C::TooLarge
+                | C::Unsupported => ApiError::Invalid(message),
+                C::Exists | C::Busy | C::NoSpace => ApiError::Conflict(message),
+                C::Io
+                | C::BadRequest
+                | C::NoProcess
+                | C::SignalFailed
+                | C::ExportFailed
+                | C::Unknown => ApiError::Internal(message),
+            },
+            A::Proto(_) => ApiError::Internal(e.to_string()),
+            A::RequestTooLarge(_) => ApiError::Invalid(e.to_string()),
             _ => ApiError::Conflict(e.to_string()),
         }
     }

@@ -3,17 +3,20 @@
 //! VM's changes for commit. Every wait on the guest has a bound, so a guest that never answers
 //! makes the call fail with a clear error instead of hanging.
 
-use crate::agent::{AgentClient, AgentError, AgentStream};
+use crate::agent::{within, Agent, AgentClient, AgentError, ExecStream, FileRead, FileWrite};
 use crate::error::ApiError;
 use crate::manager::{ExecVm, Manager};
+use bytes::Bytes;
 use hutch_core::image_env;
-use hutch_proto::{ExecRequest, Kind, Request, Response};
+use hutch_proto::ExecRequest;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// How long the agent has to answer a request (start a process, open a file, take the next
 /// chunk of input, finish a file operation).
 pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the agent has to answer a health check.
+pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(10);
 /// During an export, the longest pause between two pieces of the layer.
 pub const EXPORT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// The longest an export may take in all.
@@ -44,19 +47,8 @@ pub fn check_path(p: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
-pub fn file_error(code: &str, message: String) -> ApiError {
-    match code {
-        "not_found" => ApiError::NotFound {
-            kind: "file",
-            name: message,
-        },
-        "is_directory" | "permission_denied" => ApiError::Invalid(message),
-        _ => ApiError::Internal(message),
-    }
-}
-
-/// The guest did not answer in time.
-fn no_answer(name: &str, what: &str, e: AgentError) -> ApiError {
+/// The guest did not answer in time (409, naming the VM), or another agent error.
+pub fn no_answer(name: &str, what: &str, e: AgentError) -> ApiError {
     match e {
         AgentError::Timeout(d) => ApiError::Conflict(format!(
             "the agent of {name} did not answer {what} within {}s",
@@ -69,114 +61,56 @@ fn no_answer(name: &str, what: &str, e: AgentError) -> ApiError {
 /// A file being read from the guest: data chunks as the consumer takes them.
 pub struct FileReader {
     name: String,
-    stream: AgentStream,
+    inner: FileRead,
     /// A first chunk read ahead (to learn whether the file opens).
-    first: Option<Vec<u8>>,
-    done: bool,
+    first: Option<Bytes>,
 }
 
 impl FileReader {
     /// The next chunk; `Ok(None)` at the end of the file.
-    pub async fn next(&mut self) -> Result<Option<Vec<u8>>, ApiError> {
+    pub async fn next(&mut self) -> Result<Option<Bytes>, ApiError> {
         if let Some(b) = self.first.take() {
             return Ok(Some(b));
         }
-        if self.done {
-            return Ok(None);
-        }
-        loop {
-            let f = self
-                .stream
-                .rx
-                .recv_within(ANSWER_TIMEOUT)
-                .await
-                .map_err(|e| no_answer(&self.name, "a file read", e))?;
-            match f.kind {
-                Kind::Stdout => return Ok(Some(f.payload)),
-                Kind::Response => match f.parse::<Response>("response").map_err(internal)? {
-                    Response::Done { .. } => {
-                        self.done = true;
-                        return Ok(None);
-                    }
-                    Response::Error { code, message } => return Err(file_error(&code, message)),
-                    _ => {}
-                },
-                _ => {}
-            }
-        }
+        within(ANSWER_TIMEOUT, self.inner.next())
+            .await
+            .map_err(|e| no_answer(&self.name, "a file read", e))
     }
 }
 
 /// A file being written in the guest: feed chunks, then [`FileWriter::finish`].
 pub struct FileWriter {
     name: String,
-    client: Arc<AgentClient>,
-    stream: AgentStream,
+    inner: FileWrite,
 }
 
 impl FileWriter {
     /// Sends a chunk, waiting (boundedly) for the guest to take the previous ones.
     pub async fn write(&mut self, data: &[u8]) -> Result<(), ApiError> {
-        let sent =
-            tokio::time::timeout(ANSWER_TIMEOUT, self.client.send_stdin(self.stream.id, data))
-                .await;
-        match sent {
-            Ok(Ok(())) => Ok(()),
-            // The agent ended the stream early: its answer says why.
-            Ok(Err(AgentError::Closed)) => Err(self.answer().await.err().unwrap_or_else(|| {
-                ApiError::Internal("the agent ended the file write early".into())
-            })),
-            Ok(Err(e)) => Err(e.into()),
-            Err(_) => Err(no_answer(
-                &self.name,
-                "a file write",
-                AgentError::Timeout(ANSWER_TIMEOUT),
-            )),
-        }
+        within(ANSWER_TIMEOUT, self.inner.write(data))
+            .await
+            .map_err(|e| no_answer(&self.name, "a file write", e))
     }
 
     /// Ends the file; returns the bytes the guest wrote.
-    pub async fn finish(mut self) -> Result<u64, ApiError> {
-        tokio::time::timeout(ANSWER_TIMEOUT, self.client.send_eof(self.stream.id))
+    pub async fn finish(self) -> Result<u64, ApiError> {
+        within(ANSWER_TIMEOUT, self.inner.finish())
             .await
-            .map_err(|_| {
-                no_answer(
-                    &self.name,
-                    "a file write",
-                    AgentError::Timeout(ANSWER_TIMEOUT),
-                )
-            })??;
-        self.answer().await
-    }
-
-    async fn answer(&mut self) -> Result<u64, ApiError> {
-        loop {
-            let f = self
-                .stream
-                .rx
-                .recv_within(ANSWER_TIMEOUT)
-                .await
-                .map_err(|e| no_answer(&self.name, "a file write", e))?;
-            if f.kind == Kind::Response {
-                match f.parse::<Response>("response").map_err(internal)? {
-                    Response::Done { bytes } => return Ok(bytes),
-                    Response::Error { code, message } => return Err(file_error(&code, message)),
-                    _ => {}
-                }
-            }
-        }
+            .map_err(|e| no_answer(&self.name, "a file write", e))
     }
 }
 
 impl Manager {
-    /// Starts a process; returns the stream its output and exit arrive on. Stdin given whole
-    /// (JSON `stdin`) is fed in the background within the stream's credit; with `stream_stdin`
-    /// the caller feeds it with [`AgentClient::send_stdin`].
-    pub fn exec(
-        &self,
-        name: &str,
-        req: ExecVm,
-    ) -> Result<(Arc<AgentClient>, AgentStream), ApiError> {
+    /// The agent of running VM `name`.
+    pub(crate) fn agent(&self, name: &str) -> Result<Arc<AgentClient>, ApiError> {
+        let vm = self.get(name)?;
+        self.client(&vm)
+    }
+
+    /// Starts a process; returns its events. Stdin given whole (JSON `stdin`) is fed in the
+    /// background within the stream's credit; with `stream_stdin` the caller feeds it through
+    /// the stream's [`handle`](ExecStream::handle).
+    pub fn exec(&self, name: &str, req: ExecVm) -> Result<ExecStream, ApiError> {
         if req.argv.is_empty() || req.argv[0].is_empty() {
             return Err(ApiError::Invalid("argv must name a program".into()));
         }
@@ -201,7 +135,7 @@ impl Manager {
             .user
             .clone()
             .or_else(|| Some(icfg.user.clone()).filter(|u| !u.is_empty()));
-        let r = Request::Exec(ExecRequest {
+        let stream = client.exec(ExecRequest {
             argv: req.argv,
             env,
             cwd,
@@ -210,57 +144,27 @@ impl Manager {
             timeout_ms: req.timeout_secs.map(|s| s.saturating_mul(1000)),
             detach: false,
             tty: req.tty,
-        });
-        let stream = client.open(&r)?;
+        })?;
         if let Some(data) = stdin {
-            let (c, id) = (client.clone(), stream.id);
+            let h = stream.handle();
             tokio::spawn(async move {
-                if c.send_stdin(id, &data).await.is_ok() {
-                    let _ = c.send_eof(id).await;
+                if h.stdin(&data).await.is_ok() {
+                    let _ = h.eof().await;
                 }
             });
         }
-        Ok((client, stream))
+        Ok(stream)
     }
 
     /// Asks the guest agent how it is.
     pub async fn agent_health(&self, name: &str) -> Result<serde_json::Value, ApiError> {
-        let vm = self.get(name)?;
-        let client = self.client(&vm)?;
-        let mut s = client.open(&Request::Health)?;
-        let f =
-            s.rx.recv_within(Duration::from_secs(10))
-                .await
-                .map_err(|e| no_answer(name, "a health check", e))?;
-        match f.parse::<Response>("response").map_err(internal)? {
-            Response::Health {
-                ready,
-                uptime_ms,
-                processes,
-            } => Ok(serde_json::json!({
-                "ready": ready, "uptime_ms": uptime_ms, "processes": processes
-            })),
-            other => Err(internal(format!("unexpected answer {other:?}"))),
-        }
-    }
-
-    /// A filesystem operation in the guest (SFTP); returns the agent's answer.
-    pub async fn fs(&self, name: &str, req: hutch_proto::FsRequest) -> Result<Response, ApiError> {
-        let vm = self.get(name)?;
-        let client = self.client(&vm)?;
-        let mut s = client.open(&Request::Fs(req))?;
-        loop {
-            let f =
-                s.rx.recv_within(ANSWER_TIMEOUT)
-                    .await
-                    .map_err(|e| no_answer(name, "a file operation", e))?;
-            if f.kind == Kind::Response {
-                return match f.parse::<Response>("response").map_err(internal)? {
-                    Response::Error { code, message } => Err(file_error(&code, message)),
-                    r => Ok(r),
-                };
-            }
-        }
+        let client = self.agent(name)?;
+        let h = within(HEALTH_TIMEOUT, client.health())
+            .await
+            .map_err(|e| no_answer(name, "a health check", e))?;
+        Ok(serde_json::json!({
+            "ready": h.ready, "uptime_ms": h.uptime_ms, "processes": h.processes
+        }))
     }
 
     /// Opens `path` for reading from `offset` (`len` bytes, or to its end). Errors of the open
@@ -274,18 +178,11 @@ impl Manager {
     ) -> Result<FileReader, ApiError> {
         check_path(path)?;
         checked_end(offset, len.unwrap_or(0))?;
-        let vm = self.get(name)?;
-        let client = self.client(&vm)?;
-        let stream = client.open(&Request::ReadFile {
-            path: path.into(),
-            offset,
-            len,
-        })?;
+        let inner = self.agent(name)?.read_file(path, offset, len)?;
         let mut r = FileReader {
             name: name.to_string(),
-            stream,
+            inner,
             first: None,
-            done: false,
         };
         r.first = r.next().await?;
         Ok(r)
@@ -304,17 +201,10 @@ impl Manager {
         if let Some(o) = offset {
             checked_end(o, 0)?;
         }
-        let vm = self.get(name)?;
-        let client = self.client(&vm)?;
-        let stream = client.open(&Request::WriteFile {
-            path: path.into(),
-            mode,
-            offset,
-        })?;
+        let inner = self.agent(name)?.write_file(path, mode, offset)?;
         Ok(FileWriter {
             name: name.to_string(),
-            client,
-            stream,
+            inner,
         })
     }
 
@@ -354,7 +244,7 @@ impl Manager {
         max_bytes: u64,
     ) -> Result<u64, ApiError> {
         use tokio::io::AsyncWriteExt;
-        let mut s = client.open(&Request::ExportChanges)?;
+        let mut layer = client.export_changes()?;
         let deadline = Instant::now() + EXPORT_TIMEOUT;
         let mut total = 0u64;
         loop {
@@ -365,32 +255,24 @@ impl Manager {
                     EXPORT_TIMEOUT.as_secs()
                 )));
             }
-            let fr =
-                s.rx.recv_within(EXPORT_IDLE_TIMEOUT.min(left))
-                    .await
-                    .map_err(|e| no_answer(name, "the export of its changes", e))?;
-            match fr.kind {
-                Kind::Stdout => {
-                    total += fr.payload.len() as u64;
-                    if total > max_bytes {
-                        return Err(ApiError::Conflict(format!(
-                            "the changes of {name} are over {max_bytes} bytes"
-                        )));
-                    }
-                    out.write_all(&fr.payload).await.map_err(internal)?;
-                    crate::crash::point("commit.exporting");
+            let piece = match within(EXPORT_IDLE_TIMEOUT.min(left), layer.next()).await {
+                Ok(Some(b)) => b,
+                Ok(None) => break,
+                Err(AgentError::Guest { message, .. }) => {
+                    return Err(ApiError::Internal(format!(
+                        "exporting the changes of {name}: {message}"
+                    )))
                 }
-                Kind::Response => match fr.parse::<Response>("response").map_err(internal)? {
-                    Response::Done { .. } => break,
-                    Response::Error { message, .. } => {
-                        return Err(ApiError::Internal(format!(
-                            "exporting the changes of {name}: {message}"
-                        )))
-                    }
-                    _ => {}
-                },
-                _ => {}
+                Err(e) => return Err(no_answer(name, "the export of its changes", e)),
+            };
+            total += piece.len() as u64;
+            if total > max_bytes {
+                return Err(ApiError::Conflict(format!(
+                    "the changes of {name} are over {max_bytes} bytes"
+                )));
             }
+            out.write_all(&piece).await.map_err(internal)?;
+            crate::crash::point("commit.exporting");
         }
         out.flush().await.map_err(internal)?;
         Ok(total)

@@ -17,6 +17,7 @@ pub mod manager;
 pub mod metrics;
 pub mod ops_api;
 pub mod rebuild;
+pub mod records;
 pub mod recover;
 pub mod restart;
 pub mod secrets;

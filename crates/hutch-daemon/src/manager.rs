@@ -9,7 +9,7 @@ use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::tenancy::{Admission, Ask};
 use hutch_core::{image_env, names, Event, Image, Vm, VmState};
-use hutch_proto::{ExecRequest, Kind, Request, Response};
+use hutch_proto::ExecRequest;
 use hutch_store::{Store, IMAGES, VMS};
 use hutch_vmm::{Accel, VmExit, VmHandle, VmSpec, Vmm};
 use std::collections::HashMap;
@@ -502,8 +502,9 @@ impl Manager {
     async fn start_main(&self, vm: &Vm, image: &Image) -> Result<Vm, ApiError> {
         let c = &image.config;
         let argv: Vec<String> = c.entrypoint.iter().chain(c.cmd.iter()).cloned().collect();
+        use crate::agent::{Agent as _, ExecEvent};
         let client = self.client(vm)?;
-        let r = Request::Exec(ExecRequest {
+        let mut s = client.exec(ExecRequest {
             argv,
             env: image_env(c, &vm.name),
             cwd: Some(c.working_dir.clone()).filter(|w| !w.is_empty()),
@@ -512,21 +513,16 @@ impl Manager {
             timeout_ms: None,
             detach: true,
             tty: None,
-        });
-        let mut s = client.open(&r)?;
+        })?;
         let mut stderr = Vec::new();
         let pid = loop {
-            let f = tokio::time::timeout(Duration::from_secs(30), s.rx.recv())
+            let ev = tokio::time::timeout(Duration::from_secs(30), s.next())
                 .await
-                .map_err(|_| internal("the agent did not start the main process"))?
-                .ok_or(crate::agent::AgentError::Lost)?;
-            if f.kind == Kind::Stderr {
-                stderr.extend_from_slice(&f.payload);
-                continue;
-            }
-            match f.parse::<Response>("response").map_err(internal)? {
-                Response::Started { pid } => break pid,
-                Response::Exited { code, .. } => {
+                .map_err(|_| internal("the agent did not start the main process"))??;
+            match ev {
+                Some(ExecEvent::Stderr(b)) => stderr.extend_from_slice(&b),
+                Some(ExecEvent::Started { pid }) => break pid,
+                Some(ExecEvent::Exited { code, .. }) => {
                     return Err(ApiError::Invalid(format!(
                         "the main process of {} could not start (exit {}): {}",
                         vm.name,
@@ -790,9 +786,8 @@ impl Manager {
             .get(&h.id)
             .cloned();
         if let Some(c) = client {
-            if let Ok(mut s) = c.open(&Request::Shutdown) {
-                let _ = tokio::time::timeout(Duration::from_secs(2), s.rx.recv()).await;
-            }
+            use crate::agent::Agent as _;
+            let _ = tokio::time::timeout(Duration::from_secs(2), c.shutdown()).await;
         }
         let wait = |secs| {
             let deadline = Instant::now() + Duration::from_secs(secs);

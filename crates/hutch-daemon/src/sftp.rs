@@ -8,10 +8,12 @@
 //! session holds at most [`MAX_HANDLES`] handles, at most [`MAX_DIRS`] of them directories
 //! (each keeps its listing until read), so a client that never closes them is bounded too.
 
+use crate::agent::{within, Agent, AgentClient, AgentError, DirPage as AgentPage, ErrorCode};
 use crate::error::ApiError;
-use crate::files::checked_end;
+use crate::files::{checked_end, ANSWER_TIMEOUT};
 use crate::manager::Manager;
-use hutch_proto::{FileAttr, FsRequest, Response};
+use futures_util::future::BoxFuture;
+use hutch_proto::FileAttr;
 use russh_sftp::protocol::{
     Attrs, Data, File, FileAttributes, Handle, Name, OpenFlags, Status, StatusCode,
 };
@@ -89,48 +91,61 @@ impl VmSftp {
         Ok(())
     }
 
-    async fn fs(&self, req: FsRequest) -> Result<Response, StatusReply> {
-        self.m.fs(&self.vm, req).await.map_err(code)
+    /// The VM's agent, looked up for every request (the VM may have stopped meanwhile).
+    fn agent(&self) -> Result<Arc<AgentClient>, StatusReply> {
+        self.m.agent(&self.vm).map_err(code)
     }
 
-    /// Entries of directory `path` from position `skip` on, one agent page.
+    /// The agent's answer within [`ANSWER_TIMEOUT`], its errors as SFTP statuses.
+    async fn ask<T>(&self, f: BoxFuture<'_, Result<T, AgentError>>) -> Result<T, StatusReply> {
+        within(ANSWER_TIMEOUT, f)
+            .await
+            .map_err(|e| agent_status(&self.vm, e))
+    }
+
+    /// Entries of directory `path` from position `skip` on, one agent page (the agent client
+    /// refuses a page that claims more but does not advance).
     async fn dir_page(&self, path: &str, skip: u64) -> Result<DirPage, StatusReply> {
-        let req = FsRequest::ReadDir {
-            path: path.to_string(),
-            skip,
-        };
-        match self.fs(req).await? {
-            Response::FsDir {
-                entries,
-                more,
-                next,
-            } if !more || next > skip => Ok(DirPage {
-                files: entries
-                    .iter()
-                    .map(|e| File {
-                        filename: e.name.clone(),
-                        longname: longname(&e.name, &e.attr),
-                        attrs: attrs(&e.attr),
-                    })
-                    .collect(),
-                more,
-                next,
-            }),
-            _ => Err(StatusCode::Failure.into()),
-        }
+        let a = self.agent()?;
+        let AgentPage {
+            entries,
+            more,
+            next,
+        } = self.ask(a.read_dir(path, skip)).await?;
+        Ok(DirPage {
+            files: entries
+                .iter()
+                .map(|e| File {
+                    filename: e.name.clone(),
+                    longname: longname(&e.name, &e.attr),
+                    attrs: attrs(&e.attr),
+                })
+                .collect(),
+            more,
+            next,
+        })
     }
 
     async fn guest_stat(&self, path: &str, follow: bool) -> Result<FileAttr, StatusReply> {
-        match self
-            .fs(FsRequest::Stat {
-                path: path.to_string(),
-                follow,
-            })
-            .await?
-        {
-            Response::FsAttr { attr } => Ok(attr),
-            _ => Err(StatusCode::Failure.into()),
-        }
+        let a = self.agent()?;
+        self.ask(a.stat(path, follow)).await
+    }
+
+    /// Writes `data` to `path` (see [`Agent::write_file`] for `offset`), in one agent request.
+    async fn put(
+        &self,
+        path: &str,
+        mode: Option<u32>,
+        offset: Option<u64>,
+        data: &[u8],
+    ) -> Result<(), StatusReply> {
+        let a = self.agent()?;
+        let mut w = a
+            .write_file(path, mode, offset)
+            .map_err(|e| agent_status(&self.vm, e))?;
+        self.ask(Box::pin(w.write(data))).await?;
+        self.ask(Box::pin(w.finish())).await?;
+        Ok(())
     }
 
     async fn attr_of(&self, path: String, follow: bool) -> Result<FileAttributes, StatusReply> {
@@ -154,14 +169,31 @@ impl VmSftp {
     }
 }
 
-/// The SFTP status of an error, with its message.
+/// The SFTP status of a host-side error (the VM is gone or stopped, an offset out of range).
 fn code(e: ApiError) -> StatusReply {
     let c = match &e {
         ApiError::NotFound { .. } => StatusCode::NoSuchFile,
-        ApiError::Invalid(m) if m.contains("ermission") => StatusCode::PermissionDenied,
+        ApiError::Forbidden(_) => StatusCode::PermissionDenied,
         _ => StatusCode::Failure,
     };
     c.with_message(e.to_string())
+}
+
+/// The SFTP status of what the agent of `vm` answered: by its error code, with its message.
+fn agent_status(vm: &str, e: AgentError) -> StatusReply {
+    let c = match e.code() {
+        Some(ErrorCode::NotFound) => StatusCode::NoSuchFile,
+        Some(ErrorCode::PermissionDenied | ErrorCode::ReadOnly) => StatusCode::PermissionDenied,
+        Some(ErrorCode::Unsupported) => StatusCode::OpUnsupported,
+        _ => StatusCode::Failure,
+    };
+    let message = match e {
+        AgentError::Timeout(d) => {
+            format!("the agent of {vm} did not answer within {}s", d.as_secs())
+        }
+        e => e.to_string(),
+    };
+    c.with_message(message)
 }
 
 /// Relative SFTP paths are relative to root's home.
@@ -233,14 +265,10 @@ impl russh_sftp::server::Handler for VmSftp {
             OpenFlags::WRITE | OpenFlags::CREATE | OpenFlags::TRUNCATE | OpenFlags::APPEND,
         );
         if pflags.contains(OpenFlags::TRUNCATE) {
-            self.m
-                .write_file(&self.vm, &path, mode, &[])
-                .await
-                .map_err(code)?;
+            self.put(&path, mode, None, &[]).await?;
         } else if writes && pflags.contains(OpenFlags::CREATE) {
             // Created if missing, never truncated.
-            let w = self.m.open_write(&self.vm, &path, mode, Some(0)).await;
-            w.map_err(code)?.finish().await.map_err(code)?;
+            self.put(&path, mode, Some(0), &[]).await?;
         }
         let attr = self.guest_stat(&path, true).await?;
         if attr.mode & 0o170000 == 0o040000 {
@@ -270,13 +298,16 @@ impl russh_sftp::server::Handler for VmSftp {
         let len = len.min(MAX_IO);
         checked_end(offset, u64::from(len)).map_err(code)?;
         let path = self.file(&handle)?.to_string();
-        let mut r = self
-            .m
-            .open_read(&self.vm, &path, offset, Some(u64::from(len)))
-            .await
-            .map_err(code)?;
+        let a = self.agent()?;
+        let mut r = a
+            .read_file(&path, offset, Some(u64::from(len)))
+            .map_err(|e| agent_status(&self.vm, e))?;
         let mut data = Vec::new();
-        while let Some(b) = r.next().await.map_err(code)? {
+        while let Some(b) = self.ask(Box::pin(r.next())).await? {
+            // A guest that sends more than was asked is not believed (nor buffered).
+            if data.len() + b.len() > len as usize {
+                return Err(StatusCode::Failure.with_message("the guest sent more than was read"));
+            }
             data.extend_from_slice(&b);
         }
         if data.is_empty() {
@@ -303,13 +334,7 @@ impl russh_sftp::server::Handler for VmSftp {
             }
             _ => return Err(StatusCode::Failure.with_message("not an open file handle")),
         };
-        let mut w = self
-            .m
-            .open_write(&self.vm, &path, None, Some(offset))
-            .await
-            .map_err(code)?;
-        w.write(&data).await.map_err(code)?;
-        w.finish().await.map_err(code)?;
+        self.put(&path, None, Some(offset), &data).await?;
         Ok(Self::ok(id))
     }
 
@@ -342,11 +367,8 @@ impl russh_sftp::server::Handler for VmSftp {
         attrs: FileAttributes,
     ) -> Result<Status, Self::Error> {
         if let Some(p) = attrs.permissions {
-            self.fs(FsRequest::Chmod {
-                path: abs(&path),
-                mode: p,
-            })
-            .await?;
+            let a = self.agent()?;
+            self.ask(a.chmod(&abs(&path), p)).await?;
         }
         Ok(Self::ok(id))
     }
@@ -359,7 +381,8 @@ impl russh_sftp::server::Handler for VmSftp {
     ) -> Result<Status, Self::Error> {
         let path = self.file(&handle)?.to_string();
         if let Some(p) = attrs.permissions {
-            self.fs(FsRequest::Chmod { path, mode: p }).await?;
+            let a = self.agent()?;
+            self.ask(a.chmod(&path, p)).await?;
         }
         Ok(Self::ok(id))
     }
@@ -398,10 +421,8 @@ impl russh_sftp::server::Handler for VmSftp {
     }
 
     async fn remove(&mut self, id: u32, filename: String) -> Result<Status, Self::Error> {
-        self.fs(FsRequest::Remove {
-            path: abs(&filename),
-        })
-        .await?;
+        let a = self.agent()?;
+        self.ask(a.remove(&abs(&filename))).await?;
         Ok(Self::ok(id))
     }
 
@@ -412,25 +433,21 @@ impl russh_sftp::server::Handler for VmSftp {
         attrs: FileAttributes,
     ) -> Result<Status, Self::Error> {
         let mode = attrs.permissions.unwrap_or(0o755);
-        self.fs(FsRequest::Mkdir {
-            path: abs(&path),
-            mode,
-        })
-        .await?;
+        let a = self.agent()?;
+        self.ask(a.mkdir(&abs(&path), mode)).await?;
         Ok(Self::ok(id))
     }
 
     async fn rmdir(&mut self, id: u32, path: String) -> Result<Status, Self::Error> {
-        self.fs(FsRequest::Rmdir { path: abs(&path) }).await?;
+        let a = self.agent()?;
+        self.ask(a.rmdir(&abs(&path))).await?;
         Ok(Self::ok(id))
     }
 
     async fn realpath(&mut self, id: u32, path: String) -> Result<Name, Self::Error> {
         let p = abs(&path);
-        let real = match self.fs(FsRequest::Realpath { path: p.clone() }).await {
-            Ok(Response::FsPath { path }) => path,
-            _ => p,
-        };
+        let a = self.agent()?;
+        let real = self.ask(a.realpath(&p)).await.unwrap_or(p);
         let file = File {
             filename: real.clone(),
             longname: real,
@@ -448,29 +465,23 @@ impl russh_sftp::server::Handler for VmSftp {
         oldpath: String,
         newpath: String,
     ) -> Result<Status, Self::Error> {
-        self.fs(FsRequest::Rename {
-            from: abs(&oldpath),
-            to: abs(&newpath),
-        })
-        .await?;
+        let a = self.agent()?;
+        self.ask(a.rename(&abs(&oldpath), &abs(&newpath))).await?;
         Ok(Self::ok(id))
     }
 
     async fn readlink(&mut self, id: u32, path: String) -> Result<Name, Self::Error> {
-        match self.fs(FsRequest::Readlink { path: abs(&path) }).await? {
-            Response::FsPath { path } => {
-                let file = File {
-                    filename: path.clone(),
-                    longname: path,
-                    attrs: FileAttributes::default(),
-                };
-                Ok(Name {
-                    id,
-                    files: vec![file],
-                })
-            }
-            _ => Err(StatusCode::Failure.into()),
-        }
+        let a = self.agent()?;
+        let path = self.ask(a.readlink(&abs(&path))).await?;
+        let file = File {
+            filename: path.clone(),
+            longname: path,
+            attrs: FileAttributes::default(),
+        };
+        Ok(Name {
+            id,
+            files: vec![file],
+        })
     }
 
     async fn symlink(
@@ -479,11 +490,8 @@ impl russh_sftp::server::Handler for VmSftp {
         linkpath: String,
         targetpath: String,
     ) -> Result<Status, Self::Error> {
-        self.fs(FsRequest::Symlink {
-            target: targetpath,
-            link: abs(&linkpath),
-        })
-        .await?;
+        let a = self.agent()?;
+        self.ask(a.symlink(&targetpath, &abs(&linkpath))).await?;
         Ok(Self::ok(id))
     }
 }

@@ -14,10 +14,11 @@ mod signup;
 pub use limits::{Limits, PendingSlot};
 pub use signup::Signup;
 
+use crate::agent::{AgentError, ExecEvent, ExecHandle};
 use crate::auth::Caller;
 use crate::manager::{CreateVm, ExecVm, Manager};
 use hutch_core::{mib, Account, Vm, VmState};
-use hutch_proto::{Frame, Kind, Request, Response, TtySize};
+use hutch_proto::TtySize;
 use hutch_store::ACCOUNTS;
 use russh::keys::ssh_key::private::{Ed25519Keypair, KeypairData};
 use russh::keys::{HashAlg, PrivateKey, PublicKey};
@@ -239,8 +240,8 @@ pub async fn serve(m: Arc<Manager>, opts: SshOptions) -> Result<(), crate::Daemo
 struct Chan {
     pty: Option<TtySize>,
     term: String,
-    /// The agent stream of a VM session.
-    vm: Option<(Arc<crate::agent::AgentClient>, u32)>,
+    /// The process of a VM session: its input, signals and terminal size.
+    vm: Option<ExecHandle>,
     /// A control command that reads stdin, run at EOF.
     pending: Option<Vec<String>>,
     /// The channel itself, kept until we know whether it becomes an SFTP subsystem (then it is
@@ -426,40 +427,39 @@ impl Conn {
             stream_stdin: true,
             ..Default::default()
         };
-        let (client, mut stream) = match self.m.exec(&vm.key(), req) {
+        let mut stream = match self.m.exec(&vm.key(), req) {
             Ok(x) => x,
             Err(e) => return self.finish(ch, Out::fail(e.to_string()), session),
         };
-        c.vm = Some((client, stream.id));
+        c.vm = Some(stream.handle());
         let handle = session.handle();
         tokio::spawn(async move {
+            // 255 unless the process exits: the agent refused it or its connection was lost.
             let mut code = 255u32;
-            while let Some(f) = stream.rx.recv().await {
-                match f.kind {
-                    Kind::Stdout => {
-                        let _ = handle.data(ch, f.payload).await;
+            loop {
+                match stream.next().await {
+                    Ok(Some(ExecEvent::Stdout(b))) => {
+                        let _ = handle.data(ch, b).await;
                     }
-                    Kind::Stderr => {
-                        let _ = handle.extended_data(ch, 1, f.payload).await;
+                    Ok(Some(ExecEvent::Stderr(b))) => {
+                        let _ = handle.extended_data(ch, 1, b).await;
                     }
-                    Kind::Response => match f.parse::<Response>("response") {
-                        Ok(Response::Exited {
-                            code: c, signal, ..
-                        }) => {
-                            code = c
-                                .map(|c| c as u32)
-                                .unwrap_or(128 + signal.unwrap_or(0) as u32);
-                            break;
-                        }
-                        Ok(Response::Error { message, .. }) => {
-                            let _ = handle
-                                .extended_data(ch, 1, format!("{message}\n").into_bytes())
-                                .await;
-                            break;
-                        }
-                        _ => {}
-                    },
-                    _ => {}
+                    Ok(Some(ExecEvent::Started { .. })) => {}
+                    Ok(Some(ExecEvent::Exited {
+                        code: c, signal, ..
+                    })) => {
+                        code = c
+                            .map(|c| c as u32)
+                            .unwrap_or(128 + signal.unwrap_or(0) as u32);
+                        break;
+                    }
+                    Err(AgentError::Guest { message, .. }) => {
+                        let _ = handle
+                            .extended_data(ch, 1, format!("{message}\n").into_bytes())
+                            .await;
+                        break;
+                    }
+                    Ok(None) | Err(_) => break,
                 }
             }
             let _ = handle.exit_status_request(ch, code).await;
@@ -601,12 +601,12 @@ impl server::Handler for Conn {
         _ph: u32,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        if let Some((client, id)) = self.chans.get(&ch).and_then(|c| c.vm.clone()) {
+        if let Some(h) = self.chans.get(&ch).and_then(|c| c.vm.as_ref()) {
             let size = TtySize {
                 rows: rows.min(u16::MAX as u32) as u16,
                 cols: cols.min(u16::MAX as u32) as u16,
             };
-            let _ = client.send(Frame::json(Kind::Request, id, &Request::Resize(size)));
+            let _ = h.resize(size);
         }
         Ok(())
     }
@@ -711,11 +711,11 @@ impl server::Handler for Conn {
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
         if let Some(c) = self.chans.get_mut(&ch) {
-            if let Some((client, id)) = &c.vm {
+            if let Some(h) = &c.vm {
                 // Within the stream's credit: a process that does not read its stdin holds the
                 // SSH channel's window closed instead of filling hutchd's memory.
-                let (client, id) = (client.clone(), *id);
-                let _ = client.send_stdin(id, data).await;
+                let h = h.clone();
+                let _ = h.stdin(data).await;
             } else if c.pending.is_some() && c.stdin.len() < 1 << 20 {
                 c.stdin.extend_from_slice(data);
             }
@@ -731,9 +731,9 @@ impl server::Handler for Conn {
         let Some(c) = self.chans.get_mut(&ch) else {
             return Ok(());
         };
-        if let Some((client, id)) = &c.vm {
-            let (client, id) = (client.clone(), *id);
-            let _ = client.send_eof(id).await;
+        if let Some(h) = &c.vm {
+            let h = h.clone();
+            let _ = h.eof().await;
             return Ok(());
         }
         if let Some(args) = c.pending.take() {
@@ -751,12 +751,8 @@ impl server::Handler for Conn {
     ) -> Result<(), Self::Error> {
         if let Some(c) = self.chans.remove(&ch) {
             // The client went away: stop what it was running.
-            if let Some((client, id)) = c.vm {
-                let _ = client.send(Frame::json(
-                    Kind::Request,
-                    id,
-                    &Request::Signal { signal: 9 },
-                ));
+            if let Some(h) = c.vm {
+                let _ = h.signal(9);
             }
         }
         Ok(())

@@ -11,6 +11,7 @@
 //!   configured upload size.
 //! - Bodies: JSON requests up to [`JSON_LIMIT`]; uploads up to the configured size; 413 beyond.
 
+use crate::agent::{within, AgentError, ExecEvent};
 use crate::api::AppState;
 use crate::api::{ApiQuery, VmKey};
 use crate::error::ApiError;
@@ -23,7 +24,6 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use base64::Engine;
 use futures_util::StreamExt;
-use hutch_proto::Kind;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -134,7 +134,7 @@ pub async fn exec_vm(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let (client, stream) = if content_type(&headers).starts_with(EXEC_STREAM) {
+    let stream = if content_type(&headers).starts_with(EXEC_STREAM) {
         let mut s = body.into_data_stream();
         let (mut req, first) = exec_head(&mut s).await?;
         if req.stdin.is_some() {
@@ -143,91 +143,78 @@ pub async fn exec_vm(
             ));
         }
         req.stream_stdin = true;
-        let (client, stream) = m.exec(&name, req)?;
-        let (c, id) = (client.clone(), stream.id);
+        let stream = m.exec(&name, req)?;
+        let h = stream.handle();
         // Stdin goes to the guest only as fast as the process takes it; the client's upload
         // waits meanwhile. Ends with the body (EOF) or with the process.
         tokio::spawn(async move {
-            if !first.is_empty() && c.send_stdin(id, &first).await.is_err() {
+            if !first.is_empty() && h.stdin(&first).await.is_err() {
                 return;
             }
             while let Some(chunk) = s.next().await {
                 let Ok(chunk) = chunk else { return };
-                if c.send_stdin(id, &chunk).await.is_err() {
+                if h.stdin(&chunk).await.is_err() {
                     return;
                 }
             }
-            let _ = c.send_eof(id).await;
+            let _ = h.eof().await;
         });
-        (client, stream)
+        stream
     } else {
         let req: ExecVm = json_body(body).await?;
         m.exec(&name, req)?
     };
-    drop(client);
     // The state: the stream (None once ended) and whether it has answered yet.
     let events = futures_util::stream::unfold(Some((stream, false)), |st| async move {
         let b64 = base64::engine::general_purpose::STANDARD;
         let (mut stream, started) = st?;
-        let f = if started {
-            stream
-                .rx
-                .recv()
-                .await
-                .ok_or("connection to the guest agent was lost".to_string())
+        let ev = if started {
+            stream.next().await
         } else {
-            stream
-                .rx
-                .recv_within(ANSWER_TIMEOUT)
-                .await
-                .map_err(|e| format!("the process did not start: {e}"))
+            within(ANSWER_TIMEOUT, stream.next()).await
         };
-        let f = match f {
-            Ok(f) => f,
-            Err(message) => {
-                let ev = json!({"type": "error", "code": "agent_lost", "message": message});
-                return Some((Ok::<_, std::convert::Infallible>(line(ev)), None));
+        let (v, end) = match ev {
+            Ok(Some(ExecEvent::Started { pid })) => (json!({"type": "started", "pid": pid}), false),
+            Ok(Some(ExecEvent::Stdout(b))) => {
+                (json!({"type": "stdout", "data": b64.encode(&b)}), false)
             }
-        };
-        let (v, end) = match f.kind {
-            Kind::Stdout => (
-                json!({"type": "stdout", "data": b64.encode(&f.payload)}),
-                false,
+            Ok(Some(ExecEvent::Stderr(b))) => {
+                (json!({"type": "stderr", "data": b64.encode(&b)}), false)
+            }
+            Ok(Some(ExecEvent::Exited {
+                code,
+                signal,
+                timed_out,
+            })) => (
+                json!({"type": "exit", "code": code, "signal": signal, "timed_out": timed_out}),
+                true,
             ),
-            Kind::Stderr => (
-                json!({"type": "stderr", "data": b64.encode(&f.payload)}),
-                false,
+            // Only after the exit, which ended the stream already.
+            Ok(None) => return None,
+            Err(AgentError::Guest { code, message }) => (
+                json!({"type": "error", "code": code.as_str(), "message": message}),
+                true,
             ),
-            Kind::Response => match f.parse::<hutch_proto::Response>("response") {
-                Ok(hutch_proto::Response::Started { pid }) => {
-                    (json!({"type": "started", "pid": pid}), false)
-                }
-                Ok(hutch_proto::Response::Exited {
-                    code,
-                    signal,
-                    timed_out,
-                }) => (
-                    json!({"type": "exit", "code": code, "signal": signal, "timed_out": timed_out}),
-                    true,
-                ),
-                Ok(hutch_proto::Response::Error { code, message }) => (
-                    json!({"type": "error", "code": code, "message": message}),
-                    true,
-                ),
-                Ok(other) => (
-                    json!({"type": "other", "value": format!("{other:?}")}),
-                    false,
-                ),
-                Err(e) => (
-                    json!({"type": "error", "code": "protocol", "message": e.to_string()}),
-                    true,
-                ),
-            },
-            _ => (json!({"type": "other"}), false),
+            Err(e @ AgentError::Proto(_)) => (
+                json!({"type": "error", "code": "protocol", "message": e.to_string()}),
+                true,
+            ),
+            Err(e) => {
+                let message = if started {
+                    e.to_string()
+                } else {
+                    format!("the process did not start: {e}")
+                };
+                let ev = json!({"type": "error", "code": "agent_lost", "message": message});
+                (ev, true)
+            }
         };
         // Dropping an unfinished stream (the client went away) cancels it: the agent kills the
         // process.
-        Some((Ok(line(v)), (!end).then_some((stream, true))))
+        Some((
+            Ok::<_, std::convert::Infallible>(line(v)),
+            (!end).then_some((stream, true)),
+        ))
     });
     Ok((
         [(header::CONTENT_TYPE, "application/x-ndjson")],
@@ -257,7 +244,7 @@ pub async fn get_file(
     let chunks = futures_util::stream::unfold(Some(reader), |r| async move {
         let mut r = r?;
         match r.next().await {
-            Ok(Some(b)) => Some((Ok(Bytes::from(b)), Some(r))),
+            Ok(Some(b)) => Some((Ok(b), Some(r))),
             Ok(None) => None,
             // Ends the response early: the client sees a truncated body, not a short file.
             Err(e) => Some((Err(std::io::Error::other(e.to_string())), None)),

@@ -25,6 +25,9 @@
 //! stops reading thus stalls only that stream. See docs/protocol.md.
 
 pub mod credit;
+mod error_code;
+
+pub use error_code::ErrorCode;
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -488,9 +491,10 @@ pub enum Response {
     FsPath {
         path: String,
     },
-    /// The request failed; the stream is finished.
+    /// The request failed; the stream is finished. `code` says what kind of failure (the host
+    /// maps it to its HTTP, SFTP and SSH answers); `message` is for people.
     Error {
-        code: String,
+        code: ErrorCode,
         message: String,
     },
 }
@@ -649,6 +653,31 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn error_response_with_unknown_code_still_decodes() {
+        let f = Frame::new(
+            Kind::Response,
+            1,
+            br#"{"type":"error","code":"from_the_future","message":"x"}"#.to_vec(),
+        );
+        assert_eq!(
+            f.parse::<Response>("response").unwrap(),
+            Response::Error {
+                code: ErrorCode::Unknown,
+                message: "x".into()
+            }
+        );
+        let r = Response::Error {
+            code: ErrorCode::IsDirectory,
+            message: "/x is a directory".into(),
+        };
+        let s = serde_json::to_string(&r).unwrap();
+        assert_eq!(
+            s,
+            r#"{"type":"error","code":"is_directory","message":"/x is a directory"}"#
+        );
     }
 
     #[test]

@@ -1,20 +1,14 @@
-//! The host side of the agent protocol: one multiplexed connection per VM over the unix socket
-//! QEMU serves for the VM's virtio-serial port.
+//! The multiplexed connection under [`AgentClient`]: handshake, the reader and writer tasks,
+//! per-stream queues and credit, protocol-violation handling and reconnection. Everything the
+//! guest can make hutchd hold is bounded here (see the module doc of [`crate::agent`]).
 //!
-//! Everything the guest can make hutchd hold is bounded:
-//! - each stream queues at most [`WINDOW`](hutch_proto::WINDOW) bytes of output (the agent may send only what it has
-//!   credit for; credit goes back as the stream's consumer takes data) and [`MAX_CONTROL_QUEUED`]
-//!   bytes of control messages; a connection has at most [`MAX_STREAMS`] streams;
-//! - the decoder holds at most one frame of [`MAX_PAYLOAD`](hutch_proto::MAX_PAYLOAD) bytes;
-//! - what goes to the guest waits in a bounded queue (stdin data, [`OUT_QUEUE`] chunks) or in a
-//!   small control lane (requests, signals, cancels, coalesced credit; [`MAX_CONTROL_OUT`] frames).
-//!
-//! A guest that breaks the protocol (a malformed or oversized frame, data beyond its credit, an
-//! excessive grant, a flood of control messages) loses its connection: every open stream ends
-//! with [`AgentError::Lost`], and the client reconnects with a fresh handshake (the agent then
-//! kills what the old connection started). The socket path stays the client's, so callers keep
-//! one [`AgentClient`] per VM across reconnections.
+//! Streams are opened with [`AgentClient::open`], which gives a [`RawStream`]: the
+//! [`Transport`] the typed streams of [`super::stream`] are built on. Nothing outside the agent
+//! module sees frames.
 
+use super::stream::{Incoming, Transport};
+use super::AgentError;
+use futures_util::future::BoxFuture;
 use hutch_proto::credit::{RecvCredit, SendCredit};
 use hutch_proto::{Decoder, Frame, Hello, HelloAck, Kind, Request, Response};
 use std::collections::{HashMap, VecDeque};
@@ -39,25 +33,12 @@ const STDIN_CHUNK: usize = 64 * 1024;
 /// How long a reconnection waits for the agent's handshake answer.
 const RECONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 
-#[derive(Debug, thiserror::Error)]
-pub enum AgentError {
-    #[error("the guest agent did not answer within {0:?}")]
-    Timeout(Duration),
-    #[error("connection to the guest agent was lost")]
-    Lost,
-    #[error("agent protocol: {0}")]
-    Proto(String),
-    #[error(
-        "the guest agent speaks protocol v{agent}, hutchd v{host}: the VM boots an old or foreign \
-         hutch-agent; rebuild it (`make agent`) and restart the VM"
-    )]
-    Version { agent: u32, host: u32 },
-    #[error("the guest agent already has {0} streams open; try again later")]
-    TooManyStreams(usize),
-    #[error("the guest agent is not taking input")]
-    Busy,
-    #[error("the stream has ended")]
-    Closed,
+/// What a stream has received and its consumer not yet taken.
+enum Queued {
+    /// Stdout or Stderr bytes, counted against the stream's window.
+    Data(Kind, Vec<u8>),
+    /// A decoded response and its size on the wire (counted against [`MAX_CONTROL_QUEUED`]).
+    Answer(Response, usize),
 }
 
 /// One stream's share of the connection.
@@ -70,12 +51,14 @@ struct Slot {
 
 #[derive(Default)]
 struct SlotState {
-    queue: VecDeque<Frame>,
+    queue: VecDeque<Queued>,
     recv: RecvCredit,
     send: SendCredit,
     control_bytes: usize,
     /// The final answer arrived: no more input is taken.
     finished: bool,
+    /// The stream's owner gave up on it: no more input is taken.
+    closed: bool,
     /// The connection is gone.
     lost: bool,
 }
@@ -130,7 +113,6 @@ impl Conn {
         self.control_ready.notify_one();
     }
 
-    /// Marks the connection dead and wakes every stream.
     /// Marks the connection dead, wakes every stream and has the client reconnect.
     fn lose(&self) {
         let was_alive = self.alive.swap(false, Ordering::SeqCst);
@@ -175,7 +157,7 @@ impl Conn {
                 st.recv
                     .received(f.payload.len())
                     .map_err(|e| format!("stream {}: {e}", f.stream))?;
-                st.queue.push_back(f);
+                st.queue.push_back(Queued::Data(f.kind, f.payload));
                 drop(st);
                 slot.readable.notify_one();
             }
@@ -187,15 +169,18 @@ impl Conn {
                         f.stream
                     ));
                 }
-                if let Ok(
-                    Response::Exited { .. } | Response::Done { .. } | Response::Error { .. },
-                ) = f.parse::<Response>("response")
-                {
+                // A response that does not decode is as malformed as a bad header.
+                let r: Response = f
+                    .parse("response")
+                    .map_err(|e| format!("stream {}: {e}", f.stream))?;
+                // Every answer but `started` is a stream's last (an fs, health or shutdown
+                // stream has one answer): no input is taken after it, and no cancel is due.
+                if !matches!(r, Response::Started { .. }) {
                     st.finished = true;
                     slot.writable.notify_one();
                 }
                 st.control_bytes += len;
-                st.queue.push_back(f);
+                st.queue.push_back(Queued::Answer(r, len));
                 drop(st);
                 slot.readable.notify_one();
             }
@@ -365,11 +350,14 @@ async fn reader(
     conn.lose();
 }
 
-/// A VM's agent connection, re-established when lost while the VM runs.
+/// A VM's agent connection, re-established when lost while the VM runs. Its typed operations
+/// are those of the [`Agent`](super::Agent) trait.
 pub struct AgentClient {
     socket: PathBuf,
     conn: Mutex<Arc<Conn>>,
     reconnecting: AtomicBool,
+    /// This client, for the reconnection task (which must not keep it alive).
+    me: Weak<AgentClient>,
 }
 
 impl Drop for AgentClient {
@@ -378,34 +366,36 @@ impl Drop for AgentClient {
     }
 }
 
-/// Frames of one stream, as they arrive.
-pub struct AgentStream {
-    pub id: u32,
-    pub rx: StreamRx,
-}
-
-/// The receiving end of a stream; taking frames returns credit to the agent.
-pub struct StreamRx {
+/// One open stream on one connection: its queue, its credit both ways, and the way to the
+/// agent. Taking data returns credit to the agent; dropping an unfinished stream cancels it.
+pub(crate) struct RawStream {
     id: u32,
     slot: Arc<Slot>,
     conn: Arc<Conn>,
 }
 
-impl StreamRx {
-    /// The next frame; None once the connection is lost and everything queued was taken.
-    pub async fn recv(&mut self) -> Option<Frame> {
+impl RawStream {
+    async fn recv_inner(&self) -> Option<Incoming> {
         loop {
             {
                 let mut st = self.slot.lock();
-                if let Some(f) = st.queue.pop_front() {
-                    if f.is_data() {
-                        if let Some(g) = st.recv.consumed(f.payload.len()) {
-                            self.conn.push_credit(self.id, g);
+                if let Some(q) = st.queue.pop_front() {
+                    return Some(match q {
+                        Queued::Data(kind, data) => {
+                            if let Some(g) = st.recv.consumed(data.len()) {
+                                self.conn.push_credit(self.id, g);
+                            }
+                            if kind == Kind::Stderr {
+                                Incoming::Stderr(data.into())
+                            } else {
+                                Incoming::Stdout(data.into())
+                            }
                         }
-                    } else {
-                        st.control_bytes -= f.payload.len();
-                    }
-                    return Some(f);
+                        Queued::Answer(r, len) => {
+                            st.control_bytes -= len;
+                            Incoming::Answer(r)
+                        }
+                    });
                 }
                 if st.lost {
                     return None;
@@ -415,18 +405,77 @@ impl StreamRx {
         }
     }
 
-    /// The next frame within `limit`: a guest that never answers is an error, not a hang.
-    pub async fn recv_within(&mut self, limit: Duration) -> Result<Frame, AgentError> {
-        match tokio::time::timeout(limit, self.recv()).await {
-            Ok(Some(f)) => Ok(f),
-            Ok(None) => Err(AgentError::Lost),
-            Err(_) => Err(AgentError::Timeout(limit)),
+    /// Sends stdin within the stream's credit: a process that does not read its stdin stalls
+    /// its sender here, and nothing piles up in hutchd.
+    async fn send_inner(&self, mut data: &[u8]) -> Result<(), AgentError> {
+        while !data.is_empty() {
+            let n = {
+                let mut st = self.slot.lock();
+                if st.lost {
+                    return Err(AgentError::Lost);
+                }
+                if st.finished || st.closed {
+                    return Err(AgentError::Closed);
+                }
+                st.send.take(data.len().min(STDIN_CHUNK))
+            };
+            if n == 0 {
+                self.slot.writable.notified().await;
+                continue;
+            }
+            let b = Frame::new(Kind::Stdin, self.id, data[..n].to_vec())
+                .encode()
+                .map_err(|e| AgentError::Proto(e.to_string()))?;
+            self.conn
+                .data_out
+                .send(b)
+                .await
+                .map_err(|_| AgentError::Lost)?;
+            data = &data[n..];
         }
+        Ok(())
+    }
+
+    /// Ends stdin (after everything sent before).
+    async fn eof_inner(&self) -> Result<(), AgentError> {
+        let b = Frame::new(Kind::StdinEof, self.id, Vec::new())
+            .encode()
+            .map_err(|e| AgentError::Proto(e.to_string()))?;
+        self.conn
+            .data_out
+            .send(b)
+            .await
+            .map_err(|_| AgentError::Lost)
     }
 }
 
-impl Drop for StreamRx {
-    fn drop(&mut self) {
+impl Transport for RawStream {
+    fn recv(&self) -> BoxFuture<'_, Option<Incoming>> {
+        Box::pin(self.recv_inner())
+    }
+
+    fn send<'a>(&'a self, data: &'a [u8]) -> BoxFuture<'a, Result<(), AgentError>> {
+        Box::pin(self.send_inner(data))
+    }
+
+    fn eof(&self) -> BoxFuture<'_, Result<(), AgentError>> {
+        Box::pin(self.eof_inner())
+    }
+
+    fn control(&self, req: Request) -> Result<(), AgentError> {
+        self.conn
+            .push_control(Frame::json(Kind::Request, self.id, &req))
+    }
+
+    fn close(&self) {
+        {
+            let mut st = self.slot.lock();
+            if st.closed {
+                return;
+            }
+            st.closed = true;
+        }
+        self.slot.writable.notify_one();
         self.conn.routes().remove(&self.id);
         self.conn
             .control
@@ -444,6 +493,12 @@ impl Drop for StreamRx {
     }
 }
 
+impl Drop for RawStream {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
 impl AgentClient {
     /// Connects to the agent socket and completes the handshake, retrying until `timeout`.
     pub async fn connect(
@@ -451,14 +506,15 @@ impl AgentClient {
         timeout: Duration,
     ) -> Result<(Arc<AgentClient>, HelloAck), AgentError> {
         let (conn, ack) = Conn::establish(socket, timeout, None).await?;
-        let client = Arc::new(AgentClient {
+        let client = Arc::new_cyclic(|me| AgentClient {
             socket: socket.to_path_buf(),
             conn: Mutex::new(conn.clone()),
             reconnecting: AtomicBool::new(false),
+            me: me.clone(),
         });
         let _ = conn.owner.set(Arc::downgrade(&client));
         if !conn.alive.load(Ordering::SeqCst) {
-            client.clone().reconnect();
+            client.reconnect();
         }
         Ok((client, ack))
     }
@@ -472,12 +528,11 @@ impl AgentClient {
     }
 
     /// Re-establishes a lost connection in the background, for as long as the client is in use.
-    fn reconnect(self: Arc<Self>) {
+    fn reconnect(&self) {
         if self.reconnecting.swap(true, Ordering::SeqCst) {
             return;
         }
-        let weak = Arc::downgrade(&self);
-        drop(self);
+        let weak = self.me.clone();
         tokio::spawn(async move {
             let mut attempts = 0u32;
             loop {
@@ -511,11 +566,16 @@ impl AgentClient {
     }
 
     /// Opens a stream with `req`.
-    pub fn open(self: &Arc<Self>, req: &Request) -> Result<AgentStream, AgentError> {
+    pub(crate) fn open(&self, req: &Request) -> Result<RawStream, AgentError> {
         let conn = self.conn();
         if !conn.alive.load(Ordering::SeqCst) {
-            self.clone().reconnect();
+            self.reconnect();
             return Err(AgentError::Lost);
+        }
+        // The request goes out whole in one frame: refused here if it cannot.
+        let mut frame = Frame::json(Kind::Request, 0, req);
+        if frame.payload.len() > hutch_proto::MAX_PAYLOAD {
+            return Err(AgentError::RequestTooLarge(frame.payload.len()));
         }
         let slot = Arc::new(Slot::default());
         let id = {
@@ -532,249 +592,18 @@ impl AgentClient {
             routes.insert(id, slot.clone());
             id
         };
-        let rx = StreamRx {
+        let stream = RawStream {
             id,
             slot,
             conn: conn.clone(),
         };
-        conn.push_control(Frame::json(Kind::Request, id, req))?;
-        Ok(AgentStream { id, rx })
-    }
-
-    /// Sends a control frame (signal, resize) without waiting; stdin goes through
-    /// [`AgentClient::send_stdin`], which keeps to the stream's credit.
-    pub fn send(&self, frame: Frame) -> Result<(), AgentError> {
-        if frame.payload.len() > hutch_proto::MAX_PAYLOAD {
-            return Err(AgentError::Proto(format!(
-                "a {}-byte frame is over the limit",
-                frame.payload.len()
-            )));
-        }
-        let conn = self.conn();
-        match frame.kind {
-            Kind::Stdin | Kind::StdinEof => {
-                let b = frame
-                    .encode()
-                    .map_err(|e| AgentError::Proto(e.to_string()))?;
-                conn.data_out.try_send(b).map_err(|_| AgentError::Busy)
-            }
-            _ => conn.push_control(frame),
-        }
-    }
-
-    /// Sends `data` as stdin of `stream`, waiting for credit: a process that does not read its
-    /// stdin stalls its sender here, and nothing piles up in hutchd.
-    pub async fn send_stdin(&self, stream: u32, mut data: &[u8]) -> Result<(), AgentError> {
-        let conn = self.conn();
-        let slot = conn
-            .routes()
-            .get(&stream)
-            .cloned()
-            .ok_or(AgentError::Closed)?;
-        while !data.is_empty() {
-            let n = {
-                let mut st = slot.lock();
-                if st.lost {
-                    return Err(AgentError::Lost);
-                }
-                if st.finished {
-                    return Err(AgentError::Closed);
-                }
-                st.send.take(data.len().min(STDIN_CHUNK))
-            };
-            if n == 0 {
-                slot.writable.notified().await;
-                continue;
-            }
-            let b = Frame::new(Kind::Stdin, stream, data[..n].to_vec())
-                .encode()
-                .map_err(|e| AgentError::Proto(e.to_string()))?;
-            conn.data_out.send(b).await.map_err(|_| AgentError::Lost)?;
-            data = &data[n..];
-        }
-        Ok(())
-    }
-
-    /// Ends the stdin of `stream` (after everything sent before).
-    pub async fn send_eof(&self, stream: u32) -> Result<(), AgentError> {
-        let b = Frame::new(Kind::StdinEof, stream, Vec::new())
-            .encode()
-            .map_err(|e| AgentError::Proto(e.to_string()))?;
-        self.conn()
-            .data_out
-            .send(b)
-            .await
-            .map_err(|_| AgentError::Lost)
+        frame.stream = id;
+        conn.push_control(frame)?;
+        Ok(stream)
     }
 
     /// Streams currently open on the live connection (for tests and health).
     pub fn open_streams(&self) -> usize {
         self.conn().routes().len()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    //! The client against a fake agent on a unix socket (the layer below the client).
-    use super::*;
-    use tokio::net::UnixListener;
-
-    /// Accepts one connection, answers the hello with `version`, then runs `then`.
-    async fn fake_agent<F, Fut>(l: &UnixListener, version: u32, then: F)
-    where
-        F: FnOnce(UnixStream, Decoder) -> Fut,
-        Fut: std::future::Future<Output = ()>,
-    {
-        let (mut s, _) = l.accept().await.unwrap();
-        let mut dec = Decoder::new();
-        let mut buf = vec![0u8; 4096];
-        let hello: Hello = loop {
-            let n = s.read(&mut buf).await.unwrap();
-            dec.push(&buf[..n]);
-            if let Some(f) = dec.next_frame() {
-                break f.parse("hello").unwrap();
-            }
-        };
-        let ack = HelloAck {
-            nonce: hello.nonce,
-            version,
-            hostname: "fake".into(),
-            kernel: "0".into(),
-            uptime_ms: 0,
-        };
-        let b = Frame::json(Kind::Hello, 0, &ack).encode().unwrap();
-        s.write_all(&b).await.unwrap();
-        then(s, dec).await;
-    }
-
-    /// Reads frames until a request arrives; returns its stream id.
-    async fn next_request(s: &mut UnixStream, dec: &mut Decoder) -> u32 {
-        let mut buf = vec![0u8; 4096];
-        loop {
-            while let Some(f) = dec.next_frame() {
-                if f.kind == Kind::Request {
-                    return f.stream;
-                }
-            }
-            let n = s.read(&mut buf).await.unwrap();
-            assert!(n > 0, "host closed");
-            dec.push(&buf[..n]);
-        }
-    }
-
-    #[tokio::test]
-    async fn mismatched_agent_is_refused_clearly() {
-        let dir = tempfile::tempdir().unwrap();
-        let sock = dir.path().join("a.sock");
-        let l = UnixListener::bind(&sock).unwrap();
-        let server = async { fake_agent(&l, 1, |_, _| async {}).await };
-        let (_, r) = tokio::join!(server, AgentClient::connect(&sock, Duration::from_secs(5)));
-        let e = r.err().expect("a v1 agent must be refused");
-        assert!(
-            matches!(e, AgentError::Version { agent: 1, host: 2 }),
-            "{e}"
-        );
-        assert!(e.to_string().contains("make agent"), "{e}");
-    }
-
-    #[tokio::test]
-    async fn data_beyond_credit_or_oversized_drops_and_reconnects() {
-        let dir = tempfile::tempdir().unwrap();
-        let sock = dir.path().join("a.sock");
-        let l = UnixListener::bind(&sock).unwrap();
-        let (client_tx, mut client_rx) = mpsc::channel(1);
-        let (hung_up_tx, mut hung_up) = mpsc::channel::<()>(1);
-        let sock2 = sock.clone();
-        let host = tokio::spawn(async move {
-            let (c, _) = AgentClient::connect(&sock2, Duration::from_secs(5))
-                .await
-                .unwrap();
-            let mut s = c.open(&Request::Health).unwrap();
-            // Nothing is consumed (so no credit returned) until the agent has been cut off.
-            hung_up.recv().await.unwrap();
-            // The fake agent overruns its credit: the stream ends as lost, nothing is kept.
-            let mut got = 0usize;
-            while let Some(f) = s.rx.recv().await {
-                got += f.payload.len();
-            }
-            assert!(got <= hutch_proto::WINDOW as usize, "{got}");
-            client_tx.send(c).await.unwrap();
-        });
-        // First connection: more data than the window, never waiting for credit.
-        fake_agent(&l, hutch_proto::VERSION, |mut s, mut dec| async move {
-            let id = next_request(&mut s, &mut dec).await;
-            let chunk = vec![0u8; 64 * 1024];
-            for _ in 0..8 {
-                let b = Frame::new(Kind::Stdout, id, chunk.clone())
-                    .encode()
-                    .unwrap();
-                if s.write_all(&b).await.is_err() {
-                    break;
-                }
-            }
-            // Wait until the host hangs up.
-            let mut buf = [0u8; 1024];
-            while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {}
-            hung_up_tx.send(()).await.unwrap();
-        })
-        .await;
-        let c = client_rx.recv().await.unwrap();
-        host.await.unwrap();
-        // Second connection: the client came back by itself; now an oversized frame.
-        fake_agent(&l, hutch_proto::VERSION, |mut s, _| async move {
-            let mut h = b"HU\x04\x00\x00\x00\x00\x01".to_vec();
-            h.extend_from_slice(&u32::MAX.to_be_bytes());
-            s.write_all(&h).await.unwrap();
-            let mut buf = [0u8; 1024];
-            while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {}
-        })
-        .await;
-        // Third connection: the client reconnects again and works.
-        let c2 = c.clone();
-        let probe = tokio::spawn(async move {
-            let ok = loop {
-                if c2.is_alive() {
-                    if let Ok(mut s) = c2.open(&Request::Health) {
-                        break s.rx.recv_within(Duration::from_secs(5)).await;
-                    }
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            };
-            ok.unwrap()
-        });
-        fake_agent(&l, hutch_proto::VERSION, |mut s, mut dec| async move {
-            let id = next_request(&mut s, &mut dec).await;
-            let r = Response::Done { bytes: 0 };
-            let b = Frame::json(Kind::Response, id, &r).encode().unwrap();
-            s.write_all(&b).await.unwrap();
-            let mut buf = [0u8; 1024];
-            let _ = tokio::time::timeout(Duration::from_secs(1), s.read(&mut buf)).await;
-        })
-        .await;
-        let f = probe.await.unwrap();
-        assert_eq!(f.kind, Kind::Response);
-    }
-
-    #[tokio::test]
-    async fn a_silent_agent_times_out() {
-        let dir = tempfile::tempdir().unwrap();
-        let sock = dir.path().join("a.sock");
-        let l = UnixListener::bind(&sock).unwrap();
-        let (tx, mut rx) = mpsc::channel::<()>(1);
-        let server = tokio::spawn(async move {
-            fake_agent(&l, hutch_proto::VERSION, |s, _| async move {
-                let _keep_open = s;
-                let _ = rx.recv().await;
-            })
-            .await
-        });
-        let (c, _) = AgentClient::connect(&sock, Duration::from_secs(5))
-            .await
-            .unwrap();
-        let mut s = c.open(&Request::Health).unwrap();
-        let r = s.rx.recv_within(Duration::from_millis(300)).await;
-        assert!(matches!(r, Err(AgentError::Timeout(_))));
-        tx.send(()).await.unwrap();
-        server.await.unwrap();
     }
 }

@@ -1,0 +1,94 @@
+//! [`Agent`] for the real connection: each operation opens a stream with its request and
+//! decodes the answers through the typed streams.
+
+use super::conn::AgentClient;
+use super::stream::{one_answer, unexpected};
+use super::{Agent, AgentError, DirPage, ExecStream, FileRead, FileWrite, FsAnswer, Health};
+use futures_util::future::BoxFuture;
+use hutch_proto::{ExecRequest, FsRequest, Request, Response};
+use std::sync::Arc;
+
+/// The typed form of an fs answer.
+pub(crate) fn fs_answer(r: Response) -> Result<FsAnswer, AgentError> {
+    Ok(match r {
+        Response::FsAttr { attr } => FsAnswer::Attr(attr),
+        Response::FsDir {
+            entries,
+            more,
+            next,
+        } => FsAnswer::Dir(DirPage {
+            entries,
+            more,
+            next,
+        }),
+        Response::FsPath { path } => FsAnswer::Path(path),
+        Response::Done { .. } => FsAnswer::Done,
+        other => return Err(unexpected(&other, "an fs answer")),
+    })
+}
+
+impl Agent for AgentClient {
+    fn exec(&self, req: ExecRequest) -> Result<ExecStream, AgentError> {
+        Ok(ExecStream::new(Arc::new(self.open(&Request::Exec(req))?)))
+    }
+
+    fn read_file(&self, path: &str, offset: u64, len: Option<u64>) -> Result<FileRead, AgentError> {
+        let s = self.open(&Request::ReadFile {
+            path: path.into(),
+            offset,
+            len,
+        })?;
+        Ok(FileRead::new(Arc::new(s)))
+    }
+
+    fn write_file(
+        &self,
+        path: &str,
+        mode: Option<u32>,
+        offset: Option<u64>,
+    ) -> Result<FileWrite, AgentError> {
+        let s = self.open(&Request::WriteFile {
+            path: path.into(),
+            mode,
+            offset,
+        })?;
+        Ok(FileWrite::new(Arc::new(s)))
+    }
+
+    fn export_changes(&self) -> Result<FileRead, AgentError> {
+        Ok(FileRead::new(Arc::new(self.open(&Request::ExportChanges)?)))
+    }
+
+    fn fs(&self, req: FsRequest) -> BoxFuture<'_, Result<FsAnswer, AgentError>> {
+        let s = self.open(&Request::Fs(req));
+        Box::pin(async move { fs_answer(one_answer(&s?).await?) })
+    }
+
+    fn health(&self) -> BoxFuture<'_, Result<Health, AgentError>> {
+        let s = self.open(&Request::Health);
+        Box::pin(async move {
+            match one_answer(&s?).await? {
+                Response::Health {
+                    ready,
+                    uptime_ms,
+                    processes,
+                } => Ok(Health {
+                    ready,
+                    uptime_ms,
+                    processes,
+                }),
+                other => Err(unexpected(&other, "health")),
+            }
+        })
+    }
+
+    fn shutdown(&self) -> BoxFuture<'_, Result<(), AgentError>> {
+        let s = self.open(&Request::Shutdown);
+        Box::pin(async move {
+            match one_answer(&s?).await? {
+                Response::Done { .. } => Ok(()),
+                other => Err(unexpected(&other, "done")),
+            }
+        })
+    }
+}

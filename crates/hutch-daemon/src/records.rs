@@ -1,0 +1,371 @@
+//! hutchd's records in the revisioned store (`hutch_store::kv`): which keys hold what, the
+//! schema version and its migrations, and typed reads and writes. Everything else in the daemon
+//! reaches the store through here.
+//!
+//! Keys (schema 1):
+//! ```text
+//! meta/schema                     the schema version (a JSON number)
+//! vms/ID                          a VM (hutch_core::Vm), keyed by its id
+//! names/vm/OWNER/NAME             the id of OWNER's VM called NAME (OWNER `-`: the admin's)
+//! images/KEY                      an image (KEY: `name` in the shared library, `~acct/name`)
+//! accounts/NAME  tokens/ID  invites/HASH
+//! ```
+//! A VM and its name index entry are written in one transaction: a create is one transaction
+//! (`Absent(name)` + both puts), so of two creates of one name exactly one commits; a change of
+//! state is a compare-and-swap on the VM's key.
+//!
+//! Schema 0 is the layout before the revisioned store (tables `vms`, `images`, `accounts`,
+//! `tokens`, `invites`, keyed by name); `RedbStore` turns it into `legacy/TABLE/KEY`, and
+//! [`Records::open`] moves those to their keys here, in batches that each move some records
+//! atomically (a crash in between resumes where it stopped), then writes the version.
+
+use hutch_core::{Image, Vm};
+use hutch_store::kv::{Compare, Store, StoreError, StoreExt, Txn, TxnOutcome, MAX_TXN_OPS};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use std::sync::Arc;
+
+/// The schema this hutchd reads and writes.
+pub const SCHEMA: u64 = 1;
+
+pub const VMS: &str = "vms/";
+pub const NAMES: &str = "names/vm/";
+pub const IMAGES: &str = "images/";
+pub const ACCOUNTS: &str = "accounts/";
+pub const TOKENS: &str = "tokens/";
+pub const INVITES: &str = "invites/";
+const META_SCHEMA: &str = "meta/schema";
+
+/// The name index key of VM `name` owned by `owner`.
+pub fn name_key(owner: Option<&str>, name: &str) -> String {
+    format!("{NAMES}{}/{name}", owner.unwrap_or("-"))
+}
+
+/// The name index key of a VM store key as `hutch_core::vm_key` makes them (`alice/web`, `web`).
+fn name_key_of(vm_key: &str) -> String {
+    match vm_key.split_once('/') {
+        Some((owner, name)) => name_key(Some(owner), name),
+        None => name_key(None, vm_key),
+    }
+}
+
+#[derive(Clone)]
+pub struct Records {
+    kv: Arc<dyn Store>,
+}
+
+impl Records {
+    /// Opens the records on `kv`, migrating an older schema; refuses a newer one.
+    pub async fn open(kv: Arc<dyn Store>) -> Result<Records, StoreError> {
+        let r = Records { kv };
+        let version = r
+            .kv
+            .get_json::<u64>(META_SCHEMA)
+            .await?
+            .map(|v| v.value)
+            .unwrap_or(0);
+        if version > SCHEMA {
+            return Err(StoreError::Schema {
+                found: version,
+                supported: SCHEMA,
+            });
+        }
+        if version < 1 {
+            r.migrate_legacy().await?;
+        }
+        Ok(r)
+    }
+
+    /// The store underneath (for watches).
+    pub fn kv(&self) -> &Arc<dyn Store> {
+        &self.kv
+    }
+
+    /// Schema 0 -> 1: `legacy/TABLE/KEY` to the keys of the module doc.
+    async fn migrate_legacy(&self) -> Result<(), StoreError> {
+        let legacy = self.kv.range("legacy/").await?;
+        let mut txn = Txn::new();
+        let mut moved = 0usize;
+        for kv in legacy.kvs {
+            let Some((table, key)) = kv.key["legacy/".len()..].split_once('/') else {
+                continue;
+            };
+            let corrupt = |source| StoreError::Corrupt {
+                key: kv.key.clone(),
+                source,
+            };
+            txn = match table {
+                "vms" => {
+                    let vm: Vm = serde_json::from_slice(&kv.value).map_err(corrupt)?;
+                    txn.put_json(name_key(vm.owner.as_deref(), &vm.name), &vm.id)?
+                        .put(format!("{VMS}{}", vm.id), kv.value.clone())
+                }
+                "images" => {
+                    let img: Image = serde_json::from_slice(&kv.value).map_err(corrupt)?;
+                    txn.put(format!("{IMAGES}{}", img.key()), kv.value.clone())
+                }
+                "accounts" => txn.put(format!("{ACCOUNTS}{key}"), kv.value.clone()),
+                "tokens" => txn.put(format!("{TOKENS}{key}"), kv.value.clone()),
+                "invites" => txn.put(format!("{INVITES}{key}"), kv.value.clone()),
+                _ => txn,
+            }
+            .delete(kv.key.clone());
+            moved += 1;
+            if txn.ops.len() + 3 > MAX_TXN_OPS {
+                self.commit(std::mem::take(&mut txn)).await?;
+            }
+        }
+        let txn = txn.put_json(META_SCHEMA, &SCHEMA)?;
+        self.commit(txn).await?;
+        if moved > 0 {
+            tracing::info!(records = moved, schema = SCHEMA, "state store migrated");
+        }
+        Ok(())
+    }
+
+    async fn commit(&self, txn: Txn) -> Result<bool, StoreError> {
+        if txn.ops.is_empty() {
+            return Ok(true);
+        }
+        Ok(self.kv.txn(txn).await?.is_committed())
+    }
+
+    // Generic records.
+
+    pub async fn get<T: DeserializeOwned + Send>(
+        &self,
+        prefix: &str,
+        key: &str,
+    ) -> Result<Option<T>, StoreError> {
+        Ok(self
+            .kv
+            .get_json::<T>(&format!("{prefix}{key}"))
+            .await?
+            .map(|v| v.value))
+    }
+
+    pub async fn list<T: DeserializeOwned + Send>(
+        &self,
+        prefix: &str,
+    ) -> Result<Vec<T>, StoreError> {
+        Ok(self
+            .kv
+            .list_json::<T>(prefix)
+            .await?
+            .0
+            .into_iter()
+            .map(|v| v.value)
+            .collect())
+    }
+
+    pub async fn put<T: Serialize + Sync>(
+        &self,
+        prefix: &str,
+        key: &str,
+        value: &T,
+    ) -> Result<(), StoreError> {
+        self.commit(Txn::new().put_json(format!("{prefix}{key}"), value)?)
+            .await
+            .map(|_| ())
+    }
+
+    /// Writes a record that must not exist yet; false when it does.
+    pub async fn create<T: Serialize + Sync>(
+        &self,
+        prefix: &str,
+        key: &str,
+        value: &T,
+    ) -> Result<bool, StoreError> {
+        let k = format!("{prefix}{key}");
+        self.commit(Txn::new().when(Compare::Absent(k.clone())).put_json(k, value)?)
+            .await
+    }
+
+    /// Removes a record; returns whether it existed (of concurrent removals, one sees true).
+    pub async fn delete(&self, prefix: &str, key: &str) -> Result<bool, StoreError> {
+        let k = format!("{prefix}{key}");
+        let Some(cur) = self.kv.get(&k).await? else {
+            return Ok(false);
+        };
+        self.commit(
+            Txn::new()
+                .when(Compare::ModRevision(k.clone(), cur.mod_revision))
+                .delete(k),
+        )
+        .await
+    }
+
+    /// Changes one record by compare-and-swap (retried when another writer got there first).
+    pub async fn update<T, E, F>(&self, prefix: &str, key: &str, f: F) -> Result<T, E>
+    where
+        T: Serialize + DeserializeOwned + Send + Sync,
+        E: From<StoreError> + Send,
+        F: FnMut(&mut T) -> Result<(), E> + Send,
+    {
+        Ok(self
+            .kv
+            .update_json::<T, E, F>(&format!("{prefix}{key}"), f)
+            .await?
+            .value)
+    }
+
+    // VMs.
+
+    /// The VM stored under `vm_key` (`alice/web`, or `web` for the admin's).
+    pub async fn vm(&self, vm_key: &str) -> Result<Option<Vm>, StoreError> {
+        let Some(id) = self
+            .kv
+            .get_json::<String>(&name_key_of(vm_key))
+            .await?
+        else {
+            return Ok(None);
+        };
+        self.vm_by_id(&id.value).await
+    }
+
+    pub async fn vm_by_id(&self, id: &str) -> Result<Option<Vm>, StoreError> {
+        self.get(VMS, id).await
+    }
+
+    pub async fn vms(&self) -> Result<Vec<Vm>, StoreError> {
+        self.list(VMS).await
+    }
+
+    /// Records a new VM and claims its name, in one transaction; false when the name is taken.
+    pub async fn create_vm(&self, vm: &Vm) -> Result<bool, StoreError> {
+        let name = name_key(vm.owner.as_deref(), &vm.name);
+        let key = format!("{VMS}{}", vm.id);
+        self.commit(
+            Txn::new()
+                .when(Compare::Absent(name.clone()))
+                .when(Compare::Absent(key.clone()))
+                .put_json(name, &vm.id)?
+                .put_json(key, vm)?,
+        )
+        .await
+    }
+
+    /// Changes VM `id` by compare-and-swap; `f` may refuse (its error is returned, nothing
+    /// written). The name never changes here.
+    pub async fn update_vm<E, F>(&self, id: &str, f: F) -> Result<Vm, E>
+    where
+        E: From<StoreError> + Send,
+        F: FnMut(&mut Vm) -> Result<(), E> + Send,
+    {
+        self.update(VMS, id, f).await
+    }
+
+    /// Writes `vm` whole (recovery); its name must be its own or free.
+    pub async fn put_vm(&self, vm: &Vm) -> Result<(), StoreError> {
+        let txn = Txn::new()
+            .put_json(name_key(vm.owner.as_deref(), &vm.name), &vm.id)?
+            .put_json(format!("{VMS}{}", vm.id), vm)?;
+        self.commit(txn).await.map(|_| ())
+    }
+
+    /// Removes VM `vm` and its name, in one transaction.
+    pub async fn delete_vm(&self, vm: &Vm) -> Result<(), StoreError> {
+        let name = name_key(vm.owner.as_deref(), &vm.name);
+        let mut txn = Txn::new().delete(format!("{VMS}{}", vm.id));
+        // The name goes with it only while it still names this VM.
+        if let Some(cur) = self.kv.get_json::<String>(&name).await? {
+            if cur.value == vm.id {
+                txn = txn
+                    .when(Compare::ModRevision(name.clone(), cur.revision))
+                    .delete(name);
+            }
+        }
+        match self.kv.txn(txn).await? {
+            TxnOutcome::Committed { .. } => Ok(()),
+            // The name was re-pointed meanwhile: remove just the record.
+            TxnOutcome::Failed { .. } => self
+                .commit(Txn::new().delete(format!("{VMS}{}", vm.id)))
+                .await
+                .map(|_| ()),
+        }
+    }
+
+    // Images.
+
+    pub async fn image(&self, key: &str) -> Result<Option<Image>, StoreError> {
+        self.get(IMAGES, key).await
+    }
+
+    pub async fn images(&self) -> Result<Vec<Image>, StoreError> {
+        self.list(IMAGES).await
+    }
+
+    pub async fn put_image(&self, img: &Image) -> Result<(), StoreError> {
+        self.put(IMAGES, &img.key(), img).await
+    }
+
+    pub async fn delete_image(&self, key: &str) -> Result<bool, StoreError> {
+        self.delete(IMAGES, key).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hutch_store::kv::MemoryStore;
+
+    fn vm(id: &str, name: &str, owner: Option<&str>) -> Vm {
+        serde_json::from_value(serde_json::json!({
+            "id": id, "name": name, "owner": owner, "image": "busybox",
+            "image_digest": "sha256:00", "vcpus": 1, "mem_mib": 64, "disk_gib": 1,
+            "state": "stopped", "reason": null, "pid": null, "accel": null, "created_at": 0,
+            "started_at": null, "boot_ms": null, "kernel": null
+        }))
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn vms_by_id_with_a_name_index() {
+        let r = Records::open(Arc::new(MemoryStore::new())).await.unwrap();
+        assert!(r.create_vm(&vm("a1", "web", Some("alice"))).await.unwrap());
+        assert!(r.create_vm(&vm("b1", "web", Some("bob"))).await.unwrap());
+        assert!(r.create_vm(&vm("c1", "web", None)).await.unwrap());
+        // The same name in the same namespace: refused, nothing written.
+        assert!(!r.create_vm(&vm("a2", "web", Some("alice"))).await.unwrap());
+        assert!(r.vm_by_id("a2").await.unwrap().is_none());
+        assert_eq!(r.vm("alice/web").await.unwrap().unwrap().id, "a1");
+        assert_eq!(r.vm("web").await.unwrap().unwrap().id, "c1");
+        assert_eq!(r.vms().await.unwrap().len(), 3);
+        let v: Result<Vm, StoreError> = r
+            .update_vm("a1", |v| {
+                v.vcpus = 2;
+                Ok(())
+            })
+            .await;
+        assert_eq!(v.unwrap().vcpus, 2);
+        r.delete_vm(&vm("a1", "web", Some("alice"))).await.unwrap();
+        assert!(r.vm("alice/web").await.unwrap().is_none());
+        // The name is free again.
+        assert!(r.create_vm(&vm("a3", "web", Some("alice"))).await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn legacy_layout_is_migrated_once() {
+        let kv: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        let v = vm("a1", "web", Some("alice"));
+        let txn = Txn::new()
+            .put_json("legacy/vms/alice/web", &v)
+            .unwrap()
+            .put("legacy/accounts/alice", b"{\"x\":1}".to_vec())
+            .put("legacy/tokens/t1", b"{}".to_vec());
+        kv.txn(txn).await.unwrap();
+        let r = Records::open(kv.clone()).await.unwrap();
+        assert_eq!(r.vm("alice/web").await.unwrap(), Some(v));
+        assert!(kv.range("legacy/").await.unwrap().kvs.is_empty());
+        assert!(kv.get("accounts/alice").await.unwrap().is_some());
+        assert!(kv.get("tokens/t1").await.unwrap().is_some());
+        let rev = kv.revision().await.unwrap();
+        Records::open(kv.clone()).await.unwrap();
+        assert_eq!(kv.revision().await.unwrap(), rev, "a second open changes nothing");
+        // A newer schema is refused.
+        kv.txn(Txn::new().put_json(META_SCHEMA, &(SCHEMA + 1)).unwrap())
+            .await
+            .unwrap();
+        assert!(Records::open(kv).await.is_err());
+    }
+}
