@@ -6,6 +6,7 @@
 
 use crate::serve::{Input, InputCredit, Session, Shared, CHUNK};
 use crate::sys;
+use crate::sys::io_code;
 use hutch_proto::{ErrorCode, ExecRequest, Frame, Kind, Response};
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -522,36 +523,6 @@ fn run_tty(
         },
     );
     shared.end_session(stream, gen);
-}
-
-/// The protocol's code for an I/O error: by its errno where it has one, else by its kind.
-pub fn io_code(e: &std::io::Error) -> ErrorCode {
-    if let Some(errno) = e.raw_os_error() {
-        return match errno {
-            libc::ENOENT => ErrorCode::NotFound,
-            libc::EEXIST => ErrorCode::Exists,
-            libc::EACCES | libc::EPERM => ErrorCode::PermissionDenied,
-            libc::ENOTDIR | libc::ELOOP => ErrorCode::NotADirectory,
-            libc::EISDIR => ErrorCode::IsDirectory,
-            libc::ENOTEMPTY => ErrorCode::NotEmpty,
-            libc::EINVAL | libc::EBADF => ErrorCode::InvalidArgument,
-            libc::EFBIG | libc::E2BIG | libc::ENAMETOOLONG => ErrorCode::TooLarge,
-            libc::ENOSPC | libc::EDQUOT => ErrorCode::NoSpace,
-            libc::EROFS => ErrorCode::ReadOnly,
-            libc::EBUSY | libc::ETXTBSY => ErrorCode::Busy,
-            libc::ENOTSUP | libc::ENOSYS | libc::EXDEV => ErrorCode::Unsupported,
-            _ => ErrorCode::Io,
-        };
-    }
-    match e.kind() {
-        std::io::ErrorKind::NotFound => ErrorCode::NotFound,
-        std::io::ErrorKind::PermissionDenied => ErrorCode::PermissionDenied,
-        std::io::ErrorKind::AlreadyExists => ErrorCode::Exists,
-        // E.g. a NUL byte in a path, refused before any system call.
-        std::io::ErrorKind::InvalidInput => ErrorCode::InvalidArgument,
-        std::io::ErrorKind::Unsupported => ErrorCode::Unsupported,
-        _ => ErrorCode::Io,
-    }
 }
 
 /// Sends `len` bytes (or all) of `path` from `offset`, within the stream's credit.

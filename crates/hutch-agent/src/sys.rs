@@ -1,5 +1,7 @@
-//! Thin safe wrappers over the syscalls the agent needs.
+//! Thin safe wrappers over the syscalls the agent needs, and the protocol's error code of an
+//! errno.
 
+use hutch_proto::ErrorCode;
 use std::ffi::CString;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
@@ -172,4 +174,55 @@ pub fn poll_in(fd: i32, timeout_ms: i32) -> bool {
     // SAFETY: p is a valid pollfd array of length 1.
     let r = unsafe { libc::poll(&mut p, 1, timeout_ms) };
     r > 0 && (p.revents & libc::POLLIN) != 0
+}
+
+/// The protocol's code for an I/O error: by its errno where it has one, else by its kind.
+pub fn io_code(e: &io::Error) -> ErrorCode {
+    if let Some(errno) = e.raw_os_error() {
+        return match errno {
+            libc::ENOENT => ErrorCode::NotFound,
+            libc::EEXIST => ErrorCode::Exists,
+            libc::EACCES | libc::EPERM => ErrorCode::PermissionDenied,
+            libc::ENOTDIR | libc::ELOOP => ErrorCode::NotADirectory,
+            libc::EISDIR => ErrorCode::IsDirectory,
+            libc::ENOTEMPTY => ErrorCode::NotEmpty,
+            libc::EINVAL | libc::EBADF => ErrorCode::InvalidArgument,
+            libc::EFBIG | libc::E2BIG | libc::ENAMETOOLONG => ErrorCode::TooLarge,
+            libc::ENOSPC | libc::EDQUOT => ErrorCode::NoSpace,
+            libc::EROFS => ErrorCode::ReadOnly,
+            libc::EBUSY | libc::ETXTBSY => ErrorCode::Busy,
+            libc::ENOTSUP | libc::ENOSYS | libc::EXDEV => ErrorCode::Unsupported,
+            _ => ErrorCode::Io,
+        };
+    }
+    match e.kind() {
+        io::ErrorKind::NotFound => ErrorCode::NotFound,
+        io::ErrorKind::PermissionDenied => ErrorCode::PermissionDenied,
+        io::ErrorKind::AlreadyExists => ErrorCode::Exists,
+        // E.g. a NUL byte in a path, refused before any system call.
+        io::ErrorKind::InvalidInput => ErrorCode::InvalidArgument,
+        io::ErrorKind::Unsupported => ErrorCode::Unsupported,
+        _ => ErrorCode::Io,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errno_and_kinds_map_to_codes() {
+        let os = io::Error::from_raw_os_error;
+        assert_eq!(io_code(&os(libc::ENOENT)), ErrorCode::NotFound);
+        assert_eq!(io_code(&os(libc::EACCES)), ErrorCode::PermissionDenied);
+        assert_eq!(io_code(&os(libc::EISDIR)), ErrorCode::IsDirectory);
+        assert_eq!(io_code(&os(libc::ENOTEMPTY)), ErrorCode::NotEmpty);
+        assert_eq!(io_code(&os(libc::EFBIG)), ErrorCode::TooLarge);
+        assert_eq!(io_code(&os(libc::ENOSPC)), ErrorCode::NoSpace);
+        assert_eq!(io_code(&os(libc::EIO)), ErrorCode::Io);
+        // No errno: a NUL in a path is refused before any system call.
+        let nul = std::fs::metadata("/etc/pass\0wd").unwrap_err();
+        assert_eq!(io_code(&nul), ErrorCode::InvalidArgument);
+        assert_eq!(io_code(&io::Error::other("x")), ErrorCode::Io);
+    }
 }
