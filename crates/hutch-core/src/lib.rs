@@ -70,6 +70,10 @@ pub struct Vm {
     /// Automatic restarts since the VM last ran for a while (restart back-off).
     #[serde(default)]
     pub restarts: u32,
+    /// Its last QEMU exited with status 0 (the guest powered off by itself): restart policy
+    /// `on-failure` leaves such a VM alone.
+    #[serde(default)]
+    pub clean_exit: bool,
 }
 
 impl Vm {

@@ -284,21 +284,22 @@ pub struct VmEvent {
 }
 
 impl VmEvent {
-    /// The event kind people see for `event` moving a VM from `from` to `to`.
-    pub fn kind_of(from: VmState, event: &Event, to: VmState) -> &'static str {
-        match event {
-            Event::Start => "starting",
-            Event::Booted if from == VmState::Creating => "created",
-            Event::Booted => "started",
-            Event::BootFailed(_) | Event::Exited(_) if to == VmState::Failed => "failed",
-            Event::BootFailed(_) | Event::Exited(_) | Event::Halted => "stopped",
-            Event::Stop => "stopping",
-            Event::Delete => "deleting",
-            Event::Pause => "paused",
-            Event::Resume => "resumed",
-            Event::Snapshot => "snapshotting",
-            Event::Migrate => "migrating",
-            Event::Done => "running",
+    /// The event kind people see for a VM's record going from state `from` to `to`
+    /// (`restarting` is told apart by the caller: a start that counts an automatic restart).
+    pub fn kind_of(from: VmState, to: VmState) -> &'static str {
+        use VmState as S;
+        match (from, to) {
+            (S::Creating, S::Running) => "created",
+            (S::Starting, S::Running) => "started",
+            (S::Paused, S::Running) => "resumed",
+            (_, S::Running) => "running",
+            (_, S::Starting) => "starting",
+            (_, S::Stopping) => "stopping",
+            (_, S::Stopped) => "stopped",
+            (_, S::Failed) => "failed",
+            (_, S::Deleting) => "deleting",
+            (_, S::Paused) => "paused",
+            (_, s) => s.as_str(),
         }
     }
 }

@@ -1,8 +1,8 @@
-//! The REST API under /api/v1: turns HTTP into manager calls, nothing more.
+//! The REST API under /api/v1: turns HTTP into service calls, nothing more.
 
 use crate::auth::Caller;
 use crate::error::ApiError;
-use crate::manager::{CreateVm, Manager};
+use crate::service::{CreateVm, Service};
 use crate::stream_api;
 use axum::body::{Body, Bytes};
 use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request, State};
@@ -17,14 +17,18 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use std::sync::Arc;
 
-pub type AppState = Arc<Manager>;
+pub type AppState = Arc<Service>;
 
-/// The sandbox a `/sandboxes/{name}/...` path names, resolved once for the caller (see
-/// tenancy.rs): handlers get the VM's store key and act on exactly the VM the caller may touch;
-/// another account's VM answers 404, as a missing one does.
-pub struct VmKey(pub String);
+/// The sandbox a `/sandboxes/{name}/...` path names and who asks. The service resolves the
+/// name in the caller's namespace (another account's VM answers 404, as a missing one does);
+/// the extractor asks it once up front too, so that a path naming no sandbox of the caller is a
+/// 404 before any request body is read or judged.
+pub struct VmRef {
+    pub caller: Caller,
+    pub name: String,
+}
 
-impl FromRequestParts<AppState> for VmKey {
+impl FromRequestParts<AppState> for VmRef {
     type Rejection = ApiError;
     async fn from_request_parts(parts: &mut Parts, m: &AppState) -> Result<Self, ApiError> {
         let Path(name) = Path::<String>::from_request_parts(parts, m)
@@ -35,7 +39,8 @@ impl FromRequestParts<AppState> for VmKey {
             .get::<Caller>()
             .cloned()
             .ok_or_else(|| ApiError::Unauthorized("no caller identity".into()))?;
-        Ok(VmKey(m.vm_for(&caller, &name)?.key()))
+        m.vm_for(&caller, &name).await?;
+        Ok(VmRef { caller, name })
     }
 }
 
@@ -145,7 +150,7 @@ pub fn router(m: AppState, local: bool) -> Router {
 }
 
 /// Every request acts for a caller; reading files on the daemon's host and garbage collection
-/// are for admins. Which sandbox a path names is resolved by the `VmKey` extractor.
+/// are for admins. Which sandbox a path names is resolved by the service (`VmRef`).
 async fn ownership(
     State(_m): State<AppState>,
     req: Request,
@@ -174,8 +179,8 @@ async fn health(State(m): State<AppState>) -> Json<Value> {
     Json(json!({
         "status": "ok",
         "version": env!("CARGO_PKG_VERSION"),
-        "accel": m.cfg.accel.as_str(),
-        "kernel": m.cfg.bundle.release,
+        "accel": m.cfg().accel.as_str(),
+        "kernel": m.cfg().bundle.release,
     }))
 }
 
@@ -191,7 +196,7 @@ async fn list_images(
     State(m): State<AppState>,
     axum::Extension(caller): axum::Extension<Caller>,
 ) -> Result<Json<Vec<Image>>, ApiError> {
-    Ok(Json(m.images_of(&caller)?))
+    Ok(Json(m.images_of(&caller).await?))
 }
 
 async fn get_image(
@@ -199,7 +204,7 @@ async fn get_image(
     axum::Extension(caller): axum::Extension<Caller>,
     ApiPath(name): ApiPath<String>,
 ) -> Result<Json<Image>, ApiError> {
-    Ok(Json(m.image_for(&caller, &name)?))
+    Ok(Json(m.image_for(&caller, &name).await?))
 }
 
 async fn delete_image(
@@ -207,7 +212,7 @@ async fn delete_image(
     axum::Extension(caller): axum::Extension<Caller>,
     ApiPath(name): ApiPath<String>,
 ) -> Result<StatusCode, ApiError> {
-    m.delete_image(&caller, &name)?;
+    m.delete_image(&caller, &name).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -255,7 +260,7 @@ async fn import_image(
             .map_err(|e| ApiError::Internal(e.to_string()))?;
         let mut s = body.into_data_stream();
         use tokio::io::AsyncWriteExt;
-        let (mut total, limit) = (0u64, m.cfg.max_upload_bytes);
+        let (mut total, limit) = (0u64, m.cfg().max_upload_bytes);
         while let Some(chunk) = s.next().await {
             let chunk = chunk.map_err(|e| ApiError::Invalid(format!("reading upload: {e}")))?;
             total += chunk.len() as u64;
@@ -280,7 +285,7 @@ async fn import_image(
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))??;
     crate::crash::point("import.built");
-    let img = m.store_image(caller.owner(), img)?;
+    let img = m.store_image(caller.owner(), img).await?;
     tracing::info!(image = %img.key(), digest = %img.digest, "imported image");
     Ok((StatusCode::CREATED, Json(img)))
 }
@@ -322,7 +327,7 @@ async fn pull_image(
         creds,
         name: req.name,
         // Private destinations only for the admin, or for everyone if the admin said so.
-        allow_private: caller.admin || m.cfg.registry_allow_private,
+        allow_private: caller.admin || m.cfg().registry_allow_private,
         ..Default::default()
     };
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Value>();
@@ -415,8 +420,7 @@ struct CommitReq {
 /// Commits a VM's changes to a new image; with `push`, sends it to the registry too.
 async fn commit_vm(
     State(m): State<AppState>,
-    axum::Extension(caller): axum::Extension<Caller>,
-    VmKey(name): VmKey,
+    VmRef { caller, name }: VmRef,
     ApiJson(req): ApiJson<CommitReq>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let c = creds(req.username, req.password)?;
@@ -438,7 +442,7 @@ async fn list_vms(
     State(m): State<AppState>,
     axum::Extension(caller): axum::Extension<Caller>,
 ) -> Result<Json<Vec<Vm>>, ApiError> {
-    Ok(Json(m.vms_of(&caller)?))
+    Ok(Json(m.vms_of(&caller).await?))
 }
 
 async fn create_vm(
@@ -449,17 +453,17 @@ async fn create_vm(
     Ok((StatusCode::CREATED, Json(m.create(&caller, req).await?)))
 }
 
-async fn get_vm(State(m): State<AppState>, VmKey(name): VmKey) -> Result<Json<Vm>, ApiError> {
-    Ok(Json(m.get(&name)?))
+async fn get_vm(State(m): State<AppState>, r: VmRef) -> Result<Json<Vm>, ApiError> {
+    Ok(Json(m.describe(&r.caller, &r.name).await?))
 }
 
-async fn delete_vm(State(m): State<AppState>, VmKey(name): VmKey) -> Result<StatusCode, ApiError> {
-    m.delete(&name).await?;
+async fn delete_vm(State(m): State<AppState>, r: VmRef) -> Result<StatusCode, ApiError> {
+    m.delete(&r.caller, &r.name).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
-async fn start_vm(State(m): State<AppState>, VmKey(name): VmKey) -> Result<Json<Vm>, ApiError> {
-    Ok(Json(m.start(&name).await?))
+async fn start_vm(State(m): State<AppState>, r: VmRef) -> Result<Json<Vm>, ApiError> {
+    Ok(Json(m.start(&r.caller, &r.name).await?))
 }
 
 #[derive(Deserialize)]
@@ -471,17 +475,17 @@ struct CloneReq {
 /// Copies a stopped sandbox's disk into a new sandbox and boots it.
 async fn clone_vm(
     State(m): State<AppState>,
-    VmKey(name): VmKey,
+    r: VmRef,
     ApiJson(req): ApiJson<CloneReq>,
 ) -> Result<(StatusCode, Json<Vm>), ApiError> {
     Ok((
         StatusCode::CREATED,
-        Json(m.clone_vm(&name, req.name).await?),
+        Json(m.clone_vm(&r.caller, &r.name, req.name).await?),
     ))
 }
 
-async fn stop_vm(State(m): State<AppState>, VmKey(name): VmKey) -> Result<Json<Vm>, ApiError> {
-    Ok(Json(m.stop(&name).await?))
+async fn stop_vm(State(m): State<AppState>, r: VmRef) -> Result<Json<Vm>, ApiError> {
+    Ok(Json(m.stop(&r.caller, &r.name).await?))
 }
 
 fn line(v: Value) -> Bytes {
@@ -490,8 +494,8 @@ fn line(v: Value) -> Bytes {
     Bytes::from(s)
 }
 
-async fn vm_health(State(m): State<AppState>, VmKey(name): VmKey) -> Result<Json<Value>, ApiError> {
-    Ok(Json(m.agent_health(&name).await?))
+async fn vm_health(State(m): State<AppState>, r: VmRef) -> Result<Json<Value>, ApiError> {
+    Ok(Json(m.agent_health(&r.caller, &r.name).await?))
 }
 
 #[derive(Deserialize)]
@@ -501,10 +505,15 @@ struct LogQuery {
 
 async fn logs(
     State(m): State<AppState>,
-    VmKey(name): VmKey,
+    r: VmRef,
     ApiQuery(q): ApiQuery<LogQuery>,
 ) -> Result<Response, ApiError> {
-    let vm = m.get(&name)?;
-    let text = m.console_tail(&vm.id, q.tail.unwrap_or(64 * 1024).min(16 << 20));
+    let text = m
+        .console(
+            &r.caller,
+            &r.name,
+            q.tail.unwrap_or(64 * 1024).min(16 << 20),
+        )
+        .await?;
     Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response())
 }

@@ -5,11 +5,11 @@
 
 use crate::api;
 use crate::auth::{Caller, Tokens};
-use crate::manager::{Manager, NodeConfig};
+use crate::node::{Node, NodeConfig, SocketConnector};
+use crate::service::Service;
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use hutch_core::{Image, ImageConfig, Vm, VmState};
-use hutch_store::{IMAGES, VMS};
 use hutch_vmm::{Accel, VmHandle, VmProcess, VmSpec, Vmm, VmmError};
 use serde_json::Value;
 use std::sync::Arc;
@@ -33,7 +33,7 @@ impl Vmm for NoVms {
     }
 }
 
-fn manager(dir: &std::path::Path) -> Arc<Manager> {
+async fn manager(dir: &std::path::Path) -> Arc<Service> {
     let node = NodeConfig {
         data_dir: dir.to_path_buf(),
         bundle: hutch_guest::BootBundle {
@@ -50,10 +50,20 @@ fn manager(dir: &std::path::Path) -> Arc<Manager> {
         max_upload_bytes: 1 << 30,
         qemu_version: "10.0.0".into(),
     };
-    let store = hutch_store::Store::open(&dir.join("state.redb")).unwrap();
+    let records = crate::records::Records::open(Arc::new(hutch_store::kv::MemoryStore::new()))
+        .await
+        .unwrap();
     let images = hutch_image::ImageStore::open(&dir.join("images")).unwrap();
     let tokens = Tokens::load_or_create(dir).unwrap();
-    Arc::new(Manager::new(node, store, images, Arc::new(NoVms), tokens))
+    let node = Node::new(
+        node,
+        records,
+        Arc::new(images),
+        Arc::new(NoVms),
+        Arc::new(SocketConnector),
+        Arc::default(),
+    );
+    Arc::new(Service::new(Arc::new(node), tokens, Default::default()))
 }
 
 fn caller(account: &str, admin: bool) -> Caller {
@@ -65,7 +75,7 @@ fn caller(account: &str, admin: bool) -> Caller {
 
 fn vm(name: &str, owner: Option<&str>) -> Vm {
     Vm {
-        id: format!("{:0>12}", name.len()),
+        id: format!("{name:0>12}"),
         name: name.into(),
         image: "busybox:latest".into(),
         image_digest: format!("sha256:{}", "a".repeat(64)),
@@ -90,6 +100,7 @@ fn vm(name: &str, owner: Option<&str>) -> Vm {
         confinement: None,
         restart: Default::default(),
         restarts: 0,
+        clean_exit: false,
     }
 }
 
@@ -108,15 +119,15 @@ fn image(name: &str, owner: Option<&str>) -> Image {
 }
 
 /// Puts the fixtures back (a DELETE in an earlier call may have removed them).
-fn fixtures(m: &Manager) {
+async fn fixtures(m: &Service) {
     for v in [vm("web", Some("alice")), vm("adm", None)] {
-        m.store.put(VMS, &v.key(), &v).unwrap();
+        m.records.put_vm(&v).await.unwrap();
     }
     let i = image("priv:latest", Some("alice"));
-    m.store.put(IMAGES, &i.key(), &i).unwrap();
+    m.records.put_image(&i).await.unwrap();
 }
 
-async fn call(m: &Arc<Manager>, who: &Caller, method: &str, path: &str) -> (StatusCode, Value) {
+async fn call(m: &Arc<Service>, who: &Caller, method: &str, path: &str) -> (StatusCode, Value) {
     let who = who.clone();
     let app = api::router(m.clone(), false).layer(axum::middleware::from_fn(
         move |mut req: axum::extract::Request, next: axum::middleware::Next| {
@@ -185,14 +196,14 @@ const METHODS: [&str; 5] = ["GET", "POST", "PUT", "DELETE", "PATCH"];
 #[tokio::test(flavor = "multi_thread")]
 async fn openapi_and_router_agree() {
     let d = tempfile::tempdir().unwrap();
-    let m = manager(d.path());
+    let m = manager(d.path()).await;
     let admin = Caller::local_admin();
     let paths = documented();
     assert!(paths.len() >= 15, "{paths:?}");
     for (path, methods) in &paths {
         let p = path.replace("{name}", "nope");
         for method in METHODS {
-            fixtures(&m);
+            fixtures(&m).await;
             let (st, v) = call(&m, &admin, method, &p).await;
             if methods.iter().any(|x| x == method) {
                 assert!(
@@ -218,7 +229,7 @@ async fn openapi_and_router_agree() {
 #[tokio::test(flavor = "multi_thread")]
 async fn every_route_answers_per_owner() {
     let d = tempfile::tempdir().unwrap();
-    let m = manager(d.path());
+    let m = manager(d.path()).await;
     let (alice, bob, admin) = (
         caller("alice", false),
         caller("bob", false),
@@ -246,7 +257,7 @@ async fn every_route_answers_per_owner() {
                 (&bob, "adm", false),
                 (&bob, "..%2Fweb", false),
             ] {
-                fixtures(&m);
+                fixtures(&m).await;
                 let p = path.replace("{name}", name);
                 let (st, v) = call(&m, who, method, &p).await;
                 assert!(!unrouted(st, &v), "{method} {p}");
@@ -271,11 +282,11 @@ async fn every_route_answers_per_owner() {
     // Images: alice's private image is hers and the admin's to see; bob cannot tell it exists.
     let priv_path = "/api/v1/images/~alice%2Fpriv";
     for (who, st_get) in [(&alice, 200), (&admin, 200), (&bob, 404)] {
-        fixtures(&m);
+        fixtures(&m).await;
         let (st, v) = call(&m, who, "GET", priv_path).await;
         assert_eq!(st.as_u16(), st_get, "{} GET {priv_path}: {v}", who.account);
     }
-    fixtures(&m);
+    fixtures(&m).await;
     let (st, _) = call(&m, &bob, "DELETE", priv_path).await;
     assert_eq!(st, StatusCode::NOT_FOUND);
     let (st, v) = call(&m, &bob, "GET", "/api/v1/images").await;
@@ -291,7 +302,7 @@ async fn every_route_answers_per_owner() {
     let (st, _) = call(&m, &alice, "DELETE", priv_path).await;
     assert_eq!(st, StatusCode::NO_CONTENT, "alice deletes her own image");
     // Sandbox listings.
-    fixtures(&m);
+    fixtures(&m).await;
     let (_, v) = call(&m, &bob, "GET", "/api/v1/sandboxes").await;
     assert_eq!(v, serde_json::json!([]));
     let (_, v) = call(&m, &alice, "GET", "/api/v1/sandboxes").await;

@@ -3,8 +3,6 @@
 
 use base64::Engine;
 use hmac::{Hmac, Mac};
-use hutch_core::Account;
-use hutch_store::{Store, ACCOUNTS, TOKENS};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 use std::path::Path;
@@ -56,12 +54,13 @@ pub struct TokenRecord {
     pub expires_at: u64,
 }
 
+/// What a token says: its account (`sub`), id (`jti`), issue and expiry times.
 #[derive(Serialize, Deserialize)]
-struct Claims {
-    sub: String,
-    jti: String,
-    iat: u64,
-    exp: u64,
+pub struct Claims {
+    pub sub: String,
+    pub jti: String,
+    pub iat: u64,
+    pub exp: u64,
 }
 
 pub struct Tokens {
@@ -89,13 +88,9 @@ impl Tokens {
         m.finalize().into_bytes().to_vec()
     }
 
-    /// Issues a token for `account` valid for `ttl_secs`; returns (id, token).
-    pub fn issue(
-        &self,
-        store: &Store,
-        account: &str,
-        ttl_secs: u64,
-    ) -> Result<(TokenRecord, String), String> {
+    /// Issues a token for `account` valid for `ttl_secs`; returns its record (to store) and
+    /// the token.
+    pub fn issue(&self, account: &str, ttl_secs: u64) -> Result<(TokenRecord, String), String> {
         let now = hutch_core::now();
         let rec = TokenRecord {
             id: hex::encode(rand::random::<[u8; 8]>()),
@@ -115,14 +110,12 @@ impl Tokens {
             b64(&serde_json::to_vec(&claims).map_err(|e| e.to_string())?)
         );
         let jwt = format!("{input}.{}", b64(&self.mac(&input)));
-        store
-            .put(TOKENS, &rec.id, &rec)
-            .map_err(|e| e.to_string())?;
         Ok((rec, jwt))
     }
 
-    /// Checks signature, expiry, that the token was not revoked and its account still exists.
-    pub fn verify(&self, store: &Store, jwt: &str) -> Option<Caller> {
+    /// The claims of `jwt` when its signature is ours and it has not expired (whether it was
+    /// revoked and its account exists is the service's to check).
+    pub fn claims(&self, jwt: &str) -> Option<Claims> {
         let (input, sig) = jwt.rsplit_once('.')?;
         let sig = base64::engine::general_purpose::URL_SAFE_NO_PAD
             .decode(sig)
@@ -146,36 +139,6 @@ impl Tokens {
                 .ok()?,
         )
         .ok()?;
-        if c.exp <= hutch_core::now() {
-            return None;
-        }
-        let rec: TokenRecord = store.get(TOKENS, &c.jti).ok()??;
-        if rec.account != c.sub {
-            return None;
-        }
-        let acc: Account = store.get(ACCOUNTS, &c.sub).ok()??;
-        Some(Caller {
-            account: acc.name,
-            admin: acc.admin,
-        })
-    }
-
-    pub fn list(store: &Store, account: &str) -> Vec<TokenRecord> {
-        let mut v: Vec<TokenRecord> = store
-            .list(TOKENS)
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|t: &TokenRecord| t.account == account)
-            .collect();
-        v.sort_by_key(|t| t.created_at);
-        v
-    }
-
-    /// Revokes token `id` of `account`; false if there is none.
-    pub fn revoke(store: &Store, account: &str, id: &str) -> bool {
-        match store.get::<TokenRecord>(TOKENS, id) {
-            Ok(Some(t)) if t.account == account => store.delete(TOKENS, id).unwrap_or(false),
-            _ => false,
-        }
+        (c.exp > hutch_core::now()).then_some(c)
     }
 }

@@ -28,6 +28,9 @@ pub enum ApiError {
     /// A request body over its limit.
     #[error("{0}")]
     TooLarge(String),
+    /// The state store failed (the cause is kept).
+    #[error("state store: {0}")]
+    Store(#[source] hutch_store::kv::StoreError),
 }
 
 impl ApiError {
@@ -44,6 +47,7 @@ impl ApiError {
             ApiError::Capacity(_) => "insufficient_capacity",
             ApiError::Internal(_) => "internal",
             ApiError::TooLarge(_) => "payload_too_large",
+            ApiError::Store(_) => "internal",
         }
     }
 
@@ -59,6 +63,7 @@ impl ApiError {
             ApiError::Capacity(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -80,20 +85,13 @@ impl IntoResponse for ApiError {
     }
 }
 
-impl From<hutch_store::StoreError> for ApiError {
-    fn from(e: hutch_store::StoreError) -> Self {
+impl From<hutch_store::kv::StoreError> for ApiError {
+    fn from(e: hutch_store::kv::StoreError) -> Self {
         match e {
-            // A VM key is `account/name`: the caller knows only its name.
-            hutch_store::StoreError::Exists { table, key } => ApiError::Conflict(format!(
-                "{} {:?} already exists",
-                table.trim_end_matches('s'),
-                key.rsplit('/').next().unwrap_or(&key)
+            hutch_store::kv::StoreError::Contended { .. } => ApiError::Conflict(format!(
+                "{e}; another change to the same record kept winning, try again"
             )),
-            hutch_store::StoreError::NotFound { table, key } => ApiError::NotFound {
-                kind: if table == "vms" { "sandbox" } else { "image" },
-                name: key,
-            },
-            other => ApiError::Internal(other.to_string()),
+            other => ApiError::Store(other),
         }
     }
 }

@@ -1,11 +1,19 @@
-//! The live stream of lifecycle events (`hutch events`, `GET /api/v1/events`): every state
-//! change the state machine makes is published here once, after it is persisted.
+//! The live stream of lifecycle events (`hutch events`, `GET /api/v1/events`). Events are not
+//! published by the code that changes VMs: one task follows the store's watch on `vms/` and
+//! turns every change of a VM's state into an event, so whatever writes a record (the control
+//! plane, the node runtime, later another node of a cluster) is seen the same way, in revision
+//! order, once.
 //!
-//! Subscribers get events from the moment they subscribe; one that falls more than
-//! [`BUFFER`] events behind is told how many it missed (it never slows the publisher).
+//! Subscribers get events from the moment they subscribe; one that falls more than [`BUFFER`]
+//! events behind is told how many it missed (it never slows the feed).
 
-use hutch_core::{Event, Vm, VmEvent, VmState};
+use crate::records::VMS;
+use crate::service::Service;
+use hutch_core::{Vm, VmEvent, VmState};
+use hutch_store::kv::{EventKind, StoreError};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use tokio::sync::broadcast;
 
 /// Events a subscriber may fall behind by before it misses some.
@@ -33,16 +41,25 @@ fn now_ms() -> u64 {
 }
 
 impl EventBus {
-    /// Publishes the transition of `vm` (its record after the change) from `from` by `event`.
-    pub fn transition(&self, vm: &Vm, from: VmState, event: &Event) {
+    /// Publishes what `vm` (its record now) going from `prev` (None: just created) means.
+    pub fn change(&self, prev: Option<&Vm>, vm: &Vm) {
+        let Some(prev) = prev else {
+            return; // `creating`: announced as `created` once it runs
+        };
+        if prev.state == vm.state {
+            return;
+        }
+        if vm.state == VmState::Starting && vm.restarts > prev.restarts {
+            self.publish(vm, "restarting", prev.reason.clone());
+        }
         self.publish(
             vm,
-            VmEvent::kind_of(from, event, vm.state),
+            VmEvent::kind_of(prev.state, vm.state),
             vm.reason.clone(),
         );
     }
 
-    /// Publishes an event that is not a transition (created, deleted, restarting).
+    /// Publishes one event about `vm`.
     pub fn publish(&self, vm: &Vm, kind: &str, reason: Option<String>) {
         let e = VmEvent {
             seq: self.seq.fetch_add(1, Ordering::Relaxed) + 1,
@@ -64,27 +81,110 @@ impl EventBus {
     }
 }
 
+/// Follows the store's `vms/` watch for as long as the service lives (list, then watch from
+/// the list's revision; after a compaction or a lost connection, again).
+pub fn follow(s: Arc<Service>) {
+    let weak = Arc::downgrade(&s);
+    drop(s);
+    tokio::spawn(async move {
+        loop {
+            let Some(s) = weak.upgrade() else { return };
+            let kv = s.records.kv().clone();
+            drop(s);
+            let snap = match kv.range(VMS).await {
+                Ok(snap) => snap,
+                Err(e) => {
+                    tracing::warn!(error = %e, "event feed: listing VMs");
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            let mut known: HashMap<String, Vm> = snap
+                .kvs
+                .iter()
+                .filter_map(|kv| serde_json::from_slice::<Vm>(&kv.value).ok())
+                .map(|v| (v.id.clone(), v))
+                .collect();
+            let mut w = match kv.watch(VMS, snap.revision).await {
+                Ok(w) => w,
+                Err(e) => {
+                    tracing::warn!(error = %e, "event feed: watching VMs");
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            loop {
+                let ev = match w.next().await {
+                    Ok(ev) => ev,
+                    Err(StoreError::Compacted { .. }) => break,
+                    Err(StoreError::Closed) => return,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "event feed");
+                        break;
+                    }
+                };
+                let Some(s) = weak.upgrade() else { return };
+                let id = ev.key[VMS.len()..].to_string();
+                match ev.kind {
+                    EventKind::Put => {
+                        let Some(vm) = ev
+                            .value
+                            .as_deref()
+                            .and_then(|b| serde_json::from_slice::<Vm>(b).ok())
+                        else {
+                            continue;
+                        };
+                        let prev = known.insert(id, vm.clone());
+                        s.events.change(prev.as_ref(), &vm);
+                    }
+                    EventKind::Delete => {
+                        if let Some(prev) = known.remove(&id) {
+                            s.events.publish(&prev, "deleted", None);
+                        }
+                    }
+                }
+            }
+        }
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn subscribers_get_events_in_order_and_lag_is_reported() {
+    async fn changes_become_events_in_order_and_lag_is_reported() {
         let bus = EventBus::default();
         let mut early = bus.subscribe();
-        let vm: Vm = serde_json::from_value(serde_json::json!({
+        let mut vm: Vm = serde_json::from_value(serde_json::json!({
             "id": "abc", "name": "web", "image": "busybox", "image_digest": "sha256:00",
-            "vcpus": 1, "mem_mib": 64, "disk_gib": 1, "state": "running", "reason": null,
+            "vcpus": 1, "mem_mib": 64, "disk_gib": 1, "state": "creating", "reason": null,
             "pid": null, "accel": null, "created_at": 0, "started_at": null, "boot_ms": null,
             "kernel": null
         }))
         .unwrap();
-        bus.transition(&vm, VmState::Starting, &Event::Booted);
+        bus.change(None, &vm);
+        let creating = vm.clone();
+        vm.state = VmState::Running;
+        bus.change(Some(&creating), &vm);
+        bus.change(Some(&vm.clone()), &vm); // no state change: no event
+        let running = vm.clone();
+        vm.state = VmState::Failed;
+        vm.reason = Some("killed".into());
+        bus.change(Some(&running), &vm);
+        let failed = vm.clone();
+        vm.state = VmState::Starting;
+        vm.restarts = 1;
+        bus.change(Some(&failed), &vm);
         bus.publish(&vm, "deleted", None);
-        let a = early.recv().await.unwrap();
-        let b = early.recv().await.unwrap();
-        assert_eq!((a.kind.as_str(), a.seq), ("started", 1));
-        assert_eq!((b.kind.as_str(), b.seq), ("deleted", 2));
+        let mut kinds = Vec::new();
+        while let Ok(e) = early.try_recv() {
+            kinds.push(e.kind);
+        }
+        assert_eq!(
+            kinds,
+            ["created", "failed", "restarting", "starting", "deleted"]
+        );
         for _ in 0..BUFFER + 5 {
             bus.publish(&vm, "stopped", None);
         }

@@ -6,26 +6,19 @@ pub mod api;
 #[cfg(test)]
 mod api_tests;
 pub mod auth;
-pub mod confine;
-pub mod console;
 pub mod crash;
 pub mod error;
 pub mod events;
-pub mod files;
-pub mod image_ops;
-pub mod manager;
 pub mod metrics;
+pub mod node;
 pub mod ops_api;
-pub mod rebuild;
 pub mod records;
-pub mod recover;
-pub mod restart;
 pub mod secrets;
+pub mod service;
 pub mod sftp;
 pub mod ssh;
 pub mod stream_api;
 pub mod tcp;
-pub mod tenancy;
 
 use hutch_vmm::{AccelChoice, Vmm};
 use std::path::{Path, PathBuf};
@@ -54,9 +47,9 @@ pub struct DaemonConfig {
     /// The SSH front door (None: off).
     pub ssh: Option<ssh::SshOptions>,
     /// Per-account quotas and host admission control.
-    pub admission: tenancy::Admission,
+    pub admission: service::Admission,
     /// Confine every QEMU (own uid, chroot, cgroup); None: `--jail off`.
-    pub jail: Option<confine::JailOptions>,
+    pub jail: Option<node::JailOptions>,
     /// Largest upload (file PUT, image archive) in bytes; 413 beyond.
     pub max_upload_bytes: u64,
 }
@@ -68,7 +61,7 @@ pub enum DaemonError {
     #[error(transparent)]
     Guest(#[from] hutch_guest::GuestError),
     #[error(transparent)]
-    Store(#[from] hutch_store::StoreError),
+    Store(#[from] hutch_store::kv::StoreError),
     #[error(transparent)]
     Image(#[from] hutch_image::ImageError),
     #[error(transparent)]
@@ -135,8 +128,8 @@ pub fn api_token(data_dir: &Path) -> Result<String, DaemonError> {
     Ok(String::from_utf8_lossy(&t).trim().to_string())
 }
 
-/// Prepares everything and returns the manager (used by `run` and by tests).
-pub async fn prepare(cfg: &DaemonConfig) -> Result<Arc<manager::Manager>, DaemonError> {
+/// Prepares everything and returns the service (used by `run` and by tests).
+pub async fn prepare(cfg: &DaemonConfig) -> Result<Arc<service::Service>, DaemonError> {
     std::fs::create_dir_all(&cfg.data_dir)
         .map_err(|e| setup(format!("creating {}: {e}", cfg.data_dir.display())))?;
     std::fs::set_permissions(
@@ -165,7 +158,7 @@ pub async fn prepare(cfg: &DaemonConfig) -> Result<Arc<manager::Manager>, Daemon
     let bundle = hutch_guest::ensure_bundle(&cache, &kernel, &agent)?;
     tracing::info!(kernel = %bundle.kernel.display(), initrd = %bundle.initrd.display(), "guest boot bundle");
     let state = cfg.data_dir.join("state.redb");
-    let store = hutch_store::Store::open(&state).map_err(|e| {
+    let kv = hutch_store::kv::RedbStore::open(&state).map_err(|e| {
         setup(format!(
             "the state store {} cannot be opened: {e}. If another hutchd uses this data dir, stop \
              it. If the file is corrupt, move it aside (mv {0} {0}.broken), start hutchd again and \
@@ -173,6 +166,10 @@ pub async fn prepare(cfg: &DaemonConfig) -> Result<Arc<manager::Manager>, Daemon
             state.display()
         ))
     })?;
+    let kv: Arc<dyn hutch_store::kv::Store> = Arc::new(kv);
+    let records = records::Records::open(kv)
+        .await
+        .map_err(|e| setup(format!("the state store {}: {e}", state.display())))?;
     let mut images = hutch_image::ImageStore::open(&cfg.data_dir.join("images"))?;
     images.limits = cfg.layer_limits;
     let jail = match &cfg.jail {
@@ -189,7 +186,7 @@ pub async fn prepare(cfg: &DaemonConfig) -> Result<Arc<manager::Manager>, Daemon
         }
     };
     let vmm: Arc<dyn Vmm> = Arc::new(hutch_vmm::Qemu::new(cfg.qemu.clone(), jail));
-    let node = manager::NodeConfig {
+    let node_cfg = node::NodeConfig {
         data_dir: cfg.data_dir.clone(),
         bundle,
         accel,
@@ -202,16 +199,26 @@ pub async fn prepare(cfg: &DaemonConfig) -> Result<Arc<manager::Manager>, Daemon
         qemu_version: format!("{}.{}.{}", qv.0, qv.1, qv.2),
     };
     let tokens = auth::Tokens::load_or_create(&cfg.data_dir).map_err(setup)?;
-    let mut m = manager::Manager::new(node, store, images, vmm, tokens);
-    m.admission = cfg.admission;
-    let m = Arc::new(m);
+    let node = Arc::new(node::Node::new(
+        node_cfg,
+        records,
+        Arc::new(images),
+        vmm,
+        Arc::new(node::SocketConnector),
+        Arc::default(),
+    ));
+    let m = Arc::new(service::Service::new(node, tokens, cfg.admission));
     // Make the default writable-disk template now, not inside the first create.
-    let (m2, gib) = (m.clone(), cfg.default_disk_gib);
-    tokio::task::spawn_blocking(move || m2.disk_template(gib))
+    let (n2, gib) = (m.node.clone(), cfg.default_disk_gib);
+    tokio::task::spawn_blocking(move || n2.disk_template(gib))
         .await
         .map_err(setup)?
         .map_err(|e| setup(format!("creating the disk template: {e}")))?;
-    m.reattach()
+    // The event feed and the restart reconciler start before re-attaching, so the VMs that
+    // the re-attach finds dead are restarted by their policy.
+    m.start_background();
+    m.node
+        .reattach()
         .await
         .map_err(|e| setup(format!("re-attaching VMs: {e}")))?;
     Ok(m)
@@ -232,8 +239,7 @@ pub async fn run(mut cfg: DaemonConfig) -> Result<(), DaemonError> {
     tokio::spawn(async move {
         loop {
             tokio::time::sleep(Duration::from_secs(10)).await;
-            let m = bg.clone();
-            let _ = tokio::task::spawn_blocking(move || m.trim_consoles()).await;
+            bg.node.trim_consoles().await;
         }
     });
 
@@ -261,7 +267,7 @@ pub async fn run(mut cfg: DaemonConfig) -> Result<(), DaemonError> {
                         Some(t) if constant_eq(t.as_bytes(), token.as_bytes()) => {
                             Some(auth::Caller::local_admin())
                         }
-                        Some(t) => mt.tokens.verify(&mt.store, &t),
+                        Some(t) => mt.verify_token(&t).await,
                         None => None,
                     };
                     match caller {

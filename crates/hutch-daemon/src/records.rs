@@ -58,12 +58,11 @@ impl Records {
     /// Opens the records on `kv`, migrating an older schema; refuses a newer one.
     pub async fn open(kv: Arc<dyn Store>) -> Result<Records, StoreError> {
         let r = Records { kv };
-        let version = r
-            .kv
-            .get_json::<u64>(META_SCHEMA)
-            .await?
-            .map(|v| v.value)
-            .unwrap_or(0);
+        let version =
+            r.kv.get_json::<u64>(META_SCHEMA)
+                .await?
+                .map(|v| v.value)
+                .unwrap_or(0);
         if version > SCHEMA {
             return Err(StoreError::Schema {
                 found: version,
@@ -177,8 +176,12 @@ impl Records {
         value: &T,
     ) -> Result<bool, StoreError> {
         let k = format!("{prefix}{key}");
-        self.commit(Txn::new().when(Compare::Absent(k.clone())).put_json(k, value)?)
-            .await
+        self.commit(
+            Txn::new()
+                .when(Compare::Absent(k.clone()))
+                .put_json(k, value)?,
+        )
+        .await
     }
 
     /// Removes a record; returns whether it existed (of concurrent removals, one sees true).
@@ -213,11 +216,7 @@ impl Records {
 
     /// The VM stored under `vm_key` (`alice/web`, or `web` for the admin's).
     pub async fn vm(&self, vm_key: &str) -> Result<Option<Vm>, StoreError> {
-        let Some(id) = self
-            .kv
-            .get_json::<String>(&name_key_of(vm_key))
-            .await?
-        else {
+        let Some(id) = self.kv.get_json::<String>(&name_key_of(vm_key)).await? else {
             return Ok(None);
         };
         self.vm_by_id(&id.value).await
@@ -361,7 +360,11 @@ mod tests {
         assert!(kv.get("tokens/t1").await.unwrap().is_some());
         let rev = kv.revision().await.unwrap();
         Records::open(kv.clone()).await.unwrap();
-        assert_eq!(kv.revision().await.unwrap(), rev, "a second open changes nothing");
+        assert_eq!(
+            kv.revision().await.unwrap(),
+            rev,
+            "a second open changes nothing"
+        );
         // A newer schema is refused.
         kv.txn(Txn::new().put_json(META_SCHEMA, &(SCHEMA + 1)).unwrap())
             .await

@@ -8,10 +8,10 @@
 //! session holds at most [`MAX_HANDLES`] handles, at most [`MAX_DIRS`] of them directories
 //! (each keeps its listing until read), so a client that never closes them is bounded too.
 
-use crate::agent::{within, Agent, AgentClient, AgentError, DirPage as AgentPage, ErrorCode};
+use crate::agent::{within, Agent, AgentError, DirPage as AgentPage, ErrorCode};
 use crate::error::ApiError;
-use crate::files::{checked_end, ANSWER_TIMEOUT};
-use crate::manager::Manager;
+use crate::service::files::{checked_end, ANSWER_TIMEOUT};
+use crate::service::Service;
 use futures_util::future::BoxFuture;
 use hutch_proto::FileAttr;
 use russh_sftp::protocol::{
@@ -53,16 +53,18 @@ struct DirPage {
 }
 
 pub struct VmSftp {
-    m: Arc<Manager>,
+    m: Arc<Service>,
+    caller: crate::auth::Caller,
     vm: String,
     handles: HashMap<String, Open>,
     next: u64,
 }
 
 impl VmSftp {
-    pub fn new(m: Arc<Manager>, vm: String) -> VmSftp {
+    pub fn new(m: Arc<Service>, caller: crate::auth::Caller, vm: String) -> VmSftp {
         VmSftp {
             m,
+            caller,
             vm,
             handles: HashMap::new(),
             next: 1,
@@ -92,8 +94,8 @@ impl VmSftp {
     }
 
     /// The VM's agent, looked up for every request (the VM may have stopped meanwhile).
-    fn agent(&self) -> Result<Arc<AgentClient>, StatusReply> {
-        self.m.agent(&self.vm).map_err(code)
+    async fn agent(&self) -> Result<Arc<dyn Agent>, StatusReply> {
+        self.m.agent(&self.caller, &self.vm).await.map_err(code)
     }
 
     /// The agent's answer within [`ANSWER_TIMEOUT`], its errors as SFTP statuses.
@@ -106,7 +108,7 @@ impl VmSftp {
     /// Entries of directory `path` from position `skip` on, one agent page (the agent client
     /// refuses a page that claims more but does not advance).
     async fn dir_page(&self, path: &str, skip: u64) -> Result<DirPage, StatusReply> {
-        let a = self.agent()?;
+        let a = self.agent().await?;
         let AgentPage {
             entries,
             more,
@@ -127,7 +129,7 @@ impl VmSftp {
     }
 
     async fn guest_stat(&self, path: &str, follow: bool) -> Result<FileAttr, StatusReply> {
-        let a = self.agent()?;
+        let a = self.agent().await?;
         self.ask(a.stat(path, follow)).await
     }
 
@@ -139,7 +141,7 @@ impl VmSftp {
         offset: Option<u64>,
         data: &[u8],
     ) -> Result<(), StatusReply> {
-        let a = self.agent()?;
+        let a = self.agent().await?;
         let mut w = a
             .write_file(path, mode, offset)
             .map_err(|e| agent_status(&self.vm, e))?;
@@ -298,7 +300,7 @@ impl russh_sftp::server::Handler for VmSftp {
         let len = len.min(MAX_IO);
         checked_end(offset, u64::from(len)).map_err(code)?;
         let path = self.file(&handle)?.to_string();
-        let a = self.agent()?;
+        let a = self.agent().await?;
         let mut r = a
             .read_file(&path, offset, Some(u64::from(len)))
             .map_err(|e| agent_status(&self.vm, e))?;
@@ -367,7 +369,7 @@ impl russh_sftp::server::Handler for VmSftp {
         attrs: FileAttributes,
     ) -> Result<Status, Self::Error> {
         if let Some(p) = attrs.permissions {
-            let a = self.agent()?;
+            let a = self.agent().await?;
             self.ask(a.chmod(&abs(&path), p)).await?;
         }
         Ok(Self::ok(id))
@@ -381,7 +383,7 @@ impl russh_sftp::server::Handler for VmSftp {
     ) -> Result<Status, Self::Error> {
         let path = self.file(&handle)?.to_string();
         if let Some(p) = attrs.permissions {
-            let a = self.agent()?;
+            let a = self.agent().await?;
             self.ask(a.chmod(&path, p)).await?;
         }
         Ok(Self::ok(id))
@@ -421,7 +423,7 @@ impl russh_sftp::server::Handler for VmSftp {
     }
 
     async fn remove(&mut self, id: u32, filename: String) -> Result<Status, Self::Error> {
-        let a = self.agent()?;
+        let a = self.agent().await?;
         self.ask(a.remove(&abs(&filename))).await?;
         Ok(Self::ok(id))
     }
@@ -433,20 +435,20 @@ impl russh_sftp::server::Handler for VmSftp {
         attrs: FileAttributes,
     ) -> Result<Status, Self::Error> {
         let mode = attrs.permissions.unwrap_or(0o755);
-        let a = self.agent()?;
+        let a = self.agent().await?;
         self.ask(a.mkdir(&abs(&path), mode)).await?;
         Ok(Self::ok(id))
     }
 
     async fn rmdir(&mut self, id: u32, path: String) -> Result<Status, Self::Error> {
-        let a = self.agent()?;
+        let a = self.agent().await?;
         self.ask(a.rmdir(&abs(&path))).await?;
         Ok(Self::ok(id))
     }
 
     async fn realpath(&mut self, id: u32, path: String) -> Result<Name, Self::Error> {
         let p = abs(&path);
-        let a = self.agent()?;
+        let a = self.agent().await?;
         let real = self.ask(a.realpath(&p)).await.unwrap_or(p);
         let file = File {
             filename: real.clone(),
@@ -465,13 +467,13 @@ impl russh_sftp::server::Handler for VmSftp {
         oldpath: String,
         newpath: String,
     ) -> Result<Status, Self::Error> {
-        let a = self.agent()?;
+        let a = self.agent().await?;
         self.ask(a.rename(&abs(&oldpath), &abs(&newpath))).await?;
         Ok(Self::ok(id))
     }
 
     async fn readlink(&mut self, id: u32, path: String) -> Result<Name, Self::Error> {
-        let a = self.agent()?;
+        let a = self.agent().await?;
         let path = self.ask(a.readlink(&abs(&path))).await?;
         let file = File {
             filename: path.clone(),
@@ -490,7 +492,7 @@ impl russh_sftp::server::Handler for VmSftp {
         linkpath: String,
         targetpath: String,
     ) -> Result<Status, Self::Error> {
-        let a = self.agent()?;
+        let a = self.agent().await?;
         self.ask(a.symlink(&targetpath, &abs(&linkpath))).await?;
         Ok(Self::ok(id))
     }

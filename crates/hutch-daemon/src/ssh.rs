@@ -16,10 +16,9 @@ pub use signup::Signup;
 
 use crate::agent::{AgentError, ExecEvent, ExecHandle};
 use crate::auth::Caller;
-use crate::manager::{CreateVm, ExecVm, Manager};
+use crate::service::{CreateVm, ExecVm, Service};
 use hutch_core::{mib, Account, Vm, VmState};
 use hutch_proto::TtySize;
-use hutch_store::ACCOUNTS;
 use russh::keys::ssh_key::private::{Ed25519Keypair, KeypairData};
 use russh::keys::{HashAlg, PrivateKey, PublicKey};
 use russh::server::{self, Auth, Msg, Session};
@@ -107,40 +106,31 @@ pub fn parse_keys(text: &str) -> Result<Vec<PublicKey>, String> {
     Ok(out)
 }
 
-fn account_of(m: &Manager, fp: &str) -> Option<Account> {
-    let accounts: Vec<Account> = m.store.list(ACCOUNTS).ok()?;
-    accounts.into_iter().find(|a| {
-        a.keys.iter().any(|k| {
-            PublicKey::from_openssh(k)
-                .map(|p| fingerprint(&p) == fp)
-                .unwrap_or(false)
-        })
-    })
+/// The fingerprint of an OpenSSH public key line.
+fn line_fingerprint(line: &str) -> Option<String> {
+    PublicKey::from_openssh(line).ok().map(|k| fingerprint(&k))
+}
+
+async fn account_of(m: &Service, fp: &str) -> Option<Account> {
+    m.account_by_key(fp, line_fingerprint).await.ok()?
 }
 
 /// Makes the admin account's keys those of the admin keys file.
-pub fn sync_admin(m: &Manager, file: &Path) -> Result<usize, crate::DaemonError> {
+pub async fn sync_admin(m: &Service, file: &Path) -> Result<usize, crate::DaemonError> {
     let text = std::fs::read_to_string(file)
         .map_err(|e| err(format!("admin keys {}: {e}", file.display())))?;
     let keys = parse_keys(&text).map_err(|e| err(format!("admin keys {}: {e}", file.display())))?;
     let lines: Vec<String> = keys.iter().filter_map(|k| k.to_openssh().ok()).collect();
-    let acc = Account {
-        name: "admin".into(),
-        admin: true,
-        keys: lines,
-        created_at: hutch_core::now(),
-        quota: None,
-    };
-    m.store
-        .put(ACCOUNTS, "admin", &acc)
+    m.set_admin_keys(lines)
+        .await
         .map_err(|e| err(e.to_string()))?;
     Ok(keys.len())
 }
 
-pub async fn serve(m: Arc<Manager>, opts: SshOptions) -> Result<(), crate::DaemonError> {
-    let key = host_key(&m.cfg.data_dir.join("ssh_host_ed25519_key"))?;
+pub async fn serve(m: Arc<Service>, opts: SshOptions) -> Result<(), crate::DaemonError> {
+    let key = host_key(&m.cfg().data_dir.join("ssh_host_ed25519_key"))?;
     if let Some(f) = &opts.admin_keys {
-        let n = sync_admin(&m, f)?;
+        let n = sync_admin(&m, f).await?;
         tracing::info!(keys = n, file = %f.display(), "admin keys loaded");
     }
     let config = server::Config {
@@ -255,7 +245,7 @@ pub struct Conn {
     /// Held until the login succeeds.
     slot: Option<PendingSlot>,
     authed: Arc<AtomicBool>,
-    m: Arc<Manager>,
+    m: Arc<Service>,
     host: String,
     port: u16,
     peer: Option<SocketAddr>,
@@ -272,10 +262,10 @@ pub struct Conn {
 }
 
 /// One logged-in SSH connection in `hutch_ssh_sessions`; uncounted when dropped.
-struct SessionCount(Arc<Manager>);
+struct SessionCount(Arc<Service>);
 
 impl SessionCount {
-    fn new(m: &Arc<Manager>) -> SessionCount {
+    fn new(m: &Arc<Service>) -> SessionCount {
         m.metrics.ssh_sessions.fetch_add(1, Ordering::Relaxed);
         m.metrics.ssh_sessions_total.fetch_add(1, Ordering::Relaxed);
         SessionCount(m.clone())
@@ -342,8 +332,8 @@ impl Conn {
     }
 
     /// The VM `name` means for this account (its own namespace; see tenancy.rs).
-    fn find(&self, name: &str) -> Option<Vm> {
-        self.m.vm_for(&self.caller(), name).ok()
+    async fn find(&self, name: &str) -> Option<Vm> {
+        self.m.vm_for(&self.caller(), name).await.ok()
     }
 
     fn connect_line(&self, name: &str) -> String {
@@ -389,14 +379,14 @@ impl Conn {
     }
 
     /// Runs `argv` in the VM the user logged into, wiring the channel to the agent stream.
-    fn vm_exec(
+    async fn vm_exec(
         &mut self,
         ch: ChannelId,
         argv: Vec<String>,
         session: &mut Session,
     ) -> Result<(), russh::Error> {
         let name = self.user.clone();
-        let Some(vm) = self.find(&name) else {
+        let Some(vm) = self.find(&name).await else {
             return self.finish(ch, Out::fail(format!("{name}: no such VM")), session);
         };
         if vm.state != VmState::Running {
@@ -408,6 +398,7 @@ impl Conn {
             );
             return self.finish(ch, Out::fail(msg), session);
         }
+        let caller = self.caller();
         let c = self.chans.entry(ch).or_default();
         let mut env = HashMap::new();
         if c.pty.is_some() {
@@ -427,7 +418,7 @@ impl Conn {
             stream_stdin: true,
             ..Default::default()
         };
-        let mut stream = match self.m.exec(&vm.key(), req) {
+        let mut stream = match self.m.exec(&caller, &name, req).await {
             Ok(x) => x,
             Err(e) => return self.finish(ch, Out::fail(e.to_string()), session),
         };
@@ -469,8 +460,8 @@ impl Conn {
         Ok(())
     }
 
-    fn is_vm_user(&self) -> bool {
-        self.account.is_some() && self.find(&self.user).is_some()
+    async fn is_vm_user(&self) -> bool {
+        self.account.is_some() && self.find(&self.user).await.is_some()
     }
 }
 
@@ -484,7 +475,9 @@ impl server::Handler for Conn {
     ) -> Result<Auth, Self::Error> {
         // Unknown keys are refused before the client proves it holds them, and counted
         // (unless unknown keys may sign up).
-        if account_of(&self.m, &fingerprint(offer.public_key)).is_some()
+        if account_of(&self.m, &fingerprint(offer.public_key))
+            .await
+            .is_some()
             || self.signup != Signup::Closed
         {
             return Ok(Auth::Accept);
@@ -501,7 +494,7 @@ impl server::Handler for Conn {
         key: server::VerifiedPublicKey<'_>,
     ) -> Result<Auth, Self::Error> {
         let fp = fingerprint(key.public_key);
-        let known = account_of(&self.m, &fp);
+        let known = account_of(&self.m, &fp).await;
         let line = key.public_key.to_openssh().unwrap_or_default();
         let known = match (known, self.signup) {
             (Some(acc), _) => Some(acc),
@@ -510,7 +503,13 @@ impl server::Handler for Conn {
                     tracing::warn!(peer = ?self.peer, "ssh sign-up refused: too many from this address");
                     None
                 }
-                _ => self.make_account(&signup::name_for(&fp), &line).ok(),
+                _ => {
+                    let acc = self.m.sign_up(&signup::name_for(&fp), &line).await.ok();
+                    if let Some(a) = &acc {
+                        tracing::info!(account = %a.name, peer = ?self.peer, "ssh sign-up");
+                    }
+                    acc
+                }
             },
             (None, Signup::Invite) => {
                 tracing::info!(%fp, peer = ?self.peer, "ssh login of a key without an account (may redeem an invite)");
@@ -618,12 +617,14 @@ impl server::Handler for Conn {
     ) -> Result<(), Self::Error> {
         session.channel_success(ch)?;
         if self.account.is_none() {
-            let out = self.unknown_key_command(&[]);
+            let out = self.unknown_key_command(&[]).await;
             return self.finish(ch, out, session);
         }
-        if self.is_vm_user() {
+        if self.is_vm_user().await {
             let sh = "if [ -x /bin/bash ]; then exec /bin/bash -l; fi; exec /bin/sh -l";
-            return self.vm_exec(ch, vec!["/bin/sh".into(), "-c".into(), sh.into()], session);
+            return self
+                .vm_exec(ch, vec!["/bin/sh".into(), "-c".into(), sh.into()], session)
+                .await;
         }
         let out = self.control(vec!["help".into()], &[]).await;
         self.finish(ch, out, session)
@@ -638,8 +639,10 @@ impl server::Handler for Conn {
         session.channel_success(ch)?;
         self.chans.entry(ch).or_default().channel = None;
         let line = String::from_utf8_lossy(data).to_string();
-        if self.is_vm_user() {
-            return self.vm_exec(ch, vec!["/bin/sh".into(), "-c".into(), line], session);
+        if self.is_vm_user().await {
+            return self
+                .vm_exec(ch, vec!["/bin/sh".into(), "-c".into(), line], session)
+                .await;
         }
         let args = match shell_words::split(&line) {
             Ok(a) => a,
@@ -648,7 +651,7 @@ impl server::Handler for Conn {
             }
         };
         if self.account.is_none() {
-            let out = self.unknown_key_command(&args);
+            let out = self.unknown_key_command(&args).await;
             return self.finish(ch, out, session);
         }
         let reads_stdin = matches!(args.first().map(String::as_str), Some("adduser"))
@@ -670,16 +673,16 @@ impl server::Handler for Conn {
     ) -> Result<(), Self::Error> {
         let channel = self.chans.get_mut(&ch).and_then(|c| c.channel.take());
         match (name, channel) {
-            ("sftp", Some(channel)) if self.is_vm_user() => {
-                let vm = match self.find(&self.user) {
-                    Some(v) if v.state == VmState::Running => v.key(),
+            ("sftp", Some(channel)) if self.is_vm_user().await => {
+                let vm = match self.find(&self.user).await {
+                    Some(v) if v.state == VmState::Running => self.user.clone(),
                     _ => {
                         session.channel_failure(ch)?;
                         return Ok(());
                     }
                 };
                 session.channel_success(ch)?;
-                let sftp = crate::sftp::VmSftp::new(self.m.clone(), vm);
+                let sftp = crate::sftp::VmSftp::new(self.m.clone(), self.caller(), vm);
                 // The SFTP server runs on one end of a pipe; this task carries the other end to
                 // the channel and, when both sides are done, reports success (scp checks it).
                 let (ours, theirs) = tokio::io::duplex(256 * 1024);

@@ -13,10 +13,10 @@
 
 use crate::agent::{within, AgentError, ExecEvent};
 use crate::api::AppState;
-use crate::api::{ApiQuery, VmKey};
+use crate::api::{ApiQuery, VmRef};
 use crate::error::ApiError;
-use crate::files::ANSWER_TIMEOUT;
-use crate::manager::ExecVm;
+use crate::service::files::ANSWER_TIMEOUT;
+use crate::service::ExecVm;
 use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, Method};
@@ -67,7 +67,7 @@ pub async fn body_limits(
 ) -> Response {
     let limit = match body_kind(req.method(), req.uri().path(), content_type(req.headers())) {
         BodyKind::Json => Some(JSON_LIMIT as u64),
-        BodyKind::Upload => Some(m.cfg.max_upload_bytes),
+        BodyKind::Upload => Some(m.cfg().max_upload_bytes),
         BodyKind::Stream => None,
     };
     let declared = req
@@ -130,7 +130,7 @@ async fn exec_head(
 /// Runs a process; the response is NDJSON events: started, stdout/stderr (base64), exit.
 pub async fn exec_vm(
     State(m): State<AppState>,
-    VmKey(name): VmKey,
+    VmRef { caller, name }: VmRef,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
@@ -143,7 +143,7 @@ pub async fn exec_vm(
             ));
         }
         req.stream_stdin = true;
-        let stream = m.exec(&name, req)?;
+        let stream = m.exec(&caller, &name, req).await?;
         let h = stream.handle();
         // Stdin goes to the guest only as fast as the process takes it; the client's upload
         // waits meanwhile. Ends with the body (EOF) or with the process.
@@ -162,59 +162,68 @@ pub async fn exec_vm(
         stream
     } else {
         let req: ExecVm = json_body(body).await?;
-        m.exec(&name, req)?
+        m.exec(&caller, &name, req).await?
     };
     // The state: the stream (None once ended) and whether it has answered yet.
-    let events = futures_util::stream::unfold(Some((stream, false)), |st| async move {
-        let b64 = base64::engine::general_purpose::STANDARD;
-        let (mut stream, started) = st?;
-        let ev = if started {
-            stream.next().await
-        } else {
-            within(ANSWER_TIMEOUT, stream.next()).await
-        };
-        let (v, end) = match ev {
-            Ok(Some(ExecEvent::Started { pid })) => (json!({"type": "started", "pid": pid}), false),
-            Ok(Some(ExecEvent::Stdout(b))) => {
-                (json!({"type": "stdout", "data": b64.encode(&b)}), false)
-            }
-            Ok(Some(ExecEvent::Stderr(b))) => {
-                (json!({"type": "stderr", "data": b64.encode(&b)}), false)
-            }
-            Ok(Some(ExecEvent::Exited {
-                code,
-                signal,
-                timed_out,
-            })) => (
-                json!({"type": "exit", "code": code, "signal": signal, "timed_out": timed_out}),
-                true,
-            ),
-            // Only after the exit, which ended the stream already.
-            Ok(None) => return None,
-            Err(AgentError::Guest { code, message }) => (
-                json!({"type": "error", "code": code.as_str(), "message": message}),
-                true,
-            ),
-            Err(e @ AgentError::Proto(_)) => (
-                json!({"type": "error", "code": "protocol", "message": e.to_string()}),
-                true,
-            ),
-            Err(e) => {
-                let message = if started {
-                    e.to_string()
-                } else {
-                    format!("the process did not start: {e}")
-                };
-                let ev = json!({"type": "error", "code": "agent_lost", "message": message});
-                (ev, true)
-            }
-        };
-        // Dropping an unfinished stream (the client went away) cancels it: the agent kills the
-        // process.
-        Some((
-            Ok::<_, std::convert::Infallible>(line(v)),
-            (!end).then_some((stream, true)),
-        ))
+    let (metrics, t0) = (m.metrics.clone(), std::time::Instant::now());
+    let events = futures_util::stream::unfold(Some((stream, false)), move |st| {
+        let metrics = metrics.clone();
+        async move {
+            let b64 = base64::engine::general_purpose::STANDARD;
+            let (mut stream, started) = st?;
+            let ev = if started {
+                stream.next().await
+            } else {
+                within(ANSWER_TIMEOUT, stream.next()).await
+            };
+            let (v, end) = match ev {
+                Ok(Some(ExecEvent::Started { pid })) => {
+                    (json!({"type": "started", "pid": pid}), false)
+                }
+                Ok(Some(ExecEvent::Stdout(b))) => {
+                    (json!({"type": "stdout", "data": b64.encode(&b)}), false)
+                }
+                Ok(Some(ExecEvent::Stderr(b))) => {
+                    (json!({"type": "stderr", "data": b64.encode(&b)}), false)
+                }
+                Ok(Some(ExecEvent::Exited {
+                    code,
+                    signal,
+                    timed_out,
+                })) => {
+                    metrics.execs.observe(t0.elapsed());
+                    (
+                        json!({"type": "exit", "code": code, "signal": signal, "timed_out": timed_out}),
+                        true,
+                    )
+                }
+                // Only after the exit, which ended the stream already.
+                Ok(None) => return None,
+                Err(AgentError::Guest { code, message }) => (
+                    json!({"type": "error", "code": code.as_str(), "message": message}),
+                    true,
+                ),
+                Err(e @ AgentError::Proto(_)) => (
+                    json!({"type": "error", "code": "protocol", "message": e.to_string()}),
+                    true,
+                ),
+                Err(e) => {
+                    let message = if started {
+                        e.to_string()
+                    } else {
+                        format!("the process did not start: {e}")
+                    };
+                    let ev = json!({"type": "error", "code": "agent_lost", "message": message});
+                    (ev, true)
+                }
+            };
+            // Dropping an unfinished stream (the client went away) cancels it: the agent kills the
+            // process.
+            Some((
+                Ok::<_, std::convert::Infallible>(line(v)),
+                (!end).then_some((stream, true)),
+            ))
+        }
     });
     Ok((
         [(header::CONTENT_TYPE, "application/x-ndjson")],
@@ -237,10 +246,12 @@ pub struct FileQuery {
 /// A file's contents, streamed as the client reads them.
 pub async fn get_file(
     State(m): State<AppState>,
-    VmKey(name): VmKey,
+    VmRef { caller, name }: VmRef,
     ApiQuery(q): ApiQuery<FileQuery>,
 ) -> Result<Response, ApiError> {
-    let reader = m.open_read(&name, &q.path, q.offset, q.length).await?;
+    let reader = m
+        .open_read(&caller, &name, &q.path, q.offset, q.length)
+        .await?;
     let chunks = futures_util::stream::unfold(Some(reader), |r| async move {
         let mut r = r?;
         match r.next().await {
@@ -260,7 +271,7 @@ pub async fn get_file(
 /// Writes a file from the streamed body, up to the configured upload limit.
 pub async fn put_file(
     State(m): State<AppState>,
-    VmKey(name): VmKey,
+    VmRef { caller, name }: VmRef,
     ApiQuery(q): ApiQuery<FileQuery>,
     body: Body,
 ) -> Result<Json<Value>, ApiError> {
@@ -271,8 +282,8 @@ pub async fn put_file(
         ),
         None => None,
     };
-    let limit = m.cfg.max_upload_bytes;
-    let mut w = m.open_write(&name, &q.path, mode, None).await?;
+    let limit = m.cfg().max_upload_bytes;
+    let mut w = m.open_write(&caller, &name, &q.path, mode, None).await?;
     let mut s = body.into_data_stream();
     let mut total = 0u64;
     while let Some(chunk) = s.next().await {

@@ -28,6 +28,10 @@ pub(crate) fn fs_answer(r: Response) -> Result<FsAnswer, AgentError> {
 }
 
 impl Agent for AgentClient {
+    fn is_alive(&self) -> bool {
+        AgentClient::is_alive(self)
+    }
+
     fn exec(&self, req: ExecRequest) -> Result<ExecStream, AgentError> {
         Ok(ExecStream::new(Arc::new(self.open(&Request::Exec(req))?)))
     }

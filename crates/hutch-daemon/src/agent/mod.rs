@@ -175,6 +175,11 @@ pub trait Agent: Send + Sync {
     /// Asks the guest to stop everything and power off; returns once the agent agreed.
     fn shutdown(&self) -> BoxFuture<'_, Result<(), AgentError>>;
 
+    /// Whether the connection is up (or coming back); false once it is gone for good.
+    fn is_alive(&self) -> bool {
+        true
+    }
+
     /// `stat` (`follow`) or `lstat`.
     fn stat(&self, path: &str, follow: bool) -> BoxFuture<'_, Result<FileAttr, AgentError>> {
         let f = self.fs(FsRequest::Stat {

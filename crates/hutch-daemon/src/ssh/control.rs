@@ -1,5 +1,5 @@
 //! The control commands of the SSH front door (`ssh -p 2222 HOST COMMAND`): VMs, accounts, keys,
-//! tokens, status. Parsing and rendering only; the work is the manager's.
+//! tokens, status. Parsing and rendering only; the work (and who may do it) is the service's.
 
 use super::*;
 
@@ -9,6 +9,7 @@ impl Conn {
         let args: Vec<String> = args.into_iter().filter(|a| a != "--json").collect();
         let a: Vec<&str> = args.iter().map(String::as_str).collect();
         let not_found = |n: &str| Out::fail(format!("{n}: no such VM"));
+        let caller = self.caller();
         match a.as_slice() {
             [] | ["help"] | ["--help"] => Out::ok(
                 HELP.replace("PORT", &self.port.to_string())
@@ -24,7 +25,7 @@ impl Conn {
                 ))
             }
             ["ls"] | ["list"] => {
-                let vms: Vec<Vm> = self.m.vms_of(&self.caller()).unwrap_or_default();
+                let vms: Vec<Vm> = self.m.vms_of(&caller).await.unwrap_or_default();
                 if json {
                     return Out::ok(serde_json::to_string_pretty(&vms).unwrap_or_default() + "\n");
                 }
@@ -48,37 +49,48 @@ impl Conn {
                 }
                 Out::ok(hutch_core::table(rows))
             }
-            ["describe", n] => match self.find(n) {
+            ["describe", n] => match self.find(n).await {
                 Some(v) if json => {
                     Out::ok(serde_json::to_string_pretty(&v).unwrap_or_default() + "\n")
                 }
                 Some(v) => Out::ok(self.describe(&v)),
                 None => not_found(n),
             },
-            ["logs", n] => match self.find(n) {
-                Some(v) => Out::ok(self.m.console_tail(&v.id, 64 * 1024)),
-                None => not_found(n),
+            ["logs", n] => match self.m.console(&caller, n, 64 * 1024).await {
+                Ok(text) => Out::ok(text),
+                Err(_) => not_found(n),
             },
             [op @ ("stop" | "start" | "rm" | "destroy"), n] => {
-                let Some(vm) = self.find(n) else {
+                if self.find(n).await.is_none() {
                     return not_found(n);
-                };
-                let k = vm.key();
+                }
                 let r = match *op {
-                    "stop" => self.m.stop(&k).await.map(|_| format!("{n} stopped\n")),
-                    "start" => self.m.start(&k).await.map(|_| format!("{n} running\n")),
-                    _ => self.m.delete(&k).await.map(|_| format!("{n} deleted\n")),
+                    "stop" => self
+                        .m
+                        .stop(&caller, n)
+                        .await
+                        .map(|_| format!("{n} stopped\n")),
+                    "start" => self
+                        .m
+                        .start(&caller, n)
+                        .await
+                        .map(|_| format!("{n} running\n")),
+                    _ => self
+                        .m
+                        .delete(&caller, n)
+                        .await
+                        .map(|_| format!("{n} deleted\n")),
                 };
                 r.map(Out::ok).unwrap_or_else(|e| Out::fail(e.to_string()))
             }
             ["new", rest @ ..] => self.new_vm(rest, json).await,
             ["cp", src, rest @ ..] if rest.len() <= 1 => {
-                let Some(vm) = self.find(src) else {
+                if self.find(src).await.is_none() {
                     return not_found(src);
-                };
+                }
                 match self
                     .m
-                    .clone_vm(&vm.key(), rest.first().map(|s| s.to_string()))
+                    .clone_vm(&caller, src, rest.first().map(|s| s.to_string()))
                     .await
                 {
                     Ok(v) if json => {
@@ -88,7 +100,7 @@ impl Conn {
                     Err(e) => Out::fail(e.to_string()),
                 }
             }
-            ["status"] => match self.m.status(&self.caller()) {
+            ["status"] => match self.m.status(&caller).await {
                 Ok(st) if json => {
                     Out::ok(serde_json::to_string_pretty(&st).unwrap_or_default() + "\n")
                 }
@@ -105,33 +117,30 @@ impl Conn {
                     .collect();
                 Out::ok(lines.concat())
             }
-            ["quota", rest @ ..] => self.quota_cmd(rest, json),
-            ["keys", "add"] => self.add_keys(&self.account().name.clone(), stdin, false),
+            ["quota", rest @ ..] => self.quota_cmd(rest, json).await,
+            ["keys", "add"] => {
+                self.add_keys(&self.account().name.clone(), stdin, false)
+                    .await
+            }
             ["keys", "rm", fp] => {
-                let mut acc = self.account().clone();
-                let before = acc.keys.len();
-                acc.keys.retain(|k| {
-                    PublicKey::from_openssh(k)
-                        .map(|p| fingerprint(&p) != *fp)
-                        .unwrap_or(true)
-                });
-                if acc.keys.len() == before {
+                let line = self
+                    .account()
+                    .keys
+                    .iter()
+                    .find(|k| line_fingerprint(k).as_deref() == Some(*fp))
+                    .cloned();
+                let Some(line) = line else {
                     return Out::fail(format!("no key {fp} on this account"));
-                }
-                if acc.keys.is_empty() {
-                    return Out::fail("refusing to remove the account's last key");
-                }
-                if let Err(e) = self.m.store.put(ACCOUNTS, &acc.name, &acc) {
-                    return Out::fail(e.to_string());
-                }
-                // A removed key may have been how a token was obtained: revoke them all.
-                let mut revoked = 0;
-                for t in crate::auth::Tokens::list(&self.m.store, &acc.name) {
-                    if crate::auth::Tokens::revoke(&self.m.store, &acc.name, &t.id) {
-                        revoked += 1;
+                };
+                match self.m.remove_key(&caller, &line).await {
+                    Ok(revoked) => {
+                        if let Some(acc) = self.account.as_mut() {
+                            acc.keys.retain(|k| *k != line);
+                        }
+                        Out::ok(format!("removed {fp}; revoked {revoked} API token(s)\n"))
                     }
+                    Err(e) => Out::fail(e.to_string()),
                 }
-                Out::ok(format!("removed {fp}; revoked {revoked} API token(s)\n"))
             }
             ["token", "create", rest @ ..] => {
                 let hours = match rest {
@@ -142,18 +151,17 @@ impl Conn {
                     },
                     _ => return Out::fail("usage: token create [--ttl HOURS]"),
                 };
-                let acc = self.account().name.clone();
-                match self.m.tokens.issue(&self.m.store, &acc, hours * 3600) {
+                match self.m.issue_token(&caller, hours * 3600).await {
                     Ok((rec, jwt)) if json => Out::ok(
                         serde_json::json!({"id": rec.id, "token": jwt, "expires_at": rec.expires_at}).to_string() + "\n",
                     ),
                     Ok((rec, jwt)) => Out::ok(format!("{jwt}\n# id {} expires in {hours}h; revoke: token rm {}\n", rec.id, rec.id)),
-                    Err(e) => Out::fail(e),
+                    Err(e) => Out::fail(e.to_string()),
                 }
             }
             ["token", "ls"] => {
                 let mut rows = vec![vec!["ID".to_string(), "CREATED".into(), "EXPIRES".into()]];
-                for t in crate::auth::Tokens::list(&self.m.store, &self.account().name) {
+                for t in self.m.tokens_of(&caller).await.unwrap_or_default() {
                     rows.push(vec![
                         t.id,
                         hutch_image::rfc3339(t.created_at),
@@ -163,22 +171,14 @@ impl Conn {
                 Out::ok(hutch_core::table(rows))
             }
             ["token", "rm", id] => {
-                if crate::auth::Tokens::revoke(&self.m.store, &self.account().name, id) {
+                if self.m.revoke_token(&caller, id).await.unwrap_or(false) {
                     Out::ok(format!("revoked {id}\n"))
                 } else {
                     Out::fail(format!("no token {id} on this account"))
                 }
             }
-            ["invite", rest @ ..] => self.invite(rest),
-            ["adduser", name] => {
-                if !self.account().admin {
-                    return Out::fail("only admins can add users");
-                }
-                if hutch_core::names::validate_name(name).is_err() {
-                    return Out::fail(format!("invalid account name {name:?}"));
-                }
-                self.add_keys(name, stdin, true)
-            }
+            ["invite", rest @ ..] => self.invite(rest).await,
+            ["adduser", name] => self.add_keys(name, stdin, true).await,
             _ => Out::fail(format!(
                 "unknown command {:?}; try: ssh -p {} {} help",
                 args.join(" "),
@@ -188,43 +188,20 @@ impl Conn {
         }
     }
 
-    pub(super) fn add_keys(&self, account: &str, stdin: &[u8], create: bool) -> Out {
+    pub(super) async fn add_keys(&self, account: &str, stdin: &[u8], create: bool) -> Out {
+        if create && !self.account().admin {
+            return Out::fail("only admins can add users");
+        }
         let keys = match parse_keys(&String::from_utf8_lossy(stdin)) {
             Ok(k) => k,
             Err(e) => return Out::fail(e),
         };
-        for k in &keys {
-            if let Some(other) = account_of(&self.m, &fingerprint(k)) {
-                if other.name != account {
-                    return Out::fail(format!(
-                        "key {} already belongs to another account",
-                        fingerprint(k)
-                    ));
-                }
-            }
-        }
-        let lines: Vec<String> = keys.iter().filter_map(|k| k.to_openssh().ok()).collect();
-        let existing: Option<Account> = self.m.store.get(ACCOUNTS, account).ok().flatten();
-        let acc = match (existing, create) {
-            (Some(_), true) => return Out::fail(format!("account {account} exists")),
-            (Some(mut a), false) => {
-                for l in lines {
-                    if !a.keys.contains(&l) {
-                        a.keys.push(l);
-                    }
-                }
-                a
-            }
-            (None, _) => Account {
-                name: account.into(),
-                admin: false,
-                keys: lines,
-                created_at: hutch_core::now(),
-                quota: None,
-            },
-        };
-        match self.m.store.put(ACCOUNTS, account, &acc) {
-            Ok(()) => Out::ok(format!("account {account}: {} key(s)\n", acc.keys.len())),
+        let keys: Vec<(String, String)> = keys
+            .iter()
+            .filter_map(|k| Some((fingerprint(k), k.to_openssh().ok()?)))
+            .collect();
+        match self.m.add_keys(&self.caller(), account, keys, create).await {
+            Ok(acc) => Out::ok(format!("account {account}: {} key(s)\n", acc.keys.len())),
             Err(e) => Out::fail(e.to_string()),
         }
     }

@@ -2,46 +2,22 @@
 //! account's quota.
 
 use super::{Conn, Out};
-use hutch_core::{Account, Quota};
-use hutch_store::ACCOUNTS;
+use hutch_core::Quota;
 
 impl Conn {
-    pub(super) fn quota_cmd(&self, args: &[&str], json: bool) -> Out {
+    pub(super) async fn quota_cmd(&self, args: &[&str], json: bool) -> Out {
         let me = self.account();
         let (target, flags) = match args {
             [] => (me.name.clone(), &[][..]),
             [name, rest @ ..] if !name.starts_with("--") => (name.to_string(), rest),
             rest => (me.name.clone(), rest),
         };
-        if (target != me.name || !flags.is_empty()) && !me.admin {
-            return Out::fail("only the admin sets quotas or reads another account's");
-        }
-        let Ok(Some(mut acc)) = self.m.store.get::<Account>(ACCOUNTS, &target) else {
-            return Out::fail(format!("no account {target}"));
-        };
-        if !flags.is_empty() {
-            let mut q = acc.quota.unwrap_or(self.m.admission.default_quota);
-            if let Err(e) = set_flags(&mut q, flags) {
-                return Out::fail(e);
-            }
-            acc.quota = Some(q);
-            if let Err(e) = self.m.store.put(ACCOUNTS, &acc.name, &acc) {
-                return Out::fail(e.to_string());
-            }
-        }
-        let q = acc.quota.unwrap_or(self.m.admission.default_quota);
-        let vms: Vec<_> = self
-            .m
-            .list()
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|v| v.owner.as_deref() == Some(target.as_str()))
-            .collect();
-        let used = Quota {
-            vms: vms.len() as u32,
-            vcpus: vms.iter().map(|v| v.vcpus).sum(),
-            mem_mib: vms.iter().map(|v| v.mem_mib).sum(),
-            disk_gib: vms.iter().map(|v| v.disk_gib).sum(),
+        let set = |q: &mut Quota| set_flags(q, flags);
+        let change: Option<crate::service::accounts::QuotaChange<'_>> =
+            (!flags.is_empty()).then_some(&set);
+        let (acc, q, used) = match self.m.quota(&self.caller(), &target, change).await {
+            Ok(x) => x,
+            Err(e) => return Out::fail(e.to_string()),
         };
         if json {
             let v = serde_json::json!({"account": target, "quota": q, "used": used});

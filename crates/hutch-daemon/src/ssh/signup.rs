@@ -8,8 +8,8 @@
 //!   key can run nothing else. Codes are stored hashed, expire, and are burnt by the first use.
 
 use super::{Conn, Out};
-use hutch_core::Account;
-use hutch_store::{ACCOUNTS, INVITES};
+use crate::error::ApiError;
+use crate::service::accounts::INVITE_TTL_HOURS;
 use sha2::Digest;
 
 /// What happens to SSH keys no account has.
@@ -33,82 +33,37 @@ impl std::str::FromStr for Signup {
     }
 }
 
-/// A one-time invite code, stored by the hash of the code.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct Invite {
-    pub created_by: String,
-    pub created_at: u64,
-    pub expires_at: u64,
-}
-
-/// Invite lifetime when the admin gives none, and the longest allowed.
-const DEFAULT_TTL_HOURS: u64 = 72;
-const MAX_TTL_HOURS: u64 = 24 * 30;
-
-fn hash(code: &str) -> String {
-    hex::encode(sha2::Sha256::digest(code.as_bytes()))
-}
-
 /// The account name an unknown key gets by default: `u-` and ten hex digits of its fingerprint.
 pub fn name_for(fingerprint: &str) -> String {
-    format!("u-{}", &hash(fingerprint)[..10])
+    format!(
+        "u-{}",
+        &hex::encode(sha2::Sha256::digest(fingerprint.as_bytes()))[..10]
+    )
 }
 
 impl Conn {
-    /// Makes an account for the verified unknown key `line` (OpenSSH text) named `name`.
-    pub(super) fn make_account(&self, name: &str, line: &str) -> Result<Account, String> {
-        hutch_core::names::validate_name(name).map_err(|e| format!("account {e}"))?;
-        let acc = Account {
-            name: name.to_string(),
-            admin: false,
-            keys: vec![line.to_string()],
-            created_at: hutch_core::now(),
-            quota: None,
-        };
-        self.m
-            .store
-            .insert_new(ACCOUNTS, name, &acc)
-            .map_err(|e| match e {
-                hutch_store::StoreError::Exists { .. } => {
-                    format!("account {name} exists; choose another name")
-                }
-                e => e.to_string(),
-            })?;
-        tracing::info!(account = name, peer = ?self.peer, "ssh sign-up");
-        Ok(acc)
-    }
-
     /// `invite [--ttl HOURS]` (admins): a one-time code for a new key.
-    pub(super) fn invite(&self, rest: &[&str]) -> Out {
-        if !self.account().admin {
-            return Out::fail("only admins can make invites");
-        }
+    pub(super) async fn invite(&self, rest: &[&str]) -> Out {
         let hours = match rest {
-            [] => DEFAULT_TTL_HOURS,
+            [] => INVITE_TTL_HOURS,
             ["--ttl", h] => match h.parse::<u64>() {
-                Ok(h) if (1..=MAX_TTL_HOURS).contains(&h) => h,
-                _ => return Out::fail(format!("--ttl takes 1 to {MAX_TTL_HOURS} hours")),
+                Ok(h) => h,
+                Err(_) => return Out::fail(format!("--ttl {h:?}: a number of hours")),
             },
             _ => return Out::fail("usage: invite [--ttl HOURS]"),
         };
-        let code = hex::encode(rand::random::<[u8; 16]>());
-        let now = hutch_core::now();
-        let inv = Invite {
-            created_by: self.account().name.clone(),
-            created_at: now,
-            expires_at: now + hours * 3600,
-        };
-        if let Err(e) = self.m.store.insert_new(INVITES, &hash(&code), &inv) {
-            return Out::fail(e.to_string());
+        match self.m.create_invite(&self.caller(), hours).await {
+            Ok(code) => Out::ok(format!(
+                "{code}\nvalid for {hours} h, once. The new user runs: ssh -p {} {} signup {code} [NAME]\n",
+                self.port, self.host
+            )),
+            Err(ApiError::Forbidden(_)) => Out::fail("only admins can make invites"),
+            Err(e) => Out::fail(e.to_string()),
         }
-        Out::ok(format!(
-            "{code}\nvalid for {hours} h, once. The new user runs: ssh -p {} {} signup {code} [NAME]\n",
-            self.port, self.host
-        ))
     }
 
     /// `signup CODE [NAME]` from a key without an account (`--signup invite`).
-    pub(super) fn redeem(&mut self, args: &[String]) -> Out {
+    pub(super) async fn redeem(&mut self, args: &[String]) -> Out {
         let Some(line) = self.unknown_key.clone() else {
             return Out::fail("this key already has an account");
         };
@@ -117,23 +72,9 @@ impl Conn {
             [c, n] => (c.as_str(), n.clone()),
             _ => return Out::fail("usage: signup CODE [NAME]"),
         };
-        if let Err(e) = hutch_core::names::validate_name(&name) {
-            return Out::fail(format!("account {e}"));
-        }
-        let key = hash(code);
-        let inv: Option<Invite> = self.m.store.get(INVITES, &key).ok().flatten();
-        let valid = inv
-            .as_ref()
-            .is_some_and(|i| i.expires_at > hutch_core::now());
-        // Burnt first: of two redemptions of one code, one deletes it.
-        if !valid || !self.m.store.delete(INVITES, &key).unwrap_or(false) {
-            if let Some(p) = self.peer {
-                self.limits.failed(p.ip());
-            }
-            return Out::fail("no such invite, or it expired or was used");
-        }
-        match self.make_account(&name, &line) {
+        match self.m.redeem_invite(code, &name, &line).await {
             Ok(acc) => {
+                tracing::info!(account = %name, peer = ?self.peer, "ssh sign-up by invite");
                 self.account = Some(acc);
                 self.unknown_key = None;
                 Out::ok(format!(
@@ -141,20 +82,20 @@ impl Conn {
                     self.port, self.host
                 ))
             }
-            Err(e) => {
-                // The code stays good for another try with another name.
-                if let Some(i) = inv {
-                    let _ = self.m.store.put(INVITES, &key, &i);
+            Err(ApiError::NotFound { .. }) => {
+                if let Some(p) = self.peer {
+                    self.limits.failed(p.ip());
                 }
-                Out::fail(e)
+                Out::fail("no such invite, or it expired or was used")
             }
+            Err(e) => Out::fail(e.to_string()),
         }
     }
 
     /// What a key without an account may run: only `signup` (invite mode).
-    pub(super) fn unknown_key_command(&mut self, args: &[String]) -> Out {
+    pub(super) async fn unknown_key_command(&mut self, args: &[String]) -> Out {
         match args.first().map(String::as_str) {
-            Some("signup") => self.redeem(&args[1..]),
+            Some("signup") => self.redeem(&args[1..]).await,
             _ => Out::fail(format!(
                 "this key has no account on {host}. Ask an admin for an invite (ssh -p {port} {host} invite), then: ssh -p {port} {host} signup CODE [NAME]",
                 host = self.host,

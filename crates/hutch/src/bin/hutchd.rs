@@ -196,7 +196,7 @@ fn main() -> anyhow::Result<()> {
         qemu: args.qemu,
         default_disk_gib: args.disk_gib,
         boot_timeout: std::time::Duration::from_secs(args.boot_timeout),
-        admission: hutch_daemon::tenancy::Admission {
+        admission: hutch_daemon::service::Admission {
             mem_overcommit: args.mem_overcommit,
             disk_overcommit: args.disk_overcommit,
             disk_reserve_mib: args.disk_reserve_mib,
@@ -212,7 +212,7 @@ fn main() -> anyhow::Result<()> {
             max_bytes: args.max_image_mib << 20,
             ..Default::default()
         },
-        jail: (args.jail == "on").then_some(hutch_daemon::confine::JailOptions {
+        jail: (args.jail == "on").then_some(hutch_daemon::node::JailOptions {
             uid_base: args.jail_uid_base,
             uid_count: args.jail_uid_count,
             cgroup_root: args.cgroup_root,

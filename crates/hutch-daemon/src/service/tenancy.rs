@@ -7,11 +7,11 @@
 //! always looked up inside its own namespace (images: then the shared library), so it can neither
 //! reach another account's VM or image nor learn that one exists.
 
+use super::Service;
 use crate::auth::Caller;
 use crate::error::ApiError;
-use crate::manager::Manager;
-use hutch_core::{Account, Image, Quota, Vm, VmState};
-use hutch_store::{ACCOUNTS, IMAGES, VMS};
+use crate::records::ACCOUNTS;
+use hutch_core::{Account, Image, Quota, Vm};
 
 /// Host admission limits (the admin's configuration).
 #[derive(Debug, Clone, Copy)]
@@ -59,34 +59,36 @@ impl Ask {
     }
 }
 
-impl Manager {
+impl Service {
     /// The VM `name` means for `caller` (see the module doc); another account's VM answers
     /// exactly as a missing one does.
-    pub fn vm_for(&self, caller: &Caller, name: &str) -> Result<Vm, ApiError> {
+    pub async fn vm_for(&self, caller: &Caller, name: &str) -> Result<Vm, ApiError> {
         let missing = || ApiError::vm(name);
         let key = caller.vm_key(name).ok_or_else(missing)?;
-        match self.store.get::<Vm>(VMS, &key)? {
+        match self.records.vm(&key).await? {
             Some(vm) if caller.sees(vm.owner.as_deref()) => Ok(vm),
             Some(_) => Err(missing()),
             // The admin's VMs made over SSH before namespaces carried the admin's account.
             None if caller.admin && !name.contains('/') => self
-                .store
-                .get::<Vm>(VMS, &hutch_core::vm_key(Some(&caller.account), name))?
+                .records
+                .vm(&hutch_core::vm_key(Some(&caller.account), name))
+                .await?
                 .ok_or_else(missing),
             None => Err(missing()),
         }
     }
 
     /// The VMs `caller` may see, oldest first.
-    pub fn vms_of(&self, caller: &Caller) -> Result<Vec<Vm>, ApiError> {
+    pub async fn vms_of(&self, caller: &Caller) -> Result<Vec<Vm>, ApiError> {
         Ok(self
-            .list()?
+            .list()
+            .await?
             .into_iter()
             .filter(|v| caller.sees(v.owner.as_deref()))
             .collect())
     }
 
-    fn lookup_image(
+    async fn lookup_image(
         &self,
         owner: Option<&str>,
         reference: &str,
@@ -94,14 +96,15 @@ impl Manager {
         let n =
             hutch_image::normalize_ref(reference).map_err(|e| ApiError::Invalid(e.to_string()))?;
         if let Some(i) = self
-            .store
-            .get::<Image>(IMAGES, &hutch_core::image_key(owner, &n))?
+            .records
+            .image(&hutch_core::image_key(owner, &n))
+            .await?
         {
             return Ok(Some(i));
         }
         if let Ok(r) = hutch_image::registry::Reference::parse(reference) {
             let k = hutch_core::image_key(owner, &r.canonical());
-            if let Some(i) = self.store.get::<Image>(IMAGES, &k)? {
+            if let Some(i) = self.records.image(&k).await? {
                 return Ok(Some(i));
             }
         }
@@ -111,7 +114,7 @@ impl Manager {
     /// The image `reference` means for `caller`: its own private image of that name, else the
     /// shared library's. `~account/REF` names a private image explicitly (any for the admin,
     /// only its own for an account).
-    pub fn image_for(&self, caller: &Caller, reference: &str) -> Result<Image, ApiError> {
+    pub async fn image_for(&self, caller: &Caller, reference: &str) -> Result<Image, ApiError> {
         let missing = |n: &str| ApiError::NotFound {
             kind: "image",
             name: n.to_string(),
@@ -124,23 +127,26 @@ impl Manager {
                 return Err(missing(reference));
             }
             return self
-                .lookup_image(Some(acct), r)?
+                .lookup_image(Some(acct), r)
+                .await?
                 .ok_or_else(|| missing(reference));
         }
         if let Some(owner) = caller.owner() {
-            if let Some(i) = self.lookup_image(Some(&owner), reference)? {
+            if let Some(i) = self.lookup_image(Some(&owner), reference).await? {
                 return Ok(i);
             }
         }
-        self.lookup_image(None, reference)?
+        self.lookup_image(None, reference)
+            .await?
             .ok_or_else(|| missing(reference))
     }
 
     /// The images `caller` may use: its own and the shared library.
-    pub fn images_of(&self, caller: &Caller) -> Result<Vec<Image>, ApiError> {
+    pub async fn images_of(&self, caller: &Caller) -> Result<Vec<Image>, ApiError> {
         let mut v: Vec<Image> = self
-            .store
-            .list::<Image>(IMAGES)?
+            .records
+            .images()
+            .await?
             .into_iter()
             .filter(|i| i.owner.is_none() || caller.sees(i.owner.as_deref()))
             .collect();
@@ -150,9 +156,13 @@ impl Manager {
 
     /// Records a pulled, imported or committed image in `owner`'s namespace (None: the shared
     /// library). Never touches another namespace.
-    pub fn store_image(&self, owner: Option<String>, mut img: Image) -> Result<Image, ApiError> {
+    pub async fn store_image(
+        &self,
+        owner: Option<String>,
+        mut img: Image,
+    ) -> Result<Image, ApiError> {
         img.owner = owner;
-        self.store.put(IMAGES, &img.key(), &img)?;
+        self.records.put_image(&img).await?;
         Ok(img)
     }
 
@@ -160,8 +170,8 @@ impl Manager {
     /// digest, layers and config, so a re-pull that moves the tag never breaks them; a delete is
     /// refused all the same, as people expect). Accounts may delete only their own private
     /// images.
-    pub fn delete_image(&self, caller: &Caller, reference: &str) -> Result<(), ApiError> {
-        let img = self.image_for(caller, reference)?;
+    pub async fn delete_image(&self, caller: &Caller, reference: &str) -> Result<(), ApiError> {
+        let img = self.image_for(caller, reference).await?;
         if !caller.admin && img.owner.as_deref() != Some(caller.account.as_str()) {
             return Err(ApiError::Forbidden(format!(
                 "{} is in the shared library; only the admin may delete it",
@@ -169,7 +179,8 @@ impl Manager {
             )));
         }
         let users: Vec<String> = self
-            .list()?
+            .list()
+            .await?
             .into_iter()
             .filter(|v| v.image_digest == img.digest && caller.sees(v.owner.as_deref()))
             .map(|v| v.name)
@@ -181,25 +192,46 @@ impl Manager {
                 users.join(", ")
             )));
         }
-        self.store.delete(IMAGES, &img.key())?;
+        self.records.delete_image(&img.key()).await?;
         // The root filesystem goes only when no image and no VM (of any account) uses it.
         let still_used = self
-            .store
-            .list::<Image>(IMAGES)?
+            .records
+            .images()
+            .await?
             .iter()
             .any(|i| i.digest == img.digest)
-            || self.list()?.iter().any(|v| v.image_digest == img.digest);
+            || self
+                .list()
+                .await?
+                .iter()
+                .any(|v| v.image_digest == img.digest);
         if !still_used {
             self.images.remove_rootfs(&img.digest)?;
         }
         Ok(())
     }
 
+    /// The image a VM was made from: as the VM records it, else (records from before VMs kept
+    /// their image) the image of its name with the same digest, else any with that digest.
+    pub(crate) async fn image_of(&self, vm: &Vm) -> Result<Option<Image>, ApiError> {
+        if let Some(i) = vm.recorded_image() {
+            return Ok(Some(i));
+        }
+        if let Some(i) = self.records.image(&vm.image).await? {
+            if i.digest == vm.image_digest {
+                return Ok(Some(i));
+            }
+        }
+        let all = self.records.images().await?;
+        Ok(all.into_iter().find(|i| i.digest == vm.image_digest))
+    }
+
     /// The quota of `account`: the admin's setting for it, else the default.
-    pub fn quota_of(&self, account: &str) -> Result<Quota, ApiError> {
+    pub async fn quota_of(&self, account: &str) -> Result<Quota, ApiError> {
         Ok(self
-            .store
-            .get::<Account>(ACCOUNTS, account)?
+            .records
+            .get::<Account>(ACCOUNTS, account)
+            .await?
             .and_then(|a| a.quota)
             .unwrap_or(self.admission.default_quota))
     }
@@ -207,10 +239,10 @@ impl Manager {
     /// Refuses a create or start that would take `owner` past its quota or the host past its
     /// memory or disk. The caller holds `admit_lock` from this check until the VM's record says
     /// it is starting, so concurrent requests cannot both pass on the same headroom.
-    pub fn admit(&self, owner: Option<&str>, ask: Ask) -> Result<(), ApiError> {
-        let vms = self.list()?;
+    pub async fn admit(&self, owner: Option<&str>, ask: Ask) -> Result<(), ApiError> {
+        let vms = self.list().await?;
         if let Some(acct) = owner {
-            let q = self.quota_of(acct)?;
+            let q = self.quota_of(acct).await?;
             let mine: Vec<&Vm> = vms
                 .iter()
                 .filter(|v| v.owner.as_deref() == Some(acct))
@@ -238,10 +270,10 @@ impl Manager {
         }
         let active: u64 = vms
             .iter()
-            .filter(|v| matches!(v.state, VmState::Starting | VmState::Running))
+            .filter(|v| v.state.uses_memory())
             .map(|v| v.mem_mib)
             .sum();
-        let limit = (self.host_mem_mib() as f64 * self.admission.mem_overcommit) as u64;
+        let limit = (self.node.host_mem_mib() as f64 * self.admission.mem_overcommit) as u64;
         if active + ask.mem_mib > limit {
             return Err(ApiError::Capacity(format!(
                 "the host cannot take {} MiB more guest memory ({active} MiB of {limit} MiB in use)",
@@ -251,28 +283,12 @@ impl Manager {
         if ask.new {
             let need = (ask.disk_gib as f64 * 1024.0 / self.admission.disk_overcommit) as u64
                 + self.admission.disk_reserve_mib;
-            let free = free_mib(&self.cfg.data_dir);
+            let free = free_mib(&self.cfg().data_dir);
             if free < need {
                 return Err(ApiError::Capacity(format!(
                     "the host has {free} MiB of disk free; a {} GiB VM needs {need} MiB",
                     ask.disk_gib
                 )));
-            }
-        }
-        Ok(())
-    }
-
-    /// Moves records written before per-account keys to their keys (one transaction each).
-    pub fn migrate_keys(&self) -> Result<(), ApiError> {
-        for (k, vm) in self.store.entries::<Vm>(VMS)? {
-            if k != vm.key() {
-                self.store.rekey(VMS, &k, &vm.key())?;
-                tracing::info!(from = %k, to = %vm.key(), "moved VM record to its account key");
-            }
-        }
-        for (k, img) in self.store.entries::<Image>(IMAGES)? {
-            if k != img.key() {
-                self.store.rekey(IMAGES, &k, &img.key())?;
             }
         }
         Ok(())

@@ -3,9 +3,10 @@
 //! VM's changes for commit. Every wait on the guest has a bound, so a guest that never answers
 //! makes the call fail with a clear error instead of hanging.
 
-use crate::agent::{within, Agent, AgentClient, AgentError, ExecStream, FileRead, FileWrite};
+use super::{ExecVm, Service};
+use crate::agent::{within, Agent, AgentError, ExecStream, FileRead, FileWrite};
+use crate::auth::Caller;
 use crate::error::ApiError;
-use crate::manager::{ExecVm, Manager};
 use bytes::Bytes;
 use hutch_core::image_env;
 use hutch_proto::ExecRequest;
@@ -100,22 +101,30 @@ impl FileWriter {
     }
 }
 
-impl Manager {
-    /// The agent of running VM `name`.
-    pub(crate) fn agent(&self, name: &str) -> Result<Arc<AgentClient>, ApiError> {
-        let vm = self.get(name)?;
-        self.client(&vm)
+impl Service {
+    /// The agent of `caller`'s running VM `name`.
+    pub async fn agent(&self, caller: &Caller, name: &str) -> Result<Arc<dyn Agent>, ApiError> {
+        let vm = self.vm_for(caller, name).await?;
+        self.node.client(&vm)
     }
 
     /// Starts a process; returns its events. Stdin given whole (JSON `stdin`) is fed in the
     /// background within the stream's credit; with `stream_stdin` the caller feeds it through
     /// the stream's [`handle`](ExecStream::handle).
-    pub fn exec(&self, name: &str, req: ExecVm) -> Result<ExecStream, ApiError> {
+    pub async fn exec(
+        &self,
+        caller: &Caller,
+        name: &str,
+        req: ExecVm,
+    ) -> Result<ExecStream, ApiError> {
         if req.argv.is_empty() || req.argv[0].is_empty() {
             return Err(ApiError::Invalid("argv must name a program".into()));
         }
-        let vm = self.get(name)?;
-        let client = self.client(&vm)?;
+        let vm = self.vm_for(caller, name).await?;
+        let client = self.node.client(&vm)?;
+        self.metrics
+            .execs_total
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let stdin = match &req.stdin {
             Some(s) => Some(
                 base64::Engine::decode(&base64::engine::general_purpose::STANDARD, s)
@@ -123,7 +132,7 @@ impl Manager {
             ),
             None => None,
         };
-        let image = self.image_of(&vm)?;
+        let image = self.image_of(&vm).await?;
         let icfg = image.map(|i| i.config).unwrap_or_default();
         let mut env = image_env(&icfg, &vm.name);
         env.extend(req.env.clone());
@@ -157,8 +166,12 @@ impl Manager {
     }
 
     /// Asks the guest agent how it is.
-    pub async fn agent_health(&self, name: &str) -> Result<serde_json::Value, ApiError> {
-        let client = self.agent(name)?;
+    pub async fn agent_health(
+        &self,
+        caller: &Caller,
+        name: &str,
+    ) -> Result<serde_json::Value, ApiError> {
+        let client = self.agent(caller, name).await?;
         let h = within(HEALTH_TIMEOUT, client.health())
             .await
             .map_err(|e| no_answer(name, "a health check", e))?;
@@ -171,6 +184,7 @@ impl Manager {
     /// (no such file, a directory) come here, before any data.
     pub async fn open_read(
         &self,
+        caller: &Caller,
         name: &str,
         path: &str,
         offset: u64,
@@ -178,7 +192,10 @@ impl Manager {
     ) -> Result<FileReader, ApiError> {
         check_path(path)?;
         checked_end(offset, len.unwrap_or(0))?;
-        let inner = self.agent(name)?.read_file(path, offset, len)?;
+        let inner = self
+            .agent(caller, name)
+            .await?
+            .read_file(path, offset, len)?;
         let mut r = FileReader {
             name: name.to_string(),
             inner,
@@ -192,6 +209,7 @@ impl Manager {
     /// in place at `offset` otherwise.
     pub async fn open_write(
         &self,
+        caller: &Caller,
         name: &str,
         path: &str,
         mode: Option<u32>,
@@ -201,7 +219,10 @@ impl Manager {
         if let Some(o) = offset {
             checked_end(o, 0)?;
         }
-        let inner = self.agent(name)?.write_file(path, mode, offset)?;
+        let inner = self
+            .agent(caller, name)
+            .await?
+            .write_file(path, mode, offset)?;
         Ok(FileWriter {
             name: name.to_string(),
             inner,
@@ -209,8 +230,14 @@ impl Manager {
     }
 
     /// Reads a whole small file (at most `max` bytes; more is an error).
-    pub async fn read_file(&self, name: &str, path: &str, max: u64) -> Result<Vec<u8>, ApiError> {
-        let mut r = self.open_read(name, path, 0, None).await?;
+    pub async fn read_file(
+        &self,
+        caller: &Caller,
+        name: &str,
+        path: &str,
+        max: u64,
+    ) -> Result<Vec<u8>, ApiError> {
+        let mut r = self.open_read(caller, name, path, 0, None).await?;
         let mut out = Vec::new();
         while let Some(b) = r.next().await? {
             if out.len() as u64 + b.len() as u64 > max {
@@ -224,12 +251,13 @@ impl Manager {
     /// Writes a whole file from memory.
     pub async fn write_file(
         &self,
+        caller: &Caller,
         name: &str,
         path: &str,
         mode: Option<u32>,
         data: &[u8],
     ) -> Result<u64, ApiError> {
-        let mut w = self.open_write(name, path, mode, None).await?;
+        let mut w = self.open_write(caller, name, path, mode, None).await?;
         w.write(data).await?;
         w.finish().await
     }
@@ -239,7 +267,7 @@ impl Manager {
     pub(crate) async fn export_changes(
         &self,
         name: &str,
-        client: &Arc<AgentClient>,
+        client: &Arc<dyn Agent>,
         out: &mut tokio::fs::File,
         max_bytes: u64,
     ) -> Result<u64, ApiError> {

@@ -7,11 +7,9 @@
 //! At start, hutchd leaves such directories (and their QEMUs) alone instead of removing them as
 //! leftovers (see recover.rs), and says to run `hutch admin recover`.
 
+use super::{internal, Node};
 use crate::error::ApiError;
-use crate::manager::{internal, Manager};
 use hutch_core::{Image, Vm, VmState};
-use hutch_store::{IMAGES, VMS};
-use hutch_vmm::VmHandle;
 use std::sync::Arc;
 
 /// The copy of a VM's record in its directory.
@@ -27,7 +25,7 @@ pub struct Recovered {
     pub outcome: String,
 }
 
-impl Manager {
+impl Node {
     /// Writes `vm`'s record into its directory (durably: a temp file renamed into place).
     pub(crate) fn save_record(&self, vm: &Vm) -> Result<(), ApiError> {
         let dir = self.vm_dir(&vm.id);
@@ -51,9 +49,14 @@ impl Manager {
 
     /// Rebuilds the records of VM directories the store does not know (admin only).
     pub async fn rebuild(self: &Arc<Self>) -> Result<Vec<Recovered>, ApiError> {
-        let known: std::collections::HashSet<String> =
-            self.list()?.into_iter().map(|v| v.id).collect();
-        let running = crate::recover::qemu_processes(&self.cfg.data_dir.join("vms"));
+        let known: std::collections::HashSet<String> = self
+            .records
+            .vms()
+            .await?
+            .into_iter()
+            .map(|v| v.id)
+            .collect();
+        let running = super::recover::qemu_processes(&self.cfg.data_dir.join("vms"));
         let mut out = Vec::new();
         let mut ids: Vec<String> = std::fs::read_dir(self.cfg.data_dir.join("vms"))
             .map(|rd| {
@@ -74,11 +77,7 @@ impl Manager {
                 continue;
             };
             let pid = running.iter().find(|(_, i)| *i == id).map(|(p, _)| *p);
-            let handle = pid.map(|pid| VmHandle {
-                id: id.clone(),
-                pid,
-                runtime_dir: self.vm_dir(&id).join("run"),
-            });
+            let handle = pid.map(|pid| self.handle_of(&id, pid));
             let alive = handle.as_ref().filter(|h| self.vmm.is_alive(h)).cloned();
             vm.pid = alive.as_ref().map(|h| h.pid);
             vm.state = if alive.is_some() {
@@ -90,12 +89,10 @@ impl Manager {
             if alive.is_none() {
                 vm.main_pid = None;
             }
-            let outcome = match self.store.insert_new(VMS, &vm.key(), &vm) {
-                Ok(()) => vm.state.as_str().to_string(),
-                Err(hutch_store::StoreError::Exists { .. }) => {
-                    format!("skipped: another VM is called {} now", vm.key())
-                }
-                Err(e) => return Err(e.into()),
+            let outcome = if self.records.create_vm(&vm).await? {
+                vm.state.as_str().to_string()
+            } else {
+                format!("skipped: another VM is called {} now", vm.key())
             };
             if outcome == vm.state.as_str() {
                 // Its image comes back too (VMs carry theirs), so the image list is not empty.
@@ -104,8 +101,8 @@ impl Manager {
                         owner: vm.owner.clone(),
                         ..img
                     };
-                    if self.store.get::<Image>(IMAGES, &img.key())?.is_none() {
-                        self.store.put(IMAGES, &img.key(), &img)?;
+                    if self.records.image(&img.key()).await?.is_none() {
+                        self.records.put_image(&img).await?;
                     }
                 }
                 if let Some(h) = alive {

@@ -1,14 +1,14 @@
 //! Image operations of the service: pull, push, commit (a VM's changes as a new image) and
 //! garbage collection, with the caller's namespace and registry egress policy applied.
 
+use super::Service;
 use crate::auth::Caller;
 use crate::error::ApiError;
-use crate::manager::{internal, Manager};
+use crate::node::internal;
 use hutch_core::Image;
-use hutch_store::IMAGES;
 use std::time::Duration;
 
-impl Manager {
+impl Service {
     /// Makes a new image from a running VM's changes since boot (a consistent snapshot: the
     /// guest's writable filesystem is frozen while it is read).
     pub async fn commit(
@@ -20,9 +20,9 @@ impl Manager {
     ) -> Result<Image, ApiError> {
         hutch_image::normalize_ref(reference).map_err(|e| ApiError::Invalid(e.to_string()))?;
         let _ops = self.image_ops.read().await;
-        let vm = self.get(name)?;
-        let client = self.client(&vm)?;
-        let base = self.image_of(&vm)?.ok_or_else(|| {
+        let vm = self.vm_for(caller, name).await?;
+        let client = self.node.client(&vm)?;
+        let base = self.image_of(&vm).await?.ok_or_else(|| {
             ApiError::Conflict(format!("the image of {name} is no longer in the store"))
         })?;
         let tmp = self.images.tmp_dir()?;
@@ -38,7 +38,7 @@ impl Manager {
             self.images.commit_layer(&base, &tar, &reference, &comment)
         })?;
         crate::crash::point("commit.built");
-        let img = self.store_image(caller.owner(), img)?;
+        let img = self.store_image(caller.owner(), img).await?;
         tracing::info!(vm = name, image = %img.key(), digest = %img.digest, "committed");
         Ok(img)
     }
@@ -55,12 +55,12 @@ impl Manager {
                 )
             })?;
         let mut keep = std::collections::HashSet::new();
-        for i in self.store.list::<Image>(IMAGES)? {
+        for i in self.records.images().await? {
             keep.insert(i.digest);
             keep.insert(i.config_digest);
             keep.extend(i.layers);
         }
-        for v in self.list()? {
+        for v in self.list().await? {
             keep.insert(v.image_digest);
             keep.extend(v.image_config_digest);
             keep.extend(v.image_layers);
@@ -79,11 +79,11 @@ impl Manager {
         insecure: bool,
         creds: Option<hutch_image::registry::Credentials>,
     ) -> Result<String, ApiError> {
-        let img = self.image_for(caller, image)?;
+        let img = self.image_for(caller, image).await?;
         let target = reference.unwrap_or(&img.name).to_string();
         // Accounts push to public addresses only, unless the admin allowed private ones.
         let egress = hutch_image::Egress {
-            allow_private: caller.admin || self.cfg.registry_allow_private,
+            allow_private: caller.admin || self.cfg().registry_allow_private,
             allow_addrs: Vec::new(),
         };
         Ok(self
@@ -151,7 +151,7 @@ impl Manager {
         );
         let img = pulled?;
         crate::crash::point("pull.fetched");
-        let img = self.store_image(owner, img)?;
+        let img = self.store_image(owner, img).await?;
         tracing::info!(image = %img.key(), digest = %img.digest, "pulled image");
         Ok(img)
     }

@@ -1,12 +1,10 @@
 //! VM console logs: where they are, their tail (raw for `hutch logs`, cleaned of control
 //! characters for errors and `describe`), and keeping them bounded.
 
-use crate::manager::Manager;
-use hutch_core::Vm;
-use hutch_store::VMS;
+use super::Node;
 use std::path::{Path, PathBuf};
 
-impl Manager {
+impl Node {
     pub fn console_path(&self, id: &str) -> PathBuf {
         self.vm_dir(id).join("console.log")
     }
@@ -24,8 +22,8 @@ impl Manager {
 
     /// Keeps every console log under the configured size (QEMU appends with O_APPEND, so
     /// truncating in place is safe).
-    pub fn trim_consoles(&self) {
-        let Ok(vms) = self.store.list::<Vm>(VMS) else {
+    pub async fn trim_consoles(&self) {
+        let Ok(vms) = self.records.vms().await else {
             return;
         };
         for vm in vms {

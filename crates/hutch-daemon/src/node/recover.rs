@@ -3,23 +3,21 @@
 //! processes of this data dir that no record accounts for are killed, and VM directories without
 //! a record are deleted. The store is the truth; the host is made to match it.
 
-use crate::agent::AgentClient;
+use super::Node;
 use crate::error::ApiError;
-use crate::manager::Manager;
 use hutch_core::{Event, Vm, VmState};
-use hutch_store::VMS;
 use hutch_vmm::VmHandle;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-impl Manager {
+impl Node {
     /// After a (re)start of hutchd: re-attach to every VM whose QEMU still runs; record the
-    /// others as exited (a VM that should have run becomes `failed`, and its restart policy
-    /// starts it again: after a host reboot too); finish stops that a crash interrupted.
+    /// others as exited (a VM that should have run becomes `failed`, and the control plane's
+    /// restart policy starts it again: after a host reboot too); finish stops that a crash
+    /// interrupted.
     pub async fn reattach(self: &Arc<Self>) -> Result<(), ApiError> {
-        self.migrate_keys()?;
         self.recover().await?;
-        for vm in self.list()? {
+        for vm in self.records.vms().await? {
             let handle = self.handle(&vm).filter(|h| self.vmm.is_alive(h));
             match (vm.state, handle) {
                 (VmState::Stopped | VmState::Failed, _) => {}
@@ -27,12 +25,10 @@ impl Manager {
                     self.attach(&vm, h).await;
                     if state == VmState::Stopping {
                         // A stop that hutchd's crash interrupted: finish it.
-                        let (me, key) = (self.clone(), vm.key());
+                        let (me, id) = (self.clone(), vm.id.clone());
                         tokio::spawn(async move {
-                            let lock = me.lock_for(&key);
-                            let _g = lock.lock().await;
-                            if let Err(e) = me.finish_stop(&key).await {
-                                tracing::warn!(vm = %key, error = %e, "finishing an interrupted stop");
+                            if let Err(e) = me.finish_stop(&id).await {
+                                tracing::warn!(vm = %id, error = %e, "finishing an interrupted stop");
                             }
                         });
                     }
@@ -40,24 +36,23 @@ impl Manager {
                 (_, None) => {
                     self.release_jail(&vm.id);
                     tracing::warn!(vm = %vm.name, "vm process is gone");
-                    let v = self.transition(
-                        &vm.key(),
+                    self.transition(
+                        &vm.id,
                         Event::Exited("QEMU exited while hutchd was not running".into()),
                         |v| {
                             v.pid = None;
                             v.main_pid = None;
+                            v.clean_exit = false;
                         },
-                    )?;
-                    if v.state == VmState::Failed {
-                        self.consider_restart(v, false);
-                    }
+                    )
+                    .await?;
                 }
             }
         }
         // Cgroups and jails of VMs that are gone (removed or crashed while hutchd was down).
         // VMs the store lost (their directory has a record copy) keep theirs: their QEMU
         // runs on until `hutch admin recover`.
-        let vms = self.list()?;
+        let vms = self.records.vms().await?;
         let mut keep: Vec<String> = vms
             .iter()
             .filter(|v| self.handle(v).is_some_and(|h| self.vmm.is_alive(&h)))
@@ -75,24 +70,46 @@ impl Manager {
         Ok(())
     }
 
+    /// Halts a `stopping` VM's process and records it stopped.
+    pub async fn finish_stop(self: &Arc<Self>, id: &str) -> Result<Vm, ApiError> {
+        let Some(vm) = self.records.vm_by_id(id).await? else {
+            return Err(ApiError::vm(id));
+        };
+        if let Some(h) = self.handle(&vm) {
+            self.halt(&h).await;
+        }
+        let (me, id2) = (self.clone(), vm.id.clone());
+        let _ = tokio::task::spawn_blocking(move || me.release_jail(&id2)).await;
+        self.forget(&vm.id);
+        // The watch may have recorded the exit already (stopping + exited = stopped).
+        match self.records.vm_by_id(id).await? {
+            Some(now) if now.state != VmState::Stopping => Ok(now),
+            _ => {
+                self.transition(id, Event::Halted, |v| {
+                    v.pid = None;
+                    v.main_pid = None;
+                })
+                .await
+            }
+        }
+    }
+
     /// Re-attaches to the running QEMU `h` of `vm`: a new agent connection (the agent kills
     /// what the old one started), `starting` becomes `running`, and a watch on the process.
     pub(crate) async fn attach(self: &Arc<Self>, vm: &Vm, h: VmHandle) {
-        match AgentClient::connect(&h.agent_socket(), self.cfg.boot_timeout).await {
-            Ok((c, ack)) => {
+        match self.connector.connect(&h, self.cfg.boot_timeout).await {
+            Ok((c, kernel)) => {
                 self.conns
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .insert(vm.id.clone(), c);
-                let kernel = hutch_core::clean_text(&ack.kernel);
+                let kernel = hutch_core::clean_text(&kernel);
                 let r = if vm.state == VmState::Starting {
-                    self.transition(&vm.key(), Event::Booted, |v| v.kernel = Some(kernel))
-                        .map(|_| ())
+                    self.transition(&vm.id, Event::Booted, |v| v.kernel = Some(kernel.clone()))
+                        .await
                 } else {
-                    self.store
-                        .update(VMS, &vm.key(), |v: &mut Vm| v.kernel = Some(kernel))
-                        .map(|_| ())
-                        .map_err(ApiError::from)
+                    self.update(&vm.id, |v| v.kernel = Some(kernel.clone()))
+                        .await
                 };
                 if let Err(e) = r {
                     tracing::warn!(vm = %vm.name, error = %e, "recording a re-attached vm");
@@ -103,23 +120,19 @@ impl Manager {
                 tracing::warn!(vm = %vm.name, error = %e, "vm runs but its agent does not answer");
             }
         }
-        self.watch(vm.key(), h);
+        self.watch(h);
     }
 
     /// Undoes creates, finishes deletes, kills orphan QEMUs, removes orphan VM directories.
     /// A directory with a record copy (`vm.json`) that the store does not know is not an orphan
     /// but a VM the store lost: it and its QEMU are left for `hutch admin recover`.
     pub async fn recover(self: &Arc<Self>) -> Result<(), ApiError> {
-        for vm in self.list()? {
+        for vm in self.records.vms().await? {
             if !matches!(vm.state, VmState::Creating | VmState::Deleting) {
                 continue;
             }
-            let me = self.clone();
-            let v2 = vm.clone();
-            tokio::task::spawn_blocking(move || me.destroy(&v2))
-                .await
-                .map_err(|e| ApiError::Internal(e.to_string()))?;
-            self.store.delete(VMS, &vm.key())?;
+            self.destroy(&vm).await;
+            self.records.delete_vm(&vm).await?;
             tracing::warn!(
                 vm = %vm.key(),
                 "{} interrupted by a hutchd stop; {}",
@@ -128,7 +141,9 @@ impl Manager {
             );
         }
         let vms: HashMap<String, Vm> = self
-            .list()?
+            .records
+            .vms()
+            .await?
             .into_iter()
             .map(|v| (v.id.clone(), v))
             .collect();
@@ -144,11 +159,7 @@ impl Manager {
             });
             if !owned {
                 tracing::warn!(pid, vm_id = %id, "killing a QEMU no VM record accounts for");
-                let h = VmHandle {
-                    id: id.clone(),
-                    pid,
-                    runtime_dir: vms_dir.join(&id).join("run"),
-                };
+                let h = self.handle_of(&id, pid);
                 let _ = self.vmm.kill(&h);
                 let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
                 while self.vmm.is_alive(&h) && std::time::Instant::now() < deadline {

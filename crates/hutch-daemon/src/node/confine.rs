@@ -2,14 +2,12 @@
 //! building the backend's [`JailConfig`], and giving each VM its own uid from the configured
 //! range, persisted in its record so restarts and re-attach keep it.
 
+use super::Node;
 use crate::error::ApiError;
-use crate::manager::Manager;
 use hutch_core::{Confinement, Vm};
-use hutch_store::VMS;
 use hutch_vmm::cgroup::{node_name, Cgroups};
 use hutch_vmm::JailConfig;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 
 /// hutchd's confinement options (`--jail-*`, `--cgroup-*`).
 #[derive(Debug, Clone)]
@@ -57,12 +55,12 @@ impl JailOptions {
 }
 
 /// Serialises uid allocation (pick + record) within this hutchd.
-static ALLOCATE: Mutex<()> = Mutex::new(());
+static ALLOCATE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-impl Manager {
+impl Node {
     /// The VM with a uid of its own when confinement is on: the one it has, else the lowest of
     /// the range that no VM of this node holds and no process on the host runs as.
-    pub(crate) fn with_jail_uid(&self, vm: &Vm) -> Result<Vm, ApiError> {
+    pub(crate) async fn with_jail_uid(&self, vm: &Vm) -> Result<Vm, ApiError> {
         let Some((base, count)) = self.cfg.jail_uids else {
             return Ok(vm.clone());
         };
@@ -70,9 +68,11 @@ impl Manager {
         if vm.confinement.as_ref().is_some_and(|c| in_range(c.uid)) {
             return Ok(vm.clone());
         }
-        let _g = ALLOCATE.lock().unwrap_or_else(|e| e.into_inner());
+        let _g = ALLOCATE.lock().await;
         let mut used: Vec<u32> = self
-            .list()?
+            .records
+            .vms()
+            .await?
             .iter()
             .filter_map(|v| v.confinement.as_ref().map(|c| c.uid))
             .collect();
@@ -83,13 +83,14 @@ impl Manager {
                 u64::from(base) + u64::from(count)
             ))
         })?;
-        Ok(self.store.update(VMS, &vm.key(), |v: &mut Vm| {
+        self.update(&vm.id, |v| {
             v.confinement = Some(Confinement {
                 uid,
                 gid: uid,
                 ..Default::default()
             });
-        })?)
+        })
+        .await
     }
 
     /// Frees VM `id`'s cgroup and jail (its QEMU is gone); failures are logged.

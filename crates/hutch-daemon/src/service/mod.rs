@@ -1,0 +1,95 @@
+//! The control plane: every operation on VMs, images, accounts and tokens, for a [`Caller`].
+//! Names are resolved in the caller's namespace here (tenancy.rs), requests validated, quotas
+//! and host admission applied, and desired state recorded; then the node runtime
+//! (`crate::node`) is asked to act. Nothing here knows HTTP or SSH: the front doors (REST in
+//! `api`, SSH/SFTP in `ssh`, `sftp`) parse, call the service and render; errors are mapped to
+//! each front door's statuses at its edge.
+//!
+//! Modules: `vms` (lifecycle), `tenancy` (names, quotas, admission), `images`, `files` (exec and
+//! files in a VM), `accounts` (accounts, tokens, invites), `restart` (restart policies),
+//! `ops` (status, metrics).
+
+pub mod accounts;
+pub mod files;
+pub mod images;
+pub mod ops;
+pub mod restart;
+pub mod tenancy;
+pub mod vms;
+
+pub use tenancy::{Admission, Ask};
+pub use vms::{CreateVm, ExecVm, DEFAULT_MEM_MIB, DEFAULT_VCPUS};
+
+use crate::auth::{Caller, Tokens};
+use crate::error::ApiError;
+use crate::node::{Node, NodeConfig};
+use crate::records::Records;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+pub struct Service {
+    pub node: Arc<Node>,
+    pub records: Records,
+    pub images: Arc<hutch_image::ImageStore>,
+    /// Pulls, imports and commits hold it shared; garbage collection holds it exclusively, so it
+    /// never deletes the blobs of an image still being made.
+    pub image_ops: tokio::sync::RwLock<()>,
+    pub tokens: Tokens,
+    pub admission: Admission,
+    /// Held from an admission check until the admitted VM's record counts (see `admit`).
+    admit_lock: tokio::sync::Mutex<()>,
+    /// One per VM id (and per pull): lifecycle operations on one VM never interleave.
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Lifecycle events (fed from the store's watch, see events.rs).
+    pub events: crate::events::EventBus,
+    pub metrics: Arc<crate::metrics::Metrics>,
+}
+
+impl Service {
+    pub fn new(node: Arc<Node>, tokens: Tokens, admission: Admission) -> Service {
+        Service {
+            records: node.records.clone(),
+            images: node.images.clone(),
+            metrics: node.metrics.clone(),
+            node,
+            image_ops: tokio::sync::RwLock::new(()),
+            tokens,
+            admission,
+            admit_lock: tokio::sync::Mutex::new(()),
+            locks: Mutex::new(HashMap::new()),
+            events: Default::default(),
+        }
+    }
+
+    /// The node's configuration.
+    pub fn cfg(&self) -> &NodeConfig {
+        &self.node.cfg
+    }
+
+    pub(crate) fn lock_for(&self, key: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut l = self.locks.lock().unwrap_or_else(|e| e.into_inner());
+        l.entry(key.to_string()).or_default().clone()
+    }
+
+    pub(crate) fn drop_lock(&self, key: &str) {
+        self.locks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(key);
+    }
+
+    /// Starts what runs beside the requests: the event feed and the restart reconciler.
+    pub fn start_background(self: &Arc<Self>) {
+        crate::events::follow(self.clone());
+        restart::reconcile(self.clone());
+    }
+}
+
+/// A caller's identity check for admin-only operations.
+pub(crate) fn admin_only(caller: &Caller, what: &str) -> Result<(), ApiError> {
+    if caller.admin {
+        Ok(())
+    } else {
+        Err(ApiError::Forbidden(format!("{what} is for admins")))
+    }
+}

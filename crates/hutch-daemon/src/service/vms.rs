@@ -1,0 +1,408 @@
+//! VM lifecycle for a caller: create, clone, start, stop, delete, get, list. Every operation
+//! resolves the name in the caller's namespace, checks its event against the VM's state before
+//! waiting for the VM's lock (a VM in a transitional state answers 409 at once, see
+//! `hutch_core::lifecycle`), and again under the lock.
+
+use super::{Ask, Service};
+use crate::auth::Caller;
+use crate::error::ApiError;
+use crate::node::internal;
+use hutch_core::{names, Event, Image, Vm, VmState};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// The defaults of a create, the one place they live (REST, SSH and the CLI all use them).
+pub const DEFAULT_VCPUS: u32 = 1;
+pub const DEFAULT_MEM_MIB: u64 = 256;
+
+/// A request to create a VM.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateVm {
+    pub name: Option<String>,
+    pub image: String,
+    #[serde(default = "one")]
+    pub vcpus: u32,
+    #[serde(default = "default_mem")]
+    pub mem_mib: u64,
+    pub disk_gib: Option<u64>,
+    /// Run the image's Entrypoint + Cmd as the VM's main process.
+    #[serde(default)]
+    pub run: bool,
+    /// What happens when its QEMU exits without `hutch stop` (default: no).
+    #[serde(default)]
+    pub restart: hutch_core::RestartPolicy,
+}
+
+fn one() -> u32 {
+    DEFAULT_VCPUS
+}
+fn default_mem() -> u64 {
+    DEFAULT_MEM_MIB
+}
+
+impl Default for CreateVm {
+    fn default() -> Self {
+        CreateVm {
+            name: None,
+            image: String::new(),
+            vcpus: DEFAULT_VCPUS,
+            mem_mib: DEFAULT_MEM_MIB,
+            disk_gib: None,
+            run: false,
+            restart: Default::default(),
+        }
+    }
+}
+
+/// A request to run a process in a VM.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecVm {
+    pub argv: Vec<String>,
+    #[serde(default)]
+    pub env: HashMap<String, String>,
+    pub cwd: Option<String>,
+    pub user: Option<String>,
+    /// Standard input, base64.
+    pub stdin: Option<String>,
+    pub timeout_secs: Option<u64>,
+    /// Run on a terminal of this size (SSH sessions with a PTY).
+    #[serde(skip)]
+    pub tty: Option<hutch_proto::TtySize>,
+    /// Keep stdin open for streaming (SSH sessions) instead of sending `stdin` whole.
+    #[serde(skip)]
+    pub stream_stdin: bool,
+}
+
+/// Refuses `event` when `vm`'s current state does not allow it (409).
+pub(crate) fn check(vm: &Vm, event: &Event) -> Result<(), ApiError> {
+    vm.state
+        .on(event)
+        .map(|_| ())
+        .map_err(|d| ApiError::Conflict(format!("{} {d}", vm.name)))
+}
+
+impl Service {
+    /// The VM stored under `key` (`alice/web`, or `web` for the admin's).
+    pub async fn get(&self, key: &str) -> Result<Vm, ApiError> {
+        self.records
+            .vm(key)
+            .await?
+            .ok_or_else(|| ApiError::vm(key.rsplit('/').next().unwrap_or(key)))
+    }
+
+    /// The current record of VM `id`.
+    pub(crate) async fn by_id(&self, id: &str, name: &str) -> Result<Vm, ApiError> {
+        self.records
+            .vm_by_id(id)
+            .await?
+            .ok_or_else(|| ApiError::vm(name))
+    }
+
+    /// Every VM, oldest first.
+    pub async fn list(&self) -> Result<Vec<Vm>, ApiError> {
+        let mut v = self.records.vms().await?;
+        v.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.name.cmp(&b.name)));
+        Ok(v)
+    }
+
+    /// `caller`'s VM `name`, described.
+    pub async fn describe(&self, caller: &Caller, name: &str) -> Result<Vm, ApiError> {
+        self.vm_for(caller, name).await
+    }
+
+    /// The end (`max` bytes) of `caller`'s VM `name`'s console, as the guest wrote it.
+    pub async fn console(&self, caller: &Caller, name: &str, max: u64) -> Result<String, ApiError> {
+        let vm = self.vm_for(caller, name).await?;
+        Ok(self.node.console_tail(&vm.id, max))
+    }
+
+    fn validate(&self, req: &CreateVm) -> Result<(), ApiError> {
+        if let Some(n) = &req.name {
+            names::validate_name(n).map_err(ApiError::Invalid)?;
+        }
+        let (cpus, mem) = (self.node.host_cpus(), self.node.host_mem_mib());
+        if req.vcpus == 0 || req.vcpus > cpus {
+            return Err(ApiError::Invalid(format!(
+                "vcpus must be between 1 and {cpus} (the host's CPUs), not {}",
+                req.vcpus
+            )));
+        }
+        if req.mem_mib < 64 || req.mem_mib > mem {
+            return Err(ApiError::Invalid(format!(
+                "mem_mib must be between 64 and {mem} (the host's memory), not {}",
+                req.mem_mib
+            )));
+        }
+        if let Some(d) = req.disk_gib {
+            if d == 0 || d > 1024 {
+                return Err(ApiError::Invalid(format!(
+                    "disk_gib must be between 1 and 1024, not {d}"
+                )));
+            }
+        }
+        let sock = self.node.vm_dir("000000000000").join("run/agent.sock");
+        if sock.as_os_str().len() >= 100 {
+            return Err(ApiError::Internal(format!(
+                "data dir {} is too long for unix socket paths",
+                self.cfg().data_dir.display()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Creates and boots a VM; on any failure nothing of it remains. The record (state
+    /// `creating`, name claimed) is one store transaction.
+    pub async fn create(self: &Arc<Self>, caller: &Caller, req: CreateVm) -> Result<Vm, ApiError> {
+        let t0 = Instant::now();
+        self.validate(&req)?;
+        let image = self.image_for(caller, &req.image).await?;
+        if req.run && image.config.entrypoint.is_empty() && image.config.cmd.is_empty() {
+            return Err(ApiError::Invalid(format!(
+                "image {} has no Entrypoint or Cmd to --run",
+                image.name
+            )));
+        }
+        let (images, img) = (self.images.clone(), image.clone());
+        tokio::task::spawn_blocking(move || images.build_rootfs(&img.digest, &img.layers))
+            .await
+            .map_err(internal)??;
+        let mut vm = Vm {
+            id: names::random_id(),
+            name: String::new(),
+            image: image.name.clone(),
+            image_digest: image.digest.clone(),
+            vcpus: req.vcpus,
+            mem_mib: req.mem_mib,
+            disk_gib: req.disk_gib.unwrap_or(self.cfg().default_disk_gib),
+            state: VmState::Creating,
+            reason: None,
+            pid: None,
+            accel: Some(self.cfg().accel.as_str().into()),
+            created_at: hutch_core::now(),
+            started_at: None,
+            boot_ms: None,
+            kernel: None,
+            disk_us: None,
+            run: req.run,
+            main_pid: None,
+            owner: caller.owner(),
+            image_config_digest: Some(image.config_digest.clone()),
+            image_layers: image.layers.clone(),
+            image_config: Some(image.config.clone()),
+            confinement: None,
+            restart: req.restart,
+            restarts: 0,
+            clean_exit: false,
+        };
+        // Admission and the name claim under one lock; the name is claimed in the create's one
+        // store transaction: of concurrent creates, one wins.
+        {
+            let _admit = self.admit_lock.lock().await;
+            self.admit(vm.owner.as_deref(), Ask::of(&vm, true)).await?;
+            match &req.name {
+                Some(n) => {
+                    vm.name = n.clone();
+                    if !self.records.create_vm(&vm).await? {
+                        return Err(ApiError::Conflict(format!("sandbox {n:?} already exists")));
+                    }
+                }
+                None => {
+                    let mut tries = 0;
+                    loop {
+                        vm.name = names::random_name();
+                        if self.records.create_vm(&vm).await? {
+                            break;
+                        }
+                        tries += 1;
+                        if tries > 50 {
+                            return Err(ApiError::Conflict("no free random name".into()));
+                        }
+                    }
+                }
+            }
+        }
+        self.build(vm, image, None, t0).await
+    }
+
+    /// Makes the disk of just-recorded `vm` (fresh, or a copy of VM `from`'s) and boots it;
+    /// undoes everything on failure.
+    async fn build(
+        self: &Arc<Self>,
+        vm: Vm,
+        image: Image,
+        from: Option<String>,
+        t0: Instant,
+    ) -> Result<Vm, ApiError> {
+        let lock = self.lock_for(&vm.id);
+        let _g = lock.lock().await;
+        let result = async {
+            crate::crash::point("create.registered");
+            let t = Instant::now();
+            let (node, v2, f2) = (self.node.clone(), vm.clone(), from.clone());
+            tokio::task::spawn_blocking(move || node.create_disk(&v2, f2.as_deref()))
+                .await
+                .map_err(internal)??;
+            crate::crash::point(if from.is_some() {
+                "clone.copied"
+            } else {
+                "create.disk"
+            });
+            self.node.save_record(&vm)?;
+            let us = t.elapsed().as_micros() as u64;
+            let vm = self.node.update(&vm.id, |v| v.disk_us = Some(us)).await?;
+            self.node.boot(&vm, &image).await
+        }
+        .await;
+        match result {
+            Ok(v) => {
+                self.metrics.creates.observe(t0.elapsed());
+                Ok(v)
+            }
+            Err(e) => {
+                self.node.destroy(&vm).await;
+                let _ = self.records.delete_vm(&vm).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Makes a new VM from a copy of `src`'s disk (boxcutter's `cp`) and boots it. `src` must
+    /// be stopped or failed, so its disk is consistent; the copy keeps its image, size, owner
+    /// and restart policy.
+    pub async fn clone_vm(
+        self: &Arc<Self>,
+        caller: &Caller,
+        src: &str,
+        dst: Option<String>,
+    ) -> Result<Vm, ApiError> {
+        let t0 = Instant::now();
+        let from = self.vm_for(caller, src).await?;
+        let lock = self.lock_for(&from.id);
+        let guard = lock.lock().await;
+        let from = self.by_id(&from.id, src).await?;
+        if !matches!(from.state, VmState::Stopped | VmState::Failed) {
+            return Err(ApiError::Conflict(format!(
+                "{src} is {}; stop it first to copy it",
+                from.state.as_str()
+            )));
+        }
+        let image = self.image_of(&from).await?.ok_or_else(|| {
+            ApiError::Conflict(format!("the image of {src} is no longer in the store"))
+        })?;
+        if let Some(n) = &dst {
+            names::validate_name(n).map_err(ApiError::Invalid)?;
+        }
+        let vm = Vm {
+            id: names::random_id(),
+            name: dst.unwrap_or_else(|| format!("{}-copy", from.name)),
+            state: VmState::Creating,
+            reason: None,
+            pid: None,
+            created_at: hutch_core::now(),
+            started_at: None,
+            boot_ms: None,
+            main_pid: None,
+            confinement: None,
+            restarts: 0,
+            clean_exit: false,
+            ..from.clone()
+        };
+        {
+            let _admit = self.admit_lock.lock().await;
+            self.admit(vm.owner.as_deref(), Ask::of(&vm, true)).await?;
+            if !self.records.create_vm(&vm).await? {
+                return Err(ApiError::Conflict(format!(
+                    "sandbox {:?} already exists",
+                    vm.name
+                )));
+            }
+        }
+        // The source stays locked while its disk is copied.
+        let r = self.build(vm, image, Some(from.id.clone()), t0).await;
+        drop(guard);
+        r
+    }
+
+    /// Starts `caller`'s stopped or failed VM `name`.
+    pub async fn start(self: &Arc<Self>, caller: &Caller, name: &str) -> Result<Vm, ApiError> {
+        let vm = self.vm_for(caller, name).await?;
+        check(&vm, &Event::Start)?;
+        let lock = self.lock_for(&vm.id);
+        let _g = lock.lock().await;
+        self.start_locked(&vm.id, 0).await
+    }
+
+    /// Starts VM `id` (its lock held); `restarts` is what its record's restart count becomes.
+    pub(crate) async fn start_locked(
+        self: &Arc<Self>,
+        id: &str,
+        restarts: u32,
+    ) -> Result<Vm, ApiError> {
+        let vm = self.by_id(id, id).await?;
+        check(&vm, &Event::Start)?;
+        let image = self.image_of(&vm).await?.ok_or_else(|| {
+            ApiError::Conflict(format!(
+                "image {} of {} is no longer in the store",
+                vm.image, vm.name
+            ))
+        })?;
+        if !self.node.has_disk(&vm) {
+            return Err(ApiError::Conflict(format!(
+                "the disk of {} is missing",
+                vm.name
+            )));
+        }
+        let vm = {
+            let _admit = self.admit_lock.lock().await;
+            self.admit(vm.owner.as_deref(), Ask::of(&vm, false)).await?;
+            self.node
+                .transition(id, Event::Start, |v| v.restarts = restarts)
+                .await?
+        };
+        match self.node.boot(&vm, &image).await {
+            Ok(vm) => Ok(vm),
+            Err(e) => {
+                let why = e.to_string();
+                let _ = self
+                    .node
+                    .transition(id, Event::BootFailed(why.clone()), |v| v.pid = None)
+                    .await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Stops `caller`'s VM `name`: the agent syncs and powers off; QMP quit and then SIGKILL
+    /// if it does not.
+    pub async fn stop(self: &Arc<Self>, caller: &Caller, name: &str) -> Result<Vm, ApiError> {
+        let vm = self.vm_for(caller, name).await?;
+        check(&vm, &Event::Stop)?;
+        let lock = self.lock_for(&vm.id);
+        let _g = lock.lock().await;
+        self.node.transition(&vm.id, Event::Stop, |_| {}).await?;
+        self.node.finish_stop(&vm.id).await
+    }
+
+    /// Deletes `caller`'s VM `name`, stopping it first; leaves no process, socket, disk or
+    /// record behind.
+    pub async fn delete(self: &Arc<Self>, caller: &Caller, name: &str) -> Result<(), ApiError> {
+        let vm = self.vm_for(caller, name).await?;
+        check(&vm, &Event::Delete)?;
+        let lock = self.lock_for(&vm.id);
+        let _g = lock.lock().await;
+        // Marked first: a delete that hutchd's crash interrupts is finished at the next start.
+        let vm = self.node.transition(&vm.id, Event::Delete, |_| {}).await?;
+        crate::crash::point("delete.marked");
+        if let Some(h) = self.node.handle(&vm) {
+            self.node.halt(&h).await;
+        }
+        self.node.destroy(&vm).await;
+        crate::crash::point("delete.destroyed");
+        self.records.delete_vm(&vm).await?;
+        self.drop_lock(&vm.id);
+        Ok(())
+    }
+}
