@@ -31,6 +31,14 @@ impl Vmm for NoVms {
     fn kill(&self, _vm: &VmHandle) -> Result<(), VmmError> {
         Ok(())
     }
+    fn create_disk(
+        &self,
+        _disk: &std::path::Path,
+        _template: &std::path::Path,
+        _from: Option<&std::path::Path>,
+    ) -> Result<(), VmmError> {
+        Err(VmmError::Launch("the test VMM makes no disks".into()))
+    }
 }
 
 async fn manager(dir: &std::path::Path) -> Arc<Service> {

@@ -7,6 +7,8 @@
 pub mod accel;
 pub mod cgroup;
 pub mod cmdline;
+#[cfg(any(test, feature = "fakes"))]
+pub mod fake;
 pub mod jail;
 pub mod qcow2;
 pub mod qemu;
@@ -148,6 +150,14 @@ pub trait Vmm: Send + Sync {
     }
     /// Kills the VM process at once (SIGKILL); used when a graceful stop did not finish.
     fn kill(&self, vm: &VmHandle) -> Result<(), VmmError>;
+    /// Makes a VM's writable disk at `disk`: a copy-on-write overlay over the raw `template`,
+    /// or (a clone) a copy of the disk `from`. The disk is flushed when this returns.
+    fn create_disk(
+        &self,
+        disk: &std::path::Path,
+        template: &std::path::Path,
+        from: Option<&std::path::Path>,
+    ) -> Result<(), VmmError>;
     /// Stops the guest's CPUs; memory stays allocated.
     fn pause(&self, _vm: &VmHandle) -> Result<(), VmmError> {
         Err(self.unsupported("pause"))

@@ -367,6 +367,34 @@ impl Vmm for Qemu {
         VmExit::Unknown
     }
 
+    fn create_disk(&self, disk: &Path, template: &Path, from: Option<&Path>) -> Result<(), VmmError> {
+        let mut cmd = match from {
+            None => {
+                let mut c = Command::new("qemu-img");
+                c.args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+                    .arg(template)
+                    .arg(disk);
+                c
+            }
+            Some(src) => {
+                let mut c = Command::new("cp");
+                c.arg("--sparse=always").arg(src).arg(disk);
+                c
+            }
+        };
+        let tool = cmd.get_program().to_string_lossy().to_string();
+        let o = cmd.output().map_err(io(format!("running {tool}")))?;
+        if !o.status.success() {
+            return Err(VmmError::Launch(format!(
+                "{tool}: {}",
+                String::from_utf8_lossy(&o.stderr).trim()
+            )));
+        }
+        let f = File::open(disk).map_err(io(format!("opening {}", disk.display())))?;
+        f.sync_all()
+            .map_err(io(format!("flushing {}", disk.display())))
+    }
+
     fn quit(&self, vm: &VmHandle) -> Result<(), VmmError> {
         crate::qmp::execute_blocking(&vm.qmp_socket(), "quit", Duration::from_secs(2)).map(|_| ())
     }

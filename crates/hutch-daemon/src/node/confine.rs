@@ -58,16 +58,13 @@ impl JailOptions {
 static ALLOCATE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 impl Node {
-    /// The VM with a uid of its own when confinement is on: the one it has, else the lowest of
-    /// the range that no VM of this node holds and no process on the host runs as.
-    pub(crate) async fn with_jail_uid(&self, vm: &Vm) -> Result<Vm, ApiError> {
+    /// A uid of its own for a new VM when confinement is on: the lowest of the range that no
+    /// VM of this node holds and no process on the host runs as. The caller records it (in the
+    /// VM's create transaction) before the next allocation, under the admission lock.
+    pub(crate) async fn allocate_uid(&self) -> Result<Option<Confinement>, ApiError> {
         let Some((base, count)) = self.cfg.jail_uids else {
-            return Ok(vm.clone());
+            return Ok(None);
         };
-        let in_range = |u: u32| u >= base && u - base < count;
-        if vm.confinement.as_ref().is_some_and(|c| in_range(c.uid)) {
-            return Ok(vm.clone());
-        }
         let _g = ALLOCATE.lock().await;
         let mut used: Vec<u32> = self
             .records
@@ -83,14 +80,25 @@ impl Node {
                 u64::from(base) + u64::from(count)
             ))
         })?;
-        self.update(&vm.id, |v| {
-            v.confinement = Some(Confinement {
-                uid,
-                gid: uid,
-                ..Default::default()
-            });
-        })
-        .await
+        Ok(Some(Confinement {
+            uid,
+            gid: uid,
+            ..Default::default()
+        }))
+    }
+
+    /// `vm` with a uid of its own when confinement is on and it has none yet (VMs made before
+    /// confinement): one is allocated and recorded.
+    pub(crate) async fn with_jail_uid(&self, vm: &Vm) -> Result<Vm, ApiError> {
+        let Some((base, count)) = self.cfg.jail_uids else {
+            return Ok(vm.clone());
+        };
+        let in_range = |u: u32| u >= base && u - base < count;
+        if vm.confinement.as_ref().is_some_and(|c| in_range(c.uid)) {
+            return Ok(vm.clone());
+        }
+        let conf = self.allocate_uid().await?;
+        self.update(&vm.id, |v| v.confinement = conf.clone()).await
     }
 
     /// Frees VM `id`'s cgroup and jail (its QEMU is gone); failures are logged.

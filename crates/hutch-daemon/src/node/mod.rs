@@ -77,6 +77,89 @@ impl Connector for SocketConnector {
     }
 }
 
+/// Fakes below the node, for unit tests of the service and the control-plane benchmark: every
+/// VM a fake VMM runs gets an in-memory agent.
+#[cfg(any(test, feature = "fakes"))]
+pub mod fakes {
+    use super::*;
+
+    /// Hands every VM whose (fake) process is alive a new `FakeAgent`.
+    pub struct FakeConnector {
+        pub vmm: Arc<dyn Vmm>,
+    }
+
+    impl Connector for FakeConnector {
+        fn connect<'a>(
+            &'a self,
+            vm: &'a VmHandle,
+            _timeout: Duration,
+        ) -> BoxFuture<'a, Result<Connected, AgentError>> {
+            Box::pin(async move {
+                if !self.vmm.is_alive(vm) {
+                    return Err(AgentError::Lost);
+                }
+                let a: Arc<dyn Agent> = Arc::new(PowersOff {
+                    inner: crate::agent::fake::FakeAgent::new(),
+                    vmm: self.vmm.clone(),
+                    vm: vm.clone(),
+                });
+                Ok((a, "6.1.0-fake".to_string()))
+            })
+        }
+    }
+
+    /// A `FakeAgent` whose `shutdown` ends its VM's fake process, as a guest powering off ends
+    /// QEMU.
+    struct PowersOff {
+        inner: crate::agent::fake::FakeAgent,
+        vmm: Arc<dyn Vmm>,
+        vm: VmHandle,
+    }
+
+    use crate::agent::{ExecStream, FileRead, FileWrite, FsAnswer, FsRequest, Health};
+
+    impl Agent for PowersOff {
+        fn exec(&self, req: ExecRequest) -> Result<ExecStream, AgentError> {
+            self.inner.exec(req)
+        }
+        fn read_file(
+            &self,
+            path: &str,
+            offset: u64,
+            len: Option<u64>,
+        ) -> Result<FileRead, AgentError> {
+            self.inner.read_file(path, offset, len)
+        }
+        fn write_file(
+            &self,
+            path: &str,
+            mode: Option<u32>,
+            offset: Option<u64>,
+        ) -> Result<FileWrite, AgentError> {
+            self.inner.write_file(path, mode, offset)
+        }
+        fn export_changes(&self) -> Result<FileRead, AgentError> {
+            self.inner.export_changes()
+        }
+        fn fs(&self, req: FsRequest) -> BoxFuture<'_, Result<FsAnswer, AgentError>> {
+            self.inner.fs(req)
+        }
+        fn health(&self) -> BoxFuture<'_, Result<Health, AgentError>> {
+            self.inner.health()
+        }
+        fn shutdown(&self) -> BoxFuture<'_, Result<(), AgentError>> {
+            Box::pin(async move {
+                self.inner.shutdown().await?;
+                let _ = self.vmm.quit(&self.vm);
+                Ok(())
+            })
+        }
+        fn is_alive(&self) -> bool {
+            self.vmm.is_alive(&self.vm)
+        }
+    }
+}
+
 pub struct Node {
     pub cfg: NodeConfig,
     pub records: Records,
@@ -246,26 +329,13 @@ impl Node {
     pub fn create_disk(&self, vm: &Vm, from: Option<&str>) -> Result<(), ApiError> {
         let dir = self.vm_dir(&vm.id);
         std::fs::create_dir_all(dir.join("run")).map_err(internal)?;
-        match from {
-            None => {
-                let template = self.disk_template(vm.disk_gib)?;
-                run_tool(
-                    std::process::Command::new("qemu-img")
-                        .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
-                        .arg(&template)
-                        .arg(dir.join("disk.qcow2")),
-                )?;
-            }
-            Some(src) => run_tool(
-                std::process::Command::new("cp")
-                    .arg("--sparse=always")
-                    .arg(self.vm_dir(src).join("disk.qcow2"))
-                    .arg(dir.join("disk.qcow2")),
-            )?,
-        }
-        // The disk, its directory and the VM's entry in vms/ reach the disk before the VM
-        // counts as created.
-        hutch_fs::durable::sync_path(&dir.join("disk.qcow2")).map_err(internal)?;
+        let template = self.disk_template(vm.disk_gib)?;
+        let src = from.map(|id| self.vm_dir(id).join("disk.qcow2"));
+        self.vmm
+            .create_disk(&dir.join("disk.qcow2"), &template, src.as_deref())?;
+        // The disk's directory and the VM's entry in vms/ reach the disk before the VM counts
+        // as created.
+        hutch_fs::durable::sync_dir(&dir).map_err(internal)?;
         hutch_fs::durable::sync_dir(&self.cfg.data_dir.join("vms")).map_err(internal)
     }
 
@@ -275,8 +345,16 @@ impl Node {
     }
 
     /// Launches QEMU for `vm` (in `creating` or `starting`) and waits for its agent; records the
-    /// VM as running. On failure the process is gone and the error says why (the console's end).
-    pub async fn boot(self: &Arc<Self>, vm: &Vm, image: &Image) -> Result<Vm, ApiError> {
+    /// VM as running, with its pid, in one store transaction (a crash before that leaves an
+    /// unrecorded QEMU, which recovery kills, and a VM that is undone or failed). On failure the
+    /// process is gone and the error says why (the console's end). `disk_us`: how long making
+    /// its disk took, recorded with it.
+    pub async fn boot(
+        self: &Arc<Self>,
+        vm: &Vm,
+        image: &Image,
+        disk_us: Option<u64>,
+    ) -> Result<Vm, ApiError> {
         let vm = &self.with_jail_uid(vm).await?;
         let spec = self.spec(vm, image);
         let t0 = Instant::now();
@@ -287,13 +365,6 @@ impl Node {
         crate::crash::point("boot.launched");
         let h = proc_.handle.clone();
         let conf = proc_.confinement.clone();
-        self.update(&vm.id, |v| {
-            v.pid = Some(h.pid);
-            if conf.is_some() {
-                v.confinement = conf.clone();
-            }
-        })
-        .await?;
         let connected = tokio::select! {
             r = self.connector.connect(&h, self.cfg.boot_timeout) => r.map_err(ApiError::from),
             _ = self.wait_exit(&h) => Err(ApiError::Internal("QEMU exited during boot".into())),
@@ -324,6 +395,13 @@ impl Node {
         let kernel = hutch_core::clean_text(&kernel);
         let vm = self
             .transition(&vm.id, Event::Booted, |v| {
+                v.pid = Some(h.pid);
+                if conf.is_some() {
+                    v.confinement = conf.clone();
+                }
+                if disk_us.is_some() {
+                    v.disk_us = disk_us;
+                }
                 v.started_at = Some(hutch_core::now());
                 v.boot_ms = Some(boot_ms);
                 v.kernel = Some(kernel.clone());
@@ -336,7 +414,8 @@ impl Node {
         } else {
             vm
         };
-        if let Err(e) = self.save_record(&vm) {
+        let (me, v2) = (self.clone(), vm.clone());
+        if let Ok(Err(e)) = tokio::task::spawn_blocking(move || me.save_record(&v2)).await {
             tracing::warn!(vm = %vm.key(), error = %e, "saving the record copy");
         }
         tracing::info!(vm = %vm.name, pid = h.pid, boot_ms, "vm running");

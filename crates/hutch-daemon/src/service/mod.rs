@@ -15,6 +15,10 @@ pub mod images;
 pub mod ops;
 pub mod restart;
 pub mod tenancy;
+#[cfg(any(test, feature = "fakes"))]
+pub mod testing;
+#[cfg(test)]
+mod tests;
 pub mod vms;
 
 pub use tenancy::{Admission, Ask};

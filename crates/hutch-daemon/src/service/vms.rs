@@ -202,6 +202,7 @@ impl Service {
         {
             let _admit = self.admit_lock.lock().await;
             self.admit(vm.owner.as_deref(), Ask::of(&vm, true)).await?;
+            vm.confinement = self.node.allocate_uid().await?;
             match &req.name {
                 Some(n) => {
                     vm.name = n.clone();
@@ -250,10 +251,8 @@ impl Service {
             } else {
                 "create.disk"
             });
-            self.node.save_record(&vm)?;
             let us = t.elapsed().as_micros() as u64;
-            let vm = self.node.update(&vm.id, |v| v.disk_us = Some(us)).await?;
-            self.node.boot(&vm, &image).await
+            self.node.boot(&vm, &image, Some(us)).await
         }
         .await;
         match result {
@@ -295,7 +294,7 @@ impl Service {
         if let Some(n) = &dst {
             names::validate_name(n).map_err(ApiError::Invalid)?;
         }
-        let vm = Vm {
+        let mut vm = Vm {
             id: names::random_id(),
             name: dst.unwrap_or_else(|| format!("{}-copy", from.name)),
             state: VmState::Creating,
@@ -313,6 +312,7 @@ impl Service {
         {
             let _admit = self.admit_lock.lock().await;
             self.admit(vm.owner.as_deref(), Ask::of(&vm, true)).await?;
+            vm.confinement = self.node.allocate_uid().await?;
             if !self.records.create_vm(&vm).await? {
                 return Err(ApiError::Conflict(format!(
                     "sandbox {:?} already exists",
@@ -362,7 +362,7 @@ impl Service {
                 .transition(id, Event::Start, |v| v.restarts = restarts)
                 .await?
         };
-        match self.node.boot(&vm, &image).await {
+        match self.node.boot(&vm, &image, None).await {
             Ok(vm) => Ok(vm),
             Err(e) => {
                 let why = e.to_string();

@@ -1,0 +1,76 @@
+//! A whole control plane over fakes (`FakeVmm`, `FakeAgent`) and a real data directory, for the
+//! service's unit tests and the control-plane benchmark (`make bench-control`): everything above
+//! the VMM and agent seams runs for real (records, admission, the lifecycle, locks, events).
+
+use super::{Admission, Service};
+use crate::auth::Tokens;
+use crate::node::fakes::FakeConnector;
+use crate::node::{Node, NodeConfig};
+use crate::records::Records;
+use hutch_core::{Image, ImageConfig};
+use hutch_store::kv::Store;
+use hutch_vmm::fake::FakeVmm;
+use hutch_vmm::{Accel, Vmm};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A service on `kv` with its data under `dir`, a fake VMM and fake agents.
+pub async fn fake_service(
+    dir: &Path,
+    kv: Arc<dyn Store>,
+    admission: Admission,
+) -> (Arc<Service>, Arc<FakeVmm>) {
+    let cfg = NodeConfig {
+        data_dir: dir.to_path_buf(),
+        bundle: hutch_guest::BootBundle {
+            kernel: dir.join("vmlinuz"),
+            initrd: dir.join("initrd"),
+            release: "6.1.0-fake".into(),
+        },
+        accel: Accel::Tcg,
+        boot_timeout: Duration::from_secs(5),
+        default_disk_gib: 1,
+        console_max_bytes: 1 << 20,
+        jail_uids: None,
+        registry_allow_private: false,
+        max_upload_bytes: 1 << 30,
+        qemu_version: "fake".into(),
+    };
+    let records = Records::open(kv).await.expect("records");
+    let images = hutch_image::ImageStore::open(&dir.join("images")).expect("image store");
+    let vmm = Arc::new(FakeVmm::default());
+    let as_vmm: Arc<dyn Vmm> = vmm.clone();
+    let node = Node::new(
+        cfg,
+        records,
+        Arc::new(images),
+        as_vmm.clone(),
+        Arc::new(FakeConnector { vmm: as_vmm }),
+        Arc::default(),
+    );
+    let tokens = Tokens::load_or_create(dir).expect("tokens");
+    let s = Arc::new(Service::new(Arc::new(node), tokens, admission));
+    s.start_background();
+    (s, vmm)
+}
+
+/// Records an image `name` in the shared library (no layers: an empty root filesystem).
+pub async fn add_image(s: &Service, name: &str) -> Image {
+    let img = Image {
+        name: name.into(),
+        digest: format!("sha256:{}", "e".repeat(64)),
+        config_digest: format!("sha256:{}", "c".repeat(64)),
+        layers: vec![],
+        config: ImageConfig {
+            cmd: vec!["sleep".into(), "1000".into()],
+            ..Default::default()
+        },
+        architecture: "amd64".into(),
+        rootfs_size: 0,
+        created_at: 0,
+        owner: None,
+    };
+    s.records.put_image(&img).await.expect("image record");
+    img
+}

@@ -1,0 +1,246 @@
+//! The service with fakes below it (FakeVmm, FakeAgent, the in-memory store): the lifecycle,
+//! authorization by caller, quotas, restart policy, events, and the concurrency cases the state
+//! machine defines, without QEMU.
+
+use super::testing::{add_image, fake_service};
+use super::{Admission, CreateVm, ExecVm, Service};
+use crate::auth::Caller;
+use crate::error::ApiError;
+use hutch_core::{Account, Quota, RestartPolicy, VmState};
+use hutch_store::kv::MemoryStore;
+use std::sync::Arc;
+use std::time::Duration;
+
+fn who(account: &str, admin: bool) -> Caller {
+    Caller {
+        account: account.into(),
+        admin,
+    }
+}
+
+fn new(name: &str) -> CreateVm {
+    CreateVm {
+        name: Some(name.into()),
+        image: "busybox".into(),
+        mem_mib: 64,
+        ..Default::default()
+    }
+}
+
+async fn service(quota: Option<Quota>) -> (Arc<Service>, Arc<hutch_vmm::fake::FakeVmm>, tempfile::TempDir) {
+    let d = tempfile::tempdir().unwrap();
+    let mut adm = Admission::default();
+    if let Some(q) = quota {
+        adm.default_quota = q;
+    }
+    let (s, vmm) = fake_service(d.path(), Arc::new(MemoryStore::new()), adm).await;
+    add_image(&s, "busybox:latest").await;
+    for a in ["alice", "bob"] {
+        let acc = Account {
+            name: a.into(),
+            admin: false,
+            keys: vec![],
+            created_at: 0,
+            quota: None,
+        };
+        s.records.put(crate::records::ACCOUNTS, a, &acc).await.unwrap();
+    }
+    (s, vmm, d)
+}
+
+async fn wait_for<T>(mut f: impl AsyncFnMut() -> Option<T>) -> T {
+    for _ in 0..200 {
+        if let Some(v) = f().await {
+            return v;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lifecycle_through_the_service() {
+    let (s, vmm, _d) = service(None).await;
+    let admin = Caller::local_admin();
+    let vm = s.create(&admin, new("web")).await.unwrap();
+    assert_eq!(vm.state, VmState::Running);
+    assert!(vm.pid.is_some());
+    assert_eq!(vmm.running(), 1);
+    let vm = s.stop(&admin, "web").await.unwrap();
+    assert_eq!((vm.state, vm.pid), (VmState::Stopped, None));
+    assert_eq!(vmm.running(), 0);
+    assert!(matches!(
+        s.stop(&admin, "web").await,
+        Err(ApiError::Conflict(m)) if m == "web is already stopped"
+    ));
+    assert_eq!(s.start(&admin, "web").await.unwrap().state, VmState::Running);
+    s.delete(&admin, "web").await.unwrap();
+    assert!(matches!(s.describe(&admin, "web").await, Err(ApiError::NotFound { .. })));
+    assert_eq!(vmm.running(), 0);
+    assert!(s.list().await.unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_operation_is_authorized_on_the_resolved_vm() {
+    let (s, _vmm, _d) = service(None).await;
+    let (alice, bob, admin) = (who("alice", false), who("bob", false), Caller::local_admin());
+    s.create(&alice, new("web")).await.unwrap();
+    // Bob's `web` is his own; alice's is invisible to him in every operation.
+    for r in [
+        s.describe(&bob, "web").await.map(|_| ()),
+        s.stop(&bob, "web").await.map(|_| ()),
+        s.start(&bob, "web").await.map(|_| ()),
+        s.delete(&bob, "web").await,
+        s.describe(&bob, "alice/web").await.map(|_| ()),
+        s.console(&bob, "alice/web", 10).await.map(|_| ()),
+        s.exec(&bob, "alice/web", ExecVm::default()).await.map(|_| ()),
+    ] {
+        assert!(matches!(r, Err(ApiError::NotFound { .. }) | Err(ApiError::Invalid(_))), "{r:?}");
+    }
+    s.create(&bob, new("web")).await.unwrap();
+    assert_eq!(s.vms_of(&bob).await.unwrap().len(), 1);
+    // The admin reaches alice's by its qualified name.
+    assert_eq!(s.stop(&admin, "alice/web").await.unwrap().state, VmState::Stopped);
+    assert_eq!(s.vms_of(&admin).await.unwrap().len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quotas_refuse_and_leave_nothing_behind() {
+    let q = Quota {
+        vms: 1,
+        vcpus: 1,
+        mem_mib: 128,
+        disk_gib: 10,
+    };
+    let (s, vmm, _d) = service(Some(q)).await;
+    let alice = who("alice", false);
+    s.create(&alice, new("one")).await.unwrap();
+    let r = s.create(&alice, new("two")).await;
+    assert!(matches!(r, Err(ApiError::Quota(_))), "{r:?}");
+    assert_eq!(s.list().await.unwrap().len(), 1);
+    assert_eq!(vmm.running(), 1);
+    // Bob's quota is his own.
+    s.create(&who("bob", false), new("one")).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrency_has_one_outcome_each() {
+    let d = tempfile::tempdir().unwrap();
+    let vmm = Arc::new(hutch_vmm::fake::FakeVmm::slow(Duration::from_millis(400)));
+    let s = slow_service(d.path(), Arc::new(MemoryStore::new()), vmm.clone()).await;
+    add_image(&s, "busybox:latest").await;
+    let admin = Caller::local_admin();
+    // Same-name creates: one wins, the other is told the name is taken.
+    let (a, b, ()) = tokio::join!(s.create(&admin, new("dup")), s.create(&admin, new("dup")), async {
+        // Delete during create: refused at once, the create decides.
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let r = s.delete(&admin, "dup").await;
+        assert!(
+            matches!(&r, Err(ApiError::Conflict(m)) if m.contains("still being created")),
+            "{r:?}"
+        );
+    });
+    let oks = [a.is_ok(), b.is_ok()].iter().filter(|x| **x).count();
+    assert_eq!(oks, 1, "{a:?} {b:?}");
+    assert!([a, b].into_iter().any(|r| matches!(r, Err(ApiError::Conflict(m)) if m.contains("exists"))));
+    // Stop during exec: the stop goes ahead; the exec does not hold it up.
+    let exec = s
+        .exec(
+            &admin,
+            "dup",
+            ExecVm {
+                argv: vec!["sleep".into(), "100".into()],
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let stop = {
+        let s = s.clone();
+        tokio::spawn(async move { s.stop(&Caller::local_admin(), "dup").await })
+    };
+    // Start during stop: refused at once.
+    wait_for(async || (s.describe(&admin, "dup").await.ok()?.state != VmState::Running).then_some(())).await;
+    let r = s.start(&admin, "dup").await;
+    assert!(matches!(&r, Err(ApiError::Conflict(m)) if m.contains("stopping")), "{r:?}");
+    assert_eq!(stop.await.unwrap().unwrap().state, VmState::Stopped);
+    // (That the exec's stream then ends is the agent connection's doing: the real client's
+    // streams end with `Lost` when QEMU goes; tests/operate.rs checks it end to end.)
+    drop(exec);
+    assert_eq!(vmm.running(), 0);
+}
+
+async fn slow_service(
+    dir: &std::path::Path,
+    kv: Arc<MemoryStore>,
+    vmm: Arc<hutch_vmm::fake::FakeVmm>,
+) -> Arc<Service> {
+    use crate::node::{fakes::FakeConnector, Node, NodeConfig};
+    let cfg = NodeConfig {
+        data_dir: dir.to_path_buf(),
+        bundle: hutch_guest::BootBundle {
+            kernel: dir.join("vmlinuz"),
+            initrd: dir.join("initrd"),
+            release: "6.1.0-fake".into(),
+        },
+        accel: hutch_vmm::Accel::Tcg,
+        boot_timeout: Duration::from_secs(5),
+        default_disk_gib: 1,
+        console_max_bytes: 1 << 20,
+        jail_uids: None,
+        registry_allow_private: false,
+        max_upload_bytes: 1 << 30,
+        qemu_version: "fake".into(),
+    };
+    let records = crate::records::Records::open(kv).await.unwrap();
+    let images = hutch_image::ImageStore::open(&cfg.data_dir.join("images")).unwrap();
+    let as_vmm: Arc<dyn hutch_vmm::Vmm> = vmm;
+    let node = Node::new(
+        cfg,
+        records,
+        Arc::new(images),
+        as_vmm.clone(),
+        Arc::new(FakeConnector { vmm: as_vmm }),
+        Arc::default(),
+    );
+    let tokens = crate::auth::Tokens::load_or_create(dir).unwrap();
+    let s = Arc::new(Service::new(Arc::new(node), tokens, Admission::default()));
+    s.start_background();
+    s
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_vm_restarts_by_policy_and_events_tell_it() {
+    let (s, vmm, _d) = service(None).await;
+    let admin = Caller::local_admin();
+    let mut events = s.events.subscribe();
+    let vm = s
+        .create(
+            &admin,
+            CreateVm {
+                restart: RestartPolicy::OnFailure,
+                ..new("phoenix")
+            },
+        )
+        .await
+        .unwrap();
+    let plain = s.create(&admin, new("plain")).await.unwrap();
+    vmm.crash(vm.pid.unwrap());
+    vmm.crash(plain.pid.unwrap());
+    let back = wait_for(async || {
+        let v = s.describe(&admin, "phoenix").await.ok()?;
+        (v.state == VmState::Running && v.pid != vm.pid).then_some(v)
+    })
+    .await;
+    assert_eq!(back.restarts, 1);
+    let p = s.describe(&admin, "plain").await.unwrap();
+    assert_eq!(p.state, VmState::Failed);
+    assert!(p.reason.unwrap().contains("signal 9"));
+    let mut kinds = Vec::new();
+    while let Ok(e) = events.try_recv() {
+        if e.vm == "phoenix" {
+            kinds.push(e.kind);
+        }
+    }
+    assert_eq!(kinds, ["created", "failed", "restarting", "starting", "started"]);
+}
