@@ -24,7 +24,7 @@ INSTALLED := $(BINDIR)/hutchd $(BINDIR)/hutch $(BINDIR)/hutch-agent \
 	$(SYSTEMDUNITDIR)/hutchd.service $(BASHCOMPDIR)/hutch $(ZSHCOMPDIR)/_hutch \
 	$(FISHCOMPDIR)/hutch.fish
 
-.PHONY: all deps test-deps build agent run test lint fmt bench clean-test install install-files uninstall
+.PHONY: all deps test-deps build agent run test lint fmt bench bench-control clean-test install install-files uninstall
 
 all: build
 
@@ -90,3 +90,9 @@ install-files:
 # Removes what install put in place; hutchd's data (/var/lib/hutch) and running VMs stay.
 uninstall:
 	rm -f $(addprefix $(DESTDIR),$(INSTALLED))
+
+# The control plane alone: the real service on the redb store over the fake VMM and agents
+# (docs/benchmarks.md). HUTCH_BENCH_STORE=memory for the in-memory baseline.
+bench-control:
+	cargo build --release -p hutch-daemon --features fakes --example bench_control
+	target/release/examples/bench_control

@@ -3,8 +3,12 @@
 //! agents (no QEMU) — creating VMs from 1, 10 and 100 concurrent clients. Prints creates/s and
 //! p50/p99 latency per level, and `control plane creates/s: N` for 10 clients.
 //!
-//! Usage: bench_control [SECONDS_PER_LEVEL] (default 3). The data dir is a temp dir under
-//! HUTCH_BENCH_DIR (default /tmp), removed at the end.
+//! Usage: bench_control [SECONDS_PER_LEVEL] (default 3). The state store (redb, durable
+//! commits) is in a temp dir under HUTCH_BENCH_STORE_DIR (default /tmp, on disk); the node's VM
+//! directories (the fake disks and record copies the node runtime writes and flushes for every
+//! VM) are under HUTCH_BENCH_DIR (default /dev/shm), so what is measured is the control plane,
+//! not the node's file system. Both are removed at the end. HUTCH_BENCH_STORE=memory runs the
+//! same on the in-memory store (the baseline: the control plane without durable commits).
 
 use hutch_daemon::auth::Caller;
 use hutch_daemon::service::testing::{add_image, fake_service};
@@ -28,12 +32,22 @@ async fn main() {
         .nth(1)
         .and_then(|a| a.parse().ok())
         .unwrap_or(3);
-    let base = std::env::var("HUTCH_BENCH_DIR").unwrap_or_else(|_| "/tmp".into());
+    let base = std::env::var("HUTCH_BENCH_DIR").unwrap_or_else(|_| "/dev/shm".into());
     let dir = tempfile::Builder::new()
         .prefix("hutch-bench-control")
         .tempdir_in(base)
         .expect("temp dir");
-    let kv = Arc::new(RedbStore::open(&dir.path().join("state.redb")).expect("redb"));
+    let store_base = std::env::var("HUTCH_BENCH_STORE_DIR").unwrap_or_else(|_| "/tmp".into());
+    let store_dir = tempfile::Builder::new()
+        .prefix("hutch-bench-store")
+        .tempdir_in(store_base)
+        .expect("temp dir");
+    let memory = std::env::var("HUTCH_BENCH_STORE").is_ok_and(|s| s == "memory");
+    let kv: Arc<dyn hutch_store::kv::Store> = if memory {
+        Arc::new(hutch_store::kv::MemoryStore::new())
+    } else {
+        Arc::new(RedbStore::open(&store_dir.path().join("state.redb")).expect("redb"))
+    };
     let admission = Admission {
         // Fake VMs use no memory or disk; admission still runs its checks on every create.
         mem_overcommit: 1e6,
@@ -56,7 +70,10 @@ async fn main() {
     )
     .await
     .expect("warm-up create");
-    println!("control plane: real service + redb store, fake VMM and agents; {secs} s per level");
+    println!(
+        "control plane: real service + {} store, fake VMM and agents; {secs} s per level",
+        if memory { "in-memory" } else { "redb" }
+    );
     let seq = Arc::new(AtomicU64::new(0));
     let mut at_ten = 0.0;
     for clients in [1usize, 10, 100] {

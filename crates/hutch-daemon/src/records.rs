@@ -14,16 +14,25 @@
 //! (`Absent(name)` + both puts), so of two creates of one name exactly one commits; a change of
 //! state is a compare-and-swap on the VM's key.
 //!
+//! VM reads are served from memory: a view of `vms/` kept by this process's own writes (applied
+//! at their revision when they commit, so a caller reads its writes) and by a watch on the store
+//! (so changes made by anyone else, later another node, arrive too). Per VM the newest revision
+//! wins; a deleted VM leaves a tombstone until the watch has passed its revision, so a late
+//! event cannot bring it back. Writes always go to the store, compared against the store.
+//!
 //! Schema 0 is the layout before the revisioned store (tables `vms`, `images`, `accounts`,
 //! `tokens`, `invites`, keyed by name); `RedbStore` turns it into `legacy/TABLE/KEY`, and
 //! [`Records::open`] moves those to their keys here, in batches that each move some records
 //! atomically (a crash in between resumes where it stopped), then writes the version.
 
 use hutch_core::{Image, Vm};
-use hutch_store::kv::{Compare, Store, StoreError, StoreExt, Txn, TxnOutcome, MAX_TXN_OPS};
+use hutch_store::kv::{
+    Compare, EventKind, Revision, Store, StoreError, StoreExt, Txn, TxnOutcome, MAX_TXN_OPS,
+};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock, Weak};
 
 /// The schema this hutchd reads and writes.
 pub const SCHEMA: u64 = 1;
@@ -52,12 +61,60 @@ fn name_key_of(vm_key: &str) -> String {
 #[derive(Clone)]
 pub struct Records {
     kv: Arc<dyn Store>,
+    view: Arc<RwLock<View>>,
+}
+
+/// The in-memory view of `vms/` (see the module doc).
+#[derive(Default)]
+struct View {
+    vms: HashMap<String, (Vm, Revision)>,
+    /// Name index key -> id.
+    names: HashMap<String, String>,
+    /// Deleted ids and the revision of their deletion.
+    gone: HashMap<String, Revision>,
+    /// The revision the watch has applied.
+    watched: Revision,
+}
+
+impl View {
+    fn put(&mut self, vm: Vm, rev: Revision) {
+        if self.gone.get(&vm.id).is_some_and(|g| *g >= rev)
+            || self.vms.get(&vm.id).is_some_and(|(_, r)| *r >= rev)
+        {
+            return;
+        }
+        self.names
+            .insert(name_key(vm.owner.as_deref(), &vm.name), vm.id.clone());
+        self.vms.insert(vm.id.clone(), (vm, rev));
+    }
+
+    fn delete(&mut self, id: &str, rev: Revision) {
+        if self.vms.get(id).is_some_and(|(_, r)| *r > rev) {
+            return;
+        }
+        if let Some((vm, _)) = self.vms.remove(id) {
+            let n = name_key(vm.owner.as_deref(), &vm.name);
+            if self.names.get(&n).is_some_and(|i| i == id) {
+                self.names.remove(&n);
+            }
+        }
+        self.gone.insert(id.to_string(), rev);
+    }
+
+    fn watched_to(&mut self, rev: Revision) {
+        self.watched = self.watched.max(rev);
+        let w = self.watched;
+        self.gone.retain(|_, r| *r > w);
+    }
 }
 
 impl Records {
     /// Opens the records on `kv`, migrating an older schema; refuses a newer one.
     pub async fn open(kv: Arc<dyn Store>) -> Result<Records, StoreError> {
-        let r = Records { kv };
+        let r = Records {
+            kv,
+            view: Arc::default(),
+        };
         let version =
             r.kv.get_json::<u64>(META_SCHEMA)
                 .await?
@@ -72,6 +129,9 @@ impl Records {
         if version < 1 {
             r.migrate_legacy().await?;
         }
+        let snap = r.kv.range(VMS).await?;
+        load(&r.view, &snap)?;
+        follow(Arc::downgrade(&r.view), r.kv.clone(), snap.revision);
         Ok(r)
     }
 
@@ -216,32 +276,38 @@ impl Records {
 
     /// The VM stored under `vm_key` (`alice/web`, or `web` for the admin's).
     pub async fn vm(&self, vm_key: &str) -> Result<Option<Vm>, StoreError> {
-        let Some(id) = self.kv.get_json::<String>(&name_key_of(vm_key)).await? else {
-            return Ok(None);
-        };
-        self.vm_by_id(&id.value).await
+        let v = self.view.read().unwrap_or_else(|e| e.into_inner());
+        Ok(v.names
+            .get(&name_key_of(vm_key))
+            .and_then(|id| v.vms.get(id))
+            .map(|(vm, _)| vm.clone()))
     }
 
     pub async fn vm_by_id(&self, id: &str) -> Result<Option<Vm>, StoreError> {
-        self.get(VMS, id).await
+        let v = self.view.read().unwrap_or_else(|e| e.into_inner());
+        Ok(v.vms.get(id).map(|(vm, _)| vm.clone()))
     }
 
     pub async fn vms(&self) -> Result<Vec<Vm>, StoreError> {
-        self.list(VMS).await
+        Ok(self.fold_vms(|it| it.cloned().collect()))
     }
 
     /// Records a new VM and claims its name, in one transaction; false when the name is taken.
     pub async fn create_vm(&self, vm: &Vm) -> Result<bool, StoreError> {
         let name = name_key(vm.owner.as_deref(), &vm.name);
         let key = format!("{VMS}{}", vm.id);
-        self.commit(
-            Txn::new()
-                .when(Compare::Absent(name.clone()))
-                .when(Compare::Absent(key.clone()))
-                .put_json(name, &vm.id)?
-                .put_json(key, vm)?,
-        )
-        .await
+        let txn = Txn::new()
+            .when(Compare::Absent(name.clone()))
+            .when(Compare::Absent(key.clone()))
+            .put_json(name, &vm.id)?
+            .put_json(key, vm)?;
+        match self.kv.txn(txn).await? {
+            TxnOutcome::Committed { revision } => {
+                self.view_put(vm.clone(), revision);
+                Ok(true)
+            }
+            TxnOutcome::Failed { .. } => Ok(false),
+        }
     }
 
     /// Changes VM `id` by compare-and-swap; `f` may refuse (its error is returned, nothing
@@ -251,7 +317,26 @@ impl Records {
         E: From<StoreError> + Send,
         F: FnMut(&mut Vm) -> Result<(), E> + Send,
     {
-        self.update(VMS, id, f).await
+        let v = self
+            .kv
+            .update_json::<Vm, E, F>(&format!("{VMS}{id}"), f)
+            .await?;
+        self.view_put(v.value.clone(), v.revision);
+        Ok(v.value)
+    }
+
+    fn view_put(&self, vm: Vm, rev: Revision) {
+        self.view
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .put(vm, rev);
+    }
+
+    /// Computes over every VM without copying them (admission sums, uid allocation).
+    pub fn fold_vms<R>(&self, f: impl FnOnce(&mut dyn Iterator<Item = &Vm>) -> R) -> R {
+        let v = self.view.read().unwrap_or_else(|e| e.into_inner());
+        let mut it = v.vms.values().map(|(vm, _)| vm);
+        f(&mut it)
     }
 
     /// Writes `vm` whole (recovery); its name must be its own or free.
@@ -259,7 +344,10 @@ impl Records {
         let txn = Txn::new()
             .put_json(name_key(vm.owner.as_deref(), &vm.name), &vm.id)?
             .put_json(format!("{VMS}{}", vm.id), vm)?;
-        self.commit(txn).await.map(|_| ())
+        if let TxnOutcome::Committed { revision } = self.kv.txn(txn).await? {
+            self.view_put(vm.clone(), revision);
+        }
+        Ok(())
     }
 
     /// Removes VM `vm` and its name, in one transaction.
@@ -274,14 +362,22 @@ impl Records {
                     .delete(name);
             }
         }
-        match self.kv.txn(txn).await? {
-            TxnOutcome::Committed { .. } => Ok(()),
+        let revision = match self.kv.txn(txn).await? {
+            TxnOutcome::Committed { revision } => revision,
             // The name was re-pointed meanwhile: remove just the record.
-            TxnOutcome::Failed { .. } => self
-                .commit(Txn::new().delete(format!("{VMS}{}", vm.id)))
-                .await
-                .map(|_| ()),
-        }
+            TxnOutcome::Failed { .. } => {
+                let txn = Txn::new().delete(format!("{VMS}{}", vm.id));
+                match self.kv.txn(txn).await? {
+                    TxnOutcome::Committed { revision } => revision,
+                    TxnOutcome::Failed { .. } => return Ok(()),
+                }
+            }
+        };
+        self.view
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .delete(&vm.id, revision);
+        Ok(())
     }
 
     // Images.
@@ -301,6 +397,88 @@ impl Records {
     pub async fn delete_image(&self, key: &str) -> Result<bool, StoreError> {
         self.delete(IMAGES, key).await
     }
+}
+
+/// Puts a snapshot of `vms/` into the view, dropping VMs it no longer has.
+fn load(view: &RwLock<View>, snap: &hutch_store::kv::Snapshot) -> Result<(), StoreError> {
+    let mut v = view.write().unwrap_or_else(|e| e.into_inner());
+    let mut seen = std::collections::HashSet::new();
+    for kv in &snap.kvs {
+        let vm: Vm = serde_json::from_slice(&kv.value).map_err(|source| StoreError::Corrupt {
+            key: kv.key.clone(),
+            source,
+        })?;
+        seen.insert(vm.id.clone());
+        v.put(vm, kv.mod_revision);
+    }
+    let stale: Vec<String> = v
+        .vms
+        .iter()
+        .filter(|(id, (_, r))| !seen.contains(*id) && *r <= snap.revision)
+        .map(|(id, _)| id.clone())
+        .collect();
+    for id in stale {
+        v.delete(&id, snap.revision);
+    }
+    v.watched_to(snap.revision);
+    Ok(())
+}
+
+/// Keeps the view in step with the store's `vms/` for as long as the records live.
+fn follow(view: Weak<RwLock<View>>, kv: Arc<dyn Store>, mut from: Revision) {
+    tokio::spawn(async move {
+        loop {
+            let mut w = match kv.watch(VMS, from).await {
+                Ok(w) => w,
+                Err(StoreError::Closed) => return,
+                Err(e) => {
+                    tracing::warn!(error = %e, "records: watching VMs");
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            loop {
+                let ev = match w.next().await {
+                    Ok(ev) => ev,
+                    Err(StoreError::Closed) => return,
+                    Err(e) => {
+                        if !matches!(e, StoreError::Compacted { .. }) {
+                            tracing::warn!(error = %e, "records: VM watch");
+                        }
+                        break;
+                    }
+                };
+                let Some(view) = view.upgrade() else { return };
+                let id = ev.key[VMS.len()..].to_string();
+                let mut v = view.write().unwrap_or_else(|e| e.into_inner());
+                match ev.kind {
+                    EventKind::Put => {
+                        if let Some(vm) = ev
+                            .value
+                            .as_deref()
+                            .and_then(|b| serde_json::from_slice::<Vm>(b).ok())
+                        {
+                            v.put(vm, ev.revision);
+                        }
+                    }
+                    EventKind::Delete => v.delete(&id, ev.revision),
+                }
+                v.watched_to(ev.revision);
+                from = ev.revision;
+            }
+            // Behind the store's history (or the watch failed): reload, then watch again.
+            let Some(view) = view.upgrade() else { return };
+            match kv.range(VMS).await {
+                Ok(snap) => {
+                    if load(&view, &snap).is_ok() {
+                        from = snap.revision;
+                    }
+                }
+                Err(StoreError::Closed) => return,
+                Err(e) => tracing::warn!(error = %e, "records: reloading VMs"),
+            }
+        }
+    });
 }
 
 #[cfg(test)]

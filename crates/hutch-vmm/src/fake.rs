@@ -12,6 +12,8 @@ use std::time::Duration;
 
 pub struct FakeVmm {
     next: AtomicU32,
+    /// Bumped whenever a process ends, for `wait`.
+    ends: Arc<tokio::sync::watch::Sender<u64>>,
     alive: Arc<Mutex<HashSet<u32>>>,
     ended: Arc<Mutex<HashMap<u32, VmExit>>>,
     /// How long a process takes to go away after `quit`.
@@ -27,6 +29,7 @@ impl Default for FakeVmm {
         FakeVmm {
             // Far above real pids, so nothing mistakes them for processes.
             next: AtomicU32::new(4_000_000),
+            ends: Arc::new(tokio::sync::watch::channel(0).0),
             alive: Arc::default(),
             ended: Arc::default(),
             quit_delay: Duration::ZERO,
@@ -59,6 +62,7 @@ impl FakeVmm {
 
     fn end(&self, pid: u32, how: VmExit) {
         end(&self.alive, &self.ended, pid, how);
+        self.ends.send_modify(|n| *n += 1);
     }
 }
 
@@ -92,6 +96,20 @@ impl Vmm for FakeVmm {
             .contains(&vm.pid)
     }
 
+    fn wait<'a>(
+        &'a self,
+        vm: &'a VmHandle,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>> {
+        let mut rx = self.ends.subscribe();
+        Box::pin(async move {
+            while self.is_alive(vm) {
+                if rx.changed().await.is_err() {
+                    return;
+                }
+            }
+        })
+    }
+
     fn exit(&self, vm: &VmHandle) -> VmExit {
         self.ended
             .lock()
@@ -104,22 +122,27 @@ impl Vmm for FakeVmm {
         if self.quit_delay.is_zero() {
             self.end(vm.pid, VmExit::Clean);
         } else {
-            let (alive, ended, pid, d) = (
+            let (alive, ended, ends, pid, d) = (
                 self.alive.clone(),
                 self.ended.clone(),
+                self.ends.clone(),
                 vm.pid,
                 self.quit_delay,
             );
             std::thread::spawn(move || {
                 std::thread::sleep(d);
                 end(&alive, &ended, pid, VmExit::Clean);
+                ends.send_modify(|n| *n += 1);
             });
         }
         Ok(())
     }
 
     fn kill(&self, vm: &VmHandle) -> Result<(), VmmError> {
-        self.end(vm.pid, VmExit::Crashed("QEMU was killed by signal 9".into()));
+        self.end(
+            vm.pid,
+            VmExit::Crashed("QEMU was killed by signal 9".into()),
+        );
         Ok(())
     }
 
@@ -140,17 +163,8 @@ impl Vmm for FakeVmm {
     }
 }
 
-fn end(
-    alive: &Mutex<HashSet<u32>>,
-    ended: &Mutex<HashMap<u32, VmExit>>,
-    pid: u32,
-    how: VmExit,
-) {
-    if alive
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .remove(&pid)
-    {
+fn end(alive: &Mutex<HashSet<u32>>, ended: &Mutex<HashMap<u32, VmExit>>, pid: u32, how: VmExit) {
+    if alive.lock().unwrap_or_else(|e| e.into_inner()).remove(&pid) {
         ended
             .lock()
             .unwrap_or_else(|e| e.into_inner())

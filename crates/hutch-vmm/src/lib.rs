@@ -20,7 +20,9 @@ pub use jail::JailConfig;
 pub use qemu::Qemu;
 pub use version::{check_qemu, MIN_QEMU};
 
+use std::future::Future;
 use std::path::PathBuf;
+use std::pin::Pin;
 
 /// Everything a backend needs to launch one VM.
 #[derive(Debug, Clone)]
@@ -140,6 +142,15 @@ pub trait Vmm: Send + Sync {
     fn launch(&self, spec: &VmSpec) -> Result<VmProcess, VmmError>;
     /// Whether the handle's process is still the VM process (and not a reused pid).
     fn is_alive(&self, vm: &VmHandle) -> bool;
+    /// Resolves once the handle's process has ended. The default polls [`Vmm::is_alive`];
+    /// backends with a way to be told (QEMU: a pidfd) override it.
+    fn wait<'a>(&'a self, vm: &'a VmHandle) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
+        Box::pin(async move {
+            while self.is_alive(vm) {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        })
+    }
     /// How the process ended, once it has.
     fn exit(&self, _vm: &VmHandle) -> VmExit {
         VmExit::Unknown

@@ -342,6 +342,35 @@ impl Vmm for Qemu {
         is_vm_process(&vm.id, vm.pid)
     }
 
+    fn wait<'a>(
+        &'a self,
+        vm: &'a VmHandle,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>> {
+        Box::pin(async move {
+            // A pidfd becomes readable when the process exits (Linux >= 5.3); it refers to this
+            // process, not to a later one with its pid. Polling stays as the fallback.
+            if let Some(fd) = pidfd(vm.pid) {
+                if is_vm_process(&vm.id, vm.pid) {
+                    // SAFETY: `fd` is an open pidfd this AsyncFd owns (it is moved in) for its
+                    // whole life, so the descriptor stays valid and the same.
+                    let registered = unsafe {
+                        tokio::io::unix::AsyncFd::register_with_interest(
+                            fd,
+                            tokio::io::Interest::READABLE,
+                        )
+                    };
+                    if let Ok(afd) = registered {
+                        let _ = afd.readable().await;
+                        return;
+                    }
+                }
+            }
+            while is_vm_process(&vm.id, vm.pid) {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    }
+
     fn exit(&self, vm: &VmHandle) -> VmExit {
         use std::os::unix::process::ExitStatusExt;
         // The reaper thread may record the status just after the process disappears.
@@ -367,7 +396,12 @@ impl Vmm for Qemu {
         VmExit::Unknown
     }
 
-    fn create_disk(&self, disk: &Path, template: &Path, from: Option<&Path>) -> Result<(), VmmError> {
+    fn create_disk(
+        &self,
+        disk: &Path,
+        template: &Path,
+        from: Option<&Path>,
+    ) -> Result<(), VmmError> {
         let mut cmd = match from {
             None => {
                 let mut c = Command::new("qemu-img");
@@ -476,4 +510,16 @@ pub fn is_vm_process(id: &str, pid: u32) -> bool {
     cmdline
         .split(|&b| b == 0)
         .any(|a| a.starts_with(tag.as_bytes()))
+}
+
+/// A pidfd for `pid` (None where the kernel has none or the process is gone).
+fn pidfd(pid: u32) -> Option<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: the descriptor was just returned to us and is owned by nothing else.
+    Some(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
 }

@@ -54,18 +54,25 @@ impl JailOptions {
     }
 }
 
+/// A new VM's confinement (None: off) and the allocation lock, held until it is recorded.
+pub(crate) type Allocated = (
+    Option<Confinement>,
+    Option<tokio::sync::MutexGuard<'static, ()>>,
+);
+
 /// Serialises uid allocation (pick + record) within this hutchd.
 static ALLOCATE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 impl Node {
     /// A uid of its own for a new VM when confinement is on: the lowest of the range that no
     /// VM of this node holds and no process on the host runs as. The caller records it (in the
-    /// VM's create transaction) before the next allocation, under the admission lock.
-    pub(crate) async fn allocate_uid(&self) -> Result<Option<Confinement>, ApiError> {
+    /// VM's create transaction) while it holds the returned guard, so no other allocation sees
+    /// the uid as free meanwhile.
+    pub(crate) async fn allocate_uid(&self) -> Result<Allocated, ApiError> {
         let Some((base, count)) = self.cfg.jail_uids else {
-            return Ok(None);
+            return Ok((None, None));
         };
-        let _g = ALLOCATE.lock().await;
+        let g = ALLOCATE.lock().await;
         let mut used: Vec<u32> = self
             .records
             .vms()
@@ -80,11 +87,14 @@ impl Node {
                 u64::from(base) + u64::from(count)
             ))
         })?;
-        Ok(Some(Confinement {
-            uid,
-            gid: uid,
-            ..Default::default()
-        }))
+        Ok((
+            Some(Confinement {
+                uid,
+                gid: uid,
+                ..Default::default()
+            }),
+            Some(g),
+        ))
     }
 
     /// `vm` with a uid of its own when confinement is on and it has none yet (VMs made before
@@ -97,7 +107,7 @@ impl Node {
         if vm.confinement.as_ref().is_some_and(|c| in_range(c.uid)) {
             return Ok(vm.clone());
         }
-        let conf = self.allocate_uid().await?;
+        let (conf, _held) = self.allocate_uid().await?;
         self.update(&vm.id, |v| v.confinement = conf.clone()).await
     }
 

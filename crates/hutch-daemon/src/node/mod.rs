@@ -325,7 +325,8 @@ impl Node {
         Ok(p)
     }
 
-    /// Makes `vm`'s directory and writable disk: a fresh overlay, or (clone) a copy of `from`'s.
+    /// Makes `vm`'s directory, writable disk (a fresh overlay, or for a clone a copy of
+    /// `from`'s) and durable record copy (see rebuild.rs).
     pub fn create_disk(&self, vm: &Vm, from: Option<&str>) -> Result<(), ApiError> {
         let dir = self.vm_dir(&vm.id);
         std::fs::create_dir_all(dir.join("run")).map_err(internal)?;
@@ -333,8 +334,9 @@ impl Node {
         let src = from.map(|id| self.vm_dir(id).join("disk.qcow2"));
         self.vmm
             .create_disk(&dir.join("disk.qcow2"), &template, src.as_deref())?;
-        // The disk's directory and the VM's entry in vms/ reach the disk before the VM counts
-        // as created.
+        self.save_record(vm, true)?;
+        // The disk, the record copy, their directory and the VM's entry in vms/ reach the disk
+        // before the VM counts as created.
         hutch_fs::durable::sync_dir(&dir).map_err(internal)?;
         hutch_fs::durable::sync_dir(&self.cfg.data_dir.join("vms")).map_err(internal)
     }
@@ -415,7 +417,7 @@ impl Node {
             vm
         };
         let (me, v2) = (self.clone(), vm.clone());
-        if let Ok(Err(e)) = tokio::task::spawn_blocking(move || me.save_record(&v2)).await {
+        if let Ok(Err(e)) = tokio::task::spawn_blocking(move || me.save_record(&v2, false)).await {
             tracing::warn!(vm = %vm.key(), error = %e, "saving the record copy");
         }
         tracing::info!(vm = %vm.name, pid = h.pid, boot_ms, "vm running");
@@ -462,9 +464,7 @@ impl Node {
     }
 
     async fn wait_exit(&self, h: &VmHandle) {
-        while self.vmm.is_alive(h) {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        self.vmm.wait(h).await
     }
 
     /// Waits up to `limit` for `h` to be gone; whether it is.

@@ -27,7 +27,10 @@ pub struct Recovered {
 
 impl Node {
     /// Writes `vm`'s record into its directory (durably: a temp file renamed into place).
-    pub(crate) fn save_record(&self, vm: &Vm) -> Result<(), ApiError> {
+    /// The copy made when the VM is created is durable (its directory is flushed after it, by
+    /// `create_disk`); the refresh after each boot (pid, cgroup) is not flushed: recovery needs
+    /// the VM's identity, image and settings, which the first copy has.
+    pub(crate) fn save_record(&self, vm: &Vm, durable: bool) -> Result<(), ApiError> {
         let dir = self.vm_dir(&vm.id);
         let tmp = dir.join(format!("{RECORD}.tmp"));
         let bytes = serde_json::to_vec_pretty(vm).map_err(internal)?;
@@ -35,10 +38,11 @@ impl Node {
             use std::io::Write;
             let mut f = std::fs::File::create(&tmp).map_err(internal)?;
             f.write_all(&bytes).map_err(internal)?;
-            hutch_fs::durable::sync_file(&f).map_err(internal)?;
+            if durable {
+                hutch_fs::durable::sync_file(&f).map_err(internal)?;
+            }
         }
-        std::fs::rename(&tmp, dir.join(RECORD)).map_err(internal)?;
-        hutch_fs::durable::sync_dir(&dir).map_err(internal)
+        std::fs::rename(&tmp, dir.join(RECORD)).map_err(internal)
     }
 
     /// The record copy in VM directory `id`, if it has a readable one.

@@ -81,15 +81,22 @@ impl Node {
         let (me, id2) = (self.clone(), vm.id.clone());
         let _ = tokio::task::spawn_blocking(move || me.release_jail(&id2)).await;
         self.forget(&vm.id);
-        // The watch may have recorded the exit already (stopping + exited = stopped).
+        // The watch may record the exit first (stopping + exited = stopped): then there is
+        // nothing left to record, decided on the record as the compare-and-swap reads it.
         match self.records.vm_by_id(id).await? {
             Some(now) if now.state != VmState::Stopping => Ok(now),
             _ => {
-                self.transition(id, Event::Halted, |v| {
-                    v.pid = None;
-                    v.main_pid = None;
-                })
-                .await
+                self.records
+                    .update_vm(id, |v: &mut Vm| {
+                        if v.state == VmState::Stopping {
+                            v.apply(&Event::Halted)
+                                .map_err(|d| ApiError::Conflict(format!("{} {d}", v.name)))?;
+                            v.pid = None;
+                            v.main_pid = None;
+                        }
+                        Ok(())
+                    })
+                    .await
             }
         }
     }

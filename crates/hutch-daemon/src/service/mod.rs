@@ -21,7 +21,7 @@ pub mod testing;
 mod tests;
 pub mod vms;
 
-pub use tenancy::{Admission, Ask};
+pub use tenancy::{Admission, Ask, Reservation};
 pub use vms::{CreateVm, ExecVm, DEFAULT_MEM_MIB, DEFAULT_VCPUS};
 
 use crate::auth::{Caller, Tokens};
@@ -40,8 +40,8 @@ pub struct Service {
     pub image_ops: tokio::sync::RwLock<()>,
     pub tokens: Tokens,
     pub admission: Admission,
-    /// Held from an admission check until the admitted VM's record counts (see `admit`).
-    admit_lock: tokio::sync::Mutex<()>,
+    /// Admitted creates and starts whose records do not count yet (see `admit`).
+    pending: tenancy::Pending,
     /// One per VM id (and per pull): lifecycle operations on one VM never interleave.
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Lifecycle events (fed from the store's watch, see events.rs).
@@ -59,7 +59,7 @@ impl Service {
             image_ops: tokio::sync::RwLock::new(()),
             tokens,
             admission,
-            admit_lock: tokio::sync::Mutex::new(()),
+            pending: Default::default(),
             locks: Mutex::new(HashMap::new()),
             events: Default::default(),
         }

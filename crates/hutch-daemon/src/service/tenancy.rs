@@ -12,6 +12,7 @@ use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::records::ACCOUNTS;
 use hutch_core::{Account, Image, Quota, Vm};
+use std::collections::HashMap;
 
 /// Host admission limits (the admin's configuration).
 #[derive(Debug, Clone, Copy)]
@@ -236,29 +237,62 @@ impl Service {
             .unwrap_or(self.admission.default_quota))
     }
 
-    /// Refuses a create or start that would take `owner` past its quota or the host past its
-    /// memory or disk. The caller holds `admit_lock` from this check until the VM's record says
-    /// it is starting, so concurrent requests cannot both pass on the same headroom.
-    pub async fn admit(&self, owner: Option<&str>, ask: Ask) -> Result<(), ApiError> {
-        let vms = self.list().await?;
-        if let Some(acct) = owner {
-            let q = self.quota_of(acct).await?;
-            let mine: Vec<&Vm> = vms
-                .iter()
-                .filter(|v| v.owner.as_deref() == Some(acct))
-                .collect();
+    /// Admits a create (`ask.new`) or start of `vm`: refuses it when it would take its owner
+    /// past its quota or the host past its memory or disk, else reserves what it asks for until
+    /// the returned [`Reservation`] is dropped, which the caller does once the VM's record counts
+    /// (created, or `starting`). The check and the reservation happen under a short lock with no
+    /// I/O in it, so concurrent requests cannot both pass on the same headroom, and their store
+    /// transactions still commit together.
+    pub async fn admit(&self, vm: &Vm, new: bool) -> Result<Reservation, ApiError> {
+        let ask = Ask::of(vm, new);
+        let quota = match vm.owner.as_deref() {
+            Some(acct) => Some(self.quota_of(acct).await?),
+            None => None,
+        };
+        let free = if new {
+            free_mib(&self.cfg().data_dir)
+        } else {
+            u64::MAX
+        };
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        // What the records count, plus what is admitted but not in them yet.
+        let (mut mine, mut active) = self.records.fold_vms(|it| {
+            let (mut mine, mut active) = ([0u64; 4], 0u64);
+            for v in it {
+                if v.owner.is_some() && v.owner == vm.owner {
+                    mine[0] += 1;
+                    mine[1] += u64::from(v.vcpus);
+                    mine[2] += v.mem_mib;
+                    mine[3] += v.disk_gib;
+                }
+                if v.state.uses_memory() {
+                    active += v.mem_mib;
+                }
+            }
+            (mine, active)
+        });
+        for (_, (owner, a)) in pending.iter() {
+            if a.new && owner.is_some() && *owner == vm.owner {
+                mine[0] += 1;
+                mine[1] += u64::from(a.vcpus);
+                mine[2] += a.mem_mib;
+                mine[3] += a.disk_gib;
+            }
+            active += a.mem_mib;
+        }
+        if let (Some(acct), Some(q)) = (vm.owner.as_deref(), quota) {
             let add = u64::from(ask.new);
-            let used = (
-                mine.len() as u64 + add,
-                mine.iter().map(|v| u64::from(v.vcpus)).sum::<u64>() + u64::from(ask.vcpus) * add,
-                mine.iter().map(|v| v.mem_mib).sum::<u64>() + ask.mem_mib * add,
-                mine.iter().map(|v| v.disk_gib).sum::<u64>() + ask.disk_gib * add,
-            );
+            let used = [
+                mine[0] + add,
+                mine[1] + u64::from(ask.vcpus) * add,
+                mine[2] + ask.mem_mib * add,
+                mine[3] + ask.disk_gib * add,
+            ];
             let over = [
-                ("VMs", used.0, u64::from(q.vms)),
-                ("vCPUs", used.1, u64::from(q.vcpus)),
-                ("MiB of memory", used.2, q.mem_mib),
-                ("GiB of disk", used.3, q.disk_gib),
+                ("VMs", used[0], u64::from(q.vms)),
+                ("vCPUs", used[1], u64::from(q.vcpus)),
+                ("MiB of memory", used[2], q.mem_mib),
+                ("GiB of disk", used[3], q.disk_gib),
             ]
             .into_iter()
             .find(|(_, u, max)| u > max);
@@ -268,11 +302,6 @@ impl Service {
                 )));
             }
         }
-        let active: u64 = vms
-            .iter()
-            .filter(|v| v.state.uses_memory())
-            .map(|v| v.mem_mib)
-            .sum();
         let limit = (self.node.host_mem_mib() as f64 * self.admission.mem_overcommit) as u64;
         if active + ask.mem_mib > limit {
             return Err(ApiError::Capacity(format!(
@@ -280,10 +309,15 @@ impl Service {
                 ask.mem_mib
             )));
         }
-        if ask.new {
-            let need = (ask.disk_gib as f64 * 1024.0 / self.admission.disk_overcommit) as u64
+        if new {
+            let reserved: u64 = pending
+                .values()
+                .filter(|(_, a)| a.new)
+                .map(|(_, a)| a.disk_gib)
+                .sum();
+            let need = ((ask.disk_gib + reserved) as f64 * 1024.0 / self.admission.disk_overcommit)
+                as u64
                 + self.admission.disk_reserve_mib;
-            let free = free_mib(&self.cfg().data_dir);
             if free < need {
                 return Err(ApiError::Capacity(format!(
                     "the host has {free} MiB of disk free; a {} GiB VM needs {need} MiB",
@@ -291,7 +325,29 @@ impl Service {
                 )));
             }
         }
-        Ok(())
+        pending.insert(vm.id.clone(), (vm.owner.clone(), ask));
+        Ok(Reservation {
+            pending: self.pending.clone(),
+            id: vm.id.clone(),
+        })
+    }
+}
+
+/// Admitted resources not yet in the records, by VM id.
+pub type Pending = std::sync::Arc<std::sync::Mutex<HashMap<String, (Option<String>, Ask)>>>;
+
+/// What an admitted create or start holds until its record counts (see [`Service::admit`]).
+pub struct Reservation {
+    pending: Pending,
+    id: String,
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.id);
     }
 }
 

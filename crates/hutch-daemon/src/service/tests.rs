@@ -27,7 +27,13 @@ fn new(name: &str) -> CreateVm {
     }
 }
 
-async fn service(quota: Option<Quota>) -> (Arc<Service>, Arc<hutch_vmm::fake::FakeVmm>, tempfile::TempDir) {
+async fn service(
+    quota: Option<Quota>,
+) -> (
+    Arc<Service>,
+    Arc<hutch_vmm::fake::FakeVmm>,
+    tempfile::TempDir,
+) {
     let d = tempfile::tempdir().unwrap();
     let mut adm = Admission::default();
     if let Some(q) = quota {
@@ -43,7 +49,10 @@ async fn service(quota: Option<Quota>) -> (Arc<Service>, Arc<hutch_vmm::fake::Fa
             created_at: 0,
             quota: None,
         };
-        s.records.put(crate::records::ACCOUNTS, a, &acc).await.unwrap();
+        s.records
+            .put(crate::records::ACCOUNTS, a, &acc)
+            .await
+            .unwrap();
     }
     (s, vmm, d)
 }
@@ -73,9 +82,15 @@ async fn lifecycle_through_the_service() {
         s.stop(&admin, "web").await,
         Err(ApiError::Conflict(m)) if m == "web is already stopped"
     ));
-    assert_eq!(s.start(&admin, "web").await.unwrap().state, VmState::Running);
+    assert_eq!(
+        s.start(&admin, "web").await.unwrap().state,
+        VmState::Running
+    );
     s.delete(&admin, "web").await.unwrap();
-    assert!(matches!(s.describe(&admin, "web").await, Err(ApiError::NotFound { .. })));
+    assert!(matches!(
+        s.describe(&admin, "web").await,
+        Err(ApiError::NotFound { .. })
+    ));
     assert_eq!(vmm.running(), 0);
     assert!(s.list().await.unwrap().is_empty());
 }
@@ -83,7 +98,11 @@ async fn lifecycle_through_the_service() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_operation_is_authorized_on_the_resolved_vm() {
     let (s, _vmm, _d) = service(None).await;
-    let (alice, bob, admin) = (who("alice", false), who("bob", false), Caller::local_admin());
+    let (alice, bob, admin) = (
+        who("alice", false),
+        who("bob", false),
+        Caller::local_admin(),
+    );
     s.create(&alice, new("web")).await.unwrap();
     // Bob's `web` is his own; alice's is invisible to him in every operation.
     for r in [
@@ -93,14 +112,25 @@ async fn every_operation_is_authorized_on_the_resolved_vm() {
         s.delete(&bob, "web").await,
         s.describe(&bob, "alice/web").await.map(|_| ()),
         s.console(&bob, "alice/web", 10).await.map(|_| ()),
-        s.exec(&bob, "alice/web", ExecVm::default()).await.map(|_| ()),
+        s.exec(&bob, "alice/web", ExecVm::default())
+            .await
+            .map(|_| ()),
     ] {
-        assert!(matches!(r, Err(ApiError::NotFound { .. }) | Err(ApiError::Invalid(_))), "{r:?}");
+        assert!(
+            matches!(
+                r,
+                Err(ApiError::NotFound { .. }) | Err(ApiError::Invalid(_))
+            ),
+            "{r:?}"
+        );
     }
     s.create(&bob, new("web")).await.unwrap();
     assert_eq!(s.vms_of(&bob).await.unwrap().len(), 1);
     // The admin reaches alice's by its qualified name.
-    assert_eq!(s.stop(&admin, "alice/web").await.unwrap().state, VmState::Stopped);
+    assert_eq!(
+        s.stop(&admin, "alice/web").await.unwrap().state,
+        VmState::Stopped
+    );
     assert_eq!(s.vms_of(&admin).await.unwrap().len(), 2);
 }
 
@@ -131,18 +161,24 @@ async fn concurrency_has_one_outcome_each() {
     add_image(&s, "busybox:latest").await;
     let admin = Caller::local_admin();
     // Same-name creates: one wins, the other is told the name is taken.
-    let (a, b, ()) = tokio::join!(s.create(&admin, new("dup")), s.create(&admin, new("dup")), async {
-        // Delete during create: refused at once, the create decides.
-        tokio::time::sleep(Duration::from_millis(150)).await;
-        let r = s.delete(&admin, "dup").await;
-        assert!(
-            matches!(&r, Err(ApiError::Conflict(m)) if m.contains("still being created")),
-            "{r:?}"
-        );
-    });
+    let (a, b, ()) = tokio::join!(
+        s.create(&admin, new("dup")),
+        s.create(&admin, new("dup")),
+        async {
+            // Delete during create: refused at once, the create decides.
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            let r = s.delete(&admin, "dup").await;
+            assert!(
+                matches!(&r, Err(ApiError::Conflict(m)) if m.contains("still being created")),
+                "{r:?}"
+            );
+        }
+    );
     let oks = [a.is_ok(), b.is_ok()].iter().filter(|x| **x).count();
     assert_eq!(oks, 1, "{a:?} {b:?}");
-    assert!([a, b].into_iter().any(|r| matches!(r, Err(ApiError::Conflict(m)) if m.contains("exists"))));
+    assert!([a, b]
+        .into_iter()
+        .any(|r| matches!(r, Err(ApiError::Conflict(m)) if m.contains("exists"))));
     // Stop during exec: the stop goes ahead; the exec does not hold it up.
     let exec = s
         .exec(
@@ -160,9 +196,15 @@ async fn concurrency_has_one_outcome_each() {
         tokio::spawn(async move { s.stop(&Caller::local_admin(), "dup").await })
     };
     // Start during stop: refused at once.
-    wait_for(async || (s.describe(&admin, "dup").await.ok()?.state != VmState::Running).then_some(())).await;
+    wait_for(async || {
+        (s.describe(&admin, "dup").await.ok()?.state != VmState::Running).then_some(())
+    })
+    .await;
     let r = s.start(&admin, "dup").await;
-    assert!(matches!(&r, Err(ApiError::Conflict(m)) if m.contains("stopping")), "{r:?}");
+    assert!(
+        matches!(&r, Err(ApiError::Conflict(m)) if m.contains("stopping")),
+        "{r:?}"
+    );
     assert_eq!(stop.await.unwrap().unwrap().state, VmState::Stopped);
     // (That the exec's stream then ends is the agent connection's doing: the real client's
     // streams end with `Lost` when QEMU goes; tests/operate.rs checks it end to end.)
@@ -242,5 +284,8 @@ async fn a_crashed_vm_restarts_by_policy_and_events_tell_it() {
             kinds.push(e.kind);
         }
     }
-    assert_eq!(kinds, ["created", "failed", "restarting", "starting", "started"]);
+    assert_eq!(
+        kinds,
+        ["created", "failed", "restarting", "starting", "started"]
+    );
 }

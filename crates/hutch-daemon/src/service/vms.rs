@@ -3,7 +3,7 @@
 //! waiting for the VM's lock (a VM in a transitional state answers 409 at once, see
 //! `hutch_core::lifecycle`), and again under the lock.
 
-use super::{Ask, Service};
+use super::Service;
 use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::node::internal;
@@ -197,12 +197,12 @@ impl Service {
             restarts: 0,
             clean_exit: false,
         };
-        // Admission and the name claim under one lock; the name is claimed in the create's one
-        // store transaction: of concurrent creates, one wins.
+        // Admitted (reserved until the record counts), then the name is claimed in the create's
+        // one store transaction: of concurrent creates, one wins.
         {
-            let _admit = self.admit_lock.lock().await;
-            self.admit(vm.owner.as_deref(), Ask::of(&vm, true)).await?;
-            vm.confinement = self.node.allocate_uid().await?;
+            let _admitted = self.admit(&vm, true).await?;
+            let (conf, _uid_held) = self.node.allocate_uid().await?;
+            vm.confinement = conf;
             match &req.name {
                 Some(n) => {
                     vm.name = n.clone();
@@ -310,9 +310,9 @@ impl Service {
             ..from.clone()
         };
         {
-            let _admit = self.admit_lock.lock().await;
-            self.admit(vm.owner.as_deref(), Ask::of(&vm, true)).await?;
-            vm.confinement = self.node.allocate_uid().await?;
+            let _admitted = self.admit(&vm, true).await?;
+            let (conf, _uid_held) = self.node.allocate_uid().await?;
+            vm.confinement = conf;
             if !self.records.create_vm(&vm).await? {
                 return Err(ApiError::Conflict(format!(
                     "sandbox {:?} already exists",
@@ -356,8 +356,7 @@ impl Service {
             )));
         }
         let vm = {
-            let _admit = self.admit_lock.lock().await;
-            self.admit(vm.owner.as_deref(), Ask::of(&vm, false)).await?;
+            let _admitted = self.admit(&vm, false).await?;
             self.node
                 .transition(id, Event::Start, |v| v.restarts = restarts)
                 .await?
