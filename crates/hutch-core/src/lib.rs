@@ -3,8 +3,10 @@
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
+pub mod api;
 pub mod lifecycle;
 pub mod names;
+pub mod render;
 pub mod status;
 
 pub use lifecycle::{Denied, Event, RestartPolicy, VmEvent, VmState};

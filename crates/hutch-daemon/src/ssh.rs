@@ -17,7 +17,7 @@ pub use signup::Signup;
 use crate::agent::{AgentError, ExecEvent, ExecHandle};
 use crate::auth::Caller;
 use crate::service::{CreateVm, ExecVm, Service};
-use hutch_core::{mib, Account, Vm, VmState};
+use hutch_core::{Account, Vm, VmState};
 use hutch_proto::TtySize;
 use russh::keys::ssh_key::private::{Ed25519Keypair, KeypairData};
 use russh::keys::{HashAlg, PrivateKey, PublicKey};
@@ -341,22 +341,7 @@ impl Conn {
     }
 
     fn describe(&self, v: &Vm) -> String {
-        let mut s = format!(
-            "\n  Name:    {}\n  Node:    {}\n  Image:   {}\n  vCPU:    {}\n  RAM:     {}\n  Disk:    {}G\n  Status:  {}\n",
-            v.name,
-            self.host,
-            v.image,
-            v.vcpus,
-            mib(v.mem_mib),
-            v.disk_gib,
-            v.state.as_str()
-        );
-        if let Some(r) = &v.reason {
-            s.push_str(&format!("  Reason:  {r}\n"));
-        }
-        s.push_str(&hutch_core::Confinement::describe(v.confinement.as_ref()));
-        s.push_str(&format!("\n  Connect: {}\n\n", self.connect_line(&v.name)));
-        s
+        hutch_core::render::describe(v, Some(&self.host), &self.connect_line(&v.name))
     }
 
     fn finish(

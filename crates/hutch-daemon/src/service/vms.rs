@@ -12,49 +12,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-/// The defaults of a create, the one place they live (REST, SSH and the CLI all use them).
-pub const DEFAULT_VCPUS: u32 = 1;
-pub const DEFAULT_MEM_MIB: u64 = 256;
-
-/// A request to create a VM.
-#[derive(Debug, Clone, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CreateVm {
-    pub name: Option<String>,
-    pub image: String,
-    #[serde(default = "one")]
-    pub vcpus: u32,
-    #[serde(default = "default_mem")]
-    pub mem_mib: u64,
-    pub disk_gib: Option<u64>,
-    /// Run the image's Entrypoint + Cmd as the VM's main process.
-    #[serde(default)]
-    pub run: bool,
-    /// What happens when its QEMU exits without `hutch stop` (default: no).
-    #[serde(default)]
-    pub restart: hutch_core::RestartPolicy,
-}
-
-fn one() -> u32 {
-    DEFAULT_VCPUS
-}
-fn default_mem() -> u64 {
-    DEFAULT_MEM_MIB
-}
-
-impl Default for CreateVm {
-    fn default() -> Self {
-        CreateVm {
-            name: None,
-            image: String::new(),
-            vcpus: DEFAULT_VCPUS,
-            mem_mib: DEFAULT_MEM_MIB,
-            disk_gib: None,
-            run: false,
-            restart: Default::default(),
-        }
-    }
-}
+pub use hutch_core::api::{CreateVm, DEFAULT_MEM_MIB, DEFAULT_VCPUS};
 
 /// A request to run a process in a VM.
 #[derive(Debug, Clone, Default, serde::Deserialize)]

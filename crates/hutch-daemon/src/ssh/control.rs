@@ -29,25 +29,8 @@ impl Conn {
                 if json {
                     return Out::ok(serde_json::to_string_pretty(&vms).unwrap_or_default() + "\n");
                 }
-                let mut rows = vec![["NAME", "NODE", "IMAGE", "VCPU", "RAM", "DISK", "STATE"]
-                    .map(String::from)
-                    .to_vec()];
-                for v in &vms {
-                    rows.push(vec![
-                        // Another account's VM (as the admin sees it) is `account/name`.
-                        match v.owner.as_deref() {
-                            Some(o) if o != self.account().name => v.key(),
-                            _ => v.name.clone(),
-                        },
-                        self.host.clone(),
-                        v.image.clone(),
-                        v.vcpus.to_string(),
-                        mib(v.mem_mib),
-                        format!("{}G", v.disk_gib),
-                        v.state.as_str().into(),
-                    ]);
-                }
-                Out::ok(hutch_core::table(rows))
+                let viewer = (!caller.admin).then_some(caller.account.as_str());
+                Out::ok(hutch_core::render::vm_table(&vms, viewer, Some(&self.host)))
             }
             ["describe", n] => match self.find(n).await {
                 Some(v) if json => {

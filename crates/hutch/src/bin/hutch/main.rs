@@ -13,7 +13,6 @@ use bytes::Bytes;
 use clap::{Parser, Subcommand};
 use client::*;
 use http_body_util::BodyExt;
-use hutch_core::mib;
 use hyper::Method;
 use pull::{pull, resolve_creds};
 use render::*;
@@ -64,10 +63,10 @@ enum Cmd {
         image: String,
         #[arg(long)]
         name: Option<String>,
-        #[arg(long, default_value_t = 1)]
+        #[arg(long, default_value_t = hutch_core::api::DEFAULT_VCPUS)]
         vcpu: u32,
         /// Memory in MiB.
-        #[arg(long, default_value_t = 256)]
+        #[arg(long, default_value_t = hutch_core::api::DEFAULT_MEM_MIB)]
         mem: u64,
         /// Writable disk size in GiB (sparse).
         #[arg(long)]
@@ -411,7 +410,7 @@ async fn run(cli: Cli) -> Result<i32> {
                                 "{:.1}M",
                                 i["rootfs_size"].as_u64().unwrap_or(0) as f64 / 1048576.0
                             ),
-                            age(i["created_at"].as_u64().unwrap_or(0)),
+                            hutch_core::render::age(i["created_at"].as_u64().unwrap_or(0)),
                         ]);
                     }
                     table(rows);
@@ -442,8 +441,16 @@ async fn run(cli: Cli) -> Result<i32> {
             run,
             restart,
         } => {
-            let body = json!({"image": image, "name": name, "vcpus": vcpu, "mem_mib": mem, "disk_gib": disk, "run": run, "restart": restart});
-            let v = pull::create(&c, body).await?;
+            let req = hutch_core::api::CreateVm {
+                name,
+                image,
+                vcpus: vcpu,
+                mem_mib: mem,
+                disk_gib: disk,
+                run,
+                restart,
+            };
+            let v = pull::create(&c, &req).await?;
             if j {
                 out_json(&v)
             } else {
@@ -455,32 +462,9 @@ async fn run(cli: Cli) -> Result<i32> {
             if j {
                 out_json(&v);
             } else {
-                let mut rows = vec![[
-                    "NAME", "STATE", "IMAGE", "VCPU", "RAM", "DISK", "PID", "AGE",
-                ]
-                .map(String::from)
-                .to_vec()];
-                for vm in v.as_array().cloned().unwrap_or_default() {
-                    // Another account's VM (as the admin sees it) is named `account/name`.
-                    let name = vm["name"].as_str().unwrap_or("");
-                    rows.push(vec![
-                        match vm["owner"].as_str() {
-                            Some(o) if o != "admin" => format!("{o}/{name}"),
-                            _ => name.to_string(),
-                        },
-                        vm["state"].as_str().unwrap_or("").into(),
-                        vm["image"].as_str().unwrap_or("").into(),
-                        vm["vcpus"].to_string(),
-                        mib(vm["mem_mib"].as_u64().unwrap_or(0)),
-                        format!("{}G", vm["disk_gib"]),
-                        vm["pid"]
-                            .as_u64()
-                            .map(|p| p.to_string())
-                            .unwrap_or_else(|| "-".into()),
-                        age(vm["created_at"].as_u64().unwrap_or(0)),
-                    ]);
-                }
-                table(rows);
+                // Another account's VM (as the admin sees it) is named `account/name`.
+                let vms: Vec<hutch_core::Vm> = serde_json::from_value(v)?;
+                print!("{}", hutch_core::render::vm_table(&vms, None, None));
             }
         }
         Cmd::Describe { name } => {

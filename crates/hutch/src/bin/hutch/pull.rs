@@ -125,14 +125,15 @@ fn image_missing(e: &anyhow::Error) -> bool {
 
 /// `hutch new`: creates (and boots) a VM; when its image is missing and its reference names a
 /// registry, pulls it first with progress, then creates again. The new VM.
-pub(crate) async fn create(c: &Client, body: Value) -> Result<Value> {
+pub(crate) async fn create(c: &Client, req: &hutch_core::api::CreateVm) -> Result<Value> {
     let path = "/api/v1/sandboxes";
+    let body = serde_json::to_value(req)?;
     let first = c.json(Method::POST, path, Some(body.clone())).await;
     let e = match first {
         Err(e) if image_missing(&e) => e,
         other => return other,
     };
-    let image = body["image"].as_str().unwrap_or("");
+    let image = req.image.as_str();
     if !names_registry(image) {
         bail!(
             "{e}: import it (hutch image import PATH --name {image}) or pull it \

@@ -1,0 +1,101 @@
+//! How VMs are shown to people, once for every front door: the `ls` table and `describe`, as
+//! the CLI prints them and the SSH front door answers them.
+
+use crate::{mib, Confinement, Vm};
+
+/// How long ago `ts` (Unix seconds) was: `42s`, `5m`, `3h`, `2d`.
+pub fn age(ts: u64) -> String {
+    let d = crate::now().saturating_sub(ts);
+    match d {
+        0..=59 => format!("{d}s"),
+        60..=3599 => format!("{}m", d / 60),
+        3600..=86399 => format!("{}h", d / 3600),
+        _ => format!("{}d", d / 86400),
+    }
+}
+
+/// The name a viewer uses for `vm`: bare for its own (and the admin's own), `account/name` for
+/// another account's (as the admin sees them).
+pub fn display_name(vm: &Vm, viewer: Option<&str>) -> String {
+    match vm.owner.as_deref() {
+        Some(o) if Some(o) != viewer && o != "admin" => format!("{o}/{}", vm.name),
+        _ => vm.name.clone(),
+    }
+}
+
+/// The `ls` table. `viewer`: the account looking (None: the admin); `node`: a NODE column.
+pub fn vm_table(vms: &[Vm], viewer: Option<&str>, node: Option<&str>) -> String {
+    let mut head = vec![
+        "NAME", "STATE", "IMAGE", "VCPU", "RAM", "DISK", "PID", "AGE",
+    ];
+    if node.is_some() {
+        head.insert(1, "NODE");
+    }
+    let mut rows = vec![head.into_iter().map(String::from).collect::<Vec<_>>()];
+    for v in vms {
+        let mut row = vec![
+            display_name(v, viewer),
+            v.state.as_str().into(),
+            v.image.clone(),
+            v.vcpus.to_string(),
+            mib(v.mem_mib),
+            format!("{}G", v.disk_gib),
+            v.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+            age(v.created_at),
+        ];
+        if let Some(n) = node {
+            row.insert(1, n.to_string());
+        }
+        rows.push(row);
+    }
+    crate::table(rows)
+}
+
+/// `describe`: every field people look at, then how to get in (`connect`).
+pub fn describe(v: &Vm, node: Option<&str>, connect: &str) -> String {
+    let mut s = format!("\n  Name:    {}\n  ID:      {}\n", v.name, v.id);
+    if let Some(o) = &v.owner {
+        s.push_str(&format!("  Owner:   {o}\n"));
+    }
+    if let Some(n) = node {
+        s.push_str(&format!("  Node:    {n}\n"));
+    }
+    s.push_str(&format!(
+        "  Image:   {}\n  vCPU:    {}\n  RAM:     {}\n  Disk:    {}G\n  Status:  {}\n",
+        v.image,
+        v.vcpus,
+        mib(v.mem_mib),
+        v.disk_gib,
+        v.state.as_str()
+    ));
+    if let Some(r) = &v.reason {
+        s.push_str(&format!("  Reason:  {}\n", crate::clean_text(r)));
+    }
+    if v.restart != crate::RestartPolicy::No {
+        s.push_str(&format!(
+            "  Restart: {} ({} so far)\n",
+            v.restart.as_str(),
+            v.restarts
+        ));
+    }
+    if let Some(p) = v.pid {
+        s.push_str(&format!("  PID:     {p}\n"));
+    }
+    if let Some(p) = v.main_pid {
+        s.push_str(&format!(
+            "  Main:    guest pid {p} (image Entrypoint/Cmd; output in the logs)\n"
+        ));
+    }
+    if let Some(k) = &v.kernel {
+        s.push_str(&format!(
+            "  Kernel:  {k} ({})\n",
+            v.accel.as_deref().unwrap_or("")
+        ));
+    }
+    if let Some(b) = v.boot_ms {
+        s.push_str(&format!("  Boot:    {b} ms\n"));
+    }
+    s.push_str(&Confinement::describe(v.confinement.as_ref()));
+    s.push_str(&format!("\n  Connect: {connect}\n\n"));
+    s
+}
