@@ -130,11 +130,13 @@ struct Run {
 /// One schemathesis run against `port` with `token` (None: no Authorization header).
 fn fuzz(st: &Path, work: &Path, spec: &Path, port: u16, token: Option<&str>, who: &str) -> Run {
     let doc: Value = serde_json::from_slice(&std::fs::read(spec).unwrap()).unwrap();
+    // Every documented operation but the event stream (disabled in CONFIG: it never ends).
     let ops = doc["paths"]
         .as_object()
         .unwrap()
-        .values()
-        .map(|p| p.as_object().unwrap().len())
+        .iter()
+        .filter(|(path, _)| path.as_str() != "/api/v1/events")
+        .map(|(_, p)| p.as_object().unwrap().len())
         .sum::<usize>();
     // A fixed seed by default, so `make test` explores the same inputs each time (time bounds
     // and two workers still vary it a little); HUTCH_FUZZ_SEED=N picks another,

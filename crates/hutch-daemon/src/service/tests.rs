@@ -289,3 +289,31 @@ async fn a_crashed_vm_restarts_by_policy_and_events_tell_it() {
         ["created", "failed", "restarting", "starting", "started"]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_tokens_verify_until_revoked_expired_or_orphaned() {
+    let (s, _vmm, _d) = service(None).await;
+    let alice = who("alice", false);
+    let (rec, jwt) = s.issue_token(&alice, 3600).await.unwrap();
+    let c = s.verify_token(&jwt).await.expect("a fresh token verifies");
+    assert_eq!((c.account.as_str(), c.admin), ("alice", false));
+    // Tampered: the payload changed, the signature did not.
+    let mut parts: Vec<String> = jwt.split('.').map(str::to_string).collect();
+    parts[1] = parts[1].chars().rev().collect();
+    assert!(s.verify_token(&parts.join(".")).await.is_none());
+    assert!(s.verify_token("not-a-token").await.is_none());
+    // Another account cannot revoke it; its owner can.
+    assert!(!s.revoke_token(&who("bob", false), &rec.id).await.unwrap());
+    assert!(s.revoke_token(&alice, &rec.id).await.unwrap());
+    assert!(s.verify_token(&jwt).await.is_none());
+    // Expired: issued with no lifetime.
+    let (_, old) = s.issue_token(&alice, 0).await.unwrap();
+    assert!(s.verify_token(&old).await.is_none());
+    // The account is gone: its tokens are worthless.
+    let (_, jwt) = s.issue_token(&alice, 3600).await.unwrap();
+    s.records
+        .delete(crate::records::ACCOUNTS, "alice")
+        .await
+        .unwrap();
+    assert!(s.verify_token(&jwt).await.is_none());
+}
