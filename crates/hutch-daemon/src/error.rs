@@ -1,4 +1,6 @@
-//! The daemon's error type and its one mapping to HTTP status codes and JSON error bodies.
+//! The service's error type (kinds, with the store's, VMM's and image store's causes kept) and
+//! its one mapping to HTTP status codes and JSON error bodies (the REST edge; the SSH edge prints
+//! the message, the SFTP edge maps agent codes itself).
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -31,6 +33,12 @@ pub enum ApiError {
     /// The state store failed (the cause is kept).
     #[error("state store: {0}")]
     Store(#[source] hutch_store::kv::StoreError),
+    /// The VMM failed, or cannot do this yet (`Unsupported`); the cause is kept.
+    #[error("{0}")]
+    Vmm(#[source] hutch_vmm::VmmError),
+    /// Building or storing an image failed on this host (not the image's fault).
+    #[error("{0}")]
+    Image(#[source] hutch_image::ImageError),
 }
 
 impl ApiError {
@@ -47,7 +55,9 @@ impl ApiError {
             ApiError::Capacity(_) => "insufficient_capacity",
             ApiError::Internal(_) => "internal",
             ApiError::TooLarge(_) => "payload_too_large",
-            ApiError::Store(_) => "internal",
+            ApiError::Store(_) | ApiError::Image(_) => "internal",
+            ApiError::Vmm(hutch_vmm::VmmError::Unsupported { .. }) => "unsupported",
+            ApiError::Vmm(_) => "internal",
         }
     }
 
@@ -63,7 +73,9 @@ impl ApiError {
             ApiError::Capacity(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Store(_) | ApiError::Image(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Vmm(hutch_vmm::VmmError::Unsupported { .. }) => StatusCode::NOT_IMPLEMENTED,
+            ApiError::Vmm(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -78,7 +90,14 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         if self.status().is_server_error() {
-            tracing::error!(error = %self, "request failed");
+            // The whole chain of causes goes to the log; the client gets the message.
+            let mut chain = self.to_string();
+            let mut cause = std::error::Error::source(&self);
+            while let Some(c) = cause {
+                chain.push_str(&format!(": {c}"));
+                cause = c.source();
+            }
+            tracing::error!(error = %chain, "request failed");
         }
         let body = serde_json::json!({"error": {"code": self.code(), "message": self.to_string()}});
         (self.status(), axum::Json(body)).into_response()
@@ -100,7 +119,7 @@ impl From<hutch_image::ImageError> for ApiError {
     fn from(e: hutch_image::ImageError) -> Self {
         match e {
             hutch_image::ImageError::Io { .. } | hutch_image::ImageError::Build(_) => {
-                ApiError::Internal(e.to_string())
+                ApiError::Image(e)
             }
             other => ApiError::BadImage(other.to_string()),
         }
@@ -143,6 +162,37 @@ impl From<crate::agent::AgentError> for ApiError {
 
 impl From<hutch_vmm::VmmError> for ApiError {
     fn from(e: hutch_vmm::VmmError) -> Self {
-        ApiError::Internal(e.to_string())
+        ApiError::Vmm(e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn causes_are_kept_and_mapped_at_the_edge() {
+        let e: ApiError = hutch_vmm::VmmError::Unsupported {
+            backend: "qemu",
+            op: "snapshot",
+        }
+        .into();
+        assert_eq!(
+            (e.status(), e.code()),
+            (StatusCode::NOT_IMPLEMENTED, "unsupported")
+        );
+        assert_eq!(e.to_string(), "the qemu backend cannot snapshot VMs yet");
+        let e: ApiError = hutch_store::kv::StoreError::Closed.into();
+        assert_eq!(e.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert!(
+            std::error::Error::source(&e).is_some(),
+            "the store's error is kept"
+        );
+        let e: ApiError = hutch_store::kv::StoreError::Contended {
+            key: "vms/x".into(),
+            attempts: 16,
+        }
+        .into();
+        assert_eq!(e.status(), StatusCode::CONFLICT);
     }
 }
