@@ -47,3 +47,104 @@ impl Default for CreateVm {
         }
     }
 }
+
+/// `POST /images` with a JSON body: import the OCI layout or archive at `path` on hutchd's host
+/// (admin only).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImportImage {
+    pub path: String,
+    pub name: Option<String>,
+}
+
+/// `POST /images/pull`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PullImage {
+    pub reference: String,
+    /// Plain HTTP for a registry off loopback (loopback registries always use it).
+    #[serde(default)]
+    pub insecure: bool,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    /// Record it under this name instead of the reference.
+    pub name: Option<String>,
+}
+
+/// `POST /images/push`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PushImage {
+    pub image: String,
+    pub reference: Option<String>,
+    #[serde(default)]
+    pub insecure: bool,
+    pub username: Option<String>,
+    pub password: Option<String>,
+}
+
+/// `POST /sandboxes/{name}/commit`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommitVm {
+    pub reference: String,
+    #[serde(default)]
+    pub comment: String,
+    #[serde(default)]
+    pub push: bool,
+    #[serde(default)]
+    pub insecure: bool,
+    pub username: Option<String>,
+    pub password: Option<String>,
+}
+
+/// `POST /sandboxes/{name}/clone`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CloneVm {
+    pub name: Option<String>,
+}
+
+/// `POST /sandboxes/{name}/exec`: run a process in a VM.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecVm {
+    pub argv: Vec<String>,
+    #[serde(default)]
+    pub env: std::collections::HashMap<String, String>,
+    pub cwd: Option<String>,
+    pub user: Option<String>,
+    /// Standard input, base64.
+    pub stdin: Option<String>,
+    pub timeout_secs: Option<u64>,
+    /// Run on a terminal of (rows, columns) (SSH sessions with a PTY; not part of the REST body).
+    #[serde(skip)]
+    pub tty: Option<(u16, u16)>,
+    /// Keep stdin open for streaming (SSH sessions, the streaming exec form) instead of sending
+    /// `stdin` whole (not part of the REST body).
+    #[serde(skip)]
+    pub stream_stdin: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_round_trip_and_take_their_defaults() {
+        let c: CreateVm = serde_json::from_str(r#"{"image":"busybox"}"#).unwrap();
+        assert_eq!(
+            c,
+            CreateVm {
+                image: "busybox".into(),
+                ..Default::default()
+            }
+        );
+        let back: CreateVm = serde_json::from_value(serde_json::to_value(&c).unwrap()).unwrap();
+        assert_eq!(back, c);
+        assert!(serde_json::from_str::<CreateVm>(r#"{"image":"x","bogus":1}"#).is_err());
+        let e: ExecVm = serde_json::from_str(r#"{"argv":["true"]}"#).unwrap();
+        assert_eq!((e.tty, e.stream_stdin), (None, false));
+        assert!(serde_json::to_value(&e).unwrap().get("tty").is_none());
+    }
+}

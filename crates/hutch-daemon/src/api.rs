@@ -217,13 +217,6 @@ async fn delete_image(
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ImportReq {
-    path: String,
-    name: Option<String>,
-}
-
-#[derive(Deserialize)]
 struct NameQuery {
     name: Option<String>,
 }
@@ -243,7 +236,7 @@ async fn import_image(
         .is_some_and(|v| v.starts_with("application/json"));
     let upload;
     let (path, name) = if is_json {
-        let req: ImportReq = stream_api::json_body(body).await?;
+        let req: hutch_core::api::ImportImage = stream_api::json_body(body).await?;
         let p = std::path::PathBuf::from(&req.path);
         if !p.exists() {
             return Err(ApiError::Invalid(format!(
@@ -290,23 +283,12 @@ async fn import_image(
     Ok((StatusCode::CREATED, Json(img)))
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct PullReq {
-    reference: String,
-    #[serde(default)]
-    insecure: bool,
-    username: Option<String>,
-    password: Option<String>,
-    name: Option<String>,
-}
-
 /// Pulls from a registry; the response is NDJSON progress events ending in
 /// `{"type":"done","image":{...}}` or `{"type":"error","code","message"}`.
 async fn pull_image(
     State(m): State<AppState>,
     axum::Extension(caller): axum::Extension<Caller>,
-    ApiJson(req): ApiJson<PullReq>,
+    ApiJson(req): ApiJson<hutch_core::api::PullImage>,
 ) -> Result<Response, ApiError> {
     hutch_image::registry::Reference::parse(&req.reference)
         .map_err(|e| ApiError::Invalid(e.to_string()))?;
@@ -374,21 +356,10 @@ fn creds(
     }
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct PushReq {
-    image: String,
-    reference: Option<String>,
-    #[serde(default)]
-    insecure: bool,
-    username: Option<String>,
-    password: Option<String>,
-}
-
 async fn push_image(
     State(m): State<AppState>,
     axum::Extension(caller): axum::Extension<Caller>,
-    ApiJson(req): ApiJson<PushReq>,
+    ApiJson(req): ApiJson<hutch_core::api::PushImage>,
 ) -> Result<Json<Value>, ApiError> {
     let c = creds(req.username, req.password)?;
     let pushed = m
@@ -403,25 +374,11 @@ async fn push_image(
     Ok(Json(json!({"pushed": pushed})))
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct CommitReq {
-    reference: String,
-    #[serde(default)]
-    comment: String,
-    #[serde(default)]
-    push: bool,
-    #[serde(default)]
-    insecure: bool,
-    username: Option<String>,
-    password: Option<String>,
-}
-
 /// Commits a VM's changes to a new image; with `push`, sends it to the registry too.
 async fn commit_vm(
     State(m): State<AppState>,
     VmRef { caller, name }: VmRef,
-    ApiJson(req): ApiJson<CommitReq>,
+    ApiJson(req): ApiJson<hutch_core::api::CommitVm>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let c = creds(req.username, req.password)?;
     let img = m
@@ -466,17 +423,11 @@ async fn start_vm(State(m): State<AppState>, r: VmRef) -> Result<Json<Vm>, ApiEr
     Ok(Json(m.start(&r.caller, &r.name).await?))
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct CloneReq {
-    name: Option<String>,
-}
-
 /// Copies a stopped sandbox's disk into a new sandbox and boots it.
 async fn clone_vm(
     State(m): State<AppState>,
     r: VmRef,
-    ApiJson(req): ApiJson<CloneReq>,
+    ApiJson(req): ApiJson<hutch_core::api::CloneVm>,
 ) -> Result<(StatusCode, Json<Vm>), ApiError> {
     Ok((
         StatusCode::CREATED,

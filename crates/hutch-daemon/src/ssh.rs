@@ -399,7 +399,7 @@ impl Conn {
         let req = ExecVm {
             argv,
             env,
-            tty: c.pty,
+            tty: c.pty.map(|t| (t.rows, t.cols)),
             stream_stdin: true,
             ..Default::default()
         };

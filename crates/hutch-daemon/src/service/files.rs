@@ -152,7 +152,9 @@ impl Service {
             stdin: stdin.is_some() || req.stream_stdin,
             timeout_ms: req.timeout_secs.map(|s| s.saturating_mul(1000)),
             detach: false,
-            tty: req.tty,
+            tty: req
+                .tty
+                .map(|(rows, cols)| hutch_proto::TtySize { rows, cols }),
         })?;
         if let Some(data) = stdin {
             let h = stream.handle();

@@ -8,31 +8,10 @@ use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::node::internal;
 use hutch_core::{names, Event, Image, Vm, VmState};
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-pub use hutch_core::api::{CreateVm, DEFAULT_MEM_MIB, DEFAULT_VCPUS};
-
-/// A request to run a process in a VM.
-#[derive(Debug, Clone, Default, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ExecVm {
-    pub argv: Vec<String>,
-    #[serde(default)]
-    pub env: HashMap<String, String>,
-    pub cwd: Option<String>,
-    pub user: Option<String>,
-    /// Standard input, base64.
-    pub stdin: Option<String>,
-    pub timeout_secs: Option<u64>,
-    /// Run on a terminal of this size (SSH sessions with a PTY).
-    #[serde(skip)]
-    pub tty: Option<hutch_proto::TtySize>,
-    /// Keep stdin open for streaming (SSH sessions) instead of sending `stdin` whole.
-    #[serde(skip)]
-    pub stream_stdin: bool,
-}
+pub use hutch_core::api::{CreateVm, ExecVm, DEFAULT_MEM_MIB, DEFAULT_VCPUS};
 
 /// Refuses `event` when `vm`'s current state does not allow it (409).
 pub(crate) fn check(vm: &Vm, event: &Event) -> Result<(), ApiError> {

@@ -16,7 +16,6 @@ use http_body_util::BodyExt;
 use hyper::Method;
 use pull::{pull, resolve_creds};
 use render::*;
-use serde_json::{json, Value};
 use std::io::{IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
 
@@ -208,9 +207,10 @@ enum ImageCmd {
 async fn exec(
     c: &Client,
     name: &str,
-    req: Value,
+    req: &hutch_core::api::ExecVm,
     stdin: Option<Box<dyn Read + Send>>,
 ) -> Result<i32> {
+    let req = serde_json::to_value(req)?;
     let path = format!("/api/v1/sandboxes/{}/exec", seg(name));
     let r = match stdin {
         Some(input) => {
@@ -298,7 +298,10 @@ async fn run(cli: Cli) -> Result<i32> {
                     c.json(
                         Method::POST,
                         "/api/v1/images",
-                        Some(json!({"path": abs, "name": name})),
+                        Some(serde_json::to_value(hutch_core::api::ImportImage {
+                            path: abs.to_string_lossy().into_owned(),
+                            name,
+                        })?),
                     )
                     .await?
                 } else {
@@ -333,8 +336,14 @@ async fn run(cli: Cli) -> Result<i32> {
                 name,
             } => {
                 let (username, password) = resolve_creds(&reference, creds)?;
-                let body = json!({"reference": reference, "insecure": insecure, "username": username, "password": password, "name": name});
-                let v = pull(&c, body).await?;
+                let req = hutch_core::api::PullImage {
+                    reference,
+                    insecure,
+                    username,
+                    password,
+                    name,
+                };
+                let v = pull(&c, &req).await?;
                 if j {
                     out_json(&v);
                 } else {
@@ -353,9 +362,19 @@ async fn run(cli: Cli) -> Result<i32> {
             } => {
                 let target = reference.clone().unwrap_or_else(|| image.clone());
                 let (username, password) = resolve_creds(&target, creds)?;
-                let body = json!({"image": image, "reference": reference, "insecure": insecure, "username": username, "password": password});
+                let req = hutch_core::api::PushImage {
+                    image,
+                    reference,
+                    insecure,
+                    username,
+                    password,
+                };
                 let v = c
-                    .json(Method::POST, "/api/v1/images/push", Some(body))
+                    .json(
+                        Method::POST,
+                        "/api/v1/images/push",
+                        Some(serde_json::to_value(req)?),
+                    )
                     .await?;
                 if j {
                     out_json(&v);
@@ -489,20 +508,27 @@ async fn run(cli: Cli) -> Result<i32> {
             timeout,
             argv,
         } => {
-            let mut envmap = serde_json::Map::new();
+            let mut envmap = std::collections::HashMap::new();
             for kv in env {
                 let (k, v) = kv
                     .split_once('=')
                     .ok_or_else(|| anyhow!("--env {kv:?} is not KEY=VALUE"))?;
-                envmap.insert(k.into(), Value::String(v.into()));
+                envmap.insert(k.to_string(), v.to_string());
             }
             let stdin: Option<Box<dyn Read + Send>> = if std::io::stdin().is_terminal() {
                 None
             } else {
                 Some(Box::new(std::io::stdin()))
             };
-            let body = json!({"argv": argv, "env": envmap, "cwd": cwd, "user": user, "timeout_secs": timeout});
-            return exec(&c, &name, body, stdin).await;
+            let req = hutch_core::api::ExecVm {
+                argv,
+                env: envmap,
+                cwd,
+                user,
+                timeout_secs: timeout,
+                ..Default::default()
+            };
+            return exec(&c, &name, &req, stdin).await;
         }
         Cmd::Logs { name, tail } => {
             let b = c
@@ -616,12 +642,19 @@ async fn run(cli: Cli) -> Result<i32> {
             } else {
                 (None, None)
             };
-            let body = json!({"reference": reference, "comment": message, "push": push, "insecure": insecure, "username": username, "password": password});
+            let req = hutch_core::api::CommitVm {
+                reference,
+                comment: message,
+                push,
+                insecure,
+                username,
+                password,
+            };
             let v = c
                 .json(
                     Method::POST,
                     &format!("/api/v1/sandboxes/{}/commit", seg(&name)),
-                    Some(body),
+                    Some(serde_json::to_value(req)?),
                 )
                 .await?;
             if j {
@@ -642,7 +675,9 @@ async fn run(cli: Cli) -> Result<i32> {
                 .json(
                     Method::POST,
                     &format!("/api/v1/sandboxes/{}/clone", seg(&name)),
-                    Some(json!({"name": new_name})),
+                    Some(serde_json::to_value(hutch_core::api::CloneVm {
+                        name: new_name,
+                    })?),
                 )
                 .await?;
             if j {

@@ -6,7 +6,7 @@ use crate::client::*;
 use anyhow::{anyhow, bail, Result};
 use bytes::Bytes;
 use hyper::Method;
-use serde_json::{json, Value};
+use serde_json::Value;
 use std::collections::{HashMap, HashSet};
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -21,7 +21,8 @@ fn short(digest: &str) -> String {
 
 /// Pulls with per-layer progress bars on a terminal, a line per layer otherwise (all on
 /// stderr, so `--json` output stays clean); the pulled image.
-pub(crate) async fn pull(c: &Client, body: Value) -> Result<Value> {
+pub(crate) async fn pull(c: &Client, req: &hutch_core::api::PullImage) -> Result<Value> {
+    let body = serde_json::to_value(req)?;
     let r = c
         .send(
             Method::POST,
@@ -143,11 +144,13 @@ pub(crate) async fn create(c: &Client, req: &hutch_core::api::CreateVm) -> Resul
     }
     eprintln!("Unable to find image '{image}' locally; pulling it");
     let (username, password) = resolve_creds(image, None)?;
-    let img = pull(
-        c,
-        json!({"reference": image, "username": username, "password": password}),
-    )
-    .await?;
+    let req = hutch_core::api::PullImage {
+        reference: image.to_string(),
+        username,
+        password,
+        ..Default::default()
+    };
+    let img = pull(c, &req).await?;
     eprintln!(
         "pulled {} ({})",
         img["name"].as_str().unwrap_or(""),
