@@ -149,28 +149,14 @@ pub fn router(m: AppState, local: bool) -> Router {
     }
 }
 
-/// Every request acts for a caller; reading files on the daemon's host and garbage collection
-/// are for admins. Which sandbox a path names is resolved by the service (`VmRef`).
+/// Every request acts for a caller (who may do what is the service's to decide).
 async fn ownership(
     State(_m): State<AppState>,
     req: Request,
     next: axum::middleware::Next,
 ) -> Response {
-    let Some(caller) = req.extensions().get::<Caller>().cloned() else {
+    if req.extensions().get::<Caller>().is_none() {
         return ApiError::Unauthorized("no caller identity".into()).into_response();
-    };
-    let path = req.uri().path().to_string();
-    if !caller.admin {
-        let is_json = req
-            .headers()
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.starts_with("application/json"));
-        let admin_only = path == "/api/v1/images/gc"
-            || (path == "/api/v1/images" && req.method() == axum::http::Method::POST && is_json);
-        if admin_only {
-            return ApiError::Forbidden(format!("{path} is for admins")).into_response();
-        }
     }
     next.run(req).await
 }
@@ -235,17 +221,14 @@ async fn import_image(
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("application/json"));
     let upload;
-    let (path, name) = if is_json {
+    if is_json {
         let req: hutch_core::api::ImportImage = stream_api::json_body(body).await?;
-        let p = std::path::PathBuf::from(&req.path);
-        if !p.exists() {
-            return Err(ApiError::Invalid(format!(
-                "{} does not exist on the daemon's host",
-                req.path
-            )));
-        }
-        (p, req.name)
-    } else {
+        let img = m
+            .import_host_path(&caller, std::path::Path::new(&req.path), req.name)
+            .await?;
+        return Ok((StatusCode::CREATED, Json(img)));
+    }
+    let (path, name) = {
         upload = m.images.tmp_dir()?;
         let p = upload.path().join("upload.tar");
         let mut f = tokio::fs::File::create(&p)
@@ -271,15 +254,8 @@ async fn import_image(
             .map_err(|e| ApiError::Internal(e.to_string()))?;
         (p, q.name)
     };
-    let _ops = m.image_ops.read().await;
     crate::crash::point("import.uploaded");
-    let m2 = m.clone();
-    let img = tokio::task::spawn_blocking(move || m2.images.import(&path, name.as_deref()))
-        .await
-        .map_err(|e| ApiError::Internal(e.to_string()))??;
-    crate::crash::point("import.built");
-    let img = m.store_image(caller.owner(), img).await?;
-    tracing::info!(image = %img.key(), digest = %img.digest, "imported image");
+    let img = m.import(&caller, &path, name).await?;
     Ok((StatusCode::CREATED, Json(img)))
 }
 
@@ -336,8 +312,11 @@ async fn pull_image(
         .into_response())
 }
 
-async fn gc_images(State(m): State<AppState>) -> Result<Json<hutch_image::GcStats>, ApiError> {
-    Ok(Json(m.gc().await?))
+async fn gc_images(
+    State(m): State<AppState>,
+    axum::Extension(caller): axum::Extension<Caller>,
+) -> Result<Json<hutch_image::GcStats>, ApiError> {
+    Ok(Json(m.gc(&caller).await?))
 }
 
 fn creds(

@@ -43,8 +43,45 @@ impl Service {
         Ok(img)
     }
 
-    /// Removes blobs and root filesystems no image or VM uses.
-    pub async fn gc(&self) -> Result<hutch_image::GcStats, ApiError> {
+    /// Imports the OCI layout or archive at `path` on hutchd's host: for the admin only (an
+    /// account must not make hutchd read the host's files).
+    pub async fn import_host_path(
+        &self,
+        caller: &Caller,
+        path: &std::path::Path,
+        name: Option<String>,
+    ) -> Result<Image, ApiError> {
+        super::admin_only(caller, "importing from a path on hutchd's host")?;
+        if !path.exists() {
+            return Err(ApiError::Invalid(format!(
+                "{} does not exist on the daemon's host",
+                path.display()
+            )));
+        }
+        self.import(caller, path, name).await
+    }
+
+    /// Imports an archive hutchd holds (an upload) into `caller`'s namespace.
+    pub async fn import(
+        &self,
+        caller: &Caller,
+        path: &std::path::Path,
+        name: Option<String>,
+    ) -> Result<Image, ApiError> {
+        let _ops = self.image_ops.read().await;
+        let (images, p) = (self.images.clone(), path.to_path_buf());
+        let img = tokio::task::spawn_blocking(move || images.import(&p, name.as_deref()))
+            .await
+            .map_err(internal)??;
+        crate::crash::point("import.built");
+        let img = self.store_image(caller.owner(), img).await?;
+        tracing::info!(image = %img.key(), digest = %img.digest, "imported image");
+        Ok(img)
+    }
+
+    /// Removes blobs and root filesystems no image or VM uses (admins).
+    pub async fn gc(&self, caller: &Caller) -> Result<hutch_image::GcStats, ApiError> {
+        super::admin_only(caller, "/api/v1/images/gc")?;
         // Pulls, imports and commits in progress finish first; gc waits for them a bounded
         // time and then gives up rather than queueing every later pull behind it.
         let _ops = tokio::time::timeout(Duration::from_secs(60), self.image_ops.write())
