@@ -51,6 +51,26 @@ pub fn vm_table(vms: &[Vm], viewer: Option<&str>, node: Option<&str>) -> String 
     crate::table(rows)
 }
 
+/// The `image ls` table: a private image as `~account/NAME`, the shared library's bare.
+pub fn image_table(images: &[crate::Image]) -> String {
+    let mut rows = vec![["NAME", "DIGEST", "LAYERS", "SIZE", "AGE"]
+        .map(String::from)
+        .to_vec()];
+    for i in images {
+        rows.push(vec![
+            match &i.owner {
+                Some(o) => format!("~{o}/{}", i.name),
+                None => i.name.clone(),
+            },
+            i.digest.chars().take(19).collect(),
+            i.layers.len().to_string(),
+            format!("{:.1}M", i.rootfs_size as f64 / 1048576.0),
+            age(i.created_at),
+        ]);
+    }
+    crate::table(rows)
+}
+
 /// `describe`: every field people look at, then how to get in (`connect`).
 pub fn describe(v: &Vm, node: Option<&str>, connect: &str) -> String {
     let mut s = format!("\n  Name:    {}\n  ID:      {}\n", v.name, v.id);

@@ -399,40 +399,8 @@ async fn run(cli: Cli) -> Result<i32> {
                 if j {
                     out_json(&v);
                 } else {
-                    let mut rows = vec![vec![
-                        "NAME".into(),
-                        "DIGEST".into(),
-                        "LAYERS".into(),
-                        "SIZE".into(),
-                        "AGE".into(),
-                    ]];
-                    for i in v.as_array().cloned().unwrap_or_default() {
-                        // A private image is `~account/NAME`; the shared library's are bare.
-                        let name = i["name"].as_str().unwrap_or("");
-                        rows.push(vec![
-                            match i["owner"].as_str() {
-                                Some(o) => format!("~{o}/{name}"),
-                                None => name.to_string(),
-                            },
-                            i["digest"]
-                                .as_str()
-                                .unwrap_or("")
-                                .chars()
-                                .take(19)
-                                .collect(),
-                            i["layers"]
-                                .as_array()
-                                .map(|a| a.len())
-                                .unwrap_or(0)
-                                .to_string(),
-                            format!(
-                                "{:.1}M",
-                                i["rootfs_size"].as_u64().unwrap_or(0) as f64 / 1048576.0
-                            ),
-                            hutch_core::render::age(i["created_at"].as_u64().unwrap_or(0)),
-                        ]);
-                    }
-                    table(rows);
+                    let images: Vec<hutch_core::Image> = serde_json::from_value(v)?;
+                    print!("{}", hutch_core::render::image_table(&images));
                 }
             }
             ImageCmd::Inspect { name } => out_json(

@@ -1,10 +1,7 @@
-//! How the CLI prints things: tables, `describe`, ages, JSON.
+//! How the CLI prints what it does not render through hutch_core::render: JSON, `describe` of
+//! an API answer.
 
 use serde_json::Value;
-
-pub(crate) fn table(rows: Vec<Vec<String>>) {
-    print!("{}", hutch_core::table(rows));
-}
 
 /// `describe` of a VM as the API returned it (typed: hutch_core::Vm), rendered as every front
 /// door renders it (hutch_core::render).
