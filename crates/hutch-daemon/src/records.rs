@@ -288,6 +288,12 @@ impl Records {
         Ok(v.vms.get(id).map(|(vm, _)| vm.clone()))
     }
 
+    /// VM `id` as the store has it now (not the view): for code that follows the store's watch
+    /// and must not act on a view that has not caught up with the event it saw.
+    pub async fn vm_stored(&self, id: &str) -> Result<Option<Vm>, StoreError> {
+        self.get(VMS, id).await
+    }
+
     pub async fn vms(&self) -> Result<Vec<Vm>, StoreError> {
         Ok(self.fold_vms(|it| it.cloned().collect()))
     }

@@ -28,7 +28,8 @@ pub fn reconcile(s: Arc<Service>) {
         loop {
             match rx.recv().await {
                 Ok(e) if e.kind == "failed" => {
-                    if let Ok(Some(v)) = s.records.vm_by_id(&e.id).await {
+                    // From the store: the in-memory view may not have this change yet.
+                    if let Ok(Some(v)) = s.records.vm_stored(&e.id).await {
                         s.consider_restart(v);
                     }
                 }
@@ -66,7 +67,7 @@ impl Service {
             tokio::time::sleep(delay).await;
             let lock = me.lock_for(&vm.id);
             let guard = lock.lock().await;
-            match me.records.vm_by_id(&vm.id).await {
+            match me.records.vm_stored(&vm.id).await {
                 Ok(Some(v)) if v.state == VmState::Failed && v.restart.restarts(v.clean_exit) => {}
                 _ => return,
             }
@@ -75,7 +76,7 @@ impl Service {
                 drop(guard);
                 // A boot that failed made a `failed` event of its own; a start refused before
                 // it began (no room on the host) did not: try again later.
-                if let Ok(Some(v)) = me.records.vm_by_id(&vm.id).await {
+                if let Ok(Some(v)) = me.records.vm_stored(&vm.id).await {
                     if v.state == VmState::Failed && v.restarts == vm.restarts {
                         me.consider_restart(Vm {
                             restarts: n + 1,
