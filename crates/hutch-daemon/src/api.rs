@@ -254,7 +254,6 @@ async fn import_image(
             .map_err(|e| ApiError::Internal(e.to_string()))?;
         (p, q.name)
     };
-    crate::crash::point("import.uploaded");
     let img = m.import(&caller, &path, name).await?;
     Ok((StatusCode::CREATED, Json(img)))
 }

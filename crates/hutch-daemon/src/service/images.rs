@@ -69,6 +69,7 @@ impl Service {
         name: Option<String>,
     ) -> Result<Image, ApiError> {
         let _ops = self.image_ops.read().await;
+        crate::crash::point("import.uploaded");
         let (images, p) = (self.images.clone(), path.to_path_buf());
         let img = tokio::task::spawn_blocking(move || images.import(&p, name.as_deref()))
             .await
