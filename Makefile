@@ -58,8 +58,9 @@ lint:
 	cargo clippy --workspace --all-targets -- -D warnings
 
 # The tests' hutchds remove their own cgroups; the shared parent they were made under goes last.
+# --no-fail-fast: one failing test binary does not hide the results of the others.
 test: test-deps agent lint
-	cargo test --workspace -- --test-threads=4
+	cargo test --workspace --no-fail-fast -- --test-threads=4
 	@rmdir /sys/fs/cgroup/hutch /sys/fs/cgroup/*/hutch 2>/dev/null || true
 
 bench: build
