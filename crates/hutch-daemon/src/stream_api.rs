@@ -145,19 +145,30 @@ pub async fn exec_vm(
         req.stream_stdin = true;
         let stream = m.exec(&caller, &name, req).await?;
         let h = stream.handle();
+        let limit = m.cfg().max_upload_bytes;
         // Stdin goes to the guest only as fast as the process takes it; the client's upload
-        // waits meanwhile. Ends with the body (EOF) or with the process.
+        // waits meanwhile. Ends with the body (EOF) or with the process; when the process is
+        // gone first, the rest of the upload is read and dropped (bounded), so the connection
+        // is not reset under a client that is still sending and has yet to read the exit.
         tokio::spawn(async move {
-            if !first.is_empty() && h.stdin(&first).await.is_err() {
-                return;
-            }
-            while let Some(chunk) = s.next().await {
-                let Ok(chunk) = chunk else { return };
-                if h.stdin(&chunk).await.is_err() {
-                    return;
+            let gone = !first.is_empty() && h.stdin(&first).await.is_err();
+            if !gone {
+                loop {
+                    match s.next().await {
+                        Some(Ok(chunk)) => {
+                            if h.stdin(&chunk).await.is_err() {
+                                break;
+                            }
+                        }
+                        Some(Err(_)) => return,
+                        None => {
+                            let _ = h.eof().await;
+                            return;
+                        }
+                    }
                 }
             }
-            let _ = h.eof().await;
+            drain(s, limit, STDIN_DRAIN).await;
         });
         stream
     } else {
@@ -299,4 +310,23 @@ pub async fn put_file(
     }
     let n = w.finish().await?;
     Ok(Json(json!({"path": q.path, "bytes": n})))
+}
+
+/// How long the rest of an exec's upload is read and dropped after its process ended.
+const STDIN_DRAIN: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Reads and drops what is left of a request body, up to `limit` bytes and `time`.
+async fn drain(
+    mut s: impl futures_util::Stream<Item = Result<Bytes, axum::Error>> + Unpin,
+    limit: u64,
+    time: std::time::Duration,
+) {
+    let deadline = tokio::time::Instant::now() + time;
+    let mut n = 0u64;
+    while let Ok(Some(Ok(chunk))) = tokio::time::timeout_at(deadline, s.next()).await {
+        n += chunk.len() as u64;
+        if n > limit {
+            return;
+        }
+    }
 }
