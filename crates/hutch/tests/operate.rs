@@ -1,7 +1,7 @@
 //! Operating hutch, on real VMs: the lifecycle state machine's concurrency outcomes (same-name
 //! creates, delete during create, start during stop, stop during exec), a restart policy
-//! bringing back a VM whose QEMU was killed, the live event stream, Prometheus metrics and
-//! `hutch status`. Three boots.
+//! bringing back a VM whose QEMU was killed but not one whose guest powered off cleanly, the live
+//! event stream, Prometheus metrics and `hutch status`. Three boots.
 
 mod common;
 use common::*;
@@ -227,6 +227,27 @@ fn lifecycle_concurrency_restart_policy_events_metrics_status() {
         "{text}"
     );
 
+    // A clean power-off from inside the guest is not a failure to restart on: on-failure
+    // leaves the VM alone (failed, saying why), where `always` would start it again.
+    let _ = d.hutch(&["exec", "phoenix", "--", "busybox", "poweroff", "-f"]);
+    let off = wait_until(Duration::from_secs(60), || {
+        let v = d.json(&["describe", "phoenix"]);
+        (v["state"] == "failed").then_some(v)
+    })
+    .expect("phoenix powered off");
+    assert!(
+        off["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("the guest powered off"),
+        "{off}"
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        state(&d, "phoenix"),
+        "failed",
+        "no restart after a clean power-off"
+    );
     d.ok(&["rm", "dup"]);
     d.ok(&["rm", "phoenix"]);
     assert!(d.qemu_pids().is_empty());
