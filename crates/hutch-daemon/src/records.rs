@@ -258,20 +258,6 @@ impl Records {
         .await
     }
 
-    /// Changes one record by compare-and-swap (retried when another writer got there first).
-    pub async fn update<T, E, F>(&self, prefix: &str, key: &str, f: F) -> Result<T, E>
-    where
-        T: Serialize + DeserializeOwned + Send + Sync,
-        E: From<StoreError> + Send,
-        F: FnMut(&mut T) -> Result<(), E> + Send,
-    {
-        Ok(self
-            .kv
-            .update_json::<T, E, F>(&format!("{prefix}{key}"), f)
-            .await?
-            .value)
-    }
-
     // VMs.
 
     /// The VM stored under `vm_key` (`alice/web`, or `web` for the admin's).

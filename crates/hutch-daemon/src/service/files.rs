@@ -7,6 +7,7 @@ use super::{ExecVm, Service};
 use crate::agent::{within, Agent, AgentError, ExecStream, FileRead, FileWrite};
 use crate::auth::Caller;
 use crate::error::ApiError;
+use crate::node::internal;
 use bytes::Bytes;
 use hutch_core::image_env;
 use hutch_proto::ExecRequest;
@@ -24,10 +25,6 @@ pub const EXPORT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 pub const EXPORT_TIMEOUT: Duration = Duration::from_secs(3600);
 /// Offsets and lengths beyond this cannot be seeked to in the guest (off_t is signed).
 pub const MAX_OFFSET: u64 = i64::MAX as u64;
-
-fn internal(e: impl std::fmt::Display) -> ApiError {
-    ApiError::Internal(e.to_string())
-}
 
 /// `offset + len`, refused when it overflows or leaves the range a guest file can have.
 pub fn checked_end(offset: u64, len: u64) -> Result<u64, ApiError> {

@@ -21,7 +21,7 @@ impl Service {
         let host = if caller.admin {
             let all = self.list().await?;
             let active = all.iter().filter(|v| v.state.uses_memory());
-            let (total, free) = disk_mib(&self.cfg().data_dir);
+            let (total, free) = super::tenancy::disk_mib(&self.cfg().data_dir);
             let mem = self.node.host_mem_mib();
             Some(HostCapacity {
                 cpus: self.node.host_cpus(),
@@ -92,23 +92,4 @@ impl Service {
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))
     }
-}
-
-/// (total, free) MiB of the filesystem holding `dir`.
-fn disk_mib(dir: &std::path::Path) -> (u64, u64) {
-    use std::os::unix::ffi::OsStrExt;
-    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
-        return (0, 0);
-    };
-    // SAFETY: statvfs writes only into the zeroed struct we pass; the path is a valid C string.
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: as above.
-    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
-        return (0, 0);
-    }
-    let f = st.f_frsize as u64;
-    (
-        (st.f_blocks as u64).saturating_mul(f) >> 20,
-        (st.f_bavail as u64).saturating_mul(f) >> 20,
-    )
 }

@@ -250,7 +250,7 @@ impl Service {
             None => None,
         };
         let free = if new {
-            free_mib(&self.cfg().data_dir)
+            disk_mib(&self.cfg().data_dir).1
         } else {
             u64::MAX
         };
@@ -351,17 +351,22 @@ impl Drop for Reservation {
     }
 }
 
-/// MiB free for unprivileged use on the filesystem holding `dir` (0 if it cannot be read).
-pub fn free_mib(dir: &std::path::Path) -> u64 {
+/// (total, free for unprivileged use) MiB of the filesystem holding `dir`; (0, 0) if it cannot
+/// be read.
+pub fn disk_mib(dir: &std::path::Path) -> (u64, u64) {
     use std::os::unix::ffi::OsStrExt;
     let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
-        return 0;
+        return (0, 0);
     };
     // SAFETY: statvfs writes only into the zeroed struct we pass; the path is a valid C string.
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
     // SAFETY: as above.
     if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
-        return 0;
+        return (0, 0);
     }
-    (st.f_bavail as u64).saturating_mul(st.f_frsize as u64) >> 20
+    let f = st.f_frsize as u64;
+    (
+        (st.f_blocks as u64).saturating_mul(f) >> 20,
+        (st.f_bavail as u64).saturating_mul(f) >> 20,
+    )
 }

@@ -21,6 +21,20 @@ pub async fn fake_service(
     kv: Arc<dyn Store>,
     admission: Admission,
 ) -> (Arc<Service>, Arc<FakeVmm>) {
+    let vmm = Arc::new(FakeVmm::default());
+    (
+        fake_service_with(dir, kv, admission, vmm.clone()).await,
+        vmm,
+    )
+}
+
+/// The same on a given fake VMM (a slow one, say).
+pub async fn fake_service_with(
+    dir: &Path,
+    kv: Arc<dyn Store>,
+    admission: Admission,
+    vmm: Arc<FakeVmm>,
+) -> Arc<Service> {
     let cfg = NodeConfig {
         data_dir: dir.to_path_buf(),
         bundle: hutch_guest::BootBundle {
@@ -39,8 +53,7 @@ pub async fn fake_service(
     };
     let records = Records::open(kv).await.expect("records");
     let images = hutch_image::ImageStore::open(&dir.join("images")).expect("image store");
-    let vmm = Arc::new(FakeVmm::default());
-    let as_vmm: Arc<dyn Vmm> = vmm.clone();
+    let as_vmm: Arc<dyn Vmm> = vmm;
     let node = Node::new(
         cfg,
         records,
@@ -52,7 +65,7 @@ pub async fn fake_service(
     let tokens = Tokens::load_or_create(dir).expect("tokens");
     let s = Arc::new(Service::new(Arc::new(node), tokens, admission));
     s.start_background();
-    (s, vmm)
+    s
 }
 
 /// Records an image `name` in the shared library (no layers: an empty root filesystem).

@@ -2,7 +2,7 @@
 //! authorization by caller, quotas, restart policy, events, and the concurrency cases the state
 //! machine defines, without QEMU.
 
-use super::testing::{add_image, fake_service};
+use super::testing::{add_image, fake_service, fake_service_with};
 use super::{Admission, CreateVm, ExecVm, Service};
 use crate::auth::Caller;
 use crate::error::ApiError;
@@ -157,7 +157,13 @@ async fn quotas_refuse_and_leave_nothing_behind() {
 async fn concurrency_has_one_outcome_each() {
     let d = tempfile::tempdir().unwrap();
     let vmm = Arc::new(hutch_vmm::fake::FakeVmm::slow(Duration::from_millis(400)));
-    let s = slow_service(d.path(), Arc::new(MemoryStore::new()), vmm.clone()).await;
+    let s = fake_service_with(
+        d.path(),
+        Arc::new(MemoryStore::new()),
+        Admission::default(),
+        vmm.clone(),
+    )
+    .await;
     add_image(&s, "busybox:latest").await;
     let admin = Caller::local_admin();
     // Same-name creates: one wins, the other is told the name is taken.
@@ -210,45 +216,6 @@ async fn concurrency_has_one_outcome_each() {
     // streams end with `Lost` when QEMU goes; tests/operate.rs checks it end to end.)
     drop(exec);
     assert_eq!(vmm.running(), 0);
-}
-
-async fn slow_service(
-    dir: &std::path::Path,
-    kv: Arc<MemoryStore>,
-    vmm: Arc<hutch_vmm::fake::FakeVmm>,
-) -> Arc<Service> {
-    use crate::node::{fakes::FakeConnector, Node, NodeConfig};
-    let cfg = NodeConfig {
-        data_dir: dir.to_path_buf(),
-        bundle: hutch_guest::BootBundle {
-            kernel: dir.join("vmlinuz"),
-            initrd: dir.join("initrd"),
-            release: "6.1.0-fake".into(),
-        },
-        accel: hutch_vmm::Accel::Tcg,
-        boot_timeout: Duration::from_secs(5),
-        default_disk_gib: 1,
-        console_max_bytes: 1 << 20,
-        jail_uids: None,
-        registry_allow_private: false,
-        max_upload_bytes: 1 << 30,
-        qemu_version: "fake".into(),
-    };
-    let records = crate::records::Records::open(kv).await.unwrap();
-    let images = hutch_image::ImageStore::open(&cfg.data_dir.join("images")).unwrap();
-    let as_vmm: Arc<dyn hutch_vmm::Vmm> = vmm;
-    let node = Node::new(
-        cfg,
-        records,
-        Arc::new(images),
-        as_vmm.clone(),
-        Arc::new(FakeConnector { vmm: as_vmm }),
-        Arc::default(),
-    );
-    let tokens = crate::auth::Tokens::load_or_create(dir).unwrap();
-    let s = Arc::new(Service::new(Arc::new(node), tokens, Admission::default()));
-    s.start_background();
-    s
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
