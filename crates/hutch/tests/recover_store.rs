@@ -77,6 +77,37 @@ fn lost_store_is_rebuilt_without_stopping_vms() {
     // Their image is listed again, and a second recover finds nothing to do.
     assert!(d.ok(&["image", "ls"]).contains("busybox"));
     assert_eq!(d.json(&["admin", "recover"]), serde_json::json!([]));
+    // A record copy that does not parse, or that names another VM than its directory, is
+    // skipped and reported; nothing is made from it.
+    let keep_id = d.json(&["describe", "keep"])["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let vms = d.data().join("vms");
+    std::fs::create_dir_all(vms.join("0badc0ffee00")).unwrap();
+    std::fs::write(vms.join("0badc0ffee00/vm.json"), b"{\"id\": [not json").unwrap();
+    std::fs::create_dir_all(vms.join("0badc0ffee01")).unwrap();
+    std::fs::copy(
+        vms.join(&keep_id).join("vm.json"),
+        vms.join("0badc0ffee01/vm.json"),
+    )
+    .unwrap();
+    let rec = d.json(&["admin", "recover"]);
+    let outcomes: Vec<&str> = rec
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["outcome"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        outcomes,
+        [
+            "skipped: no readable vm.json",
+            "skipped: no readable vm.json"
+        ],
+        "{rec}"
+    );
+    assert_eq!(d.json(&["ls"]).as_array().unwrap().len(), 2);
     d.ok(&["rm", "keep"]);
     d.ok(&["rm", "cold"]);
     assert!(d.qemu_pids().is_empty());

@@ -85,6 +85,12 @@ fn closed_open_and_invite_signups() {
     let code = so.lines().next().unwrap().trim().to_string();
     assert_eq!(code.len(), 32, "{so}");
     // A taken name keeps the code good; a free name redeems it.
+    // A name that is no account name is refused and keeps the code good.
+    for bad in ["../evil", "Admin", "x/y", &"a".repeat(64)] {
+        let (_, se, c) = text(&s.run(newbie, "x", &["signup", &code, bad], None, false));
+        assert_eq!(c, 1, "{bad}");
+        assert!(se.contains("account name"), "{bad}: {se}");
+    }
     let (_, se, c) = text(&s.run(newbie, "x", &["signup", &code, "alice"], None, false));
     assert_eq!(c, 1);
     assert!(se.contains("exists"), "{se}");
