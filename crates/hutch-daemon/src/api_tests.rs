@@ -303,10 +303,19 @@ async fn every_route_answers_per_owner() {
     let (st, v) = call(&m, &alice, "GET", "/api/v1/images").await;
     assert!(st.is_success() && v.to_string().contains("priv"), "{v}");
     // Admin-only routes.
-    for (method, path) in [("POST", "/api/v1/images/gc")] {
+    for (method, path) in [
+        ("POST", "/api/v1/images/gc"),
+        ("GET", "/metrics"),
+        ("POST", "/api/v1/admin/recover"),
+    ] {
         let (st, _) = call(&m, &bob, method, path).await;
         assert_eq!(st, StatusCode::FORBIDDEN, "{method} {path}");
     }
+    // An account's status has its own VMs and quota, not the host's figures.
+    let (st, v) = call(&m, &bob, "GET", "/api/v1/status").await;
+    assert_eq!(st, StatusCode::OK);
+    assert!(v["host"].is_null() && v["quota"]["account"] == "bob", "{v}");
+    assert!(v["vms"].as_object().unwrap().is_empty(), "{v}");
     let (st, _) = call(&m, &alice, "DELETE", priv_path).await;
     assert_eq!(st, StatusCode::NO_CONTENT, "alice deletes her own image");
     // Sandbox listings.
