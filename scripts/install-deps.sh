@@ -14,11 +14,11 @@
 set -euo pipefail
 
 MIN_QEMU=8.2
-run_pkgs=(e2fsprogs erofs-utils kmod cpio)
+run_pkgs=(e2fsprogs erofs-utils kmod cpio iproute2 nftables)
 qemu_pkgs=(qemu-system-x86 qemu-utils)
 # python3-venv: tests/api_fuzz.rs installs schemathesis (PyPI) into a venv under target/.
 # systemd: tests/install.rs checks the installed hutchd.service with systemd-analyze verify.
-test_pkgs=(busybox-static umoci skopeo docker-registry apache2-utils openssh-client python3 python3-venv systemd)
+test_pkgs=(busybox-static umoci skopeo docker-registry apache2-utils openssh-client python3 python3-venv systemd git)
 bench_pkgs=(openssh-server)
 
 mode="${1:-}"

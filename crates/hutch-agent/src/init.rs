@@ -42,6 +42,7 @@ pub fn init() -> io::Result<Config> {
             .map(str::to_string)
     };
     let hostname = param("hutch.hostname").unwrap_or_else(|| "hutch".into());
+    let net = crate::net::GuestNet::from_params(param);
 
     let t0 = Instant::now();
     if let Ok(list) = std::fs::read_to_string("/hutch/modules.load") {
@@ -103,6 +104,11 @@ pub fn init() -> io::Result<Config> {
     }
     // /tmp and /run (/dev/shm is mounted above), inside the guest's root.
     crate::scratch::setup()?;
+    // A network that cannot be set up leaves the VM reachable over the agent port: say why on
+    // the console and go on.
+    if let Err(e) = crate::net::configure(net.as_ref(), &hostname) {
+        eprintln!("hutch-agent: network: {e}");
+    }
 
     let port = find_port(hutch_proto::PORT_NAME)?;
     eprintln!(

@@ -10,6 +10,7 @@
 mod exec;
 mod export;
 mod init;
+mod net;
 mod scratch;
 mod serve;
 mod sys;

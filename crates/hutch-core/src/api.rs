@@ -25,6 +25,26 @@ pub struct CreateVm {
     /// What happens when its QEMU exits without `hutch stop` (default: no).
     #[serde(default)]
     pub restart: crate::RestartPolicy,
+    /// none, internal or internet (default: internet where hutchd has a VM network).
+    #[serde(default)]
+    pub net: Option<crate::net::NetMode>,
+    /// CIDRs and domains the VM may reach (then nothing else); repeatable.
+    #[serde(default)]
+    pub allow_out: Vec<String>,
+    /// CIDRs and domains the VM may not reach.
+    #[serde(default)]
+    pub deny_out: Vec<String>,
+    /// Rate limits into / out of the VM (`10mbit`).
+    #[serde(default)]
+    pub rate_in: Option<String>,
+    #[serde(default)]
+    pub rate_out: Option<String>,
+    /// A git repository cloned into the VM at its first boot.
+    #[serde(default)]
+    pub clone: Option<String>,
+    /// Where it is cloned (default: /root/REPO, or the image's working directory's REPO).
+    #[serde(default)]
+    pub clone_dir: Option<String>,
 }
 
 fn one() -> u32 {
@@ -44,6 +64,13 @@ impl Default for CreateVm {
             disk_gib: None,
             run: false,
             restart: Default::default(),
+            net: None,
+            allow_out: Vec::new(),
+            deny_out: Vec::new(),
+            rate_in: None,
+            rate_out: None,
+            clone: None,
+            clone_dir: None,
         }
     }
 }

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 pub mod api;
 pub mod lifecycle;
 pub mod names;
+pub mod net;
 pub mod render;
 pub mod status;
 
@@ -76,6 +77,9 @@ pub struct Vm {
     /// `on-failure` leaves such a VM alone.
     #[serde(default)]
     pub clean_exit: bool,
+    /// Its network (mode `none` for VMs made before hutch had networking).
+    #[serde(default)]
+    pub net: net::VmNet,
 }
 
 impl Vm {

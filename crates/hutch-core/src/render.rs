@@ -26,7 +26,7 @@ pub fn display_name(vm: &Vm, viewer: Option<&str>) -> String {
 /// The `ls` table. `viewer`: the account looking (None: the admin); `node`: a NODE column.
 pub fn vm_table(vms: &[Vm], viewer: Option<&str>, node: Option<&str>) -> String {
     let mut head = vec![
-        "NAME", "STATE", "IMAGE", "VCPU", "RAM", "DISK", "PID", "AGE",
+        "NAME", "STATE", "IMAGE", "IP", "VCPU", "RAM", "DISK", "PID", "AGE",
     ];
     if node.is_some() {
         head.insert(1, "NODE");
@@ -37,6 +37,10 @@ pub fn vm_table(vms: &[Vm], viewer: Option<&str>, node: Option<&str>) -> String 
             display_name(v, viewer),
             v.state.as_str().into(),
             v.image.clone(),
+            v.net
+                .ipv4
+                .map(|ip| ip.to_string())
+                .unwrap_or_else(|| "-".into()),
             v.vcpus.to_string(),
             mib(v.mem_mib),
             format!("{}G", v.disk_gib),
@@ -115,7 +119,46 @@ pub fn describe(v: &Vm, node: Option<&str>, connect: &str) -> String {
     if let Some(b) = v.boot_ms {
         s.push_str(&format!("  Boot:    {b} ms\n"));
     }
+    s.push_str(&net_lines(&v.net));
     s.push_str(&Confinement::describe(v.confinement.as_ref()));
     s.push_str(&format!("\n  Connect: {connect}\n\n"));
+    s
+}
+
+/// The network lines of `describe`.
+fn net_lines(n: &crate::net::VmNet) -> String {
+    use crate::net::show_rate;
+    let mut s = format!("  Network: {}", n.mode);
+    if let Some(ip) = n.ipv4 {
+        s.push_str(&format!(", {ip}"));
+    }
+    s.push('\n');
+    let list = |l: &[crate::net::EgressRule]| {
+        l.iter()
+            .map(|r| r.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    if !n.allow_out.is_empty() {
+        s.push_str(&format!("  Allow:   {}\n", list(&n.allow_out)));
+    }
+    if !n.deny_out.is_empty() {
+        s.push_str(&format!("  Deny:    {}\n", list(&n.deny_out)));
+    }
+    if n.rate_in.is_some() || n.rate_out.is_some() {
+        let r = |x: Option<u64>| x.map(show_rate).unwrap_or_else(|| "-".into());
+        s.push_str(&format!(
+            "  Rates:   in {}, out {}\n",
+            r(n.rate_in),
+            r(n.rate_out)
+        ));
+    }
+    for p in &n.ports {
+        s.push_str(&format!("  Port:    host :{} -> {}\n", p.host, p.vm));
+    }
+    if !n.public_ports.is_empty() {
+        let l: Vec<String> = n.public_ports.iter().map(|p| p.to_string()).collect();
+        s.push_str(&format!("  Public:  {}\n", l.join(", ")));
+    }
     s
 }

@@ -109,6 +109,7 @@ fn vm(name: &str, owner: Option<&str>) -> Vm {
         restart: Default::default(),
         restarts: 0,
         clean_exit: false,
+        net: Default::default(),
     }
 }
 

@@ -10,6 +10,8 @@ pub mod crash;
 pub mod error;
 pub mod events;
 pub mod metrics;
+pub mod net;
+pub mod net_api;
 pub mod node;
 pub mod ops_api;
 pub mod records;
@@ -52,6 +54,18 @@ pub struct DaemonConfig {
     pub jail: Option<node::JailOptions>,
     /// Largest upload (file PUT, image archive) in bytes; 413 beyond.
     pub max_upload_bytes: u64,
+    /// The VM network (None: `--network off`).
+    pub net: Option<net::NetSettings>,
+    pub front: FrontDoors,
+}
+
+/// The network front doors: public DNS and the HTTP(S) proxy to VM ports.
+#[derive(Debug, Clone, Default)]
+pub struct FrontDoors {
+    pub dns_listen: Option<std::net::SocketAddr>,
+    pub public_address: Option<std::net::Ipv4Addr>,
+    pub http_listen: Option<std::net::SocketAddr>,
+    pub https_listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -199,14 +213,29 @@ pub async fn prepare(cfg: &DaemonConfig) -> Result<Arc<service::Service>, Daemon
         qemu_version: format!("{}.{}.{}", qv.0, qv.1, qv.2),
     };
     let tokens = auth::Tokens::load_or_create(&cfg.data_dir).map_err(setup)?;
-    let node = Arc::new(node::Node::new(
+    let mut node = node::Node::new(
         node_cfg,
         records,
         Arc::new(images),
         vmm,
         Arc::new(node::SocketConnector),
         Arc::default(),
-    ));
+    );
+    if let Some(s) = cfg.net.clone() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return Err(setup(
+                "the VM network (bridge, TAPs, nftables) needs root; run hutchd as root or pass --network off",
+            ));
+        }
+        let n = tokio::task::spawn_blocking(move || net::VmNetwork::setup(s))
+            .await
+            .map_err(setup)?
+            .map_err(|e| setup(format!("setting up the VM network: {e}")))?;
+        tracing::info!(bridge = %n.settings.cfg.bridge, subnet = %n.settings.cfg.subnet, gateway = %n.settings.cfg.gateway(), "VM network");
+        node.net = Some(Arc::new(n));
+    }
+    let node = Arc::new(node);
     let m = Arc::new(service::Service::new(node, tokens, cfg.admission));
     // Make the default writable-disk template now, not inside the first create.
     let (n2, gib) = (m.node.clone(), cfg.default_disk_gib);

@@ -43,6 +43,9 @@ pub const IMAGES: &str = "images/";
 pub const ACCOUNTS: &str = "accounts/";
 pub const TOKENS: &str = "tokens/";
 pub const INVITES: &str = "invites/";
+/// `leases/IP` → VM id: the VM network's address leases (the VM's record holds its address;
+/// the lease key makes two creates that picked the same address conflict in the store).
+pub const LEASES: &str = "leases/";
 const META_SCHEMA: &str = "meta/schema";
 
 /// The name index key of VM `name` owned by `owner`.
@@ -288,11 +291,17 @@ impl Records {
     pub async fn create_vm(&self, vm: &Vm) -> Result<bool, StoreError> {
         let name = name_key(vm.owner.as_deref(), &vm.name);
         let key = format!("{VMS}{}", vm.id);
-        let txn = Txn::new()
+        let mut txn = Txn::new()
             .when(Compare::Absent(name.clone()))
             .when(Compare::Absent(key.clone()))
             .put_json(name, &vm.id)?
             .put_json(key, vm)?;
+        if let Some(ip) = vm.net.ipv4 {
+            let lease = format!("{LEASES}{ip}");
+            txn = txn
+                .when(Compare::Absent(lease.clone()))
+                .put_json(lease, &vm.id)?;
+        }
         match self.kv.txn(txn).await? {
             TxnOutcome::Committed { revision } => {
                 self.view_put(vm.clone(), revision);
@@ -333,9 +342,12 @@ impl Records {
 
     /// Writes `vm` whole (recovery); its name must be its own or free.
     pub async fn put_vm(&self, vm: &Vm) -> Result<(), StoreError> {
-        let txn = Txn::new()
+        let mut txn = Txn::new()
             .put_json(name_key(vm.owner.as_deref(), &vm.name), &vm.id)?
             .put_json(format!("{VMS}{}", vm.id), vm)?;
+        if let Some(ip) = vm.net.ipv4 {
+            txn = txn.put_json(format!("{LEASES}{ip}"), &vm.id)?;
+        }
         if let TxnOutcome::Committed { revision } = self.kv.txn(txn).await? {
             self.view_put(vm.clone(), revision);
         }
@@ -346,6 +358,9 @@ impl Records {
     pub async fn delete_vm(&self, vm: &Vm) -> Result<(), StoreError> {
         let name = name_key(vm.owner.as_deref(), &vm.name);
         let mut txn = Txn::new().delete(format!("{VMS}{}", vm.id));
+        if let Some(ip) = vm.net.ipv4 {
+            txn = txn.delete(format!("{LEASES}{ip}"));
+        }
         // The name goes with it only while it still names this VM.
         if let Some(cur) = self.kv.get_json::<String>(&name).await? {
             if cur.value == vm.id {
@@ -358,7 +373,10 @@ impl Records {
             TxnOutcome::Committed { revision } => revision,
             // The name was re-pointed meanwhile: remove just the record.
             TxnOutcome::Failed { .. } => {
-                let txn = Txn::new().delete(format!("{VMS}{}", vm.id));
+                let mut txn = Txn::new().delete(format!("{VMS}{}", vm.id));
+                if let Some(ip) = vm.net.ipv4 {
+                    txn = txn.delete(format!("{LEASES}{ip}"));
+                }
                 match self.kv.txn(txn).await? {
                     TxnOutcome::Committed { revision } => revision,
                     TxnOutcome::Failed { .. } => return Ok(()),

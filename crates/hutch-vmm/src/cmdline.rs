@@ -257,6 +257,23 @@ impl ToArgs for Chroot {
     }
 }
 
+/// A virtio-net NIC on the TAP handed in as `fd` (no vhost: the TAP's file is all QEMU has).
+pub struct NetDevice<'a> {
+    pub fd: RawFd,
+    pub mac: &'a str,
+}
+
+impl ToArgs for NetDevice<'_> {
+    fn to_args(&self) -> Vec<String> {
+        vec![
+            "-netdev".into(),
+            format!("tap,id=net0,fd={},vhost=off", self.fd),
+            "-device".into(),
+            format!("virtio-net-pci,netdev=net0,mac={}", escape(self.mac)),
+        ]
+    }
+}
+
 /// The descriptors hutchd opened for one QEMU, by what they are.
 #[derive(Debug, Clone)]
 pub struct Fds {
@@ -271,6 +288,8 @@ pub struct Fds {
     pub agent: RawFd,
     /// The empty directory to chroot into (None: not confined).
     pub jail: Option<RawFd>,
+    /// The VM's TAP (None: no NIC).
+    pub tap: Option<RawFd>,
 }
 
 impl Fds {
@@ -287,6 +306,7 @@ impl Fds {
         ];
         v.extend(self.backing.as_ref().map(|b| b.0));
         v.extend(self.jail);
+        v.extend(self.tap);
         v
     }
 }
@@ -312,10 +332,14 @@ pub fn build(spec: &VmSpec, fds: &Fds) -> Vec<String> {
         "none".into(),
         "-no-reboot".into(),
     ];
-    let append = format!(
+    let mut append = format!(
         "console=ttyS0 quiet loglevel=3 panic=-1 reboot=t hutch.hostname={}",
         spec.hostname
     );
+    if !spec.cmdline_extra.is_empty() {
+        append.push(' ');
+        append.push_str(&spec.cmdline_extra);
+    }
     let mut parts: Vec<Box<dyn ToArgs + '_>> = vec![
         Box::new(Sandbox),
         Box::new(Machine { accel: spec.accel }),
@@ -387,6 +411,9 @@ pub fn build(spec: &VmSpec, fds: &Fds) -> Vec<String> {
         fd: fds.agent,
         name: AGENT_PORT_NAME,
     }));
+    if let (Some(fd), Some(nic)) = (fds.tap, &spec.nic) {
+        parts.push(Box::new(NetDevice { fd, mac: &nic.mac }));
+    }
     parts.push(Box::new(Qmp { fd: fds.qmp }));
     if let Some(fd) = fds.jail {
         parts.push(Box::new(Chroot { fd }));
@@ -418,6 +445,8 @@ mod tests {
             console_log: "/vm/console.log".into(),
             accel,
             jail_uid: None,
+            nic: None,
+            cmdline_extra: String::new(),
         }
     }
 
@@ -432,6 +461,7 @@ mod tests {
             qmp: 16,
             agent: 17,
             jail: jail.then_some(18),
+            tap: None,
         }
     }
 

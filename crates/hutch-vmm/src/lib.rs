@@ -45,6 +45,18 @@ pub struct VmSpec {
     /// The unprivileged uid QEMU runs as (None: not confined; the backend must have a
     /// [`JailConfig`] for it to apply).
     pub jail_uid: Option<u32>,
+    /// The VM's NIC (None: no network).
+    pub nic: Option<Nic>,
+    /// More kernel command line words (the network's `hutch.ip=...` for the agent).
+    pub cmdline_extra: String,
+}
+
+/// A virtio-net NIC on an existing TAP device (hutchd makes the TAP; the backend opens it and
+/// hands QEMU the descriptor).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Nic {
+    pub tap: String,
+    pub mac: String,
 }
 
 impl VmSpec {

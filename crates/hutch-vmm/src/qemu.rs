@@ -159,6 +159,12 @@ impl Qemu {
             }
             None => (None, Vec::new()),
         };
+        let tap = match &spec.nic {
+            Some(n) => Some(
+                hutch_net::tap::open(&n.tap, true).map_err(io(format!("opening TAP {}", n.tap)))?,
+            ),
+            None => None,
+        };
         let fds = Fds {
             kernel: kernel.as_raw_fd(),
             initrd: initrd.as_raw_fd(),
@@ -171,10 +177,12 @@ impl Qemu {
             qmp: qmp.as_raw_fd(),
             agent: agent.as_raw_fd(),
             jail: jail_dir.as_ref().map(|d| d.as_raw_fd()),
+            tap: tap.as_ref().map(|t| t.as_raw_fd()),
         };
         let mut files = vec![kernel, initrd, image, data, console];
         files.extend(backing.map(|b| b.0));
         files.extend(jail_dir);
+        files.extend(tap);
         Ok(Opened {
             _files: files,
             _sockets: vec![qmp, agent],

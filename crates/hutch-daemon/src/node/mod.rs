@@ -167,6 +167,8 @@ pub struct Node {
     pub vmm: Arc<dyn Vmm>,
     pub connector: Arc<dyn Connector>,
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// The VM network (None: `hutchd --network off`, and tests with fakes).
+    pub net: Option<Arc<crate::net::VmNetwork>>,
     conns: Mutex<HashMap<String, Arc<dyn Agent>>>,
     host_cpus: u32,
     host_mem_mib: u64,
@@ -219,6 +221,7 @@ impl Node {
             vmm,
             connector,
             metrics,
+            net: None,
             conns: Mutex::new(HashMap::new()),
             host_cpus: std::thread::available_parallelism()
                 .map(|n| n.get() as u32)
@@ -300,6 +303,27 @@ impl Node {
             console_log: dir.join("console.log"),
             accel: self.cfg.accel,
             jail_uid: vm.confinement.as_ref().map(|c| c.uid),
+            nic: self.nic(vm),
+            cmdline_extra: self.guest_net_cmdline(vm),
+        }
+    }
+
+    /// `vm`'s NIC, when it has a network.
+    fn nic(&self, vm: &Vm) -> Option<hutch_vmm::Nic> {
+        let p = self.net.as_ref()?.policy(vm)?;
+        Some(hutch_vmm::Nic {
+            tap: p.tap,
+            mac: p.mac,
+        })
+    }
+
+    /// The kernel command line words that configure `vm`'s network in the guest.
+    fn guest_net_cmdline(&self, vm: &Vm) -> String {
+        match (&self.net, vm.net.ipv4) {
+            (Some(n), Some(ip)) if self.nic(vm).is_some() => {
+                n.settings.cfg.guest_cmdline(ip, &n.settings.domain)
+            }
+            _ => String::new(),
         }
     }
 
@@ -358,6 +382,12 @@ impl Node {
         disk_us: Option<u64>,
     ) -> Result<Vm, ApiError> {
         let vm = &self.with_jail_uid(vm).await?;
+        if let Some(net) = self.net.clone() {
+            let v = vm.clone();
+            tokio::task::spawn_blocking(move || net.attach(&v))
+                .await
+                .map_err(internal)??;
+        }
         let spec = self.spec(vm, image);
         let t0 = Instant::now();
         let vmm = self.vmm.clone();
@@ -572,8 +602,11 @@ impl Node {
             self.wait_gone(&h, Duration::from_secs(5)).await;
         }
         self.forget(&vm.id);
-        let (me, id) = (self.clone(), vm.id.clone());
+        let (me, id, v) = (self.clone(), vm.id.clone(), vm.clone());
         let _ = tokio::task::spawn_blocking(move || {
+            if let Some(net) = &me.net {
+                net.detach(&v);
+            }
             me.release_jail(&id);
             let _ = std::fs::remove_dir_all(me.vm_dir(&id));
         })

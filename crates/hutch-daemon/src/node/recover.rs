@@ -17,6 +17,14 @@ impl Node {
     /// interrupted.
     pub async fn reattach(self: &Arc<Self>) -> Result<(), ApiError> {
         self.recover().await?;
+        if let Some(net) = self.net.clone() {
+            let vms = self.records.vms().await?;
+            let (n2, v2) = (net.clone(), vms.clone());
+            tokio::task::spawn_blocking(move || n2.reconcile(&v2))
+                .await
+                .map_err(super::internal)??;
+            net.restore_forwards(&vms).await;
+        }
         for vm in self.records.vms().await? {
             let handle = self.handle(&vm).filter(|h| self.vmm.is_alive(h));
             match (vm.state, handle) {

@@ -12,6 +12,7 @@
 pub mod accounts;
 pub mod files;
 pub mod images;
+pub mod net;
 pub mod ops;
 pub mod restart;
 pub mod tenancy;

@@ -7,6 +7,7 @@ use super::Service;
 use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::node::internal;
+use hutch_core::net::{NetMode, VmNet};
 use hutch_core::{names, Event, Image, Vm, VmState};
 use std::sync::Arc;
 use std::time::Instant;
@@ -95,6 +96,7 @@ impl Service {
     pub async fn create(self: &Arc<Self>, caller: &Caller, req: CreateVm) -> Result<Vm, ApiError> {
         let t0 = Instant::now();
         self.validate(&req)?;
+        let net = self.net_of(&req)?;
         let image = self.image_for(caller, &req.image).await?;
         if req.run && image.config.entrypoint.is_empty() && image.config.cmd.is_empty() {
             return Err(ApiError::Invalid(format!(
@@ -133,6 +135,7 @@ impl Service {
             restart: req.restart,
             restarts: 0,
             clean_exit: false,
+            net,
         };
         // Admitted (reserved until the record counts), then the name is claimed in the create's
         // one store transaction: of concurrent creates, one wins.
@@ -140,6 +143,7 @@ impl Service {
             let _admitted = self.admit(&vm, true).await?;
             let (conf, _uid_held) = self.node.allocate_uid().await?;
             vm.confinement = conf;
+            let _lease = self.lease(&mut vm)?;
             match &req.name {
                 Some(n) => {
                     vm.name = n.clone();
@@ -163,6 +167,22 @@ impl Service {
             }
         }
         self.build(vm, image, None, t0).await
+    }
+
+    /// Gives `vm` an address when its mode has a NIC; held until the record is written.
+    fn lease(&self, vm: &mut Vm) -> Result<Option<crate::net::Lease<'_>>, ApiError> {
+        let Some(n) = self
+            .node
+            .net
+            .as_ref()
+            .filter(|_| vm.net.mode != NetMode::None)
+        else {
+            return Ok(None);
+        };
+        let l = n.allocate(&self.records)?;
+        vm.net.ipv4 = Some(l.ip);
+        vm.net.mac = Some(VmNet::mac_for(l.ip));
+        Ok(Some(l))
     }
 
     /// Makes the disk of just-recorded `vm` (fresh, or a copy of VM `from`'s) and boots it;
@@ -244,12 +264,21 @@ impl Service {
             confinement: None,
             restarts: 0,
             clean_exit: false,
+            net: VmNet {
+                ipv4: None,
+                mac: None,
+                ports: Vec::new(),
+                public_ports: Vec::new(),
+                ..from.net.clone()
+            },
             ..from.clone()
         };
         {
             let _admitted = self.admit(&vm, true).await?;
+            let _lease = self.lease(&mut vm)?;
             let (conf, _uid_held) = self.node.allocate_uid().await?;
             vm.confinement = conf;
+            let _lease = self.lease(&mut vm)?;
             if !self.records.create_vm(&vm).await? {
                 return Err(ApiError::Conflict(format!(
                     "sandbox {:?} already exists",

@@ -136,6 +136,40 @@ struct Args {
     /// Largest upload (a file written into a VM, an image archive), in MiB; 413 beyond.
     #[arg(long, env = "HUTCH_MAX_UPLOAD_MIB", default_value_t = 8 * 1024)]
     max_upload_mib: u64,
+    /// The VM network: on (a bridge, a TAP per VM, NAT, DNS, metadata) or off (VMs get no NIC).
+    #[arg(long, env = "HUTCH_NETWORK", default_value = "on", value_parser = ["on", "off"])]
+    network: String,
+    /// The VMs' subnet (the host takes its first address).
+    #[arg(long, env = "HUTCH_SUBNET", default_value = hutch_daemon::net::DEFAULT_SUBNET)]
+    subnet: String,
+    /// The bridge hutch owns (also the name of its nftables tables).
+    #[arg(long, env = "HUTCH_BRIDGE", default_value = hutch_daemon::net::DEFAULT_BRIDGE)]
+    bridge: String,
+    /// VMs are NAME.DOMAIN (to guests, on the public DNS and in the HTTPS proxy).
+    #[arg(long, env = "HUTCH_DOMAIN", default_value = "hutch.internal")]
+    domain: String,
+    /// Resolver for names outside the domain (repeatable; default: the host's resolv.conf).
+    #[arg(long = "upstream-dns")]
+    upstream_dns: Vec<String>,
+    /// Host ports accounts may forward to their VMs (the admin may use any).
+    #[arg(long, default_value = "20000-29999")]
+    port_range: String,
+    /// Address port forwards listen on.
+    #[arg(long, default_value = "0.0.0.0")]
+    port_bind: std::net::IpAddr,
+    /// Public DNS for the domain (e.g. 0.0.0.0:53), answering NAME.DOMAIN with --public-address.
+    #[arg(long, env = "HUTCH_DNS_LISTEN")]
+    dns_listen: Option<std::net::SocketAddr>,
+    /// The host's public address, for the public DNS (default: --dns-listen's address).
+    #[arg(long)]
+    public_address: Option<std::net::Ipv4Addr>,
+    /// HTTP proxy to VM ports: http://PORT-VM.DOMAIN/.
+    #[arg(long, env = "HUTCH_HTTP_LISTEN")]
+    http_listen: Option<std::net::SocketAddr>,
+    /// HTTPS proxy to VM ports: https://PORT-VM.DOMAIN/ (certificate: --tls-cert/--tls-key, or
+    /// a CA hutchd makes; `hutch ca` prints it).
+    #[arg(long, env = "HUTCH_HTTPS_LISTEN")]
+    https_listen: Option<std::net::SocketAddr>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -177,7 +211,7 @@ fn main() -> anyhow::Result<()> {
             "{flag} must be a positive number, not {v}"
         );
     }
-    let cfg = hutch_daemon::DaemonConfig {
+    let mut cfg = hutch_daemon::DaemonConfig {
         ssh,
         data_dir: args.data_dir,
         boot_cache: args.boot_cache,
@@ -221,9 +255,77 @@ fn main() -> anyhow::Result<()> {
         }),
         registry_allow_private: args.registry_allow_private,
         max_upload_bytes: args.max_upload_mib.saturating_mul(1 << 20),
+        net: None,
+        front: Default::default(),
+    };
+    let net = match args.network.as_str() {
+        "off" => None,
+        _ => Some(net_settings(
+            &args.bridge,
+            &args.subnet,
+            &args.domain,
+            &args.upstream_dns,
+            &args.port_range,
+            args.port_bind,
+        )?),
+    };
+    cfg.net = net;
+    cfg.front = hutch_daemon::FrontDoors {
+        dns_listen: args.dns_listen,
+        public_address: args.public_address,
+        http_listen: args.http_listen,
+        https_listen: args.https_listen,
     };
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     rt.block_on(hutch_daemon::run(cfg))
         .context("hutchd failed")?;
     Ok(())
+}
+
+/// hutchd's network options, checked.
+fn net_settings(
+    bridge: &str,
+    subnet: &str,
+    domain: &str,
+    upstream: &[String],
+    port_range: &str,
+    port_bind: std::net::IpAddr,
+) -> anyhow::Result<hutch_daemon::net::NetSettings> {
+    let subnet = subnet
+        .parse()
+        .map_err(|e| anyhow::anyhow!("--subnet: {e}"))?;
+    let cfg = hutch_daemon::net::NetConfig::new(bridge, subnet)?;
+    let domain = domain.trim_end_matches('.').to_ascii_lowercase();
+    anyhow::ensure!(
+        !domain.is_empty()
+            && domain.len() <= 200
+            && domain.split('.').all(|l| !l.is_empty()
+                && l.len() <= 63
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')),
+        "--domain {domain:?} is not a domain name"
+    );
+    let upstream = if upstream.is_empty() {
+        hutch_daemon::net::host_upstreams()
+    } else {
+        upstream
+            .iter()
+            .map(|u| {
+                u.parse::<std::net::SocketAddr>()
+                    .or_else(|_| u.parse::<std::net::IpAddr>().map(|ip| (ip, 53).into()))
+                    .with_context(|| format!("--upstream-dns {u:?}: an address or address:port"))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?
+    };
+    let (lo, hi) = port_range
+        .split_once('-')
+        .and_then(|(a, b)| Some((a.parse::<u16>().ok()?, b.parse::<u16>().ok()?)))
+        .filter(|(a, b)| *a > 0 && a <= b)
+        .with_context(|| format!("--port-range {port_range:?}: LOW-HIGH, like 20000-29999"))?;
+    Ok(hutch_daemon::net::NetSettings {
+        cfg,
+        domain,
+        upstream,
+        port_range: (lo, hi),
+        port_bind,
+    })
 }

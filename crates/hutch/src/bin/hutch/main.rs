@@ -4,6 +4,7 @@
 mod client;
 mod completions;
 mod events;
+mod net;
 mod pull;
 mod render;
 
@@ -77,6 +78,8 @@ enum Cmd {
         /// or always (a clean guest power-off too).
         #[arg(long, default_value = "no")]
         restart: hutch_core::RestartPolicy,
+        #[command(flatten)]
+        net: net::NetArgs,
     },
     /// List VMs.
     #[command(alias = "list")]
@@ -146,6 +149,14 @@ enum Cmd {
     Status,
     /// Follow lifecycle events (created, started, stopped, failed, deleted, ...) as they happen.
     Events,
+    /// A VM's network: egress rules and rates.
+    #[command(subcommand)]
+    Net(net::NetCmd),
+    /// Port forwards, public ports and share links.
+    #[command(subcommand)]
+    Port(net::PortCmd),
+    /// Print the CA certificate of hutchd's HTTPS proxy (trust it in clients).
+    Ca,
     /// Administration (the admin only).
     #[command(subcommand)]
     Admin(AdminCmd),
@@ -427,6 +438,7 @@ async fn run(cli: Cli) -> Result<i32> {
             disk,
             run,
             restart,
+            net,
         } => {
             let req = hutch_core::api::CreateVm {
                 name,
@@ -436,6 +448,13 @@ async fn run(cli: Cli) -> Result<i32> {
                 disk_gib: disk,
                 run,
                 restart,
+                net: net.net,
+                allow_out: net.allow_out,
+                deny_out: net.deny_out,
+                rate_in: net.rate_in,
+                rate_out: net.rate_out,
+                clone: net.clone,
+                clone_dir: net.clone_dir,
             };
             let v = pull::create(&c, &req).await?;
             if j {
@@ -654,6 +673,9 @@ async fn run(cli: Cli) -> Result<i32> {
                 describe(&v)
             }
         }
+        Cmd::Net(cmd) => net::net(&c, cmd, j).await?,
+        Cmd::Port(cmd) => net::port(&c, cmd, j).await?,
+        Cmd::Ca => net::ca(&c).await?,
         Cmd::Status => {
             let v = c.json(Method::GET, "/api/v1/status", None).await?;
             if j {
