@@ -101,8 +101,7 @@ impl Handler for Guest {
             return Step::Reply(resp);
         }
 
-        if labels.len() == 0
-            || matches!(question.query_type(), RecordType::AXFR | RecordType::IXFR)
+        if labels.len() == 0 || matches!(question.query_type(), RecordType::AXFR | RecordType::IXFR)
         {
             return reply(ResponseCode::Refused);
         }
@@ -122,10 +121,7 @@ impl Handler for Guest {
         Step::Later(Box::pin(async move {
             let _permit = permit;
             let question = &query.queries[0];
-            let dnssec_ok = query
-                .edns
-                .as_ref()
-                .is_some_and(|e| e.flags().dnssec_ok);
+            let dnssec_ok = query.edns.as_ref().is_some_and(|e| e.flags().dnssec_ok);
             let answer = upstream::ask(
                 &upstreams,
                 question,

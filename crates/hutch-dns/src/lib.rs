@@ -147,7 +147,9 @@ impl Drop for DnsServer {
 
 fn check(limits: &Limits) -> Result<(), DnsError> {
     if limits.max_tcp_connections == 0 || limits.max_upstream_in_flight == 0 {
-        return Err(DnsError::Limits("connection and in-flight limits must be > 0"));
+        return Err(DnsError::Limits(
+            "connection and in-flight limits must be > 0",
+        ));
     }
     if !(512..=65535).contains(&limits.max_query_len) {
         return Err(DnsError::Limits("max_query_len must be within 512..=65535"));

@@ -24,7 +24,10 @@ impl Labels {
                 return None;
             }
             // Checked above: ASCII only.
-            let text: String = label.iter().map(|b| b.to_ascii_lowercase() as char).collect();
+            let text: String = label
+                .iter()
+                .map(|b| b.to_ascii_lowercase() as char)
+                .collect();
             out.push(text);
         }
         Some(Labels(out))
@@ -74,11 +77,20 @@ mod tests {
 
     #[test]
     fn lowercases_and_checks_labels() {
-        assert_eq!(labels("WWW.Example.COM.").unwrap().dotted(), "www.example.com");
+        assert_eq!(
+            labels("WWW.Example.COM.").unwrap().dotted(),
+            "www.example.com"
+        );
         assert_eq!(labels("_sip._tcp.x.org").unwrap().len(), 4);
         let raw = |l: &[&[u8]]| Labels::of(&Name::from_labels(l.iter().copied()).unwrap());
-        assert!(raw(&[b"a.b", b"example", b"com"]).is_none(), "a dot inside a label");
-        assert!(raw(&[b"a\0b", b"example"]).is_none(), "a NUL inside a label");
+        assert!(
+            raw(&[b"a.b", b"example", b"com"]).is_none(),
+            "a dot inside a label"
+        );
+        assert!(
+            raw(&[b"a\0b", b"example"]).is_none(),
+            "a NUL inside a label"
+        );
         assert!(raw(&[b"*", b"example"]).is_none());
         assert!(raw(&[b"ok", b"example"]).is_some());
         assert_eq!(labels(".").unwrap().len(), 0);

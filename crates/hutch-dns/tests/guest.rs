@@ -35,7 +35,12 @@ async fn own_vm_bare_and_qualified_over_udp_and_tcp() {
     let server = serve_guest(cfg, dir.clone()).await.unwrap();
     let (udp, tcp) = server.local_addrs();
     assert_eq!(udp.port(), tcp.port());
-    for name in ["web", "web.hutch.test.", "WEB.Hutch.TEST", "vm-0a1b.hutch.test"] {
+    for name in [
+        "web",
+        "web.hutch.test.",
+        "WEB.Hutch.TEST",
+        "vm-0a1b.hutch.test",
+    ] {
         for edns in [false, true] {
             let q = query(name, RecordType::A, edns);
             for resp in [udp_ask(udp, ALICE, &q).await, tcp_ask(tcp, ALICE, &q).await] {
@@ -51,7 +56,10 @@ async fn own_vm_bare_and_qualified_over_udp_and_tcp() {
     }
     assert_eq!(up.udp_queries.load(Ordering::SeqCst), 0);
     assert_eq!(up.tcp_queries.load(Ordering::SeqCst), 0);
-    assert!(dir.asked.lock().unwrap().is_empty(), "VM names are not egress");
+    assert!(
+        dir.asked.lock().unwrap().is_empty(),
+        "VM names are not egress"
+    );
     server.shutdown().await;
 }
 
@@ -63,15 +71,33 @@ async fn other_accounts_and_unknown_vms_are_nxdomain() {
     let code = |m: hickory_proto::op::Message| (m.metadata.response_code, a_records(&m));
     let nx = (ResponseCode::NXDomain, vec![]);
     // bob's VM, asked by alice, and the other way round.
-    assert_eq!(code(udp_ask(udp, ALICE, &query("db", RecordType::A, false)).await), nx);
-    assert_eq!(code(tcp_ask(tcp, ALICE, &query("db.hutch.test", RecordType::A, false)).await), nx);
-    assert_eq!(code(udp_ask(udp, BOB, &query("web.hutch.test", RecordType::A, false)).await), nx);
+    assert_eq!(
+        code(udp_ask(udp, ALICE, &query("db", RecordType::A, false)).await),
+        nx
+    );
+    assert_eq!(
+        code(tcp_ask(tcp, ALICE, &query("db.hutch.test", RecordType::A, false)).await),
+        nx
+    );
+    assert_eq!(
+        code(udp_ask(udp, BOB, &query("web.hutch.test", RecordType::A, false)).await),
+        nx
+    );
     assert_eq!(
         code(udp_ask(udp, BOB, &query("db.hutch.test", RecordType::A, false)).await),
         (ResponseCode::NoError, vec![DB])
     );
-    for name in ["nosuch", "nosuch.hutch.test", "x.web.hutch.test", "a.b.web.hutch.test"] {
-        assert_eq!(code(udp_ask(udp, ALICE, &query(name, RecordType::A, false)).await), nx, "{name}");
+    for name in [
+        "nosuch",
+        "nosuch.hutch.test",
+        "x.web.hutch.test",
+        "a.b.web.hutch.test",
+    ] {
+        assert_eq!(
+            code(udp_ask(udp, ALICE, &query(name, RecordType::A, false)).await),
+            nx,
+            "{name}"
+        );
     }
     // AAAA and other types: empty NOERROR for a VM the client may see, else NXDOMAIN.
     for rtype in [RecordType::AAAA, RecordType::MX, RecordType::TXT] {
@@ -80,7 +106,11 @@ async fn other_accounts_and_unknown_vms_are_nxdomain() {
         let other = udp_ask(udp, ALICE, &query("db", rtype, false)).await;
         assert_eq!(code(other), nx);
     }
-    assert_eq!(up.udp_queries.load(Ordering::SeqCst), 0, "hutch's names never go upstream");
+    assert_eq!(
+        up.udp_queries.load(Ordering::SeqCst),
+        0,
+        "hutch's names never go upstream"
+    );
 }
 
 #[tokio::test]
@@ -121,7 +151,12 @@ async fn forwards_with_the_clients_id_and_reports_the_cname_chain() {
     assert_eq!(a_records(&resp), vec![Ipv4Addr::new(192, 0, 2, 10)]);
     assert_eq!(
         dir.resolved.lock().unwrap().last().unwrap(),
-        &(BOB, "plain.example.com".to_string(), vec![Ipv4Addr::new(192, 0, 2, 10)], 90)
+        &(
+            BOB,
+            "plain.example.com".to_string(),
+            vec![Ipv4Addr::new(192, 0, 2, 10)],
+            90
+        )
     );
 
     // The upstream's NXDOMAIN is relayed; nothing is reported.
@@ -171,7 +206,11 @@ async fn names_the_rules_refuse_never_reach_the_upstream() {
     let (udp, tcp) = server.local_addrs();
     for name in ["blocked.org", "example.com.evil.org", "com"] {
         let resp = udp_ask(udp, ALICE, &query(name, RecordType::A, false)).await;
-        let want = if name == "com" { ResponseCode::NXDomain } else { ResponseCode::Refused };
+        let want = if name == "com" {
+            ResponseCode::NXDomain
+        } else {
+            ResponseCode::Refused
+        };
         assert_eq!(resp.metadata.response_code, want, "{name}");
         let resp = tcp_ask(tcp, ALICE, &query(name, RecordType::A, false)).await;
         assert_eq!(resp.metadata.response_code, want, "{name}");
@@ -188,7 +227,13 @@ async fn names_the_rules_refuse_never_reach_the_upstream() {
     assert_eq!(up.udp_queries.load(Ordering::SeqCst), 0);
     assert_eq!(up.tcp_queries.load(Ordering::SeqCst), 0);
     assert!(dir.resolved.lock().unwrap().is_empty());
-    let asked: Vec<String> = dir.asked.lock().unwrap().iter().map(|a| a.1.clone()).collect();
+    let asked: Vec<String> = dir
+        .asked
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|a| a.1.clone())
+        .collect();
     assert!(asked.contains(&"blocked.org".to_string()));
     assert!(!asked.iter().any(|a| a.starts_with("x")), "{asked:?}");
 }
@@ -204,22 +249,40 @@ async fn upstream_down_is_servfail_in_bounded_time() {
     let (server, dir) = guest(vec![dead, silent.addr], limits.clone()).await;
     let (udp, tcp) = server.local_addrs();
     let start = Instant::now();
-    let resp = udp_ask(udp, ALICE, &query("plain.example.com", RecordType::A, false)).await;
+    let resp = udp_ask(
+        udp,
+        ALICE,
+        &query("plain.example.com", RecordType::A, false),
+    )
+    .await;
     let took = start.elapsed();
     assert_eq!(resp.metadata.response_code, ResponseCode::ServFail);
     assert_eq!(resp.metadata.id, 0x4242);
-    assert!(took >= Duration::from_millis(500), "the silent server was waited for: {took:?}");
+    assert!(
+        took >= Duration::from_millis(500),
+        "the silent server was waited for: {took:?}"
+    );
     assert!(took < Duration::from_millis(2500), "{took:?}");
     assert_eq!(silent.udp_queries.load(Ordering::SeqCst), 1);
     let start = Instant::now();
-    let resp = tcp_ask(tcp, ALICE, &query("plain.example.com", RecordType::A, false)).await;
+    let resp = tcp_ask(
+        tcp,
+        ALICE,
+        &query("plain.example.com", RecordType::A, false),
+    )
+    .await;
     assert_eq!(resp.metadata.response_code, ResponseCode::ServFail);
     assert!(start.elapsed() < Duration::from_millis(2500));
     assert!(dir.resolved.lock().unwrap().is_empty());
 
     // No upstream at all.
     let (server, _) = guest(vec![], limits).await;
-    let resp = udp_ask(server.local_addrs().0, ALICE, &query("plain.example.com", RecordType::A, false)).await;
+    let resp = udp_ask(
+        server.local_addrs().0,
+        ALICE,
+        &query("plain.example.com", RecordType::A, false),
+    )
+    .await;
     assert_eq!(resp.metadata.response_code, ResponseCode::ServFail);
 }
 
@@ -232,7 +295,12 @@ async fn servers_are_tried_in_order() {
         ..Limits::default()
     };
     let (server, _) = guest(vec![silent.addr, good.addr], limits).await;
-    let resp = udp_ask(server.local_addrs().0, ALICE, &query("plain.example.com", RecordType::A, false)).await;
+    let resp = udp_ask(
+        server.local_addrs().0,
+        ALICE,
+        &query("plain.example.com", RecordType::A, false),
+    )
+    .await;
     assert_eq!(a_records(&resp), vec![Ipv4Addr::new(192, 0, 2, 10)]);
     assert_eq!(silent.udp_queries.load(Ordering::SeqCst), 1);
     assert_eq!(good.udp_queries.load(Ordering::SeqCst), 1);
@@ -242,9 +310,21 @@ async fn servers_are_tried_in_order() {
 async fn upstream_answers_to_other_queries_are_dropped() {
     let junk = fake_upstream(Mode::JunkFirst).await;
     let (server, dir) = guest(vec![junk.addr], Limits::default()).await;
-    let resp = udp_ask(server.local_addrs().0, ALICE, &query("plain.example.com", RecordType::A, false)).await;
-    assert_eq!(a_records(&resp), vec![Ipv4Addr::new(192, 0, 2, 10)], "not 6.6.6.6");
-    assert_eq!(dir.resolved.lock().unwrap()[0].2, vec![Ipv4Addr::new(192, 0, 2, 10)]);
+    let resp = udp_ask(
+        server.local_addrs().0,
+        ALICE,
+        &query("plain.example.com", RecordType::A, false),
+    )
+    .await;
+    assert_eq!(
+        a_records(&resp),
+        vec![Ipv4Addr::new(192, 0, 2, 10)],
+        "not 6.6.6.6"
+    );
+    assert_eq!(
+        dir.resolved.lock().unwrap()[0].2,
+        vec![Ipv4Addr::new(192, 0, 2, 10)]
+    );
     // The upstream saw a random id of ours, never the client's.
     assert_eq!(junk.ids.lock().unwrap().len(), 1);
 
@@ -254,7 +334,12 @@ async fn upstream_answers_to_other_queries_are_dropped() {
         ..Limits::default()
     };
     let (server, dir) = guest(vec![wrong.addr], limits).await;
-    let resp = udp_ask(server.local_addrs().0, ALICE, &query("plain.example.com", RecordType::A, false)).await;
+    let resp = udp_ask(
+        server.local_addrs().0,
+        ALICE,
+        &query("plain.example.com", RecordType::A, false),
+    )
+    .await;
     assert_eq!(resp.metadata.response_code, ResponseCode::ServFail);
     assert!(dir.resolved.lock().unwrap().is_empty());
 }
@@ -270,7 +355,12 @@ async fn too_many_upstream_queries_in_flight_is_servfail_at_once() {
     let (server, _) = guest(vec![silent.addr], limits).await;
     let udp = server.local_addrs().0;
     let first = tokio::spawn(async move {
-        udp_ask(udp, ALICE, &query("plain.example.com", RecordType::A, false)).await
+        udp_ask(
+            udp,
+            ALICE,
+            &query("plain.example.com", RecordType::A, false),
+        )
+        .await
     });
     // Let the first one reach the upstream.
     for _ in 0..100 {
@@ -283,21 +373,41 @@ async fn too_many_upstream_queries_in_flight_is_servfail_at_once() {
     let start = Instant::now();
     let resp = udp_ask(udp, BOB, &query("www.example.com", RecordType::A, false)).await;
     assert_eq!(resp.metadata.response_code, ResponseCode::ServFail);
-    assert!(start.elapsed() < Duration::from_millis(500), "{:?}", start.elapsed());
-    assert_eq!(silent.udp_queries.load(Ordering::SeqCst), 1, "the second was not forwarded");
+    assert!(
+        start.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        start.elapsed()
+    );
+    assert_eq!(
+        silent.udp_queries.load(Ordering::SeqCst),
+        1,
+        "the second was not forwarded"
+    );
     // VM names are still answered meanwhile.
     let resp = udp_ask(udp, ALICE, &query("web", RecordType::A, false)).await;
     assert_eq!(a_records(&resp), vec![WEB]);
-    assert_eq!(first.await.unwrap().metadata.response_code, ResponseCode::ServFail);
+    assert_eq!(
+        first.await.unwrap().metadata.response_code,
+        ResponseCode::ServFail
+    );
 }
 
 #[tokio::test]
 async fn shutdown_closes_the_sockets() {
     let (server, _) = guest(vec![], Limits::default()).await;
     let (udp, tcp) = server.local_addrs();
-    assert_eq!(a_records(&udp_ask(udp, ALICE, &query("web", RecordType::A, false)).await), vec![WEB]);
+    assert_eq!(
+        a_records(&udp_ask(udp, ALICE, &query("web", RecordType::A, false)).await),
+        vec![WEB]
+    );
     server.shutdown().await;
     assert!(tokio::net::TcpStream::connect(tcp).await.is_err());
-    let none = udp_ask_within(udp, ALICE, &query("web", RecordType::A, false), Duration::from_millis(300)).await;
+    let none = udp_ask_within(
+        udp,
+        ALICE,
+        &query("web", RecordType::A, false),
+        Duration::from_millis(300),
+    )
+    .await;
     assert!(none.is_none());
 }

@@ -20,7 +20,9 @@ async fn guest(limits: Limits) -> DnsServer {
         listen: "127.0.0.1:0".parse().unwrap(),
         upstream: vec![],
     };
-    serve_guest_with(cfg, Arc::new(FakeDir::default()), limits).await.unwrap()
+    serve_guest_with(cfg, Arc::new(FakeDir::default()), limits)
+        .await
+        .unwrap()
 }
 
 async fn public() -> DnsServer {
@@ -29,7 +31,9 @@ async fn public() -> DnsServer {
         listen: "127.0.0.1:0".parse().unwrap(),
         address: Ipv4Addr::new(203, 0, 113, 80),
     };
-    serve_public(cfg, Arc::new(FakeDir::default())).await.unwrap()
+    serve_public(cfg, Arc::new(FakeDir::default()))
+        .await
+        .unwrap()
 }
 
 /// Sends raw bytes over UDP; whether anything came back within 300 ms.
@@ -48,7 +52,9 @@ async fn malformed_datagrams_are_dropped() {
         let udp = server.local_addrs().0;
         let mut response = query("web.pub.test", RecordType::A, false);
         response.metadata.message_type = MessageType::Response;
-        let valid = query("web.pub.test", RecordType::A, false).to_vec().unwrap();
+        let valid = query("web.pub.test", RecordType::A, false)
+            .to_vec()
+            .unwrap();
         let mut oversized = valid.clone();
         oversized.resize(5000, 0);
         let junk: Vec<Vec<u8>> = vec![
@@ -75,16 +81,28 @@ async fn odd_but_well_formed_queries_get_error_codes() {
     let (udp, tcp) = server.local_addrs();
     let mut two = query("web", RecordType::A, false);
     two.add_query(two.queries[0].clone());
-    assert_eq!(udp_ask(udp, ALICE, &two).await.metadata.response_code, ResponseCode::FormErr);
+    assert_eq!(
+        udp_ask(udp, ALICE, &two).await.metadata.response_code,
+        ResponseCode::FormErr
+    );
     let mut none = query("web", RecordType::A, false);
     none.queries.clear();
-    assert_eq!(tcp_ask(tcp, ALICE, &none).await.metadata.response_code, ResponseCode::FormErr);
+    assert_eq!(
+        tcp_ask(tcp, ALICE, &none).await.metadata.response_code,
+        ResponseCode::FormErr
+    );
     let mut notify = query("web", RecordType::A, false);
     notify.metadata.op_code = OpCode::Notify;
-    assert_eq!(udp_ask(udp, ALICE, &notify).await.metadata.response_code, ResponseCode::NotImp);
+    assert_eq!(
+        udp_ask(udp, ALICE, &notify).await.metadata.response_code,
+        ResponseCode::NotImp
+    );
     let mut chaos = query("version.bind", RecordType::TXT, false);
     chaos.queries[0].set_query_class(hickory_proto::rr::DNSClass::CH);
-    assert_eq!(udp_ask(udp, ALICE, &chaos).await.metadata.response_code, ResponseCode::Refused);
+    assert_eq!(
+        udp_ask(udp, ALICE, &chaos).await.metadata.response_code,
+        ResponseCode::Refused
+    );
 }
 
 #[tokio::test]
@@ -104,14 +122,19 @@ async fn garbage_and_oversized_tcp_close_the_connection() {
         assert!(closed_within(&mut s, Duration::from_secs(2)).await);
         let mut s = tcp_connect(tcp, ALICE).await;
         s.write_all(&[0x10, 0x01]).await.unwrap();
-        assert!(closed_within(&mut s, Duration::from_secs(2)).await, "4097 bytes");
+        assert!(
+            closed_within(&mut s, Duration::from_secs(2)).await,
+            "4097 bytes"
+        );
         // A zero length.
         let mut s = tcp_connect(tcp, ALICE).await;
         s.write_all(&[0, 0]).await.unwrap();
         assert!(closed_within(&mut s, Duration::from_secs(2)).await);
         // A good query followed by garbage: the answer, then the close.
         let mut s = tcp_connect(tcp, ALICE).await;
-        write_framed(&mut s, &query("web.pub.test", RecordType::A, false)).await.unwrap();
+        write_framed(&mut s, &query("web.pub.test", RecordType::A, false))
+            .await
+            .unwrap();
         assert!(read_framed(&mut s).await.is_some());
         s.write_all(&[0, 3, 1, 2, 3]).await.unwrap();
         assert!(closed_within(&mut s, Duration::from_secs(2)).await);
@@ -162,17 +185,24 @@ async fn tcp_connections_are_bounded() {
     let mut a = tcp_connect(tcp, ALICE).await;
     let b = tcp_connect(tcp, ALICE).await;
     // Make sure both were accepted and are being served.
-    write_framed(&mut a, &query("web", RecordType::A, false)).await.unwrap();
+    write_framed(&mut a, &query("web", RecordType::A, false))
+        .await
+        .unwrap();
     assert!(read_framed(&mut a).await.is_some());
     let mut c = tcp_connect(tcp, ALICE).await;
-    assert!(closed_within(&mut c, Duration::from_secs(2)).await, "third connection kept");
+    assert!(
+        closed_within(&mut c, Duration::from_secs(2)).await,
+        "third connection kept"
+    );
     drop(b);
     // A slot comes free once the server sees the close.
     let mut ok = false;
     for _ in 0..50 {
         tokio::time::sleep(Duration::from_millis(20)).await;
         let mut d = tcp_connect(tcp, ALICE).await;
-        if write_framed(&mut d, &query("web", RecordType::A, false)).await.is_ok()
+        if write_framed(&mut d, &query("web", RecordType::A, false))
+            .await
+            .is_ok()
             && tokio::time::timeout(Duration::from_millis(500), read_framed(&mut d))
                 .await
                 .ok()

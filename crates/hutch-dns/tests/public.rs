@@ -18,7 +18,9 @@ async fn public() -> DnsServer {
         listen: "127.0.0.1:0".parse().unwrap(),
         address: PROXY,
     };
-    serve_public(cfg, Arc::new(FakeDir::default())).await.unwrap()
+    serve_public(cfg, Arc::new(FakeDir::default()))
+        .await
+        .unwrap()
 }
 
 fn has_soa(msg: &Message) -> bool {
@@ -29,7 +31,13 @@ fn has_soa(msg: &Message) -> bool {
 async fn answers_the_apex_public_vms_and_names_beneath_them() {
     let server = public().await;
     let (udp, tcp) = server.local_addrs();
-    for name in ["pub.test", "web.pub.test", "API.Pub.Test", "x.web.pub.test", "a.b.c.api.pub.test"] {
+    for name in [
+        "pub.test",
+        "web.pub.test",
+        "API.Pub.Test",
+        "x.web.pub.test",
+        "a.b.c.api.pub.test",
+    ] {
         for resp in [
             udp_ask(udp, ALICE, &query(name, RecordType::A, false)).await,
             tcp_ask(tcp, BOB, &query(name, RecordType::A, true)).await,
@@ -56,11 +64,19 @@ async fn other_names_under_the_domain_are_nxdomain() {
     // The label right before the domain decides: `web.nosuch` is under `nosuch`.
     for name in ["nosuch.pub.test", "web.nosuch.pub.test", "db.pub.test"] {
         let resp = udp_ask(udp, ALICE, &query(name, RecordType::A, false)).await;
-        assert_eq!(resp.metadata.response_code, ResponseCode::NXDomain, "{name}");
+        assert_eq!(
+            resp.metadata.response_code,
+            ResponseCode::NXDomain,
+            "{name}"
+        );
         assert!(resp.answers.is_empty());
         assert!(has_soa(&resp), "{name}");
         let resp = tcp_ask(tcp, ALICE, &query(name, RecordType::AAAA, false)).await;
-        assert_eq!(resp.metadata.response_code, ResponseCode::NXDomain, "{name}");
+        assert_eq!(
+            resp.metadata.response_code,
+            ResponseCode::NXDomain,
+            "{name}"
+        );
     }
 }
 
@@ -68,7 +84,14 @@ async fn other_names_under_the_domain_are_nxdomain() {
 async fn names_outside_the_domain_are_refused() {
     let server = public().await;
     let (udp, tcp) = server.local_addrs();
-    for name in ["example.com", "web", "test", "pub.test.example.com", "xpub.test", "web.xpub.test"] {
+    for name in [
+        "example.com",
+        "web",
+        "test",
+        "pub.test.example.com",
+        "xpub.test",
+        "web.xpub.test",
+    ] {
         for resp in [
             udp_ask(udp, ALICE, &query(name, RecordType::A, false)).await,
             tcp_ask(tcp, ALICE, &query(name, RecordType::A, false)).await,

@@ -22,12 +22,15 @@ pub const BOB: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
 pub const WEB: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 5);
 pub const DB: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 6);
 
+/// One `resolved` call: client, fqdn, addresses, ttl.
+pub type Resolved = (Ipv4Addr, String, Vec<Ipv4Addr>, u32);
+
 /// alice (127.0.0.1) owns `web` (also called `vm-0a1b`); bob (127.0.0.2) owns `db`.
 /// Names ending in `example.com` may be resolved; `web` and `api` are public.
 #[derive(Default)]
 pub struct FakeDir {
     pub asked: Mutex<Vec<(Ipv4Addr, String)>>,
-    pub resolved: Mutex<Vec<(Ipv4Addr, String, Vec<Ipv4Addr>, u32)>>,
+    pub resolved: Mutex<Vec<Resolved>>,
 }
 
 impl Directory for FakeDir {
