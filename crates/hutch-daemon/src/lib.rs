@@ -272,6 +272,7 @@ pub async fn run(mut cfg: DaemonConfig) -> Result<(), DaemonError> {
         }
     });
 
+    let _dns = start_dns(&m, &cfg.front).await?;
     let app = api::router(m.clone(), true);
     let mut tasks = tokio::task::JoinSet::new();
     if let Some(topts) = cfg.tcp.clone() {
@@ -344,6 +345,61 @@ pub async fn run(mut cfg: DaemonConfig) -> Result<(), DaemonError> {
     let _ = std::fs::remove_file(&sock);
     tracing::info!("hutchd stopped; VMs keep running");
     Ok(())
+}
+
+/// hutch's DNS: for guests on the VM network's gateway, and the public listener when asked.
+/// Dropping the servers stops them.
+async fn start_dns(
+    m: &Arc<service::Service>,
+    front: &FrontDoors,
+) -> Result<Vec<hutch_dns::DnsServer>, DaemonError> {
+    let mut servers = Vec::new();
+    let Some(net) = m.node.net.clone() else {
+        if front.dns_listen.is_some() {
+            return Err(setup("--dns-listen needs the VM network (not --network off)"));
+        }
+        return Ok(servers);
+    };
+    let s = &net.settings;
+    let dir = Arc::new(net::dns::Directory {
+        records: m.records.clone(),
+        net: net.clone(),
+    });
+    let listen = std::net::SocketAddr::new(s.cfg.gateway().into(), s.cfg.dns_port);
+    let guest = hutch_dns::GuestDns {
+        domain: s.domain.clone(),
+        listen,
+        upstream: s.upstream.clone(),
+    };
+    servers.push(
+        hutch_dns::serve_guest(guest, dir.clone())
+            .await
+            .map_err(|e| setup(format!("guest DNS on {listen}: {e}")))?,
+    );
+    tracing::info!(%listen, domain = %s.domain, upstream = ?s.upstream, "DNS for guests");
+    if let Some(listen) = front.dns_listen {
+        let address = match (front.public_address, listen.ip()) {
+            (Some(a), _) => a,
+            (None, std::net::IpAddr::V4(a)) if !a.is_unspecified() => a,
+            _ => {
+                return Err(setup(
+                    "--dns-listen on a wildcard address needs --public-address (the address names resolve to)",
+                ))
+            }
+        };
+        let public = hutch_dns::PublicDns {
+            domain: s.domain.clone(),
+            listen,
+            address,
+        };
+        servers.push(
+            hutch_dns::serve_public(public, dir)
+                .await
+                .map_err(|e| setup(format!("public DNS on {listen}: {e}")))?,
+        );
+        tracing::info!(%listen, %address, "public DNS");
+    }
+    Ok(servers)
 }
 
 fn constant_eq(a: &[u8], b: &[u8]) -> bool {

@@ -2,6 +2,7 @@
 //! rules, rates, from its record), reconciling after a crash, name lookups for the DNS, and the
 //! port forwards ([`ports`]). The host mechanics are in `hutch-net`; docs/networking.md.
 
+pub mod dns;
 pub mod ports;
 
 use crate::error::ApiError;
@@ -15,16 +16,7 @@ use std::sync::Mutex;
 
 pub use hutch_net::{NetConfig, DEFAULT_BRIDGE, DEFAULT_SUBNET};
 
-/// The host's resolvers (`nameserver` lines of /etc/resolv.conf), port 53.
-pub fn host_upstreams() -> Vec<SocketAddr> {
-    std::fs::read_to_string("/etc/resolv.conf")
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.strip_prefix("nameserver"))
-        .filter_map(|a| a.trim().parse::<IpAddr>().ok())
-        .map(|ip| SocketAddr::new(ip, 53))
-        .collect()
-}
+pub use hutch_dns::host_upstreams;
 
 /// Most addresses kept per VM from answers for its allowed domains.
 const MAX_RESOLVED: usize = 4096;

@@ -1,0 +1,51 @@
+//! What hutch's DNS (crate `hutch-dns`) asks the daemon: names are resolved in the querying
+//! VM's account; names outside the domain follow the VM's egress rules, and answers for its
+//! allowed domains join its allowed addresses before the VM gets them.
+
+use super::{vm_at, vm_named, VmNetwork};
+use crate::records::Records;
+use hutch_core::net::NetMode;
+use hutch_core::Vm;
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+
+pub struct Directory {
+    pub records: Records,
+    pub net: Arc<VmNetwork>,
+}
+
+/// The VM a public name's label means: its id, an admin VM's name, or `NAME--ACCOUNT` for an
+/// account's VM (names are per account; the label must name one VM on the whole host).
+pub fn vm_by_label(records: &Records, label: &str) -> Option<Vm> {
+    let label = label.to_ascii_lowercase();
+    records
+        .fold_vms(|it| it.filter(|v| v.id == label).next().cloned())
+        .or_else(|| vm_named(records, None, &label))
+        .or_else(|| {
+            let (name, account) = label.rsplit_once("--")?;
+            vm_named(records, Some(account), name)
+        })
+}
+
+impl hutch_dns::Directory for Directory {
+    fn vm_address(&self, client: Ipv4Addr, vm: &str) -> Option<Ipv4Addr> {
+        let me = vm_at(&self.records, client)?;
+        let target = vm_named(&self.records, me.owner.as_deref(), vm)?;
+        target.net.ipv4.filter(|_| target.net.mode != NetMode::None)
+    }
+
+    fn may_resolve(&self, client: Ipv4Addr, fqdn: &str) -> bool {
+        vm_at(&self.records, client).is_some_and(|me| self.net.may_resolve(&me, fqdn))
+    }
+
+    fn resolved(&self, client: Ipv4Addr, fqdn: &str, addrs: &[Ipv4Addr], _ttl: u32) {
+        if let Some(me) = vm_at(&self.records, client) {
+            // Before the answer goes out: the VM connects as soon as it has it.
+            tokio::task::block_in_place(|| self.net.resolved(&me, fqdn, addrs));
+        }
+    }
+
+    fn public_vm(&self, label: &str) -> bool {
+        vm_by_label(&self.records, label).is_some()
+    }
+}
