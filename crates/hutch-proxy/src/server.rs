@@ -82,10 +82,13 @@ impl Proxy {
         match tls {
             None => self.serve_conn(tcp, conn).await,
             Some(acceptor) => {
-                let hs = tokio::time::timeout(self.limits.header_read_timeout, acceptor.accept(tcp));
+                let hs =
+                    tokio::time::timeout(self.limits.header_read_timeout, acceptor.accept(tcp));
                 match hs.await {
                     Ok(Ok(stream)) => self.serve_conn(stream, conn).await,
-                    Ok(Err(e)) => tracing::debug!(peer = %conn.peer, error = %e, "TLS handshake failed"),
+                    Ok(Err(e)) => {
+                        tracing::debug!(peer = %conn.peer, error = %e, "TLS handshake failed")
+                    }
                     Err(_) => tracing::debug!(peer = %conn.peer, "TLS handshake timed out"),
                 }
             }
@@ -109,7 +112,11 @@ impl Proxy {
             .max_header_size(self.limits.max_request_header_bytes)
             .max_headers(self.limits.max_headers)
             .keep_alive(true);
-        if let Err(e) = b.serve_connection(TokioIo::new(io), svc).with_upgrades().await {
+        if let Err(e) = b
+            .serve_connection(TokioIo::new(io), svc)
+            .with_upgrades()
+            .await
+        {
             tracing::debug!(%peer, error = %e, "proxy connection ended");
         }
     }
@@ -125,13 +132,20 @@ impl Proxy {
                 .map(str::to_string),
         };
         let Some(host) = host else {
-            return json_error(StatusCode::BAD_REQUEST, "bad_request", "missing Host header");
+            return json_error(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                "missing Host header",
+            );
         };
         let Some(target) = parse_host(&host, &self.domain) else {
             return json_error(
                 StatusCode::NOT_FOUND,
                 "not_found",
-                &format!("no VM is served at this host; use <port>-<vm>.{}", self.domain),
+                &format!(
+                    "no VM is served at this host; use <port>-<vm>.{}",
+                    self.domain
+                ),
             );
         };
         let (vm, ip, public_ports) = match self.backends.resolve(&target.label) {

@@ -48,7 +48,13 @@ pub(crate) fn sign(key: &[u8], vm: &str, port: u16, expires: u64) -> String {
 
 /// The claims of `token` when its MAC is good (constant-time compare), it names `vm` and `port`,
 /// and it has not expired at `now`.
-pub(crate) fn verify(key: &[u8], token: &str, vm: &str, port: u16, now: u64) -> Option<ShareClaims> {
+pub(crate) fn verify(
+    key: &[u8],
+    token: &str,
+    vm: &str,
+    port: u16,
+    now: u64,
+) -> Option<ShareClaims> {
     if token.len() > MAX_TOKEN_LEN {
         return None;
     }
@@ -109,12 +115,10 @@ pub(crate) fn cookie_tokens<'a>(
     port: u16,
 ) -> impl Iterator<Item = &'a str> {
     let name = format!("{SHARE_COOKIE_PREFIX}{port}");
-    cookies
-        .flat_map(|h| h.split(';'))
-        .filter_map(move |c| {
-            let (k, v) = c.trim().split_once('=')?;
-            (k.trim() == name).then(|| v.trim().trim_matches('"'))
-        })
+    cookies.flat_map(|h| h.split(';')).filter_map(move |c| {
+        let (k, v) = c.trim().split_once('=')?;
+        (k.trim() == name).then(|| v.trim().trim_matches('"'))
+    })
 }
 
 /// A `Cookie` header value without any `hutch_share_*` cookie; `None` when nothing is left.

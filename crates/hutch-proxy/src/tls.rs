@@ -170,7 +170,9 @@ fn load_or_create_ca(dir: &Path) -> Result<Ca, ProxyError> {
     } else if have_cert {
         return Err(ProxyError::CaState {
             dir: dir.into(),
-            message: format!("{CA_CERT} exists without {CA_KEY}; refusing to replace a CA clients may trust"),
+            message: format!(
+                "{CA_CERT} exists without {CA_KEY}; refusing to replace a CA clients may trust"
+            ),
         });
     } else {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
@@ -298,9 +300,19 @@ mod tests {
             tls_config(&TlsSource::GeneratedCa { dir: d.into() }, "hutch.test").unwrap();
         }
         fs::copy(b.path().join(CA_CERT), a.path().join(CA_CERT)).unwrap();
-        let err = tls_config(&TlsSource::GeneratedCa { dir: a.path().into() }, "hutch.test");
+        let err = tls_config(
+            &TlsSource::GeneratedCa {
+                dir: a.path().into(),
+            },
+            "hutch.test",
+        );
         assert!(matches!(err, Err(ProxyError::CaState { .. })), "{err:?}");
-        let err = tls_config(&TlsSource::GeneratedCa { dir: b.path().into() }, "bad domain");
+        let err = tls_config(
+            &TlsSource::GeneratedCa {
+                dir: b.path().into(),
+            },
+            "bad domain",
+        );
         assert!(matches!(err, Err(ProxyError::Domain(_))), "{err:?}");
         fs::write(a.path().join("junk.pem"), "not pem").unwrap();
         let err = tls_config(
