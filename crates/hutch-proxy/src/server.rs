@@ -18,7 +18,7 @@ use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 
 use crate::error::json_error;
-use crate::forward::{forward, Body, UpgradeGuard, Upstream};
+use crate::forward::{empty, forward, Body, UpgradeGuard, Upstream};
 use crate::host::parse_host;
 use crate::share::{cookie_tokens, strip_cookies, take_param, SHARE_COOKIE_PREFIX};
 use crate::{Proxy, Resolve};
@@ -286,8 +286,13 @@ fn bearer(req: &Request<Incoming>) -> Option<&str> {
 }
 
 fn redirect(location: &str, cookie: &str) -> Response<Body> {
-    let mut r = json_error(StatusCode::SEE_OTHER, "redirect", "share link accepted");
+    let mut r = Response::new(empty());
+    *r.status_mut() = StatusCode::SEE_OTHER;
     let h = r.headers_mut();
+    h.insert(
+        hyper::header::CACHE_CONTROL,
+        HeaderValue::from_static("no-store"),
+    );
     if let Ok(v) = HeaderValue::from_str(location) {
         h.insert(LOCATION, v);
     }

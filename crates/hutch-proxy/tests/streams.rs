@@ -14,6 +14,7 @@ use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
 use tokio_tungstenite::tungstenite::Message;
 
 /// A WebSocket echo server; records the handshake's `authorization` header (if any).
+#[allow(clippy::result_large_err)] // the callback type is tungstenite's
 async fn ws_echo(seen_auth: Arc<Mutex<Vec<Option<String>>>>) -> (u16, Task) {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = l.local_addr().unwrap().port();
@@ -160,4 +161,25 @@ async fn big_upload_and_download_stream_through() {
         .unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.text().await.unwrap(), format!("{BIG} true"));
+}
+
+#[tokio::test]
+async fn dropping_the_serve_task_ends_spliced_upgrades() {
+    let env = start(Limits::default()).await;
+    let (ws_port, _t) = ws_echo(Arc::new(Mutex::new(Vec::new()))).await;
+    let tcp = TcpStream::connect(env.addr).await.unwrap();
+    let mut req = format!("ws://{}/", env.host(ws_port))
+        .into_client_request()
+        .unwrap();
+    req.headers_mut()
+        .insert("authorization", format!("Bearer {OWNER}").parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::client_async(req, tcp).await.unwrap();
+    ws.send(Message::text("ping")).await.unwrap();
+    assert!(ws.next().await.unwrap().is_ok());
+    let Env { tasks, .. } = env;
+    drop(tasks);
+    let end = tokio::time::timeout(Duration::from_secs(5), ws.next())
+        .await
+        .expect("the splice outlived the serve task");
+    assert!(!matches!(end, Some(Ok(Message::Text(_)))), "{end:?}");
 }
