@@ -58,7 +58,7 @@ impl Proxy {
                 accepted = accept(&self.conns, &l) => match accepted {
                     Ok((permit, tcp, peer)) => {
                         let conn = Conn {
-                            peer: peer.ip(),
+                            peer: peer.ip().to_canonical(),
                             https: tls.is_some(),
                             permit: Arc::new(permit),
                             shutdown: shutdown.clone(),
@@ -122,6 +122,13 @@ impl Proxy {
     }
 
     async fn handle(&self, mut req: Request<Incoming>, conn: Conn) -> Response<Body> {
+        if req.method() == hyper::Method::CONNECT {
+            return json_error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "this is not a forward proxy",
+            );
+        }
         // In absolute form the request target's authority is the host (RFC 9112 section 3.2.2).
         let host = match req.uri().authority() {
             Some(a) => Some(a.as_str().to_string()),

@@ -262,6 +262,31 @@ async fn unknown_stopped_and_refused_map_to_404_503_502() {
         assert_eq!(r.status(), 404, "{host}");
         assert_eq!(code(r).await, "not_found");
     }
+    // Absolute-form targets route by their authority; CONNECT is refused.
+    let mut s = TcpStream::connect(env.addr).await.unwrap();
+    let req = format!(
+        "GET http://{}/x HTTP/1.1\r\nHost: elsewhere.example\r\nConnection: close\r\n\r\n",
+        env.host(env.public_port)
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let out = read_all_with_timeout(&mut s, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert!(
+        out.starts_with(b"HTTP/1.1 200"),
+        "{:?}",
+        String::from_utf8_lossy(&out)
+    );
+    let mut s = TcpStream::connect(env.addr).await.unwrap();
+    let req = format!(
+        "CONNECT {0}:443 HTTP/1.1\r\nHost: {0}:443\r\n\r\n",
+        env.host(env.public_port)
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = [0u8; 12];
+    s.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"HTTP/1.1 405");
+
     let r = env
         .req(&c, &format!("8080-sleepy.{DOMAIN}"), "/")
         .send()
