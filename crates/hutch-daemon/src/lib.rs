@@ -272,9 +272,14 @@ pub async fn run(mut cfg: DaemonConfig) -> Result<(), DaemonError> {
         }
     });
 
+    let mut proxies = Vec::new();
     let _dns = start_dns(&m, &cfg.front).await?;
+    start_proxy(&m, &cfg, &token, &mut proxies).await?;
     let app = api::router(m.clone(), true);
     let mut tasks = tokio::task::JoinSet::new();
+    for p in proxies {
+        tasks.spawn(p);
+    }
     if let Some(topts) = cfg.tcp.clone() {
         let addr = topts.listen;
         let tls = tcp::tls_config(&cfg.data_dir, &topts)?;
@@ -347,6 +352,79 @@ pub async fn run(mut cfg: DaemonConfig) -> Result<(), DaemonError> {
     Ok(())
 }
 
+type Serving = std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<()>> + Send>>;
+
+/// The HTTP(S) proxy to VM ports, when asked for: its servers go into `out`.
+async fn start_proxy(
+    m: &Arc<service::Service>,
+    cfg: &DaemonConfig,
+    admin_token: &str,
+    out: &mut Vec<Serving>,
+) -> Result<(), DaemonError> {
+    let f = &cfg.front;
+    if f.http_listen.is_none() && f.https_listen.is_none() {
+        return Ok(());
+    }
+    let Some(net) = m.node.net.clone() else {
+        return Err(setup("the proxy (--http-listen, --https-listen) needs the VM network (not --network off)"));
+    };
+    let key = secrets::read_or_create(
+        &cfg.data_dir.join("proxy-share-key"),
+        |k| k.len() == 32,
+        || rand::random::<[u8; 32]>().to_vec(),
+    )
+    .map_err(setup)?;
+    let backends = Arc::new(net::proxy::Backends {
+        service: Arc::downgrade(m),
+        admin_token: admin_token.to_string(),
+    });
+    let proxy = Arc::new(hutch_proxy::Proxy::new(
+        hutch_proxy::ProxyConfig {
+            domain: net.settings.domain.clone(),
+            share_key: key,
+        },
+        backends,
+    ));
+    let bind = |a: std::net::SocketAddr| async move {
+        tokio::net::TcpListener::bind(a)
+            .await
+            .map_err(|e| setup(format!("binding the proxy on {a}: {e}")))
+    };
+    let mut ca_dir = None;
+    if let Some(a) = f.http_listen {
+        let l = bind(a).await?;
+        tracing::info!(addr = %a, "HTTP proxy to VM ports");
+        out.push(Box::pin(proxy.clone().serve_http(l)));
+    }
+    if let Some(a) = f.https_listen {
+        let src = match cfg.tcp.as_ref().and_then(|t| Some((t.tls_cert.clone()?, t.tls_key.clone()?))) {
+            Some((cert, key)) => hutch_proxy::TlsSource::Files { cert, key },
+            None => {
+                let d = cfg.data_dir.join("proxy-ca");
+                ca_dir = Some(d.clone());
+                hutch_proxy::TlsSource::GeneratedCa { dir: d }
+            }
+        };
+        let tls = hutch_proxy::tls_config(&src, &net.settings.domain)
+            .map_err(|e| setup(format!("the proxy's TLS: {e}")))?;
+        let l = bind(a).await?;
+        tracing::info!(addr = %a, "HTTPS proxy to VM ports");
+        out.push(Box::pin(proxy.clone().serve_https(l, tls)));
+    }
+    let (scheme, port) = match (f.https_listen, f.http_listen) {
+        (Some(a), _) => ("https", Some(a.port()).filter(|p| *p != 443)),
+        (None, Some(a)) => ("http", Some(a.port()).filter(|p| *p != 80)),
+        (None, None) => unreachable!("checked above"),
+    };
+    let _ = m.front.set(net::proxy::Front {
+        proxy,
+        scheme,
+        port,
+        ca_dir,
+    });
+    Ok(())
+}
+
 /// hutch's DNS: for guests on the VM network's gateway, and the public listener when asked.
 /// Dropping the servers stops them.
 async fn start_dns(
@@ -402,7 +480,7 @@ async fn start_dns(
     Ok(servers)
 }
 
-fn constant_eq(a: &[u8], b: &[u8]) -> bool {
+pub(crate) fn constant_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 

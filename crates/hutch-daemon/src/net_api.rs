@@ -6,11 +6,13 @@ use crate::api::{ApiJson, AppState, VmRef};
 use crate::auth::Caller;
 use crate::error::ApiError;
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
 use axum::routing::{delete, get, post, put};
 use axum::{Extension, Json, Router};
 use hutch_core::net::{PortForward, SetNet};
 use hutch_core::Vm;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 pub fn routes(r: Router<AppState>) -> Router<AppState> {
@@ -21,6 +23,8 @@ pub fn routes(r: Router<AppState>) -> Router<AppState> {
             "/api/v1/sandboxes/{name}/public/{port}",
             put(port_public).delete(port_private),
         )
+        .route("/api/v1/sandboxes/{name}/share", post(share))
+        .route("/api/v1/ca", get(ca))
 }
 
 async fn set_net(
@@ -89,4 +93,27 @@ async fn port_private(
     Ok(Json(ports_of(
         &m.port_public(&caller, &name, port, false).await?,
     )))
+}
+
+/// `POST /sandboxes/{vm}/share`: a signed link to one port that expires.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShareReq {
+    pub port: u16,
+    /// Lifetime in seconds (1 s to 30 days).
+    pub ttl_secs: u64,
+}
+
+async fn share(
+    State(m): State<AppState>,
+    r: VmRef,
+    ApiJson(req): ApiJson<ShareReq>,
+) -> Result<Json<Value>, ApiError> {
+    let (url, expires_at) = m.share(&r.caller, &r.name, req.port, req.ttl_secs).await?;
+    Ok(Json(json!({ "url": url, "expires_at": expires_at })))
+}
+
+async fn ca(State(m): State<AppState>) -> Result<impl IntoResponse, ApiError> {
+    let pem = m.proxy_ca()?;
+    Ok(([(header::CONTENT_TYPE, "application/x-pem-file")], pem))
 }

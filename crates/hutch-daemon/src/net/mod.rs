@@ -4,6 +4,7 @@
 
 pub mod dns;
 pub mod ports;
+pub mod proxy;
 
 use crate::error::ApiError;
 use crate::records::Records;

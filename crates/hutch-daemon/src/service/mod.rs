@@ -48,6 +48,8 @@ pub struct Service {
     /// Lifecycle events (fed from the store's watch, see events.rs).
     pub events: crate::events::EventBus,
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// The HTTP(S) proxy, once it runs (share links, `hutch ca`).
+    pub front: std::sync::OnceLock<crate::net::proxy::Front>,
 }
 
 impl Service {
@@ -63,6 +65,7 @@ impl Service {
             pending: Default::default(),
             locks: Mutex::new(HashMap::new()),
             events: Default::default(),
+            front: Default::default(),
         }
     }
 

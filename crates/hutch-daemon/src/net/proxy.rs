@@ -1,0 +1,135 @@
+//! What hutch's HTTP(S) proxy (crate `hutch-proxy`) asks the daemon: which VM a host names, and
+//! whether a bearer token may use it (the service decides, on the resolved VM). Also the share
+//! links and the proxy's CA for `hutch port share` and `hutch ca`.
+
+use super::dns::vm_by_label;
+use crate::auth::Caller;
+use crate::error::ApiError;
+use crate::service::Service;
+use hutch_core::{Vm, VmState};
+use hutch_proxy::Resolve;
+use std::path::PathBuf;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+/// Longest share link.
+pub const MAX_SHARE_SECS: u64 = 30 * 86400;
+
+pub struct Backends {
+    /// Weak: the service owns the proxy's front (through `Service::front`).
+    pub service: Weak<Service>,
+    /// The static admin API token (DATA_DIR/api-token).
+    pub admin_token: String,
+}
+
+impl hutch_proxy::Backends for Backends {
+    fn resolve(&self, label: &str) -> Resolve {
+        let Some(s) = self.service.upgrade() else {
+            return Resolve::Unknown;
+        };
+        match vm_by_label(&s.records, label) {
+            None => Resolve::Unknown,
+            Some(vm) => match (vm.state, vm.net.ipv4) {
+                (VmState::Running, Some(ip)) => Resolve::Running {
+                    vm: vm.id,
+                    ip: ip.into(),
+                    public_ports: vm.net.public_ports,
+                },
+                _ => Resolve::Stopped { vm: vm.id },
+            },
+        }
+    }
+
+    fn authorize(&self, vm: &str, bearer: &str) -> bool {
+        let Some(s) = self.service.upgrade() else {
+            return false;
+        };
+        let Some(owner) = s
+            .records
+            .fold_vms(|it| it.filter(|v| v.id == vm).next().map(|v| v.owner.clone()))
+        else {
+            return false;
+        };
+        let caller = if crate::constant_eq(bearer.as_bytes(), self.admin_token.as_bytes()) {
+            Some(Caller::local_admin())
+        } else {
+            let h = tokio::runtime::Handle::current();
+            tokio::task::block_in_place(|| h.block_on(s.verify_token(bearer)))
+        };
+        caller.is_some_and(|c| c.sees(owner.as_deref()))
+    }
+}
+
+/// The proxy as the service knows it (set once its listeners run).
+pub struct Front {
+    pub proxy: Arc<hutch_proxy::Proxy>,
+    /// "https" or "http": what share links use.
+    pub scheme: &'static str,
+    /// The listener's port when it is not the scheme's default (it goes into links).
+    pub port: Option<u16>,
+    /// Where the generated CA lives (None: the admin's certificate is used).
+    pub ca_dir: Option<PathBuf>,
+}
+
+/// The label a VM has on the proxy and the public DNS: the admin's VMs by name, an account's as
+/// `NAME--ACCOUNT` (names are per account; see `vm_by_label`).
+pub fn public_label(vm: &Vm) -> String {
+    match &vm.owner {
+        None => vm.name.clone(),
+        Some(o) => format!("{}--{o}", vm.name),
+    }
+}
+
+impl Service {
+    /// A link to `port` of VM `name` through the proxy, good for `ttl_secs`.
+    pub async fn share(
+        &self,
+        caller: &Caller,
+        name: &str,
+        port: u16,
+        ttl_secs: u64,
+    ) -> Result<(String, u64), ApiError> {
+        let vm = self.vm_for(caller, name).await?;
+        if port == 0 {
+            return Err(ApiError::Invalid("port must be 1 to 65535".into()));
+        }
+        if ttl_secs == 0 || ttl_secs > MAX_SHARE_SECS {
+            return Err(ApiError::Invalid(format!(
+                "a share link lasts 1 s to 30 days, not {ttl_secs} s"
+            )));
+        }
+        let f = self.front.get().ok_or_else(|| {
+            ApiError::Invalid(
+                "hutchd runs no proxy to share through (start it with --https-listen or --http-listen)"
+                    .into(),
+            )
+        })?;
+        let mut url = f.proxy.share_link(
+            &public_label(&vm),
+            &vm.id,
+            port,
+            Duration::from_secs(ttl_secs),
+            f.scheme,
+        );
+        if let Some(p) = f.port {
+            // scheme://host/?... → scheme://host:PORT/?...
+            if let Some(i) = url[f.scheme.len() + 3..].find('/') {
+                url.insert_str(f.scheme.len() + 3 + i, &format!(":{p}"));
+            }
+        }
+        Ok((url, hutch_core::now() + ttl_secs))
+    }
+
+    /// The CA certificate (PEM) of the proxy's generated CA.
+    pub fn proxy_ca(&self) -> Result<String, ApiError> {
+        let f = self.front.get().ok_or_else(|| {
+            ApiError::Invalid("hutchd runs no HTTPS proxy (--https-listen)".into())
+        })?;
+        let dir = f.ca_dir.as_ref().ok_or_else(|| {
+            ApiError::Invalid(
+                "the proxy uses the admin's certificate (--tls-cert), not a CA hutchd made".into(),
+            )
+        })?;
+        hutch_proxy::ca_pem(dir).map_err(|e| ApiError::Internal(e.to_string()))
+    }
+}
