@@ -366,7 +366,9 @@ async fn start_proxy(
         return Ok(());
     }
     let Some(net) = m.node.net.clone() else {
-        return Err(setup("the proxy (--http-listen, --https-listen) needs the VM network (not --network off)"));
+        return Err(setup(
+            "the proxy (--http-listen, --https-listen) needs the VM network (not --network off)",
+        ));
     };
     let key = secrets::read_or_create(
         &cfg.data_dir.join("proxy-share-key"),
@@ -397,7 +399,11 @@ async fn start_proxy(
         out.push(Box::pin(proxy.clone().serve_http(l)));
     }
     if let Some(a) = f.https_listen {
-        let src = match cfg.tcp.as_ref().and_then(|t| Some((t.tls_cert.clone()?, t.tls_key.clone()?))) {
+        let src = match cfg
+            .tcp
+            .as_ref()
+            .and_then(|t| Some((t.tls_cert.clone()?, t.tls_key.clone()?)))
+        {
             Some((cert, key)) => hutch_proxy::TlsSource::Files { cert, key },
             None => {
                 let d = cfg.data_dir.join("proxy-ca");
@@ -434,7 +440,9 @@ async fn start_dns(
     let mut servers = Vec::new();
     let Some(net) = m.node.net.clone() else {
         if front.dns_listen.is_some() {
-            return Err(setup("--dns-listen needs the VM network (not --network off)"));
+            return Err(setup(
+                "--dns-listen needs the VM network (not --network off)",
+            ));
         }
         return Ok(servers);
     };

@@ -55,9 +55,9 @@ pub struct NetConfig {
 impl NetConfig {
     /// A configuration checked for use: a subnet with room for VMs, a usable bridge name.
     pub fn new(bridge: &str, subnet: Ipv4Net) -> Result<NetConfig, NetError> {
-        if subnet.prefix() > 29 || subnet.prefix() < 8 {
+        if subnet.prefix() > 30 || subnet.prefix() < 8 {
             return Err(NetError::Config(format!(
-                "subnet {subnet}: the prefix must be between /8 and /29"
+                "subnet {subnet}: the prefix must be between /8 and /30"
             )));
         }
         let ok_name = !bridge.is_empty()
@@ -334,7 +334,7 @@ mod tests {
         }
         assert_eq!(taken.len(), 5, "{taken:?}");
         assert!(!c.assignable(Ipv4Addr::new(10, 9, 0, 7)));
-        assert!(NetConfig::new("hb0", "10.9.0.0/30".parse().unwrap()).is_err());
+        assert!(NetConfig::new("hb0", "10.9.0.0/31".parse().unwrap()).is_err());
         assert!(NetConfig::new("ht0", "10.9.0.0/24".parse().unwrap()).is_err());
         assert!(NetConfig::new("a b", "10.9.0.0/24".parse().unwrap()).is_err());
     }

@@ -75,13 +75,31 @@ impl Daemon {
             .prefix("hutch-t")
             .tempdir_in("/tmp")
             .unwrap();
+        let mut extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        // Every daemon gets its own bridge and subnet (tests run side by side), kept across
+        // restarts; Drop removes them.
+        if !extra.iter().any(|a| a == "--network" || a == "--bridge") {
+            let (bridge, subnet) = test_network();
+            extra.extend(["--bridge".into(), bridge, "--subnet".into(), subnet]);
+        }
         let mut d = Daemon {
             dir,
             child: None,
-            extra: extra.iter().map(|s| s.to_string()).collect(),
+            extra,
         };
         d.spawn();
         d
+    }
+
+    /// The value of hutchd option `flag` this daemon runs with.
+    pub fn opt(&self, flag: &str) -> Option<String> {
+        let i = self.extra.iter().position(|a| a == flag)?;
+        self.extra.get(i + 1).cloned()
+    }
+
+    /// The VM network's bridge (None: --network off).
+    pub fn bridge(&self) -> Option<String> {
+        self.opt("--bridge")
     }
 
     pub fn data(&self) -> &Path {
@@ -237,6 +255,40 @@ impl Daemon {
     }
 }
 
+/// A bridge name and a /24 no other daemon of this run uses (the second octet from the pid,
+/// so test binaries run one after another do not meet leftovers of each other).
+pub fn test_network() -> (String, String) {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let pid = std::process::id();
+    (
+        format!("hb{:x}x{n}", pid % 0xffff),
+        format!("10.{}.{}.0/24", 200 + pid % 50, n % 256),
+    )
+}
+
+/// Removes what a test daemon's VM network left: TAPs on the bridge, the bridge, the tables.
+pub fn remove_network(bridge: &str) {
+    for e in std::fs::read_dir(format!("/sys/class/net/{bridge}/brif"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let _ = Command::new("ip")
+            .args(["link", "del"])
+            .arg(e.file_name())
+            .status();
+    }
+    let _ = Command::new("ip").args(["link", "del", bridge]).status();
+    let table = bridge.replace('-', "_");
+    for fam in ["inet", "bridge"] {
+        let _ = Command::new("nft")
+            .args(["delete", "table", fam, &table])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
 /// A TCP port on 127.0.0.1 that was free a moment ago.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -353,6 +405,9 @@ impl Drop for Daemon {
         wait_until(Duration::from_secs(10), || {
             self.qemu_pids().is_empty().then_some(())
         });
+        if let Some(br) = self.bridge() {
+            remove_network(&br);
+        }
         // The VMs' cgroups outlive the killed hutchd; remove them (empty now) with its node.
         let node = hutch_vmm::cgroup::node_name(self.data());
         if let Some(cg) =
