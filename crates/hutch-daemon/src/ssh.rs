@@ -307,7 +307,9 @@ impl Out {
 }
 
 const HELP: &str = "hutch over SSH. Commands:
-  new --image IMAGE [--name NAME] [--vcpu N] [--mem MIB] [--disk GIB] [--run]
+  new --image IMAGE [--name NAME] [--vcpu N] [--mem MIB] [--disk GIB] [--run] [--restart R]
+      [--net none|internal|internet] [--allow-out CIDR|DOMAIN]... [--deny-out CIDR|DOMAIN]...
+      [--rate-in RATE] [--rate-out RATE] [--clone GIT-URL [--clone-dir DIR]]
   ls | describe NAME | stop NAME | start NAME | rm NAME | logs NAME | cp NAME [NEW-NAME]
   status | whoami | keys ls | keys add < key.pub | keys rm FINGERPRINT
   token create [--ttl HOURS] | token ls | token rm ID     (API tokens for the REST API)

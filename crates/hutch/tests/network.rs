@@ -55,6 +55,22 @@ impl Upstream {
                     .unwrap(),
             );
         }
+        // A git repository served over git:// (for --clone).
+        let repo = dir.path().join("git/proj");
+        sh(&format!(
+            "git init -q {r} && cd {r} && echo cloned-ok > README && git add README && \
+             git -c user.name=t -c user.email=t@t commit -qm init",
+            r = repo.display()
+        ));
+        children.push(
+            Command::new("ip")
+                .args(["netns", "exec", &ns, "git", "daemon", "--reuseaddr", "--export-all"])
+                .arg(format!("--base-path={}", dir.path().join("git").display()))
+                .arg(format!("--listen={net}.2"))
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
         children.push(
             Command::new("ip")
                 .args(["netns", "exec", &ns, "python3"])
@@ -340,6 +356,30 @@ fn modes_isolation_egress_dns_ports_and_proxy() {
     );
     d.ok(&["stop", "peer"]);
     assert_eq!(via_proxy(&proxy, "peer.t.hutch", Some(token.trim())).0, 503);
+
+    // --clone: into the VM at its first boot, over SSH here; an image without git is a clear
+    // error and leaves no VM.
+    let git_url = format!("git://{upstream2}/proj");
+    let o = d.hutch(&["new", "--image", "busybox", "--name", "nogit", "--clone", &git_url]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("has no git"), "{err}");
+    assert!(!d.ok(&["ls"]).contains("nogit"));
+    let git_image = Command::new(workspace().join("scripts/make-git-image.sh"))
+        .arg(w)
+        .output()
+        .unwrap();
+    assert!(git_image.status.success(), "{git_image:?}");
+    d.ok(&["image", "import", &format!("{}/oci", w.display()), "--name", "git"]);
+    let (_, se, c) = text(&s.run(
+        &admin_key,
+        "admin",
+        &["new", "--image", "git", "--name", "g1", "--clone", &git_url],
+        None,
+        false,
+    ));
+    assert_eq!(c, 0, "{se}");
+    let (out, code) = vm_sh(&d, "g1", "cat /tmp/proj/README");
+    assert_eq!((out.trim(), code), ("cloned-ok", 0));
 }
 
 fn http_get(addr: &str) -> String {

@@ -10,6 +10,7 @@
 //! `ops` (status, metrics).
 
 pub mod accounts;
+pub mod clone_repo;
 pub mod files;
 pub mod images;
 pub mod net;

@@ -98,6 +98,7 @@ impl Service {
         self.validate(&req)?;
         let net = self.net_of(&req)?;
         let image = self.image_for(caller, &req.image).await?;
+        let clone = super::clone_repo::clone_target(&req, &image.config.working_dir)?;
         if req.run && image.config.entrypoint.is_empty() && image.config.cmd.is_empty() {
             return Err(ApiError::Invalid(format!(
                 "image {} has no Entrypoint or Cmd to --run",
@@ -166,7 +167,17 @@ impl Service {
                 }
             }
         }
-        self.build(vm, image, None, t0).await
+        let vm = self.build(vm, image, None, t0).await?;
+        if let Some((url, dir)) = clone {
+            if let Err(e) = self.clone_repo(caller, &vm, &url, &dir).await {
+                let shown = hutch_core::render::display_name(&vm, caller.owner().as_deref());
+                if let Err(d) = self.delete(caller, &shown).await {
+                    tracing::warn!(vm = %vm.name, error = %d, "undoing a create whose clone failed");
+                }
+                return Err(e);
+            }
+        }
+        Ok(vm)
     }
 
     /// Gives `vm` an address when its mode has a NIC; held until the record is written.

@@ -220,6 +220,34 @@ impl Conn {
                 "--mem" | "--ram" => num(&val).map(|n| req.mem_mib = n),
                 "--disk" => num(&val).map(|n| req.disk_gib = Some(n)),
                 "--restart" => val.parse().map(|r| req.restart = r),
+                "--net" => val
+                    .parse()
+                    .map(|m| req.net = Some(m))
+                    .map_err(|e: hutch_core::net::NetParseError| e.0),
+                "--allow-out" => {
+                    req.allow_out.push(val);
+                    Ok(())
+                }
+                "--deny-out" => {
+                    req.deny_out.push(val);
+                    Ok(())
+                }
+                "--rate-in" => {
+                    req.rate_in = Some(val);
+                    Ok(())
+                }
+                "--rate-out" => {
+                    req.rate_out = Some(val);
+                    Ok(())
+                }
+                "--clone" => {
+                    req.clone = Some(val);
+                    Ok(())
+                }
+                "--clone-dir" => {
+                    req.clone_dir = Some(val);
+                    Ok(())
+                }
                 other => Err(format!(
                     "unknown flag {other}; see: ssh -p {} {} help",
                     self.port, self.host
