@@ -225,7 +225,7 @@ fn find_key(jwks: &serde_json::Value, kid: &str) -> Result<Vec<u8>, IdentityErro
         .iter()
         .find(|k| k["kid"].as_str() == Some(kid))
         .ok_or_else(unknown)?;
-    let optional_is = |field: &str, want: &str| key.get(field).map_or(true, |v| v == want);
+    let optional_is = |field: &str, want: &str| key.get(field).is_none_or(|v| v == want);
     if key["kty"] != "EC"
         || key["crv"] != "P-256"
         || !optional_is("alg", ALG)
