@@ -344,7 +344,19 @@ mod tests {
 
     /// One HTTP/1.1 request over a fresh connection from 127.0.0.1.
     async fn get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Reply {
-        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        get_from(Ipv4Addr::LOCALHOST, addr, path, headers).await
+    }
+
+    /// One HTTP/1.1 request over a fresh connection from `src` (a loopback address).
+    async fn get_from(
+        src: Ipv4Addr,
+        addr: SocketAddr,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> Reply {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind(SocketAddr::new(src.into(), 0)).unwrap();
+        let mut s = sock.connect(addr).await.unwrap();
         let mut req =
             format!("GET {path} HTTP/1.1\r\nHost: 169.254.169.254\r\nConnection: close\r\n");
         for (k, v) in headers {
@@ -458,6 +470,17 @@ mod tests {
             );
             assert!(!r.body.contains("token"), "{path}");
         }
+        // The VM is told apart by the connection's source address, whichever it is.
+        let other = Ipv4Addr::new(127, 0, 0, 2);
+        let s2 = serve(Some(other)).await;
+        assert_eq!(get(s2.addr, "/v1/instance", &[]).await.status, 403);
+        let r = get_from(other, s2.addr, "/v1/instance", &[]).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert_eq!(r.json()["id"], "0123abcd");
+        assert_eq!(
+            *s2.fake.asked.lock().unwrap(),
+            vec![Ipv4Addr::LOCALHOST, other]
+        );
         let nobody = serve(None).await;
         let r = get(nobody.addr, "/v1/instance", &[]).await;
         assert_eq!(r.status, 403);
