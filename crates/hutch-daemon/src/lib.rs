@@ -9,6 +9,8 @@ pub mod auth;
 pub mod crash;
 pub mod error;
 pub mod events;
+pub mod identity;
+pub mod metadata;
 pub mod metrics;
 pub mod net;
 pub mod net_api;
