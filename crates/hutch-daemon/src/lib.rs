@@ -58,6 +58,8 @@ pub struct DaemonConfig {
     pub max_upload_bytes: u64,
     /// The VM network (None: `--network off`).
     pub net: Option<net::NetSettings>,
+    /// `iss` of VM identity tokens.
+    pub identity_issuer: String,
     pub front: FrontDoors,
 }
 
@@ -277,7 +279,33 @@ pub async fn run(mut cfg: DaemonConfig) -> Result<(), DaemonError> {
     let mut proxies = Vec::new();
     let _dns = start_dns(&m, &cfg.front).await?;
     start_proxy(&m, &cfg, &token, &mut proxies).await?;
-    let app = api::router(m.clone(), true);
+    // VM identity: the signing key, the metadata service for guests, the JWKS on the API.
+    let identity = match &m.node.net {
+        Some(net) => {
+            let key = Arc::new(
+                identity::IdentityKey::load_or_create(&cfg.data_dir.join("identity-key.p8"))
+                    .map_err(|e| setup(format!("the identity key: {e}")))?,
+            );
+            let srv = net::meta::serve(
+                net,
+                m.records.clone(),
+                key.clone(),
+                cfg.identity_issuer.clone(),
+            )
+            .await
+            .map_err(|e| setup(format!("the metadata service: {e}")))?;
+            proxies.push(Box::pin(srv));
+            Some(key)
+        }
+        None => None,
+    };
+    let jwks = || {
+        identity
+            .clone()
+            .map(metadata::jwks_router)
+            .unwrap_or_default()
+    };
+    let app = api::router(m.clone(), true).merge(jwks());
     let mut tasks = tokio::task::JoinSet::new();
     for p in proxies {
         tasks.spawn(p);
@@ -323,6 +351,8 @@ pub async fn run(mut cfg: DaemonConfig) -> Result<(), DaemonError> {
                 }
             },
         ));
+        // The JWKS is public: verifiers of VM identity tokens hold no hutch token.
+        let authed = authed.merge(jwks());
         tracing::info!(%addr, tls = tls.is_some(), "listening on tcp (bearer token required)");
         tasks.spawn(tcp::serve(listener, authed, tls, topts));
     }

@@ -64,7 +64,15 @@ impl Upstream {
         ));
         children.push(
             Command::new("ip")
-                .args(["netns", "exec", &ns, "git", "daemon", "--reuseaddr", "--export-all"])
+                .args([
+                    "netns",
+                    "exec",
+                    &ns,
+                    "git",
+                    "daemon",
+                    "--reuseaddr",
+                    "--export-all",
+                ])
                 .arg(format!("--base-path={}", dir.path().join("git").display()))
                 .arg(format!("--listen={net}.2"))
                 .stderr(Stdio::null())
@@ -354,13 +362,75 @@ fn modes_isolation_egress_dns_ports_and_proxy() {
         "{}",
         String::from_utf8_lossy(&o.stderr)
     );
+    // Metadata and identity from inside a VM, verified against the JWKS the API publishes
+    // (to anyone: no token).
+    let meta = |vm: &str, path: &str, guard: bool| {
+        let h = if guard {
+            "Hutch-Metadata: true\\r\\n"
+        } else {
+            ""
+        };
+        let (out, _) = vm_sh(
+            &d,
+            vm,
+            // stdin stays open a moment: hyper drops a request whose client half-closes at once.
+            &format!("(printf 'GET {path} HTTP/1.0\\r\\n{h}\\r\\n'; sleep 1) | nc -w 5 169.254.169.254 80"),
+        );
+        out.split("\r\n\r\n").nth(1).unwrap_or("").to_string()
+    };
+    let inst: Value = serde_json::from_str(&meta("web", "/v1/instance", false)).unwrap();
+    let web_id = d.json(&["describe", "web"])["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(inst["id"], web_id.as_str());
+    assert_eq!(inst["ipv4"][0], web.as_str());
+    let tok: Value =
+        serde_json::from_str(&meta("web", "/v1/identity?audience=ci.example", true)).unwrap();
+    assert!(meta("web", "/v1/identity?audience=ci.example", false).contains("forbidden"));
+    let (st, jwks) = http_json(
+        &format!("127.0.0.1:{api_port}"),
+        "",
+        "GET",
+        "/.well-known/jwks.json",
+        None,
+    );
+    assert_eq!(st, 200, "{jwks}");
+    let claims = hutch_daemon::identity::verify(
+        &jwks,
+        tok["token"].as_str().unwrap(),
+        "ci.example",
+        hutch_core::now(),
+    )
+    .unwrap();
+    assert_eq!(
+        (claims.vm_id.as_str(), claims.sub.as_str()),
+        (web_id.as_str(), format!("vm:{web_id}").as_str())
+    );
+    // Only the VM itself: peer cannot pass for web by taking its address.
+    let (out, _) = vm_sh(
+        &d,
+        "peer",
+        &format!(
+            "ip addr add {web}/32 dev eth0; (printf 'GET /v1/instance HTTP/1.0\\r\\n\\r\\n'; sleep 1) | nc -w 3 -s {web} 169.254.169.254 80"
+        ),
+    );
+    assert!(
+        !out.contains(&web_id),
+        "a spoofed source got web's metadata: {out}"
+    );
+    let peer_inst: Value = serde_json::from_str(&meta("alice/a1", "/v1/instance", false)).unwrap();
+    assert_eq!(peer_inst["owner"], "alice");
+
     d.ok(&["stop", "peer"]);
     assert_eq!(via_proxy(&proxy, "peer.t.hutch", Some(token.trim())).0, 503);
 
     // --clone: into the VM at its first boot, over SSH here; an image without git is a clear
     // error and leaves no VM.
     let git_url = format!("git://{upstream2}/proj");
-    let o = d.hutch(&["new", "--image", "busybox", "--name", "nogit", "--clone", &git_url]);
+    let o = d.hutch(&[
+        "new", "--image", "busybox", "--name", "nogit", "--clone", &git_url,
+    ]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("has no git"), "{err}");
     assert!(!d.ok(&["ls"]).contains("nogit"));
@@ -369,7 +439,13 @@ fn modes_isolation_egress_dns_ports_and_proxy() {
         .output()
         .unwrap();
     assert!(git_image.status.success(), "{git_image:?}");
-    d.ok(&["image", "import", &format!("{}/oci", w.display()), "--name", "git"]);
+    d.ok(&[
+        "image",
+        "import",
+        &format!("{}/oci", w.display()),
+        "--name",
+        "git",
+    ]);
     let (_, se, c) = text(&s.run(
         &admin_key,
         "admin",

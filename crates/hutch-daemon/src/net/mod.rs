@@ -3,6 +3,7 @@
 //! port forwards ([`ports`]). The host mechanics are in `hutch-net`; docs/networking.md.
 
 pub mod dns;
+pub mod meta;
 pub mod ports;
 pub mod proxy;
 

@@ -106,7 +106,11 @@ impl Service {
                     return Ok((code, text));
                 }
                 Some(_) => {}
-                None => return Err(ApiError::Internal("the command's stream ended early".into())),
+                None => {
+                    return Err(ApiError::Internal(
+                        "the command's stream ended early".into(),
+                    ))
+                }
             }
         }
     }

@@ -136,6 +136,9 @@ struct Args {
     /// Largest upload (a file written into a VM, an image archive), in MiB; 413 beyond.
     #[arg(long, env = "HUTCH_MAX_UPLOAD_MIB", default_value_t = 8 * 1024)]
     max_upload_mib: u64,
+    /// `iss` of the identity tokens VMs get from 169.254.169.254 (e.g. your API's URL).
+    #[arg(long, env = "HUTCH_IDENTITY_ISSUER", default_value = "hutch")]
+    identity_issuer: String,
     /// The VM network: on (a bridge, a TAP per VM, NAT, DNS, metadata) or off (VMs get no NIC).
     #[arg(long, env = "HUTCH_NETWORK", default_value = "on", value_parser = ["on", "off"])]
     network: String,
@@ -257,6 +260,7 @@ fn main() -> anyhow::Result<()> {
         max_upload_bytes: args.max_upload_mib.saturating_mul(1 << 20),
         net: None,
         front: Default::default(),
+        identity_issuer: args.identity_issuer.clone(),
     };
     let net = match args.network.as_str() {
         "off" => None,
