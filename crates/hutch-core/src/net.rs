@@ -290,7 +290,7 @@ pub fn show_rate(bits: u64) -> String {
         (1_000_000, "mbit"),
         (1_000, "kbit"),
     ] {
-        if bits % m == 0 {
+        if bits.is_multiple_of(m) {
             return format!("{}{u}", bits / m);
         }
     }

@@ -340,6 +340,18 @@ impl Records {
         f(&mut it)
     }
 
+    /// The first VM `pred` accepts (a copy).
+    pub fn find_vm(&self, mut pred: impl FnMut(&Vm) -> bool) -> Option<Vm> {
+        self.fold_vms(|it| {
+            for v in it {
+                if pred(v) {
+                    return Some(v.clone());
+                }
+            }
+            None
+        })
+    }
+
     /// Writes `vm` whole (recovery); its name must be its own or free.
     pub async fn put_vm(&self, vm: &Vm) -> Result<(), StoreError> {
         let mut txn = Txn::new()

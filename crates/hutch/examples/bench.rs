@@ -95,6 +95,8 @@ fn bare_boot(
         console_log: dir.join("console.log"),
         accel,
         jail_uid: None,
+        nic: None,
+        cmdline_extra: String::new(),
     };
     let q = hutch_vmm::Qemu::default();
     let t = Instant::now();

@@ -19,7 +19,7 @@ pub struct Directory {
 pub fn vm_by_label(records: &Records, label: &str) -> Option<Vm> {
     let label = label.to_ascii_lowercase();
     records
-        .fold_vms(|it| it.filter(|v| v.id == label).next().cloned())
+        .find_vm(|v| v.id == label)
         .or_else(|| vm_named(records, None, &label))
         .or_else(|| {
             let (name, account) = label.rsplit_once("--")?;

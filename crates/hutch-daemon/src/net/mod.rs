@@ -248,14 +248,10 @@ impl VmNetwork {
 
 /// The VM (record) whose address is `ip`.
 pub fn vm_at(records: &Records, ip: Ipv4Addr) -> Option<Vm> {
-    records.fold_vms(|it| it.filter(|v| v.net.ipv4 == Some(ip)).next().cloned())
+    records.find_vm(|v| v.net.ipv4 == Some(ip))
 }
 
 /// The VM called `label` (name or id) in `owner`'s namespace.
 pub fn vm_named(records: &Records, owner: Option<&str>, label: &str) -> Option<Vm> {
-    records.fold_vms(|it| {
-        it.filter(|v| v.owner.as_deref() == owner && (v.name == label || v.id == label))
-            .next()
-            .cloned()
-    })
+    records.find_vm(|v| v.owner.as_deref() == owner && (v.name == label || v.id == label))
 }

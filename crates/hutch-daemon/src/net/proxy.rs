@@ -46,7 +46,8 @@ impl hutch_proxy::Backends for Backends {
         };
         let Some(owner) = s
             .records
-            .fold_vms(|it| it.filter(|v| v.id == vm).next().map(|v| v.owner.clone()))
+            .find_vm(|v| v.id == vm)
+            .map(|v| v.owner)
         else {
             return false;
         };

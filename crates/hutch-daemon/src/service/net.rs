@@ -161,11 +161,10 @@ impl Service {
                 "{name} already has {MAX_PORTS} port forwards"
             )));
         }
-        let taken = self.records.fold_vms(|it| {
-            it.filter(|v| v.net.ports.iter().any(|p| p.host == f.host))
-                .next()
-                .is_some()
-        });
+        let taken = self
+            .records
+            .find_vm(|v| v.net.ports.iter().any(|p| p.host == f.host))
+            .is_some();
         if taken {
             return Err(ApiError::Conflict(format!(
                 "host port {} is already forwarded",
