@@ -44,11 +44,7 @@ impl hutch_proxy::Backends for Backends {
         let Some(s) = self.service.upgrade() else {
             return false;
         };
-        let Some(owner) = s
-            .records
-            .find_vm(|v| v.id == vm)
-            .map(|v| v.owner)
-        else {
+        let Some(owner) = s.records.find_vm(|v| v.id == vm).map(|v| v.owner) else {
             return false;
         };
         let caller = if crate::constant_eq(bearer.as_bytes(), self.admin_token.as_bytes()) {
