@@ -128,6 +128,10 @@ fn header(md: &std::fs::Metadata, kind: tar::EntryType, size: u64) -> tar::Heade
     h
 }
 
+/// Files the agent writes at every boot from the VM's network (net.rs): the VM's, not the
+/// image's, so a commit leaves them out (as container engines do with theirs).
+const RUNTIME_FILES: [&str; 2] = ["etc/hosts", "etc/resolv.conf"];
+
 fn walk<W: Write>(
     b: &mut tar::Builder<W>,
     upper: &Path,
@@ -139,6 +143,9 @@ fn walk<W: Write>(
     for e in entries {
         let name = e.file_name();
         let r = rel.join(&name);
+        if RUNTIME_FILES.iter().any(|f| r == Path::new(f)) {
+            continue;
+        }
         let host = upper.join(&r);
         let md = std::fs::symlink_metadata(&host)?;
         let ft = md.file_type();

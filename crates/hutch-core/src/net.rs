@@ -348,6 +348,10 @@ pub struct VmNet {
     /// Ports the HTTPS proxy serves to everyone (`hutch port public`).
     #[serde(default)]
     pub public_ports: Vec<u16>,
+    /// Its address from `hutchd --ssh-pool`: `ssh <vm>.<domain>` lands in it (unique within
+    /// its account; accounts share addresses, the key tells them apart).
+    #[serde(default)]
+    pub ssh_addr: Option<Ipv4Addr>,
 }
 
 impl VmNet {

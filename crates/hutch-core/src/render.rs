@@ -153,6 +153,9 @@ fn net_lines(n: &crate::net::VmNet) -> String {
             r(n.rate_out)
         ));
     }
+    if let Some(a) = n.ssh_addr {
+        s.push_str(&format!("  SSH at:  {a}\n"));
+    }
     for p in &n.ports {
         s.push_str(&format!("  Port:    host :{} -> {}\n", p.host, p.vm));
     }

@@ -8,6 +8,7 @@
 
 mod control;
 mod limits;
+mod pool;
 mod quota;
 mod signup;
 
@@ -169,7 +170,9 @@ pub async fn serve(m: Arc<Service>, opts: SshOptions) -> Result<(), crate::Daemo
             continue;
         };
         let authed = Arc::new(AtomicBool::new(false));
+        let pool_addr = pool::pool_addr(&m, sock.local_addr().ok());
         let conn = Conn {
+            pool_addr,
             m: m.clone(),
             host: opts.host_name.clone(),
             port,
@@ -252,6 +255,8 @@ pub struct Conn {
     account: Option<Account>,
     key_fp: String,
     user: String,
+    /// The `--ssh-pool` address the client connected to (then it names the VM, not `user`).
+    pool_addr: Option<std::net::Ipv4Addr>,
     chans: HashMap<ChannelId, Chan>,
     signup: Signup,
     /// A verified key without an account (`--signup invite`), as OpenSSH text: it may only
@@ -305,19 +310,6 @@ impl Out {
         }
     }
 }
-
-const HELP: &str = "hutch over SSH. Commands:
-  new --image IMAGE [--name NAME] [--vcpu N] [--mem MIB] [--disk GIB] [--run] [--restart R]
-      [--net none|internal|internet] [--allow-out CIDR|DOMAIN]... [--deny-out CIDR|DOMAIN]...
-      [--rate-in RATE] [--rate-out RATE] [--clone GIT-URL [--clone-dir DIR]]
-  ls | describe NAME | stop NAME | start NAME | rm NAME | logs NAME | cp NAME [NEW-NAME]
-  status | whoami | keys ls | keys add < key.pub | keys rm FINGERPRINT
-  token create [--ttl HOURS] | token ls | token rm ID     (API tokens for the REST API)
-  quota                         (your quota and usage)
-  adduser NAME < key.pub | quota NAME [--vms N] [--vcpus N] [--mem MIB] [--disk GIB]   (admins)
-  invite [--ttl HOURS]          (admins: a one-time code; a new key runs: signup CODE [NAME])
-Add --json to ls, describe and new for JSON. Enter a VM: ssh -p PORT NAME@HOST
-";
 
 impl Conn {
     fn account(&self) -> &Account {
@@ -509,6 +501,14 @@ impl server::Handler for Conn {
             }
             (None, Signup::Closed) => None,
         };
+        // On a pool address the address names the VM: the account must have one there.
+        let pool_vm = match (&known, self.pool_addr) {
+            (Some(acc), Some(ip)) => match pool::vm_at(&self.m, acc, ip) {
+                Some(vm) => Some(vm),
+                None => return Ok(Auth::reject()),
+            },
+            _ => None,
+        };
         match known {
             Some(acc) => {
                 self._counted = Some(SessionCount::new(&self.m));
@@ -517,7 +517,7 @@ impl server::Handler for Conn {
                 self.key_fp = fp;
                 self.authed.store(true, Ordering::SeqCst);
                 self.slot = None;
-                self.user = user.to_string();
+                self.user = pool_vm.unwrap_or_else(|| user.to_string());
                 Ok(Auth::Accept)
             }
             None => {

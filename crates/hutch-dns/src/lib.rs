@@ -45,6 +45,11 @@ pub trait Directory: Send + Sync + 'static {
     /// Public listener: whether `label` (the label right before the domain) names a VM.
     /// `label` is lowercase ASCII letters, digits, '-' and '_'.
     fn public_vm(&self, label: &str) -> bool;
+    /// Public listener: the address `label`'s names answer with, when it is not the listener's
+    /// configured one (hutchd's `--ssh-pool` gives each VM its own).
+    fn public_address(&self, _label: &str) -> Option<Ipv4Addr> {
+        None
+    }
 }
 
 /// The guest resolver's configuration.

@@ -61,13 +61,16 @@ impl Handler for Public {
         if matches!(question.query_type(), RecordType::AXFR | RecordType::IXFR) {
             return reply(ResponseCode::Refused);
         }
-        let exists = match Labels::of(question.name()) {
+        let (exists, address) = match Labels::of(question.name()) {
             Some(labels) => match labels.under(&self.domain) {
-                Some([]) => true,
-                Some([.., label]) => self.dir.public_vm(label),
-                None => false,
+                Some([]) => (true, self.address),
+                Some([.., label]) => (
+                    self.dir.public_vm(label),
+                    self.dir.public_address(label).unwrap_or(self.address),
+                ),
+                None => (false, self.address),
             },
-            None => false,
+            None => (false, self.address),
         };
         let mut resp = response_to(&query, ResponseCode::NoError);
         resp.metadata.authoritative = true;
@@ -81,7 +84,7 @@ impl Handler for Public {
                 resp.add_answer(Record::from_rdata(
                     question.name().clone(),
                     PUBLIC_TTL,
-                    RData::A(self.address.into()),
+                    RData::A(address.into()),
                 ));
             }
             RecordType::SOA if question.name() == apex => {

@@ -141,6 +141,25 @@ fn run(prog: &'static str, args: &[&str], input: Option<&str>) -> Result<(), Net
     }
 }
 
+/// Makes the host accept connections to every address of `pool` (a `local` route on lo:
+/// the admin routes the pool to this host; hutchd's SSH and proxy listeners then answer there).
+pub fn route_local(pool: Ipv4Net) -> Result<(), NetError> {
+    run(
+        "ip",
+        &[
+            "route",
+            "replace",
+            "local",
+            &pool.to_string(),
+            "dev",
+            "lo",
+            "table",
+            "local",
+        ],
+        None,
+    )
+}
+
 /// Applies an nftables script in one transaction.
 pub fn nft_apply(script: &str) -> Result<(), NetError> {
     run("nft", &["-f", "-"], Some(script))

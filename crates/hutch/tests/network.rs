@@ -172,11 +172,19 @@ fn modes_isolation_egress_dns_ports_and_proxy() {
     let alice = keygen(w, "alice", &["-t", "ed25519"]);
     let (ssh_port, api_port, http_port, https_port) =
         (free_port(), free_port(), free_port(), free_port());
+    let dns_port = free_port();
+    // The SSH pool: hutchd routes it to the host (a `local` route) and each VM gets an address.
+    let pool = format!("198.19.{}.0/24", std::process::id() % 250);
+    let _route = LocalRoute(pool.clone());
     let d = Daemon::start(&[
         "--listen",
         &format!("127.0.0.1:{api_port}"),
         "--ssh-listen",
-        &format!("127.0.0.1:{ssh_port}"),
+        &format!("0.0.0.0:{ssh_port}"),
+        "--ssh-pool",
+        &pool,
+        "--dns-listen",
+        &format!("127.0.0.1:{dns_port}"),
         "--admin-keys",
         &format!("{}.pub", admin_key.display()),
         "--upstream-dns",
@@ -425,6 +433,37 @@ fn modes_isolation_egress_dns_ports_and_proxy() {
     d.ok(&["stop", "peer"]);
     assert_eq!(via_proxy(&proxy, "peer.t.hutch", Some(token.trim())).0, 503);
 
+    // The SSH pool: `<vm>.<domain>` is the VM's pool address on the public DNS, port URLs the
+    // host's; an SSH login there lands in the VM the key's account has at that address (the
+    // admin's web and alice's a1 share .1), whatever the user name.
+    let pool1 = pool.replace(".0/24", ".1");
+    assert_eq!(public_a(dns_port, "web.t.hutch"), Some(pool1.clone()));
+    assert_eq!(public_a(dns_port, "a1--alice.t.hutch"), Some(pool1.clone()));
+    assert_eq!(
+        public_a(dns_port, "8080-web.t.hutch"),
+        Some("127.0.0.1".into())
+    );
+    assert_eq!(public_a(dns_port, "nosuch.t.hutch"), None);
+    let via_pool = |key: &Path| {
+        let o = client("ssh", ssh_port, key)
+            .arg(format!("root@{pool1}"))
+            .arg("hostname")
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stdout).trim().to_string()
+    };
+    assert_eq!(via_pool(&admin_key), "web");
+    assert_eq!(via_pool(&alice), "a1");
+    let o = client("ssh", ssh_port, &alice)
+        .arg(format!("root@{}", pool.replace(".0/24", ".2")))
+        .arg("hostname")
+        .output()
+        .unwrap();
+    assert!(
+        !o.status.success(),
+        "alice has no VM at .2 (the admin's peer is there)"
+    );
+
     // --clone: into the VM at its first boot, over SSH here; an image without git is a clear
     // error and leaves no VM.
     let git_url = format!("git://{upstream2}/proj");
@@ -456,6 +495,40 @@ fn modes_isolation_egress_dns_ports_and_proxy() {
     assert_eq!(c, 0, "{se}");
     let (out, code) = vm_sh(&d, "g1", "cat /tmp/proj/README");
     assert_eq!((out.trim(), code), ("cloned-ok", 0));
+}
+
+/// Removes the SSH pool's `local` route hutchd added.
+struct LocalRoute(String);
+
+impl Drop for LocalRoute {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args([
+                "route", "del", "local", &self.0, "dev", "lo", "table", "local",
+            ])
+            .status();
+    }
+}
+
+/// The A record the public DNS on 127.0.0.1:`port` answers for `name` (None: no address).
+fn public_a(port: u16, name: &str) -> Option<String> {
+    let mut q = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+    for l in name.split('.') {
+        q.push(l.len() as u8);
+        q.extend_from_slice(l.as_bytes());
+    }
+    q.extend_from_slice(&[0, 0, 1, 0, 1]);
+    let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    s.send_to(&q, ("127.0.0.1", port)).unwrap();
+    let mut buf = [0u8; 512];
+    let n = s.recv(&mut buf).unwrap();
+    let answers = u16::from_be_bytes([buf[6], buf[7]]);
+    (answers > 0 && n >= 4).then(|| {
+        let a = &buf[n - 4..n];
+        format!("{}.{}.{}.{}", a[0], a[1], a[2], a[3])
+    })
 }
 
 fn http_get(addr: &str) -> String {

@@ -327,7 +327,11 @@ mkdir big && {ws}/scripts/make-test-image.sh big 8 && mkdir bad && {ws}/scripts/
         "-c",
         "ls /etc; ls /opt; busybox stat -c %h /data/h1 /data/h2; cat /etc/b",
     ]);
-    assert_eq!(ls, "b\ngroup\npasswd\nkeep\n2\n2\nb\n", "{ls}");
+    // (hosts and resolv.conf: written by the agent from the VM's network at boot.)
+    assert_eq!(
+        ls, "b\ngroup\nhosts\npasswd\nresolv.conf\nkeep\n2\n2\nb\n",
+        "{ls}"
+    );
     // The tmpfs on /run starts with what the image has there, owners and modes kept.
     let run = d.ok(&[
         "exec",

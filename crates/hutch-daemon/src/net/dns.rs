@@ -27,6 +27,13 @@ pub fn vm_by_label(records: &Records, label: &str) -> Option<Vm> {
         })
 }
 
+/// The VM part of a proxy label `<port>-<vm>`.
+pub fn port_label(label: &str) -> Option<&str> {
+    let (port, rest) = label.split_once('-')?;
+    (!port.is_empty() && port.len() <= 5 && port.bytes().all(|b| b.is_ascii_digit()))
+        .then_some(rest)
+}
+
 impl hutch_dns::Directory for Directory {
     fn vm_address(&self, client: Ipv4Addr, vm: &str) -> Option<Ipv4Addr> {
         let me = vm_at(&self.records, client)?;
@@ -47,5 +54,12 @@ impl hutch_dns::Directory for Directory {
 
     fn public_vm(&self, label: &str) -> bool {
         vm_by_label(&self.records, label).is_some()
+            || port_label(label).is_some_and(|l| vm_by_label(&self.records, l).is_some())
+    }
+
+    fn public_address(&self, label: &str) -> Option<Ipv4Addr> {
+        // `<vm>.<domain>` is the VM's SSH pool address (the proxy listens there too);
+        // `<port>-<vm>.<domain>` the host's public one.
+        vm_by_label(&self.records, label)?.net.ssh_addr
     }
 }

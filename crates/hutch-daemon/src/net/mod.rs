@@ -35,6 +35,8 @@ pub struct NetSettings {
     pub port_range: (u16, u16),
     /// Address port forwards listen on.
     pub port_bind: IpAddr,
+    /// Addresses routed to this host, one per VM within an account (`ssh <vm>.<domain>`).
+    pub ssh_pool: Option<hutch_core::net::Ipv4Net>,
 }
 
 pub struct VmNetwork {
@@ -44,6 +46,8 @@ pub struct VmNetwork {
     resolved: Mutex<HashMap<String, Vec<Ipv4Addr>>>,
     /// Addresses handed out whose VM record is not written yet.
     pending: Mutex<HashSet<Ipv4Addr>>,
+    /// SSH pool addresses handed out so, by owner.
+    ssh_pending: Mutex<HashSet<(Option<String>, Ipv4Addr)>>,
     pub forwards: ports::Forwards,
 }
 
@@ -52,6 +56,8 @@ pub struct VmNetwork {
 pub struct Lease<'a> {
     net: &'a VmNetwork,
     pub ip: Ipv4Addr,
+    /// The SSH pool address, with its owner.
+    pub ssh: Option<(Option<String>, Ipv4Addr)>,
 }
 
 impl Drop for Lease<'_> {
@@ -61,6 +67,13 @@ impl Drop for Lease<'_> {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&self.ip);
+        if let Some(s) = &self.ssh {
+            self.net
+                .ssh_pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(s);
+        }
     }
 }
 
@@ -72,17 +85,50 @@ impl VmNetwork {
     /// Sets up the bridge (blocking: runs `ip`).
     pub fn setup(settings: NetSettings) -> Result<VmNetwork, hutch_net::NetError> {
         let host = Network::setup(settings.cfg.clone())?;
+        if let Some(pool) = settings.ssh_pool {
+            hutch_net::route_local(pool)?;
+        }
         Ok(VmNetwork {
             forwards: ports::Forwards::new(settings.port_bind),
             settings,
             host,
             resolved: Mutex::default(),
             pending: Mutex::default(),
+            ssh_pending: Mutex::default(),
         })
     }
 
-    /// The lowest free address (not held by a VM record or a create in flight).
-    pub fn allocate(&self, records: &Records) -> Result<Lease<'_>, ApiError> {
+    /// The lowest free address (not held by a VM record or a create in flight), and with
+    /// `--ssh-pool` the lowest pool address `owner` has no VM at.
+    pub fn allocate(&self, records: &Records, owner: Option<&str>) -> Result<Lease<'_>, ApiError> {
+        let mut lease = self.allocate_ip(records)?;
+        if let Some(pool) = self.settings.ssh_pool {
+            let mut pending = self.ssh_pending.lock().unwrap_or_else(|e| e.into_inner());
+            let used: HashSet<Ipv4Addr> = records.fold_vms(|it| {
+                it.filter(|v| v.owner.as_deref() == owner)
+                    .filter_map(|v| v.net.ssh_addr)
+                    .collect()
+            });
+            let (first, last) = match pool.size() {
+                n if n <= 2 => (0, n),
+                n => (1, n - 1),
+            };
+            let owner = owner.map(str::to_string);
+            let ip = (first..last)
+                .filter_map(|i| pool.nth(i))
+                .find(|ip| !used.contains(ip) && !pending.contains(&(owner.clone(), *ip)))
+                .ok_or_else(|| {
+                    ApiError::Capacity(format!(
+                        "the SSH pool {pool} has no address left for this account"
+                    ))
+                })?;
+            pending.insert((owner.clone(), ip));
+            lease.ssh = Some((owner, ip));
+        }
+        Ok(lease)
+    }
+
+    fn allocate_ip(&self, records: &Records) -> Result<Lease<'_>, ApiError> {
         let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
         let used: HashSet<Ipv4Addr> =
             records.fold_vms(|it| it.filter_map(|v| v.net.ipv4).collect());
@@ -97,7 +143,11 @@ impl VmNetwork {
                 ))
             })?;
         pending.insert(ip);
-        Ok(Lease { net: self, ip })
+        Ok(Lease {
+            net: self,
+            ip,
+            ssh: None,
+        })
     }
 
     /// What the rules need to know about `vm` (None: it has no NIC).

@@ -190,8 +190,9 @@ impl Service {
         else {
             return Ok(None);
         };
-        let l = n.allocate(&self.records)?;
+        let l = n.allocate(&self.records, vm.owner.as_deref())?;
         vm.net.ipv4 = Some(l.ip);
+        vm.net.ssh_addr = l.ssh.as_ref().map(|s| s.1);
         vm.net.mac = Some(VmNet::mac_for(l.ip));
         Ok(Some(l))
     }
@@ -278,6 +279,7 @@ impl Service {
             net: VmNet {
                 ipv4: None,
                 mac: None,
+                ssh_addr: None,
                 ports: Vec::new(),
                 public_ports: Vec::new(),
                 ..from.net.clone()

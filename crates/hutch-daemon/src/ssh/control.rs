@@ -267,3 +267,16 @@ impl Conn {
         }
     }
 }
+
+pub(super) const HELP: &str = "hutch over SSH. Commands:
+  new --image IMAGE [--name NAME] [--vcpu N] [--mem MIB] [--disk GIB] [--run] [--restart R]
+      [--net none|internal|internet] [--allow-out CIDR|DOMAIN]... [--deny-out CIDR|DOMAIN]...
+      [--rate-in RATE] [--rate-out RATE] [--clone GIT-URL [--clone-dir DIR]]
+  ls | describe NAME | stop NAME | start NAME | rm NAME | logs NAME | cp NAME [NEW-NAME]
+  status | whoami | keys ls | keys add < key.pub | keys rm FINGERPRINT
+  token create [--ttl HOURS] | token ls | token rm ID     (API tokens for the REST API)
+  quota                         (your quota and usage)
+  adduser NAME < key.pub | quota NAME [--vms N] [--vcpus N] [--mem MIB] [--disk GIB]   (admins)
+  invite [--ttl HOURS]          (admins: a one-time code; a new key runs: signup CODE [NAME])
+Add --json to ls, describe and new for JSON. Enter a VM: ssh -p PORT NAME@HOST
+";

@@ -160,6 +160,10 @@ struct Args {
     /// Address port forwards listen on.
     #[arg(long, default_value = "0.0.0.0")]
     port_bind: std::net::IpAddr,
+    /// Addresses routed to this host, one per VM within an account: `ssh <vm>.<domain>` (with
+    /// --dns-listen) lands in the VM (hutchd adds a `local` route for them).
+    #[arg(long, env = "HUTCH_SSH_POOL")]
+    ssh_pool: Option<String>,
     /// Public DNS for the domain (e.g. 0.0.0.0:53), answering NAME.DOMAIN with --public-address.
     #[arg(long, env = "HUTCH_DNS_LISTEN")]
     dns_listen: Option<std::net::SocketAddr>,
@@ -271,6 +275,7 @@ fn main() -> anyhow::Result<()> {
             &args.upstream_dns,
             &args.port_range,
             args.port_bind,
+            args.ssh_pool.as_deref(),
         )?),
     };
     cfg.net = net;
@@ -294,7 +299,11 @@ fn net_settings(
     upstream: &[String],
     port_range: &str,
     port_bind: std::net::IpAddr,
+    ssh_pool: Option<&str>,
 ) -> anyhow::Result<hutch_daemon::net::NetSettings> {
+    let ssh_pool = ssh_pool
+        .map(|p| p.parse().map_err(|e| anyhow::anyhow!("--ssh-pool: {e}")))
+        .transpose()?;
     let subnet = subnet
         .parse()
         .map_err(|e| anyhow::anyhow!("--subnet: {e}"))?;
@@ -331,5 +340,6 @@ fn net_settings(
         upstream,
         port_range: (lo, hi),
         port_bind,
+        ssh_pool,
     })
 }

@@ -66,6 +66,8 @@ pub struct Daemon {
     pub dir: tempfile::TempDir,
     child: Option<Child>,
     pub extra: Vec<String>,
+    /// The test's own bridge and subnet (see `start`).
+    net: Vec<String>,
 }
 
 impl Daemon {
@@ -75,17 +77,20 @@ impl Daemon {
             .prefix("hutch-t")
             .tempdir_in("/tmp")
             .unwrap();
-        let mut extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
         // Every daemon gets its own bridge and subnet (tests run side by side), kept across
-        // restarts; Drop removes them.
-        if !extra.iter().any(|a| a == "--network" || a == "--bridge") {
+        // restarts (also when a test replaces `extra`); Drop removes them.
+        let net = if extra.iter().any(|a| a == "--network" || a == "--bridge") {
+            Vec::new()
+        } else {
             let (bridge, subnet) = test_network();
-            extra.extend(["--bridge".into(), bridge, "--subnet".into(), subnet]);
-        }
+            vec!["--bridge".into(), bridge, "--subnet".into(), subnet]
+        };
         let mut d = Daemon {
             dir,
             child: None,
             extra,
+            net,
         };
         d.spawn();
         d
@@ -93,8 +98,9 @@ impl Daemon {
 
     /// The value of hutchd option `flag` this daemon runs with.
     pub fn opt(&self, flag: &str) -> Option<String> {
-        let i = self.extra.iter().position(|a| a == flag)?;
-        self.extra.get(i + 1).cloned()
+        let args: Vec<&String> = self.extra.iter().chain(&self.net).collect();
+        let i = args.iter().position(|a| *a == flag)?;
+        args.get(i + 1).map(|s| s.to_string())
     }
 
     /// The VM network's bridge (None: --network off).
@@ -126,6 +132,7 @@ impl Daemon {
         }
         let child = cmd
             .args(&self.extra)
+            .args(&self.net)
             .env("HUTCH_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log)
