@@ -69,6 +69,7 @@ bench: build
 	target/release/examples/bench
 	target/release/examples/bench_pull
 	target/release/examples/bench_ssh
+	target/release/examples/bench_net
 
 # Release build, then hutchd, hutch and hutch-agent (beside hutchd, where hutchd looks for it),
 # the systemd unit (its /usr/local/bin paths rewritten to BINDIR) and shell completions.

@@ -80,6 +80,9 @@ pub struct Vm {
     /// Its network (mode `none` for VMs made before hutch had networking).
     #[serde(default)]
     pub net: net::VmNet,
+    /// Microseconds setting up its network (TAP, rules, rates) took, at the last start.
+    #[serde(default)]
+    pub net_us: Option<u64>,
 }
 
 impl Vm {

@@ -110,6 +110,7 @@ fn vm(name: &str, owner: Option<&str>) -> Vm {
         restarts: 0,
         clean_exit: false,
         net: Default::default(),
+        net_us: None,
     }
 }
 

@@ -173,6 +173,8 @@ fn main() {
         .arg(&data)
         .arg("--boot-cache")
         .arg(&cache)
+        // No VM network: these figures compare against bare QEMU / tools without one.
+        .args(["--network", "off"])
         .env("HUTCH_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(log)

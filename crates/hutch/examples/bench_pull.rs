@@ -104,6 +104,8 @@ step 'mkdir -p b/rootfs/srv/b; for i in $(seq 600); do head -c $((20000 + RANDOM
             .arg(&data)
             .arg("--boot-cache")
             .arg(ws().join("target/hutch-bench-boot"))
+            // No VM network: these figures compare against bare QEMU / tools without one.
+            .args(["--network", "off"])
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

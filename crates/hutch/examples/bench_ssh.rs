@@ -138,6 +138,8 @@ fn main() {
             .arg(&data)
             .arg("--boot-cache")
             .arg(ws().join("target/hutch-bench-boot"))
+            // No VM network: these figures compare against bare QEMU / tools without one.
+            .args(["--network", "off"])
             .args([
                 "--ssh-listen",
                 &format!("127.0.0.1:{hport}"),

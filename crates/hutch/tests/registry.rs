@@ -398,7 +398,7 @@ mkdir big && {ws}/scripts/make-test-image.sh big 8 && mkdir bad && {ws}/scripts/
     );
     assert_eq!(
         d.ok(&["exec", "w2", "--", "sh", "-c", "cat /root/new; ls /etc"]),
-        "mine\ngroup\npasswd\n"
+        "mine\ngroup\nhosts\npasswd\nresolv.conf\n"
     );
     // skopeo and umoci accept what was pushed.
     let o = std::process::Command::new("skopeo")

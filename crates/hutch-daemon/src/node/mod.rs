@@ -382,11 +382,13 @@ impl Node {
         disk_us: Option<u64>,
     ) -> Result<Vm, ApiError> {
         let vm = &self.with_jail_uid(vm).await?;
+        let mut net_us = None;
         if let Some(net) = self.net.clone() {
-            let v = vm.clone();
+            let (v, t) = (vm.clone(), Instant::now());
             tokio::task::spawn_blocking(move || net.attach(&v))
                 .await
                 .map_err(internal)??;
+            net_us = Some(t.elapsed().as_micros() as u64);
         }
         let spec = self.spec(vm, image);
         let t0 = Instant::now();
@@ -434,6 +436,7 @@ impl Node {
                 if disk_us.is_some() {
                     v.disk_us = disk_us;
                 }
+                v.net_us = net_us;
                 v.started_at = Some(hutch_core::now());
                 v.boot_ms = Some(boot_ms);
                 v.kernel = Some(kernel.clone());

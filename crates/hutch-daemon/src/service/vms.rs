@@ -137,6 +137,7 @@ impl Service {
             restarts: 0,
             clean_exit: false,
             net,
+            net_us: None,
         };
         // Admitted (reserved until the record counts), then the name is claimed in the create's
         // one store transaction: of concurrent creates, one wins.
@@ -276,6 +277,7 @@ impl Service {
             confinement: None,
             restarts: 0,
             clean_exit: false,
+            net_us: None,
             net: VmNet {
                 ipv4: None,
                 mac: None,
