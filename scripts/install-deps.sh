@@ -18,7 +18,7 @@ run_pkgs=(e2fsprogs erofs-utils kmod cpio iproute2 nftables)
 qemu_pkgs=(qemu-system-x86 qemu-utils)
 # python3-venv: tests/api_fuzz.rs installs schemathesis (PyPI) into a venv under target/.
 # systemd: tests/install.rs checks the installed hutchd.service with systemd-analyze verify.
-test_pkgs=(busybox-static umoci skopeo docker-registry apache2-utils openssh-client python3 python3-venv systemd git)
+test_pkgs=(busybox-static umoci skopeo docker-registry apache2-utils openssh-client python3 python3-venv systemd git curl)
 bench_pkgs=(openssh-server)
 
 mode="${1:-}"

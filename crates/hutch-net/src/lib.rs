@@ -227,7 +227,15 @@ impl Network {
             "attaching TAP {} to {}",
             v.tap, self.cfg.bridge
         )))?;
-        self.update(v, rate_in)
+        {
+            let _g = self.locked();
+            nft_apply(&nft::vm(&self.cfg, v))?;
+        }
+        // No rate: nothing to run (`update` removes a rate taken away later).
+        match rate_in {
+            Some(_) => set_rate_in(&v.tap, rate_in),
+            None => Ok(()),
+        }
     }
 
     /// Rewrites VM `v`'s rules and rate limits (its TAP exists).

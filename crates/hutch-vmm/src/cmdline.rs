@@ -269,7 +269,11 @@ impl ToArgs for NetDevice<'_> {
             "-netdev".into(),
             format!("tap,id=net0,fd={},vhost=off", self.fd),
             "-device".into(),
-            format!("virtio-net-pci,netdev=net0,mac={}", escape(self.mac)),
+            // No option ROM: the guest boots from the kernel hutch hands QEMU, never the network.
+            format!(
+                "virtio-net-pci,netdev=net0,mac={},romfile=",
+                escape(self.mac)
+            ),
         ]
     }
 }

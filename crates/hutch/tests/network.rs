@@ -62,19 +62,15 @@ impl Upstream {
              git -c user.name=t -c user.email=t@t commit -qm init",
             r = repo.display()
         ));
+        // git-daemon itself (`git daemon` would run it as a child that outlives a kill).
         children.push(
             Command::new("ip")
-                .args([
-                    "netns",
-                    "exec",
-                    &ns,
-                    "git",
-                    "daemon",
-                    "--reuseaddr",
-                    "--export-all",
-                ])
-                .arg(format!("--base-path={}", dir.path().join("git").display()))
-                .arg(format!("--listen={net}.2"))
+                .args(["netns", "exec", &ns, "sh", "-c"])
+                .arg(format!(
+                    "exec \"$(git --exec-path)/git-daemon\" --reuseaddr --export-all \
+                     --base-path={} --listen={net}.2",
+                    dir.path().join("git").display()
+                ))
                 .stderr(Stdio::null())
                 .spawn()
                 .unwrap(),
@@ -106,8 +102,14 @@ impl Drop for Upstream {
             let _ = c.kill();
             let _ = c.wait();
         }
-        // Deleting the namespace deletes the veth pair with it.
+        // Deleting the namespace deletes the veth pair with it, once no process is left in it;
+        // the host end goes explicitly in case one is.
         let _ = Command::new("ip").args(["netns", "del", &self.ns]).status();
+        let host_if = self.ns.replacen("hup", "hvh", 1);
+        let _ = Command::new("ip")
+            .args(["link", "del", &host_if])
+            .stderr(Stdio::null())
+            .status();
     }
 }
 
@@ -587,6 +589,31 @@ fn leases_survive_restarts_and_rm_leaves_nothing() {
     let chain = format!("vm_{id}");
     assert!(nft_has(&bridge, &chain));
 
+    // Rates: a token bucket on the TAP into the VM, a policer out of it; `off` removes one.
+    d.ok(&[
+        "net",
+        "set",
+        "v1",
+        "--rate-in",
+        "10mbit",
+        "--rate-out",
+        "5mbit",
+    ]);
+    let tc = sh_out(&format!("tc qdisc show dev {tap}"));
+    assert!(tc.contains("tbf") && tc.contains("10Mbit"), "{tc}");
+    let port_chain = sh_out(&format!("nft list chain bridge {bridge} port_{id}"));
+    assert!(
+        port_chain.contains("limit rate over 625000 bytes/second"),
+        "{port_chain}"
+    );
+    assert!(d
+        .ok(&["describe", "v1"])
+        .contains("Rates:   in 10mbit, out 5mbit"));
+    d.ok(&["net", "set", "v1", "--rate-in", "off"]);
+    assert!(!sh_out(&format!("tc qdisc show dev {tap}")).contains("tbf"));
+    let o = d.hutch(&["net", "set", "v1", "--rate-out", "fast"]);
+    assert!(!o.status.success(), "a malformed rate");
+
     // stop/start keeps the address.
     d.ok(&["stop", "v1"]);
     d.ok(&["start", "v1"]);
@@ -601,6 +628,11 @@ fn leases_survive_restarts_and_rm_leaves_nothing() {
     assert!(!nft_has(&bridge, &chain));
     d.ok(&["new", "--image", "busybox", "--name", "v3"]);
     assert_eq!(ip_of(&d, "v3"), ip);
+}
+
+fn sh_out(script: &str) -> String {
+    let o = Command::new("sh").arg("-c").arg(script).output().unwrap();
+    String::from_utf8_lossy(&o.stdout).to_string()
 }
 
 fn bridge_ports(bridge: &str) -> Vec<String> {
