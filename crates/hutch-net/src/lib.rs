@@ -18,6 +18,8 @@ use std::sync::Mutex;
 /// 192.168.0.0/16), Podman's (10.88.0.0/16) and Kubernetes' usual service and pod ranges.
 pub const DEFAULT_SUBNET: &str = "10.123.0.0/16";
 pub const DEFAULT_BRIDGE: &str = "hutch0";
+/// The metadata service's port on the gateway address.
+pub const DEFAULT_METADATA_PORT: u16 = 8169;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
@@ -76,7 +78,9 @@ impl NetConfig {
             subnet,
             table: bridge.replace('-', "_"),
             dns_port: 53,
-            metadata_port: 80,
+            // Not 80: a web server on the host's wildcard address must not keep hutchd from
+            // starting (guests still use 169.254.169.254:80; nftables sends it here).
+            metadata_port: DEFAULT_METADATA_PORT,
         })
     }
 

@@ -349,6 +349,14 @@ fn modes_isolation_egress_dns_ports_and_proxy() {
     // alice's VM is NAME--ACCOUNT on the proxy; her token opens it.
     let (st, _) = via_proxy(&proxy, "80-a1--alice.t.hutch", Some(&alice_token));
     assert_eq!(st, 502, "authorized, but nothing listens on port 80");
+    // An upgraded connection (websocket) passes through both ways, with the owner's token.
+    let ws = workspace().join("crates/hutch/tests/fixtures/ws_echo.sh");
+    d.ok(&["cp", ws.to_str().unwrap(), "web:/ws.sh", "--mode", "755"]);
+    vm_sh(&d, "web", "nc -ll -p 8081 -e /ws.sh >/dev/null 2>&1 &");
+    assert_eq!(
+        ws_echo(&proxy, "8081-web.t.hutch", token.trim()),
+        "hello-ws\n"
+    );
     // HTTPS with the CA hutchd made, and a share link.
     let ca = w.join("ca.pem");
     std::fs::write(&ca, d.ok(&["ca"])).unwrap();
@@ -531,6 +539,33 @@ fn public_a(port: u16, name: &str) -> Option<String> {
         let a = &buf[n - 4..n];
         format!("{}.{}.{}.{}", a[0], a[1], a[2], a[3])
     })
+}
+
+/// An Upgrade through the proxy; what the VM echoes of a line sent after the 101.
+fn ws_echo(addr: &str, host: &str, token: &str) -> String {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(addr).unwrap();
+    c.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    write!(
+        c,
+        "GET /chat HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}\r\n\
+         Upgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    .unwrap();
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        c.read_exact(&mut b).unwrap();
+        head.push(b[0]);
+    }
+    let head = String::from_utf8_lossy(&head);
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    c.write_all(b"hello-ws\n").unwrap();
+    let mut out = vec![0u8; 9];
+    c.read_exact(&mut out).unwrap();
+    String::from_utf8_lossy(&out).to_string()
 }
 
 fn http_get(addr: &str) -> String {
