@@ -8,7 +8,10 @@
 //! 3. Time networking adds to a create: hutchd's own measure of the TAP + rules + rates step
 //!    (`net_us`, goal <= 10 ms), and create wall time with `--net internet` vs `--net none`.
 
-use serde_json::{json, Value};
+mod benchlib;
+
+use benchlib::{api, median, ws};
+use serde_json::json;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
@@ -23,45 +26,6 @@ const ROUND_SECS: u64 = 5;
 const CLIENTS: usize = 8;
 const CREATES: usize = 5;
 const MB: u64 = 64;
-
-fn ws() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .canonicalize()
-        .unwrap()
-}
-
-fn api(sock: &Path, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
-    let mut s = UnixStream::connect(sock).expect("connect hutchd");
-    let b = body.map(|v| v.to_string()).unwrap_or_default();
-    write!(s, "{method} {path} HTTP/1.1\r\nHost: h\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{b}", b.len()).unwrap();
-    let mut r = Vec::new();
-    s.read_to_end(&mut r).unwrap();
-    let split = r
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .unwrap_or(r.len());
-    let head = String::from_utf8_lossy(&r[..split]).to_string();
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|x| x.parse().ok())
-        .unwrap_or(0);
-    let body = &r[(split + 4).min(r.len())..];
-    let v = serde_json::from_slice(body).unwrap_or_else(|_| {
-        String::from_utf8_lossy(body)
-            .lines()
-            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .rfind(Value::is_object)
-            .unwrap_or(Value::Null)
-    });
-    (status, v)
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
-}
 
 /// Runs `sh -c script` in VM `vm` through the API; its exit code.
 fn exec(sock: &Path, vm: &str, script: &str) -> i64 {

@@ -28,7 +28,7 @@ fn lost_store_is_rebuilt_without_stopping_vms() {
     let o = Command::new(env!("CARGO_BIN_EXE_hutchd"))
         .arg("--data-dir")
         .arg(d.data())
-        .args(["--ssh-listen", "off", "--boot-cache"])
+        .args(["--ssh-listen", "off", "--network", "off", "--boot-cache"])
         .arg(workspace().join("target/hutch-test-boot"))
         .stdout(Stdio::null())
         .stderr(Stdio::piped())

@@ -174,6 +174,8 @@ fn tcp_api_tls_deadlines_and_caps() {
         .args([
             "--ssh-listen",
             "off",
+            "--network",
+            "off",
             "--listen",
             &format!("0.0.0.0:{port}"),
         ])

@@ -24,6 +24,8 @@ fn user_supplied_kernel_boots_and_nothing_is_downloaded() {
             cache.path().join("d").to_str().unwrap(),
             "--kernel",
             "/no/such/vmlinuz",
+            "--network",
+            "off",
         ])
         .output()
         .unwrap();

@@ -1,0 +1,47 @@
+//! What the benchmark examples share: the workspace path, a REST call over hutchd's unix
+//! socket, a median.
+
+use serde_json::Value;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+
+pub fn ws() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap()
+}
+
+pub fn api(sock: &Path, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+    let mut s = UnixStream::connect(sock).expect("connect hutchd");
+    let b = body.map(|v| v.to_string()).unwrap_or_default();
+    write!(s, "{method} {path} HTTP/1.1\r\nHost: h\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{b}", b.len()).unwrap();
+    let mut r = Vec::new();
+    s.read_to_end(&mut r).unwrap();
+    let split = r
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or(r.len());
+    let head = String::from_utf8_lossy(&r[..split]).to_string();
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|x| x.parse().ok())
+        .unwrap_or(0);
+    let body = &r[(split + 4).min(r.len())..];
+    let text = String::from_utf8_lossy(body);
+    // Exec answers are chunked NDJSON; the last JSON line is what we want.
+    let v = serde_json::from_slice(body).unwrap_or_else(|_| {
+        text.lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .rfind(Value::is_object)
+            .unwrap_or(Value::Null)
+    });
+    (status, v)
+}
+
+pub fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
