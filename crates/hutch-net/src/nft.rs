@@ -276,6 +276,54 @@ mod tests {
         }
     }
 
+    /// The scripts are valid nftables: `nft -c` parses and checks them against the kernel
+    /// without changing anything (skipped where nft is missing or not allowed).
+    #[test]
+    fn scripts_pass_nft_check() {
+        let c = cfg();
+        let mut vms = vec![v(NetMode::Internet, true), v(NetMode::Internal, false)];
+        vms[1].id = "ba9876543210".into();
+        vms[1].ip = "10.123.0.3".parse().unwrap();
+        vms[1].tap = "htba9876543210".into();
+        vms[1].account = None;
+        vms[1].rate_out = None;
+        let check = |script: &str| {
+            let mut ch = match std::process::Command::new("nft")
+                .args(["-c", "-f", "-"])
+                .stdin(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+            {
+                Ok(ch) => ch,
+                Err(_) => return None,
+            };
+            use std::io::Write;
+            ch.stdin.take()?.write_all(script.as_bytes()).ok()?;
+            let o = ch.wait_with_output().ok()?;
+            Some((
+                o.status.success(),
+                String::from_utf8_lossy(&o.stderr).to_string(),
+            ))
+        };
+        let Some((ok, err)) = check(&full(&c, &vms)) else {
+            eprintln!("nft not found: skipped");
+            return;
+        };
+        if err.contains("Operation not permitted") {
+            eprintln!("nft -c needs CAP_NET_ADMIN: skipped");
+            return;
+        }
+        assert!(ok, "{err}");
+        // A VM's part and its removal check against the full tables (one transaction).
+        let script = full(&c, &vms)
+            + &remove_vm(&c, &vms[0])
+            + &allow_more(&c, &vms[1].id, &["9.9.9.9".parse().unwrap()]);
+        let (ok, err) = check(&script).unwrap();
+        assert!(ok, "{err}");
+        let (ok, _) = check(&(full(&c, &vms) + "add rule inet hutch nosuch drop\n")).unwrap();
+        assert!(!ok, "a broken script is refused");
+    }
+
     #[test]
     fn rules_follow_the_mode() {
         let c = cfg();

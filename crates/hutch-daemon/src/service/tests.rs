@@ -284,3 +284,68 @@ async fn api_tokens_verify_until_revoked_expired_or_orphaned() {
         .unwrap();
     assert!(s.verify_token(&jwt).await.is_none());
 }
+
+/// Without a VM network (`--network off`, as the fakes run), VMs get no NIC, asking for one is
+/// a clear error that makes nothing, and the network calls refuse a VM without one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_network_means_no_nic() {
+    use hutch_core::net::{NetMode, PortForward, SetNet};
+    let (s, _vmm, _d) = service(None).await;
+    let admin = Caller::local_admin();
+    let vm = s.create(&admin, new("plain")).await.unwrap();
+    assert_eq!((vm.net.mode, vm.net.ipv4), (NetMode::None, None));
+    for mode in [NetMode::Internal, NetMode::Internet] {
+        let e = s
+            .create(
+                &admin,
+                CreateVm {
+                    net: Some(mode),
+                    ..new("wants-net")
+                },
+            )
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&e, ApiError::Invalid(m) if m.contains("--network off")),
+            "{e}"
+        );
+    }
+    let e = s
+        .create(
+            &admin,
+            CreateVm {
+                rate_in: Some("10mbit".into()),
+                net: Some(NetMode::None),
+                ..new("rated")
+            },
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(e, ApiError::Invalid(_)), "{e}");
+    assert!(s.describe(&admin, "wants-net").await.is_err());
+    assert!(s.describe(&admin, "rated").await.is_err());
+    let e = s
+        .port_add(
+            &admin,
+            "plain",
+            PortForward {
+                host: 20000,
+                vm: 80,
+            },
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(e, ApiError::Invalid(_)), "{e}");
+    let e = s
+        .set_net(&admin, "plain", SetNet::default())
+        .await
+        .unwrap_err();
+    assert!(matches!(e, ApiError::Invalid(_)), "{e}");
+    // Another account's VM is not found, not refused.
+    let bob = Caller {
+        account: "bob".into(),
+        admin: false,
+    };
+    let e = s.port_public(&bob, "plain", 80, true).await.unwrap_err();
+    assert!(matches!(e, ApiError::NotFound { .. }), "{e}");
+}
