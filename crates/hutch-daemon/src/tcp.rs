@@ -125,13 +125,20 @@ pub async fn serve(
             drop(sock);
             continue;
         };
-        let (app, acceptor, timeout) = (app.clone(), acceptor.clone(), opts.header_timeout);
+        // The peer for handlers that ask (`ConnectInfo`: the metadata service knows VMs by it).
+        let app = app
+            .clone()
+            .layer(axum::Extension(axum::extract::ConnectInfo(peer)));
+        let (acceptor, timeout) = (acceptor.clone(), opts.header_timeout);
         tokio::spawn(async move {
             let _slot = slot;
             let svc = hyper_util::service::TowerToHyperService::new(app);
             let mut http = hyper::server::conn::http1::Builder::new();
+            // A client may shut its sending side down once the request is out (busybox nc
+            // does): answer it still.
             http.timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(timeout);
+                .header_read_timeout(timeout)
+                .half_close(true);
             let r = match acceptor {
                 Some(a) => match tokio::time::timeout(timeout, a.accept(sock)).await {
                     Ok(Ok(s)) => {

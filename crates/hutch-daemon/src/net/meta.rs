@@ -9,6 +9,9 @@ use hutch_core::net::NetMode;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
+/// Open connections to the metadata service, from all VMs together.
+const MAX_CONNECTIONS: usize = 256;
+
 pub struct Directory {
     pub records: Records,
     pub domain: String,
@@ -44,5 +47,13 @@ pub async fn serve(
     let app = crate::metadata::router(dir, key, issuer);
     let l = tokio::net::TcpListener::bind(listen).await?;
     tracing::info!(%listen, "metadata service (169.254.169.254 for guests)");
-    Ok(async move { axum::serve(l, app.into_make_service_with_connect_info::<SocketAddr>()).await })
+    // The API's server loop: a connection cap, a header deadline, the peer for the handlers.
+    let opts = crate::tcp::TcpOptions {
+        listen,
+        tls_cert: None,
+        tls_key: None,
+        max_connections: MAX_CONNECTIONS,
+        header_timeout: std::time::Duration::from_secs(10),
+    };
+    Ok(crate::tcp::serve(l, app, None, opts))
 }
