@@ -295,6 +295,7 @@ pub async fn run(mut cfg: DaemonConfig) -> Result<(), DaemonError> {
             .await
             .map_err(|e| setup(format!("the metadata service: {e}")))?;
             proxies.push(Box::pin(srv));
+            proxies.push(Box::pin(net::egress::serve(net.clone(), m.records.clone())));
             Some(key)
         }
         None => None,

@@ -52,6 +52,9 @@ pub struct NetConfig {
     pub dns_port: u16,
     /// Port of the metadata service on the gateway address (169.254.169.254:80 is sent there).
     pub metadata_port: u16,
+    /// Port of the name check on the gateway address: TCP 80 and 443 of VMs whose egress is
+    /// restricted by domain is sent there (Host / TLS SNI checked, then passed on).
+    pub egress_port: u16,
 }
 
 impl NetConfig {
@@ -81,6 +84,7 @@ impl NetConfig {
             // Not 80: a web server on the host's wildcard address must not keep hutchd from
             // starting (guests still use 169.254.169.254:80; nftables sends it here).
             metadata_port: DEFAULT_METADATA_PORT,
+            egress_port: DEFAULT_METADATA_PORT + 1,
         })
     }
 

@@ -33,6 +33,8 @@ pub struct VmPolicy {
     pub deny: Vec<Ipv4Net>,
     /// Whether anything is allowed by rule (then the rest is not).
     pub restricted: bool,
+    /// Whether its TCP 80/443 goes through hutchd's Host/SNI check (allowed by domain).
+    pub name_checked: bool,
     /// Addresses hutch's resolver answered for the VM's allowed domains.
     pub resolved: Vec<Ipv4Addr>,
     /// Bits per second out of the VM.
@@ -131,6 +133,11 @@ pub fn vm(c: &NetConfig, v: &VmPolicy) -> String {
         let _ = writeln!(s, "add rule inet {t} vm_{id} {r}");
     }
     let _ = writeln!(s, "add element inet {t} vms {{ {} : jump vm_{id} }}", v.ip);
+    // In or out of the name-checked set (add then delete: no error when it was not there).
+    let _ = writeln!(s, "add element inet {t} name_checked {{ {} }}", v.ip);
+    if !v.name_checked {
+        let _ = writeln!(s, "delete element inet {t} name_checked {{ {} }}", v.ip);
+    }
     let _ = writeln!(s, "add chain bridge {t} port_{id}");
     let _ = writeln!(s, "flush chain bridge {t} port_{id}");
     for r in port_rules(v) {
@@ -160,6 +167,9 @@ pub fn remove_vm(c: &NetConfig, v: &VmPolicy) -> String {
     let acct = acct_set(v.account.as_deref());
     let mut s = vm(c, v);
     let _ = writeln!(s, "delete element inet {t} vms {{ {} }}", v.ip);
+    if v.name_checked {
+        let _ = writeln!(s, "delete element inet {t} name_checked {{ {} }}", v.ip);
+    }
     let _ = writeln!(s, "delete element inet {t} {acct} {{ {} }}", v.ip);
     let _ = writeln!(s, "delete chain inet {t} vm_{id}");
     let _ = writeln!(s, "delete set inet {t} allow_{id}");
@@ -172,7 +182,7 @@ pub fn remove_vm(c: &NetConfig, v: &VmPolicy) -> String {
 /// Both tables whole, replacing what was there, in one transaction.
 pub fn full(c: &NetConfig, vms: &[VmPolicy]) -> String {
     let (t, br, gw, sub) = (&c.table, &c.bridge, c.gateway(), c.subnet);
-    let (dns, meta) = (c.dns_port, c.metadata_port);
+    let (dns, meta, egress) = (c.dns_port, c.metadata_port, c.egress_port);
     let mut s = String::new();
     // Create-then-delete makes the delete valid when the table does not exist yet.
     for fam in ["inet", "bridge"] {
@@ -184,9 +194,13 @@ pub fn full(c: &NetConfig, vms: &[VmPolicy]) -> String {
   map vms {{
     type ipv4_addr : verdict
   }}
+  set name_checked {{
+    type ipv4_addr
+  }}
   chain prerouting {{
     type nat hook prerouting priority dstnat; policy accept;
     iifname \"{br}\" ip daddr 169.254.169.254 tcp dport 80 dnat ip to {gw}:{meta}
+    iifname \"{br}\" ip saddr @name_checked ip daddr != {sub} tcp dport {{ 80, 443 }} dnat ip to {gw}:{egress}
   }}
   chain postrouting {{
     type nat hook postrouting priority srcnat; policy accept;
@@ -199,7 +213,7 @@ pub fn full(c: &NetConfig, vms: &[VmPolicy]) -> String {
   chain vm_to_host {{
     ct state established,related accept
     ip daddr {gw} udp dport {dns} accept
-    ip daddr {gw} tcp dport {{ {dns}, {meta} }} accept
+    ip daddr {gw} tcp dport {{ {dns}, {meta}, {egress} }} accept
     ip daddr {gw} icmp type echo-request accept
     drop
   }}
@@ -257,6 +271,7 @@ mod tests {
             table: "hutch".into(),
             dns_port: 53,
             metadata_port: 80,
+            egress_port: 81,
         }
     }
 
@@ -271,6 +286,7 @@ mod tests {
             allow: vec!["1.2.3.0/24".parse().unwrap()],
             deny: vec![],
             restricted,
+            name_checked: restricted,
             resolved: vec!["5.6.7.8".parse().unwrap()],
             rate_out: Some(10_000_000),
         }

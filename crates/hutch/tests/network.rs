@@ -133,6 +133,16 @@ fn vm_get(d: &Daemon, vm: &str, ip: &str, port: u16) -> String {
     .0
 }
 
+/// `vm_get` with a `Host` header.
+fn vm_get_host(d: &Daemon, vm: &str, ip: &str, port: u16, host: &str) -> String {
+    vm_sh(
+        d,
+        vm,
+        &format!("printf 'GET / HTTP/1.0\\r\\nHost: {host}\\r\\n\\r\\n' | nc -w 3 {ip} {port}"),
+    )
+    .0
+}
+
 fn ip_of(d: &Daemon, vm: &str) -> String {
     d.json(&["describe", vm])["net"]["ipv4"]
         .as_str()
@@ -286,13 +296,29 @@ fn modes_isolation_egress_dns_ports_and_proxy() {
     assert_eq!(vm_get(&d, "alice/a1", &web, 8080), "");
     assert_eq!(vm_get(&d, "web", &a1, 22), "");
 
-    // --allow-out by domain: nothing before the name is resolved through hutch, then just the
-    // answered address; other names are refused.
-    assert_eq!(vm_get(&d, "alice/a1", &upstream2, 80), "");
+    // --allow-out by domain: web traffic (80/443) is checked by name (Host / TLS SNI) and must
+    // go to an address hutch's resolver gave for an allowed name; other ports only to those
+    // addresses. Before the name is resolved nothing passes; then just that name at that
+    // address; other names are refused, also at the allowed address.
+    let a1_get = |ip: &str, port: u16, host: &str| vm_get_host(&d, "alice/a1", ip, port, host);
+    assert!(
+        a1_get(&upstream2, 80, "allowed.test").contains("403"),
+        "not resolved yet"
+    );
     let (out, _) = vm_sh(&d, "alice/a1", "nslookup allowed.test");
     assert!(out.contains(&upstream2), "{out}");
-    assert!(vm_get(&d, "alice/a1", &upstream2, 80).contains("up2"));
-    assert_eq!(vm_get(&d, "alice/a1", &upstream3, 80), "");
+    assert!(a1_get(&upstream2, 80, "allowed.test").contains("up2"));
+    let fronted = a1_get(&upstream2, 80, "other.test");
+    assert!(
+        fronted.contains("403") && !fronted.contains("up2"),
+        "{fronted}"
+    );
+    assert!(!a1_get(&upstream3, 80, "allowed.test").contains("up3"));
+    assert_eq!(
+        vm_get(&d, "alice/a1", &upstream3, 8080),
+        "",
+        "other ports by address"
+    );
     let (out, _) = vm_sh(&d, "alice/a1", "nslookup other.test");
     assert!(!out.contains(&upstream3), "{out}");
 

@@ -3,6 +3,7 @@
 //! port forwards ([`ports`]). The host mechanics are in `hutch-net`; docs/networking.md.
 
 pub mod dns;
+pub mod egress;
 pub mod meta;
 pub mod ports;
 pub mod proxy;
@@ -179,6 +180,12 @@ impl VmNetwork {
             allow: nets(&vm.net.allow_out),
             deny: nets(&vm.net.deny_out),
             restricted: !vm.net.allow_out.is_empty(),
+            name_checked: vm.net.mode == NetMode::Internet
+                && vm
+                    .net
+                    .allow_out
+                    .iter()
+                    .any(|r| matches!(r, EgressRule::Domain(_))),
             resolved,
             rate_out: vm.net.rate_out,
         })
@@ -257,6 +264,15 @@ impl VmNetwork {
                 }
             }
         }
+    }
+
+    /// Whether hutch's resolver answered `ip` for one of VM `id`'s allowed domains.
+    pub fn was_resolved(&self, id: &str, ip: Ipv4Addr) -> bool {
+        self.resolved
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .is_some_and(|l| l.contains(&ip))
     }
 
     /// Whether `fqdn` may be resolved for the VM at `client` (its domain egress rules).
