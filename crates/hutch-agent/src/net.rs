@@ -1,5 +1,5 @@
 //! The guest's network, from the kernel command line hutchd wrote (`hutch.ip`, `hutch.gw`,
-//! `hutch.dns`, `hutch.domain`): loopback up; the virtio NIC gets the VM's address as a /32
+//! `hutch.dns`, `hutch.domain`, `hutch.mtu`): loopback up; the virtio NIC gets the VM's address as a /32
 //! with a host route to the gateway and the default route through it (so every packet goes to
 //! the host, where hutch's rules apply; no DHCP); /etc/resolv.conf and /etc/hosts point at
 //! hutch's resolver and name the VM.
@@ -15,6 +15,8 @@ pub struct GuestNet {
     pub gw: Ipv4Addr,
     pub dns: Ipv4Addr,
     pub domain: String,
+    /// The NIC's MTU (None: the driver's default).
+    pub mtu: Option<i32>,
 }
 
 impl GuestNet {
@@ -31,11 +33,15 @@ impl GuestNet {
                     .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
             })
             .unwrap_or_default();
+        let mtu = param("hutch.mtu")
+            .and_then(|m| m.parse().ok())
+            .filter(|m| (576..=65535).contains(m));
         Some(GuestNet {
             ip,
             gw,
             dns,
             domain,
+            mtu,
         })
     }
 }
@@ -159,6 +165,11 @@ pub fn configure(net: Option<&GuestNet>, hostname: &str) -> io::Result<()> {
     let mut r = ifreq(&dev);
     r.ifr_ifru.ifru_netmask = sockaddr(Ipv4Addr::BROADCAST);
     ioctl(&s, libc::SIOCSIFNETMASK as _, &mut r, "SIOCSIFNETMASK")?;
+    if let Some(mtu) = n.mtu {
+        let mut r = ifreq(&dev);
+        r.ifr_ifru.ifru_mtu = mtu;
+        ioctl(&s, libc::SIOCSIFMTU as _, &mut r, "SIOCSIFMTU")?;
+    }
     up(&s, &dev)?;
     route(&s, n.gw, Ipv4Addr::BROADCAST, None, &dev)?;
     route(

@@ -18,6 +18,8 @@ use std::sync::Mutex;
 /// 192.168.0.0/16), Podman's (10.88.0.0/16) and Kubernetes' usual service and pod ranges.
 pub const DEFAULT_SUBNET: &str = "10.123.0.0/16";
 pub const DEFAULT_BRIDGE: &str = "hutch0";
+/// The VM network's MTU unless `hutchd --mtu` says otherwise.
+pub const DEFAULT_MTU: u32 = 1500;
 /// The metadata service's port on the gateway address.
 pub const DEFAULT_METADATA_PORT: u16 = 8169;
 
@@ -55,6 +57,8 @@ pub struct NetConfig {
     /// Port of the name check on the gateway address: TCP 80 and 443 of VMs whose egress is
     /// restricted by domain is sent there (Host / TLS SNI checked, then passed on).
     pub egress_port: u16,
+    /// MTU of the bridge, the TAPs and the guests' NICs.
+    pub mtu: u32,
 }
 
 impl NetConfig {
@@ -85,6 +89,7 @@ impl NetConfig {
             // starting (guests still use 169.254.169.254:80; nftables sends it here).
             metadata_port: DEFAULT_METADATA_PORT,
             egress_port: DEFAULT_METADATA_PORT + 1,
+            mtu: DEFAULT_MTU,
         })
     }
 
@@ -113,9 +118,10 @@ impl NetConfig {
     /// The kernel command line words that tell hutch-agent the VM's network.
     pub fn guest_cmdline(&self, ip: Ipv4Addr, domain: &str) -> String {
         format!(
-            "hutch.ip={ip} hutch.gw={} hutch.dns={} hutch.domain={domain}",
+            "hutch.ip={ip} hutch.gw={} hutch.dns={} hutch.domain={domain} hutch.mtu={}",
             self.gateway(),
-            self.gateway()
+            self.gateway(),
+            self.mtu
         )
     }
 }
@@ -192,7 +198,11 @@ impl Network {
         }
         let gw = format!("{}/{}", cfg.gateway(), cfg.subnet.prefix());
         run("ip", &["addr", "replace", &gw, "dev", br], None)?;
-        run("ip", &["link", "set", br, "up"], None)?;
+        run(
+            "ip",
+            &["link", "set", br, "mtu", &cfg.mtu.to_string(), "up"],
+            None,
+        )?;
         // Guests get no IPv6; the bridge needs none either.
         let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{br}/disable_ipv6"), "1");
         let fwd = "/proc/sys/net/ipv4/ip_forward";
@@ -231,7 +241,7 @@ impl Network {
         rate_in: Option<u64>,
     ) -> Result<(), NetError> {
         tap::create(&v.tap, uid).map_err(io(format!("creating TAP {}", v.tap)))?;
-        tap::attach(&self.cfg.bridge, &v.tap).map_err(io(format!(
+        tap::attach(&self.cfg.bridge, &v.tap, self.cfg.mtu).map_err(io(format!(
             "attaching TAP {} to {}",
             v.tap, self.cfg.bridge
         )))?;

@@ -272,6 +272,7 @@ mod tests {
             dns_port: 53,
             metadata_port: 80,
             egress_port: 81,
+            mtu: 1500,
         }
     }
 

@@ -124,8 +124,8 @@ fn index(name: &str) -> io::Result<libc::c_int> {
 }
 
 /// Makes `port` a port of `bridge` (no-op when it already is), isolated from the other ports
-/// (so VMs reach each other only through the host's routing and rules), and up.
-pub fn attach(bridge: &str, port: &str) -> io::Result<()> {
+/// (so VMs reach each other only through the host's routing and rules), with `mtu`, and up.
+pub fn attach(bridge: &str, port: &str, mtu: u32) -> io::Result<()> {
     let s = inet_socket()?;
     let master = std::fs::read_link(format!("/sys/class/net/{port}/master")).ok();
     let on_bridge = master
@@ -138,6 +138,9 @@ pub fn attach(bridge: &str, port: &str) -> io::Result<()> {
         ioctl_ifreq(&s, SIOCBRADDIF, &mut r)?;
     }
     std::fs::write(format!("/sys/class/net/{port}/brport/isolated"), "1")?;
+    let mut r = IfReq::new(port)?;
+    r.set_int(mtu as libc::c_int);
+    ioctl_ifreq(&s, libc::SIOCSIFMTU, &mut r)?;
     set_up(&s, port)
 }
 

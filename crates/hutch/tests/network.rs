@@ -617,7 +617,7 @@ fn leases_survive_restarts_and_rm_leaves_nothing() {
     let (bridge, subnet) = test_network();
     // A /30: the gateway and one VM address.
     let subnet = subnet.replace(".0/24", ".0/30");
-    let mut d = Daemon::start(&["--bridge", &bridge, "--subnet", &subnet]);
+    let mut d = Daemon::start(&["--bridge", &bridge, "--subnet", &subnet, "--mtu", "1400"]);
     d.import_busybox(&busybox_layout(work.path()));
     d.ok(&["new", "--image", "busybox", "--name", "v1"]);
     let ip = ip_of(&d, "v1");
@@ -627,6 +627,13 @@ fn leases_survive_restarts_and_rm_leaves_nothing() {
         .unwrap()
         .to_string();
     let tap = format!("ht{id}");
+    // --mtu: the bridge, the TAP and the guest's NIC.
+    let (out, _) = vm_sh(&d, "v1", "cat /sys/class/net/eth0/mtu");
+    assert_eq!(out.trim(), "1400");
+    for dev in [&bridge, &tap] {
+        let mtu = std::fs::read_to_string(format!("/sys/class/net/{dev}/mtu")).unwrap();
+        assert_eq!(mtu.trim(), "1400", "{dev}");
+    }
     let o = d.hutch(&["new", "--image", "busybox", "--name", "v2"]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(

@@ -145,6 +145,9 @@ struct Args {
     /// The VMs' subnet (the host takes its first address).
     #[arg(long, env = "HUTCH_SUBNET", default_value = hutch_daemon::net::DEFAULT_SUBNET)]
     subnet: String,
+    /// MTU of the VM network (bridge, TAPs, guest NICs), 576-9000.
+    #[arg(long, env = "HUTCH_MTU", default_value_t = 1500)]
+    mtu: u32,
     /// The bridge hutch owns (also the name of its nftables tables).
     #[arg(long, env = "HUTCH_BRIDGE", default_value = hutch_daemon::net::DEFAULT_BRIDGE)]
     bridge: String,
@@ -276,6 +279,7 @@ fn main() -> anyhow::Result<()> {
             &args.port_range,
             args.port_bind,
             args.ssh_pool.as_deref(),
+            args.mtu,
         )?),
     };
     cfg.net = net;
@@ -300,14 +304,20 @@ fn net_settings(
     port_range: &str,
     port_bind: std::net::IpAddr,
     ssh_pool: Option<&str>,
+    mtu: u32,
 ) -> anyhow::Result<hutch_daemon::net::NetSettings> {
+    anyhow::ensure!(
+        (576..=9000).contains(&mtu),
+        "--mtu {mtu}: between 576 and 9000"
+    );
     let ssh_pool = ssh_pool
         .map(|p| p.parse().map_err(|e| anyhow::anyhow!("--ssh-pool: {e}")))
         .transpose()?;
     let subnet = subnet
         .parse()
         .map_err(|e| anyhow::anyhow!("--subnet: {e}"))?;
-    let cfg = hutch_daemon::net::NetConfig::new(bridge, subnet)?;
+    let mut cfg = hutch_daemon::net::NetConfig::new(bridge, subnet)?;
+    cfg.mtu = mtu;
     let domain = domain.trim_end_matches('.').to_ascii_lowercase();
     anyhow::ensure!(
         !domain.is_empty()
