@@ -194,6 +194,10 @@ fn main() -> anyhow::Result<()> {
     if let Some(p) = &args.crash_at {
         hutch_daemon::crash::arm(p);
     }
+    let net = match args.network.as_str() {
+        "off" => None,
+        _ => Some(net_settings(&args)?),
+    };
     let ssh = match args.ssh_listen.as_str() {
         "off" => None,
         addr => Some(hutch_daemon::ssh::SshOptions {
@@ -269,19 +273,6 @@ fn main() -> anyhow::Result<()> {
         front: Default::default(),
         identity_issuer: args.identity_issuer.clone(),
     };
-    let net = match args.network.as_str() {
-        "off" => None,
-        _ => Some(net_settings(
-            &args.bridge,
-            &args.subnet,
-            &args.domain,
-            &args.upstream_dns,
-            &args.port_range,
-            args.port_bind,
-            args.ssh_pool.as_deref(),
-            args.mtu,
-        )?),
-    };
     cfg.net = net;
     cfg.front = hutch_daemon::FrontDoors {
         dns_listen: args.dns_listen,
@@ -296,16 +287,10 @@ fn main() -> anyhow::Result<()> {
 }
 
 /// hutchd's network options, checked.
-fn net_settings(
-    bridge: &str,
-    subnet: &str,
-    domain: &str,
-    upstream: &[String],
-    port_range: &str,
-    port_bind: std::net::IpAddr,
-    ssh_pool: Option<&str>,
-    mtu: u32,
-) -> anyhow::Result<hutch_daemon::net::NetSettings> {
+fn net_settings(args: &Args) -> anyhow::Result<hutch_daemon::net::NetSettings> {
+    let (bridge, subnet, domain) = (&args.bridge, &args.subnet, &args.domain);
+    let (upstream, port_range, port_bind) = (&args.upstream_dns, &args.port_range, args.port_bind);
+    let (ssh_pool, mtu) = (args.ssh_pool.as_deref(), args.mtu);
     anyhow::ensure!(
         (576..=9000).contains(&mtu),
         "--mtu {mtu}: between 576 and 9000"
