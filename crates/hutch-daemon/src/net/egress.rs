@@ -148,7 +148,13 @@ async fn handle(mut s: TcpStream, peer: SocketAddr, records: Records, net: Arc<V
     let (Some(vm), Ok(dst)) = (vm_at(&records, src), original_dst(&s)) else {
         return;
     };
-    if vm.net.mode != NetMode::Internet || dst.ip().is_loopback() {
+    // Only redirected connections have somewhere to go: nftables sends outside addresses here,
+    // so a destination on the VM network (this listener itself, reached directly) is refused
+    // rather than connected back to.
+    if vm.net.mode != NetMode::Internet
+        || dst.ip().is_loopback()
+        || net.settings.cfg.subnet.contains(*dst.ip())
+    {
         return;
     }
     let Some(head) = first_bytes(&s).await else {
