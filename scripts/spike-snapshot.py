@@ -104,6 +104,7 @@ def run(kernel, initrd, dir_, mib, mode):
     t = time.time()
     while "READY" not in open(serial, errors="replace").read():
         if time.time() - t > 240 or p.poll() is not None:
+            p.kill()
             raise SystemExit("guest did not fill its memory")
         time.sleep(0.1)
     if mode == "shared":
