@@ -233,8 +233,23 @@ impl Network {
         nft_apply(&nft::full(&self.cfg, vms))
     }
 
-    /// Makes VM `v`'s TAP (owned by `uid`), attaches it, and (re)writes its rules and rates.
+    /// (Re)writes VM `v`'s rules, then makes its TAP (owned by `uid`) and attaches it.
     pub fn attach(
+        &self,
+        v: &VmPolicy,
+        uid: Option<u32>,
+        rate_in: Option<u64>,
+    ) -> Result<(), NetError> {
+        {
+            let _g = self.locked();
+            nft_apply(&nft::vm(&self.cfg, v))?;
+        }
+        self.port(v, uid, rate_in)
+    }
+
+    /// Makes VM `v`'s TAP (owned by `uid`) a port of the bridge, with its rate into the VM;
+    /// its rules are left as they are (`attach` writes them, `sync` at start writes them all).
+    pub fn port(
         &self,
         v: &VmPolicy,
         uid: Option<u32>,
@@ -245,10 +260,6 @@ impl Network {
             "attaching TAP {} to {}",
             v.tap, self.cfg.bridge
         )))?;
-        {
-            let _g = self.locked();
-            nft_apply(&nft::vm(&self.cfg, v))?;
-        }
         // No rate: nothing to run (`update` removes a rate taken away later).
         match rate_in {
             Some(_) => set_rate_in(&v.tap, rate_in),

@@ -239,10 +239,11 @@ impl VmNetwork {
             }
         }
         // TAPs of existing VMs are (re)attached: a crash may have come between making one and
-        // attaching it.
+        // attaching it. (Their rules are in the tables `sync` just wrote.)
         for (vm, p) in vms.iter().filter_map(|v| Some((v, self.policy(v)?))) {
             if hutch_net::tap::exists(&p.tap) {
-                if let Err(e) = self.attach(vm) {
+                let uid = vm.confinement.as_ref().map(|c| c.uid);
+                if let Err(e) = self.host.port(&p, uid, vm.net.rate_in) {
                     tracing::warn!(vm = %vm.name, error = %e, "re-attaching the VM's TAP");
                 }
             }
