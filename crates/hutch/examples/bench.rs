@@ -296,17 +296,6 @@ impl Drop for Cleanup {
     fn drop(&mut self) {
         let _ = self.hutchd.kill();
         let _ = self.hutchd.wait();
-        let needle = self.data.to_string_lossy().to_string();
-        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-                continue;
-            };
-            let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
-            let cmd = String::from_utf8_lossy(&cmd);
-            if cmd.starts_with("qemu-system") && cmd.contains(&needle) {
-                // SAFETY: kill has no memory-safety preconditions.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-            }
-        }
+        benchlib::kill_qemus_under(&self.data);
     }
 }

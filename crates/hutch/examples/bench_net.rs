@@ -290,19 +290,7 @@ impl Drop for Cleanup {
     fn drop(&mut self) {
         let _ = self.hutchd.kill();
         let _ = self.hutchd.wait();
-        let needle = self.data.to_string_lossy().to_string();
-        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-                continue;
-            };
-            let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
-            if String::from_utf8_lossy(&cmd).starts_with("qemu-system")
-                && String::from_utf8_lossy(&cmd).contains(&needle)
-            {
-                // SAFETY: kill has no memory-safety preconditions.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-            }
-        }
+        benchlib::kill_qemus_under(&self.data);
         std::thread::sleep(Duration::from_millis(500));
         let ports = std::fs::read_dir(format!("/sys/class/net/{}/brif", self.bridge));
         for p in ports.into_iter().flatten().flatten() {

@@ -1,5 +1,5 @@
 //! What the benchmark examples share: the workspace path, a REST call over hutchd's unix
-//! socket, a median.
+//! socket, a median, and killing the VMs a benchmark's hutchd left.
 
 use serde_json::Value;
 use std::io::{Read, Write};
@@ -44,4 +44,20 @@ pub fn api(sock: &Path, method: &str, path: &str, body: Option<Value>) -> (u16, 
 pub fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     v[v.len() / 2]
+}
+
+/// SIGKILLs every QEMU whose command line names `data` (a benchmark's hutchd data dir).
+pub fn kill_qemus_under(data: &Path) {
+    let needle = data.to_string_lossy().to_string();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        let cmd = String::from_utf8_lossy(&cmd);
+        if cmd.starts_with("qemu-system") && cmd.contains(&needle) {
+            // SAFETY: kill has no memory-safety preconditions.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
 }
