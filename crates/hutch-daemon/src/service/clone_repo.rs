@@ -31,6 +31,8 @@ pub fn clone_target(req: &CreateVm, workdir: &str) -> Result<Option<(String, Str
     if url.len() > 2048
         || !scheme_ok
         || url.starts_with('-')
+        // `transport::address` runs a remote helper (git's `ext::` runs commands).
+        || url.contains("::")
         || url.chars().any(|c| c.is_control() || c.is_whitespace())
     {
         return Err(ApiError::Invalid(format!(
@@ -141,5 +143,71 @@ impl Service {
             )));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target(url: &str, dir: Option<&str>) -> Result<Option<(String, String)>, ApiError> {
+        let req = CreateVm {
+            clone: Some(url.into()),
+            clone_dir: dir.map(str::to_string),
+            ..Default::default()
+        };
+        clone_target(&req, "/tmp")
+    }
+
+    #[test]
+    fn urls_and_dirs() {
+        let ok = target("https://example.com/org/repo.git", None).unwrap();
+        assert_eq!(
+            ok,
+            Some((
+                "https://example.com/org/repo.git".into(),
+                "/tmp/repo".into()
+            ))
+        );
+        assert_eq!(
+            target("git@host:org/x.git", Some("/src/x"))
+                .unwrap()
+                .unwrap()
+                .1,
+            "/src/x"
+        );
+        // Hostile: options, other transports, remote helpers, files, whitespace, control
+        // characters, long URLs; relative or escaping directories.
+        for bad in [
+            "--upload-pack=touch /x",
+            "-u x",
+            "ext::sh -c touch% /x",
+            "ext::sh@x:y",
+            "fd::3",
+            "file:///etc",
+            "/etc/passwd",
+            "https://example.com/a b",
+            "https://example.com/a\nb",
+            "",
+        ] {
+            assert!(target(bad, None).is_err(), "{bad:?}");
+        }
+        assert!(target(&format!("https://e.com/{}", "a".repeat(3000)), None).is_err());
+        for dir in ["relative", "/a/../../etc", "/a/\u{1b}b"] {
+            assert!(target("https://e.com/r", Some(dir)).is_err(), "{dir:?}");
+        }
+        // A repository name that is only dots or odd characters gets a plain one.
+        assert_eq!(
+            target("https://e.com/..", None).unwrap().unwrap().1,
+            "/tmp/repo"
+        );
+        let req = CreateVm {
+            clone_dir: Some("/x".into()),
+            ..Default::default()
+        };
+        assert!(
+            clone_target(&req, "/").is_err(),
+            "--clone-dir without --clone"
+        );
     }
 }

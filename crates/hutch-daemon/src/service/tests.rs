@@ -349,3 +349,30 @@ async fn no_network_means_no_nic() {
     let e = s.port_public(&bob, "plain", 80, true).await.unwrap_err();
     assert!(matches!(e, ApiError::NotFound { .. }), "{e}");
 }
+
+/// Share links: a port and a lifetime within bounds, then a proxy to share through; another
+/// account's VM is not found.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn share_links_are_bounded() {
+    let (s, _vmm, _d) = service(None).await;
+    let admin = Caller::local_admin();
+    s.create(&admin, new("web")).await.unwrap();
+    for (port, ttl) in [(0, 60), (80, 0), (80, 31 * 86400), (80, u64::MAX)] {
+        let e = s.share(&admin, "web", port, ttl).await.unwrap_err();
+        assert!(
+            matches!(&e, ApiError::Invalid(m) if !m.contains("proxy")),
+            "{port} {ttl}: {e}"
+        );
+    }
+    let e = s.share(&admin, "web", 80, 3600).await.unwrap_err();
+    assert!(
+        matches!(&e, ApiError::Invalid(m) if m.contains("proxy")),
+        "{e}"
+    );
+    let bob = Caller {
+        account: "bob".into(),
+        admin: false,
+    };
+    let e = s.share(&bob, "web", 80, 3600).await.unwrap_err();
+    assert!(matches!(e, ApiError::NotFound { .. }), "{e}");
+}
