@@ -266,15 +266,7 @@ fn api_fuzzing_finds_no_server_errors() {
     ]);
     d.import_busybox(&layout);
     let s = Ssh { port: ssh_port };
-    let pubkey = std::fs::read(format!("{}.pub", alice.display())).unwrap();
-    let (_, se, c) = text(&s.run(&admin, "admin", &["adduser", "alice"], Some(&pubkey), false));
-    assert_eq!(c, 0, "{se}");
-    let (so, se, c) = text(&s.run(&alice, "alice", &["token", "create", "--json"], None, false));
-    assert_eq!(c, 0, "{se}");
-    let alice_token = serde_json::from_str::<Value>(&so).unwrap()["token"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let alice_token = s.account_with_token(&admin, "alice", &alice);
     let admin_token = std::fs::read_to_string(d.data().join("api-token"))
         .unwrap()
         .trim()

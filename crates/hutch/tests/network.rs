@@ -210,21 +210,7 @@ fn modes_isolation_egress_dns_ports_and_proxy() {
     ]);
     d.import_busybox(&busybox_layout(w));
     let s = Ssh { port: ssh_port };
-    let pubkey = std::fs::read(format!("{}.pub", alice.display())).unwrap();
-    let (_, se, c) = text(&s.run(
-        &admin_key,
-        "admin",
-        &["adduser", "alice"],
-        Some(&pubkey),
-        false,
-    ));
-    assert_eq!(c, 0, "{se}");
-    let (so, se, c) = text(&s.run(&alice, "alice", &["token", "create", "--json"], None, false));
-    assert_eq!(c, 0, "{se}");
-    let alice_token = serde_json::from_str::<Value>(&so).unwrap()["token"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let alice_token = s.account_with_token(&admin_key, "alice", &alice);
     let url = format!("http://127.0.0.1:{api_port}");
     let as_alice = |args: &[&str]| {
         let mut a = vec!["--url", &url, "--token", &alice_token];

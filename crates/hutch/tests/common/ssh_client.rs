@@ -75,3 +75,20 @@ pub fn keygen(dir: &Path, name: &str, args: &[&str]) -> PathBuf {
     assert!(st.success());
     p
 }
+
+impl Ssh {
+    /// Makes account `name` for the key `key` (by the admin's `adduser`) and returns an API
+    /// token it created for itself.
+    pub fn account_with_token(&self, admin_key: &Path, name: &str, key: &Path) -> String {
+        let pubkey = std::fs::read(format!("{}.pub", key.display())).unwrap();
+        let (_, se, c) =
+            text(&self.run(admin_key, "admin", &["adduser", name], Some(&pubkey), false));
+        assert_eq!(c, 0, "{se}");
+        let (so, se, c) = text(&self.run(key, name, &["token", "create", "--json"], None, false));
+        assert_eq!(c, 0, "{se}");
+        serde_json::from_str::<serde_json::Value>(&so).unwrap()["token"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+}
