@@ -13,7 +13,13 @@ pub const DEFAULT_MEM_MIB: u64 = 256;
 #[serde(deny_unknown_fields)]
 pub struct CreateVm {
     pub name: Option<String>,
+    /// The image to boot (empty when the VM starts from a snapshot).
+    #[serde(default)]
     pub image: String,
+    /// Start from this snapshot (`hutch snapshot`) instead of booting an image: its memory,
+    /// processes and disk, with a new identity. Its size is the snapshot's.
+    #[serde(default)]
+    pub snapshot: Option<String>,
     #[serde(default = "one")]
     pub vcpus: u32,
     #[serde(default = "default_mem")]
@@ -59,6 +65,7 @@ impl Default for CreateVm {
         CreateVm {
             name: None,
             image: String::new(),
+            snapshot: None,
             vcpus: DEFAULT_VCPUS,
             mem_mib: DEFAULT_MEM_MIB,
             disk_gib: None,
@@ -129,6 +136,23 @@ pub struct CommitVm {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CloneVm {
+    pub name: Option<String>,
+}
+
+/// `POST /sandboxes/{name}/snapshot`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotVm {
+    pub name: String,
+}
+
+/// `POST /sandboxes/{name}/fork`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForkVm {
+    /// How many copies (default 1).
+    pub count: Option<u32>,
+    /// Names are PREFIX-1 ... PREFIX-N (default: the VM's name followed by -fork).
     pub name: Option<String>,
 }
 

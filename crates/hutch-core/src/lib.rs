@@ -8,6 +8,7 @@ pub mod lifecycle;
 pub mod names;
 pub mod net;
 pub mod render;
+pub mod snapshot;
 pub mod status;
 
 pub use lifecycle::{Denied, Event, RestartPolicy, VmEvent, VmState};
@@ -83,6 +84,9 @@ pub struct Vm {
     /// Microseconds setting up its network (TAP, rules, rates) took, at the last start.
     #[serde(default)]
     pub net_us: Option<u64>,
+    /// Its memory, disk layers and saved state (docs/snapshots.md).
+    #[serde(default)]
+    pub mem: snapshot::VmMemory,
 }
 
 impl Vm {

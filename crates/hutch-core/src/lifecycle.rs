@@ -3,16 +3,18 @@
 //!
 //! ```text
 //!  create ─► creating ──booted──► running ──stop──► stopping ──halted──► stopped
-//!               │                  ▲ │ │                 ▲                 │
-//!               │                  │ │ └─pause─► paused ─┤ stop            │ start
-//!               │                  │ │    ◄─resume─┘     │                 ▼
-//!               │                  └─┼──────booted───────┼────────────── starting
-//!               │ boot-failed        │ exited            │ stop              │ boot-failed,
-//!               ▼                    ▼                   │                   │ exited
-//!             failed ◄───────────────┴───────────────────┼───────────────────┘
-//!               │  start ──► starting                    │
-//!               └────────────────────────────────────────┘
-//!  running ─snapshot/migrate─► snapshotting/migrating ─done─► running   (reserved)
+//!               │                  ▲ │ │                                   │ ▲
+//!               │                  │ │ └─pause─► pausing ─saved─► paused ──┼─┘ stop
+//!               │                  │ │            (done: runs on)  │ resume │
+//!               │                  │ │                             ▼        │ start
+//!               │                  ├─┼──booted── resuming ◄────────┘        ▼
+//!               │                  │ │ (boot-failed: back to paused)     starting
+//!               │                  └─┼──────────────booted──────────────────┤
+//!               │ boot-failed        │ exited                               │ boot-failed,
+//!               ▼                    ▼                                      │ exited
+//!             failed ◄───────────────┴──────────────────────────────────────┘
+//!               │  start ──► starting
+//!  running ─snapshot─► snapshotting ─done─► running     running ─migrate─► migrating (reserved)
 //!  delete: every state but creating and deleting ─► deleting ─► (record gone)
 //! ```
 //!
@@ -24,6 +26,12 @@
 //! makes a VM `failed`, with the reason; during a stop it is just the stop finishing. `delete`
 //! works from every state except `creating` (the create is still deciding) and `deleting`.
 //! `failed` always carries a reason ([`crate::Vm::reason`]).
+//!
+//! `pause` saves a running VM's state to files and ends its QEMU (`pausing`, then `paused`: no
+//! process, no memory held); `resume` starts a new QEMU from that state (`resuming`, then
+//! `running`; if it cannot, the VM stays `paused` with its state intact). `stop` of a paused
+//! VM discards the saved state. `snapshot` (and fork) keeps a running VM's state as a
+//! snapshot: the VM is `snapshotting` while its QEMU is replaced by one restored from it.
 //!
 //! Concurrency follows from the table: a lifecycle operation checks its event against the VM's
 //! current state before it waits for anything, so a second operation on a VM that is in a
@@ -42,13 +50,17 @@ pub enum VmState {
     Running,
     Stopping,
     Stopped,
-    /// Its QEMU is paused (CPUs stopped); reserved for pause/resume.
+    /// Its state is being saved, before its QEMU ends.
+    Pausing,
+    /// Its state is saved in files; it has no process and holds no memory.
     Paused,
+    /// A new QEMU is being started from its saved state.
+    Resuming,
     /// Its QEMU exited when it should have run, or a start did not finish; `reason` says why.
     Failed,
     /// Being removed; finished if hutchd stops meanwhile.
     Deleting,
-    /// Reserved: a memory snapshot is being written.
+    /// A snapshot of it is being taken (its QEMU is replaced by one restored from it).
     Snapshotting,
     /// Reserved: being moved to another node.
     Migrating,
@@ -69,7 +81,11 @@ pub enum Event {
     Halted,
     /// The VM's QEMU exited without being asked to.
     Exited(String),
+    /// A user (or auto-pause) pauses the VM.
     Pause,
+    /// Its state is saved and its QEMU is ending.
+    Saved,
+    /// A user (or a request that needs it) resumes a paused VM.
     Resume,
     Snapshot,
     Migrate,
@@ -90,6 +106,7 @@ impl Event {
             Event::Halted => "halted",
             Event::Exited(_) => "exited",
             Event::Pause => "pause",
+            Event::Saved => "saved",
             Event::Resume => "resume",
             Event::Snapshot => "snapshot",
             Event::Migrate => "migrate",
@@ -119,6 +136,10 @@ fn explain(state: VmState, event: &str) -> String {
     match (state, event) {
         (VmState::Stopped, "stop") => "is already stopped".into(),
         (VmState::Running, "start") => "is already running".into(),
+        (VmState::Paused, "start") => "is paused; resume it".into(),
+        (VmState::Paused, "pause") => "is already paused".into(),
+        (VmState::Running, "resume") => "is already running".into(),
+        (s, "resume") => format!("is {}, not paused", s.as_str()),
         (VmState::Deleting, "delete") => "is already being deleted".into(),
         (VmState::Creating, "delete") => {
             "is still being created; delete it once the create has finished".into()
@@ -130,13 +151,15 @@ fn explain(state: VmState, event: &str) -> String {
 
 impl VmState {
     /// Every state, for tables and metrics.
-    pub const ALL: [VmState; 10] = [
+    pub const ALL: [VmState; 12] = [
         VmState::Creating,
         VmState::Starting,
         VmState::Running,
         VmState::Stopping,
         VmState::Stopped,
+        VmState::Pausing,
         VmState::Paused,
+        VmState::Resuming,
         VmState::Failed,
         VmState::Deleting,
         VmState::Snapshotting,
@@ -150,7 +173,9 @@ impl VmState {
             VmState::Running => "running",
             VmState::Stopping => "stopping",
             VmState::Stopped => "stopped",
+            VmState::Pausing => "pausing",
             VmState::Paused => "paused",
+            VmState::Resuming => "resuming",
             VmState::Failed => "failed",
             VmState::Deleting => "deleting",
             VmState::Snapshotting => "snapshotting",
@@ -164,22 +189,33 @@ impl VmState {
         use VmState as S;
         let next = match (self, event) {
             (S::Stopped | S::Failed, E::Start) => S::Starting,
-            (S::Creating | S::Starting, E::Booted) => S::Running,
+            (S::Creating | S::Starting | S::Resuming, E::Booted) => S::Running,
             (S::Creating | S::Starting, E::BootFailed(_)) => S::Failed,
-            (S::Starting | S::Running | S::Paused | S::Failed, E::Stop) => S::Stopping,
+            (S::Starting | S::Running | S::Failed, E::Stop) => S::Stopping,
+            // Nothing runs: the saved state is discarded and the next start boots afresh.
+            (S::Paused, E::Stop) => S::Stopped,
             (S::Stopping, E::Halted) => S::Stopped,
             (S::Stopping, E::Exited(_)) => S::Stopped,
             (
-                S::Creating | S::Starting | S::Running | S::Paused | S::Snapshotting | S::Migrating,
+                S::Creating
+                | S::Starting
+                | S::Running
+                | S::Pausing
+                | S::Snapshotting
+                | S::Migrating,
                 E::Exited(_),
             ) => S::Failed,
+            // A resume that did not finish leaves the saved state as it was.
+            (S::Resuming, E::BootFailed(_) | E::Exited(_)) => S::Paused,
             // A delete owns the record until it is gone: the process going away is expected.
             (S::Deleting, E::Exited(_) | E::Halted) => S::Deleting,
-            (S::Running, E::Pause) => S::Paused,
-            (S::Paused, E::Resume) => S::Running,
+            (S::Running, E::Pause) => S::Pausing,
+            (S::Pausing, E::Saved) => S::Paused,
+            (S::Paused, E::Resume) => S::Resuming,
             (S::Running, E::Snapshot) => S::Snapshotting,
             (S::Running, E::Migrate) => S::Migrating,
-            (S::Snapshotting | S::Migrating, E::Done) => S::Running,
+            // A pause given up (the VM runs on), or a snapshot or migration finished.
+            (S::Pausing | S::Snapshotting | S::Migrating, E::Done) => S::Running,
             (S::Creating | S::Deleting, E::Delete) => return Err(self.deny(event)),
             (_, E::Delete) => S::Deleting,
             _ => return Err(self.deny(event)),
@@ -202,7 +238,8 @@ impl VmState {
                 | VmState::Starting
                 | VmState::Running
                 | VmState::Stopping
-                | VmState::Paused
+                | VmState::Pausing
+                | VmState::Resuming
                 | VmState::Snapshotting
                 | VmState::Migrating
         )
@@ -291,7 +328,8 @@ impl VmEvent {
         match (from, to) {
             (S::Creating, S::Running) => "created",
             (S::Starting, S::Running) => "started",
-            (S::Paused, S::Running) => "resumed",
+            (S::Resuming, S::Running) => "resumed",
+            (S::Snapshotting, S::Running) => "snapshotted",
             (_, S::Running) => "running",
             (_, S::Starting) => "starting",
             (_, S::Stopping) => "stopping",
@@ -321,24 +359,29 @@ mod tests {
             (S::Failed, E::Start, S::Starting),
             (S::Creating, E::Booted, S::Running),
             (S::Starting, E::Booted, S::Running),
+            (S::Resuming, E::Booted, S::Running),
+            (S::Resuming, E::BootFailed(why()), S::Paused),
+            (S::Resuming, E::Exited(why()), S::Paused),
             (S::Creating, E::BootFailed(why()), S::Failed),
             (S::Starting, E::BootFailed(why()), S::Failed),
             (S::Starting, E::Stop, S::Stopping),
             (S::Running, E::Stop, S::Stopping),
-            (S::Paused, E::Stop, S::Stopping),
+            (S::Paused, E::Stop, S::Stopped),
             (S::Failed, E::Stop, S::Stopping),
             (S::Stopping, E::Halted, S::Stopped),
             (S::Stopping, E::Exited(why()), S::Stopped),
             (S::Creating, E::Exited(why()), S::Failed),
             (S::Starting, E::Exited(why()), S::Failed),
             (S::Running, E::Exited(why()), S::Failed),
-            (S::Paused, E::Exited(why()), S::Failed),
+            (S::Pausing, E::Exited(why()), S::Failed),
             (S::Snapshotting, E::Exited(why()), S::Failed),
             (S::Migrating, E::Exited(why()), S::Failed),
             (S::Deleting, E::Exited(why()), S::Deleting),
             (S::Deleting, E::Halted, S::Deleting),
-            (S::Running, E::Pause, S::Paused),
-            (S::Paused, E::Resume, S::Running),
+            (S::Running, E::Pause, S::Pausing),
+            (S::Pausing, E::Saved, S::Paused),
+            (S::Pausing, E::Done, S::Running),
+            (S::Paused, E::Resume, S::Resuming),
             (S::Running, E::Snapshot, S::Snapshotting),
             (S::Running, E::Migrate, S::Migrating),
             (S::Snapshotting, E::Done, S::Running),
@@ -361,6 +404,7 @@ mod tests {
             E::Halted,
             E::Exited(why()),
             E::Pause,
+            E::Saved,
             E::Resume,
             E::Snapshot,
             E::Migrate,
@@ -390,7 +434,7 @@ mod tests {
                 checked += 1;
             }
         }
-        assert_eq!(checked, 120);
+        assert_eq!(checked, 12 * 13);
     }
 
     #[test]

@@ -111,6 +111,7 @@ fn vm(name: &str, owner: Option<&str>) -> Vm {
         clean_exit: false,
         net: Default::default(),
         net_us: None,
+        mem: Default::default(),
     }
 }
 

@@ -20,6 +20,7 @@ pub mod records;
 pub mod secrets;
 pub mod service;
 pub mod sftp;
+pub mod snap_api;
 pub mod ssh;
 pub mod stream_api;
 pub mod tcp;

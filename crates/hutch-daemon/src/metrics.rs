@@ -67,6 +67,10 @@ const LATENCY: &[f64] = &[
 pub struct Metrics {
     pub creates: Histogram,
     pub boots: Histogram,
+    /// QEMU launch to the agent answering, for starts from saved state.
+    pub restores: Histogram,
+    /// How long a pause or snapshot kept the guest stopped while its state was written.
+    pub saves: Histogram,
     pub execs: Histogram,
     pub execs_total: AtomicU64,
     pub pull_bytes: AtomicU64,
@@ -79,6 +83,8 @@ impl Default for Metrics {
         Metrics {
             creates: Histogram::new(LATENCY),
             boots: Histogram::new(LATENCY),
+            restores: Histogram::new(LATENCY),
+            saves: Histogram::new(LATENCY),
             execs: Histogram::new(LATENCY),
             execs_total: AtomicU64::new(0),
             pull_bytes: AtomicU64::new(0),
@@ -121,6 +127,16 @@ impl Metrics {
             &mut o,
             "hutch_vm_boot_seconds",
             "Time from QEMU launch to the guest agent answering.",
+        );
+        self.restores.render(
+            &mut o,
+            "hutch_vm_restore_seconds",
+            "Time from QEMU launch from saved state (resume, snapshot, fork) to the guest agent answering.",
+        );
+        self.saves.render(
+            &mut o,
+            "hutch_vm_save_seconds",
+            "Time a pause or snapshot wrote the VM's state.",
         );
         self.execs.render(
             &mut o,

@@ -46,6 +46,8 @@ pub const INVITES: &str = "invites/";
 /// `leases/IP` → VM id: the VM network's address leases (the VM's record holds its address;
 /// the lease key makes two creates that picked the same address conflict in the store).
 pub const LEASES: &str = "leases/";
+/// Snapshots, by owner and name (`snapshots/alice/base`, `snapshots/base` for the admin's).
+pub const SNAPSHOTS: &str = "snapshots/";
 const META_SCHEMA: &str = "meta/schema";
 
 /// The name index key of VM `name` owned by `owner`.

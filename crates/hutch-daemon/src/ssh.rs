@@ -11,6 +11,7 @@ mod limits;
 mod pool;
 mod quota;
 mod signup;
+mod snap_cmds;
 
 pub use limits::{Limits, PendingSlot};
 pub use signup::Signup;

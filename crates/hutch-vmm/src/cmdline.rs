@@ -20,6 +20,8 @@ fn path(p: &Path) -> String {
 
 pub struct Machine {
     pub accel: Accel,
+    /// The id of the memory backend object that holds guest RAM (None: anonymous RAM).
+    pub memory: Option<&'static str>,
 }
 
 impl ToArgs for Machine {
@@ -36,9 +38,13 @@ impl ToArgs for Machine {
             // cgroup limit can be tight (docs/architecture.md, "Confinement").
             Accel::Tcg => "tcg,thread=multi,tb-size=64",
         };
+        let machine = match self.memory {
+            Some(id) => format!("pc,memory-backend={id}"),
+            None => "pc".into(),
+        };
         vec![
             "-machine".into(),
-            "pc".into(),
+            machine,
             "-accel".into(),
             accel.into(),
             "-cpu".into(),
@@ -60,6 +66,45 @@ impl ToArgs for Sizing {
             "-m".into(),
             format!("{}M", self.mem_mib),
         ]
+    }
+}
+
+/// Guest RAM in the file handed in as `fd` (named by its `/proc/self/fd` link, which QEMU
+/// reopens before it chroots): shared and writable when the VM owns the file, private and
+/// copy-on-write over a read-only open when it is a snapshot's.
+pub struct MemoryFile {
+    pub fd: RawFd,
+    pub mem_mib: u64,
+    pub own: bool,
+}
+
+/// The memory backend's object id.
+pub const MEMORY_ID: &str = "ram";
+
+impl ToArgs for MemoryFile {
+    fn to_args(&self) -> Vec<String> {
+        let mode = if self.own {
+            "share=on"
+        } else {
+            "share=off,readonly=on,rom=off"
+        };
+        vec![
+            "-object".into(),
+            format!(
+                "memory-backend-file,id={MEMORY_ID},size={}M,mem-path=/proc/self/fd/{},{mode}",
+                self.mem_mib, self.fd
+            ),
+        ]
+    }
+}
+
+/// Wait for saved state instead of booting: hutch sends `migrate-incoming` over QMP (with the
+/// capabilities the state was saved with) once QEMU is up; the state is fd set [`SET_STATE`].
+pub struct IncomingState;
+
+impl ToArgs for IncomingState {
+    fn to_args(&self) -> Vec<String> {
+        vec!["-incoming".into(), "defer".into()]
     }
 }
 
@@ -285,8 +330,12 @@ pub struct Fds {
     pub initrd: RawFd,
     pub image: RawFd,
     pub data: RawFd,
-    /// The data disk's backing image: descriptor, format, path.
-    pub backing: Option<(RawFd, DiskFormat, PathBuf)>,
+    /// The data disk's backing chain, top first: descriptor, format, path.
+    pub backing: Vec<(RawFd, DiskFormat, PathBuf)>,
+    /// Guest RAM's file and whether the VM owns it (None: anonymous RAM).
+    pub memory: Option<(RawFd, bool)>,
+    /// Saved state to start from.
+    pub incoming: Option<RawFd>,
     pub console: RawFd,
     pub qmp: RawFd,
     pub agent: RawFd,
@@ -308,7 +357,9 @@ impl Fds {
             self.qmp,
             self.agent,
         ];
-        v.extend(self.backing.as_ref().map(|b| b.0));
+        v.extend(self.backing.iter().map(|b| b.0));
+        v.extend(self.memory.map(|m| m.0));
+        v.extend(self.incoming);
         v.extend(self.jail);
         v.extend(self.tap);
         v
@@ -317,8 +368,13 @@ impl Fds {
 
 const SET_IMAGE: u32 = 1;
 const SET_DATA: u32 = 2;
-const SET_BACKING: u32 = 3;
 const SET_CONSOLE: u32 = 4;
+/// The saved state a restore starts from (`migrate-incoming file:/dev/fdset/5`).
+pub const SET_STATE: u32 = 5;
+/// Backing layer `i` (top first) is fd set `SET_BACKING + i`.
+const SET_BACKING: u32 = 10;
+/// The longest backing chain a VM's disk may have.
+pub const MAX_LAYERS: usize = 32;
 
 /// Builds the full argument list (without the program name) for `spec`, whose files and
 /// sockets hutchd opened as `fds`.
@@ -344,9 +400,16 @@ pub fn build(spec: &VmSpec, fds: &Fds) -> Vec<String> {
         append.push(' ');
         append.push_str(&spec.cmdline_extra);
     }
+    // Block node names of the backing layers, top first.
+    let names: Vec<String> = (0..fds.backing.len())
+        .map(|i| if i == 0 { "base".into() } else { format!("base{i}") })
+        .collect();
     let mut parts: Vec<Box<dyn ToArgs + '_>> = vec![
         Box::new(Sandbox),
-        Box::new(Machine { accel: spec.accel }),
+        Box::new(Machine {
+            accel: spec.accel,
+            memory: fds.memory.map(|_| MEMORY_ID),
+        }),
         Box::new(Sizing {
             vcpus: spec.vcpus,
             mem_mib: spec.mem_mib,
@@ -367,11 +430,18 @@ pub fn build(spec: &VmSpec, fds: &Fds) -> Vec<String> {
             opaque: &spec.data_disk,
         }),
     ];
-    if let Some((fd, _, p)) = &fds.backing {
+    for (i, (fd, _, p)) in fds.backing.iter().enumerate() {
         parts.push(Box::new(AddFd {
             fd: *fd,
-            set: SET_BACKING,
+            set: SET_BACKING + i as u32,
             opaque: p,
+        }));
+    }
+    if let Some((fd, own)) = fds.memory {
+        parts.push(Box::new(MemoryFile {
+            fd,
+            mem_mib: spec.mem_mib,
+            own,
         }));
     }
     parts.push(Box::new(AddFd {
@@ -390,13 +460,14 @@ pub fn build(spec: &VmSpec, fds: &Fds) -> Vec<String> {
         node: "image",
         serial: "hutch-image",
     }));
-    if let Some((_, format, _)) = &fds.backing {
+    // Bottom up, so that each node's backing node is defined before it.
+    for (i, (_, format, _)) in fds.backing.iter().enumerate().rev() {
         parts.push(Box::new(BlockNode {
-            name: "base",
-            set: SET_BACKING,
+            name: &names[i],
+            set: SET_BACKING + i as u32,
             format: *format,
             read_only: true,
-            backing: None,
+            backing: names.get(i + 1).map(String::as_str),
         }));
     }
     parts.push(Box::new(BlockNode {
@@ -404,7 +475,7 @@ pub fn build(spec: &VmSpec, fds: &Fds) -> Vec<String> {
         set: SET_DATA,
         format: DiskFormat::Qcow2,
         read_only: false,
-        backing: fds.backing.as_ref().map(|_| "base"),
+        backing: names.first().map(String::as_str),
     }));
     parts.push(Box::new(VirtioDisk {
         node: "data",
@@ -419,6 +490,14 @@ pub fn build(spec: &VmSpec, fds: &Fds) -> Vec<String> {
         parts.push(Box::new(NetDevice { fd, mac: &nic.mac }));
     }
     parts.push(Box::new(Qmp { fd: fds.qmp }));
+    if let (Some(fd), Some(i)) = (fds.incoming, &spec.incoming) {
+        parts.push(Box::new(AddFd {
+            fd,
+            set: SET_STATE,
+            opaque: &i.state,
+        }));
+        parts.push(Box::new(IncomingState));
+    }
     if let Some(fd) = fds.jail {
         parts.push(Box::new(Chroot { fd }));
     }
@@ -451,6 +530,9 @@ mod tests {
             jail_uid: None,
             nic: None,
             cmdline_extra: String::new(),
+            memory: None,
+            backing: vec![],
+            incoming: None,
         }
     }
 
@@ -460,7 +542,13 @@ mod tests {
             initrd: 11,
             image: 12,
             data: 13,
-            backing: backing.then(|| (14, DiskFormat::Raw, PathBuf::from("/t/base.ext4"))),
+            backing: if backing {
+                vec![(14, DiskFormat::Raw, PathBuf::from("/t/base.ext4"))]
+            } else {
+                vec![]
+            },
+            memory: None,
+            incoming: None,
             console: 15,
             qmp: 16,
             agent: 17,
@@ -493,7 +581,7 @@ mod tests {
             [
                 "fd=12,set=1,opaque=/img/a,,b.erofs",
                 "fd=13,set=2,opaque=/vm/data.qcow2",
-                "fd=14,set=3,opaque=/t/base.ext4",
+                "fd=14,set=10,opaque=/t/base.ext4",
                 "fd=15,set=4,opaque=/vm/console.log",
             ]
         );
@@ -502,7 +590,7 @@ mod tests {
             [
                 "driver=file,node-name=image-file,filename=/dev/fdset/1,read-only=on",
                 "driver=raw,node-name=image,file=image-file,read-only=on",
-                "driver=file,node-name=base-file,filename=/dev/fdset/3,read-only=on",
+                "driver=file,node-name=base-file,filename=/dev/fdset/10,read-only=on",
                 "driver=raw,node-name=base,file=base-file,read-only=on",
                 "driver=file,node-name=data-file,filename=/dev/fdset/2",
                 "driver=qcow2,node-name=data,file=data-file,backing=base",
@@ -547,6 +635,50 @@ mod tests {
         assert_eq!(after(&a, "-add-fd").len(), 3);
         assert!(after(&a, "-run-with").is_empty());
         assert_eq!(after(&a, "-sandbox").len(), 1);
+    }
+
+    #[test]
+    fn chain_memory_file_and_incoming_state() {
+        let mut s = spec(Accel::Tcg);
+        s.incoming = Some(crate::Incoming {
+            state: "/s/state".into(),
+            ignore_shared: true,
+        });
+        let mut f = fds(false, false);
+        f.backing = vec![
+            (20, DiskFormat::Qcow2, PathBuf::from("/snap/b/disk.qcow2")),
+            (21, DiskFormat::Qcow2, PathBuf::from("/snap/a/disk.qcow2")),
+            (22, DiskFormat::Raw, PathBuf::from("/t/base.ext4")),
+        ];
+        f.memory = Some((23, false));
+        f.incoming = Some(24);
+        let a = build(&s, &f);
+        let nodes = after(&a, "-blockdev");
+        // Defined bottom up, each over the next one down; the VM's own layer on top.
+        assert_eq!(
+            nodes[3..].iter().step_by(2).cloned().collect::<Vec<_>>(),
+            [
+                "driver=raw,node-name=base2,file=base2-file,read-only=on",
+                "driver=qcow2,node-name=base1,file=base1-file,read-only=on,backing=base2",
+                "driver=qcow2,node-name=base,file=base-file,read-only=on,backing=base1",
+                "driver=qcow2,node-name=data,file=data-file,backing=base",
+            ]
+        );
+        assert!(nodes.contains(&"driver=file,node-name=base2-file,filename=/dev/fdset/12,read-only=on"));
+        assert_eq!(after(&a, "-machine"), ["pc,memory-backend=ram"]);
+        assert_eq!(
+            after(&a, "-object"),
+            ["memory-backend-file,id=ram,size=512M,mem-path=/proc/self/fd/23,share=off,readonly=on,rom=off"]
+        );
+        assert_eq!(after(&a, "-incoming"), ["defer"]);
+        assert!(after(&a, "-add-fd").contains(&"fd=24,set=5,opaque=/s/state"));
+        for fd in [20, 21, 22, 23, 24] {
+            assert!(f.all().contains(&fd));
+        }
+        f.memory = Some((23, true));
+        let a = build(&spec(Accel::Tcg), &f);
+        assert!(after(&a, "-object")[0].ends_with(",mem-path=/proc/self/fd/23,share=on"));
+        assert!(after(&a, "-incoming").is_empty());
     }
 
     #[test]

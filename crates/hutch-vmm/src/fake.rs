@@ -138,6 +138,15 @@ impl Vmm for FakeVmm {
         Ok(())
     }
 
+    fn save(
+        &self,
+        vm: &VmHandle,
+        state: &Path,
+        _ignore_shared: bool,
+    ) -> Result<crate::Saved, VmmError> {
+        self.save_fake(vm, state)
+    }
+
     fn kill(&self, vm: &VmHandle) -> Result<(), VmmError> {
         self.end(
             vm.pid,
@@ -149,7 +158,7 @@ impl Vmm for FakeVmm {
     fn create_disk(
         &self,
         disk: &Path,
-        _template: &Path,
+        _base: &crate::Layer,
         from: Option<&Path>,
     ) -> Result<(), VmmError> {
         let r = match from {
@@ -160,6 +169,22 @@ impl Vmm for FakeVmm {
             context: format!("making {}", disk.display()),
             source,
         })
+    }
+}
+
+impl FakeVmm {
+    /// Writes a small stand-in for the device state (the fake has no guest).
+    fn save_fake(&self, vm: &VmHandle, state: &Path) -> Result<crate::Saved, VmmError> {
+        if !self.is_alive(vm) {
+            return Err(VmmError::Qmp("the VM is not running".into()));
+        }
+        std::fs::write(state, format!("fake state of {}\n", vm.id)).map_err(|source| {
+            VmmError::Io {
+                context: format!("writing {}", state.display()),
+                source,
+            }
+        })?;
+        Ok(crate::Saved { bytes: 0, ms: 0 })
     }
 }
 

@@ -10,12 +10,12 @@ pub mod cmdline;
 #[cfg(any(test, feature = "fakes"))]
 pub mod fake;
 pub mod jail;
-pub mod qcow2;
 pub mod qemu;
 pub mod qmp;
 pub mod version;
 
 pub use accel::{detect_accel, Accel, AccelChoice};
+pub use cmdline::DiskFormat;
 pub use jail::JailConfig;
 pub use qemu::Qemu;
 pub use version::{check_qemu, MIN_QEMU};
@@ -49,6 +49,57 @@ pub struct VmSpec {
     pub nic: Option<Nic>,
     /// More kernel command line words (the network's `hutch.ip=...` for the agent).
     pub cmdline_extra: String,
+    /// Where guest RAM lives (None: anonymous memory, which no snapshot can share).
+    pub memory: Option<Memory>,
+    /// The frozen layers under `data_disk`, top first, down to the raw base filesystem. hutchd
+    /// decides the chain from its records and never from the qcow2 headers, which the VM's
+    /// (confined, but untrusted) QEMU can write.
+    pub backing: Vec<Layer>,
+    /// Start from saved device state instead of booting (a restore or a resume).
+    pub incoming: Option<Incoming>,
+}
+
+/// Where a VM's RAM lives. Either way it is a file, so that a snapshot of a VM whose RAM is its
+/// own file writes only device state, and a restore maps memory instead of reading it
+/// (docs/snapshots.md).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Memory {
+    /// A file the VM owns, mapped shared: the file *is* the guest's RAM.
+    Own(PathBuf),
+    /// A snapshot's memory file, mapped private and read-only on the host side: pages are
+    /// shared with every other VM restored from it until the guest writes them (copy on write).
+    Cow(PathBuf),
+}
+
+impl Memory {
+    pub fn path(&self) -> &std::path::Path {
+        match self {
+            Memory::Own(p) | Memory::Cow(p) => p,
+        }
+    }
+}
+
+/// One frozen disk layer (a backing file).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Layer {
+    pub path: PathBuf,
+    pub format: DiskFormat,
+}
+
+/// Saved device state to start from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Incoming {
+    /// The state written by [`Vmm::save`].
+    pub state: PathBuf,
+    /// It was saved without the RAM (which is in the memory file): both ends must agree.
+    pub ignore_shared: bool,
+}
+
+/// What [`Vmm::save`] wrote.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Saved {
+    pub bytes: u64,
+    pub ms: u64,
 }
 
 /// A virtio-net NIC on an existing TAP device (hutchd makes the TAP; the backend opens it and
@@ -173,12 +224,13 @@ pub trait Vmm: Send + Sync {
     }
     /// Kills the VM process at once (SIGKILL); used when a graceful stop did not finish.
     fn kill(&self, vm: &VmHandle) -> Result<(), VmmError>;
-    /// Makes a VM's writable disk at `disk`: a copy-on-write overlay over the raw `template`,
-    /// or (a clone) a copy of the disk `from`. The disk is flushed when this returns.
+    /// Makes a VM's writable disk at `disk`: a copy-on-write overlay over `base` (the raw empty
+    /// filesystem, or a snapshot's frozen layer), or (a clone) a copy of the disk `from`. The
+    /// disk is flushed when this returns.
     fn create_disk(
         &self,
         disk: &std::path::Path,
-        template: &std::path::Path,
+        base: &Layer,
         from: Option<&std::path::Path>,
     ) -> Result<(), VmmError>;
     /// Stops the guest's CPUs; memory stays allocated.
@@ -189,13 +241,17 @@ pub trait Vmm: Send + Sync {
     fn resume(&self, _vm: &VmHandle) -> Result<(), VmmError> {
         Err(self.unsupported("resume"))
     }
-    /// Writes the VM's memory and device state under `dir`.
-    fn snapshot(&self, _vm: &VmHandle, _dir: &std::path::Path) -> Result<(), VmmError> {
+    /// Stops the guest's CPUs and writes its device state to the new file `state` (flushed when
+    /// this returns). With `ignore_shared` the RAM is left out when it is a shared file
+    /// ([`Memory::Own`]), which then holds it; otherwise the RAM goes into `state` too. The VM
+    /// stays stopped: a copy of it is started with [`VmSpec::incoming`].
+    fn save(
+        &self,
+        _vm: &VmHandle,
+        _state: &std::path::Path,
+        _ignore_shared: bool,
+    ) -> Result<Saved, VmmError> {
         Err(self.unsupported("snapshot"))
-    }
-    /// Launches `spec` from a snapshot written by [`Vmm::snapshot`].
-    fn restore(&self, _spec: &VmSpec, _dir: &std::path::Path) -> Result<VmProcess, VmmError> {
-        Err(self.unsupported("restore"))
     }
     /// Moves the running VM to the VMM listening at `to`.
     fn migrate(&self, _vm: &VmHandle, _to: &str) -> Result<(), VmmError> {

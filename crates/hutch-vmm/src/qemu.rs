@@ -6,9 +6,9 @@
 //! sockets hutchd bound, the jail directory for `-run-with chroot=`. So a confined QEMU needs
 //! no access to any host path, and the data dir stays 0700 root.
 
-use crate::cmdline::{self, DiskFormat, Fds};
+use crate::cmdline::{self, Fds};
 use crate::jail::{self, Identity, JailConfig};
-use crate::{Accel, VmExit, VmHandle, VmProcess, VmSpec, Vmm, VmmError};
+use crate::{Accel, Memory, Saved, VmExit, VmHandle, VmProcess, VmSpec, Vmm, VmmError};
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::os::fd::{AsRawFd, RawFd};
@@ -27,6 +27,11 @@ pub struct Qemu {
     /// is taken out when read, and the map is cleared past [`MAX_EXITS`]).
     exits: Arc<Mutex<HashMap<u32, std::process::ExitStatus>>>,
 }
+
+/// Bytes per second a save may write (the migration default of 128 MiB/s is meant for links).
+const SAVE_BANDWIDTH: u64 = 1 << 40;
+/// How long a save may take (a guest's whole RAM, when it is not in a shared file).
+const SAVE_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Exit statuses kept for [`Vmm::exit`] before the oldest are dropped.
 const MAX_EXITS: usize = 4096;
@@ -101,23 +106,39 @@ impl Qemu {
         let kernel = open(&spec.kernel, &mut ro())?;
         let initrd = open(&spec.initrd, &mut ro())?;
         let image = open(&spec.image_disk, &mut ro())?;
-        let mut data = open(&spec.data_disk, OpenOptions::new().read(true).write(true))?;
+        let data = open(&spec.data_disk, OpenOptions::new().read(true).write(true))?;
         let console = open(
             &spec.console_log,
             OpenOptions::new().append(true).create(true).mode(0o600),
         )?;
-        let backing = crate::qcow2::backing(&mut data, &spec.data_disk)
-            .map_err(io(format!("reading {}", spec.data_disk.display())))?;
-        let backing = match backing {
-            Some(b) => {
-                let f = open(&b.path, &mut ro())?;
-                let fmt = if b.format == "qcow2" {
-                    DiskFormat::Qcow2
-                } else {
-                    DiskFormat::Raw
-                };
-                Some((f, fmt, b.path))
+        if spec.backing.len() > cmdline::MAX_LAYERS {
+            return Err(VmmError::Launch(format!(
+                "the disk has {} layers; at most {} are supported",
+                spec.backing.len(),
+                cmdline::MAX_LAYERS
+            )));
+        }
+        let mut backing = Vec::new();
+        for l in &spec.backing {
+            backing.push((open(&l.path, &mut ro())?, l.format, l.path.clone()));
+        }
+        let memory = match &spec.memory {
+            Some(Memory::Own(p)) => {
+                let f = open(p, OpenOptions::new().read(true).write(true))?;
+                let want = spec.mem_mib << 20;
+                let len = f.metadata().map_err(io(format!("stat {}", p.display())))?.len();
+                if len != want {
+                    // A new VM's file, or one whose memory size changed while it was stopped.
+                    f.set_len(want)
+                        .map_err(io(format!("sizing {}", p.display())))?;
+                }
+                Some((f, true, p))
             }
+            Some(Memory::Cow(p)) => Some((open(p, &mut ro())?, false, p)),
+            None => None,
+        };
+        let incoming = match &spec.incoming {
+            Some(i) => Some(open(&i.state, &mut ro())?),
             None => None,
         };
         if let Some((_, uid)) = jailed {
@@ -125,6 +146,12 @@ impl Qemu {
             share_read(&initrd, &spec.initrd)?;
             own(&data, &spec.data_disk, uid)?;
             own(&console, &spec.console_log, uid)?;
+            // QEMU reopens its memory file through /proc/self/fd, as the VM's uid.
+            match &memory {
+                Some((f, true, p)) => own(f, p, uid)?,
+                Some((f, false, p)) => share_read(f, p)?,
+                None => {}
+            }
         }
         let bind = |p: PathBuf| {
             std::os::unix::net::UnixListener::bind(&p)
@@ -171,8 +198,11 @@ impl Qemu {
             image: image.as_raw_fd(),
             data: data.as_raw_fd(),
             backing: backing
-                .as_ref()
-                .map(|(f, fmt, p)| (f.as_raw_fd(), *fmt, p.clone())),
+                .iter()
+                .map(|(f, fmt, p)| (f.as_raw_fd(), *fmt, p.clone()))
+                .collect(),
+            memory: memory.as_ref().map(|(f, own, _)| (f.as_raw_fd(), *own)),
+            incoming: incoming.as_ref().map(|f| f.as_raw_fd()),
             console: console.as_raw_fd(),
             qmp: qmp.as_raw_fd(),
             agent: agent.as_raw_fd(),
@@ -180,7 +210,9 @@ impl Qemu {
             tap: tap.as_ref().map(|t| t.as_raw_fd()),
         };
         let mut files = vec![kernel, initrd, image, data, console];
-        files.extend(backing.map(|b| b.0));
+        files.extend(backing.into_iter().map(|b| b.0));
+        files.extend(memory.map(|m| m.0));
+        files.extend(incoming);
         files.extend(jail_dir);
         files.extend(tap);
         Ok(Opened {
@@ -282,6 +314,51 @@ impl Qemu {
         Ok(pid)
     }
 
+    /// Loads the saved state QEMU was started to wait for (fd set [`cmdline::SET_STATE`]) and
+    /// lets the guest run on.
+    fn load(&self, spec: &VmSpec, pid: u32, ignore_shared: bool) -> Result<(), VmmError> {
+        use serde_json::json;
+        let mut q = crate::qmp::Blocking::connect(&spec.qmp_socket(), Duration::from_secs(10))?;
+        q.execute(
+            "migrate-set-capabilities",
+            Some(json!({ "capabilities": [
+                { "capability": "x-ignore-shared", "state": ignore_shared },
+            ]})),
+        )?;
+        q.execute(
+            "migrate-incoming",
+            Some(json!({ "uri": format!("file:/dev/fdset/{}", cmdline::SET_STATE) })),
+        )?;
+        let deadline = Instant::now() + SAVE_TIMEOUT;
+        loop {
+            if !is_vm_process(&spec.id, pid) {
+                let log = std::fs::read_to_string(spec.log_file()).unwrap_or_default();
+                return Err(VmmError::Launch(format!(
+                    "qemu exited while loading the saved state: {}",
+                    log.trim()
+                )));
+            }
+            let st = q.execute("query-status", None)?;
+            match st["status"].as_str().unwrap_or("") {
+                // The source was stopped when it saved, so the state loads as paused.
+                "paused" | "postmigrate" | "prelaunch" => {
+                    q.execute("cont", None)?;
+                }
+                "running" => return Ok(()),
+                "inmigrate" | "restore-vm" => {}
+                other => {
+                    return Err(VmmError::Launch(format!(
+                        "loading the saved state left QEMU {other}"
+                    )))
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(VmmError::Launch("loading the saved state timed out".into()));
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
     /// Waits until QEMU's main loop answers on QMP (and, when confined, it sits in its jail).
     fn wait_ready(&self, spec: &VmSpec, pid: u32) -> Result<(), VmmError> {
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -325,9 +402,14 @@ impl Vmm for Qemu {
 
     fn launch(&self, spec: &VmSpec) -> Result<VmProcess, VmmError> {
         let started = self.start(spec).and_then(|pid| {
-            self.wait_ready(spec, pid).inspect_err(|_| {
-                let _ = self.kill(&spec.handle(pid));
-            })?;
+            self.wait_ready(spec, pid)
+                .and_then(|_| match &spec.incoming {
+                    Some(i) => self.load(spec, pid, i.ignore_shared),
+                    None => Ok(()),
+                })
+                .inspect_err(|_| {
+                    let _ = self.kill(&spec.handle(pid));
+                })?;
             Ok(pid)
         });
         match started {
@@ -407,14 +489,14 @@ impl Vmm for Qemu {
     fn create_disk(
         &self,
         disk: &Path,
-        template: &Path,
+        base: &crate::Layer,
         from: Option<&Path>,
     ) -> Result<(), VmmError> {
         let mut cmd = match from {
             None => {
                 let mut c = Command::new("qemu-img");
-                c.args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
-                    .arg(template)
+                c.args(["create", "-q", "-f", "qcow2", "-F", base.format.as_str(), "-b"])
+                    .arg(&base.path)
                     .arg(disk);
                 c
             }
@@ -447,6 +529,68 @@ impl Vmm for Qemu {
 
     fn resume(&self, vm: &VmHandle) -> Result<(), VmmError> {
         crate::qmp::execute_blocking(&vm.qmp_socket(), "cont", Duration::from_secs(5)).map(|_| ())
+    }
+
+    fn save(&self, vm: &VmHandle, state: &Path, ignore_shared: bool) -> Result<Saved, VmmError> {
+        use serde_json::json;
+        let t = Instant::now();
+        let f = open(
+            state,
+            OpenOptions::new().write(true).create_new(true).mode(0o600),
+        )?;
+        let mut q = crate::qmp::Blocking::connect(&vm.qmp_socket(), Duration::from_secs(10))?;
+        q.execute("stop", None)?;
+        q.execute(
+            "migrate-set-capabilities",
+            Some(json!({ "capabilities": [
+                { "capability": "x-ignore-shared", "state": ignore_shared },
+            ]})),
+        )?;
+        // The default limit (128 MiB/s) is for links; this goes to a local file.
+        q.execute(
+            "migrate-set-parameters",
+            Some(json!({ "max-bandwidth": SAVE_BANDWIDTH })),
+        )?;
+        let set = q.execute_with_fd(
+            "add-fd",
+            Some(json!({ "opaque": state.display().to_string() })),
+            f.as_raw_fd(),
+        )?;
+        let set = set["fdset-id"]
+            .as_u64()
+            .ok_or_else(|| VmmError::Qmp(format!("add-fd answered {set}")))?;
+        q.execute(
+            "migrate",
+            Some(json!({ "uri": format!("file:/dev/fdset/{set}") })),
+        )?;
+        let deadline = Instant::now() + SAVE_TIMEOUT;
+        loop {
+            let m = q.execute("query-migrate", None)?;
+            match m["status"].as_str().unwrap_or("") {
+                "completed" => break,
+                s @ ("failed" | "cancelled") => {
+                    return Err(VmmError::Qmp(format!(
+                        "saving the state {s}: {}",
+                        m["error-desc"].as_str().unwrap_or("no reason given")
+                    )))
+                }
+                _ if Instant::now() > deadline => {
+                    let _ = q.execute("migrate_cancel", None);
+                    return Err(VmmError::Qmp(format!(
+                        "saving the state did not finish in {} s",
+                        SAVE_TIMEOUT.as_secs()
+                    )));
+                }
+                _ => std::thread::sleep(Duration::from_millis(2)),
+            }
+        }
+        f.sync_all()
+            .map_err(io(format!("flushing {}", state.display())))?;
+        let bytes = f.metadata().map(|m| m.len()).unwrap_or(0);
+        Ok(Saved {
+            bytes,
+            ms: t.elapsed().as_millis() as u64,
+        })
     }
 
     fn kill(&self, vm: &VmHandle) -> Result<(), VmmError> {

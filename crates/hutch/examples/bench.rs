@@ -60,6 +60,12 @@ fn bare_boot(
         jail_uid: None,
         nic: None,
         cmdline_extra: String::new(),
+        memory: None,
+        backing: vec![hutch_vmm::Layer {
+            path: template.into(),
+            format: hutch_vmm::DiskFormat::Raw,
+        }],
+        incoming: None,
     };
     let q = hutch_vmm::Qemu::default();
     let t = Instant::now();

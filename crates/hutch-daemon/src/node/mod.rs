@@ -13,6 +13,9 @@ mod confine;
 mod console;
 pub mod rebuild;
 mod recover;
+pub mod snap;
+
+pub use snap::{Launch, Restore};
 
 pub use confine::JailOptions;
 pub use console::trim_log;
@@ -288,9 +291,10 @@ impl Node {
             .await
     }
 
-    fn spec(&self, vm: &Vm, image: &Image) -> VmSpec {
+    fn spec(&self, vm: &Vm, image: &Image, launch: &Launch) -> Result<VmSpec, ApiError> {
         let dir = self.vm_dir(&vm.id);
-        VmSpec {
+        let (memory, incoming) = self.memory_of(vm, launch)?;
+        Ok(VmSpec {
             id: vm.id.clone(),
             hostname: vm.name.clone(),
             vcpus: vm.vcpus,
@@ -305,7 +309,10 @@ impl Node {
             jail_uid: vm.confinement.as_ref().map(|c| c.uid),
             nic: self.nic(vm),
             cmdline_extra: self.guest_net_cmdline(vm),
-        }
+            memory: Some(memory),
+            backing: self.backing_of(vm)?,
+            incoming,
+        })
     }
 
     /// `vm`'s NIC, when it has a network.
@@ -354,10 +361,19 @@ impl Node {
     pub fn create_disk(&self, vm: &Vm, from: Option<&str>) -> Result<(), ApiError> {
         let dir = self.vm_dir(&vm.id);
         std::fs::create_dir_all(dir.join("run")).map_err(internal)?;
-        let template = self.disk_template(vm.disk_gib)?;
+        let base = match vm.mem.layers.first() {
+            Some(l) => hutch_vmm::Layer {
+                path: self.layer_path(l),
+                format: hutch_vmm::DiskFormat::Qcow2,
+            },
+            None => hutch_vmm::Layer {
+                path: self.disk_template(vm.disk_gib)?,
+                format: hutch_vmm::DiskFormat::Raw,
+            },
+        };
         let src = from.map(|id| self.vm_dir(id).join("disk.qcow2"));
         self.vmm
-            .create_disk(&dir.join("disk.qcow2"), &template, src.as_deref())?;
+            .create_disk(&dir.join("disk.qcow2"), &base, src.as_deref())?;
         self.save_record(vm, true)?;
         // The disk, the record copy, their directory and the VM's entry in vms/ reach the disk
         // before the VM counts as created.
@@ -370,16 +386,18 @@ impl Node {
         self.vm_dir(&vm.id).join("disk.qcow2").exists()
     }
 
-    /// Launches QEMU for `vm` (in `creating` or `starting`) and waits for its agent; records the
-    /// VM as running, with its pid, in one store transaction (a crash before that leaves an
-    /// unrecorded QEMU, which recovery kills, and a VM that is undone or failed). On failure the
-    /// process is gone and the error says why (the console's end). `disk_us`: how long making
-    /// its disk took, recorded with it.
+    /// Launches QEMU for `vm` (in `creating`, `starting`, `resuming` or `snapshotting`) and
+    /// waits for its agent; records the VM as running, with its pid, in one store transaction
+    /// (a crash before that leaves an unrecorded QEMU, which recovery kills, and a VM that is
+    /// undone or failed). On failure the process is gone and the error says why (the
+    /// console's end). `disk_us`: how long making its disk took, recorded with it. `launch`:
+    /// a boot, or a start from saved state (snap.rs).
     pub async fn boot(
         self: &Arc<Self>,
         vm: &Vm,
         image: &Image,
         disk_us: Option<u64>,
+        launch: Launch,
     ) -> Result<Vm, ApiError> {
         let vm = &self.with_jail_uid(vm).await?;
         let mut net_us = None;
@@ -390,7 +408,7 @@ impl Node {
                 .map_err(internal)??;
             net_us = Some(t.elapsed().as_micros() as u64);
         }
-        let spec = self.spec(vm, image);
+        let spec = self.spec(vm, image, &launch)?;
         let t0 = Instant::now();
         let vmm = self.vmm.clone();
         let proc_ = tokio::task::spawn_blocking(move || vmm.launch(&spec))
@@ -418,8 +436,20 @@ impl Node {
                 )));
             }
         };
+        if let Launch::Restore(r) = &launch {
+            if let Err(e) = self.restored(vm, &client, r).await {
+                let _ = self.vmm.kill(&h);
+                self.wait_gone(&h, Duration::from_secs(5)).await;
+                let (me, id) = (self.clone(), vm.id.clone());
+                let _ = tokio::task::spawn_blocking(move || me.release_jail(&id)).await;
+                return Err(e);
+            }
+        }
         let boot_ms = t0.elapsed().as_millis() as u64;
-        self.metrics.boots.observe(t0.elapsed());
+        match launch {
+            Launch::Boot => self.metrics.boots.observe(t0.elapsed()),
+            Launch::Restore(_) => self.metrics.restores.observe(t0.elapsed()),
+        }
         crate::crash::point("boot.connected");
         self.conns
             .lock()
@@ -427,9 +457,20 @@ impl Node {
             .insert(vm.id.clone(), client);
         let accel = self.cfg.accel.as_str().to_string();
         let kernel = hutch_core::clean_text(&kernel);
+        let restored = matches!(launch, Launch::Restore(_));
+        let event = if vm.state == VmState::Snapshotting {
+            Event::Done
+        } else {
+            Event::Booted
+        };
         let vm = self
-            .transition(&vm.id, Event::Booted, |v| {
+            .transition(&vm.id, event, |v| {
                 v.pid = Some(h.pid);
+                v.mem.saved = None;
+                if !restored {
+                    // A cold boot runs on the VM's own (fresh) memory file.
+                    v.mem.base = None;
+                }
                 if conf.is_some() {
                     v.confinement = conf.clone();
                 }
@@ -444,7 +485,8 @@ impl Node {
                 v.clean_exit = false;
             })
             .await?;
-        let vm = if vm.run {
+        // A restored VM's main process runs on from the snapshot.
+        let vm = if vm.run && !restored {
             self.start_main(&vm, image).await?
         } else {
             vm

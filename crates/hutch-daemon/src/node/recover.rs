@@ -28,8 +28,14 @@ impl Node {
         for vm in self.records.vms().await? {
             let handle = self.handle(&vm).filter(|h| self.vmm.is_alive(h));
             match (vm.state, handle) {
-                (VmState::Stopped | VmState::Failed, _) => {}
+                (VmState::Stopped | VmState::Failed | VmState::Paused, _) => {}
                 (state, Some(h)) => {
+                    if matches!(
+                        state,
+                        VmState::Pausing | VmState::Resuming | VmState::Snapshotting
+                    ) {
+                        self.recover_saves(&vm, true).await;
+                    }
                     self.attach(&vm, h).await;
                     if state == VmState::Stopping {
                         // A stop that hutchd's crash interrupted: finish it.
@@ -41,7 +47,10 @@ impl Node {
                         });
                     }
                 }
-                (_, None) => {
+                (state, None) => {
+                    if state == VmState::Snapshotting {
+                        self.recover_saves(&vm, false).await;
+                    }
                     self.release_jail(&vm.id);
                     tracing::warn!(vm = %vm.name, "vm process is gone");
                     self.transition(
@@ -119,8 +128,14 @@ impl Node {
                     .unwrap_or_else(|e| e.into_inner())
                     .insert(vm.id.clone(), c);
                 let kernel = hutch_core::clean_text(&kernel);
-                let r = if vm.state == VmState::Starting {
-                    self.transition(&vm.id, Event::Booted, |v| v.kernel = Some(kernel.clone()))
+                // An operation the crash interrupted ends with the VM running.
+                let event = match vm.state {
+                    VmState::Starting | VmState::Resuming => Some(Event::Booted),
+                    VmState::Pausing | VmState::Snapshotting => Some(Event::Done),
+                    _ => None,
+                };
+                let r = if let Some(event) = event {
+                    self.transition(&vm.id, event, |v| v.kernel = Some(kernel.clone()))
                         .await
                 } else {
                     self.update(&vm.id, |v| v.kernel = Some(kernel.clone()))

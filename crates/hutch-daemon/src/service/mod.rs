@@ -16,6 +16,7 @@ pub mod images;
 pub mod net;
 pub mod ops;
 pub mod restart;
+pub mod snapshots;
 pub mod tenancy;
 #[cfg(any(test, feature = "fakes"))]
 pub mod testing;
@@ -44,6 +45,9 @@ pub struct Service {
     pub admission: Admission,
     /// Admitted creates and starts whose records do not count yet (see `admit`).
     pending: tenancy::Pending,
+    /// Snapshot, pause and restore work holds it shared; collecting unused layers and snapshot
+    /// files holds it exclusively, so it never removes files being made.
+    pub snap_ops: tokio::sync::RwLock<()>,
     /// One per VM id (and per pull): lifecycle operations on one VM never interleave.
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Lifecycle events (fed from the store's watch, see events.rs).
@@ -61,6 +65,7 @@ impl Service {
             metrics: node.metrics.clone(),
             node,
             image_ops: tokio::sync::RwLock::new(()),
+            snap_ops: tokio::sync::RwLock::new(()),
             tokens,
             admission,
             pending: Default::default(),

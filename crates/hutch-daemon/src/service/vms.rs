@@ -6,7 +6,7 @@
 use super::Service;
 use crate::auth::Caller;
 use crate::error::ApiError;
-use crate::node::internal;
+use crate::node::{internal, Launch};
 use hutch_core::net::{NetMode, VmNet};
 use hutch_core::{names, Event, Image, Vm, VmState};
 use std::sync::Arc;
@@ -95,6 +95,19 @@ impl Service {
     /// `creating`, name claimed) is one store transaction.
     pub async fn create(self: &Arc<Self>, caller: &Caller, req: CreateVm) -> Result<Vm, ApiError> {
         let t0 = Instant::now();
+        if let Some(snap) = req.snapshot.clone() {
+            if !req.image.is_empty() || req.clone.is_some() || req.run {
+                return Err(ApiError::Invalid(
+                    "a VM made from a snapshot takes its image, main process and disk from it: \
+                     drop image, run and clone"
+                        .into(),
+                ));
+            }
+            return self.create_from_snapshot(caller, &req, &snap).await;
+        }
+        if req.image.is_empty() {
+            return Err(ApiError::Invalid("image is required".into()));
+        }
         self.validate(&req)?;
         let net = self.net_of(&req)?;
         let image = self.image_for(caller, &req.image).await?;
@@ -138,6 +151,7 @@ impl Service {
             clean_exit: false,
             net,
             net_us: None,
+            mem: Default::default(),
         };
         // Admitted (reserved until the record counts), then the name is claimed in the create's
         // one store transaction: of concurrent creates, one wins.
@@ -146,29 +160,9 @@ impl Service {
             let (conf, _uid_held) = self.node.allocate_uid().await?;
             vm.confinement = conf;
             let _lease = self.lease(&mut vm)?;
-            match &req.name {
-                Some(n) => {
-                    vm.name = n.clone();
-                    if !self.records.create_vm(&vm).await? {
-                        return Err(ApiError::Conflict(format!("sandbox {n:?} already exists")));
-                    }
-                }
-                None => {
-                    let mut tries = 0;
-                    loop {
-                        vm.name = names::random_name();
-                        if self.records.create_vm(&vm).await? {
-                            break;
-                        }
-                        tries += 1;
-                        if tries > 50 {
-                            return Err(ApiError::Conflict("no free random name".into()));
-                        }
-                    }
-                }
-            }
+            self.claim_name(&mut vm, req.name.as_deref()).await?;
         }
-        let vm = self.build(vm, image, None, t0).await?;
+        let vm = self.build(vm, image, None, t0, Launch::Boot).await?;
         if let Some((url, dir)) = clone {
             if let Err(e) = self.clone_repo(caller, &vm, &url, &dir).await {
                 let shown = hutch_core::render::display_name(&vm, caller.owner().as_deref());
@@ -181,8 +175,35 @@ impl Service {
         Ok(vm)
     }
 
+    /// Records new `vm` (state `creating`) under `name`, or a random free name: the name is
+    /// claimed in the create's one store transaction, so of concurrent creates one wins.
+    pub(crate) async fn claim_name(&self, vm: &mut Vm, name: Option<&str>) -> Result<(), ApiError> {
+        match name {
+            Some(n) => {
+                vm.name = n.to_string();
+                if !self.records.create_vm(vm).await? {
+                    return Err(ApiError::Conflict(format!("sandbox {n:?} already exists")));
+                }
+            }
+            None => {
+                let mut tries = 0;
+                loop {
+                    vm.name = names::random_name();
+                    if self.records.create_vm(vm).await? {
+                        break;
+                    }
+                    tries += 1;
+                    if tries > 50 {
+                        return Err(ApiError::Conflict("no free random name".into()));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Gives `vm` an address when its mode has a NIC; held until the record is written.
-    fn lease(&self, vm: &mut Vm) -> Result<Option<crate::net::Lease<'_>>, ApiError> {
+    pub(crate) fn lease(&self, vm: &mut Vm) -> Result<Option<crate::net::Lease<'_>>, ApiError> {
         let Some(n) = self
             .node
             .net
@@ -198,14 +219,15 @@ impl Service {
         Ok(Some(l))
     }
 
-    /// Makes the disk of just-recorded `vm` (fresh, or a copy of VM `from`'s) and boots it;
-    /// undoes everything on failure.
-    async fn build(
+    /// Makes the disk of just-recorded `vm` (fresh, or a copy of VM `from`'s) and boots it
+    /// (`launch`: or starts it from a snapshot); undoes everything on failure.
+    pub(crate) async fn build(
         self: &Arc<Self>,
         vm: Vm,
         image: Image,
         from: Option<String>,
         t0: Instant,
+        launch: Launch,
     ) -> Result<Vm, ApiError> {
         let lock = self.lock_for(&vm.id);
         let _g = lock.lock().await;
@@ -222,7 +244,7 @@ impl Service {
                 "create.disk"
             });
             let us = t.elapsed().as_micros() as u64;
-            self.node.boot(&vm, &image, Some(us)).await
+            self.node.boot(&vm, &image, Some(us), launch).await
         }
         .await;
         match result {
@@ -278,6 +300,11 @@ impl Service {
             restarts: 0,
             clean_exit: false,
             net_us: None,
+            // The copy's disk sits on the same frozen layers; it boots afresh.
+            mem: hutch_core::snapshot::VmMemory {
+                layers: from.mem.layers.clone(),
+                ..Default::default()
+            },
             net: VmNet {
                 ipv4: None,
                 mac: None,
@@ -302,7 +329,9 @@ impl Service {
             }
         }
         // The source stays locked while its disk is copied.
-        let r = self.build(vm, image, Some(from.id.clone()), t0).await;
+        let r = self
+            .build(vm, image, Some(from.id.clone()), t0, Launch::Boot)
+            .await;
         drop(guard);
         r
     }
@@ -342,7 +371,7 @@ impl Service {
                 .transition(id, Event::Start, |v| v.restarts = restarts)
                 .await?
         };
-        match self.node.boot(&vm, &image, None).await {
+        match self.node.boot(&vm, &image, None, Launch::Boot).await {
             Ok(vm) => Ok(vm),
             Err(e) => {
                 let why = e.to_string();
@@ -362,7 +391,16 @@ impl Service {
         check(&vm, &Event::Stop)?;
         let lock = self.lock_for(&vm.id);
         let _g = lock.lock().await;
-        self.node.transition(&vm.id, Event::Stop, |_| {}).await?;
+        let was = vm.state;
+        // A paused VM's saved state is discarded: its next start boots afresh.
+        let vm = self
+            .node
+            .transition(&vm.id, Event::Stop, |v| v.mem.saved = None)
+            .await?;
+        if was == VmState::Paused {
+            self.node.discard_saved(&vm.id);
+            return Ok(vm);
+        }
         self.node.finish_stop(&vm.id).await
     }
 
@@ -383,6 +421,9 @@ impl Service {
         crate::crash::point("delete.destroyed");
         self.records.delete_vm(&vm).await?;
         self.drop_lock(&vm.id);
+        if vm.mem.base.is_some() || !vm.mem.layers.is_empty() {
+            self.collect_snapshots().await?;
+        }
         Ok(())
     }
 }

@@ -67,6 +67,23 @@ impl Conn {
                 r.map(Out::ok).unwrap_or_else(|e| Out::fail(e.to_string()))
             }
             ["new", rest @ ..] => self.new_vm(rest, json).await,
+            [op @ ("pause" | "resume"), n] => {
+                if self.find(n).await.is_none() {
+                    return not_found(n);
+                }
+                let r = if *op == "pause" {
+                    self.m.pause(&caller, n).await
+                } else {
+                    self.m.resume(&caller, n).await
+                };
+                match r {
+                    Ok(v) if json => Out::ok(serde_json::to_string_pretty(&v).unwrap_or_default() + "\n"),
+                    Ok(v) => Out::ok(format!("{n} {}\n", v.state.as_str())),
+                    Err(e) => Out::fail(e.to_string()),
+                }
+            }
+            ["snapshot", rest @ ..] => self.snapshot_cmd(rest, json).await,
+            ["fork", rest @ ..] => self.fork_cmd(rest, json).await,
             ["cp", src, rest @ ..] if rest.len() <= 1 => {
                 if self.find(src).await.is_none() {
                     return not_found(src);
@@ -216,6 +233,10 @@ impl Conn {
                     req.image = val;
                     Ok(())
                 }
+                "--snapshot" => {
+                    req.snapshot = Some(val);
+                    Ok(())
+                }
                 "--vcpu" => num(&val).map(|n| req.vcpus = n as u32),
                 "--mem" | "--ram" => num(&val).map(|n| req.mem_mib = n),
                 "--disk" => num(&val).map(|n| req.disk_gib = Some(n)),
@@ -257,8 +278,8 @@ impl Conn {
                 return Out::fail(e);
             }
         }
-        if req.image.is_empty() {
-            return Out::fail("--image is required");
+        if req.image.is_empty() && req.snapshot.is_none() {
+            return Out::fail("--image (or --snapshot) is required");
         }
         match self.m.create(&self.caller(), req).await {
             Ok(v) if json => Out::ok(serde_json::to_string_pretty(&v).unwrap_or_default() + "\n"),
@@ -272,7 +293,10 @@ pub(super) const HELP: &str = "hutch over SSH. Commands:
   new --image IMAGE [--name NAME] [--vcpu N] [--mem MIB] [--disk GIB] [--run] [--restart R]
       [--net none|internal|internet] [--allow-out CIDR|DOMAIN]... [--deny-out CIDR|DOMAIN]...
       [--rate-in RATE] [--rate-out RATE] [--clone GIT-URL [--clone-dir DIR]]
+  new --snapshot SNAPSHOT [--name NAME] [network flags]     (start from a snapshot)
   ls | describe NAME | stop NAME | start NAME | rm NAME | logs NAME | cp NAME [NEW-NAME]
+  pause NAME | resume NAME | fork NAME [--count N] [--name PREFIX]
+  snapshot NAME SNAPSHOT | snapshot ls | snapshot rm SNAPSHOT
   status | whoami | keys ls | keys add < key.pub | keys rm FINGERPRINT
   token create [--ttl HOURS] | token ls | token rm ID     (API tokens for the REST API)
   quota                         (your quota and usage)

@@ -7,6 +7,7 @@ mod events;
 mod net;
 mod pull;
 mod render;
+mod snap;
 
 use anyhow::{anyhow, bail, Context, Result};
 use base64::Engine;
@@ -59,8 +60,12 @@ enum Cmd {
     /// Create and boot a VM; pulls its image first when it is missing and names a registry.
     New {
         /// An image name, or a registry reference (HOST[:PORT]/REPO[:TAG]) pulled if missing.
-        #[arg(long)]
-        image: String,
+        #[arg(long, required_unless_present = "snapshot")]
+        image: Option<String>,
+        /// Start from a snapshot (`hutch snapshot`) instead: its memory, processes and disk,
+        /// with a new name and address; its size is the snapshot's.
+        #[arg(long, conflicts_with_all = ["image", "run", "vcpu", "mem", "disk"])]
+        snapshot: Option<String>,
         #[arg(long)]
         name: Option<String>,
         #[arg(long, default_value_t = hutch_core::api::DEFAULT_VCPUS)]
@@ -139,6 +144,22 @@ enum Cmd {
         creds: Option<String>,
         #[arg(long, short = 'm', default_value = "")]
         message: String,
+    },
+    /// Snapshot a running VM (it runs on): `hutch snapshot web base`; `hutch snapshot ls|rm`.
+    Snapshot(snap::SnapshotArgs),
+    /// Pause a running VM: its state goes to disk and it holds no memory until resumed.
+    Pause { name: String },
+    /// Resume a paused VM with its name, address and disk.
+    Resume { name: String },
+    /// Copies of a running VM, each with its own name and address, sharing its memory and disk
+    /// copy-on-write: `hutch fork web --count 3` makes web-fork-1..3.
+    Fork {
+        name: String,
+        #[arg(long)]
+        count: Option<u32>,
+        /// Copies are PREFIX-1 ... PREFIX-N.
+        #[arg(long = "name")]
+        prefix: Option<String>,
     },
     /// Copy a stopped VM's disk into a new VM and boot it.
     Clone {
@@ -432,6 +453,7 @@ async fn run(cli: Cli) -> Result<i32> {
         },
         Cmd::New {
             image,
+            snapshot,
             name,
             vcpu,
             mem,
@@ -442,7 +464,8 @@ async fn run(cli: Cli) -> Result<i32> {
         } => {
             let req = hutch_core::api::CreateVm {
                 name,
-                image,
+                image: image.unwrap_or_default(),
+                snapshot,
                 vcpus: vcpu,
                 mem_mib: mem,
                 disk_gib: disk,
@@ -673,6 +696,14 @@ async fn run(cli: Cli) -> Result<i32> {
                 describe(&v)
             }
         }
+        Cmd::Snapshot(a) => snap::snapshot(&c, a, j).await?,
+        Cmd::Pause { name } => snap::pause_resume(&c, &name, false, j).await?,
+        Cmd::Resume { name } => snap::pause_resume(&c, &name, true, j).await?,
+        Cmd::Fork {
+            name,
+            count,
+            prefix,
+        } => snap::fork(&c, &name, count, prefix, j).await?,
         Cmd::Net(cmd) => net::net(&c, cmd, j).await?,
         Cmd::Port(cmd) => net::port(&c, cmd, j).await?,
         Cmd::Ca => net::ca(&c).await?,
