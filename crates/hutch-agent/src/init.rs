@@ -1,13 +1,16 @@
 //! The init half of the agent: from the initramfs to the image's root filesystem.
 
+use crate::restore::GuestState;
 use crate::sys;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// What the rest of the agent needs to know after init.
 pub struct Config {
-    pub hostname: String,
+    /// The hostname and network boot gave the guest (a restore may change them).
+    pub guest: Arc<Mutex<GuestState>>,
     /// The writable disk's mount root (outside the switched root, so kept open from before).
     pub data: Option<std::fs::File>,
     /// The virtio-serial port device to serve on.
@@ -117,7 +120,7 @@ pub fn init() -> io::Result<Config> {
         port.display()
     );
     Ok(Config {
-        hostname,
+        guest: Arc::new(Mutex::new(GuestState { hostname, net })),
         data: Some(data_fd),
         port,
     })

@@ -4,13 +4,15 @@
 //! `/hutch/modules.load`, mounts the image (read-only, found by virtio-blk serial `hutch-image`)
 //! under a writable overlay whose upper layer lives on the VM's own disk (`hutch-data`), switches
 //! root into it, sets the hostname and makes `/tmp`, `/run` and `/dev/shm` (see `scratch`).
-//! Then it serves the host over the virtio-serial port `org.hutch.agent` (see `serve`). It never
-//! returns: if init fails it prints why on the console and powers the VM off.
+//! Then it serves the host over the virtio-serial port `org.hutch.agent` (see `serve`); after a
+//! restore from a memory snapshot the host says so and the guest catches up (see `restore`).
+//! It never returns: if init fails it prints why on the console and powers the VM off.
 
 mod exec;
 mod export;
 mod init;
 mod net;
+mod restore;
 mod scratch;
 mod serve;
 mod sys;

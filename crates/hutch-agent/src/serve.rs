@@ -11,6 +11,7 @@
 //! stops reading too and the guest process blocks on its full pipe, while other streams go on.
 
 use crate::init::Config;
+use crate::restore::GuestState;
 use crate::{exec, sys};
 use hutch_proto::credit::{RecvCredit, SendCredit};
 use hutch_proto::{Decoder, ErrorCode, Frame, Hello, HelloAck, Kind, Request, Response};
@@ -89,7 +90,8 @@ pub struct Shared {
     /// Output credit of the streams that send data.
     credits: Mutex<HashMap<u32, Arc<Credit>>>,
     pub reaper: Arc<exec::Reaper>,
-    pub hostname: String,
+    /// The guest's hostname and network (boot's, or the last restore's).
+    pub guest: Arc<Mutex<GuestState>>,
     /// fd of the writable disk's mount root, for exports.
     pub data_fd: Option<i32>,
 }
@@ -274,7 +276,7 @@ fn serve_port(cfg: &Config, reaper: &Arc<exec::Reaper>) -> std::io::Result<()> {
         sessions: Mutex::new(HashMap::new()),
         credits: Mutex::new(HashMap::new()),
         reaper: reaper.clone(),
-        hostname: cfg.hostname.clone(),
+        guest: cfg.guest.clone(),
         data_fd: cfg.data.as_ref().map(|f| f.as_raw_fd()),
     });
     let wport = port.try_clone()?;
@@ -331,7 +333,12 @@ fn handle(shared: &Arc<Shared>, frame: Frame) {
                 let ack = HelloAck {
                     nonce: h.nonce,
                     version: hutch_proto::VERSION,
-                    hostname: shared.hostname.clone(),
+                    hostname: shared
+                        .guest
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .hostname
+                        .clone(),
                     kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
                         .unwrap_or_default()
                         .trim()
@@ -449,6 +456,10 @@ fn request(shared: &Arc<Shared>, gen: u64, stream: u32, req: Request) {
                 processes,
             };
             shared.respond(gen, stream, &r);
+        }
+        Request::Restored(info) => {
+            let shared = shared.clone();
+            std::thread::spawn(move || crate::restore::restored(&shared, gen, stream, info));
         }
         Request::Shutdown => {
             eprintln!("hutch-agent: shutdown requested");

@@ -26,8 +26,10 @@
 
 pub mod credit;
 mod error_code;
+pub mod restore;
 
 pub use error_code::ErrorCode;
+pub use restore::{Identity, InvalidRestore, NetIdentity, RestoreInfo};
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -354,6 +356,9 @@ pub enum Request {
     Health,
     /// Stops every process, syncs and unmounts, powers the VM off.
     Shutdown,
+    /// The VM was just restored from a memory snapshot: set the clock, feed the RNG and, for a
+    /// copy, take on a new identity; `Response::Done` once all of it is applied.
+    Restored(RestoreInfo),
 }
 
 /// What to run and how.

@@ -1,11 +1,11 @@
 //! [`Agent`] for the real connection: each operation opens a stream with its request and
 //! decodes the answers through the typed streams.
 
-use super::conn::AgentClient;
+use super::conn::{AgentClient, RawStream};
 use super::stream::{one_answer, unexpected};
 use super::{Agent, AgentError, DirPage, ExecStream, FileRead, FileWrite, FsAnswer, Health};
 use futures_util::future::BoxFuture;
-use hutch_proto::{ExecRequest, FsRequest, Request, Response};
+use hutch_proto::{ExecRequest, FsRequest, Request, Response, RestoreInfo};
 use std::sync::Arc;
 
 /// The typed form of an fs answer.
@@ -87,12 +87,20 @@ impl Agent for AgentClient {
     }
 
     fn shutdown(&self) -> BoxFuture<'_, Result<(), AgentError>> {
-        let s = self.open(&Request::Shutdown);
-        Box::pin(async move {
-            match one_answer(&s?).await? {
-                Response::Done { .. } => Ok(()),
-                other => Err(unexpected(&other, "done")),
-            }
-        })
+        done(self.open(&Request::Shutdown))
     }
+
+    fn restored(&self, info: RestoreInfo) -> BoxFuture<'_, Result<(), AgentError>> {
+        done(self.open(&Request::Restored(info)))
+    }
+}
+
+/// Waits for the `done` that answers a request opened as `s`.
+fn done(s: Result<RawStream, AgentError>) -> BoxFuture<'static, Result<(), AgentError>> {
+    Box::pin(async move {
+        match one_answer(&s?).await? {
+            Response::Done { .. } => Ok(()),
+            other => Err(unexpected(&other, "done")),
+        }
+    })
 }

@@ -1,7 +1,7 @@
 //! The fake agent behaves like the real one on the basic operations, through the same typed
 //! streams: files written and read back (whole, at offsets, with the agent's error codes),
 //! directory paging, the fs operations, exec events in order with stdin, signals and timeouts,
-//! health and shutdown.
+//! health, shutdown and restored.
 
 use super::fake::{FakeAgent, FakeExit, FakeInput};
 use super::*;
@@ -300,4 +300,48 @@ async fn health_export_and_shutdown() {
     assert!(matches!(a.exec(argv(&["true"])), Err(AgentError::Lost)));
     fake.set_lost(false);
     assert!(within(T, a.health()).await.is_ok());
+}
+
+#[tokio::test]
+async fn restored_is_checked_kept_and_renames_the_fake() {
+    let a = FakeAgent::new();
+    a.put_file("/etc/hostname", b"fake\n").unwrap();
+    // The same VM resuming: nothing about it changes.
+    let plain = RestoreInfo::now(&[1; 8], None);
+    within(T, a.restored(plain.clone())).await.unwrap();
+    assert_eq!(a.last_restore(), Some(plain));
+    assert_eq!(a.hostname(), "fake");
+    // A copy: new name and machine id.
+    let copy = RestoreInfo::now(
+        &[2; 8],
+        Some(Identity {
+            hostname: "copy".into(),
+            machine_id: "0123456789abcdef0123456789abcdef".into(),
+            net: Some(NetIdentity {
+                ip: "10.0.0.9".parse().unwrap(),
+                gw: "10.0.0.1".parse().unwrap(),
+                dns: "10.0.0.1".parse().unwrap(),
+                domain: "hutch.internal".into(),
+                mtu: Some(1500),
+                mac: "02:68:0a:00:00:09".into(),
+            }),
+        }),
+    );
+    within(T, a.restored(copy.clone())).await.unwrap();
+    assert_eq!(a.last_restore(), Some(copy.clone()));
+    assert_eq!(a.hostname(), "copy");
+    assert_eq!(a.file("/etc/hostname").unwrap(), b"copy\n");
+    assert_eq!(
+        a.file("/etc/machine-id").unwrap(),
+        b"0123456789abcdef0123456789abcdef\n"
+    );
+    // Refused like the agent refuses it, and not kept.
+    let mut bad = copy;
+    bad.identity.as_mut().unwrap().hostname = "Bad_Name".into();
+    let e = within(T, a.restored(bad)).await.unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::InvalidArgument), "{e}");
+    assert_eq!((a.restores(), a.hostname().as_str()), (2, "copy"));
+    a.set_lost(true);
+    let e = within(T, a.restored(RestoreInfo::now(&[3], None))).await;
+    assert!(matches!(e, Err(AgentError::Lost)));
 }

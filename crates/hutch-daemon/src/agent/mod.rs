@@ -4,7 +4,8 @@
 //! Callers see the [`Agent`] trait: [`Agent::exec`] gives an [`ExecStream`] of [`ExecEvent`]s
 //! (and an [`ExecHandle`] for stdin, signals and resizes), [`Agent::read_file`] and
 //! [`Agent::export_changes`] a [`FileRead`], [`Agent::write_file`] a [`FileWrite`], and the
-//! filesystem operations, [`Agent::health`] and [`Agent::shutdown`] typed results. A request
+//! filesystem operations, [`Agent::health`], [`Agent::shutdown`] and [`Agent::restored`] typed
+//! results. A request
 //! the agent refuses is [`AgentError::Guest`] with an [`ErrorCode`]; each edge (HTTP in
 //! `error.rs`, SFTP in `sftp.rs`, SSH in `ssh.rs`) maps codes to its own statuses. Nothing
 //! outside this module decodes frames. [`AgentClient`] is the real implementation;
@@ -39,7 +40,10 @@ mod stream;
 mod tests;
 
 pub use conn::{AgentClient, MAX_CONTROL_OUT, MAX_CONTROL_QUEUED, MAX_STREAMS, OUT_QUEUE};
-pub use hutch_proto::{DirEntry, ErrorCode, ExecRequest, FileAttr, FsRequest, TtySize};
+pub use hutch_proto::{
+    DirEntry, ErrorCode, ExecRequest, FileAttr, FsRequest, Identity, NetIdentity, RestoreInfo,
+    TtySize,
+};
 pub use stream::{ExecEvent, ExecHandle, ExecStream, FileRead, FileWrite};
 
 use futures_util::future::BoxFuture;
@@ -174,6 +178,12 @@ pub trait Agent: Send + Sync {
 
     /// Asks the guest to stop everything and power off; returns once the agent agreed.
     fn shutdown(&self) -> BoxFuture<'_, Result<(), AgentError>>;
+
+    /// Tells the guest its VM was just restored from a memory snapshot: it sets its clock,
+    /// reseeds its RNG and, with an identity, becomes that copy (hostname, machine id,
+    /// network). Returns once all of it is applied; a request that does not pass
+    /// [`RestoreInfo::validate`] is refused with [`ErrorCode::InvalidArgument`].
+    fn restored(&self, info: RestoreInfo) -> BoxFuture<'_, Result<(), AgentError>>;
 
     /// Whether the connection is up (or coming back); false once it is gone for good.
     fn is_alive(&self) -> bool {

@@ -498,3 +498,56 @@ async fn a_silent_agent_times_out() {
     tx.send(()).await.unwrap();
     server.await.unwrap();
 }
+
+#[tokio::test]
+async fn restored_goes_out_as_json_and_its_answer_is_typed() {
+    let (_d, sock, l) = socket();
+    let info = RestoreInfo::now(
+        &[0xab; 16],
+        Some(Identity {
+            hostname: "copy-1".into(),
+            machine_id: "0123456789abcdef0123456789abcdef".into(),
+            net: None,
+        }),
+    );
+    let sent = info.clone();
+    let peer = tokio::spawn(async move {
+        let mut p = Peer::accept(&l).await;
+        // The request on the wire, as JSON: the op tag and the fields beside it.
+        let f = loop {
+            let f = p.frame().await;
+            if f.kind == Kind::Request {
+                break f;
+            }
+        };
+        let json: serde_json::Value = serde_json::from_slice(&f.payload).unwrap();
+        assert_eq!(json["op"], "restored");
+        assert_eq!(json["time_ns"], sent.time_ns);
+        assert_eq!(json["entropy"], "ab".repeat(16));
+        assert_eq!(json["identity"]["hostname"], "copy-1");
+        assert_eq!(json["identity"]["net"], serde_json::Value::Null);
+        assert_eq!(f.parse::<Request>("r").unwrap(), Request::Restored(sent));
+        p.answer(f.stream, &Response::Done { bytes: 0 }).await;
+        // A refusal, then an answer of the wrong kind.
+        let (id, _) = p.request().await;
+        let r = Response::Error {
+            code: ErrorCode::InvalidArgument,
+            message: "invalid restore request: mac \"x\"".into(),
+        };
+        p.answer(id, &r).await;
+        let (id, _) = p.request().await;
+        p.answer(id, &Response::FsPath { path: "/".into() }).await;
+        p.hung_up().await;
+    });
+    let c = client(&sock).await;
+    let t = Duration::from_secs(5);
+    within(t, c.restored(info.clone())).await.unwrap();
+    let e = within(t, c.restored(info.clone())).await.unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::InvalidArgument), "{e}");
+    assert!(e.to_string().contains("mac"), "{e}");
+    let e = within(t, c.restored(info)).await.unwrap_err();
+    assert!(matches!(e, AgentError::Proto(_)), "{e}");
+    assert_eq!(c.open_streams(), 0);
+    drop(c);
+    peer.await.unwrap();
+}

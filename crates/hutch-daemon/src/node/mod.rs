@@ -119,7 +119,7 @@ pub mod fakes {
         vm: VmHandle,
     }
 
-    use crate::agent::{ExecStream, FileRead, FileWrite, FsAnswer, FsRequest, Health};
+    use crate::agent::{ExecStream, FileRead, FileWrite, FsAnswer, FsRequest, Health, RestoreInfo};
 
     impl Agent for PowersOff {
         fn exec(&self, req: ExecRequest) -> Result<ExecStream, AgentError> {
@@ -156,6 +156,9 @@ pub mod fakes {
                 let _ = self.vmm.quit(&self.vm);
                 Ok(())
             })
+        }
+        fn restored(&self, info: RestoreInfo) -> BoxFuture<'_, Result<(), AgentError>> {
+            self.inner.restored(info)
         }
         fn is_alive(&self) -> bool {
             self.vmm.is_alive(&self.vm)

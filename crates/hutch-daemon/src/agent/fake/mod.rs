@@ -10,6 +10,9 @@
 //!   `timeout_ms` kills the script like the agent does; `detach` ends after `Started`.
 //! - [`FakeAgent::set_lost`] makes every new operation fail with [`AgentError::Lost`], as does a
 //!   `shutdown`.
+//! - `restored` checks its request like the agent, keeps it ([`FakeAgent::last_restore`]) and
+//!   takes on its identity: [`FakeAgent::hostname`], and `/etc/hostname` and `/etc/machine-id`
+//!   where the agent would write them (the first when it exists, the second when `/etc` does).
 //!
 //! Streams are driven by tokio tasks: use the fake inside a tokio runtime.
 
@@ -20,7 +23,7 @@ use super::{Agent, AgentError, ExecStream, FileRead, FileWrite, FsAnswer, Health
 use bytes::Bytes;
 use fs::{Node, Tree};
 use futures_util::future::BoxFuture;
-use hutch_proto::{ErrorCode, ExecRequest, FsRequest, Request, Response};
+use hutch_proto::{ErrorCode, ExecRequest, FsRequest, Request, Response, RestoreInfo};
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -89,6 +92,8 @@ struct State {
     execs: Vec<ExecRequest>,
     next_pid: i32,
     lost: bool,
+    hostname: String,
+    restores: Vec<RestoreInfo>,
 }
 /// An in-memory agent; see the module doc.
 #[derive(Clone)]
@@ -266,6 +271,7 @@ impl FakeAgent {
     pub fn new() -> FakeAgent {
         let st = State {
             next_pid: 100,
+            hostname: "fake".into(),
             ..State::default()
         };
         FakeAgent {
@@ -329,6 +335,21 @@ impl FakeAgent {
     /// Processes running now.
     pub fn running(&self) -> u32 {
         self.running.load(Ordering::SeqCst)
+    }
+
+    /// The guest's hostname: "fake", or the identity of the last restore that carried one.
+    pub fn hostname(&self) -> String {
+        self.lock().hostname.clone()
+    }
+
+    /// The last `restored` request the fake accepted.
+    pub fn last_restore(&self) -> Option<RestoreInfo> {
+        self.lock().restores.last().cloned()
+    }
+
+    /// How many `restored` requests the fake accepted.
+    pub fn restores(&self) -> usize {
+        self.lock().restores.len()
     }
 }
 
@@ -485,6 +506,33 @@ impl Agent for FakeAgent {
             // The VM powers off: its connection goes away.
             self.set_lost(true);
         }
+        Box::pin(async move { r })
+    }
+
+    fn restored(&self, info: RestoreInfo) -> BoxFuture<'_, Result<(), AgentError>> {
+        let r = self.check().and_then(|_| {
+            info.validate()
+                .map_err(|e| AgentError::guest(ErrorCode::InvalidArgument, &e.to_string()))?;
+            let mut st = self.lock();
+            if let Some(id) = &info.identity {
+                st.hostname = id.hostname.clone();
+                if st.tree.node("/etc/hostname", false).is_ok() {
+                    st.tree.write(
+                        "/etc/hostname",
+                        None,
+                        None,
+                        format!("{}\n", id.hostname).as_bytes(),
+                    )?;
+                }
+                if st.tree.node("/etc", true).is_ok() {
+                    let machine_id = format!("{}\n", id.machine_id);
+                    st.tree
+                        .write("/etc/machine-id", Some(0o444), None, machine_id.as_bytes())?;
+                }
+            }
+            st.restores.push(info);
+            Ok(())
+        });
         Box::pin(async move { r })
     }
 }
