@@ -34,7 +34,7 @@ impl Vmm for NoVms {
     fn create_disk(
         &self,
         _disk: &std::path::Path,
-        _template: &std::path::Path,
+        _base: &hutch_vmm::Layer,
         _from: Option<&std::path::Path>,
     ) -> Result<(), VmmError> {
         Err(VmmError::Launch("the test VMM makes no disks".into()))

@@ -402,7 +402,13 @@ pub fn build(spec: &VmSpec, fds: &Fds) -> Vec<String> {
     }
     // Block node names of the backing layers, top first.
     let names: Vec<String> = (0..fds.backing.len())
-        .map(|i| if i == 0 { "base".into() } else { format!("base{i}") })
+        .map(|i| {
+            if i == 0 {
+                "base".into()
+            } else {
+                format!("base{i}")
+            }
+        })
         .collect();
     let mut parts: Vec<Box<dyn ToArgs + '_>> = vec![
         Box::new(Sandbox),
@@ -664,7 +670,9 @@ mod tests {
                 "driver=qcow2,node-name=data,file=data-file,backing=base",
             ]
         );
-        assert!(nodes.contains(&"driver=file,node-name=base2-file,filename=/dev/fdset/12,read-only=on"));
+        assert!(
+            nodes.contains(&"driver=file,node-name=base2-file,filename=/dev/fdset/12,read-only=on")
+        );
         assert_eq!(after(&a, "-machine"), ["pc,memory-backend=ram"]);
         assert_eq!(
             after(&a, "-object"),

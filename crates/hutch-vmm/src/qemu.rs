@@ -126,7 +126,10 @@ impl Qemu {
             Some(Memory::Own(p)) => {
                 let f = open(p, OpenOptions::new().read(true).write(true))?;
                 let want = spec.mem_mib << 20;
-                let len = f.metadata().map_err(io(format!("stat {}", p.display())))?.len();
+                let len = f
+                    .metadata()
+                    .map_err(io(format!("stat {}", p.display())))?
+                    .len();
                 if len != want {
                     // A new VM's file, or one whose memory size changed while it was stopped.
                     f.set_len(want)
@@ -495,9 +498,17 @@ impl Vmm for Qemu {
         let mut cmd = match from {
             None => {
                 let mut c = Command::new("qemu-img");
-                c.args(["create", "-q", "-f", "qcow2", "-F", base.format.as_str(), "-b"])
-                    .arg(&base.path)
-                    .arg(disk);
+                c.args([
+                    "create",
+                    "-q",
+                    "-f",
+                    "qcow2",
+                    "-F",
+                    base.format.as_str(),
+                    "-b",
+                ])
+                .arg(&base.path)
+                .arg(disk);
                 c
             }
             Some(src) => {

@@ -245,9 +245,7 @@ impl Blocking {
         }
         if (n as usize) < msg.len() {
             use std::io::Write;
-            self.stream
-                .write_all(&msg[n as usize..])
-                .map_err(err)?;
+            self.stream.write_all(&msg[n as usize..]).map_err(err)?;
         }
         self.answer(cmd)
     }

@@ -58,7 +58,9 @@ fn pause_resume_snapshot_restore_fork() {
     let boot_id = sh(&d, "src", "cat /tmp/boot");
 
     // A peer VM holds a TCP connection open to src across src's pause and resume.
-    d.ok(&["new", "--image", "busybox", "--name", "peer", "--mem", "128"]);
+    d.ok(&[
+        "new", "--image", "busybox", "--name", "peer", "--mem", "128",
+    ]);
     sh(
         &d,
         "src",
@@ -105,8 +107,14 @@ fn pause_resume_snapshot_restore_fork() {
     let v = d.json(&["describe", "src"]);
     assert_eq!(ip(&v), src_ip);
     assert_eq!(sh(&d, "src", "cat /dev/shm/f"), "kept\n");
-    assert_eq!(sh(&d, "src", "cat /proc/sys/kernel/random/boot_id"), boot_id);
-    assert_eq!(sh(&d, "src", &format!("kill -0 {bg} && echo alive")), "alive\n");
+    assert_eq!(
+        sh(&d, "src", "cat /proc/sys/kernel/random/boot_id"),
+        boot_id
+    );
+    assert_eq!(
+        sh(&d, "src", &format!("kill -0 {bg} && echo alive")),
+        "alive\n"
+    );
     assert_eq!(sh(&d, "src", "hostname"), "src\n");
     // The guest clock was set: the ticker writes the host's time again.
     let now = || {
@@ -138,7 +146,10 @@ fn pause_resume_snapshot_restore_fork() {
     assert!(so.starts_with("snapshot base of src"), "{so}");
     assert_eq!(d.json(&["describe", "src"])["state"], "running");
     assert_eq!(sh(&d, "src", "cat /dev/shm/f"), "kept\n");
-    assert_eq!(sh(&d, "src", &format!("kill -0 {bg} && echo alive")), "alive\n");
+    assert_eq!(
+        sh(&d, "src", &format!("kill -0 {bg} && echo alive")),
+        "alive\n"
+    );
     let snaps = d.json(&["snapshot", "ls"]);
     assert_eq!(snaps.as_array().unwrap().len(), 1);
     assert_eq!(snaps[0]["name"], "base");
@@ -153,14 +164,21 @@ fn pause_resume_snapshot_restore_fork() {
     assert!(!copy_ip.is_empty() && copy_ip != src_ip, "{copy_ip}");
     assert_eq!(sh(&d, "copy", "hostname"), "copy\n");
     assert_eq!(sh(&d, "copy", "cat /dev/shm/f"), "kept\n");
-    assert_eq!(sh(&d, "copy", &format!("kill -0 {bg} && echo alive")), "alive\n");
+    assert_eq!(
+        sh(&d, "copy", &format!("kill -0 {bg} && echo alive")),
+        "alive\n"
+    );
     assert_ne!(
         sh(&d, "copy", "cat /etc/machine-id"),
         sh(&d, "src", "cat /etc/machine-id 2>/dev/null || echo none")
     );
     // Its network works under its new address: the peer resolves its name to it and gets an
     // answer from it there (a refused connection: nothing listens on that port).
-    let got = sh(&d, "copy", "ip addr show eth0; cat /sys/class/net/eth0/address");
+    let got = sh(
+        &d,
+        "copy",
+        "ip addr show eth0; cat /sys/class/net/eth0/address",
+    );
     assert!(got.contains(&format!("inet {copy_ip}/32")), "{got}");
     assert!(got.contains(copy["net"]["mac"].as_str().unwrap()), "{got}");
     let got = sh(&d, "peer", "nc -w 3 copy 7 2>&1; true");
@@ -171,13 +189,19 @@ fn pause_resume_snapshot_restore_fork() {
     // Writes stay apart.
     sh(&d, "copy", "echo copy > /dev/shm/f; echo copy > /root/disk");
     assert_eq!(sh(&d, "src", "cat /dev/shm/f"), "kept\n");
-    assert_eq!(sh(&d, "src", "cat /root/disk 2>/dev/null || echo none"), "none\n");
+    assert_eq!(
+        sh(&d, "src", "cat /root/disk 2>/dev/null || echo none"),
+        "none\n"
+    );
 
     // Fork: copies with their own names, addresses and writes; the source runs on.
     let forks = d.json(&["fork", "src", "--count", "2", "--name", "f"]);
     let forks = forks.as_array().unwrap();
     assert_eq!(forks.len(), 2);
-    assert_eq!((forks[0]["name"].as_str(), forks[1]["name"].as_str()), (Some("f-1"), Some("f-2")));
+    assert_eq!(
+        (forks[0]["name"].as_str(), forks[1]["name"].as_str()),
+        (Some("f-1"), Some("f-2"))
+    );
     let ips: Vec<String> = forks.iter().map(ip).collect();
     assert!(ips[0] != ips[1] && !ips.contains(&src_ip), "{ips:?}");
     assert_eq!(sh(&d, "f-1", "hostname"), "f-1\n");
@@ -206,7 +230,11 @@ fn pause_resume_snapshot_restore_fork() {
     let (_, se, c) = text(&d.hutch(&["pause", "peer"]));
     assert!(c != 0 && se.contains("stopped"), "{se}");
     let (st, body) = d
-        .api("POST", "/api/v1/sandboxes", Some(r#"{"snapshot":"base","image":"busybox"}"#))
+        .api(
+            "POST",
+            "/api/v1/sandboxes",
+            Some(r#"{"snapshot":"base","image":"busybox"}"#),
+        )
         .unwrap();
     assert_eq!(st, 400, "{body}");
     assert_eq!(d.json(&["ls"]).as_array().unwrap().len(), 5);
@@ -216,7 +244,10 @@ fn pause_resume_snapshot_restore_fork() {
     d.ok(&["stop", "f-2"]);
     assert_eq!(d.json(&["describe", "f-2"])["state"], "stopped");
     d.ok(&["start", "f-2"]);
-    assert_eq!(sh(&d, "f-2", "cat /dev/shm/f 2>/dev/null || echo gone"), "gone\n");
+    assert_eq!(
+        sh(&d, "f-2", "cat /dev/shm/f 2>/dev/null || echo gone"),
+        "gone\n"
+    );
 
     // A paused copy resumes (its RAM came from the snapshot, so it is saved whole).
     d.ok(&["pause", "copy"]);

@@ -202,7 +202,10 @@ impl Node {
             .handle(vm)
             .ok_or_else(|| internal(format!("{} has no process", vm.name)))?;
         let ram_in_file = vm.mem.base.is_none();
-        let (state, tmp) = (self.state_path(&vm.id), self.vm_dir(&vm.id).join("state.new"));
+        let (state, tmp) = (
+            self.state_path(&vm.id),
+            self.vm_dir(&vm.id).join("state.new"),
+        );
         let _ = std::fs::remove_file(&tmp);
         let t = Instant::now();
         let (vmm, h2, tmp2) = (self.vmm.clone(), h.clone(), tmp.clone());
@@ -396,7 +399,8 @@ impl Node {
             _ => false,
         };
         if same(&disk, &layer) || !disk.exists() {
-            let f = std::fs::File::open(&layer).map_err(io(format!("opening {}", layer.display())))?;
+            let f =
+                std::fs::File::open(&layer).map_err(io(format!("opening {}", layer.display())))?;
             f.sync_all().map_err(internal)?;
             freeze_mode(&layer)?;
             let tmp = self.vm_dir(&vm.id).join("disk.qcow2.new");
@@ -502,7 +506,8 @@ fn fresh_memory(p: &Path) -> Result<(), ApiError> {
 fn release_memory(p: &Path) -> Result<(), ApiError> {
     use std::os::fd::AsRawFd;
     let f = std::fs::File::open(p).map_err(io(format!("opening {}", p.display())))?;
-    f.sync_all().map_err(io(format!("flushing {}", p.display())))?;
+    f.sync_all()
+        .map_err(io(format!("flushing {}", p.display())))?;
     // SAFETY: fadvise only reads its arguments; the descriptor is open.
     unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
     Ok(())
@@ -514,7 +519,8 @@ fn move_file(from: &Path, to: &Path) -> Result<(), ApiError> {
         return Ok(());
     }
     let f = std::fs::File::open(from).map_err(io(format!("opening {}", from.display())))?;
-    f.sync_all().map_err(io(format!("flushing {}", from.display())))?;
+    f.sync_all()
+        .map_err(io(format!("flushing {}", from.display())))?;
     std::fs::rename(from, to).map_err(io(format!("moving {}", from.display())))
 }
 

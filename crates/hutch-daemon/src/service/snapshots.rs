@@ -70,7 +70,12 @@ impl Service {
         names::validate_name(snap_name).map_err(ApiError::Invalid)?;
         let vm = self.vm_for(caller, name).await?;
         let key = hutch_core::vm_key(vm.owner.as_deref(), snap_name);
-        if self.records.get::<Snapshot>(SNAPSHOTS, &key).await?.is_some() {
+        if self
+            .records
+            .get::<Snapshot>(SNAPSHOTS, &key)
+            .await?
+            .is_some()
+        {
             return Err(ApiError::Conflict(format!(
                 "snapshot {snap_name:?} already exists"
             )));
@@ -87,12 +92,18 @@ impl Service {
     ) -> Result<Snapshot, ApiError> {
         check(vm, &Event::Snapshot)?;
         let image = self.image_of(vm).await?.ok_or_else(|| {
-            ApiError::Conflict(format!("the image of {} is no longer in the store", vm.name))
+            ApiError::Conflict(format!(
+                "the image of {} is no longer in the store",
+                vm.name
+            ))
         })?;
         let lock = self.lock_for(&vm.id);
         let _g = lock.lock().await;
         let _ops = self.snap_ops.read().await;
-        let vm = self.node.transition(&vm.id, Event::Snapshot, |_| {}).await?;
+        let vm = self
+            .node
+            .transition(&vm.id, Event::Snapshot, |_| {})
+            .await?;
         let mut snap = Snapshot {
             id: names::random_id(),
             name: snap_name.to_string(),
@@ -126,7 +137,9 @@ impl Service {
         let ran = self.node.take_snapshot(&vm, &image, &mut snap).await;
         if snap.layers.is_empty() {
             // Nothing was frozen: the VM runs on as it was.
-            return Err(ran.err().unwrap_or_else(|| internal("the snapshot froze nothing")));
+            return Err(ran
+                .err()
+                .unwrap_or_else(|| internal("the snapshot froze nothing")));
         }
         // The files are there whether or not the VM came back: record the snapshot.
         if !self.records.create(SNAPSHOTS, &snap.key(), &snap).await? {

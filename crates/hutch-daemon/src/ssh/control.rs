@@ -77,7 +77,9 @@ impl Conn {
                     self.m.resume(&caller, n).await
                 };
                 match r {
-                    Ok(v) if json => Out::ok(serde_json::to_string_pretty(&v).unwrap_or_default() + "\n"),
+                    Ok(v) if json => {
+                        Out::ok(serde_json::to_string_pretty(&v).unwrap_or_default() + "\n")
+                    }
                     Ok(v) => Out::ok(format!("{n} {}\n", v.state.as_str())),
                     Err(e) => Out::fail(e.to_string()),
                 }

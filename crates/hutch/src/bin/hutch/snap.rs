@@ -94,7 +94,9 @@ pub async fn snapshot(c: &Client, a: SnapshotArgs, j: bool) -> Result<()> {
                 );
             }
         }
-        _ => anyhow::bail!("usage: hutch snapshot VM NAME | hutch snapshot ls | hutch snapshot rm NAME"),
+        _ => anyhow::bail!(
+            "usage: hutch snapshot VM NAME | hutch snapshot ls | hutch snapshot rm NAME"
+        ),
     }
     Ok(())
 }
