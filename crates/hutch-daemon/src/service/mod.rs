@@ -16,6 +16,8 @@ pub mod images;
 pub mod net;
 pub mod ops;
 pub mod restart;
+#[cfg(test)]
+mod snapshot_tests;
 pub mod snapshots;
 pub mod tenancy;
 #[cfg(any(test, feature = "fakes"))]

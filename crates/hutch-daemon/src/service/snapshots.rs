@@ -290,7 +290,12 @@ impl Service {
         // Every copy admitted up front: what would not fit is refused before anything is made.
         let mut held = Vec::new();
         for _ in 0..count {
-            held.push(self.admit(&vm, true).await?);
+            // Reservations are per VM id: each copy-to-be is a VM of its own.
+            let copy = Vm {
+                id: names::random_id(),
+                ..vm.clone()
+            };
+            held.push(self.admit(&copy, true).await?);
         }
         let snap = self
             .snapshot_vm(&vm, &format!("fork-{}", names::random_id()), true)

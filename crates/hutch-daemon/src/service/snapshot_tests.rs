@@ -1,0 +1,245 @@
+//! Snapshots, pause/resume and fork through the service with fakes below it: the lifecycle,
+//! the records (disk layers, memory base), ownership, quotas, and that refused requests change
+//! nothing. (The guest side is tested on real VMs in crates/hutch/tests/snapshots.rs.)
+
+use super::testing::{add_image, fake_service};
+use super::{Admission, CreateVm};
+use crate::auth::Caller;
+use crate::error::ApiError;
+use hutch_core::api::ForkVm;
+use hutch_core::{Account, Quota, VmState};
+use hutch_store::kv::MemoryStore;
+use std::sync::Arc;
+
+fn who(account: &str) -> Caller {
+    Caller {
+        account: account.into(),
+        admin: false,
+    }
+}
+
+fn new(name: &str) -> CreateVm {
+    CreateVm {
+        name: Some(name.into()),
+        image: "busybox".into(),
+        mem_mib: 64,
+        ..Default::default()
+    }
+}
+
+fn from_snapshot(name: &str, snap: &str) -> CreateVm {
+    CreateVm {
+        name: Some(name.into()),
+        snapshot: Some(snap.into()),
+        ..Default::default()
+    }
+}
+
+async fn service(quota: Quota) -> (Arc<super::Service>, tempfile::TempDir) {
+    let d = tempfile::tempdir().unwrap();
+    let adm = Admission {
+        default_quota: quota,
+        ..Default::default()
+    };
+    let (s, _vmm) = fake_service(d.path(), Arc::new(MemoryStore::new()), adm).await;
+    add_image(&s, "busybox:latest").await;
+    for a in ["alice", "bob"] {
+        let acc = Account {
+            name: a.into(),
+            admin: false,
+            keys: vec![],
+            created_at: 0,
+            quota: None,
+        };
+        s.records
+            .put(crate::records::ACCOUNTS, a, &acc)
+            .await
+            .unwrap();
+    }
+    (s, d)
+}
+
+fn quota(vms: u32) -> Quota {
+    Quota {
+        vms,
+        vcpus: 64,
+        mem_mib: 64 * 64,
+        disk_gib: 1000,
+    }
+}
+
+fn entries(d: &std::path::Path) -> usize {
+    std::fs::read_dir(d).map(|r| r.count()).unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_resume_snapshot_restore_fork() {
+    let (s, d) = service(quota(10)).await;
+    let alice = who("alice");
+    s.create(&alice, new("web")).await.unwrap();
+
+    let vm = s.pause(&alice, "web").await.unwrap();
+    assert_eq!((vm.state, vm.pid), (VmState::Paused, None));
+    assert!(vm.mem.saved.as_ref().is_some_and(|st| st.ram_in_file));
+    assert!(matches!(
+        s.pause(&alice, "web").await,
+        Err(ApiError::Conflict(_))
+    ));
+    assert!(matches!(
+        s.start(&alice, "web").await,
+        Err(ApiError::Conflict(_))
+    ));
+    let vm = s.resume(&alice, "web").await.unwrap();
+    assert_eq!(vm.state, VmState::Running);
+    assert!(vm.pid.is_some() && vm.mem.saved.is_none());
+
+    let snap = s.snapshot(&alice, "web", "base").await.unwrap();
+    assert!(snap.ram_in_file);
+    assert_eq!(snap.layers.len(), 1);
+    assert_eq!(snap.owner.as_deref(), Some("alice"));
+    // The source runs on over the frozen layer and the snapshot's memory.
+    let web = s.get("alice/web").await.unwrap();
+    assert_eq!(web.state, VmState::Running);
+    assert_eq!(web.mem.layers, snap.layers);
+    assert_eq!(web.mem.base.as_deref(), Some(snap.id.as_str()));
+    assert!(s.node.layer_path(&snap.layers[0]).exists());
+
+    let copy = s
+        .create(&alice, from_snapshot("copy", "base"))
+        .await
+        .unwrap();
+    assert_eq!(copy.state, VmState::Running);
+    assert_eq!(copy.mem.from.as_deref(), Some("base"));
+    assert_eq!(copy.mem.layers, snap.layers);
+    assert_eq!((copy.mem_mib, copy.image.as_str()), (64, "busybox:latest"));
+
+    let forks = s
+        .fork(
+            &alice,
+            "web",
+            ForkVm {
+                count: Some(2),
+                name: Some("t".into()),
+            },
+        )
+        .await
+        .unwrap();
+    let names: Vec<&str> = forks.iter().map(|v| v.name.as_str()).collect();
+    assert_eq!(names, ["t-1", "t-2"]);
+    // Each fork froze web's disk once more: the copies sit on two layers, web on a third.
+    assert!(forks.iter().all(|v| v.mem.layers.len() == 2));
+    assert_eq!(s.get("alice/web").await.unwrap().mem.layers.len(), 2);
+    // The fork's snapshot is gone from the listing (its files stay while the copies use them).
+    let listed = s.snapshots_of(&alice).await.unwrap();
+    assert_eq!(listed.len(), 1);
+
+    // A copy pauses with its RAM in its state (it maps the snapshot's memory).
+    let v = s.pause(&alice, "copy").await.unwrap();
+    assert!(v.mem.saved.as_ref().is_some_and(|st| !st.ram_in_file));
+    assert!(v.mem.base.is_none());
+    // Stop of a paused VM discards the state.
+    let v = s.stop(&alice, "copy").await.unwrap();
+    assert_eq!(v.state, VmState::Stopped);
+    assert!(v.mem.saved.is_none());
+    assert!(!s.node.state_path(&v.id).exists());
+
+    // Removing the snapshot keeps its files while VMs use them; the last removal takes them.
+    s.delete_snapshot(&alice, "base").await.unwrap();
+    assert!(entries(&d.path().join("layers")) > 0);
+    for n in ["copy", "t-1", "t-2", "web"] {
+        s.delete(&alice, n).await.unwrap();
+    }
+    assert_eq!(entries(&d.path().join("snapshots")), 0);
+    assert_eq!(entries(&d.path().join("layers")), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn other_accounts_quotas_and_bad_input_change_nothing() {
+    let (s, d) = service(quota(3)).await;
+    let (alice, bob) = (who("alice"), who("bob"));
+    s.create(&alice, new("web")).await.unwrap();
+    s.snapshot(&alice, "web", "base").await.unwrap();
+    let layers = entries(&d.path().join("layers"));
+
+    // Another account's snapshot and VM are not found, whatever the operation.
+    let nf = |r: Result<_, ApiError>| matches!(r, Err(ApiError::NotFound { .. }));
+    assert!(nf(s.snapshot_for(&bob, "base").await.map(|_| ())));
+    assert!(nf(s.snapshot_for(&bob, "alice/base").await.map(|_| ())));
+    assert!(nf(s.delete_snapshot(&bob, "base").await));
+    assert!(nf(s
+        .create(&bob, from_snapshot("mine", "base"))
+        .await
+        .map(|_| ())));
+    assert!(nf(s.snapshot(&bob, "web", "x").await.map(|_| ())));
+    assert!(nf(s.pause(&bob, "web").await.map(|_| ())));
+    assert!(nf(s.fork(&bob, "web", ForkVm::default()).await.map(|_| ())));
+    assert!(s.snapshots_of(&bob).await.unwrap().is_empty());
+    assert!(s.vms_of(&bob).await.unwrap().is_empty());
+    // Unknown snapshot, bad names, an image with a snapshot.
+    assert!(nf(s
+        .create(&alice, from_snapshot("x", "nope"))
+        .await
+        .map(|_| ())));
+    assert!(matches!(
+        s.snapshot(&alice, "web", "Bad/Name").await,
+        Err(ApiError::Invalid(_))
+    ));
+    let mut both = from_snapshot("x", "base");
+    both.image = "busybox".into();
+    assert!(matches!(
+        s.create(&alice, both).await,
+        Err(ApiError::Invalid(_))
+    ));
+    assert!(matches!(
+        s.snapshot(&alice, "web", "base").await,
+        Err(ApiError::Conflict(_))
+    ));
+    // A fork past the quota (1 VM + 3 > 3) makes nothing: no VM, no snapshot, no layer.
+    let r = s
+        .fork(
+            &alice,
+            "web",
+            ForkVm {
+                count: Some(3),
+                name: None,
+            },
+        )
+        .await;
+    assert!(matches!(r, Err(ApiError::Quota(_))), "{r:?}");
+    assert!(matches!(
+        s.fork(
+            &alice,
+            "web",
+            ForkVm {
+                count: Some(0),
+                name: None
+            }
+        )
+        .await,
+        Err(ApiError::Invalid(_))
+    ));
+    let names: Vec<String> = s
+        .vms_of(&alice)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|v| v.name)
+        .collect();
+    assert_eq!(names, ["web"]);
+    assert_eq!(entries(&d.path().join("layers")), layers);
+    assert_eq!(s.get("alice/web").await.unwrap().state, VmState::Running);
+    // A stopped VM can be neither snapshotted nor paused.
+    s.stop(&alice, "web").await.unwrap();
+    assert!(matches!(
+        s.snapshot(&alice, "web", "again").await,
+        Err(ApiError::Conflict(_))
+    ));
+    assert!(matches!(
+        s.pause(&alice, "web").await,
+        Err(ApiError::Conflict(_))
+    ));
+    assert!(matches!(
+        s.resume(&alice, "web").await,
+        Err(ApiError::Conflict(_))
+    ));
+}
