@@ -20,6 +20,18 @@ pub struct CreateVm {
     /// processes and disk, with a new identity. Its size is the snapshot's.
     #[serde(default)]
     pub snapshot: Option<String>,
+    /// Start from this template (a warm pool VM when one is ready).
+    #[serde(default)]
+    pub template: Option<String>,
+    /// Lifetime (`10m`, `1h`); `keepalive` extends it.
+    #[serde(default)]
+    pub ttl: Option<String>,
+    /// What happens when the TTL runs out: delete (default) or pause.
+    #[serde(default)]
+    pub on_expire: Option<crate::timers::OnExpire>,
+    /// Pause after this long without exec, file, SSH or proxy activity; resume on activity.
+    #[serde(default)]
+    pub auto_pause: Option<String>,
     #[serde(default = "one")]
     pub vcpus: u32,
     #[serde(default = "default_mem")]
@@ -66,6 +78,10 @@ impl Default for CreateVm {
             name: None,
             image: String::new(),
             snapshot: None,
+            template: None,
+            ttl: None,
+            on_expire: None,
+            auto_pause: None,
             vcpus: DEFAULT_VCPUS,
             mem_mib: DEFAULT_MEM_MIB,
             disk_gib: None,
@@ -154,6 +170,14 @@ pub struct ForkVm {
     pub count: Option<u32>,
     /// Names are PREFIX-1 ... PREFIX-N (default: the VM's name followed by -fork).
     pub name: Option<String>,
+}
+
+/// `POST /sandboxes/{name}/keepalive`: the TTL runs `secs` (default: the VM's own TTL) from now.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Keepalive {
+    /// A duration (`10m`) or seconds.
+    pub duration: Option<String>,
 }
 
 /// `POST /sandboxes/{name}/exec`: run a process in a VM.

@@ -10,6 +10,7 @@ pub mod net;
 pub mod render;
 pub mod snapshot;
 pub mod status;
+pub mod timers;
 
 pub use lifecycle::{Denied, Event, RestartPolicy, VmEvent, VmState};
 
@@ -87,6 +88,12 @@ pub struct Vm {
     /// Its memory, disk layers and saved state (docs/snapshots.md).
     #[serde(default)]
     pub mem: snapshot::VmMemory,
+    /// Its TTL and auto-pause.
+    #[serde(default)]
+    pub timers: timers::VmTimers,
+    /// The template whose warm pool it waits in (`OWNER/NAME` key), until a create claims it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
 }
 
 impl Vm {

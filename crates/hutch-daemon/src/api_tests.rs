@@ -111,6 +111,8 @@ fn vm(name: &str, owner: Option<&str>) -> Vm {
         clean_exit: false,
         net: Default::default(),
         net_us: None,
+        timers: Default::default(),
+        pool: None,
         mem: Default::default(),
     }
 }

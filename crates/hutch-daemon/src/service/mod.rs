@@ -24,6 +24,7 @@ pub mod tenancy;
 pub mod testing;
 #[cfg(test)]
 mod tests;
+pub mod timers;
 pub mod vms;
 
 pub use tenancy::{Admission, Ask, Reservation};

@@ -168,15 +168,18 @@ impl Service {
         snap_name: &str,
     ) -> Result<Vm, ApiError> {
         let snap = self.snapshot_for(caller, snap_name).await?;
-        self.restore_copy(caller, &snap, req.name.clone()).await
+        let timers = super::timers::timers_of(req)?;
+        self.restore_copy(caller, &snap, req.name.clone(), timers)
+            .await
     }
 
     /// Boots a new VM of `caller`'s from `snap`, named `name` (or a random name).
-    async fn restore_copy(
+    pub(crate) async fn restore_copy(
         self: &Arc<Self>,
         caller: &Caller,
         snap: &Snapshot,
         name: Option<String>,
+        timers: hutch_core::timers::VmTimers,
     ) -> Result<Vm, ApiError> {
         let t0 = Instant::now();
         if let Some(n) = &name {
@@ -193,6 +196,7 @@ impl Service {
             })?;
         let _ops = self.snap_ops.read().await;
         let mut vm = snap_vm(snap, caller);
+        vm.timers = timers;
         {
             let _admitted = self.admit(&vm, true).await?;
             let (conf, _uid_held) = self.node.allocate_uid().await?;
@@ -304,7 +308,10 @@ impl Service {
         let mut made = Vec::new();
         let mut err = None;
         for n in names {
-            match self.restore_copy(caller, &snap, Some(n)).await {
+            match self
+                .restore_copy(caller, &snap, Some(n), Default::default())
+                .await
+            {
                 Ok(v) => made.push(v),
                 Err(e) => {
                     err = Some(e);
@@ -357,6 +364,8 @@ fn snap_vm(snap: &Snapshot, caller: &Caller) -> Vm {
         clean_exit: false,
         net: snap.net.clone(),
         net_us: None,
+        timers: Default::default(),
+        pool: None,
         mem: VmMemory {
             base: snap.ram_in_file.then(|| snap.id.clone()),
             layers: snap.layers.clone(),

@@ -152,6 +152,8 @@ impl Service {
             net,
             net_us: None,
             mem: Default::default(),
+            timers: super::timers::timers_of(&req)?,
+            pool: None,
         };
         // Admitted (reserved until the record counts), then the name is claimed in the create's
         // one store transaction: of concurrent creates, one wins.
@@ -300,6 +302,8 @@ impl Service {
             restarts: 0,
             clean_exit: false,
             net_us: None,
+            timers: Default::default(),
+            pool: None,
             // The copy's disk sits on the same frozen layers; it boots afresh.
             mem: hutch_core::snapshot::VmMemory {
                 layers: from.mem.layers.clone(),
