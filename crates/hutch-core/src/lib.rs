@@ -10,6 +10,7 @@ pub mod net;
 pub mod render;
 pub mod snapshot;
 pub mod status;
+pub mod template;
 pub mod timers;
 
 pub use lifecycle::{Denied, Event, RestartPolicy, VmEvent, VmState};

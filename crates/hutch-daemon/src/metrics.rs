@@ -73,6 +73,8 @@ pub struct Metrics {
     pub saves: Histogram,
     pub execs: Histogram,
     pub execs_total: AtomicU64,
+    /// Creates served by a warm pool VM.
+    pub pool_claims: AtomicU64,
     pub pull_bytes: AtomicU64,
     pub ssh_sessions: AtomicU64,
     pub ssh_sessions_total: AtomicU64,
@@ -87,6 +89,7 @@ impl Default for Metrics {
             saves: Histogram::new(LATENCY),
             execs: Histogram::new(LATENCY),
             execs_total: AtomicU64::new(0),
+            pool_claims: AtomicU64::new(0),
             pull_bytes: AtomicU64::new(0),
             ssh_sessions: AtomicU64::new(0),
             ssh_sessions_total: AtomicU64::new(0),
@@ -153,6 +156,11 @@ impl Metrics {
                 "hutch_image_pull_bytes_total",
                 "Compressed bytes of layers and manifests fetched from registries.",
                 &self.pull_bytes,
+            ),
+            (
+                "hutch_pool_claims_total",
+                "Creates served by a warm pool VM.",
+                &self.pool_claims,
             ),
             (
                 "hutch_ssh_sessions_total",

@@ -46,6 +46,9 @@ pub const INVITES: &str = "invites/";
 /// `leases/IP` → VM id: the VM network's address leases (the VM's record holds its address;
 /// the lease key makes two creates that picked the same address conflict in the store).
 pub const LEASES: &str = "leases/";
+/// Templates and warm pools, by owner and name (`templates/alice/py`, `pools/alice/py`).
+pub const TEMPLATES: &str = "templates/";
+pub const POOLS: &str = "pools/";
 /// Snapshots, by owner and name (`snapshots/alice/base`, `snapshots/base` for the admin's).
 pub const SNAPSHOTS: &str = "snapshots/";
 const META_SCHEMA: &str = "meta/schema";
@@ -233,6 +236,21 @@ impl Records {
             .map(|_| ())
     }
 
+    /// Changes a record by compare-and-swap; `f` may refuse (its error is returned, nothing
+    /// written). A missing record is a store error.
+    pub async fn update<T, E, F>(&self, prefix: &str, key: &str, f: F) -> Result<T, E>
+    where
+        T: Serialize + DeserializeOwned + Send + Sync,
+        E: From<StoreError> + Send,
+        F: FnMut(&mut T) -> Result<(), E> + Send,
+    {
+        Ok(self
+            .kv
+            .update_json::<T, E, F>(&format!("{prefix}{key}"), f)
+            .await?
+            .value)
+    }
+
     /// Writes a record that must not exist yet; false when it does.
     pub async fn create<T: Serialize + Sync>(
         &self,
@@ -352,6 +370,39 @@ impl Records {
             }
             None
         })
+    }
+
+    /// Renames VM `id` to `new_name` (which must be free) and applies `f`, in one transaction
+    /// conditional on the record being unchanged since it was read: of concurrent claims of a
+    /// warm pool VM, one wins. None: the record changed or is gone, or the name is taken.
+    pub async fn rename_vm(
+        &self,
+        id: &str,
+        new_name: &str,
+        f: impl FnOnce(&mut Vm),
+    ) -> Result<Option<Vm>, StoreError> {
+        let key = format!("{VMS}{id}");
+        let Some(cur) = self.kv.get_json::<Vm>(&key).await? else {
+            return Ok(None);
+        };
+        let mut vm = cur.value;
+        let old = name_key(vm.owner.as_deref(), &vm.name);
+        vm.name = new_name.to_string();
+        f(&mut vm);
+        let new = name_key(vm.owner.as_deref(), &vm.name);
+        let txn = Txn::new()
+            .when(Compare::ModRevision(key.clone(), cur.revision))
+            .when(Compare::Absent(new.clone()))
+            .delete(old)
+            .put_json(new, &vm.id)?
+            .put_json(key, &vm)?;
+        match self.kv.txn(txn).await? {
+            TxnOutcome::Committed { revision } => {
+                self.view_put(vm.clone(), revision);
+                Ok(Some(vm))
+            }
+            TxnOutcome::Failed { .. } => Ok(None),
+        }
     }
 
     /// Writes `vm` whole (recovery); its name must be its own or free.

@@ -12,6 +12,7 @@ mod pool;
 mod quota;
 mod signup;
 mod snap_cmds;
+mod template_cmds;
 
 pub use limits::{Limits, PendingSlot};
 pub use signup::Signup;

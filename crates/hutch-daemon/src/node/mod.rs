@@ -440,7 +440,7 @@ impl Node {
             }
         };
         if let Launch::Restore(r) = &launch {
-            if let Err(e) = self.restored(vm, &client, r).await {
+            if let Err(e) = self.restored(vm, &client, r.new_identity).await {
                 let _ = self.vmm.kill(&h);
                 self.wait_gone(&h, Duration::from_secs(5)).await;
                 let (me, id) = (self.clone(), vm.id.clone());

@@ -151,9 +151,9 @@ impl Node {
         &self,
         vm: &Vm,
         client: &Arc<dyn Agent>,
-        r: &Restore,
+        new_identity: bool,
     ) -> Result<(), ApiError> {
-        let identity = r.new_identity.then(|| self.identity_of(vm));
+        let identity = new_identity.then(|| self.identity_of(vm));
         let info = hutch_proto::RestoreInfo {
             time_ns: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -170,6 +170,13 @@ impl Node {
             .await
             .map_err(|_| internal(format!("the agent of {} did not take its restore", vm.name)))?
             .map_err(ApiError::from)
+    }
+
+    /// Gives running `vm`'s guest the identity its record has now (a claimed warm pool VM:
+    /// its new name, a new machine id).
+    pub async fn personalize(&self, vm: &Vm) -> Result<(), ApiError> {
+        let client = self.client(vm)?;
+        self.restored(vm, &client, true).await
     }
 
     fn identity_of(&self, vm: &Vm) -> hutch_proto::Identity {

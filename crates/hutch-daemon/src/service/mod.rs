@@ -15,10 +15,12 @@ pub mod files;
 pub mod images;
 pub mod net;
 pub mod ops;
+pub mod pools;
 pub mod restart;
 #[cfg(test)]
 mod snapshot_tests;
 pub mod snapshots;
+pub mod templates;
 pub mod tenancy;
 #[cfg(any(test, feature = "fakes"))]
 pub mod testing;
@@ -56,6 +58,8 @@ pub struct Service {
     /// Lifecycle events (fed from the store's watch, see events.rs).
     pub events: crate::events::EventBus,
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Wakes the warm pools' refill task (pools.rs).
+    pub pool_wake: Arc<tokio::sync::Notify>,
     /// The HTTP(S) proxy, once it runs (share links, `hutch ca`).
     pub front: std::sync::OnceLock<crate::net::proxy::Front>,
 }
@@ -75,6 +79,7 @@ impl Service {
             locks: Mutex::new(HashMap::new()),
             events: Default::default(),
             front: Default::default(),
+            pool_wake: Default::default(),
         }
     }
 
@@ -99,6 +104,7 @@ impl Service {
     pub fn start_background(self: &Arc<Self>) {
         crate::events::follow(self.clone());
         restart::reconcile(self.clone());
+        self.start_pools();
     }
 }
 

@@ -64,6 +64,7 @@ impl Service {
     pub async fn metrics_text(&self, caller: &Caller) -> Result<String, ApiError> {
         super::admin_only(caller, "/metrics")?;
         let all = self.list().await?;
+        let pools = super::pools::pools_text(&self.all_pools().await);
         let node = self.node.clone();
         let metrics = self.metrics.clone();
         tokio::task::spawn_blocking(move || {
@@ -87,7 +88,7 @@ impl Service {
                     }
                 })
                 .collect();
-            metrics.render(&counts, &usage)
+            metrics.render(&counts, &usage) + &pools
         })
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))

@@ -84,7 +84,7 @@ impl Service {
     }
 
     /// Takes a snapshot of running `vm` and records it (`internal`: hidden, for a fork).
-    async fn snapshot_vm(
+    pub(crate) async fn snapshot_vm(
         self: &Arc<Self>,
         vm: &Vm,
         snap_name: &str,
@@ -169,7 +169,7 @@ impl Service {
     ) -> Result<Vm, ApiError> {
         let snap = self.snapshot_for(caller, snap_name).await?;
         let timers = super::timers::timers_of(req)?;
-        self.restore_copy(caller, &snap, req.name.clone(), timers)
+        self.restore_copy(caller, &snap, req.name.clone(), timers, None)
             .await
     }
 
@@ -180,6 +180,7 @@ impl Service {
         snap: &Snapshot,
         name: Option<String>,
         timers: hutch_core::timers::VmTimers,
+        pool: Option<String>,
     ) -> Result<Vm, ApiError> {
         let t0 = Instant::now();
         if let Some(n) = &name {
@@ -197,6 +198,7 @@ impl Service {
         let _ops = self.snap_ops.read().await;
         let mut vm = snap_vm(snap, caller);
         vm.timers = timers;
+        vm.pool = pool;
         {
             let _admitted = self.admit(&vm, true).await?;
             let (conf, _uid_held) = self.node.allocate_uid().await?;
@@ -309,7 +311,7 @@ impl Service {
         let mut err = None;
         for n in names {
             match self
-                .restore_copy(caller, &snap, Some(n), Default::default())
+                .restore_copy(caller, &snap, Some(n), Default::default(), None)
                 .await
             {
                 Ok(v) => made.push(v),

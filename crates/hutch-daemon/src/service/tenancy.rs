@@ -80,12 +80,13 @@ impl Service {
     }
 
     /// The VMs `caller` may see, oldest first.
+    /// Warm pool VMs waiting for a claim are not listed (`hutch pool ls` counts them).
     pub async fn vms_of(&self, caller: &Caller) -> Result<Vec<Vm>, ApiError> {
         Ok(self
             .list()
             .await?
             .into_iter()
-            .filter(|v| caller.sees(v.owner.as_deref()))
+            .filter(|v| caller.sees(v.owner.as_deref()) && v.pool.is_none())
             .collect())
     }
 

@@ -57,7 +57,7 @@ impl Service {
         Ok(self.node.console_tail(&vm.id, max))
     }
 
-    fn validate(&self, req: &CreateVm) -> Result<(), ApiError> {
+    pub(crate) fn validate_create(&self, req: &CreateVm) -> Result<(), ApiError> {
         if let Some(n) = &req.name {
             names::validate_name(n).map_err(ApiError::Invalid)?;
         }
@@ -95,20 +95,26 @@ impl Service {
     /// `creating`, name claimed) is one store transaction.
     pub async fn create(self: &Arc<Self>, caller: &Caller, req: CreateVm) -> Result<Vm, ApiError> {
         let t0 = Instant::now();
-        if let Some(snap) = req.snapshot.clone() {
+        if req.snapshot.is_some() || req.template.is_some() {
             if !req.image.is_empty() || req.clone.is_some() || req.run {
                 return Err(ApiError::Invalid(
-                    "a VM made from a snapshot takes its image, main process and disk from it: \
-                     drop image, run and clone"
+                    "a VM made from a snapshot or template takes its image, main process and \
+                     disk from it: drop image, run and clone"
                         .into(),
                 ));
             }
-            return self.create_from_snapshot(caller, &req, &snap).await;
+            return match (req.snapshot.clone(), req.template.clone()) {
+                (Some(s), None) => self.create_from_snapshot(caller, &req, &s).await,
+                (None, Some(t)) => self.create_from_template(caller, &req, &t).await,
+                _ => Err(ApiError::Invalid(
+                    "give a snapshot or a template, not both".into(),
+                )),
+            };
         }
         if req.image.is_empty() {
             return Err(ApiError::Invalid("image is required".into()));
         }
-        self.validate(&req)?;
+        self.validate_create(&req)?;
         let net = self.net_of(&req)?;
         let image = self.image_for(caller, &req.image).await?;
         let clone = super::clone_repo::clone_target(&req, &image.config.working_dir)?;

@@ -86,6 +86,8 @@ impl Conn {
             }
             ["snapshot", rest @ ..] => self.snapshot_cmd(rest, json).await,
             ["fork", rest @ ..] => self.fork_cmd(rest, json).await,
+            ["template", rest @ ..] => self.template_cmd(rest, json).await,
+            ["pool", rest @ ..] => self.pool_cmd(rest, json).await,
             ["cp", src, rest @ ..] if rest.len() <= 1 => {
                 if self.find(src).await.is_none() {
                     return not_found(src);
@@ -239,6 +241,10 @@ impl Conn {
                     req.snapshot = Some(val);
                     Ok(())
                 }
+                "--template" => {
+                    req.template = Some(val);
+                    Ok(())
+                }
                 "--vcpu" => num(&val).map(|n| req.vcpus = n as u32),
                 "--mem" | "--ram" => num(&val).map(|n| req.mem_mib = n),
                 "--disk" => num(&val).map(|n| req.disk_gib = Some(n)),
@@ -280,8 +286,8 @@ impl Conn {
                 return Out::fail(e);
             }
         }
-        if req.image.is_empty() && req.snapshot.is_none() {
-            return Out::fail("--image (or --snapshot) is required");
+        if req.image.is_empty() && req.snapshot.is_none() && req.template.is_none() {
+            return Out::fail("--image (or --snapshot, --template) is required");
         }
         match self.m.create(&self.caller(), req).await {
             Ok(v) if json => Out::ok(serde_json::to_string_pretty(&v).unwrap_or_default() + "\n"),
@@ -295,7 +301,10 @@ pub(super) const HELP: &str = "hutch over SSH. Commands:
   new --image IMAGE [--name NAME] [--vcpu N] [--mem MIB] [--disk GIB] [--run] [--restart R]
       [--net none|internal|internet] [--allow-out CIDR|DOMAIN]... [--deny-out CIDR|DOMAIN]...
       [--rate-in RATE] [--rate-out RATE] [--clone GIT-URL [--clone-dir DIR]]
-  new --snapshot SNAPSHOT [--name NAME] [network flags]     (start from a snapshot)
+  new --snapshot SNAPSHOT | --template TEMPLATE [--name NAME] [network flags]
+  template create NAME --image IMAGE [--vcpu N] [--mem MIB] [--start-cmd CMD] [--ready-cmd CMD]
+  template ls | template build NAME | template rm NAME
+  pool set TEMPLATE --min N [--max M] | pool ls | pool rm TEMPLATE
   ls | describe NAME | stop NAME | start NAME | rm NAME | logs NAME | cp NAME [NEW-NAME]
   pause NAME | resume NAME | fork NAME [--count N] [--name PREFIX]
   snapshot NAME SNAPSHOT | snapshot ls | snapshot rm SNAPSHOT

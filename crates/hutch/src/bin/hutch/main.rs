@@ -8,6 +8,7 @@ mod net;
 mod pull;
 mod render;
 mod snap;
+mod template;
 
 use anyhow::{anyhow, bail, Context, Result};
 use base64::Engine;
@@ -60,12 +61,15 @@ enum Cmd {
     /// Create and boot a VM; pulls its image first when it is missing and names a registry.
     New {
         /// An image name, or a registry reference (HOST[:PORT]/REPO[:TAG]) pulled if missing.
-        #[arg(long, required_unless_present = "snapshot")]
+        #[arg(long, required_unless_present_any = ["snapshot", "template"])]
         image: Option<String>,
         /// Start from a snapshot (`hutch snapshot`) instead: its memory, processes and disk,
         /// with a new name and address; its size is the snapshot's.
-        #[arg(long, conflicts_with_all = ["image", "run", "vcpu", "mem", "disk"])]
+        #[arg(long, conflicts_with_all = ["image", "run", "vcpu", "mem", "disk", "template"])]
         snapshot: Option<String>,
+        /// Start from a template (`hutch template create`): a warm pool VM when one is ready.
+        #[arg(long, conflicts_with_all = ["image", "run", "vcpu", "mem", "disk"])]
+        template: Option<String>,
         #[arg(long)]
         name: Option<String>,
         #[arg(long, default_value_t = hutch_core::api::DEFAULT_VCPUS)]
@@ -145,6 +149,12 @@ enum Cmd {
         #[arg(long, short = 'm', default_value = "")]
         message: String,
     },
+    /// Templates: an image booted once, set up and snapshotted, for VMs in milliseconds.
+    #[command(subcommand)]
+    Template(template::TemplateCmd),
+    /// Warm pools of a template's VMs, restored ahead of time.
+    #[command(subcommand)]
+    Pool(template::PoolCmd),
     /// Snapshot a running VM (it runs on): `hutch snapshot web base`; `hutch snapshot ls|rm`.
     Snapshot(snap::SnapshotArgs),
     /// Pause a running VM: its state goes to disk and it holds no memory until resumed.
@@ -454,6 +464,7 @@ async fn run(cli: Cli) -> Result<i32> {
         Cmd::New {
             image,
             snapshot,
+            template,
             name,
             vcpu,
             mem,
@@ -466,6 +477,7 @@ async fn run(cli: Cli) -> Result<i32> {
                 name,
                 image: image.unwrap_or_default(),
                 snapshot,
+                template,
                 vcpus: vcpu,
                 mem_mib: mem,
                 disk_gib: disk,
@@ -478,6 +490,7 @@ async fn run(cli: Cli) -> Result<i32> {
                 rate_out: net.rate_out,
                 clone: net.clone,
                 clone_dir: net.clone_dir,
+                ..Default::default()
             };
             let v = pull::create(&c, &req).await?;
             if j {
@@ -696,6 +709,8 @@ async fn run(cli: Cli) -> Result<i32> {
                 describe(&v)
             }
         }
+        Cmd::Template(cmd) => template::template(&c, cmd, j).await?,
+        Cmd::Pool(cmd) => template::pool(&c, cmd, j).await?,
         Cmd::Snapshot(a) => snap::snapshot(&c, a, j).await?,
         Cmd::Pause { name } => snap::pause_resume(&c, &name, false, j).await?,
         Cmd::Resume { name } => snap::pause_resume(&c, &name, true, j).await?,
