@@ -45,7 +45,7 @@ impl Service {
             .into_iter()
             .filter(|t| caller.sees(t.owner.as_deref()))
             .collect();
-        v.sort_by(|a, b| a.key().cmp(&b.key()));
+        v.sort_by_key(|t| t.key());
         Ok(v)
     }
 
