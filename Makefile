@@ -70,6 +70,7 @@ bench: build
 	target/release/examples/bench_pull
 	target/release/examples/bench_ssh
 	target/release/examples/bench_net
+	target/release/examples/bench_snap
 
 # Release build, then hutchd, hutch and hutch-agent (beside hutchd, where hutchd looks for it),
 # the systemd unit (its /usr/local/bin paths rewritten to BINDIR) and shell completions.

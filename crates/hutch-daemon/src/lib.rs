@@ -159,7 +159,15 @@ pub async fn prepare(cfg: &DaemonConfig) -> Result<Arc<service::Service>, Daemon
     .map_err(setup)?;
     let qv = hutch_vmm::check_qemu(&cfg.qemu)?;
     tracing::info!(version = %format!("{}.{}.{}", qv.0, qv.1, qv.2), "qemu");
-    let (accel, why) = hutch_vmm::detect_accel(cfg.accel, Path::new("/"))?;
+    let (mut accel, mut why) = hutch_vmm::detect_accel(cfg.accel, Path::new("/"))?;
+    if accel == hutch_vmm::Accel::Kvm && cfg.jail.is_some() {
+        if let Err(e) = hutch_vmm::kvm_for_confined(Path::new("/")) {
+            if cfg.accel == hutch_vmm::AccelChoice::Kvm {
+                return Err(setup(format!("--accel kvm: {e}")));
+            }
+            (accel, why) = (hutch_vmm::Accel::Tcg, format!("{e}; using TCG"));
+        }
+    }
     tracing::info!(accel = accel.as_str(), reason = %why, "accelerator");
     let cache = cfg
         .boot_cache

@@ -76,6 +76,25 @@ pub fn detect_accel(choice: AccelChoice, root: &Path) -> Result<(Accel, String),
     }
 }
 
+/// Whether confined QEMUs (each its own uid, with /dev/kvm's group as a supplementary group)
+/// can open `/dev/kvm` under `root`: it must be group read-write, for a group other than root's
+/// (giving QEMU root's group would give it far more than KVM). Debian's udev makes it
+/// `0660 root:kvm`; some hosts leave it `0600 root:root`.
+pub fn kvm_for_confined(root: &Path) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(root.join("dev/kvm")).map_err(|e| format!("/dev/kvm: {e}"))?;
+    if m.mode() & 0o060 != 0o060 || m.gid() == 0 {
+        return Err(format!(
+            "/dev/kvm is mode {:o}, group {}: confined QEMUs reach it through its group; make it \
+             0660 with a group of its own (chgrp kvm /dev/kvm; chmod 0660 /dev/kvm), or run \
+             hutchd with --jail off",
+            m.mode() & 0o777,
+            m.gid()
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -96,6 +115,19 @@ mod tests {
         std::fs::remove_dir_all(d.join("sys")).unwrap();
         assert_eq!(detect_accel(AccelChoice::Auto, &d).unwrap().0, Accel::Kvm);
         assert_eq!(detect_accel(AccelChoice::Tcg, &d).unwrap().0, Accel::Tcg);
+        // A 0600 root:root /dev/kvm (as on some hosts) is not for confined QEMUs.
+        use std::os::unix::fs::PermissionsExt;
+        let kvm = d.join("dev/kvm");
+        std::fs::set_permissions(&kvm, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let e = kvm_for_confined(&d).unwrap_err();
+        assert!(e.contains("0660"), "{e}");
+        std::fs::set_permissions(&kvm, std::fs::Permissions::from_mode(0o660)).unwrap();
+        if unsafe { libc::geteuid() } == 0 {
+            // Group root is refused too; another group passes.
+            assert!(kvm_for_confined(&d).is_err());
+            std::os::unix::fs::chown(&kvm, None, Some(65534)).unwrap();
+            assert_eq!(kvm_for_confined(&d), Ok(()));
+        }
         std::fs::remove_dir_all(&d).unwrap();
     }
 

@@ -14,7 +14,7 @@ pub mod qemu;
 pub mod qmp;
 pub mod version;
 
-pub use accel::{detect_accel, Accel, AccelChoice};
+pub use accel::{detect_accel, kvm_for_confined, Accel, AccelChoice};
 pub use cmdline::DiskFormat;
 pub use jail::JailConfig;
 pub use qemu::Qemu;

@@ -404,11 +404,18 @@ impl Vmm for Qemu {
     }
 
     fn launch(&self, spec: &VmSpec) -> Result<VmProcess, VmmError> {
+        let t0 = Instant::now();
         let started = self.start(spec).and_then(|pid| {
+            let spawned = t0.elapsed();
             self.wait_ready(spec, pid)
-                .and_then(|_| match &spec.incoming {
-                    Some(i) => self.load(spec, pid, i.ignore_shared),
-                    None => Ok(()),
+                .and_then(|_| {
+                    let ready = t0.elapsed();
+                    let r = match &spec.incoming {
+                        Some(i) => self.load(spec, pid, i.ignore_shared),
+                        None => Ok(()),
+                    };
+                    tracing::debug!(id = %spec.id, ?spawned, ?ready, loaded = ?t0.elapsed(), "qemu launch phases");
+                    r
                 })
                 .inspect_err(|_| {
                     let _ = self.kill(&spec.handle(pid));

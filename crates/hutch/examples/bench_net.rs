@@ -10,7 +10,7 @@
 
 mod benchlib;
 
-use benchlib::{api, median, ws};
+use benchlib::{api, api_ok, median, ws, Cleanup};
 use serde_json::json;
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -272,40 +272,4 @@ fn main() {
         "TCP VM -> host {vmm:.0} MB/s vs host loopback {lom:.0} MB/s -> {:.3}x (TCG bounds the guest)",
         vmm / lom
     );
-}
-
-fn api_ok(sock: &Path) -> Option<()> {
-    UnixStream::connect(sock).ok()?;
-    (api(sock, "GET", "/api/v1/health", None).0 == 200).then_some(())
-}
-
-/// Stops hutchd and its VMs, and removes the bench's bridge and tables, also on a panic.
-struct Cleanup {
-    hutchd: std::process::Child,
-    data: PathBuf,
-    bridge: String,
-}
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        let _ = self.hutchd.kill();
-        let _ = self.hutchd.wait();
-        benchlib::kill_qemus_under(&self.data);
-        std::thread::sleep(Duration::from_millis(500));
-        let ports = std::fs::read_dir(format!("/sys/class/net/{}/brif", self.bridge));
-        for p in ports.into_iter().flatten().flatten() {
-            let _ = Command::new("ip")
-                .args(["link", "del"])
-                .arg(p.file_name())
-                .status();
-        }
-        let _ = Command::new("ip")
-            .args(["link", "del", &self.bridge])
-            .status();
-        for fam in ["inet", "bridge"] {
-            let _ = Command::new("nft")
-                .args(["delete", "table", fam, &self.bridge])
-                .status();
-        }
-    }
 }

@@ -418,6 +418,7 @@ impl Node {
             .await
             .map_err(internal)??;
         crate::crash::point("boot.launched");
+        let launched_ms = t0.elapsed().as_millis() as u64;
         let h = proc_.handle.clone();
         let conf = proc_.confinement.clone();
         let connected = tokio::select! {
@@ -439,6 +440,7 @@ impl Node {
                 )));
             }
         };
+        let connected_ms = t0.elapsed().as_millis() as u64;
         if let Launch::Restore(r) = &launch {
             if let Err(e) = self.restored(vm, &client, r.new_identity).await {
                 let _ = self.vmm.kill(&h);
@@ -449,6 +451,7 @@ impl Node {
             }
         }
         let boot_ms = t0.elapsed().as_millis() as u64;
+        tracing::debug!(vm = %vm.name, net_us, launched_ms, connected_ms, boot_ms, "boot phases");
         match launch {
             Launch::Boot => self.metrics.boots.observe(t0.elapsed()),
             Launch::Restore(_) => self.metrics.restores.observe(t0.elapsed()),

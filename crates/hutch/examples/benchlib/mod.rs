@@ -61,3 +61,41 @@ pub fn kill_qemus_under(data: &Path) {
         }
     }
 }
+
+/// Whether hutchd answers on `sock`.
+pub fn api_ok(sock: &Path) -> Option<()> {
+    UnixStream::connect(sock).ok()?;
+    (api(sock, "GET", "/api/v1/health", None).0 == 200).then_some(())
+}
+
+/// Stops a benchmark's hutchd and its VMs, and removes its bridge and tables, also on a panic.
+pub struct Cleanup {
+    pub hutchd: std::process::Child,
+    pub data: PathBuf,
+    pub bridge: String,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        use std::process::Command;
+        let _ = self.hutchd.kill();
+        let _ = self.hutchd.wait();
+        kill_qemus_under(&self.data);
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        let ports = std::fs::read_dir(format!("/sys/class/net/{}/brif", self.bridge));
+        for p in ports.into_iter().flatten().flatten() {
+            let _ = Command::new("ip")
+                .args(["link", "del"])
+                .arg(p.file_name())
+                .status();
+        }
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.bridge])
+            .status();
+        for fam in ["inet", "bridge"] {
+            let _ = Command::new("nft")
+                .args(["delete", "table", fam, &self.bridge])
+                .status();
+        }
+    }
+}
