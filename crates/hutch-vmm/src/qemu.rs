@@ -393,7 +393,7 @@ impl Qemu {
                     "qemu {pid} did not become ready (QMP answered: {answered}, chrooted: {in_jail})"
                 )));
             }
-            std::thread::sleep(Duration::from_millis(20));
+            std::thread::sleep(Duration::from_millis(5));
         }
     }
 }

@@ -129,7 +129,10 @@ fn main() {
                 .unwrap_or_else(|| ws.join("target/hutch-bench-boot")),
         )
         .args(["--ssh-listen", "off"])
-        .args(["--accel", &env("HUTCH_BENCH_ACCEL").unwrap_or("auto".into())]);
+        .args([
+            "--accel",
+            &env("HUTCH_BENCH_ACCEL").unwrap_or("auto".into()),
+        ]);
     if env("HUTCH_BENCH_NET").as_deref() == Some("off") {
         cmd.args(["--network", "off"]);
     } else {
@@ -308,10 +311,20 @@ fn main() {
     for _ in 0..ROUNDS {
         for (j, mib) in [256u64, 2048].into_iter().enumerate() {
             let name = format!("m{mib}");
-            let (st, v) = api(&sock, "POST", &format!("/api/v1/sandboxes/{name}/pause"), None);
+            let (st, v) = api(
+                &sock,
+                "POST",
+                &format!("/api/v1/sandboxes/{name}/pause"),
+                None,
+            );
             ok(st, &v, 200);
             let t = Instant::now();
-            let (st, v) = api(&sock, "POST", &format!("/api/v1/sandboxes/{name}/resume"), None);
+            let (st, v) = api(
+                &sock,
+                "POST",
+                &format!("/api/v1/sandboxes/{name}/resume"),
+                None,
+            );
             ok(st, &v, 200);
             assert_eq!(exec(&sock, &name, "true"), 0);
             times[j].push(t.elapsed().as_secs_f64() * 1000.0);

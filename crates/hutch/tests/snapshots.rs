@@ -202,6 +202,12 @@ fn pause_resume_snapshot_restore_fork() {
         (forks[0]["name"].as_str(), forks[1]["name"].as_str()),
         (Some("f-1"), Some("f-2"))
     );
+    // src mapped base's memory; the fork moved its RAM into a file first, so the copies map
+    // (and share) the fork's memory file rather than each holding all of it.
+    assert!(
+        forks.iter().all(|f| f["mem"]["base"].is_string()),
+        "{forks:?}"
+    );
     let ips: Vec<String> = forks.iter().map(ip).collect();
     assert!(ips[0] != ips[1] && !ips.contains(&src_ip), "{ips:?}");
     assert_eq!(sh(&d, "f-1", "hostname"), "f-1\n");

@@ -202,7 +202,7 @@ impl Conn {
             match UnixStream::connect(socket).await {
                 Ok(s) => break s,
                 Err(_) if Instant::now() < deadline => {
-                    tokio::time::sleep(Duration::from_millis(20)).await
+                    tokio::time::sleep(Duration::from_millis(5)).await
                 }
                 Err(_) => return Err(AgentError::Timeout(timeout)),
             }

@@ -153,19 +153,8 @@ impl Node {
         client: &Arc<dyn Agent>,
         new_identity: bool,
     ) -> Result<(), ApiError> {
-        let identity = new_identity.then(|| self.identity_of(vm));
-        let info = hutch_proto::RestoreInfo {
-            time_ns: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(0),
-            entropy: {
-                let mut b = [0u8; 64];
-                rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut b);
-                hex::encode(b)
-            },
-            identity,
-        };
+        let identity = new_identity.then(|| self.identity_of(vm, true));
+        let info = hutch_proto::RestoreInfo::now(&entropy(), identity);
         tokio::time::timeout(Duration::from_secs(30), client.restored(info))
             .await
             .map_err(|_| internal(format!("the agent of {} did not take its restore", vm.name)))?
@@ -173,15 +162,20 @@ impl Node {
     }
 
     /// Gives running `vm`'s guest the identity its record has now (a claimed warm pool VM:
-    /// its new name, a new machine id).
+    /// its new name and a new machine id; its address and MAC were its own already).
     pub async fn personalize(&self, vm: &Vm) -> Result<(), ApiError> {
         let client = self.client(vm)?;
-        self.restored(vm, &client, true).await
+        let info = hutch_proto::RestoreInfo::now(&entropy(), Some(self.identity_of(vm, false)));
+        tokio::time::timeout(Duration::from_secs(30), client.restored(info))
+            .await
+            .map_err(|_| internal(format!("the agent of {} did not take its name", vm.name)))?
+            .map_err(ApiError::from)
     }
 
-    fn identity_of(&self, vm: &Vm) -> hutch_proto::Identity {
+    /// `vm`'s identity for its guest; `with_net`: its network too.
+    fn identity_of(&self, vm: &Vm, with_net: bool) -> hutch_proto::Identity {
         let net = match (&self.net, vm.net.ipv4, &vm.net.mac) {
-            (Some(n), Some(ip), Some(mac)) if self.nic(vm).is_some() => {
+            (Some(n), Some(ip), Some(mac)) if with_net && self.nic(vm).is_some() => {
                 let gw = n.settings.cfg.gateway();
                 Some(hutch_proto::NetIdentity {
                     ip,
@@ -493,6 +487,13 @@ impl Node {
             }
         }
     }
+}
+
+/// 64 bytes from the host's RNG for a restored guest's.
+fn entropy() -> [u8; 64] {
+    let mut b = [0u8; 64];
+    rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut b);
+    b
 }
 
 /// A fresh memory file at `p`: any earlier content is dropped (QEMU sizes it).

@@ -126,9 +126,13 @@ async fn pause_resume_snapshot_restore_fork() {
         .unwrap();
     let names: Vec<&str> = forks.iter().map(|v| v.name.as_str()).collect();
     assert_eq!(names, ["t-1", "t-2"]);
-    // Each fork froze web's disk once more: the copies sit on two layers, web on a third.
-    assert!(forks.iter().all(|v| v.mem.layers.len() == 2));
-    assert_eq!(s.get("alice/web").await.unwrap().mem.layers.len(), 2);
+    // web mapped base's memory, so the fork first moved its RAM into a file of its own (one
+    // more frozen layer), then took the fork's snapshot (another): the copies share its memory.
+    assert!(forks.iter().all(|v| v.mem.layers.len() == 3));
+    assert!(forks.iter().all(|v| v.mem.base.is_some()));
+    let web = s.get("alice/web").await.unwrap();
+    assert_eq!(web.mem.layers.len(), 3);
+    assert_eq!(web.mem.base, forks[0].mem.base);
     // The fork's snapshot is gone from the listing (its files stay while the copies use them).
     let listed = s.snapshots_of(&alice).await.unwrap();
     assert_eq!(listed.len(), 1);

@@ -100,6 +100,28 @@ impl Service {
         let lock = self.lock_for(&vm.id);
         let _g = lock.lock().await;
         let _ops = self.snap_ops.read().await;
+        let vm = self.by_id(&vm.id, &vm.name).await?;
+        if vm.mem.base.is_some() {
+            // Its RAM is a snapshot's plus its own pages, in no file of its own: a first pass
+            // moves all of it into a file of its own, so that the snapshot's copies map it and
+            // share it (docs/snapshots.md).
+            let pass = self
+                .snapshot_once(&vm, &image, &format!("own-{}", names::random_id()), true)
+                .await?;
+            self.records.delete(SNAPSHOTS, &pass.key()).await?;
+        }
+        let vm = self.by_id(&vm.id, &vm.name).await?;
+        self.snapshot_once(&vm, &image, snap_name, internal_).await
+    }
+
+    /// One snapshot of running `vm` (its lock held), recorded.
+    async fn snapshot_once(
+        self: &Arc<Self>,
+        vm: &Vm,
+        image: &hutch_core::Image,
+        snap_name: &str,
+        internal_: bool,
+    ) -> Result<Snapshot, ApiError> {
         let vm = self
             .node
             .transition(&vm.id, Event::Snapshot, |_| {})
@@ -134,7 +156,7 @@ impl Service {
             pause_ms: 0,
             internal: internal_,
         };
-        let ran = self.node.take_snapshot(&vm, &image, &mut snap).await;
+        let ran = self.node.take_snapshot(&vm, image, &mut snap).await;
         if snap.layers.is_empty() {
             // Nothing was frozen: the VM runs on as it was.
             return Err(ran
@@ -307,18 +329,25 @@ impl Service {
             .snapshot_vm(&vm, &format!("fork-{}", names::random_id()), true)
             .await?;
         drop(held);
+        // Restores run side by side, a few at a time (each is a QEMU start and a guest that
+        // takes its identity); the copies come back in name order.
+        use futures_util::StreamExt;
+        let parallel = (self.node.host_cpus() as usize).clamp(1, 8);
+        let snap2 = &snap;
+        let results: Vec<Result<Vm, ApiError>> = futures_util::stream::iter(names)
+            .map(|n| async move {
+                self.restore_copy(caller, snap2, Some(n), Default::default(), None)
+                    .await
+            })
+            .buffered(parallel)
+            .collect()
+            .await;
         let mut made = Vec::new();
         let mut err = None;
-        for n in names {
-            match self
-                .restore_copy(caller, &snap, Some(n), Default::default(), None)
-                .await
-            {
+        for r in results {
+            match r {
                 Ok(v) => made.push(v),
-                Err(e) => {
-                    err = Some(e);
-                    break;
-                }
+                Err(e) => err = err.or(Some(e)),
             }
         }
         self.records.delete(SNAPSHOTS, &snap.key()).await?;
