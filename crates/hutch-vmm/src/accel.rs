@@ -122,6 +122,7 @@ mod tests {
         let e = kvm_for_confined(&d).unwrap_err();
         assert!(e.contains("0660"), "{e}");
         std::fs::set_permissions(&kvm, std::fs::Permissions::from_mode(0o660)).unwrap();
+        // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } == 0 {
             // Group root is refused too; another group passes.
             assert!(kvm_for_confined(&d).is_err());
