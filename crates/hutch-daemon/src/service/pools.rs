@@ -37,6 +37,9 @@ pub fn pools_text(pools: &[PoolView]) -> String {
     o
 }
 
+/// How long after a claim its pool is refilled.
+const REFILL_AFTER_CLAIM: Duration = Duration::from_millis(500);
+
 /// How often pools are checked when nothing signals a change.
 const REFILL_EVERY: Duration = Duration::from_secs(5);
 
@@ -176,6 +179,7 @@ impl Service {
                     "sandbox {new_name:?} already exists"
                 )));
             }
+            let t0 = std::time::Instant::now();
             let claimed = self
                 .records
                 .rename_vm(&cand.id, &new_name, |v| {
@@ -190,10 +194,18 @@ impl Service {
             if vm.pool.is_some() || vm.state != VmState::Running {
                 continue;
             }
-            self.pools_changed();
+            // The refill waits a moment: the VM just handed out gets the CPUs for its first
+            // requests instead of sharing them with a restore.
+            let wake = self.pool_wake.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(REFILL_AFTER_CLAIM).await;
+                wake.notify_one();
+            });
             // The guest takes its new name; its address and MAC were its own already.
+            let renamed = t0.elapsed();
             match self.node.personalize(&vm).await {
                 Ok(()) => {
+                    tracing::debug!(vm = %vm.name, ?renamed, total = ?t0.elapsed(), "pool VM claimed");
                     self.metrics
                         .pool_claims
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);

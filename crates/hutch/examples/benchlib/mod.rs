@@ -1,3 +1,4 @@
+#![allow(dead_code)] // each benchmark uses part of it
 //! What the benchmark examples share: the workspace path, a REST call over hutchd's unix
 //! socket, a median, and killing the VMs a benchmark's hutchd left.
 
