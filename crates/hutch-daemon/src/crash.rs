@@ -4,7 +4,7 @@
 //!
 //! Points: create.registered, create.disk, boot.launched, boot.connected, clone.copied,
 //! delete.marked, delete.destroyed, commit.exporting, commit.built, pull.fetched,
-//! import.uploaded, import.built.
+//! import.uploaded, import.built, pause.saved, snapshot.saved, snapshot.frozen.
 
 use std::sync::OnceLock;
 

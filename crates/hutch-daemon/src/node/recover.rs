@@ -84,6 +84,10 @@ impl Node {
         if let Err(e) = self.vmm.reconcile(&keep) {
             tracing::warn!(error = %e, "reconciling VM cgroups and jails");
         }
+        // Disk layers and snapshot files an interrupted snapshot left without a record.
+        if let Err(e) = self.collect(&[]).await {
+            tracing::warn!(error = %e, "collecting unused snapshot files");
+        }
         Ok(())
     }
 

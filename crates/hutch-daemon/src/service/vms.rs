@@ -381,8 +381,15 @@ impl Service {
                 .transition(id, Event::Start, |v| v.restarts = restarts)
                 .await?
         };
+        let had_base = vm.mem.base.is_some();
         match self.node.boot(&vm, &image, None, Launch::Boot).await {
-            Ok(vm) => Ok(vm),
+            Ok(vm) => {
+                // A cold boot no longer maps the snapshot it was made from.
+                if had_base {
+                    self.collect_snapshots().await?;
+                }
+                Ok(vm)
+            }
             Err(e) => {
                 let why = e.to_string();
                 let _ = self
