@@ -24,6 +24,7 @@ pub mod snap_api;
 pub mod ssh;
 pub mod stream_api;
 pub mod tcp;
+pub mod timers_api;
 
 use hutch_vmm::{AccelChoice, Vmm};
 use std::path::{Path, PathBuf};
