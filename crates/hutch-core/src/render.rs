@@ -5,7 +5,16 @@ use crate::{mib, Confinement, Vm};
 
 /// How long ago `ts` (Unix seconds) was: `42s`, `5m`, `3h`, `2d`.
 pub fn age(ts: u64) -> String {
-    let d = crate::now().saturating_sub(ts);
+    span(crate::now().saturating_sub(ts))
+}
+
+/// How long until `ts` (Unix seconds): `42s`, `9m`, `2h`, `3d`; `0s` once it has passed.
+pub fn until(ts: u64) -> String {
+    span(ts.saturating_sub(crate::now()))
+}
+
+/// `d` seconds in the largest whole unit: `42s`, `5m`, `3h`, `2d`.
+fn span(d: u64) -> String {
     match d {
         0..=59 => format!("{d}s"),
         60..=3599 => format!("{}m", d / 60),
@@ -24,9 +33,10 @@ pub fn display_name(vm: &Vm, viewer: Option<&str>) -> String {
 }
 
 /// The `ls` table. `viewer`: the account looking (None: the admin); `node`: a NODE column.
+/// EXPIRES is how long until the VM's TTL runs out (`-`: no TTL running).
 pub fn vm_table(vms: &[Vm], viewer: Option<&str>, node: Option<&str>) -> String {
     let mut head = vec![
-        "NAME", "STATE", "IMAGE", "IP", "VCPU", "RAM", "DISK", "PID", "AGE",
+        "NAME", "STATE", "IMAGE", "IP", "VCPU", "RAM", "DISK", "PID", "AGE", "EXPIRES",
     ];
     if node.is_some() {
         head.insert(1, "NODE");
@@ -46,6 +56,7 @@ pub fn vm_table(vms: &[Vm], viewer: Option<&str>, node: Option<&str>) -> String 
             format!("{}G", v.disk_gib),
             v.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
             age(v.created_at),
+            v.timers.deadline.map(until).unwrap_or_else(|| "-".into()),
         ];
         if let Some(n) = node {
             row.insert(1, n.to_string());
@@ -119,9 +130,40 @@ pub fn describe(v: &Vm, node: Option<&str>, connect: &str) -> String {
     if let Some(b) = v.boot_ms {
         s.push_str(&format!("  Boot:    {b} ms\n"));
     }
+    s.push_str(&timer_lines(&v.timers));
     s.push_str(&net_lines(&v.net));
     s.push_str(&Confinement::describe(v.confinement.as_ref()));
     s.push_str(&format!("\n  Connect: {connect}\n\n"));
+    s
+}
+
+/// The TTL and auto-pause lines of `describe` (docs/snapshots.md).
+fn timer_lines(t: &crate::timers::VmTimers) -> String {
+    use crate::timers::show_duration;
+    let mut s = String::new();
+    let then = t.on_expire.as_str();
+    match (t.ttl_secs, t.deadline) {
+        (Some(ttl), Some(d)) => s.push_str(&format!(
+            "  TTL:     {}, expires in {}, then {then}\n",
+            show_duration(ttl),
+            until(d)
+        )),
+        (None, Some(d)) => s.push_str(&format!(
+            "  TTL:     expires in {}, then {then}\n",
+            until(d)
+        )),
+        (Some(ttl), None) => s.push_str(&format!(
+            "  TTL:     {}, ran out; a resume or keepalive starts it again\n",
+            show_duration(ttl)
+        )),
+        (None, None) => {}
+    }
+    if let Some(idle) = t.auto_pause_secs {
+        s.push_str(&format!(
+            "  Idle:    pauses after {} without activity, resumes on use\n",
+            show_duration(idle)
+        ));
+    }
     s
 }
 
@@ -164,4 +206,68 @@ fn net_lines(n: &crate::net::VmNet) -> String {
         s.push_str(&format!("  Public:  {}\n", l.join(", ")));
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::timers::{OnExpire, VmTimers};
+
+    fn vm(timers: VmTimers) -> Vm {
+        let mut v: Vm = serde_json::from_value(serde_json::json!({
+            "id": "0123456789ab", "name": "web", "image": "busybox", "image_digest": "",
+            "vcpus": 1, "mem_mib": 256, "disk_gib": 10, "state": "running", "created_at": 0
+        }))
+        .unwrap();
+        v.created_at = crate::now();
+        v.timers = timers;
+        v
+    }
+
+    #[test]
+    fn ls_shows_when_the_ttl_runs_out() {
+        let with_ttl = vm(VmTimers {
+            ttl_secs: Some(600),
+            deadline: Some(crate::now() + 570),
+            ..Default::default()
+        });
+        let t = vm_table(&[with_ttl, vm(VmTimers::default())], None, None);
+        let lines: Vec<&str> = t.lines().collect();
+        assert!(lines[0].ends_with("AGE  EXPIRES"), "{t}");
+        assert!(lines[1].ends_with(" 9m"), "{t}");
+        assert!(lines[2].ends_with(" -"), "{t}");
+        assert_eq!(until(crate::now().saturating_sub(5)), "0s");
+    }
+
+    #[test]
+    fn describe_shows_ttl_and_auto_pause() {
+        let d = describe(
+            &vm(VmTimers {
+                ttl_secs: Some(3600),
+                deadline: Some(crate::now() + 7200 + 30),
+                on_expire: OnExpire::Pause,
+                auto_pause_secs: Some(300),
+            }),
+            None,
+            "x",
+        );
+        assert!(
+            d.contains("  TTL:     1h, expires in 2h, then pause\n"),
+            "{d}"
+        );
+        assert!(
+            d.contains("  Idle:    pauses after 5m without activity, resumes on use\n"),
+            "{d}"
+        );
+        let d = describe(
+            &vm(VmTimers {
+                ttl_secs: Some(600),
+                ..Default::default()
+            }),
+            None,
+            "x",
+        );
+        assert!(d.contains("10m, ran out"), "{d}");
+        assert!(!describe(&vm(VmTimers::default()), None, "x").contains("TTL"));
+    }
 }

@@ -25,6 +25,7 @@ pub mod ssh;
 pub mod stream_api;
 pub mod tcp;
 pub mod template_api;
+pub mod timers_api;
 
 use hutch_vmm::{AccelChoice, Vmm};
 use std::path::{Path, PathBuf};

@@ -78,6 +78,11 @@ pub struct Metrics {
     pub pull_bytes: AtomicU64,
     pub ssh_sessions: AtomicU64,
     pub ssh_sessions_total: AtomicU64,
+    /// VMs whose TTL ran out (deleted or paused for it).
+    pub expired_total: AtomicU64,
+    /// VMs paused for want of activity, and paused VMs that activity resumed.
+    pub auto_paused_total: AtomicU64,
+    pub auto_resumed_total: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -93,6 +98,9 @@ impl Default for Metrics {
             pull_bytes: AtomicU64::new(0),
             ssh_sessions: AtomicU64::new(0),
             ssh_sessions_total: AtomicU64::new(0),
+            expired_total: AtomicU64::new(0),
+            auto_paused_total: AtomicU64::new(0),
+            auto_resumed_total: AtomicU64::new(0),
         }
     }
 }
@@ -166,6 +174,21 @@ impl Metrics {
                 "hutch_ssh_sessions_total",
                 "SSH connections authenticated.",
                 &self.ssh_sessions_total,
+            ),
+            (
+                "hutch_vm_expired_total",
+                "VMs deleted or paused because their TTL ran out.",
+                &self.expired_total,
+            ),
+            (
+                "hutch_vm_auto_paused_total",
+                "VMs paused after a time without activity (auto-pause).",
+                &self.auto_paused_total,
+            ),
+            (
+                "hutch_vm_auto_resumed_total",
+                "Paused VMs resumed by a request that needed them (auto-resume).",
+                &self.auto_resumed_total,
             ),
         ];
         for (name, help, v) in counters {
@@ -271,6 +294,7 @@ mod tests {
         assert!(text.contains("hutch_vm_create_seconds_bucket{le=\"5\"} 2\n"));
         assert!(text.contains("hutch_vm_create_seconds_count 2\n"));
         assert!(text.contains("hutch_exec_total 2\n"));
+        assert!(text.contains("hutch_vm_auto_resumed_total 0\n"));
         assert!(text.contains("hutch_vm_memory_bytes{vm=\"we\\\"b\",owner=\"alice\"} 4096\n"));
         assert!(!text.contains("hutch_vm_disk_bytes{"));
         for line in text.lines().filter(|l| !l.starts_with('#')) {

@@ -11,6 +11,7 @@
 use crate::agent::{within, Agent, AgentError, DirPage as AgentPage, ErrorCode};
 use crate::error::ApiError;
 use crate::service::files::{checked_end, ANSWER_TIMEOUT};
+use crate::service::timers::InUse;
 use crate::service::Service;
 use futures_util::future::BoxFuture;
 use hutch_proto::FileAttr;
@@ -58,16 +59,19 @@ pub struct VmSftp {
     vm: String,
     handles: HashMap<String, Open>,
     next: u64,
+    /// The VM is in use (not auto-paused) while the session lasts.
+    _use: InUse,
 }
 
 impl VmSftp {
-    pub fn new(m: Arc<Service>, caller: crate::auth::Caller, vm: String) -> VmSftp {
+    pub fn new(m: Arc<Service>, caller: crate::auth::Caller, vm: String, u: InUse) -> VmSftp {
         VmSftp {
             m,
             caller,
             vm,
             handles: HashMap::new(),
             next: 1,
+            _use: u,
         }
     }
 

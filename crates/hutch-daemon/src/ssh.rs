@@ -370,7 +370,7 @@ impl Conn {
         let Some(vm) = self.find(&name).await else {
             return self.finish(ch, Out::fail(format!("{name}: no such VM")), session);
         };
-        if vm.state != VmState::Running {
+        if vm.state != VmState::Running && !crate::service::timers::wakes_on_use(&vm) {
             let msg = format!(
                 "{name} is {}; run: ssh -p {} {} start {name}",
                 vm.state.as_str(),
@@ -663,15 +663,17 @@ impl server::Handler for Conn {
         let channel = self.chans.get_mut(&ch).and_then(|c| c.channel.take());
         match (name, channel) {
             ("sftp", Some(channel)) if self.is_vm_user().await => {
-                let vm = match self.find(&self.user).await {
-                    Some(v) if v.state == VmState::Running => self.user.clone(),
+                // A use of the VM for as long as the session lasts (woken if auto-paused).
+                let in_use = match self.m.use_vm(&self.caller(), &self.user).await {
+                    Ok((v, u)) if v.state == VmState::Running => u,
                     _ => {
                         session.channel_failure(ch)?;
                         return Ok(());
                     }
                 };
                 session.channel_success(ch)?;
-                let sftp = crate::sftp::VmSftp::new(self.m.clone(), self.caller(), vm);
+                let (m, vm) = (self.m.clone(), self.user.clone());
+                let sftp = crate::sftp::VmSftp::new(m, self.caller(), vm, in_use);
                 // The SFTP server runs on one end of a pipe; this task carries the other end to
                 // the channel and, when both sides are done, reports success (scp checks it).
                 let (ours, theirs) = tokio::io::duplex(256 * 1024);

@@ -36,7 +36,14 @@ pub enum Resolve {
         ip: IpAddr,
         public_ports: Vec<u16>,
     },
+    /// The VM is paused and resumes when used: a request that passes the checks a running
+    /// VM's would is held while [`Backends::wake`] resumes it, then forwarded.
+    Paused { vm: String, public_ports: Vec<u16> },
 }
+
+/// What [`Backends::wake`] returns: the VM's address once it runs again, or None (503).
+pub type Waking<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Option<IpAddr>> + Send + 'a>>;
 
 /// The daemon's side of the proxy.
 pub trait Backends: Send + Sync + 'static {
@@ -44,8 +51,12 @@ pub trait Backends: Send + Sync + 'static {
     fn resolve(&self, label: &str) -> Resolve;
     /// Whether `bearer` (the token from `Authorization: Bearer`) may use VM `vm`.
     fn authorize(&self, vm: &str, bearer: &str) -> bool;
-    /// Called for every proxied request (activity, for auto-pause later). Default no-op.
+    /// Called for every proxied request (activity, for auto-pause). Default no-op.
     fn touched(&self, _vm: &str) {}
+    /// Resumes paused VM `vm` for an authorized request; its address once it runs.
+    fn wake(&self, _vm: &str) -> Waking<'_> {
+        Box::pin(async { None })
+    }
 }
 
 /// What the proxy serves and how it signs share links.

@@ -174,7 +174,8 @@ impl Proxy {
                 vm,
                 ip,
                 public_ports,
-            } => (vm, ip, public_ports),
+            } => (vm, Some(ip), public_ports),
+            Resolve::Paused { vm, public_ports } => (vm, None, public_ports),
         };
         let port = target.port;
 
@@ -232,6 +233,20 @@ impl Proxy {
         }
         req.headers_mut().remove(AUTHORIZATION);
 
+        // A paused VM is woken only for a request that may reach it.
+        let ip = match ip {
+            Some(ip) => ip,
+            None => match self.backends.wake(&vm).await {
+                Some(ip) => ip,
+                None => {
+                    return json_error(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "vm_not_running",
+                        &format!("VM {vm} is paused and could not be resumed; retry"),
+                    )
+                }
+            },
+        };
         self.backends.touched(&vm);
         let host = HeaderValue::from_str(&host).unwrap_or_else(|_| HeaderValue::from_static(""));
         let up = Upstream {

@@ -53,6 +53,40 @@ async fn owner_token_reaches_a_private_port_without_leaking_to_the_guest() {
 }
 
 #[tokio::test]
+async fn a_paused_vm_is_woken_only_for_a_request_that_may_reach_it() {
+    let env = start(Limits::default()).await;
+    let c = client();
+    let host = format!("{}-dozing.{DOMAIN}", env.port);
+    for token in [None, Some(OTHER)] {
+        let mut r = env.req(&c, &host, "/");
+        if let Some(t) = token {
+            r = r.bearer_auth(t);
+        }
+        assert_eq!(r.send().await.unwrap().status(), 401);
+    }
+    assert!(env.fake.woken.lock().unwrap().is_empty());
+    let r = env
+        .req(&c, &host, "/")
+        .bearer_auth(OWNER)
+        .send()
+        .await
+        .unwrap();
+    echo(r).await;
+    assert_eq!(*env.fake.woken.lock().unwrap(), vec!["vm-1".to_string()]);
+    assert_eq!(*env.fake.touched.lock().unwrap(), vec!["vm-1".to_string()]);
+    // One that does not wake: 503, and no request reaches anything.
+    let r = env
+        .req(&c, &format!("{}-comatose.{DOMAIN}", env.public_port), "/")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(code(r).await, "vm_not_running");
+    assert_eq!(env.fake.woken.lock().unwrap().len(), 2);
+    assert_eq!(env.fake.touched.lock().unwrap().len(), 1);
+}
+
+#[tokio::test]
 async fn private_port_without_or_with_a_wrong_token_is_401() {
     let env = start(Limits::default()).await;
     let c = client();

@@ -84,11 +84,24 @@ pub enum ExecEvent {
 pub struct ExecStream {
     t: Arc<dyn Transport>,
     done: bool,
+    /// Kept for as long as the stream lives (the VM's activity session, see `holding`).
+    _held: Option<Box<dyn std::any::Any + Send + Sync>>,
 }
 
 impl ExecStream {
     pub(crate) fn new(t: Arc<dyn Transport>) -> ExecStream {
-        ExecStream { t, done: false }
+        ExecStream {
+            t,
+            done: false,
+            _held: None,
+        }
+    }
+
+    /// The stream, keeping `x` until it is dropped (an activity session keeps the VM from
+    /// being auto-paused while the process runs).
+    pub fn holding(mut self, x: impl std::any::Any + Send + Sync) -> ExecStream {
+        self._held = Some(Box::new(x));
+        self
     }
 
     /// The next event; `Ok(None)` after `Exited`. An error ends the stream: the agent refused

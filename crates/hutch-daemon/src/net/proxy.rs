@@ -1,6 +1,7 @@
-//! What hutch's HTTP(S) proxy (crate `hutch-proxy`) asks the daemon: which VM a host names, and
-//! whether a bearer token may use it (the service decides, on the resolved VM). Also the share
-//! links and the proxy's CA for `hutch port share` and `hutch ca`.
+//! What hutch's HTTP(S) proxy (crate `hutch-proxy`) asks the daemon: which VM a host names,
+//! whether a bearer token may use it (the service decides, on the resolved VM), and to count a
+//! request as the VM's activity or resume it when it is auto-paused (service/timers.rs). Also
+//! the share links and the proxy's CA for `hutch port share` and `hutch ca`.
 
 use super::dns::vm_by_label;
 use crate::auth::Caller;
@@ -35,9 +36,34 @@ impl hutch_proxy::Backends for Backends {
                     ip: ip.into(),
                     public_ports: vm.net.public_ports,
                 },
+                (_, Some(_)) if crate::service::timers::wakes_on_use(&vm) => Resolve::Paused {
+                    vm: vm.id,
+                    public_ports: vm.net.public_ports,
+                },
                 _ => Resolve::Stopped { vm: vm.id },
             },
         }
+    }
+
+    fn touched(&self, vm: &str) {
+        if let Some(s) = self.service.upgrade() {
+            s.touch(vm);
+        }
+    }
+
+    fn wake(&self, vm: &str) -> hutch_proxy::Waking<'_> {
+        let vm = vm.to_string();
+        Box::pin(async move {
+            let s = self.service.upgrade()?;
+            match s.wake_id(&vm).await {
+                Ok(v) if v.state == VmState::Running => v.net.ipv4.map(Into::into),
+                Ok(_) => None,
+                Err(e) => {
+                    tracing::warn!(vm = %vm, error = %e, "proxy: resuming a paused VM");
+                    None
+                }
+            }
+        })
     }
 
     fn authorize(&self, vm: &str, bearer: &str) -> bool {

@@ -3,6 +3,7 @@
 //! VM's changes for commit. Every wait on the guest has a bound, so a guest that never answers
 //! makes the call fail with a clear error instead of hanging.
 
+use super::timers::InUse;
 use super::{ExecVm, Service};
 use crate::agent::{within, Agent, AgentError, ExecStream, FileRead, FileWrite};
 use crate::auth::Caller;
@@ -62,6 +63,8 @@ pub struct FileReader {
     inner: FileRead,
     /// A first chunk read ahead (to learn whether the file opens).
     first: Option<Bytes>,
+    /// The VM is in use while the file is read (no auto-pause).
+    _use: InUse,
 }
 
 impl FileReader {
@@ -80,6 +83,8 @@ impl FileReader {
 pub struct FileWriter {
     name: String,
     inner: FileWrite,
+    /// The VM is in use while the file is written.
+    _use: InUse,
 }
 
 impl FileWriter {
@@ -99,17 +104,32 @@ impl FileWriter {
 }
 
 impl Service {
-    /// The agent of `caller`'s running VM `name`.
-    pub async fn agent(&self, caller: &Caller, name: &str) -> Result<Arc<dyn Agent>, ApiError> {
-        let vm = self.vm_for(caller, name).await?;
-        self.node.client(&vm)
+    /// The agent of `caller`'s running VM `name`. A use of the VM: counted as activity, and a
+    /// paused VM with auto-pause set is resumed first (timers.rs).
+    pub async fn agent(
+        self: &Arc<Self>,
+        caller: &Caller,
+        name: &str,
+    ) -> Result<Arc<dyn Agent>, ApiError> {
+        Ok(self.agent_in_use(caller, name).await?.0)
+    }
+
+    /// The same, with the use held until the guard is dropped.
+    async fn agent_in_use(
+        self: &Arc<Self>,
+        caller: &Caller,
+        name: &str,
+    ) -> Result<(Arc<dyn Agent>, InUse), ApiError> {
+        let (vm, u) = self.use_vm(caller, name).await?;
+        Ok((self.node.client(&vm)?, u))
     }
 
     /// Starts a process; returns its events. Stdin given whole (JSON `stdin`) is fed in the
     /// background within the stream's credit; with `stream_stdin` the caller feeds it through
-    /// the stream's [`handle`](ExecStream::handle).
+    /// the stream's [`handle`](ExecStream::handle). The VM is in use (not auto-paused) for as
+    /// long as the stream lives.
     pub async fn exec(
-        &self,
+        self: &Arc<Self>,
         caller: &Caller,
         name: &str,
         req: ExecVm,
@@ -117,7 +137,7 @@ impl Service {
         if req.argv.is_empty() || req.argv[0].is_empty() {
             return Err(ApiError::Invalid("argv must name a program".into()));
         }
-        let vm = self.vm_for(caller, name).await?;
+        let (vm, in_use) = self.use_vm(caller, name).await?;
         let client = self.node.client(&vm)?;
         self.metrics
             .execs_total
@@ -141,18 +161,20 @@ impl Service {
             .user
             .clone()
             .or_else(|| Some(icfg.user.clone()).filter(|u| !u.is_empty()));
-        let stream = client.exec(ExecRequest {
-            argv: req.argv,
-            env,
-            cwd,
-            user,
-            stdin: stdin.is_some() || req.stream_stdin,
-            timeout_ms: req.timeout_secs.map(|s| s.saturating_mul(1000)),
-            detach: false,
-            tty: req
-                .tty
-                .map(|(rows, cols)| hutch_proto::TtySize { rows, cols }),
-        })?;
+        let stream = client
+            .exec(ExecRequest {
+                argv: req.argv,
+                env,
+                cwd,
+                user,
+                stdin: stdin.is_some() || req.stream_stdin,
+                timeout_ms: req.timeout_secs.map(|s| s.saturating_mul(1000)),
+                detach: false,
+                tty: req
+                    .tty
+                    .map(|(rows, cols)| hutch_proto::TtySize { rows, cols }),
+            })?
+            .holding(in_use);
         if let Some(data) = stdin {
             let h = stream.handle();
             tokio::spawn(async move {
@@ -164,13 +186,14 @@ impl Service {
         Ok(stream)
     }
 
-    /// Asks the guest agent how it is.
+    /// Asks the guest agent how it is. Not a use of the VM: a health check neither resumes a
+    /// paused VM nor keeps one from being auto-paused.
     pub async fn agent_health(
         &self,
         caller: &Caller,
         name: &str,
     ) -> Result<serde_json::Value, ApiError> {
-        let client = self.agent(caller, name).await?;
+        let client = self.node.client(&self.vm_for(caller, name).await?)?;
         let h = within(HEALTH_TIMEOUT, client.health())
             .await
             .map_err(|e| no_answer(name, "a health check", e))?;
@@ -182,7 +205,7 @@ impl Service {
     /// Opens `path` for reading from `offset` (`len` bytes, or to its end). Errors of the open
     /// (no such file, a directory) come here, before any data.
     pub async fn open_read(
-        &self,
+        self: &Arc<Self>,
         caller: &Caller,
         name: &str,
         path: &str,
@@ -191,14 +214,13 @@ impl Service {
     ) -> Result<FileReader, ApiError> {
         check_path(path)?;
         checked_end(offset, len.unwrap_or(0))?;
-        let inner = self
-            .agent(caller, name)
-            .await?
-            .read_file(path, offset, len)?;
+        let (agent, u) = self.agent_in_use(caller, name).await?;
+        let inner = agent.read_file(path, offset, len)?;
         let mut r = FileReader {
             name: name.to_string(),
             inner,
             first: None,
+            _use: u,
         };
         r.first = r.next().await?;
         Ok(r)
@@ -207,7 +229,7 @@ impl Service {
     /// Opens `path` for writing: created or truncated (parents made) without `offset`, written
     /// in place at `offset` otherwise.
     pub async fn open_write(
-        &self,
+        self: &Arc<Self>,
         caller: &Caller,
         name: &str,
         path: &str,
@@ -218,19 +240,18 @@ impl Service {
         if let Some(o) = offset {
             checked_end(o, 0)?;
         }
-        let inner = self
-            .agent(caller, name)
-            .await?
-            .write_file(path, mode, offset)?;
+        let (agent, u) = self.agent_in_use(caller, name).await?;
+        let inner = agent.write_file(path, mode, offset)?;
         Ok(FileWriter {
             name: name.to_string(),
             inner,
+            _use: u,
         })
     }
 
     /// Reads a whole small file (at most `max` bytes; more is an error).
     pub async fn read_file(
-        &self,
+        self: &Arc<Self>,
         caller: &Caller,
         name: &str,
         path: &str,
@@ -249,7 +270,7 @@ impl Service {
 
     /// Writes a whole file from memory.
     pub async fn write_file(
-        &self,
+        self: &Arc<Self>,
         caller: &Caller,
         name: &str,
         path: &str,

@@ -7,7 +7,7 @@
 //!
 //! Modules: `vms` (lifecycle), `tenancy` (names, quotas, admission), `images`, `files` (exec and
 //! files in a VM), `accounts` (accounts, tokens, invites), `restart` (restart policies),
-//! `ops` (status, metrics).
+//! `ops` (status, metrics), `timers` (TTL, keepalive, auto-pause and auto-resume).
 
 pub mod accounts;
 pub mod clone_repo;
@@ -26,6 +26,8 @@ pub mod tenancy;
 pub mod testing;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod timer_tests;
 pub mod timers;
 pub mod vms;
 
@@ -62,6 +64,8 @@ pub struct Service {
     pub pool_wake: Arc<tokio::sync::Notify>,
     /// The HTTP(S) proxy, once it runs (share links, `hutch ca`).
     pub front: std::sync::OnceLock<crate::net::proxy::Front>,
+    /// When VMs were last used, for auto-pause (timers.rs).
+    pub activity: Arc<timers::Activity>,
 }
 
 impl Service {
@@ -80,6 +84,7 @@ impl Service {
             events: Default::default(),
             front: Default::default(),
             pool_wake: Default::default(),
+            activity: Default::default(),
         }
     }
 
@@ -100,11 +105,13 @@ impl Service {
             .remove(key);
     }
 
-    /// Starts what runs beside the requests: the event feed and the restart reconciler.
+    /// Starts what runs beside the requests: the event feed, the restart reconciler and the
+    /// reaper of VM timers.
     pub fn start_background(self: &Arc<Self>) {
         crate::events::follow(self.clone());
         restart::reconcile(self.clone());
         self.start_pools();
+        timers::reap_in_background(self);
     }
 }
 

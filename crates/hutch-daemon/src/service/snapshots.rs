@@ -243,8 +243,18 @@ impl Service {
         check(&vm, &Event::Pause)?;
         let lock = self.lock_for(&vm.id);
         let _g = lock.lock().await;
+        self.pause_locked(&vm.id, |_| {}).await
+    }
+
+    /// Pauses running VM `id` (its lock held), with `also` applied to its record as it starts;
+    /// also auto-pause's and the TTL's.
+    pub(crate) async fn pause_locked(
+        self: &Arc<Self>,
+        id: &str,
+        also: impl FnMut(&mut Vm) + Send,
+    ) -> Result<Vm, ApiError> {
         let _ops = self.snap_ops.read().await;
-        let vm = self.node.transition(&vm.id, Event::Pause, |_| {}).await?;
+        let vm = self.node.transition(id, Event::Pause, also).await?;
         self.node.pause(&vm).await
     }
 
@@ -278,7 +288,7 @@ impl Service {
             self.node.transition(id, Event::Resume, |_| {}).await?
         };
         match self.node.resume(&vm, &image).await {
-            Ok(v) => Ok(v),
+            Ok(v) => self.rearm_ttl(v).await,
             Err(e) => {
                 let _ = self
                     .node

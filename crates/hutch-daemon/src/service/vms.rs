@@ -428,6 +428,11 @@ impl Service {
         check(&vm, &Event::Delete)?;
         let lock = self.lock_for(&vm.id);
         let _g = lock.lock().await;
+        self.delete_locked(&vm).await
+    }
+
+    /// Deletes `vm` (its lock held): the rest of [`Service::delete`], also the TTL's.
+    pub(crate) async fn delete_locked(self: &Arc<Self>, vm: &Vm) -> Result<(), ApiError> {
         // Marked first: a delete that hutchd's crash interrupts is finished at the next start.
         let vm = self.node.transition(&vm.id, Event::Delete, |_| {}).await?;
         crate::crash::point("delete.marked");

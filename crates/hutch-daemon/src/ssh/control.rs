@@ -84,6 +84,25 @@ impl Conn {
                     Err(e) => Out::fail(e.to_string()),
                 }
             }
+            ["keepalive", n, rest @ ..] if rest.len() <= 1 => {
+                if self.find(n).await.is_none() {
+                    return not_found(n);
+                }
+                let req = hutch_core::api::Keepalive {
+                    duration: rest.first().map(|d| d.to_string()),
+                };
+                match self.m.keepalive(&caller, n, req).await {
+                    Ok(v) if json => {
+                        Out::ok(serde_json::to_string_pretty(&v).unwrap_or_default() + "\n")
+                    }
+                    Ok(v) => Out::ok(format!(
+                        "{n} expires in {}, then {}\n",
+                        hutch_core::render::until(v.timers.deadline.unwrap_or(0)),
+                        v.timers.on_expire.as_str()
+                    )),
+                    Err(e) => Out::fail(e.to_string()),
+                }
+            }
             ["snapshot", rest @ ..] => self.snapshot_cmd(rest, json).await,
             ["fork", rest @ ..] => self.fork_cmd(rest, json).await,
             ["template", rest @ ..] => self.template_cmd(rest, json).await,
@@ -277,6 +296,15 @@ impl Conn {
                     req.clone_dir = Some(val);
                     Ok(())
                 }
+                "--ttl" => {
+                    req.ttl = Some(val);
+                    Ok(())
+                }
+                "--on-expire" => val.parse().map(|o| req.on_expire = Some(o)),
+                "--auto-pause" => {
+                    req.auto_pause = Some(val);
+                    Ok(())
+                }
                 other => Err(format!(
                     "unknown flag {other}; see: ssh -p {} {} help",
                     self.port, self.host
@@ -305,8 +333,11 @@ pub(super) const HELP: &str = "hutch over SSH. Commands:
   template create NAME --image IMAGE [--vcpu N] [--mem MIB] [--start-cmd CMD] [--ready-cmd CMD]
   template ls | template build NAME | template rm NAME
   pool set TEMPLATE --min N [--max M] | pool ls | pool rm TEMPLATE
+      both with [--ttl DURATION [--on-expire delete|pause]] [--auto-pause IDLE]
+      (90s, 30m, 1h, 7d; the TTL deletes or pauses it; auto-pause resumes it on use)
   ls | describe NAME | stop NAME | start NAME | rm NAME | logs NAME | cp NAME [NEW-NAME]
   pause NAME | resume NAME | fork NAME [--count N] [--name PREFIX]
+  keepalive NAME [DURATION]     (the TTL runs out DURATION from now; default: its own TTL)
   snapshot NAME SNAPSHOT | snapshot ls | snapshot rm SNAPSHOT
   status | whoami | keys ls | keys add < key.pub | keys rm FINGERPRINT
   token create [--ttl HOURS] | token ls | token rm ID     (API tokens for the REST API)

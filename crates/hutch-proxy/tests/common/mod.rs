@@ -37,10 +37,12 @@ pub fn pattern_chunk(start: usize, len: usize) -> Bytes {
 }
 
 /// `vm-1` (also named `web`) runs on 127.0.0.1 with `public` ports; `vm-2` runs too, `sleepy`
-/// is stopped. OWNER may use vm-1, OTHER may use vm-2.
+/// is stopped. OWNER may use vm-1, OTHER may use vm-2. `dozing` is vm-1 paused (it wakes);
+/// `comatose` (vm-5) is paused with `public` ports and does not wake.
 pub struct Fake {
     pub public: Mutex<Vec<u16>>,
     pub touched: Mutex<Vec<String>>,
+    pub woken: Mutex<Vec<String>>,
 }
 
 impl Backends for Fake {
@@ -59,6 +61,14 @@ impl Backends for Fake {
                 public_ports: vec![],
             },
             "sleepy" => Resolve::Stopped { vm: "vm-3".into() },
+            "dozing" => Resolve::Paused {
+                vm: "vm-1".into(),
+                public_ports: vec![],
+            },
+            "comatose" => Resolve::Paused {
+                vm: "vm-5".into(),
+                public_ports,
+            },
             _ => Resolve::Unknown,
         }
     }
@@ -67,6 +77,11 @@ impl Backends for Fake {
     }
     fn touched(&self, vm: &str) {
         self.touched.lock().unwrap().push(vm.into());
+    }
+    fn wake(&self, vm: &str) -> hutch_proxy::Waking<'_> {
+        self.woken.lock().unwrap().push(vm.into());
+        let ip = (vm == "vm-1").then_some(IpAddr::V4(Ipv4Addr::LOCALHOST));
+        Box::pin(async move { ip })
     }
 }
 
@@ -206,6 +221,7 @@ pub async fn start(limits: Limits) -> Env {
     let fake = Arc::new(Fake {
         public: Mutex::new(vec![public_port]),
         touched: Mutex::new(vec![]),
+        woken: Mutex::new(vec![]),
     });
     let proxy = Arc::new(Proxy::with_limits(config(), fake.clone(), limits));
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();

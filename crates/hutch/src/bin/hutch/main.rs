@@ -9,6 +9,7 @@ mod pull;
 mod render;
 mod snap;
 mod template;
+mod timers;
 
 use anyhow::{anyhow, bail, Context, Result};
 use base64::Engine;
@@ -89,6 +90,8 @@ enum Cmd {
         restart: hutch_core::RestartPolicy,
         #[command(flatten)]
         net: net::NetArgs,
+        #[command(flatten)]
+        timers: timers::TimerArgs,
     },
     /// List VMs.
     #[command(alias = "list")]
@@ -171,6 +174,8 @@ enum Cmd {
         #[arg(long = "name")]
         prefix: Option<String>,
     },
+    /// Extend a VM's TTL: it runs out DURATION (`10m`) from now, or its own TTL from now.
+    Keepalive(timers::KeepaliveArgs),
     /// Copy a stopped VM's disk into a new VM and boot it.
     Clone {
         name: String,
@@ -472,8 +477,9 @@ async fn run(cli: Cli) -> Result<i32> {
             run,
             restart,
             net,
+            timers,
         } => {
-            let req = hutch_core::api::CreateVm {
+            let mut req = hutch_core::api::CreateVm {
                 name,
                 image: image.unwrap_or_default(),
                 snapshot,
@@ -492,6 +498,7 @@ async fn run(cli: Cli) -> Result<i32> {
                 clone_dir: net.clone_dir,
                 ..Default::default()
             };
+            timers.apply(&mut req);
             let v = pull::create(&c, &req).await?;
             if j {
                 out_json(&v)
@@ -719,6 +726,7 @@ async fn run(cli: Cli) -> Result<i32> {
             count,
             prefix,
         } => snap::fork(&c, &name, count, prefix, j).await?,
+        Cmd::Keepalive(a) => timers::keepalive(&c, a, j).await?,
         Cmd::Net(cmd) => net::net(&c, cmd, j).await?,
         Cmd::Port(cmd) => net::port(&c, cmd, j).await?,
         Cmd::Ca => net::ca(&c).await?,
