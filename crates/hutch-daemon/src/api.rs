@@ -127,19 +127,19 @@ pub fn router(m: AppState, local: bool) -> Router {
     let r = crate::timers_api::routes(crate::template_api::routes(crate::snap_api::routes(
         crate::net_api::routes(r),
     )))
-        .fallback(|| async {
-            ApiError::NotFound {
-                kind: "route",
-                name: "this path".into(),
-            }
-        })
-        .layer(axum::extract::DefaultBodyLimit::max(stream_api::JSON_LIMIT))
-        .layer(axum::middleware::from_fn_with_state(
-            m.clone(),
-            stream_api::body_limits,
-        ))
-        .layer(axum::middleware::from_fn_with_state(m.clone(), ownership))
-        .with_state(m);
+    .fallback(|| async {
+        ApiError::NotFound {
+            kind: "route",
+            name: "this path".into(),
+        }
+    })
+    .layer(axum::extract::DefaultBodyLimit::max(stream_api::JSON_LIMIT))
+    .layer(axum::middleware::from_fn_with_state(
+        m.clone(),
+        stream_api::body_limits,
+    ))
+    .layer(axum::middleware::from_fn_with_state(m.clone(), ownership))
+    .with_state(m);
     if local {
         r.layer(axum::middleware::from_fn(
             |mut req: Request, next: axum::middleware::Next| async move {

@@ -4,6 +4,7 @@
 mod client;
 mod completions;
 mod events;
+mod image;
 mod net;
 mod pull;
 mod render;
@@ -18,7 +19,7 @@ use clap::{Parser, Subcommand};
 use client::*;
 use http_body_util::BodyExt;
 use hyper::Method;
-use pull::{pull, resolve_creds};
+use pull::resolve_creds;
 use render::*;
 use std::io::{IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
@@ -58,7 +59,7 @@ struct Cli {
 enum Cmd {
     /// Manage images.
     #[command(subcommand)]
-    Image(ImageCmd),
+    Image(image::ImageCmd),
     /// Create and boot a VM; pulls its image first when it is missing and names a registry.
     New {
         /// An image name, or a registry reference (HOST[:PORT]/REPO[:TAG]) pulled if missing.
@@ -208,47 +209,6 @@ enum AdminCmd {
     Recover,
 }
 
-#[derive(Subcommand)]
-enum ImageCmd {
-    /// Import an OCI image layout (directory or tar / oci-archive) or a `docker save` tarball.
-    Import {
-        path: PathBuf,
-        #[arg(long)]
-        name: Option<String>,
-    },
-    /// Pull from a registry: `alpine`, `ghcr.io/o/r:tag`, `localhost:5000/app@sha256:...`.
-    Pull {
-        reference: String,
-        /// Plain HTTP for a registry off loopback (loopback registries always use it).
-        #[arg(long)]
-        insecure: bool,
-        /// USER:PASS; default: the registry's entry in ~/.docker/config.json.
-        #[arg(long)]
-        creds: Option<String>,
-        /// Store under this name instead of the reference.
-        #[arg(long)]
-        name: Option<String>,
-    },
-    /// Push an image to a registry (to REFERENCE, default its own name).
-    Push {
-        image: String,
-        reference: Option<String>,
-        /// Plain HTTP for a registry off loopback (loopback registries always use it).
-        #[arg(long)]
-        insecure: bool,
-        #[arg(long)]
-        creds: Option<String>,
-    },
-    /// Delete blobs and root filesystems no image or VM uses.
-    Gc,
-    /// List images.
-    Ls,
-    /// Show an image.
-    Inspect { name: String },
-    /// Delete an image.
-    Rm { name: String },
-}
-
 /// Runs a process. With `stdin`, the streaming form: the request line, then stdin streamed as
 /// the process takes it.
 async fn exec(
@@ -336,136 +296,7 @@ async fn run(cli: Cli) -> Result<i32> {
     };
     let j = cli.json;
     match cli.cmd {
-        Cmd::Image(ic) => match ic {
-            ImageCmd::Import { path, name } => {
-                let meta =
-                    std::fs::metadata(&path).with_context(|| format!("{}", path.display()))?;
-                let v = if meta.is_dir() || c.url.is_none() {
-                    let abs = std::fs::canonicalize(&path)?;
-                    c.json(
-                        Method::POST,
-                        "/api/v1/images",
-                        Some(serde_json::to_value(hutch_core::api::ImportImage {
-                            path: abs.to_string_lossy().into_owned(),
-                            name,
-                        })?),
-                    )
-                    .await?
-                } else {
-                    let data = std::fs::read(&path)?;
-                    let q = name
-                        .map(|n| format!("?name={}", enc(&n)))
-                        .unwrap_or_default();
-                    let r = c
-                        .send(
-                            Method::POST,
-                            &format!("/api/v1/images{q}"),
-                            "application/x-tar",
-                            Bytes::from(data),
-                        )
-                        .await?;
-                    serde_json::from_slice(&finish(r).await?)?
-                };
-                if j {
-                    out_json(&v);
-                } else {
-                    println!(
-                        "imported {} ({})",
-                        v["name"].as_str().unwrap_or(""),
-                        v["digest"].as_str().unwrap_or("")
-                    );
-                }
-            }
-            ImageCmd::Pull {
-                reference,
-                insecure,
-                creds,
-                name,
-            } => {
-                let (username, password) = resolve_creds(&reference, creds)?;
-                let req = hutch_core::api::PullImage {
-                    reference,
-                    insecure,
-                    username,
-                    password,
-                    name,
-                };
-                let v = pull(&c, &req).await?;
-                if j {
-                    out_json(&v);
-                } else {
-                    println!(
-                        "pulled {} ({})",
-                        v["name"].as_str().unwrap_or(""),
-                        v["digest"].as_str().unwrap_or("")
-                    );
-                }
-            }
-            ImageCmd::Push {
-                image,
-                reference,
-                insecure,
-                creds,
-            } => {
-                let target = reference.clone().unwrap_or_else(|| image.clone());
-                let (username, password) = resolve_creds(&target, creds)?;
-                let req = hutch_core::api::PushImage {
-                    image,
-                    reference,
-                    insecure,
-                    username,
-                    password,
-                };
-                let v = c
-                    .json(
-                        Method::POST,
-                        "/api/v1/images/push",
-                        Some(serde_json::to_value(req)?),
-                    )
-                    .await?;
-                if j {
-                    out_json(&v);
-                } else {
-                    println!("pushed {}", v["pushed"].as_str().unwrap_or(""));
-                }
-            }
-            ImageCmd::Gc => {
-                let v = c.json(Method::POST, "/api/v1/images/gc", None).await?;
-                if j {
-                    out_json(&v);
-                } else {
-                    println!(
-                        "removed {} blobs, {} root filesystems, {} partial downloads; {:.1} MB freed",
-                        v["blobs_removed"], v["rootfs_removed"], v["partials_removed"],
-                        v["bytes_freed"].as_f64().unwrap_or(0.0) / 1048576.0
-                    );
-                }
-            }
-            ImageCmd::Ls => {
-                let v = c.json(Method::GET, "/api/v1/images", None).await?;
-                if j {
-                    out_json(&v);
-                } else {
-                    let images: Vec<hutch_core::Image> = serde_json::from_value(v)?;
-                    print!("{}", hutch_core::render::image_table(&images));
-                }
-            }
-            ImageCmd::Inspect { name } => out_json(
-                &c.json(Method::GET, &format!("/api/v1/images/{}", enc(&name)), None)
-                    .await?,
-            ),
-            ImageCmd::Rm { name } => {
-                c.call(
-                    Method::DELETE,
-                    &format!("/api/v1/images/{}", enc(&name)),
-                    None,
-                )
-                .await?;
-                if !j {
-                    println!("removed {name}");
-                }
-            }
-        },
+        Cmd::Image(ic) => image::image(&c, ic, j).await?,
         Cmd::New {
             image,
             snapshot,
