@@ -100,7 +100,12 @@ impl Node {
             self.halt(&h).await;
         }
         let (me, id2) = (self.clone(), vm.id.clone());
-        let _ = tokio::task::spawn_blocking(move || me.release_jail(&id2)).await;
+        let _ = tokio::task::spawn_blocking(move || {
+            me.release_jail(&id2);
+            // A stopped VM's RAM is gone: its memory file gives its disk space back.
+            me.drop_memory(&id2);
+        })
+        .await;
         self.forget(&vm.id);
         // The watch may record the exit first (stopping + exited = stopped): then there is
         // nothing left to record, decided on the record as the compare-and-swap reads it.

@@ -467,7 +467,15 @@ impl Node {
     /// Drops a paused VM's saved state (a stop of a paused VM) and its memory file's blocks.
     pub fn discard_saved(&self, id: &str) {
         let _ = std::fs::remove_file(self.state_path(id));
-        let _ = fresh_memory(&self.mem_path(id));
+        self.drop_memory(id);
+    }
+
+    /// Empties stopped VM `id`'s own memory file (its blocks go back to the disk).
+    pub fn drop_memory(&self, id: &str) {
+        let p = self.mem_path(id);
+        if p.exists() {
+            let _ = fresh_memory(&p);
+        }
     }
 
     /// After a crash of hutchd: a VM caught between saving its state and running again is
