@@ -216,6 +216,27 @@ impl Shared {
         }
     }
 
+    /// The VM was restored from a snapshot: what the host had started before the snapshot (its
+    /// execs in flight, now orphans of a connection that is gone, possibly in a copy of the VM)
+    /// is killed, as a disconnect would; `keep` is the stream asking.
+    pub fn end_others(&self, keep: u32) {
+        let mut s = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        let old: Vec<u32> = s.keys().copied().filter(|k| *k != keep).collect();
+        for k in old {
+            if let Some(pgid) = s.remove(&k).and_then(|sess| sess.pgid) {
+                let _ = sys::kill(-pgid, libc::SIGKILL);
+            }
+        }
+        drop(s);
+        let mut c = self.credits.lock().unwrap_or_else(|e| e.into_inner());
+        let gone: Vec<u32> = c.keys().copied().filter(|k| *k != keep).collect();
+        for k in gone {
+            if let Some(cr) = c.remove(&k) {
+                cr.close();
+            }
+        }
+    }
+
     /// The host went away: kill what it started and forget queued output.
     fn disconnect(&self) {
         let old = self.gen.fetch_add(1, Ordering::SeqCst);
@@ -458,6 +479,8 @@ fn request(shared: &Arc<Shared>, gen: u64, stream: u32, req: Request) {
             shared.respond(gen, stream, &r);
         }
         Request::Restored(info) => {
+            // Sent first on a connection after a restore: every other session is of before.
+            shared.end_others(stream);
             let shared = shared.clone();
             std::thread::spawn(move || crate::restore::restored(&shared, gen, stream, info));
         }

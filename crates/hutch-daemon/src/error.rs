@@ -110,6 +110,16 @@ impl From<hutch_store::kv::StoreError> for ApiError {
             hutch_store::kv::StoreError::Contended { .. } => ApiError::Conflict(format!(
                 "{e}; another change to the same record kept winning, try again"
             )),
+            // The record went away between the lookup and the change (a concurrent delete).
+            hutch_store::kv::StoreError::NotFound { key } => {
+                let (kind, name) = match key.split_once('/') {
+                    Some(("vms", id)) => ("sandbox", id.to_string()),
+                    Some(("templates", n)) => ("template", n.to_string()),
+                    Some(("snapshots", n)) => ("snapshot", n.to_string()),
+                    _ => ("record", key.clone()),
+                };
+                ApiError::NotFound { kind, name }
+            }
             other => ApiError::Store(other),
         }
     }

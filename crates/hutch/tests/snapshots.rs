@@ -140,7 +140,25 @@ fn pause_resume_snapshot_restore_fork() {
         sh(&d, "src", "cat /tmp/got")
     );
 
-    // Snapshot of the running VM: it runs on, with everything.
+    // Snapshot of the running VM: it runs on, with everything. An exec in flight meanwhile ends
+    // with the connection it ran for: it goes on neither in src nor in copies.
+    let data = d.data().to_path_buf();
+    let inflight = std::thread::spawn(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_hutch"))
+            .arg("--data-dir")
+            .arg(&data)
+            .args([
+                "exec",
+                "src",
+                "--",
+                "sh",
+                "-c",
+                "sleep 4; echo leaked > /dev/shm/leak",
+            ])
+            .output()
+            .unwrap()
+    });
+    std::thread::sleep(Duration::from_millis(1500));
     let (so, se, c) = text(&d.hutch(&["snapshot", "src", "base"]));
     assert_eq!(c, 0, "{se}");
     assert!(so.starts_with("snapshot base of src"), "{so}");
@@ -186,6 +204,19 @@ fn pause_resume_snapshot_restore_fork() {
         got.contains(&format!("({copy_ip})")) && got.contains("refused"),
         "{got}"
     );
+    let o = inflight.join().unwrap();
+    assert!(
+        !o.status.success(),
+        "the exec in flight did not end with the snapshot"
+    );
+    std::thread::sleep(Duration::from_secs(4));
+    for vm in ["src", "copy"] {
+        assert_eq!(
+            sh(&d, vm, "cat /dev/shm/leak 2>/dev/null || echo none"),
+            "none\n",
+            "{vm}"
+        );
+    }
     // Writes stay apart.
     sh(&d, "copy", "echo copy > /dev/shm/f; echo copy > /root/disk");
     assert_eq!(sh(&d, "src", "cat /dev/shm/f"), "kept\n");
