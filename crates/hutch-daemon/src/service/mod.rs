@@ -62,6 +62,8 @@ pub struct Service {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Wakes the warm pools' refill task (pools.rs).
     pub pool_wake: Arc<tokio::sync::Notify>,
+    /// Pool VMs restored but not warmed up yet: not claimable (pools.rs).
+    pub(crate) warming: Mutex<std::collections::HashSet<String>>,
     /// The HTTP(S) proxy, once it runs (share links, `hutch ca`).
     pub front: std::sync::OnceLock<crate::net::proxy::Front>,
     /// When VMs were last used, for auto-pause (timers.rs).
@@ -84,6 +86,7 @@ impl Service {
             events: Default::default(),
             front: Default::default(),
             pool_wake: Default::default(),
+            warming: Default::default(),
             activity: Default::default(),
         }
     }

@@ -107,14 +107,19 @@ impl Service {
         }
     }
 
-    /// (ready, being made) VMs of pool `key`.
+    /// (ready, being made) VMs of pool `key`; a VM warming up is still being made.
     fn pool_counts(&self, key: &str) -> (u32, u32) {
+        let warming = self
+            .warming
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         self.records.fold_vms(|it| {
             let (mut ready, mut starting) = (0, 0);
             for v in it.filter(|v| v.pool.as_deref() == Some(key)) {
                 match v.state {
-                    VmState::Running => ready += 1,
-                    VmState::Creating => starting += 1,
+                    VmState::Running if !warming.contains(&v.id) => ready += 1,
+                    VmState::Running | VmState::Creating => starting += 1,
                     _ => {}
                 }
             }
@@ -157,9 +162,22 @@ impl Service {
     ) -> Result<Option<Vm>, ApiError> {
         let key = t.key();
         loop {
-            let Some(cand) = self.records.find_vm(|v| {
-                v.pool.as_deref() == Some(key.as_str()) && v.state == VmState::Running
-            }) else {
+            // The longest-waiting ready VM: warmed up, its start long settled.
+            let warming = self
+                .warming
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            let cand = self.records.fold_vms(|it| {
+                it.filter(|v| {
+                    v.pool.as_deref() == Some(key.as_str())
+                        && v.state == VmState::Running
+                        && !warming.contains(&v.id)
+                })
+                .min_by_key(|v| v.created_at)
+                .cloned()
+            });
+            let Some(cand) = cand else {
                 return Ok(None);
             };
             let lock = self.lock_for(&cand.id);
@@ -277,11 +295,32 @@ impl Service {
                         Some(p.template.clone()),
                     )
                     .await;
-                if let Err(e) = r {
-                    tracing::info!(pool = %p.template, error = %e, "pool not refilled for now");
-                    break;
+                match r {
+                    Ok(vm) => {
+                        self.warm_up(&vm).await;
+                        self.warming
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .remove(&vm.id);
+                        self.pools_changed();
+                    }
+                    Err(e) => {
+                        tracing::info!(pool = %p.template, error = %e, "pool not refilled for now");
+                        break;
+                    }
                 }
             }
+        }
+    }
+
+    /// Runs one process in a new pool VM, so that what a claim's first exec needs is warm in
+    /// the guest (under TCG, the code translated; anywhere, the pages faulted in).
+    async fn warm_up(&self, vm: &Vm) {
+        if let Err(e) = self
+            .run_in(vm, "true", false, Some(Duration::from_secs(10)))
+            .await
+        {
+            tracing::debug!(vm = %vm.name, error = %e, "warming up a pool VM");
         }
     }
 

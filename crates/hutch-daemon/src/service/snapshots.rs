@@ -233,7 +233,24 @@ impl Service {
             ram_in_file: snap.ram_in_file,
             new_identity: true,
         });
-        self.build(vm, image, None, t0, launch).await
+        let (id, pooled) = (vm.id.clone(), vm.pool.is_some());
+        let warming = |add: bool| {
+            let mut w = self.warming.lock().unwrap_or_else(|e| e.into_inner());
+            if add {
+                w.insert(id.clone());
+            } else {
+                w.remove(&id);
+            }
+        };
+        if pooled {
+            // Not claimable until the pool has warmed it up (pools.rs).
+            warming(true);
+        }
+        let r = self.build(vm, image, None, t0, launch).await;
+        if pooled && r.is_err() {
+            warming(false);
+        }
+        r
     }
 
     /// Pauses `caller`'s running VM `name`: its state goes to disk and its QEMU ends, so it

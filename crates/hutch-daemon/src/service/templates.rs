@@ -262,7 +262,7 @@ impl Service {
 
     /// Runs `sh -c cmd` in `vm` with the image's environment: detached (returns once it
     /// started), or to its end (its exit code and the end of its output).
-    async fn run_in(
+    pub(crate) async fn run_in(
         &self,
         vm: &Vm,
         cmd: &str,
