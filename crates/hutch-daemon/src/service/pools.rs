@@ -212,6 +212,8 @@ impl Service {
             if vm.pool.is_some() || vm.state != VmState::Running {
                 continue;
             }
+            // Its idle time (auto-pause) counts from the claim, not from its restore.
+            self.touch(&vm.id);
             // The refill waits a moment: the VM just handed out gets the CPUs for its first
             // requests instead of sharing them with a restore.
             let wake = self.pool_wake.clone();

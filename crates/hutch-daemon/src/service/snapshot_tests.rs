@@ -247,3 +247,107 @@ async fn other_accounts_quotas_and_bad_input_change_nothing() {
         Err(ApiError::Conflict(_))
     ));
 }
+
+async fn until<T>(what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
+    for _ in 0..400 {
+        if let Some(v) = f().await {
+            return v;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn templates_pools_claims_and_tenancy() {
+    use hutch_core::template::{CreateTemplate, SetPool, TemplateStatus};
+    let (s, _d) = service(quota(10)).await;
+    let (alice, bob) = (who("alice"), who("bob"));
+    let t = s
+        .create_template(
+            &alice,
+            CreateTemplate {
+                name: "t".into(),
+                image: "busybox".into(),
+                vcpus: 1,
+                mem_mib: 64,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(t.status, TemplateStatus::Building);
+    until("the build", async || {
+        let t = s.template_for(&alice, "t").await.ok()?;
+        (t.status == TemplateStatus::Ready).then_some(())
+    })
+    .await;
+    // Its build VM is gone; bad pool sizes change nothing.
+    assert!(s.vms_of(&alice).await.unwrap().is_empty());
+    for (min, max) in [(3, Some(2)), (65, None), (1, Some(65))] {
+        let r = s.set_pool(&alice, "t", SetPool { min, max }).await;
+        assert!(matches!(r, Err(ApiError::Invalid(_))), "{min} {max:?}");
+    }
+    assert!(s.pools_of(&alice).await.unwrap().is_empty());
+    s.set_pool(&alice, "t", SetPool { min: 2, max: None })
+        .await
+        .unwrap();
+    until("a full pool", async || {
+        (s.pools_of(&alice).await.ok()?.first()?.ready == 2).then_some(())
+    })
+    .await;
+    // Pool VMs are not listed; a claim takes one, renamed, and the pool refills.
+    assert!(s.vms_of(&alice).await.unwrap().is_empty());
+    let req = CreateVm {
+        name: Some("a".into()),
+        template: Some("t".into()),
+        auto_pause: Some("60s".into()),
+        ..Default::default()
+    };
+    let a = s.create(&alice, req).await.unwrap();
+    assert_eq!((a.name.as_str(), a.pool.as_deref()), ("a", None));
+    assert_eq!(a.timers.auto_pause_secs, Some(60));
+    assert_eq!(
+        s.metrics
+            .pool_claims
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    until("the refill", async || {
+        (s.pools_of(&alice).await.ok()?.first()?.ready == 2).then_some(())
+    })
+    .await;
+    let names: Vec<String> = s
+        .vms_of(&alice)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|v| v.name)
+        .collect();
+    assert_eq!(names, ["a"]);
+    // Another account sees and uses none of it.
+    let nf = |r: Result<(), ApiError>| matches!(r, Err(ApiError::NotFound { .. }));
+    assert!(nf(s.template_for(&bob, "t").await.map(|_| ())));
+    assert!(nf(s.rebuild_template(&bob, "t").await.map(|_| ())));
+    assert!(nf(s.delete_template(&bob, "t").await));
+    assert!(nf(s
+        .set_pool(&bob, "t", SetPool { min: 1, max: None })
+        .await
+        .map(|_| ())));
+    let req = CreateVm {
+        template: Some("t".into()),
+        ..Default::default()
+    };
+    assert!(nf(s.create(&bob, req).await.map(|_| ())));
+    assert!(s.pools_of(&bob).await.unwrap().is_empty());
+    assert!(s.templates_of(&bob).await.unwrap().is_empty());
+    // Removing the template removes its pool and idle VMs; the claimed VM runs on.
+    s.delete_template(&alice, "t").await.unwrap();
+    assert!(s.pools_of(&alice).await.unwrap().is_empty());
+    until("the pool VMs gone", async || {
+        let left = s.records.find_vm(|v| v.pool.is_some());
+        left.is_none().then_some(())
+    })
+    .await;
+    assert_eq!(s.get("alice/a").await.unwrap().state, VmState::Running);
+}
