@@ -83,6 +83,17 @@ impl Drop for Cleanup {
         let _ = self.hutchd.wait();
         kill_qemus_under(&self.data);
         std::thread::sleep(std::time::Duration::from_millis(500));
+        // A killed hutchd removes no cgroups: its VMs' and its node's go here.
+        let node = hutch_vmm::cgroup::node_name(&self.data);
+        for h in std::fs::read_dir("/sys/fs/cgroup").into_iter().flatten().flatten() {
+            let dir = h.path().join("hutch").join(&node);
+            for vm in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                if vm.path().is_dir() {
+                    let _ = std::fs::remove_dir(vm.path());
+                }
+            }
+            let _ = std::fs::remove_dir(&dir);
+        }
         let ports = std::fs::read_dir(format!("/sys/class/net/{}/brif", self.bridge));
         for p in ports.into_iter().flatten().flatten() {
             let _ = Command::new("ip")
