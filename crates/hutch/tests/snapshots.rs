@@ -199,11 +199,13 @@ fn pause_resume_snapshot_restore_fork() {
     );
     assert!(got.contains(&format!("inet {copy_ip}/32")), "{got}");
     assert!(got.contains(copy["net"]["mac"].as_str().unwrap()), "{got}");
-    let got = sh(&d, "peer", "nc -w 3 copy 7 2>&1; true");
-    assert!(
-        got.contains(&format!("({copy_ip})")) && got.contains("refused"),
-        "{got}"
-    );
+    // (Retried: once in CI the first try timed out; see the issue 10 note.)
+    let mut got = String::new();
+    let reached = wait_until(Duration::from_secs(20), || {
+        got = sh(&d, "peer", "nc -w 3 copy 7 2>&1; true");
+        (got.contains(&format!("({copy_ip})")) && got.contains("refused")).then_some(())
+    });
+    assert!(reached.is_some(), "{got}");
     let o = inflight.join().unwrap();
     assert!(
         !o.status.success(),
