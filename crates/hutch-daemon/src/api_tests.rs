@@ -35,7 +35,7 @@ impl Vmm for NoVms {
         &self,
         _disk: &std::path::Path,
         _base: &hutch_vmm::Layer,
-        _from: Option<(&std::path::Path, &[hutch_vmm::Layer])>,
+        _from: Option<&std::path::Path>,
     ) -> Result<(), VmmError> {
         Err(VmmError::Launch("the test VMM makes no disks".into()))
     }
