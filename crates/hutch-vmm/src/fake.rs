@@ -159,10 +159,10 @@ impl Vmm for FakeVmm {
         &self,
         disk: &Path,
         _base: &crate::Layer,
-        from: Option<(&Path, &[crate::Layer])>,
+        from: Option<&Path>,
     ) -> Result<(), VmmError> {
         let r = match from {
-            Some((src, _)) => std::fs::copy(src, disk).map(|_| ()),
+            Some(src) => std::fs::copy(src, disk).map(|_| ()),
             None => std::fs::File::create(disk).map(|_| ()),
         };
         r.map_err(|source| VmmError::Io {

@@ -225,14 +225,13 @@ pub trait Vmm: Send + Sync {
     /// Kills the VM process at once (SIGKILL); used when a graceful stop did not finish.
     fn kill(&self, vm: &VmHandle) -> Result<(), VmmError>;
     /// Makes a VM's writable disk at `disk`: a copy-on-write overlay over `base` (the raw empty
-    /// filesystem, or a snapshot's frozen layer), or (a clone) a copy of the disk `from.0`,
-    /// whose backing chain is `from.1` (top first). A chain deeper than `base` is folded into
-    /// the copy, which then sits on `base` alone. The disk is flushed when this returns.
+    /// filesystem, or a snapshot's frozen layer), or (a clone) a copy of the disk `from`. The
+    /// disk is flushed when this returns.
     fn create_disk(
         &self,
         disk: &std::path::Path,
         base: &Layer,
-        from: Option<(&std::path::Path, &[Layer])>,
+        from: Option<&std::path::Path>,
     ) -> Result<(), VmmError>;
     /// Stops the guest's CPUs; memory stays allocated.
     fn pause(&self, _vm: &VmHandle) -> Result<(), VmmError> {

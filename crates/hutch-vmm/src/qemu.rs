@@ -500,33 +500,9 @@ impl Vmm for Qemu {
         &self,
         disk: &Path,
         base: &crate::Layer,
-        from: Option<(&Path, &[crate::Layer])>,
+        from: Option<&Path>,
     ) -> Result<(), VmmError> {
         let mut cmd = match from {
-            // The copy's chain is the source's: a plain copy of its top.
-            Some((src, chain)) if chain.len() <= 1 => {
-                let mut c = Command::new("cp");
-                c.arg("--sparse=always").arg(src).arg(disk);
-                c
-            }
-            // Frozen layers are folded in: the copy holds what differs from `base`. The chain
-            // is named whole (never read from the qcow2 headers a VM's QEMU could write).
-            Some((src, chain)) => {
-                let mut c = Command::new("qemu-img");
-                c.args([
-                    "convert",
-                    "-q",
-                    "-O",
-                    "qcow2",
-                    "-F",
-                    base.format.as_str(),
-                    "-B",
-                ])
-                .arg(&base.path)
-                .arg(format!("json:{}", chain_json(src, chain)))
-                .arg(disk);
-                c
-            }
             None => {
                 let mut c = Command::new("qemu-img");
                 c.args([
@@ -540,6 +516,11 @@ impl Vmm for Qemu {
                 ])
                 .arg(&base.path)
                 .arg(disk);
+                c
+            }
+            Some(src) => {
+                let mut c = Command::new("cp");
+                c.arg("--sparse=always").arg(src).arg(disk);
                 c
             }
         };
@@ -680,25 +661,6 @@ impl Vmm for Qemu {
     }
 }
 
-/// The block graph of qcow2 `top` over `chain` (top first), every backing named.
-fn chain_json(top: &Path, chain: &[crate::Layer]) -> serde_json::Value {
-    use serde_json::json;
-    let file = |p: &Path| json!({ "driver": "file", "filename": p.to_string_lossy() });
-    let mut below: Option<serde_json::Value> = None;
-    for l in chain.iter().rev() {
-        let mut node = json!({ "driver": l.format.as_str(), "file": file(&l.path) });
-        if l.format == crate::DiskFormat::Qcow2 {
-            node["backing"] = below.take().unwrap_or(serde_json::Value::Null);
-        }
-        below = Some(node);
-    }
-    json!({
-        "driver": "qcow2",
-        "file": file(top),
-        "backing": below.unwrap_or(serde_json::Value::Null),
-    })
-}
-
 /// Whether `pid` is alive and is the QEMU process of VM `id` (pids are reused).
 pub fn is_vm_process(id: &str, pid: u32) -> bool {
     let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
@@ -730,33 +692,4 @@ fn pidfd(pid: u32) -> Option<std::os::fd::OwnedFd> {
     }
     // SAFETY: the descriptor was just returned to us and is owned by nothing else.
     Some(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::{DiskFormat, Layer};
-
-    #[test]
-    fn a_folded_chain_names_every_backing() {
-        let l = |p: &str, format| Layer {
-            path: p.into(),
-            format,
-        };
-        let chain = [
-            l("/l/a.qcow2", DiskFormat::Qcow2),
-            l("/l/b.qcow2", DiskFormat::Qcow2),
-            l("/t/data.ext4", DiskFormat::Raw),
-        ];
-        let j = chain_json(Path::new("/v/disk.qcow2"), &chain);
-        assert_eq!(j["file"]["filename"], "/v/disk.qcow2");
-        assert_eq!(j["backing"]["file"]["filename"], "/l/a.qcow2");
-        assert_eq!(j["backing"]["backing"]["file"]["filename"], "/l/b.qcow2");
-        let raw = &j["backing"]["backing"]["backing"];
-        assert_eq!(
-            (raw["driver"].as_str(), raw["file"]["filename"].as_str()),
-            (Some("raw"), Some("/t/data.ext4"))
-        );
-        assert!(raw.get("backing").is_none());
-    }
 }

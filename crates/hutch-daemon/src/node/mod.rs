@@ -361,7 +361,7 @@ impl Node {
 
     /// Makes `vm`'s directory, writable disk (a fresh overlay, or for a clone a copy of
     /// `from`'s) and durable record copy (see rebuild.rs).
-    pub fn create_disk(&self, vm: &Vm, from: Option<&Vm>) -> Result<(), ApiError> {
+    pub fn create_disk(&self, vm: &Vm, from: Option<&str>) -> Result<(), ApiError> {
         let dir = self.vm_dir(&vm.id);
         std::fs::create_dir_all(dir.join("run")).map_err(internal)?;
         let base = match vm.mem.layers.first() {
@@ -374,12 +374,9 @@ impl Node {
                 format: hutch_vmm::DiskFormat::Raw,
             },
         };
-        let src = match from {
-            Some(v) => Some((self.vm_dir(&v.id).join("disk.qcow2"), self.backing_of(v)?)),
-            None => None,
-        };
-        let src = src.as_ref().map(|(p, c)| (p.as_path(), c.as_slice()));
-        self.vmm.create_disk(&dir.join("disk.qcow2"), &base, src)?;
+        let src = from.map(|id| self.vm_dir(id).join("disk.qcow2"));
+        self.vmm
+            .create_disk(&dir.join("disk.qcow2"), &base, src.as_deref())?;
         self.save_record(vm, true)?;
         // The disk, the record copy, their directory and the VM's entry in vms/ reach the disk
         // before the VM counts as created.

@@ -242,12 +242,8 @@ impl Service {
         let result = async {
             crate::crash::point("create.registered");
             let t = Instant::now();
-            let src = match &from {
-                Some(id) => Some(self.by_id(id, id).await?),
-                None => None,
-            };
-            let (node, v2) = (self.node.clone(), vm.clone());
-            tokio::task::spawn_blocking(move || node.create_disk(&v2, src.as_ref()))
+            let (node, v2, f2) = (self.node.clone(), vm.clone(), from.clone());
+            tokio::task::spawn_blocking(move || node.create_disk(&v2, f2.as_deref()))
                 .await
                 .map_err(internal)??;
             crate::crash::point(if from.is_some() {
@@ -314,8 +310,11 @@ impl Service {
             net_us: None,
             timers: Default::default(),
             pool: None,
-            // The copy's disk folds the source's frozen layers in; it boots afresh.
-            mem: Default::default(),
+            // The copy's disk sits on the same frozen layers; it boots afresh.
+            mem: hutch_core::snapshot::VmMemory {
+                layers: from.mem.layers.clone(),
+                ..Default::default()
+            },
             net: VmNet {
                 ipv4: None,
                 mac: None,
