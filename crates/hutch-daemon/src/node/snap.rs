@@ -306,7 +306,7 @@ impl Node {
         if vm.mem.layers.len() + 1 >= MAX_LAYERS {
             self.run_on(vm, &h).await;
             return Err(ApiError::Conflict(format!(
-                "{} already sits on {} disk layers; stop it and copy it (hutch cp) to flatten",
+                "{} already sits on {} disk layers, the most a snapshot may add to",
                 vm.name,
                 vm.mem.layers.len()
             )));

@@ -85,7 +85,11 @@ impl Drop for Cleanup {
         std::thread::sleep(std::time::Duration::from_millis(500));
         // A killed hutchd removes no cgroups: its VMs' and its node's go here.
         let node = hutch_vmm::cgroup::node_name(&self.data);
-        for h in std::fs::read_dir("/sys/fs/cgroup").into_iter().flatten().flatten() {
+        for h in std::fs::read_dir("/sys/fs/cgroup")
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
             let dir = h.path().join("hutch").join(&node);
             for vm in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
                 if vm.path().is_dir() {
