@@ -343,7 +343,16 @@ fn modes_isolation_egress_dns_ports_and_proxy() {
     );
     assert!(d.ok(&["port", "ls", "web"]).contains(&format!(":{hp}")));
     d.ok(&["port", "rm", "web", &hp.to_string()]);
-    assert!(std::net::TcpStream::connect(("127.0.0.1", hp)).is_err());
+    // The listener's task is aborted: it closes a moment after the answer.
+    assert!(
+        wait_until(std::time::Duration::from_secs(5), || {
+            std::net::TcpStream::connect(("127.0.0.1", hp))
+                .is_err()
+                .then_some(())
+        })
+        .is_some(),
+        "host port {hp} still forwarded after port rm"
+    );
 
     // The proxy: private by default, the owner's token, public ports, unknown and stopped VMs.
     let proxy = format!("127.0.0.1:{http_port}");
