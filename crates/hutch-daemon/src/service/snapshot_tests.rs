@@ -2,12 +2,12 @@
 //! the records (disk layers, memory base), ownership, quotas, and that refused requests change
 //! nothing. (The guest side is tested on real VMs in crates/hutch/tests/snapshots.rs.)
 
-use super::testing::{add_image, fake_service};
+use super::testing::{add_accounts, add_image, fake_service};
 use super::{Admission, CreateVm};
 use crate::auth::Caller;
 use crate::error::ApiError;
 use hutch_core::api::ForkVm;
-use hutch_core::{Account, Quota, VmState};
+use hutch_core::{Quota, VmState};
 use hutch_store::kv::MemoryStore;
 use std::sync::Arc;
 
@@ -43,19 +43,7 @@ async fn service(quota: Quota) -> (Arc<super::Service>, tempfile::TempDir) {
     };
     let (s, _vmm) = fake_service(d.path(), Arc::new(MemoryStore::new()), adm).await;
     add_image(&s, "busybox:latest").await;
-    for a in ["alice", "bob"] {
-        let acc = Account {
-            name: a.into(),
-            admin: false,
-            keys: vec![],
-            created_at: 0,
-            quota: None,
-        };
-        s.records
-            .put(crate::records::ACCOUNTS, a, &acc)
-            .await
-            .unwrap();
-    }
+    add_accounts(&s, &["alice", "bob"]).await;
     (s, d)
 }
 

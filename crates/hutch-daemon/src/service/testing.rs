@@ -87,3 +87,20 @@ pub async fn add_image(s: &Service, name: &str) -> Image {
     s.records.put_image(&img).await.expect("image record");
     img
 }
+
+/// Records plain (non-admin) accounts `names`.
+pub async fn add_accounts(s: &Service, names: &[&str]) {
+    for a in names {
+        let acc = hutch_core::Account {
+            name: a.to_string(),
+            admin: false,
+            keys: vec![],
+            created_at: 0,
+            quota: None,
+        };
+        s.records
+            .put(crate::records::ACCOUNTS, a, &acc)
+            .await
+            .expect("account record");
+    }
+}

@@ -2,11 +2,11 @@
 //! authorization by caller, quotas, restart policy, events, and the concurrency cases the state
 //! machine defines, without QEMU.
 
-use super::testing::{add_image, fake_service, fake_service_with};
+use super::testing::{add_accounts, add_image, fake_service, fake_service_with};
 use super::{Admission, CreateVm, ExecVm, Service};
 use crate::auth::Caller;
 use crate::error::ApiError;
-use hutch_core::{Account, Quota, RestartPolicy, VmState};
+use hutch_core::{Quota, RestartPolicy, VmState};
 use hutch_store::kv::MemoryStore;
 use std::sync::Arc;
 use std::time::Duration;
@@ -41,19 +41,7 @@ async fn service(
     }
     let (s, vmm) = fake_service(d.path(), Arc::new(MemoryStore::new()), adm).await;
     add_image(&s, "busybox:latest").await;
-    for a in ["alice", "bob"] {
-        let acc = Account {
-            name: a.into(),
-            admin: false,
-            keys: vec![],
-            created_at: 0,
-            quota: None,
-        };
-        s.records
-            .put(crate::records::ACCOUNTS, a, &acc)
-            .await
-            .unwrap();
-    }
+    add_accounts(&s, &["alice", "bob"]).await;
     (s, vmm, d)
 }
 

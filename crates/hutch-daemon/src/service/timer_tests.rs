@@ -4,13 +4,13 @@
 //! driven with an injected clock (`Service::reap(now, at)`), and runs on a short tick where
 //! the loop itself is under test. (Real VMs: crates/hutch/tests/timers.rs.)
 
-use super::testing::{add_image, fake_service};
+use super::testing::{add_accounts, add_image, fake_service};
 use super::{Admission, CreateVm, ExecVm, Service};
 use crate::auth::Caller;
 use crate::error::ApiError;
 use hutch_core::api::Keepalive;
 use hutch_core::timers::OnExpire;
-use hutch_core::{Account, VmState};
+use hutch_core::VmState;
 use hutch_store::kv::MemoryStore;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -52,19 +52,7 @@ async fn service() -> (Arc<Service>, tempfile::TempDir) {
     let (s, _vmm) =
         fake_service(d.path(), Arc::new(MemoryStore::new()), Admission::default()).await;
     add_image(&s, "busybox:latest").await;
-    for a in ["alice", "bob"] {
-        let acc = Account {
-            name: a.into(),
-            admin: false,
-            keys: vec![],
-            created_at: 0,
-            quota: None,
-        };
-        s.records
-            .put(crate::records::ACCOUNTS, a, &acc)
-            .await
-            .unwrap();
-    }
+    add_accounts(&s, &["alice", "bob"]).await;
     (s, d)
 }
 
