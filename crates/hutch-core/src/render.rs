@@ -208,6 +208,27 @@ fn net_lines(n: &crate::net::VmNet) -> String {
     s
 }
 
+/// `hutch pool ls`: ready VMs against each pool's targets.
+pub fn pool_table(pools: &[crate::template::PoolView]) -> String {
+    let mut rows = vec![vec![
+        "TEMPLATE".to_string(),
+        "READY".into(),
+        "STARTING".into(),
+        "MIN".into(),
+        "MAX".into(),
+    ]];
+    for p in pools {
+        rows.push(vec![
+            p.template.clone(),
+            p.ready.to_string(),
+            p.starting.to_string(),
+            p.min.to_string(),
+            p.max.to_string(),
+        ]);
+    }
+    crate::table(rows)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

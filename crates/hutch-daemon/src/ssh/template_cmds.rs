@@ -94,25 +94,8 @@ impl Conn {
 
     pub(super) async fn pool_cmd(&mut self, rest: &[&str], json: bool) -> Out {
         let caller = self.caller();
-        let table = |v: Vec<hutch_core::template::PoolView>| {
-            let mut rows = vec![vec![
-                "TEMPLATE".to_string(),
-                "READY".into(),
-                "STARTING".into(),
-                "MIN".into(),
-                "MAX".into(),
-            ]];
-            for p in v {
-                rows.push(vec![
-                    p.template,
-                    p.ready.to_string(),
-                    p.starting.to_string(),
-                    p.min.to_string(),
-                    p.max.to_string(),
-                ]);
-            }
-            Out::ok(hutch_core::table(rows))
-        };
+        let table =
+            |v: Vec<hutch_core::template::PoolView>| Out::ok(hutch_core::render::pool_table(&v));
         match rest {
             ["ls"] => match self.m.pools_of(&caller).await {
                 Ok(v) if json => pretty(&v),

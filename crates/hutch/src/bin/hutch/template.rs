@@ -218,23 +218,7 @@ pub async fn pool(c: &Client, cmd: PoolCmd, j: bool) -> Result<()> {
             serde_json::Value::Array(_) => serde_json::from_value(v.clone())?,
             _ => vec![serde_json::from_value(v.clone())?],
         };
-        let mut rows = vec![vec![
-            "TEMPLATE".to_string(),
-            "READY".into(),
-            "STARTING".into(),
-            "MIN".into(),
-            "MAX".into(),
-        ]];
-        for p in pools {
-            rows.push(vec![
-                p.template,
-                p.ready.to_string(),
-                p.starting.to_string(),
-                p.min.to_string(),
-                p.max.to_string(),
-            ]);
-        }
-        print!("{}", hutch_core::table(rows));
+        print!("{}", hutch_core::render::pool_table(&pools));
         Ok(())
     };
     match cmd {
