@@ -265,6 +265,22 @@ async fn templates_pools_claims_and_tenancy() {
         .await
         .unwrap();
     assert_eq!(t.status, TemplateStatus::Building);
+    // Start and ready commands are bounded and NUL-free; a refused one records nothing.
+    for cmd in ["x".repeat(5000), "a\0b".to_string(), " ".to_string()] {
+        let r = s
+            .create_template(
+                &alice,
+                CreateTemplate {
+                    name: "bad".into(),
+                    image: "busybox".into(),
+                    start_cmd: Some(cmd),
+                    ..Default::default()
+                },
+            )
+            .await;
+        assert!(matches!(r, Err(ApiError::Invalid(_))));
+    }
+    assert!(nf_template(&s, &alice, "bad").await);
     until("the build", async || {
         let t = s.template_for(&alice, "t").await.ok()?;
         (t.status == TemplateStatus::Ready).then_some(())
@@ -338,4 +354,11 @@ async fn templates_pools_claims_and_tenancy() {
     })
     .await;
     assert_eq!(s.get("alice/a").await.unwrap().state, VmState::Running);
+}
+
+async fn nf_template(s: &super::Service, c: &Caller, name: &str) -> bool {
+    matches!(
+        s.template_for(c, name).await,
+        Err(ApiError::NotFound { .. })
+    )
 }
