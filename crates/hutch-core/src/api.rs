@@ -32,6 +32,10 @@ pub struct CreateVm {
     /// Pause after this long without exec, file, SSH or proxy activity; resume on activity.
     #[serde(default)]
     pub auto_pause: Option<String>,
+    /// Resume by itself when paused and used (exec, files, SSH, the proxy), with or without
+    /// auto-pause.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub auto_resume: bool,
     #[serde(default = "one")]
     pub vcpus: u32,
     #[serde(default = "default_mem")]
@@ -82,6 +86,7 @@ impl Default for CreateVm {
             ttl: None,
             on_expire: None,
             auto_pause: None,
+            auto_resume: false,
             vcpus: DEFAULT_VCPUS,
             mem_mib: DEFAULT_MEM_MIB,
             disk_gib: None,

@@ -50,6 +50,9 @@ pub struct VmTimers {
     /// resumes by itself on such activity.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auto_pause_secs: Option<u64>,
+    /// A paused VM resumes by itself on use even without auto-pause (E2B's `autoResume`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub auto_resume: bool,
 }
 
 /// A duration as people write it: `90s`, `30m`, `1h`, `7d`, or plain seconds; 1 s to

@@ -7,6 +7,7 @@ pub mod api;
 mod api_tests;
 pub mod auth;
 pub mod crash;
+pub mod e2b;
 pub mod error;
 pub mod events;
 pub mod identity;
@@ -73,6 +74,8 @@ pub struct FrontDoors {
     pub public_address: Option<std::net::Ipv4Addr>,
     pub http_listen: Option<std::net::SocketAddr>,
     pub https_listen: Option<std::net::SocketAddr>,
+    /// The E2B-compatible API (`--e2b-listen`).
+    pub e2b_listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -328,7 +331,7 @@ pub async fn run(mut cfg: DaemonConfig) -> Result<(), DaemonError> {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|e| setup(format!("binding {addr}: {e}")))?;
-        let token = Arc::new(token);
+        let token = Arc::new(token.clone());
         let mt = m.clone();
         let authed = api::router(m.clone(), false).layer(axum::middleware::from_fn(
             move |mut req: axum::extract::Request, next: axum::middleware::Next| {
@@ -368,6 +371,9 @@ pub async fn run(mut cfg: DaemonConfig) -> Result<(), DaemonError> {
         tracing::info!(%addr, tls = tls.is_some(), "listening on tcp (bearer token required)");
         tasks.spawn(tcp::serve(listener, authed, tls, topts));
     }
+    if let Some(addr) = cfg.front.e2b_listen {
+        tasks.spawn(serve_e2b(m.clone(), &cfg, &token, addr).await?);
+    }
     if let Some(opts) = cfg.ssh.take() {
         let m2 = m.clone();
         tasks.spawn(async move {
@@ -394,6 +400,41 @@ pub async fn run(mut cfg: DaemonConfig) -> Result<(), DaemonError> {
     let _ = std::fs::remove_file(&sock);
     tracing::info!("hutchd stopped; VMs keep running");
     Ok(())
+}
+
+/// The E2B-compatible API on `addr`: TLS as for the REST API (plain only on loopback without
+/// a certificate), HTTP/1.1 and HTTP/2.
+async fn serve_e2b(
+    m: Arc<service::Service>,
+    cfg: &DaemonConfig,
+    token: &str,
+    addr: std::net::SocketAddr,
+) -> Result<Serving, DaemonError> {
+    let opts = tcp::TcpOptions {
+        listen: addr,
+        tls_cert: cfg.tcp.as_ref().and_then(|t| t.tls_cert.clone()),
+        tls_key: cfg.tcp.as_ref().and_then(|t| t.tls_key.clone()),
+        max_connections: cfg.tcp.as_ref().map_or(1024, |t| t.max_connections),
+        header_timeout: cfg
+            .tcp
+            .as_ref()
+            .map_or(Duration::from_secs(10), |t| t.header_timeout),
+    };
+    let tls = tcp::tls_config(&cfg.data_dir, &opts)?;
+    let key = secrets::read_or_create(
+        &cfg.data_dir.join("e2b-key"),
+        |k| k.len() == 32,
+        || rand::random::<[u8; 32]>().to_vec(),
+    )
+    .map_err(setup)?;
+    let domain = m.front.get().map(|f| f.proxy.domain().to_string());
+    let e = Arc::new(e2b::E2b::new(m, token.to_string(), key, domain));
+    let app = e2b::router(e).layer(axum::extract::DefaultBodyLimit::disable());
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| setup(format!("binding the E2B API on {addr}: {e}")))?;
+    tracing::info!(%addr, tls = tls.is_some(), "E2B-compatible API");
+    Ok(Box::pin(tcp::serve(listener, app, tls, opts)))
 }
 
 type Serving = std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<()>> + Send>>;

@@ -63,7 +63,7 @@ pub fn tls_config(
         .ok_or_else(|| setup(format!("TLS key {} does not exist", key.display())))?;
     let key_der = PrivateKeyDer::from_pem_slice(&key_pem)
         .map_err(|e| setup(format!("TLS key {}: {e}", key.display())))?;
-    let cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+    let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
     .with_safe_default_protocol_versions()
@@ -71,6 +71,7 @@ pub fn tls_config(
     .with_no_client_auth()
     .with_single_cert(chain, key_der)
     .map_err(|e| setup(format!("TLS certificate and key: {e}")))?;
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Some(Arc::new(cfg)))
 }
 
@@ -133,17 +134,20 @@ pub async fn serve(
         tokio::spawn(async move {
             let _slot = slot;
             let svc = hyper_util::service::TowerToHyperService::new(app);
-            let mut http = hyper::server::conn::http1::Builder::new();
+            // HTTP/1.1 and HTTP/2 (h2c by its preface in plain text, ALPN under TLS).
+            let mut http =
+                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
             // A client may shut its sending side down once the request is out (busybox nc
             // does): answer it still.
-            http.timer(hyper_util::rt::TokioTimer::new())
+            http.http1()
+                .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(timeout)
                 .half_close(true);
+            http.http2().timer(hyper_util::rt::TokioTimer::new());
             let r = match acceptor {
                 Some(a) => match tokio::time::timeout(timeout, a.accept(sock)).await {
                     Ok(Ok(s)) => {
-                        http.serve_connection(hyper_util::rt::TokioIo::new(s), svc)
-                            .with_upgrades()
+                        http.serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(s), svc)
                             .await
                     }
                     Ok(Err(e)) => {
@@ -156,8 +160,7 @@ pub async fn serve(
                     }
                 },
                 None => {
-                    http.serve_connection(hyper_util::rt::TokioIo::new(sock), svc)
-                        .with_upgrades()
+                    http.serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(sock), svc)
                         .await
                 }
             };

@@ -40,6 +40,7 @@ pub fn timers_of(req: &CreateVm) -> Result<VmTimers, ApiError> {
         deadline: ttl_secs.map(|t| hutch_core::now() + t),
         on_expire: req.on_expire.unwrap_or_default(),
         auto_pause_secs: parse("auto_pause", &req.auto_pause)?,
+        auto_resume: req.auto_resume,
     })
 }
 
@@ -198,7 +199,7 @@ enum Due {
 /// Whether a request that uses `vm` resumes it first: it has auto-pause set and is paused (or
 /// on its way there or back).
 pub fn wakes_on_use(vm: &Vm) -> bool {
-    vm.timers.auto_pause_secs.is_some()
+    (vm.timers.auto_pause_secs.is_some() || vm.timers.auto_resume)
         && matches!(
             vm.state,
             VmState::Paused | VmState::Pausing | VmState::Resuming
@@ -236,7 +237,7 @@ impl Service {
     /// pauses it, and a VM paused (or being paused) is resumed first: of concurrent requests
     /// the first resumes it and the others find it running.
     pub(crate) async fn wake(self: &Arc<Self>, vm: Vm) -> Result<(Vm, InUse), ApiError> {
-        if vm.timers.auto_pause_secs.is_none() {
+        if vm.timers.auto_pause_secs.is_none() && !vm.timers.auto_resume {
             let u = self.activity.begin(&vm.id);
             return Ok((vm, u));
         }

@@ -180,6 +180,10 @@ struct Args {
     /// a CA hutchd makes; `hutch ca` prints it).
     #[arg(long, env = "HUTCH_HTTPS_LISTEN")]
     https_listen: Option<std::net::SocketAddr>,
+    /// E2B-compatible API (control plane and envd) on this address: point E2B's SDKs at it
+    /// with E2B_API_URL and E2B_SANDBOX_URL (docs/e2b.md). TLS as for --listen.
+    #[arg(long, env = "HUTCH_E2B_LISTEN")]
+    e2b_listen: Option<std::net::SocketAddr>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -279,6 +283,7 @@ fn main() -> anyhow::Result<()> {
         public_address: args.public_address,
         http_listen: args.http_listen,
         https_listen: args.https_listen,
+        e2b_listen: args.e2b_listen,
     };
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     rt.block_on(hutch_daemon::run(cfg))

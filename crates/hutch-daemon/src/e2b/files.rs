@@ -1,0 +1,258 @@
+//! envd's `/files`: download a file (GET), upload one or many (POST, `multipart/form-data` or
+//! `application/octet-stream`), streamed through the guest agent both ways.
+
+use super::envd::{ctx, Ctx};
+use super::users::absolute;
+use super::{error, E2b};
+use axum::body::Body;
+use axum::extract::{FromRequest, Query, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use futures_util::StreamExt;
+use serde::Deserialize;
+use std::sync::Arc;
+
+#[derive(Debug, Deserialize, Default)]
+pub struct FileQuery {
+    path: Option<String>,
+    username: Option<String>,
+}
+
+/// An envd `/files` error: `{"code": STATUS, "message": ...}`.
+fn fail(status: StatusCode, msg: impl std::fmt::Display) -> Response {
+    error(status, &msg.to_string())
+}
+
+fn from_api(e: crate::error::ApiError) -> Response {
+    use crate::error::ApiError as A;
+    let status = match &e {
+        A::NotFound { .. } => StatusCode::NOT_FOUND,
+        A::Invalid(_) => StatusCode::BAD_REQUEST,
+        A::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+        A::Forbidden(_) | A::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+        other => other.status(),
+    };
+    // The agent's "not found" comes as a guest error: say 404 as envd does.
+    let msg = e.to_string();
+    let status = if status == StatusCode::INTERNAL_SERVER_ERROR && msg.contains("No such file") {
+        StatusCode::NOT_FOUND
+    } else {
+        status
+    };
+    fail(status, msg)
+}
+
+/// The account and absolute path of a `/files` request.
+async fn target(
+    c: &Ctx,
+    headers: &HeaderMap,
+    q: &FileQuery,
+    path: Option<&str>,
+) -> Result<(super::users::Account, String), Response> {
+    let acct = match &q.username {
+        Some(u) => {
+            let table = c
+                .table()
+                .await
+                .map_err(|e| fail(StatusCode::BAD_GATEWAY, e))?;
+            let vm = c.e.m.vm_for(&c.caller, c.vm()).await.map_err(from_api)?;
+            let iu = vm.image_config.map(|c| c.user).unwrap_or_default();
+            table
+                .resolve(Some(u), &iu)
+                .map_err(|e| fail(StatusCode::UNAUTHORIZED, e.message))?
+        }
+        None => c
+            .account(headers)
+            .await
+            .map_err(|e| fail(StatusCode::UNAUTHORIZED, e.message))?,
+    };
+    let Some(p) = path.filter(|p| !p.is_empty()) else {
+        return Err(fail(StatusCode::BAD_REQUEST, "a path is required"));
+    };
+    let abs = absolute(p, &acct.home).map_err(|e| fail(StatusCode::BAD_REQUEST, e.message))?;
+    Ok((acct, abs))
+}
+
+pub async fn download(
+    State(e): State<Arc<E2b>>,
+    headers: HeaderMap,
+    Query(q): Query<FileQuery>,
+) -> Response {
+    let c = match ctx(&e, &headers).await {
+        Ok(c) => c,
+        Err(r) => return r.into_response(),
+    };
+    let (_, path) = match target(&c, &headers, &q, q.path.as_deref()).await {
+        Ok(x) => x,
+        Err(r) => return r,
+    };
+    let agent = match super::fs::agent_of(&c).await {
+        Ok(a) => a,
+        Err(e) => return fail(StatusCode::BAD_GATEWAY, e.message),
+    };
+    match super::fs::stat(&*agent, &path, true).await {
+        Ok(Some(a)) if super::fs::is_dir(a.mode) => {
+            return fail(StatusCode::BAD_REQUEST, format!("{path} is a directory"));
+        }
+        Ok(Some(_)) => {}
+        Ok(None) => return fail(StatusCode::NOT_FOUND, format!("{path} does not exist")),
+        Err(e) => return fail(StatusCode::BAD_REQUEST, e.message),
+    }
+    let r = match c.e.m.open_read(&c.caller, c.vm(), &path, 0, None).await {
+        Ok(r) => r,
+        Err(e) => return from_api(e),
+    };
+    let body = futures_util::stream::unfold(Some(r), |r| async move {
+        let mut r = r?;
+        match r.next().await {
+            Ok(Some(b)) => Some((Ok::<_, std::io::Error>(b), Some(r))),
+            Ok(None) => None,
+            Err(e) => Some((Err(std::io::Error::other(e.to_string())), None)),
+        }
+    });
+    let name = path
+        .rsplit('/')
+        .next()
+        .unwrap_or("file")
+        .replace(['"', '\\'], "_");
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "application/octet-stream")
+        .header(
+            header::CONTENT_DISPOSITION,
+            format!("attachment; filename=\"{name}\""),
+        )
+        .body(Body::from_stream(body))
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+pub async fn upload(
+    State(e): State<Arc<E2b>>,
+    Query(q): Query<FileQuery>,
+    req: Request,
+) -> Response {
+    let headers = req.headers().clone();
+    let c = match ctx(&e, &headers).await {
+        Ok(c) => c,
+        Err(r) => return r.into_response(),
+    };
+    let ct = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    if headers
+        .get(header::CONTENT_ENCODING)
+        .is_some_and(|v| v != "identity")
+    {
+        return fail(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "compressed uploads are not supported (hutch reports envd 0.5.7)",
+        );
+    }
+    if headers
+        .keys()
+        .any(|k| k.as_str().starts_with("x-metadata-"))
+    {
+        return fail(
+            StatusCode::BAD_REQUEST,
+            "file metadata is not supported (hutch reports envd 0.5.7)",
+        );
+    }
+    let limit = c.e.m.cfg().max_upload_bytes;
+    let mut written = Vec::new();
+    if ct.starts_with("multipart/form-data") {
+        let mut mp = match axum::extract::Multipart::from_request(req, &()).await {
+            Ok(m) => m,
+            Err(e) => return fail(StatusCode::BAD_REQUEST, e.body_text()),
+        };
+        loop {
+            let field = match mp.next_field().await {
+                Ok(Some(f)) => f,
+                Ok(None) => break,
+                Err(e) => return fail(StatusCode::BAD_REQUEST, e.body_text()),
+            };
+            // The query's path names a single file; without it, each part's file name does.
+            let name = q
+                .path
+                .clone()
+                .or_else(|| field.file_name().map(str::to_string));
+            let (acct, path) = match target(&c, &headers, &q, name.as_deref()).await {
+                Ok(x) => x,
+                Err(r) => return r,
+            };
+            let chunks = field.map(|r| r.map_err(|e| e.body_text()));
+            if let Err(r) = write(&c, &path, chunks, limit).await {
+                return r;
+            }
+            written.push((acct, path));
+        }
+    } else if ct.starts_with("application/octet-stream") || ct.is_empty() {
+        let (acct, path) = match target(&c, &headers, &q, q.path.as_deref()).await {
+            Ok(x) => x,
+            Err(r) => return r,
+        };
+        let chunks = req
+            .into_body()
+            .into_data_stream()
+            .map(|r| r.map_err(|e| e.to_string()));
+        if let Err(r) = write(&c, &path, chunks, limit).await {
+            return r;
+        }
+        written.push((acct, path));
+    } else {
+        return fail(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "upload as multipart/form-data or application/octet-stream",
+        );
+    }
+    let out: Vec<_> = written
+        .iter()
+        .map(|(_, p)| {
+            serde_json::json!({
+                "name": p.rsplit('/').next().unwrap_or(""),
+                "type": "file",
+                "path": p,
+            })
+        })
+        .collect();
+    axum::Json(out).into_response()
+}
+
+/// Streams `chunks` into `path` (parents made), within `limit` bytes.
+async fn write<S>(c: &Ctx, path: &str, mut chunks: S, limit: u64) -> Result<(), Response>
+where
+    S: futures_util::Stream<Item = Result<axum::body::Bytes, String>> + Unpin,
+{
+    let agent = super::fs::agent_of(c)
+        .await
+        .map_err(|e| fail(StatusCode::BAD_GATEWAY, e.message))?;
+    let existing = super::fs::stat(&*agent, path, true)
+        .await
+        .map_err(|e| fail(StatusCode::BAD_REQUEST, e.message))?;
+    if existing.is_some_and(|a| super::fs::is_dir(a.mode)) {
+        return Err(fail(
+            StatusCode::BAD_REQUEST,
+            format!("{path} is a directory"),
+        ));
+    }
+    let mut w =
+        c.e.m
+            .open_write(&c.caller, c.vm(), path, Some(0o644), None)
+            .await
+            .map_err(from_api)?;
+    let mut total = 0u64;
+    while let Some(chunk) = chunks.next().await {
+        let chunk = chunk.map_err(|e| fail(StatusCode::BAD_REQUEST, e))?;
+        total += chunk.len() as u64;
+        if total > limit {
+            return Err(fail(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("uploads are limited to {limit} bytes (hutchd --max-upload-mib)"),
+            ));
+        }
+        w.write(&chunk).await.map_err(from_api)?;
+    }
+    w.finish().await.map_err(from_api)?;
+    Ok(())
+}
