@@ -739,6 +739,10 @@ pub fn fs(shared: &Shared, gen: u64, stream: u32, req: hutch_proto::FsRequest) {
                 std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode & 0o7777))?;
                 done
             }
+            F::Chown { path, uid, gid } => {
+                std::os::unix::fs::lchown(&path, Some(uid), Some(gid))?;
+                done
+            }
         })
     })();
     match r {

@@ -428,8 +428,15 @@ async fn serve_e2b(
     )
     .map_err(setup)?;
     let domain = m.front.get().map(|f| f.proxy.domain().to_string());
-    let e = Arc::new(e2b::E2b::new(m, token.to_string(), key, domain));
-    let app = e2b::router(e).layer(axum::extract::DefaultBodyLimit::disable());
+    let e = Arc::new(e2b::E2b::new(m.clone(), token.to_string(), key, domain));
+    e.load_routes()
+        .await
+        .map_err(|x| setup(format!("loading E2B sandboxes: {x}")))?;
+    let app = e2b::router(e.clone()).layer(axum::extract::DefaultBodyLimit::disable());
+    let _ = m.e2b.set(e2b::Served {
+        e2b: e,
+        router: app.clone(),
+    });
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| setup(format!("binding the E2B API on {addr}: {e}")))?;
@@ -535,6 +542,7 @@ async fn start_dns(
     let dir = Arc::new(net::dns::Directory {
         records: m.records.clone(),
         net: net.clone(),
+        service: Arc::downgrade(m),
     });
     let listen = std::net::SocketAddr::new(s.cfg.gateway().into(), s.cfg.dns_port);
     let guest = hutch_dns::GuestDns {

@@ -440,6 +440,12 @@ pub enum FsRequest {
         path: String,
         mode: u32,
     },
+    /// Sets the owner of `path` itself (`lchown`: a final symlink is not followed).
+    Chown {
+        path: String,
+        uid: u32,
+        gid: u32,
+    },
 }
 
 /// File metadata; `mode` is the full st_mode (type and permission bits).

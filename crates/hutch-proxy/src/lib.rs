@@ -30,7 +30,8 @@ pub enum Resolve {
     Unknown,
     /// The VM exists but is not running: 503.
     Stopped { vm: String },
-    /// The VM runs at `ip`; `public_ports` are reachable without credentials.
+    /// The VM runs at `ip`; `public_ports` are reachable without credentials (a 0 among them
+    /// stands for every port).
     Running {
         vm: String,
         ip: IpAddr,
@@ -45,8 +46,24 @@ pub enum Resolve {
 pub type Waking<'a> =
     std::pin::Pin<Box<dyn std::future::Future<Output = Option<IpAddr>> + Send + 'a>>;
 
+/// Errors of a [`LocalBody`].
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// The body of a response the daemon serves itself.
+pub type LocalBody = http_body_util::combinators::UnsyncBoxBody<bytes::Bytes, BoxError>;
+/// A response the daemon serves itself (see [`Backends::local`]).
+pub type Local =
+    std::pin::Pin<Box<dyn std::future::Future<Output = hyper::Response<LocalBody>> + Send>>;
+
 /// The daemon's side of the proxy.
 pub trait Backends: Send + Sync + 'static {
+    /// Takes a request the daemon answers itself (an API served on the proxy's domain) instead
+    /// of a VM's port; gives every other request back. Default: none.
+    fn local(
+        &self,
+        req: hyper::Request<hyper::body::Incoming>,
+    ) -> Result<Local, hyper::Request<hyper::body::Incoming>> {
+        Err(req)
+    }
     /// `label` is the host's VM part (a VM id or name), lowercase.
     fn resolve(&self, label: &str) -> Resolve;
     /// Whether `bearer` (the token from `Authorization: Bearer`) may use VM `vm`.

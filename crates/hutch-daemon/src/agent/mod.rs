@@ -273,6 +273,15 @@ pub trait Agent: Send + Sync {
             mode,
         }))
     }
+
+    /// Sets the owner of `path` (not following a final symlink).
+    fn chown(&self, path: &str, uid: u32, gid: u32) -> BoxFuture<'_, Result<(), AgentError>> {
+        done(self.fs(FsRequest::Chown {
+            path: path.into(),
+            uid,
+            gid,
+        }))
+    }
 }
 
 fn done(f: BoxFuture<'_, Result<FsAnswer, AgentError>>) -> BoxFuture<'_, Result<(), AgentError>> {

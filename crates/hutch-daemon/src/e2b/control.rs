@@ -137,6 +137,7 @@ async fn create(State(e): State<Arc<E2b>>, h: HeaderMap, b: axum::body::Bytes) -
         allow_internet_access: n.allow_internet_access,
         auto_pause,
         auto_resume,
+        allow_public_traffic: n.network.as_ref().and_then(|x| x.allow_public_traffic),
     };
     if !e
         .m
@@ -160,6 +161,7 @@ async fn create(State(e): State<Arc<E2b>>, h: HeaderMap, b: axum::body::Bytes) -
         let _ = e.m.records.delete(SANDBOXES, &id).await;
         return Err(api_error(err.into()));
     }
+    e.routes.set(&id, super::Route::of(&rec));
     tracing::info!(sandbox = %id, template = %rec.template_id, "e2b sandbox created");
     Ok((StatusCode::CREATED, Json(e.answer(&rec))).into_response())
 }
@@ -278,6 +280,7 @@ async fn kill(State(e): State<Arc<E2b>>, h: HeaderMap, Path(id): Path<String>) -
         .await
         .map_err(api_error)?;
     let _ = e.m.records.delete(SANDBOXES, &rec.id).await;
+    e.routes.remove(&rec.id);
     tracing::info!(sandbox = %id, "e2b sandbox killed");
     Ok(StatusCode::NO_CONTENT.into_response())
 }
@@ -481,6 +484,7 @@ async fn fork(
         };
         match e.m.records.put(SANDBOXES, &copy.id, &copy).await {
             Ok(()) => {
+                e.routes.set(&copy.id, super::Route::of(&copy));
                 let _ = extend(&e, &copy, secs).await;
                 out.push(serde_json::json!({"sandbox": e.answer(&copy)}));
             }

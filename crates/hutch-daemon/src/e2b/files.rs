@@ -182,7 +182,7 @@ pub async fn upload(
                 Err(r) => return r,
             };
             let chunks = field.map(|r| r.map_err(|e| e.body_text()));
-            if let Err(r) = write(&c, &path, chunks, limit).await {
+            if let Err(r) = write(&c, &acct, &path, chunks, limit).await {
                 return r;
             }
             written.push((acct, path));
@@ -196,7 +196,7 @@ pub async fn upload(
             .into_body()
             .into_data_stream()
             .map(|r| r.map_err(|e| e.to_string()));
-        if let Err(r) = write(&c, &path, chunks, limit).await {
+        if let Err(r) = write(&c, &acct, &path, chunks, limit).await {
             return r;
         }
         written.push((acct, path));
@@ -219,8 +219,15 @@ pub async fn upload(
     axum::Json(out).into_response()
 }
 
-/// Streams `chunks` into `path` (parents made), within `limit` bytes.
-async fn write<S>(c: &Ctx, path: &str, mut chunks: S, limit: u64) -> Result<(), Response>
+/// Streams `chunks` into `path` within `limit` bytes; the file and the parents it needed
+/// belong to `acct`.
+async fn write<S>(
+    c: &Ctx,
+    acct: &super::users::Account,
+    path: &str,
+    mut chunks: S,
+    limit: u64,
+) -> Result<(), Response>
 where
     S: futures_util::Stream<Item = Result<axum::body::Bytes, String>> + Unpin,
 {
@@ -235,6 +242,16 @@ where
             StatusCode::BAD_REQUEST,
             format!("{path} is a directory"),
         ));
+    }
+    let owner = super::fs::owner_of(acct);
+    if let Some(parent) = path
+        .rsplit_once('/')
+        .map(|(p, _)| p)
+        .filter(|p| !p.is_empty())
+    {
+        super::fs::make_dirs(&*agent, parent, owner)
+            .await
+            .map_err(|e| fail(StatusCode::BAD_REQUEST, e.message))?;
     }
     let mut w =
         c.e.m
@@ -254,5 +271,10 @@ where
         w.write(&chunk).await.map_err(from_api)?;
     }
     w.finish().await.map_err(from_api)?;
+    if let Some((uid, gid)) = owner {
+        super::fs::chown(&*agent, path, uid, gid)
+            .await
+            .map_err(|e| fail(StatusCode::INTERNAL_SERVER_ERROR, e.message))?;
+    }
     Ok(())
 }

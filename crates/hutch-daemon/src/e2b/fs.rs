@@ -89,14 +89,14 @@ pub async fn call(c: Ctx, method: &str, req: Request) -> Result<Response, RpcErr
                     format!("{path} already exists"),
                 ));
             }
-            make_dirs(&*agent, &path).await?;
+            make_dirs(&*agent, &path, owner_of(&acct)).await?;
             serde_json::json!({ "entry": entry(&*agent, &table, &path).await? })
         }
         "Move" => {
             let r: MoveReq = connect::parse(&body)?;
             let (from, to) = (abs(&r.source)?, abs(&r.destination)?);
             if let Some(parent) = parent(&to) {
-                make_dirs(&*agent, parent).await?;
+                make_dirs(&*agent, parent, owner_of(&acct)).await?;
             }
             within(ANSWER, agent.rename(&from, &to))
                 .await
@@ -140,19 +140,38 @@ pub async fn stat(a: &dyn Agent, path: &str, follow: bool) -> Result<Option<File
     }
 }
 
-/// `mkdir -p`.
-pub async fn make_dirs(a: &dyn Agent, path: &str) -> Result<(), RpcError> {
+/// `mkdir -p`; the directories it makes belong to `owner` (uid, gid) when given.
+pub async fn make_dirs(
+    a: &dyn Agent,
+    path: &str,
+    owner: Option<(u32, u32)>,
+) -> Result<(), RpcError> {
     let mut cur = String::new();
     for part in path.split('/').filter(|p| !p.is_empty()) {
         cur.push('/');
         cur.push_str(part);
         match within(ANSWER, a.mkdir(&cur, 0o755)).await {
-            Ok(()) => {}
+            Ok(()) => {
+                if let Some((uid, gid)) = owner {
+                    chown(a, &cur, uid, gid).await?;
+                }
+            }
             Err(e) if e.code() == Some(ErrorCode::Exists) => {}
             Err(e) => return Err(agent_err(&cur, e)),
         }
     }
     Ok(())
+}
+
+pub async fn chown(a: &dyn Agent, path: &str, uid: u32, gid: u32) -> Result<(), RpcError> {
+    within(ANSWER, a.chown(path, uid, gid))
+        .await
+        .map_err(|e| agent_err(path, e))
+}
+
+/// Who files made for `acct` belong to: None for root (hutch's agent makes them as root).
+pub fn owner_of(acct: &super::users::Account) -> Option<(u32, u32)> {
+    (acct.uid != 0).then_some((acct.uid, acct.gid))
 }
 
 /// Removes a file, a symlink or a whole tree (within [`MAX_WALK`] entries).

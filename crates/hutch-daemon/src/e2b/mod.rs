@@ -21,6 +21,7 @@ mod fs;
 mod metrics;
 mod model;
 mod process;
+mod routing;
 mod users;
 mod watch;
 
@@ -35,6 +36,7 @@ use std::sync::Arc;
 use tower::ServiceExt;
 
 pub use model::SandboxRecord;
+pub use routing::{Route, Served};
 
 /// Store prefix of sandbox records, keyed by sandbox id.
 pub const SANDBOXES: &str = "e2b/sandboxes/";
@@ -59,6 +61,7 @@ pub struct E2b {
     procs: process::Table,
     watchers: fs::Watchers,
     users: users::Cache,
+    routes: routing::Routes,
 }
 
 impl E2b {
@@ -71,7 +74,22 @@ impl E2b {
             procs: process::Table::default(),
             watchers: fs::Watchers::default(),
             users: users::Cache::default(),
+            routes: routing::Routes::default(),
         }
+    }
+
+    /// Loads the proxy's routes of every sandbox (at start).
+    pub async fn load_routes(&self) -> Result<(), ApiError> {
+        let recs: Vec<SandboxRecord> = self.m.records.list(SANDBOXES).await?;
+        for r in recs.iter().filter(|r| !r.vm_id.is_empty()) {
+            self.routes.set(&r.id, Route::of(r));
+        }
+        Ok(())
+    }
+
+    /// The VM of sandbox `id` for the proxy, and whether its ports are public.
+    pub fn route(&self, id: &str) -> Option<Route> {
+        self.routes.get(id)
     }
 
     /// The envd access token of sandbox `id` (VM `vm_id`): derived, so nothing to store, and

@@ -39,6 +39,9 @@ pub struct SandboxRecord {
     pub auto_pause: bool,
     #[serde(default)]
     pub auto_resume: bool,
+    /// Whether its ports take traffic through the proxy without credentials (E2B's default).
+    #[serde(default)]
+    pub allow_public_traffic: Option<bool>,
 }
 
 /// A new sandbox id: 20 characters of lowercase letters and digits, like E2B's, starting with
@@ -115,11 +118,8 @@ pub struct NetworkConfig {
 
 /// `{"timeout": N}` (set timeout, connect, resume).
 #[derive(Debug, Clone, Deserialize, Default)]
-#[serde(rename_all = "camelCase")]
 pub struct TimeoutBody {
     pub timeout: Option<u64>,
-    #[serde(default)]
-    pub auto_pause: Option<bool>,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]

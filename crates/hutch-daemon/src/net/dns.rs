@@ -12,6 +12,8 @@ use std::sync::Arc;
 pub struct Directory {
     pub records: Records,
     pub net: Arc<VmNetwork>,
+    /// For the names of the E2B API: `api.<domain>` and `<port>-<sandbox id>.<domain>`.
+    pub service: std::sync::Weak<crate::service::Service>,
 }
 
 /// The VM a public name's label means: its id, an admin VM's name, or `NAME--ACCOUNT` for an
@@ -32,6 +34,19 @@ pub fn port_label(label: &str) -> Option<&str> {
     let (port, rest) = label.split_once('-')?;
     (!port.is_empty() && port.len() <= 5 && port.bytes().all(|b| b.is_ascii_digit()))
         .then_some(rest)
+}
+
+impl Directory {
+    /// Whether `label` is one of the E2B API's names (when it is served).
+    fn e2b_name(&self, label: &str) -> bool {
+        let Some(s) = self.service.upgrade() else {
+            return false;
+        };
+        let Some(e) = s.e2b.get() else {
+            return false;
+        };
+        label == "api" || port_label(label).is_some_and(|l| e.e2b.route(l).is_some())
+    }
 }
 
 impl hutch_dns::Directory for Directory {
@@ -55,6 +70,7 @@ impl hutch_dns::Directory for Directory {
     fn public_vm(&self, label: &str) -> bool {
         vm_by_label(&self.records, label).is_some()
             || port_label(label).is_some_and(|l| vm_by_label(&self.records, l).is_some())
+            || self.e2b_name(label)
     }
 
     fn public_address(&self, label: &str) -> Option<Ipv4Addr> {

@@ -24,21 +24,44 @@ pub struct Backends {
 }
 
 impl hutch_proxy::Backends for Backends {
+    fn local(
+        &self,
+        req: hyper::Request<hyper::body::Incoming>,
+    ) -> Result<hutch_proxy::Local, hyper::Request<hyper::body::Incoming>> {
+        match self.service.upgrade().and_then(|s| s.e2b.get().cloned()) {
+            Some(e2b) => e2b.local(req),
+            None => Err(req),
+        }
+    }
+
     fn resolve(&self, label: &str) -> Resolve {
         let Some(s) = self.service.upgrade() else {
             return Resolve::Unknown;
         };
-        match vm_by_label(&s.records, label) {
+        // An E2B sandbox id names its VM (in its owner's namespace); its ports are public
+        // unless it was made private.
+        let e2b = s.e2b.get().and_then(|e| e.e2b.route(label));
+        let found = match &e2b {
+            Some(r) => s.records.find_vm(|v| v.id == r.vm_id),
+            None => vm_by_label(&s.records, label),
+        };
+        let public = |mut ports: Vec<u16>| {
+            if e2b.as_ref().is_some_and(|r| r.public) {
+                ports.push(0);
+            }
+            ports
+        };
+        match found {
             None => Resolve::Unknown,
             Some(vm) => match (vm.state, vm.net.ipv4) {
                 (VmState::Running, Some(ip)) => Resolve::Running {
                     vm: vm.id,
                     ip: ip.into(),
-                    public_ports: vm.net.public_ports,
+                    public_ports: public(vm.net.public_ports),
                 },
                 (_, Some(_)) if crate::service::timers::wakes_on_use(&vm) => Resolve::Paused {
                     vm: vm.id,
-                    public_ports: vm.net.public_ports,
+                    public_ports: public(vm.net.public_ports),
                 },
                 _ => Resolve::Stopped { vm: vm.id },
             },

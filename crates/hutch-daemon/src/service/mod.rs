@@ -66,6 +66,8 @@ pub struct Service {
     pub(crate) warming: Mutex<std::collections::HashSet<String>>,
     /// The HTTP(S) proxy, once it runs (share links, `hutch ca`).
     pub front: std::sync::OnceLock<crate::net::proxy::Front>,
+    /// The E2B-compatible API, once it runs (the proxy serves it on its domain too).
+    pub e2b: std::sync::OnceLock<crate::e2b::Served>,
     /// When VMs were last used, for auto-pause (timers.rs).
     pub activity: Arc<timers::Activity>,
 }
@@ -85,6 +87,7 @@ impl Service {
             locks: Mutex::new(HashMap::new()),
             events: Default::default(),
             front: Default::default(),
+            e2b: Default::default(),
             pool_wake: Default::default(),
             warming: Default::default(),
             activity: Default::default(),

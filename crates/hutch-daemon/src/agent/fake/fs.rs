@@ -250,6 +250,11 @@ impl Tree {
                 }
                 FsAnswer::Done
             }
+            FsRequest::Chown { path, .. } => {
+                // The fake keeps no owners; the path must exist.
+                self.node(&path, false)?;
+                FsAnswer::Done
+            }
         })
     }
 
