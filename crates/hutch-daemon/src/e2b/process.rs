@@ -232,6 +232,7 @@ async fn unary(c: Ctx, method: &str, body: &[u8]) -> Result<serde_json::Value, R
     let procs = &c.e.procs;
     match method {
         "List" => {
+            let _: serde_json::Map<String, serde_json::Value> = connect::parse(body)?;
             let all = procs.lock();
             let list: Vec<_> = all
                 .get(&vm)
