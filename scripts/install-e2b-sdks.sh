@@ -28,7 +28,8 @@ die() {
     echo "install-e2b-sdks: $*" >&2
     exit 1
 }
-hash_of() { sha256sum "$@" | sha256sum | cut -d' ' -f1; }
+# Of the files' contents only, so a checkout moved elsewhere keeps its stamps.
+hash_of() { cat "$@" | sha256sum | cut -d' ' -f1; }
 
 SUDO=""
 if [[ $(id -u) -ne 0 ]]; then
