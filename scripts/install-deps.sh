@@ -16,7 +16,8 @@ set -euo pipefail
 MIN_QEMU=8.2
 run_pkgs=(e2fsprogs erofs-utils kmod cpio iproute2 nftables)
 qemu_pkgs=(qemu-system-x86 qemu-utils)
-# python3-venv: tests/api_fuzz.rs installs schemathesis (PyPI) into a venv under target/.
+# python3-venv: tests/api_fuzz.rs installs schemathesis (PyPI) into a venv under target/, and
+# scripts/install-e2b-sdks.sh the E2B SDK (PyPI) into target/e2b-sdk/venv.
 # systemd: tests/install.rs checks the installed hutchd.service with systemd-analyze verify.
 test_pkgs=(busybox-static umoci skopeo docker-registry apache2-utils openssh-client python3 python3-venv systemd git curl)
 bench_pkgs=(openssh-server)
@@ -191,6 +192,18 @@ if [[ "$mode" == --test || "$mode" == --bench ]]; then
 fi
 if [[ "$mode" == --bench ]]; then
     check sshd sh -c 'test -x /usr/sbin/sshd'
+fi
+
+# The official E2B SDKs (PyPI and npm, pinned) for crates/hutch/tests/e2b_sdk.rs. Skipped where the
+# script is not beside this one (scripts/check-fresh-install.sh copies this script alone) or with
+# HUTCH_SKIP_E2B_SDKS=1.
+if [[ "$mode" == --test && "${HUTCH_SKIP_E2B_SDKS:-0}" != 1 ]]; then
+    e2b_sdks="$(dirname "$0")/install-e2b-sdks.sh"
+    if [[ -f "$e2b_sdks" ]]; then
+        bash "$e2b_sdks" || die "installing the E2B SDKs failed (scripts/install-e2b-sdks.sh)"
+    else
+        echo "install-deps: $e2b_sdks not found; E2B SDKs not installed"
+    fi
 fi
 
 if [[ "${HUTCH_SKIP_CARGO_CHECK:-0}" == 1 ]]; then
