@@ -68,6 +68,16 @@ impl IntoResponse for Refused {
 
 /// The sandbox a request names, if its access token is right.
 pub async fn ctx(e: &Arc<E2b>, headers: &HeaderMap) -> Result<Ctx, Refused> {
+    ctx_with(e, headers, |_| false).await
+}
+
+/// The same, also taking a request that `signed` finds signed with the sandbox's access token
+/// (`/files` URLs made by the SDKs' `download_url` and `upload_url`).
+pub async fn ctx_with(
+    e: &Arc<E2b>,
+    headers: &HeaderMap,
+    signed: impl FnOnce(&str) -> bool,
+) -> Result<Ctx, Refused> {
     let id = headers
         .get("e2b-sandbox-id")
         .and_then(|v| v.to_str().ok())
@@ -104,7 +114,13 @@ pub async fn ctx(e: &Arc<E2b>, headers: &HeaderMap) -> Result<Ctx, Refused> {
         .get("x-access-token")
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
-    if !crate::constant_eq(given.as_bytes(), token.as_bytes()) {
+    let by_header = headers.contains_key("x-access-token");
+    let ok = if by_header {
+        crate::constant_eq(given.as_bytes(), token.as_bytes())
+    } else {
+        signed(&token)
+    };
+    if !ok {
         return Err(Refused(
             StatusCode::UNAUTHORIZED,
             "missing or wrong X-Access-Token for this sandbox".into(),

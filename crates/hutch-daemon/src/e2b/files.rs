@@ -1,7 +1,7 @@
 //! envd's `/files`: download a file (GET), upload one or many (POST, `multipart/form-data` or
 //! `application/octet-stream`), streamed through the guest agent both ways.
 
-use super::envd::{ctx, Ctx};
+use super::envd::{ctx_with, Ctx};
 use super::users::absolute;
 use super::{error, E2b};
 use axum::body::Body;
@@ -12,10 +12,35 @@ use futures_util::StreamExt;
 use serde::Deserialize;
 use std::sync::Arc;
 
-#[derive(Debug, Deserialize, Default)]
+#[derive(Debug, Deserialize, Default, Clone)]
 pub struct FileQuery {
     path: Option<String>,
     username: Option<String>,
+    signature: Option<String>,
+    signature_expiration: Option<u64>,
+}
+
+/// Whether `q` is signed for `op` (read, write) with `token`: E2B's v1 signature, the
+/// unpadded base64 of SHA-256 over `path:op:user:token[:expiration]`, not expired.
+pub fn signed(q: &FileQuery, op: &str, token: &str) -> bool {
+    use base64::Engine;
+    use sha2::Digest;
+    let Some(sig) = q.signature.as_deref().and_then(|s| s.strip_prefix("v1_")) else {
+        return false;
+    };
+    if q.signature_expiration.is_some_and(|t| t < hutch_core::now()) {
+        return false;
+    }
+    let mut raw = format!(
+        "{}:{op}:{}:{token}",
+        q.path.as_deref().unwrap_or(""),
+        q.username.as_deref().unwrap_or("")
+    );
+    if let Some(t) = q.signature_expiration {
+        raw.push_str(&format!(":{t}"));
+    }
+    let want = base64::engine::general_purpose::STANDARD_NO_PAD.encode(sha2::Sha256::digest(raw));
+    crate::constant_eq(sig.as_bytes(), want.as_bytes())
 }
 
 /// An envd `/files` error: `{"code": STATUS, "message": ...}`.
@@ -78,7 +103,7 @@ pub async fn download(
     headers: HeaderMap,
     Query(q): Query<FileQuery>,
 ) -> Response {
-    let c = match ctx(&e, &headers).await {
+    let c = match ctx_with(&e, &headers, |t| signed(&q, "read", t)).await {
         Ok(c) => c,
         Err(r) => return r.into_response(),
     };
@@ -132,7 +157,7 @@ pub async fn upload(
     req: Request,
 ) -> Response {
     let headers = req.headers().clone();
-    let c = match ctx(&e, &headers).await {
+    let c = match ctx_with(&e, &headers, |t| signed(&q, "write", t)).await {
         Ok(c) => c,
         Err(r) => return r.into_response(),
     };
@@ -277,4 +302,37 @@ where
             .map_err(|e| fail(StatusCode::INTERNAL_SERVER_ERROR, e.message))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signatures_are_e2bs_v1() {
+        // What the SDK computes for download_url("/tmp/a", user="root") with token "tok".
+        use base64::Engine;
+        use sha2::Digest;
+        let d = sha2::Sha256::digest(b"/tmp/a:read:root:tok");
+        let sig = format!(
+            "v1_{}",
+            base64::engine::general_purpose::STANDARD_NO_PAD.encode(d)
+        );
+        let q = FileQuery {
+            path: Some("/tmp/a".into()),
+            username: Some("root".into()),
+            signature: Some(sig),
+            signature_expiration: None,
+        };
+        assert!(signed(&q, "read", "tok"));
+        assert!(!signed(&q, "write", "tok"), "a read URL does not write");
+        assert!(!signed(&q, "read", "other"));
+        let mut other_path = q.clone();
+        other_path.path = Some("/etc/shadow".into());
+        assert!(!signed(&other_path, "read", "tok"));
+        let mut expired = q.clone();
+        expired.signature_expiration = Some(1);
+        assert!(!signed(&expired, "read", "tok"));
+        assert!(!signed(&FileQuery::default(), "read", "tok"));
+    }
 }
