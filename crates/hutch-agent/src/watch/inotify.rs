@@ -143,7 +143,9 @@ impl Inotify {
     }
 
     fn full(&self, rel: &str) -> String {
-        if rel.is_empty() {
+        if rel.is_empty() && self.root.is_empty() {
+            "/".to_string()
+        } else if rel.is_empty() {
             self.root.clone()
         } else {
             format!("{}/{rel}", self.root)
