@@ -1,4 +1,5 @@
-//! [`WatchStream`]: the events of a directory watch in the guest ([`Agent::watch`](super::Agent::watch)).
+//! [`WatchStream`]: the events of a directory watch in the guest
+//! ([`Agent::watch`](super::Agent::watch)).
 //!
 //! The agent answers a `watch` request with `watching` once its inotify watches are set (or an
 //! `error`), then sends one `fs_event` per change until the host cancels. Events spend the
