@@ -43,6 +43,15 @@ impl Reaper {
         r
     }
 
+    /// A reaper whose thread never runs, for tests (it would reap the test runner's children).
+    #[cfg(test)]
+    pub fn idle() -> Arc<Reaper> {
+        Arc::new(Reaper {
+            state: Mutex::new(ReapState::default()),
+            cv: Condvar::new(),
+        })
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, ReapState> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }

@@ -6,6 +6,7 @@
 //! root into it, sets the hostname and makes `/tmp`, `/run` and `/dev/shm` (see `scratch`).
 //! Then it serves the host over the virtio-serial port `org.hutch.agent` (see `serve`); after a
 //! restore from a memory snapshot the host says so and the guest catches up (see `restore`).
+//! Directory watches stream inotify events to the host (see `watch`).
 //! It never returns: if init fails it prints why on the console and powers the VM off.
 
 mod exec;
@@ -16,6 +17,7 @@ mod restore;
 mod scratch;
 mod serve;
 mod sys;
+mod watch;
 
 fn main() {
     if std::process::id() != 1 {

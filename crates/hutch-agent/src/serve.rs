@@ -9,10 +9,12 @@
 //! Output is flow-controlled per stream (`hutch_proto::credit`): a producer (process pipe, file,
 //! export) takes credit before it reads, so when the host's consumer stops reading, the producer
 //! stops reading too and the guest process blocks on its full pipe, while other streams go on.
+//! A directory watch spends credit on its events and keeps a bounded backlog meanwhile (see
+//! `watch`).
 
 use crate::init::Config;
 use crate::restore::GuestState;
-use crate::{exec, sys};
+use crate::{exec, sys, watch};
 use hutch_proto::credit::{RecvCredit, SendCredit};
 use hutch_proto::{Decoder, ErrorCode, Frame, Hello, HelloAck, Kind, Request, Response};
 use std::collections::HashMap;
@@ -23,17 +25,35 @@ use std::sync::mpsc::{sync_channel, Receiver, Sender, SyncSender};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-/// Output credit of one stream (agent -> host data frames).
+/// Called when a stream's credit grows or the stream ends (see [`Shared::on_credit_change`]).
+type Waker = Box<dyn Fn() + Send + Sync>;
+
+/// Output credit of one stream (agent -> host data frames, and watch events).
 #[derive(Default)]
 pub struct Credit {
     state: Mutex<(SendCredit, bool)>,
     cv: Condvar,
+    /// For a producer that waits on something else besides the credit (a watch polls its
+    /// inotify fd).
+    waker: Mutex<Option<Waker>>,
 }
 
 impl Credit {
     fn close(&self) {
         self.state.lock().unwrap_or_else(|e| e.into_inner()).1 = true;
         self.cv.notify_all();
+        self.wake();
+    }
+
+    fn wake(&self) {
+        if let Some(w) = self
+            .waker
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            w();
+        }
     }
 }
 
@@ -94,6 +114,8 @@ pub struct Shared {
     pub guest: Arc<Mutex<GuestState>>,
     /// fd of the writable disk's mount root, for exports.
     pub data_fd: Option<i32>,
+    /// The watch streams open now, at most [`hutch_proto::watch::MAX_WATCH_STREAMS`].
+    pub watches: Arc<watch::Slots>,
 }
 
 impl Shared {
@@ -172,6 +194,38 @@ impl Shared {
         }
     }
 
+    /// Takes exactly `n` bytes of the stream's credit if it has them now, without waiting (a
+    /// watch sends a whole event or none). None once the stream or its connection is gone.
+    pub fn try_take(&self, gen: u64, stream: u32, n: usize) -> Option<bool> {
+        let c = self.credit_of(stream)?;
+        let mut st = c.state.lock().unwrap_or_else(|e| e.into_inner());
+        if st.1 || gen != self.gen() {
+            return None;
+        }
+        if st.0.available() < n as u64 {
+            return Some(false);
+        }
+        st.0.take(n);
+        Some(true)
+    }
+
+    /// Whether the stream is still wanted: its credit is open on the current connection.
+    pub fn stream_open(&self, gen: u64, stream: u32) -> bool {
+        gen == self.gen()
+            && self
+                .credit_of(stream)
+                .is_some_and(|c| !c.state.lock().unwrap_or_else(|e| e.into_inner()).1)
+    }
+
+    /// Calls `wake` whenever the stream's credit grows and when the stream ends (cancelled,
+    /// its connection gone); at once if it has ended already.
+    pub fn on_credit_change(&self, stream: u32, wake: Waker) {
+        match self.credit_of(stream) {
+            Some(c) => *c.waker.lock().unwrap_or_else(|e| e.into_inner()) = Some(wake),
+            None => wake(),
+        }
+    }
+
     /// Gives back credit taken by [`Shared::acquire`] and not used.
     pub fn release(&self, stream: u32, n: usize) {
         if n == 0 {
@@ -206,6 +260,7 @@ impl Shared {
                 eprintln!("hutch-agent: stream {stream}: {e}");
             }
             c.cv.notify_all();
+            c.wake();
         }
     }
 
@@ -238,7 +293,7 @@ impl Shared {
     }
 
     /// The host went away: kill what it started and forget queued output.
-    fn disconnect(&self) {
+    pub(crate) fn disconnect(&self) {
         let old = self.gen.fetch_add(1, Ordering::SeqCst);
         let mut s = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
         for (_, sess) in s.drain() {
@@ -299,6 +354,7 @@ fn serve_port(cfg: &Config, reaper: &Arc<exec::Reaper>) -> std::io::Result<()> {
         reaper: reaper.clone(),
         guest: cfg.guest.clone(),
         data_fd: cfg.data.as_ref().map(|f| f.as_raw_fd()),
+        watches: Arc::default(),
     });
     let wport = port.try_clone()?;
     let wshared = shared.clone();
@@ -336,7 +392,7 @@ fn serve_port(cfg: &Config, reaper: &Arc<exec::Reaper>) -> std::io::Result<()> {
     }
 }
 
-fn handle(shared: &Arc<Shared>, frame: Frame) {
+pub(crate) fn handle(shared: &Arc<Shared>, frame: Frame) {
     let gen = shared.gen();
     let stream = frame.stream;
     match frame.kind {
@@ -396,15 +452,18 @@ fn handle(shared: &Arc<Shared>, frame: Frame) {
 fn request(shared: &Arc<Shared>, gen: u64, stream: u32, req: Request) {
     if matches!(
         req,
-        Request::Exec(_) | Request::ReadFile { .. } | Request::ExportChanges
+        Request::Exec(_)
+            | Request::ReadFile { .. }
+            | Request::ExportChanges
+            | Request::Watch { .. }
     ) {
         shared.open_credit(stream);
     }
     match req {
         Request::Exec(r) => exec::start(shared.clone(), gen, stream, r),
         Request::Cancel => {
-            // The host gave up on the stream: stop its producer and its process, and drop its
-            // input (a file write then ends with an error).
+            // The host gave up on the stream: stop its producer (a watch too) and its process,
+            // and drop its input (a file write then ends with an error).
             shared.close_credit(stream);
             let pgid = shared
                 .sessions
@@ -478,6 +537,9 @@ fn request(shared: &Arc<Shared>, gen: u64, stream: u32, req: Request) {
             };
             shared.respond(gen, stream, &r);
         }
+        Request::Watch { path, recursive } => {
+            watch::start(shared.clone(), gen, stream, path, recursive)
+        }
         Request::Restored(info) => {
             // Sent first on a connection after a restore: every other session is of before.
             shared.end_others(stream);
@@ -508,4 +570,24 @@ fn uptime_ms() -> u64 {
         })
         .map(|s| (s * 1000.0) as u64)
         .unwrap_or(0)
+}
+
+/// A `Shared` with no port behind it, for tests: the frames it sends come out of the receiver.
+#[cfg(test)]
+pub(crate) fn test_shared() -> (Arc<Shared>, Receiver<(u64, Vec<u8>)>) {
+    let (tx, rx) = sync_channel(4096);
+    let shared = Shared {
+        out: tx,
+        gen: AtomicU64::new(1),
+        sessions: Mutex::new(HashMap::new()),
+        credits: Mutex::new(HashMap::new()),
+        reaper: exec::Reaper::idle(),
+        guest: Arc::new(Mutex::new(GuestState {
+            hostname: "test".into(),
+            net: None,
+        })),
+        data_fd: None,
+        watches: Arc::default(),
+    };
+    (Arc::new(shared), rx)
 }

@@ -192,6 +192,7 @@ pub fn io_code(e: &io::Error) -> ErrorCode {
             libc::EROFS => ErrorCode::ReadOnly,
             libc::EBUSY | libc::ETXTBSY => ErrorCode::Busy,
             libc::ENOTSUP | libc::ENOSYS | libc::EXDEV => ErrorCode::Unsupported,
+            libc::EMFILE | libc::ENFILE => ErrorCode::ResourceExhausted,
             _ => ErrorCode::Io,
         };
     }
@@ -220,6 +221,7 @@ mod tests {
         assert_eq!(io_code(&os(libc::EFBIG)), ErrorCode::TooLarge);
         assert_eq!(io_code(&os(libc::ENOSPC)), ErrorCode::NoSpace);
         assert_eq!(io_code(&os(libc::EIO)), ErrorCode::Io);
+        assert_eq!(io_code(&os(libc::EMFILE)), ErrorCode::ResourceExhausted);
         // No errno: a NUL in a path is refused before any system call.
         let nul = std::fs::metadata("/etc/pass\0wd").unwrap_err();
         assert_eq!(io_code(&nul), ErrorCode::InvalidArgument);

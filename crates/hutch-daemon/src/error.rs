@@ -137,8 +137,8 @@ impl From<hutch_image::ImageError> for ApiError {
 }
 
 /// The HTTP meaning of what the guest agent answered: its error codes by kind (a missing file is
-/// 404, a denied one 403, a bad path 400, a busy or full guest 409), a broken protocol 500, and
-/// an agent that is gone, slow or saturated 409.
+/// 404, a denied one 403, a bad path 400, a busy, full or exhausted guest 409), a broken
+/// protocol 500, and an agent that is gone, slow or saturated 409.
 impl From<crate::agent::AgentError> for ApiError {
     fn from(e: crate::agent::AgentError) -> Self {
         use crate::agent::{AgentError as A, ErrorCode as C};
@@ -155,7 +155,9 @@ impl From<crate::agent::AgentError> for ApiError {
                 | C::InvalidArgument
                 | C::TooLarge
                 | C::Unsupported => ApiError::Invalid(message),
-                C::Exists | C::Busy | C::NoSpace => ApiError::Conflict(message),
+                C::Exists | C::Busy | C::NoSpace | C::ResourceExhausted => {
+                    ApiError::Conflict(message)
+                }
                 C::Io
                 | C::BadRequest
                 | C::NoProcess

@@ -39,6 +39,9 @@ pub enum ErrorCode {
     Busy,
     /// ENOTSUP, ENOSYS, EXDEV: not possible here.
     Unsupported,
+    /// EMFILE, ENFILE, inotify's ENOSPC (the kernel's watch limit), or one of the agent's own
+    /// limits (watch streams, directories per watch): too many at once.
+    ResourceExhausted,
     /// Any other I/O error.
     Io,
     /// The agent could not make sense of the request.
@@ -54,7 +57,7 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
-    const ALL: [ErrorCode; 18] = [
+    const ALL: [ErrorCode; 19] = [
         ErrorCode::NotFound,
         ErrorCode::Exists,
         ErrorCode::PermissionDenied,
@@ -67,6 +70,7 @@ impl ErrorCode {
         ErrorCode::ReadOnly,
         ErrorCode::Busy,
         ErrorCode::Unsupported,
+        ErrorCode::ResourceExhausted,
         ErrorCode::Io,
         ErrorCode::BadRequest,
         ErrorCode::NoProcess,
@@ -90,6 +94,7 @@ impl ErrorCode {
             ErrorCode::ReadOnly => "read_only",
             ErrorCode::Busy => "busy",
             ErrorCode::Unsupported => "unsupported",
+            ErrorCode::ResourceExhausted => "resource_exhausted",
             ErrorCode::Io => "io_error",
             ErrorCode::BadRequest => "bad_request",
             ErrorCode::NoProcess => "no_process",

@@ -27,9 +27,11 @@
 pub mod credit;
 mod error_code;
 pub mod restore;
+pub mod watch;
 
 pub use error_code::ErrorCode;
 pub use restore::{Identity, InvalidRestore, NetIdentity, RestoreInfo};
+pub use watch::{FsEvent, FsEventKind};
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -316,7 +318,8 @@ pub struct HelloAck {
     pub uptime_ms: u64,
 }
 
-/// Host -> agent request; each opens a stream (except `Signal`, which acts on one).
+/// Host -> agent request; each opens a stream (except `Signal`, `Resize` and `Cancel`, which act
+/// on one).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Request {
@@ -359,6 +362,14 @@ pub enum Request {
     /// The VM was just restored from a memory snapshot: set the clock, feed the RNG and, for a
     /// copy, take on a new identity; `Response::Done` once all of it is applied.
     Restored(RestoreInfo),
+    /// Watches directory `path` (and, when `recursive`, every directory under it):
+    /// `Response::Watching` once the watch is set, then one `Response::FsEvent` per change, until
+    /// the host sends `Cancel` (see [`watch`]).
+    Watch {
+        path: String,
+        #[serde(default)]
+        recursive: bool,
+    },
 }
 
 /// What to run and how.
@@ -508,6 +519,28 @@ pub enum Response {
         code: ErrorCode,
         message: String,
     },
+    /// A `watch` is set; its events follow.
+    Watching,
+    /// A change in a watched directory. Spends its payload length of the stream's credit, like
+    /// a data frame.
+    FsEvent(FsEvent),
+}
+
+impl Response {
+    /// Whether this is the last answer on its stream: all are but `started`, `watching` and
+    /// `fs_event`.
+    pub fn ends_stream(&self) -> bool {
+        !matches!(
+            self,
+            Response::Started { .. } | Response::Watching | Response::FsEvent(_)
+        )
+    }
+
+    /// Whether this answer spends the stream's agent -> host credit by its payload length, as
+    /// data frames do (`fs_event`, so a watch whose host stops reading stalls in the agent).
+    pub fn counts_against_window(&self) -> bool {
+        matches!(self, Response::FsEvent(_))
+    }
 }
 
 #[cfg(test)]

@@ -3,7 +3,9 @@
 
 use super::conn::{AgentClient, RawStream};
 use super::stream::{one_answer, unexpected};
-use super::{Agent, AgentError, DirPage, ExecStream, FileRead, FileWrite, FsAnswer, Health};
+use super::{
+    Agent, AgentError, DirPage, ExecStream, FileRead, FileWrite, FsAnswer, Health, WatchStream,
+};
 use futures_util::future::BoxFuture;
 use hutch_proto::{ExecRequest, FsRequest, Request, Response, RestoreInfo};
 use std::sync::Arc;
@@ -92,6 +94,14 @@ impl Agent for AgentClient {
 
     fn restored(&self, info: RestoreInfo) -> BoxFuture<'_, Result<(), AgentError>> {
         done(self.open(&Request::Restored(info)))
+    }
+
+    fn watch(&self, path: &str, recursive: bool) -> BoxFuture<'_, Result<WatchStream, AgentError>> {
+        let s = self.open(&Request::Watch {
+            path: path.into(),
+            recursive,
+        });
+        Box::pin(async move { WatchStream::established(Arc::new(s?)).await })
     }
 }
 

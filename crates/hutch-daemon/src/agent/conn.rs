@@ -173,9 +173,17 @@ impl Conn {
                 let r: Response = f
                     .parse("response")
                     .map_err(|e| format!("stream {}: {e}", f.stream))?;
-                // Every answer but `started` is a stream's last (an fs, health or shutdown
-                // stream has one answer): no input is taken after it, and no cancel is due.
-                if !matches!(r, Response::Started { .. }) {
+                // A watch's events spend the stream's credit like data (returned as they are
+                // taken), so a watch nobody reads stalls in the guest, not here.
+                if r.counts_against_window() {
+                    st.recv
+                        .received(len)
+                        .map_err(|e| format!("stream {}: {e}", f.stream))?;
+                }
+                // Every answer but `started`, `watching` and `fs_event` is a stream's last (an
+                // fs, health or shutdown stream has one answer): no input is taken after it,
+                // and no cancel is due.
+                if r.ends_stream() {
                     st.finished = true;
                     slot.writable.notify_one();
                 }
@@ -393,6 +401,11 @@ impl RawStream {
                         }
                         Queued::Answer(r, len) => {
                             st.control_bytes -= len;
+                            if r.counts_against_window() {
+                                if let Some(g) = st.recv.consumed(len) {
+                                    self.conn.push_credit(self.id, g);
+                                }
+                            }
                             Incoming::Answer(r)
                         }
                     });

@@ -1,7 +1,7 @@
 //! The fake agent behaves like the real one on the basic operations, through the same typed
 //! streams: files written and read back (whole, at offsets, with the agent's error codes),
 //! directory paging, the fs operations, exec events in order with stdin, signals and timeouts,
-//! health, shutdown and restored.
+//! health, shutdown, restored and watch.
 
 use super::fake::{FakeAgent, FakeExit, FakeInput};
 use super::*;
@@ -344,4 +344,64 @@ async fn restored_is_checked_kept_and_renames_the_fake() {
     a.set_lost(true);
     let e = within(T, a.restored(RestoreInfo::now(&[3], None))).await;
     assert!(matches!(e, Err(AgentError::Lost)));
+}
+
+#[tokio::test]
+async fn watch_reports_the_fakes_own_changes() {
+    use FsEventKind::*;
+    let fake = FakeAgent::new();
+    let a: &dyn Agent = &fake;
+    let ev = |name: &str, kind| FsEvent {
+        name: name.into(),
+        kind,
+    };
+    let code = |r: Result<WatchStream, AgentError>| r.err().and_then(|e| e.code());
+    assert_eq!(
+        code(within(T, a.watch("/nope", false)).await),
+        Some(ErrorCode::NotFound)
+    );
+    fake.put_file("/root/f", b"x").unwrap();
+    assert_eq!(
+        code(within(T, a.watch("/root/f", false)).await),
+        Some(ErrorCode::NotADirectory)
+    );
+    let mut flat = within(T, a.watch("/root", false)).await.unwrap();
+    let mut deep = within(T, a.watch("/root/", true)).await.unwrap();
+    write_all(a, "/root/d/g", None, b"hi").await.unwrap();
+    within(T, a.chmod("/root/f", 0o600)).await.unwrap();
+    within(T, a.rename("/root/f", "/root/h")).await.unwrap();
+    within(T, a.remove("/root/h")).await.unwrap();
+    let flat_want = [
+        ev("d", Create),
+        ev("f", Chmod),
+        ev("f", Rename),
+        ev("h", Create),
+        ev("h", Remove),
+    ];
+    for want in flat_want.iter().cloned() {
+        assert_eq!(within(T, flat.next()).await.unwrap(), Some(want));
+    }
+    let deep_want = [ev("d", Create), ev("d/g", Create), ev("d/g", Write)];
+    for want in deep_want.into_iter().chain(flat_want.into_iter().skip(1)) {
+        assert_eq!(within(T, deep.next()).await.unwrap(), Some(want));
+    }
+    // Removing the watched directory ends its watch.
+    within(T, a.mkdir("/tmp/w", 0o755)).await.unwrap();
+    let mut w = within(T, a.watch("/tmp/w", false)).await.unwrap();
+    within(T, a.rmdir("/tmp/w")).await.unwrap();
+    let e = within(T, w.next()).await.unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::NotFound), "{e}");
+    assert_eq!(w.next().await.unwrap(), None);
+    // Dropped watches are forgotten; at most MAX_WATCH_STREAMS at once.
+    drop((flat, deep));
+    let mut held = Vec::new();
+    for _ in 0..hutch_proto::watch::MAX_WATCH_STREAMS {
+        held.push(within(T, a.watch("/tmp", false)).await.unwrap());
+    }
+    assert_eq!(
+        code(within(T, a.watch("/tmp", false)).await),
+        Some(ErrorCode::ResourceExhausted)
+    );
+    held.pop();
+    within(T, a.watch("/tmp", false)).await.unwrap();
 }

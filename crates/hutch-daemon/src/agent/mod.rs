@@ -5,15 +5,16 @@
 //! (and an [`ExecHandle`] for stdin, signals and resizes), [`Agent::read_file`] and
 //! [`Agent::export_changes`] a [`FileRead`], [`Agent::write_file`] a [`FileWrite`], and the
 //! filesystem operations, [`Agent::health`], [`Agent::shutdown`] and [`Agent::restored`] typed
-//! results. A request
+//! results; [`Agent::watch`] a [`WatchStream`] of a guest directory's [`FsEvent`]s. A request
 //! the agent refuses is [`AgentError::Guest`] with an [`ErrorCode`]; each edge (HTTP in
 //! `error.rs`, SFTP in `sftp.rs`, SSH in `ssh.rs`) maps codes to its own statuses. Nothing
 //! outside this module decodes frames. [`AgentClient`] is the real implementation;
 //! `fake::FakeAgent` (tests and the `fakes` feature) an in-memory one.
 //!
 //! Everything the guest can make hutchd hold is bounded:
-//! - each stream queues at most [`WINDOW`](hutch_proto::WINDOW) bytes of output (the agent may
-//!   send only what it has credit for; credit goes back as the stream's consumer takes data) and
+//! - each stream queues at most [`WINDOW`](hutch_proto::WINDOW) bytes of output or watch events
+//!   (the agent may send only what it has credit for; credit goes back as the stream's consumer
+//!   takes them) and
 //!   [`MAX_CONTROL_QUEUED`] bytes of control messages; a connection has at most [`MAX_STREAMS`]
 //!   streams;
 //! - the decoder holds at most one frame of [`MAX_PAYLOAD`](hutch_proto::MAX_PAYLOAD) bytes;
@@ -38,13 +39,17 @@ mod fake_tests;
 mod stream;
 #[cfg(test)]
 mod tests;
+mod watch;
+#[cfg(test)]
+mod watch_tests;
 
 pub use conn::{AgentClient, MAX_CONTROL_OUT, MAX_CONTROL_QUEUED, MAX_STREAMS, OUT_QUEUE};
 pub use hutch_proto::{
-    DirEntry, ErrorCode, ExecRequest, FileAttr, FsRequest, Identity, NetIdentity, RestoreInfo,
-    TtySize,
+    DirEntry, ErrorCode, ExecRequest, FileAttr, FsEvent, FsEventKind, FsRequest, Identity,
+    NetIdentity, RestoreInfo, TtySize,
 };
 pub use stream::{ExecEvent, ExecHandle, ExecStream, FileRead, FileWrite};
+pub use watch::WatchStream;
 
 use futures_util::future::BoxFuture;
 use std::future::Future;
@@ -184,6 +189,17 @@ pub trait Agent: Send + Sync {
     /// network). Returns once all of it is applied; a request that does not pass
     /// [`RestoreInfo::validate`] is refused with [`ErrorCode::InvalidArgument`].
     fn restored(&self, info: RestoreInfo) -> BoxFuture<'_, Result<(), AgentError>>;
+
+    /// Watches directory `path` in the guest (and, when `recursive`, every directory under it);
+    /// resolves once the agent's watches are set. Refusals: [`ErrorCode::NotFound`],
+    /// [`ErrorCode::NotADirectory`], [`ErrorCode::PermissionDenied`], and
+    /// [`ErrorCode::ResourceExhausted`] beyond the agent's
+    /// [`MAX_WATCH_STREAMS`](hutch_proto::watch::MAX_WATCH_STREAMS) watches or
+    /// [`MAX_WATCHES`](hutch_proto::watch::MAX_WATCHES) directories in one. Events are named
+    /// relative to `path` (`sub/file.txt` in a recursive watch); see [`FsEventKind`] for their
+    /// kinds and [`WatchStream`] for how it ends. Dropping the stream (or this future) cancels
+    /// the watch.
+    fn watch(&self, path: &str, recursive: bool) -> BoxFuture<'_, Result<WatchStream, AgentError>>;
 
     /// Whether the connection is up (or coming back); false once it is gone for good.
     fn is_alive(&self) -> bool {

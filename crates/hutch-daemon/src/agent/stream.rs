@@ -1,5 +1,6 @@
 //! The typed streams of the agent client: [`ExecStream`] (with its [`ExecHandle`] for input,
-//! signals and resizes), [`FileRead`] (file contents, exported layers) and [`FileWrite`].
+//! signals and resizes), [`FileRead`] (file contents, exported layers) and [`FileWrite`]; the
+//! directory watch's [`WatchStream`](super::WatchStream) is in `watch.rs`.
 //!
 //! They decode what a stream carries into events and results, the same way whatever carries
 //! it: a [`Transport`] is the real connection's [`RawStream`](super::conn::RawStream) or a fake
@@ -50,6 +51,8 @@ pub(crate) fn answer_name(r: &Response) -> &'static str {
         Response::FsDir { .. } => "fs_dir",
         Response::FsPath { .. } => "fs_path",
         Response::Error { .. } => "error",
+        Response::Watching => "watching",
+        Response::FsEvent(_) => "fs_event",
     }
 }
 

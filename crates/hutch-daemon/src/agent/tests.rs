@@ -1,4 +1,5 @@
-//! The real client against a scripted agent peer on a unix socket: frames in, frames out.
+//! The real client against a scripted agent peer on a unix socket: frames in, frames out. The
+//! peer is shared with `watch_tests`.
 
 use super::*;
 use hutch_proto::{Decoder, Frame, Hello, HelloAck, Kind, Request, Response};
@@ -9,8 +10,8 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::mpsc;
 
 /// The agent's end of one connection.
-struct Peer {
-    s: UnixStream,
+pub(super) struct Peer {
+    pub(super) s: UnixStream,
     dec: Decoder,
 }
 
@@ -39,12 +40,12 @@ impl Peer {
         p
     }
 
-    async fn accept(l: &UnixListener) -> Peer {
+    pub(super) async fn accept(l: &UnixListener) -> Peer {
         Peer::accept_with(l, hutch_proto::VERSION).await
     }
 
     /// The next frame from the host; panics if it hangs up.
-    async fn frame(&mut self) -> Frame {
+    pub(super) async fn frame(&mut self) -> Frame {
         let mut buf = vec![0u8; 64 * 1024];
         loop {
             if let Some(f) = self.dec.next_frame() {
@@ -57,7 +58,7 @@ impl Peer {
     }
 
     /// The next request (hellos and credit skipped).
-    async fn request(&mut self) -> (u32, Request) {
+    pub(super) async fn request(&mut self) -> (u32, Request) {
         loop {
             let f = self.frame().await;
             if f.kind == Kind::Request {
@@ -66,29 +67,29 @@ impl Peer {
         }
     }
 
-    async fn send(&mut self, f: Frame) {
+    pub(super) async fn send(&mut self, f: Frame) {
         self.s.write_all(&f.encode().unwrap()).await.unwrap();
     }
 
-    async fn answer(&mut self, id: u32, r: &Response) {
+    pub(super) async fn answer(&mut self, id: u32, r: &Response) {
         self.send(Frame::json(Kind::Response, id, r)).await;
     }
 
     /// Waits until the host hangs up.
-    async fn hung_up(mut self) {
+    pub(super) async fn hung_up(mut self) {
         let mut buf = [0u8; 1024];
         while matches!(self.s.read(&mut buf).await, Ok(n) if n > 0) {}
     }
 }
 
-fn socket() -> (tempfile::TempDir, PathBuf, UnixListener) {
+pub(super) fn socket() -> (tempfile::TempDir, PathBuf, UnixListener) {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("a.sock");
     let l = UnixListener::bind(&sock).unwrap();
     (dir, sock, l)
 }
 
-async fn client(sock: &std::path::Path) -> Arc<AgentClient> {
+pub(super) async fn client(sock: &std::path::Path) -> Arc<AgentClient> {
     AgentClient::connect(sock, Duration::from_secs(5))
         .await
         .unwrap()

@@ -119,7 +119,9 @@ pub mod fakes {
         vm: VmHandle,
     }
 
-    use crate::agent::{ExecStream, FileRead, FileWrite, FsAnswer, FsRequest, Health, RestoreInfo};
+    use crate::agent::{
+        ExecStream, FileRead, FileWrite, FsAnswer, FsRequest, Health, RestoreInfo, WatchStream,
+    };
 
     impl Agent for PowersOff {
         fn exec(&self, req: ExecRequest) -> Result<ExecStream, AgentError> {
@@ -159,6 +161,13 @@ pub mod fakes {
         }
         fn restored(&self, info: RestoreInfo) -> BoxFuture<'_, Result<(), AgentError>> {
             self.inner.restored(info)
+        }
+        fn watch(
+            &self,
+            path: &str,
+            recursive: bool,
+        ) -> BoxFuture<'_, Result<WatchStream, AgentError>> {
+            self.inner.watch(path, recursive)
         }
         fn is_alive(&self) -> bool {
             self.vmm.is_alive(&self.vm)

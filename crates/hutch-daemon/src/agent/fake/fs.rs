@@ -45,7 +45,7 @@ impl Default for Tree {
 }
 
 /// The error the real agent gives for `code` (its strerror text).
-fn os_error(code: ErrorCode, path: &str) -> AgentError {
+pub(super) fn os_error(code: ErrorCode, path: &str) -> AgentError {
     let text = match code {
         ErrorCode::NotFound => "No such file or directory (os error 2)",
         ErrorCode::Exists => "File exists (os error 17)",
@@ -76,7 +76,7 @@ fn normalize(p: &str) -> Option<String> {
     Some(format!("/{}", parts.join("/")))
 }
 
-fn parent(p: &str) -> Option<String> {
+pub(super) fn parent(p: &str) -> Option<String> {
     (p != "/").then(|| match p.rfind('/') {
         Some(0) | None => "/".to_string(),
         Some(i) => p[..i].to_string(),

@@ -13,13 +13,18 @@
 //! - `restored` checks its request like the agent, keeps it ([`FakeAgent::last_restore`]) and
 //!   takes on its identity: [`FakeAgent::hostname`], and `/etc/hostname` and `/etc/machine-id`
 //!   where the agent would write them (the first when it exists, the second when `/etc` does).
+//! - `watch` reports the changes made through the fake's own operations (the `watch`
+//!   submodule).
 //!
 //! Streams are driven by tokio tasks: use the fake inside a tokio runtime.
 
 mod fs;
+mod watch;
 
 use super::stream::{Incoming, Transport};
-use super::{Agent, AgentError, ExecStream, FileRead, FileWrite, FsAnswer, Health, TtySize};
+use super::{
+    Agent, AgentError, ExecStream, FileRead, FileWrite, FsAnswer, Health, TtySize, WatchStream,
+};
 use bytes::Bytes;
 use fs::{Node, Tree};
 use futures_util::future::BoxFuture;
@@ -94,6 +99,23 @@ struct State {
     lost: bool,
     hostname: String,
     restores: Vec<RestoreInfo>,
+    watchers: watch::Watchers,
+}
+
+impl State {
+    /// Applies a finished write and reports it to the watches.
+    fn write(
+        &mut self,
+        path: &str,
+        mode: Option<u32>,
+        offset: Option<u64>,
+        data: &[u8],
+    ) -> Result<u64, AgentError> {
+        let events = watch::planned_write(&self.tree, path, offset);
+        let n = self.tree.write(path, mode, offset, data)?;
+        self.watchers.notify(&events);
+        Ok(n)
+    }
 }
 /// An in-memory agent; see the module doc.
 #[derive(Clone)]
@@ -172,7 +194,7 @@ struct Peer {
 
 impl Peer {
     fn answer(&self, r: Response) {
-        if !matches!(r, Response::Started { .. }) {
+        if r.ends_stream() {
             self.finished.store(true, Ordering::SeqCst);
         }
         let _ = self.out.send(Incoming::Answer(r));
@@ -315,7 +337,7 @@ impl FakeAgent {
 
     /// Puts a file in place (parents made).
     pub fn put_file(&self, path: &str, data: &[u8]) -> Result<(), AgentError> {
-        self.lock().tree.write(path, None, None, data).map(|_| ())
+        self.lock().write(path, None, None, data).map(|_| ())
     }
 
     /// A file's contents, if there is one at `path`.
@@ -466,7 +488,6 @@ impl Agent for FakeAgent {
                         let r = state
                             .lock()
                             .unwrap_or_else(|e| e.into_inner())
-                            .tree
                             .write(&path, mode, offset, &data);
                         match r {
                             Ok(bytes) => peer.answer(Response::Done { bytes }),
@@ -487,7 +508,13 @@ impl Agent for FakeAgent {
     }
 
     fn fs(&self, req: FsRequest) -> BoxFuture<'_, Result<FsAnswer, AgentError>> {
-        let r = self.check().and_then(|_| self.lock().tree.fs(req));
+        let r = self.check().and_then(|_| {
+            let mut st = self.lock();
+            let events = watch::planned(&st.tree, &req);
+            let answer = st.tree.fs(req)?;
+            st.watchers.notify(&events);
+            Ok(answer)
+        });
         Box::pin(async move { r })
     }
 
@@ -534,5 +561,16 @@ impl Agent for FakeAgent {
             Ok(())
         });
         Box::pin(async move { r })
+    }
+
+    fn watch(&self, path: &str, recursive: bool) -> BoxFuture<'_, Result<WatchStream, AgentError>> {
+        let r = self.check().and_then(|_| {
+            let (s, peer) = stream();
+            let mut st = self.lock();
+            let State { tree, watchers, .. } = &mut *st;
+            watchers.add(tree, path, recursive, peer)?;
+            Ok(s)
+        });
+        Box::pin(async move { WatchStream::established(r?).await })
     }
 }
