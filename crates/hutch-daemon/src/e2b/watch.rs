@@ -72,6 +72,7 @@ fn kind_name(k: FsEventKind) -> &'static str {
         FsEventKind::Remove => "EVENT_TYPE_REMOVE",
         FsEventKind::Rename => "EVENT_TYPE_RENAME",
         FsEventKind::Chmod => "EVENT_TYPE_CHMOD",
+        FsEventKind::Unknown => "EVENT_TYPE_UNSPECIFIED",
     }
 }
 
