@@ -36,7 +36,7 @@ for a in sh ash echo printf cat ls uname env pwd id whoami sleep true false host
     sha256sum md5sum head tail wc dd mkdir rmdir rm mv cp ln touch stat grep egrep sed awk tr cut \
     sort uniq tee kill killall pidof ps chmod chown test [ [[ xargs find readlink realpath basename \
     dirname date seq yes timeout nproc df du mktemp gzip gunzip tar od hexdump xxd base64 which \
-    nc wget su usleep less more vi; do
+    nc wget su usleep less more vi setsid; do
     if [[ "$have" == *" $a "* ]]; then
         ln -sf busybox "$r/bin/$a"
     fi

@@ -115,7 +115,7 @@ impl Reaper {
 }
 
 /// uid, gid and home of a user spec, resolved against /etc/passwd and /etc/group.
-fn resolve_user(spec: &str) -> Result<(u32, u32, Option<String>), String> {
+pub(crate) fn resolve_user(spec: &str) -> Result<(u32, u32, Option<String>), String> {
     let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
     let group = std::fs::read_to_string("/etc/group").unwrap_or_default();
     let (u, g) = match spec.split_once(':') {
@@ -542,8 +542,14 @@ pub fn read_file(
     path: &str,
     offset: u64,
     len: Option<u64>,
+    user: Option<&str>,
 ) {
     use std::io::{Seek, SeekFrom};
+    if let Some(u) = user {
+        if let Err(e) = crate::creds::become_user(u) {
+            return shared.error(gen, stream, io_code(&e), format!("{path}: {e}"));
+        }
+    }
     let mut f = match std::fs::File::open(path) {
         Ok(f) => f,
         Err(e) => return shared.error(gen, stream, io_code(&e), format!("{path}: {e}")),
@@ -597,6 +603,7 @@ pub fn write_file(
     path: String,
     mode: Option<u32>,
     offset: Option<u64>,
+    user: Option<String>,
 ) {
     let (tx, rx) = channel();
     shared
@@ -615,6 +622,9 @@ pub fn write_file(
     std::thread::spawn(move || {
         let mut credit = InputCredit::new(gen, stream);
         let result = (|| -> std::io::Result<u64> {
+            if let Some(u) = &user {
+                crate::creds::become_user(u)?;
+            }
             use std::io::{Seek, SeekFrom};
             use std::os::unix::fs::OpenOptionsExt;
             let p = std::path::Path::new(&path);
@@ -677,11 +687,21 @@ fn attr(md: &std::fs::Metadata) -> hutch_proto::FileAttr {
     }
 }
 
-/// Runs a filesystem operation and answers on `stream`.
-pub fn fs(shared: &Shared, gen: u64, stream: u32, req: hutch_proto::FsRequest) {
+/// Runs a filesystem operation (as guest user `user`, on this thread) and answers on
+/// `stream`.
+pub fn fs(
+    shared: &Shared,
+    gen: u64,
+    stream: u32,
+    req: hutch_proto::FsRequest,
+    user: Option<&str>,
+) {
     use hutch_proto::FsRequest as F;
     let done = Response::Done { bytes: 0 };
     let r: std::io::Result<Response> = (|| {
+        if let Some(u) = user {
+            crate::creds::become_user(u)?;
+        }
         Ok(match req {
             F::Stat { path, follow } => {
                 let md = if follow {
@@ -746,10 +766,6 @@ pub fn fs(shared: &Shared, gen: u64, stream: u32, req: hutch_proto::FsRequest) {
             }
             F::Chmod { path, mode } => {
                 std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode & 0o7777))?;
-                done
-            }
-            F::Chown { path, uid, gid } => {
-                std::os::unix::fs::lchown(&path, Some(uid), Some(gid))?;
                 done
             }
         })

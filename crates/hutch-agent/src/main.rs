@@ -9,6 +9,7 @@
 //! Directory watches stream inotify events to the host (see `watch`).
 //! It never returns: if init fails it prints why on the console and powers the VM off.
 
+mod creds;
 mod exec;
 mod export;
 mod init;

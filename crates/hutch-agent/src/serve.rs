@@ -507,19 +507,32 @@ fn request(shared: &Arc<Shared>, gen: u64, stream: u32, req: Request) {
                 sys::set_winsize(fd, size);
             }
         }
-        Request::ReadFile { path, offset, len } => {
+        Request::ReadFile {
+            path,
+            offset,
+            len,
+            user,
+        } => {
             let shared = shared.clone();
             std::thread::spawn(move || {
-                exec::read_file(&shared, gen, stream, &path, offset, len);
+                exec::read_file(&shared, gen, stream, &path, offset, len, user.as_deref());
                 shared.close_credit(stream);
             });
         }
-        Request::WriteFile { path, mode, offset } => {
-            exec::write_file(shared.clone(), gen, stream, path, mode, offset)
-        }
+        Request::WriteFile {
+            path,
+            mode,
+            offset,
+            user,
+        } => exec::write_file(shared.clone(), gen, stream, path, mode, offset, user),
         Request::Fs(req) => {
             let shared = shared.clone();
-            std::thread::spawn(move || exec::fs(&shared, gen, stream, req));
+            // A thread of its own: `FsAs` changes the credentials of the thread it runs on.
+            std::thread::spawn(move || exec::fs(&shared, gen, stream, req, None));
+        }
+        Request::FsAs { user, req } => {
+            let shared = shared.clone();
+            std::thread::spawn(move || exec::fs(&shared, gen, stream, req, Some(&user)));
         }
         Request::ExportChanges => {
             let shared = shared.clone();

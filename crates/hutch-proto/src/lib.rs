@@ -337,6 +337,10 @@ pub enum Request {
         offset: u64,
         #[serde(default)]
         len: Option<u64>,
+        /// Read as this guest user (its permissions; spec as for `ExecRequest::user`); root
+        /// when absent.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        user: Option<String>,
     },
     /// Writes a file from the Stdin frames that follow, up to StdinEof; then `Response::Done`.
     /// Without `offset` the file is created or truncated (and its parents made); with it the
@@ -346,6 +350,10 @@ pub enum Request {
         mode: Option<u32>,
         #[serde(default)]
         offset: Option<u64>,
+        /// Write as this guest user (its permissions; the file and the parents made are
+        /// its); root when absent.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        user: Option<String>,
     },
     /// Streams the VM's changes since boot from the image (the overlay upper layer) as an OCI
     /// layer tar on Stdout frames, deletions as whiteouts; then `Response::Done`. The writable
@@ -353,6 +361,11 @@ pub enum Request {
     ExportChanges,
     /// A filesystem operation (for SFTP); answered with `FsAttr`, `FsDir`, `FsPath` or `Done`.
     Fs(FsRequest),
+    /// A filesystem operation as guest user `user` (its permissions; what it makes is its).
+    FsAs {
+        user: String,
+        req: FsRequest,
+    },
     /// The host gave up on this stream: the agent stops sending on it and kills its process.
     Cancel,
     /// Liveness and readiness.
@@ -450,12 +463,6 @@ pub enum FsRequest {
     Chmod {
         path: String,
         mode: u32,
-    },
-    /// Sets the owner of `path` itself (`lchown`: a final symlink is not followed).
-    Chown {
-        path: String,
-        uid: u32,
-        gid: u32,
     },
 }
 

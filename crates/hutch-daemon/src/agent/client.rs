@@ -43,8 +43,49 @@ impl Agent for AgentClient {
             path: path.into(),
             offset,
             len,
+            user: None,
         })?;
         Ok(FileRead::new(Arc::new(s)))
+    }
+
+    fn read_file_as(
+        &self,
+        user: &str,
+        path: &str,
+        offset: u64,
+        len: Option<u64>,
+    ) -> Result<FileRead, AgentError> {
+        let s = self.open(&Request::ReadFile {
+            path: path.into(),
+            offset,
+            len,
+            user: Some(user.into()),
+        })?;
+        Ok(FileRead::new(Arc::new(s)))
+    }
+
+    fn write_file_as(
+        &self,
+        user: &str,
+        path: &str,
+        mode: Option<u32>,
+        offset: Option<u64>,
+    ) -> Result<FileWrite, AgentError> {
+        let s = self.open(&Request::WriteFile {
+            path: path.into(),
+            mode,
+            offset,
+            user: Some(user.into()),
+        })?;
+        Ok(FileWrite::new(Arc::new(s)))
+    }
+
+    fn fs_as(&self, user: &str, req: FsRequest) -> BoxFuture<'_, Result<FsAnswer, AgentError>> {
+        let s = self.open(&Request::FsAs {
+            user: user.into(),
+            req,
+        });
+        Box::pin(async move { fs_answer(one_answer(&s?).await?) })
     }
 
     fn write_file(
@@ -57,6 +98,7 @@ impl Agent for AgentClient {
             path: path.into(),
             mode,
             offset,
+            user: None,
         })?;
         Ok(FileWrite::new(Arc::new(s)))
     }

@@ -53,6 +53,7 @@ pub use watch::WatchStream;
 
 use futures_util::future::BoxFuture;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Longest guest error message passed on, in bytes (a path of PATH_MAX and then some).
@@ -179,6 +180,35 @@ pub trait Agent: Send + Sync {
     /// A filesystem operation; the typed methods below are the usual way in.
     fn fs(&self, req: FsRequest) -> BoxFuture<'_, Result<FsAnswer, AgentError>>;
 
+    /// [`Agent::read_file`] as guest user `user` (its permissions). An implementation that
+    /// cannot act as a user refuses (the default), never acts as root instead.
+    fn read_file_as(
+        &self,
+        user: &str,
+        _path: &str,
+        _offset: u64,
+        _len: Option<u64>,
+    ) -> Result<FileRead, AgentError> {
+        Err(no_users(user))
+    }
+
+    /// [`Agent::write_file`] as guest user `user`: its permissions, and what it makes is its.
+    fn write_file_as(
+        &self,
+        user: &str,
+        _path: &str,
+        _mode: Option<u32>,
+        _offset: Option<u64>,
+    ) -> Result<FileWrite, AgentError> {
+        Err(no_users(user))
+    }
+
+    /// [`Agent::fs`] as guest user `user`.
+    fn fs_as(&self, user: &str, _req: FsRequest) -> BoxFuture<'_, Result<FsAnswer, AgentError>> {
+        let e = no_users(user);
+        Box::pin(async move { Err(e) })
+    }
+
     fn health(&self) -> BoxFuture<'_, Result<Health, AgentError>>;
 
     /// Asks the guest to stop everything and power off; returns once the agent agreed.
@@ -290,13 +320,57 @@ pub trait Agent: Send + Sync {
         }))
     }
 
-    /// Sets the owner of `path` (not following a final symlink).
-    fn chown(&self, path: &str, uid: u32, gid: u32) -> BoxFuture<'_, Result<(), AgentError>> {
-        done(self.fs(FsRequest::Chown {
-            path: path.into(),
-            uid,
-            gid,
-        }))
+}
+
+fn no_users(user: &str) -> AgentError {
+    AgentError::guest(
+        ErrorCode::Unsupported,
+        &format!("this agent cannot act as user {user}"),
+    )
+}
+
+/// An agent whose file operations (reads, writes, fs requests) run as one guest user; exec,
+/// watches and the rest pass through unchanged.
+pub struct AsUser {
+    pub inner: Arc<dyn Agent>,
+    pub user: String,
+}
+
+impl Agent for AsUser {
+    fn exec(&self, req: ExecRequest) -> Result<ExecStream, AgentError> {
+        self.inner.exec(req)
+    }
+    fn read_file(&self, path: &str, offset: u64, len: Option<u64>) -> Result<FileRead, AgentError> {
+        self.inner.read_file_as(&self.user, path, offset, len)
+    }
+    fn write_file(
+        &self,
+        path: &str,
+        mode: Option<u32>,
+        offset: Option<u64>,
+    ) -> Result<FileWrite, AgentError> {
+        self.inner.write_file_as(&self.user, path, mode, offset)
+    }
+    fn export_changes(&self) -> Result<FileRead, AgentError> {
+        self.inner.export_changes()
+    }
+    fn fs(&self, req: FsRequest) -> BoxFuture<'_, Result<FsAnswer, AgentError>> {
+        self.inner.fs_as(&self.user, req)
+    }
+    fn health(&self) -> BoxFuture<'_, Result<Health, AgentError>> {
+        self.inner.health()
+    }
+    fn shutdown(&self) -> BoxFuture<'_, Result<(), AgentError>> {
+        self.inner.shutdown()
+    }
+    fn restored(&self, info: RestoreInfo) -> BoxFuture<'_, Result<(), AgentError>> {
+        self.inner.restored(info)
+    }
+    fn watch(&self, path: &str, recursive: bool) -> BoxFuture<'_, Result<WatchStream, AgentError>> {
+        self.inner.watch(path, recursive)
+    }
+    fn is_alive(&self) -> bool {
+        self.inner.is_alive()
     }
 }
 

@@ -48,6 +48,21 @@ fn fail(status: StatusCode, msg: impl std::fmt::Display) -> Response {
     error(status, &msg.to_string())
 }
 
+/// An envd failure as a `/files` answer, by its code.
+fn rpc_fail(e: super::connect::RpcError) -> Response {
+    use super::connect::Code;
+    let status = match e.code {
+        Code::NotFound => StatusCode::NOT_FOUND,
+        Code::PermissionDenied => StatusCode::FORBIDDEN,
+        Code::Unauthenticated => StatusCode::UNAUTHORIZED,
+        Code::ResourceExhausted => StatusCode::INSUFFICIENT_STORAGE,
+        Code::Unavailable => StatusCode::BAD_GATEWAY,
+        Code::Internal | Code::Unimplemented => StatusCode::INTERNAL_SERVER_ERROR,
+        _ => StatusCode::BAD_REQUEST,
+    };
+    fail(status, e.message)
+}
+
 fn from_api(e: crate::error::ApiError) -> Response {
     use crate::error::ApiError as A;
     let status = match &e {
@@ -107,13 +122,13 @@ pub async fn download(
         Ok(c) => c,
         Err(r) => return r.into_response(),
     };
-    let (_, path) = match target(&c, &headers, &q, q.path.as_deref()).await {
+    let (acct, path) = match target(&c, &headers, &q, q.path.as_deref()).await {
         Ok(x) => x,
         Err(r) => return r,
     };
-    let agent = match super::fs::agent_of(&c).await {
+    let agent = match super::fs::agent_of(&c, &acct).await {
         Ok(a) => a,
-        Err(e) => return fail(StatusCode::BAD_GATEWAY, e.message),
+        Err(e) => return rpc_fail(e),
     };
     match super::fs::stat(&*agent, &path, true).await {
         Ok(Some(a)) if super::fs::is_dir(a.mode) => {
@@ -121,9 +136,15 @@ pub async fn download(
         }
         Ok(Some(_)) => {}
         Ok(None) => return fail(StatusCode::NOT_FOUND, format!("{path} does not exist")),
-        Err(e) => return fail(StatusCode::BAD_REQUEST, e.message),
+        Err(e) => return rpc_fail(e),
     }
-    let r = match c.e.m.open_read(&c.caller, c.vm(), &path, 0, None).await {
+    let user = super::fs::user_spec(&acct);
+    let r = match c
+        .e
+        .m
+        .open_read_as(&c.caller, c.vm(), user.as_deref(), &path, 0, None)
+        .await
+    {
         Ok(r) => r,
         Err(e) => return from_api(e),
     };
@@ -256,33 +277,30 @@ async fn write<S>(
 where
     S: futures_util::Stream<Item = Result<axum::body::Bytes, String>> + Unpin,
 {
-    let agent = super::fs::agent_of(c)
+    let agent = super::fs::agent_of(c, acct)
         .await
-        .map_err(|e| fail(StatusCode::BAD_GATEWAY, e.message))?;
+        .map_err(|e| rpc_fail(e))?;
     let existing = super::fs::stat(&*agent, path, true)
         .await
-        .map_err(|e| fail(StatusCode::BAD_REQUEST, e.message))?;
+        .map_err(|e| rpc_fail(e))?;
     if existing.is_some_and(|a| super::fs::is_dir(a.mode)) {
         return Err(fail(
             StatusCode::BAD_REQUEST,
             format!("{path} is a directory"),
         ));
     }
-    let owner = super::fs::owner_of(acct);
-    if let Some(parent) = path
-        .rsplit_once('/')
-        .map(|(p, _)| p)
-        .filter(|p| !p.is_empty())
-    {
-        super::fs::make_dirs(&*agent, parent, owner)
+    if let Some(parent) = path.rsplit_once('/').map(|(p, _)| p).filter(|p| !p.is_empty()) {
+        super::fs::make_dirs(&*agent, parent)
             .await
-            .map_err(|e| fail(StatusCode::BAD_REQUEST, e.message))?;
+            .map_err(|e| rpc_fail(e))?;
     }
-    let mut w =
-        c.e.m
-            .open_write(&c.caller, c.vm(), path, Some(0o644), None)
-            .await
-            .map_err(from_api)?;
+    let user = super::fs::user_spec(acct);
+    let mut w = c
+        .e
+        .m
+        .open_write_as(&c.caller, c.vm(), user.as_deref(), path, Some(0o644), None)
+        .await
+        .map_err(from_api)?;
     let mut total = 0u64;
     while let Some(chunk) = chunks.next().await {
         let chunk = chunk.map_err(|e| fail(StatusCode::BAD_REQUEST, e))?;
@@ -296,11 +314,6 @@ where
         w.write(&chunk).await.map_err(from_api)?;
     }
     w.finish().await.map_err(from_api)?;
-    if let Some((uid, gid)) = owner {
-        super::fs::chown(&*agent, path, uid, gid)
-            .await
-            .map_err(|e| fail(StatusCode::INTERNAL_SERVER_ERROR, e.message))?;
-    }
     Ok(())
 }
 

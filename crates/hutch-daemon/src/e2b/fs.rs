@@ -65,7 +65,11 @@ pub async fn call(c: Ctx, method: &str, req: Request) -> Result<Response, RpcErr
     }
     let body = connect::read_unary(body).await?;
     let acct = c.account(&parts.headers).await?;
-    let agent = c.e.m.agent(&c.caller, c.vm()).await?;
+    // Every operation as the E2B user: the guest's permissions apply, and what it makes is its.
+    let agent = crate::service::files::as_user(
+        c.e.m.agent(&c.caller, c.vm()).await?,
+        user_spec(&acct).as_deref(),
+    );
     let table = c.table().await?;
     let abs = |p: &str| absolute(p, &acct.home);
     let v = match method {
@@ -89,14 +93,14 @@ pub async fn call(c: Ctx, method: &str, req: Request) -> Result<Response, RpcErr
                     format!("{path} already exists"),
                 ));
             }
-            make_dirs(&*agent, &path, owner_of(&acct)).await?;
+            make_dirs(&*agent, &path).await?;
             serde_json::json!({ "entry": entry(&*agent, &table, &path).await? })
         }
         "Move" => {
             let r: MoveReq = connect::parse(&body)?;
             let (from, to) = (abs(&r.source)?, abs(&r.destination)?);
             if let Some(parent) = parent(&to) {
-                make_dirs(&*agent, parent, owner_of(&acct)).await?;
+                make_dirs(&*agent, parent).await?;
             }
             within(ANSWER, agent.rename(&from, &to))
                 .await
@@ -140,22 +144,14 @@ pub async fn stat(a: &dyn Agent, path: &str, follow: bool) -> Result<Option<File
     }
 }
 
-/// `mkdir -p`; the directories it makes belong to `owner` (uid, gid) when given.
-pub async fn make_dirs(
-    a: &dyn Agent,
-    path: &str,
-    owner: Option<(u32, u32)>,
-) -> Result<(), RpcError> {
+/// `mkdir -p` (as the agent's user: what it makes is the user's).
+pub async fn make_dirs(a: &dyn Agent, path: &str) -> Result<(), RpcError> {
     let mut cur = String::new();
     for part in path.split('/').filter(|p| !p.is_empty()) {
         cur.push('/');
         cur.push_str(part);
         match within(ANSWER, a.mkdir(&cur, 0o755)).await {
-            Ok(()) => {
-                if let Some((uid, gid)) = owner {
-                    chown(a, &cur, uid, gid).await?;
-                }
-            }
+            Ok(()) => {}
             Err(e) if e.code() == Some(ErrorCode::Exists) => {}
             Err(e) => return Err(agent_err(&cur, e)),
         }
@@ -163,15 +159,9 @@ pub async fn make_dirs(
     Ok(())
 }
 
-pub async fn chown(a: &dyn Agent, path: &str, uid: u32, gid: u32) -> Result<(), RpcError> {
-    within(ANSWER, a.chown(path, uid, gid))
-        .await
-        .map_err(|e| agent_err(path, e))
-}
-
-/// Who files made for `acct` belong to: None for root (hutch's agent makes them as root).
-pub fn owner_of(acct: &super::users::Account) -> Option<(u32, u32)> {
-    (acct.uid != 0).then_some((acct.uid, acct.gid))
+/// The guest user file operations for `acct` run as (`uid:gid`), or None for root.
+pub fn user_spec(acct: &super::users::Account) -> Option<String> {
+    (acct.uid != 0).then(|| format!("{}:{}", acct.uid, acct.gid))
 }
 
 /// Removes a file, a symlink or a whole tree (within [`MAX_WALK`] entries).
@@ -369,9 +359,16 @@ pub fn permissions(mode: u32) -> String {
     s
 }
 
-/// The agent of a request's sandbox (a use of the VM: resumes an auto-resuming one).
-pub async fn agent_of(c: &Ctx) -> Result<Arc<dyn Agent>, RpcError> {
-    Ok(c.e.m.agent(&c.caller, c.vm()).await?)
+/// The agent of a request's sandbox (a use of the VM: resumes an auto-resuming one), acting
+/// as `acct`.
+pub async fn agent_of(
+    c: &Ctx,
+    acct: &super::users::Account,
+) -> Result<Arc<dyn Agent>, RpcError> {
+    Ok(crate::service::files::as_user(
+        c.e.m.agent(&c.caller, c.vm()).await?,
+        user_spec(acct).as_deref(),
+    ))
 }
 
 #[cfg(test)]

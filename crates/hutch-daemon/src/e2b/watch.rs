@@ -102,7 +102,7 @@ async fn start(c: &Ctx, h: &HeaderMap, r: &WatchReq) -> Result<WatchStream, RpcE
     }
     let acct = c.account(h).await?;
     let path = absolute(&r.path, &acct.home)?;
-    let agent = super::fs::agent_of(c).await?;
+    let agent = super::fs::agent_of(c, &acct).await?;
     let w = tokio::time::timeout(SETUP, agent.watch(&path, r.recursive))
         .await
         .map_err(|_| RpcError::new(Code::Unavailable, "the guest did not set the watch up"))?;

@@ -149,6 +149,31 @@ pub mod fakes {
         fn fs(&self, req: FsRequest) -> BoxFuture<'_, Result<FsAnswer, AgentError>> {
             self.inner.fs(req)
         }
+        fn read_file_as(
+            &self,
+            user: &str,
+            path: &str,
+            offset: u64,
+            len: Option<u64>,
+        ) -> Result<FileRead, AgentError> {
+            self.inner.read_file_as(user, path, offset, len)
+        }
+        fn write_file_as(
+            &self,
+            user: &str,
+            path: &str,
+            mode: Option<u32>,
+            offset: Option<u64>,
+        ) -> Result<FileWrite, AgentError> {
+            self.inner.write_file_as(user, path, mode, offset)
+        }
+        fn fs_as(
+            &self,
+            user: &str,
+            req: FsRequest,
+        ) -> BoxFuture<'_, Result<FsAnswer, AgentError>> {
+            self.inner.fs_as(user, req)
+        }
         fn health(&self) -> BoxFuture<'_, Result<Health, AgentError>> {
             self.inner.health()
         }

@@ -103,6 +103,17 @@ impl FileWriter {
     }
 }
 
+/// `agent`, acting on files as guest user `user` when one is given.
+pub fn as_user(agent: Arc<dyn Agent>, user: Option<&str>) -> Arc<dyn Agent> {
+    match user {
+        Some(u) => Arc::new(crate::agent::AsUser {
+            inner: agent,
+            user: u.to_string(),
+        }),
+        None => agent,
+    }
+}
+
 impl Service {
     /// The agent of `caller`'s running VM `name`. A use of the VM: counted as activity, and a
     /// paused VM with auto-pause set is resumed first (timers.rs).
@@ -212,9 +223,24 @@ impl Service {
         offset: u64,
         len: Option<u64>,
     ) -> Result<FileReader, ApiError> {
+        self.open_read_as(caller, name, None, path, offset, len)
+            .await
+    }
+
+    /// [`Service::open_read`] as guest user `user` (its permissions), or root.
+    pub async fn open_read_as(
+        self: &Arc<Self>,
+        caller: &Caller,
+        name: &str,
+        user: Option<&str>,
+        path: &str,
+        offset: u64,
+        len: Option<u64>,
+    ) -> Result<FileReader, ApiError> {
         check_path(path)?;
         checked_end(offset, len.unwrap_or(0))?;
         let (agent, u) = self.agent_in_use(caller, name).await?;
+        let agent = as_user(agent, user);
         let inner = agent.read_file(path, offset, len)?;
         let mut r = FileReader {
             name: name.to_string(),
@@ -236,11 +262,26 @@ impl Service {
         mode: Option<u32>,
         offset: Option<u64>,
     ) -> Result<FileWriter, ApiError> {
+        self.open_write_as(caller, name, None, path, mode, offset)
+            .await
+    }
+
+    /// [`Service::open_write`] as guest user `user`: its permissions, and the file is its.
+    pub async fn open_write_as(
+        self: &Arc<Self>,
+        caller: &Caller,
+        name: &str,
+        user: Option<&str>,
+        path: &str,
+        mode: Option<u32>,
+        offset: Option<u64>,
+    ) -> Result<FileWriter, ApiError> {
         check_path(path)?;
         if let Some(o) = offset {
             checked_end(o, 0)?;
         }
         let (agent, u) = self.agent_in_use(caller, name).await?;
+        let agent = as_user(agent, user);
         let inner = agent.write_file(path, mode, offset)?;
         Ok(FileWriter {
             name: name.to_string(),

@@ -250,11 +250,7 @@ impl Tree {
                 }
                 FsAnswer::Done
             }
-            FsRequest::Chown { path, .. } => {
-                // The fake keeps no owners; the path must exist.
-                self.node(&path, false)?;
-                FsAnswer::Done
-            }
+
         })
     }
 
