@@ -71,6 +71,8 @@ bench: build
 	target/release/examples/bench_ssh
 	target/release/examples/bench_net
 	target/release/examples/bench_snap
+	@scripts/install-e2b-sdks.sh
+	target/release/examples/bench_e2b
 
 # Release build, then hutchd, hutch and hutch-agent (beside hutchd, where hutchd looks for it),
 # the systemd unit (its /usr/local/bin paths rewritten to BINDIR) and shell completions.

@@ -11,6 +11,7 @@ Exits non-zero if any cycle fails (after killing what it made).
 """
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -29,6 +30,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("template", help="template (or image) name to create sandboxes from")
     ap.add_argument("-n", type=int, default=20, help="cycles (default 20)")
+    ap.add_argument("--json", action="store_true",
+                    help="also print the percentiles (ms) as one JSON line, last")
     ap.add_argument("--request-timeout", type=float,
                     default=float(os.environ.get("E2B_TEST_REQUEST_TIMEOUT") or "120"))
     a = ap.parse_args()
@@ -64,6 +67,10 @@ def main() -> int:
     print(f"  {'phase':<9} {'p50':>8} {'p90':>8} {'p99':>8} {'max':>8}")
     for name, xs in phases.items():
         print(f"  {name:<9} {pct(xs, 50):8.3f} {pct(xs, 90):8.3f} {pct(xs, 99):8.3f} {max(xs):8.3f}")
+    if a.json:
+        print(json.dumps({name: {"p50": pct(xs, 50) * 1000, "p90": pct(xs, 90) * 1000,
+                                 "p99": pct(xs, 99) * 1000, "max": max(xs) * 1000}
+                          for name, xs in phases.items()}))
     return 0
 
 

@@ -346,6 +346,24 @@ def main() -> None:
         eq(none, [], "Sandbox.list with a metadata value no sandbox has")
         ok("Sandbox.list(query=SandboxQuery(metadata=...)) finds exactly this sandbox")
 
+        # A snapshot: a new sandbox from it has the file and the process of the source.
+        sbx.files.write("/tmp/snap.txt", "from the snapshot\n")
+        snap = sbx.create_snapshot()
+        check(snap.snapshot_id and snap.snapshot_id in snap.names, "snapshot info", snap)
+        listed = [s.snapshot_id for s in Sandbox.list_snapshots(sandbox_id=sid).next_items()]
+        check(snap.snapshot_id in listed, "list_snapshots(sandbox_id) has it", listed)
+        copy = Sandbox.create(snap.snapshot_id, timeout=120, request_timeout=RT)
+        try:
+            check(copy.sandbox_id != sid, "a new sandbox", copy.sandbox_id)
+            eq(copy.files.read("/tmp/snap.txt"), "from the snapshot\n", "the snapshot's file")
+            eq(copy.commands.run("hostname").stdout.strip() != sbx.commands.run("hostname").stdout.strip(),
+               True, "the copy has a hostname of its own")
+        finally:
+            eq(copy.kill(), True, "kill the copy")
+        eq(Sandbox.delete_snapshot(snap.snapshot_id), True, "delete_snapshot")
+        eq(Sandbox.delete_snapshot(snap.snapshot_id), False, "delete_snapshot of a deleted one")
+        ok(f"create_snapshot {snap.snapshot_id}, a sandbox from it, list_snapshots, delete_snapshot")
+
         sbx.set_timeout(1200)
         left = (sbx.get_info().end_at - datetime.now(timezone.utc)).total_seconds()
         check(1050 < left <= 1205, "set_timeout(1200) moved end_at", left)

@@ -58,10 +58,15 @@ mod tests {
         })
         .join()
         .unwrap();
-        assert_eq!(std::fs::read(&secret).unwrap(), b"s", "other threads keep root's rights");
-        assert_eq!(std::fs::metadata(&made).unwrap().uid(), 65534);
-        assert!(
-            std::thread::spawn(|| become_user("no-such-user")).join().unwrap().is_err()
+        assert_eq!(
+            std::fs::read(&secret).unwrap(),
+            b"s",
+            "other threads keep root's rights"
         );
+        assert_eq!(std::fs::metadata(&made).unwrap().uid(), 65534);
+        assert!(std::thread::spawn(|| become_user("no-such-user"))
+            .join()
+            .unwrap()
+            .is_err());
     }
 }

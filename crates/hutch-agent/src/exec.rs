@@ -689,13 +689,7 @@ fn attr(md: &std::fs::Metadata) -> hutch_proto::FileAttr {
 
 /// Runs a filesystem operation (as guest user `user`, on this thread) and answers on
 /// `stream`.
-pub fn fs(
-    shared: &Shared,
-    gen: u64,
-    stream: u32,
-    req: hutch_proto::FsRequest,
-    user: Option<&str>,
-) {
+pub fn fs(shared: &Shared, gen: u64, stream: u32, req: hutch_proto::FsRequest, user: Option<&str>) {
     use hutch_proto::FsRequest as F;
     let done = Response::Done { bytes: 0 };
     let r: std::io::Result<Response> = (|| {

@@ -362,10 +362,7 @@ pub enum Request {
     /// A filesystem operation (for SFTP); answered with `FsAttr`, `FsDir`, `FsPath` or `Done`.
     Fs(FsRequest),
     /// A filesystem operation as guest user `user` (its permissions; what it makes is its).
-    FsAs {
-        user: String,
-        req: FsRequest,
-    },
+    FsAs { user: String, req: FsRequest },
     /// The host gave up on this stream: the agent stops sending on it and kills its process.
     Cancel,
     /// Liveness and readiness.

@@ -372,6 +372,32 @@ fn e2b_api_refuses_what_it_should_and_changes_nothing() {
     );
     assert_eq!(st, 200, "answered by the control plane's /health");
 
+    // The sandbox's own ports through the proxy, public as at E2B (get_host(port)).
+    let web = br#"{"process":{"cmd":"/bin/sh","args":["-c","mkdir -p /www && echo sbx-web > /www/index.html && busybox httpd -p 8080 -h /www"]},"stdin":false}"#;
+    let (st, _) = envd(
+        &auth,
+        "/process.Process/Start",
+        "application/connect+json",
+        &envelope(0, web),
+    );
+    assert_eq!(st, 200);
+    let web_host = format!("8080-{id}.hutch.internal");
+    let mut got = (0, Vec::new());
+    for _ in 0..50 {
+        got = http(
+            "GET",
+            &format!("{proxy}/index.html"),
+            &[("host", &web_host)],
+            None,
+        );
+        if got.0 == 200 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert_eq!(got.0, 200, "{}", String::from_utf8_lossy(&got.1));
+    assert_eq!(got.1, b"sbx-web\n");
+
     // Kill: gone everywhere, and nothing else changed.
     let (st, _) = http(
         "DELETE",

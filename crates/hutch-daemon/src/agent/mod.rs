@@ -319,7 +319,6 @@ pub trait Agent: Send + Sync {
             mode,
         }))
     }
-
 }
 
 fn no_users(user: &str) -> AgentError {

@@ -34,13 +34,19 @@ pub fn router(e: Arc<E2b>) -> axum::Router {
         .route("/sandboxes/{id}/logs", get(logs_v1))
         .route("/v2/sandboxes/{id}/logs", get(logs_v2))
         .route("/sandboxes/{id}/fork", post(fork))
+        .route("/sandboxes/{id}/snapshots", post(super::snaps::create))
+        .route("/snapshots", get(super::snaps::list))
+        .route(
+            "/templates/{id}",
+            axum::routing::delete(super::snaps::delete),
+        )
         .route("/health", get(|| async { StatusCode::OK }))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "hutch does not serve this E2B route") })
         .with_state(e)
 }
 
 /// The request's caller, or E2B's 401.
-async fn authed(e: &E2b, h: &HeaderMap) -> Result<Caller, Response> {
+pub(super) async fn authed(e: &E2b, h: &HeaderMap) -> Result<Caller, Response> {
     e.caller(h).await.ok_or_else(|| {
         error(
             StatusCode::UNAUTHORIZED,
@@ -50,7 +56,7 @@ async fn authed(e: &E2b, h: &HeaderMap) -> Result<Caller, Response> {
 }
 
 /// A JSON body, or E2B's 400.
-fn body<T: serde::de::DeserializeOwned + Default>(b: &[u8]) -> Result<T, Response> {
+pub(super) fn body<T: serde::de::DeserializeOwned + Default>(b: &[u8]) -> Result<T, Response> {
     if b.iter().all(u8::is_ascii_whitespace) {
         return Ok(T::default());
     }
@@ -58,11 +64,15 @@ fn body<T: serde::de::DeserializeOwned + Default>(b: &[u8]) -> Result<T, Respons
         .map_err(|e| error(StatusCode::BAD_REQUEST, &format!("malformed body: {e}")))
 }
 
-type Res = Result<Response, Response>;
+pub(super) type Res = Result<Response, Response>;
 
 impl E2b {
     /// A sandbox of `caller`'s and its VM (a record whose VM is gone is dropped: not found).
-    async fn resolve(&self, caller: &Caller, id: &str) -> Result<(SandboxRecord, Vm), ApiError> {
+    pub(super) async fn resolve(
+        &self,
+        caller: &Caller,
+        id: &str,
+    ) -> Result<(SandboxRecord, Vm), ApiError> {
         let rec = self.sandbox_for(caller, id).await?;
         match self.m.vm_for(&owner_caller(&rec), &rec.id).await {
             Ok(vm) if vm.id == rec.vm_id && vm.state != VmState::Deleting => Ok((rec, vm)),
@@ -87,24 +97,27 @@ async fn create(State(e): State<Arc<E2b>>, h: HeaderMap, b: axum::body::Bytes) -
     let caller = authed(&e, &h).await?;
     let n: NewSandbox = body(&b)?;
     model::check_new(&n).map_err(|m| error(StatusCode::BAD_REQUEST, &m))?;
-    // templateID: a hutch template of that name, else an image of that name.
+    // templateID: a hutch template of that name, else an image, else a snapshot.
     let mut req = CreateVm::default();
-    match e.m.template_for(&caller, &n.template_id).await {
-        Ok(_) => req.template = Some(n.template_id.clone()),
-        Err(ApiError::NotFound { .. }) => match e.m.image_for(&caller, &n.template_id).await {
-            Ok(_) => req.image = n.template_id.clone(),
-            Err(ApiError::NotFound { .. }) => {
-                return Err(error(
-                    StatusCode::NOT_FOUND,
-                    &format!(
-                        "template '{}' not found: no hutch template or image of that name",
-                        n.template_id
-                    ),
-                ));
-            }
-            Err(other) => return Err(api_error(other)),
-        },
-        Err(other) => return Err(api_error(other)),
+    let tid = &n.template_id;
+    let found = |r: Result<(), ApiError>| match r {
+        Ok(()) => Ok(true),
+        Err(ApiError::NotFound { .. }) | Err(ApiError::Invalid(_)) => Ok(false),
+        Err(other) => Err(api_error(other)),
+    };
+    if found(e.m.template_for(&caller, tid).await.map(|_| ()))? {
+        req.template = Some(tid.clone());
+    } else if found(e.m.image_for(&caller, tid).await.map(|_| ()))? {
+        req.image = tid.clone();
+    } else if found(e.m.snapshot_for(&caller, tid).await.map(|_| ()))? {
+        req.snapshot = Some(tid.clone());
+    } else {
+        return Err(error(
+            StatusCode::NOT_FOUND,
+            &format!(
+                "template '{tid}' not found: no hutch template, image or snapshot of that name"
+            ),
+        ));
     }
     let id = model::new_id();
     let auto_pause = n.auto_pause.unwrap_or(false);
@@ -276,7 +289,8 @@ async fn info(State(e): State<Arc<E2b>>, h: HeaderMap, Path(id): Path<String>) -
 async fn kill(State(e): State<Arc<E2b>>, h: HeaderMap, Path(id): Path<String>) -> Res {
     let caller = authed(&e, &h).await?;
     let (rec, _) = e.resolve(&caller, &id).await.map_err(api_error)?;
-    e.m.delete(&owner_caller(&rec), &rec.id)
+    // E2B's kill discards the sandbox: no graceful shutdown of a guest whose disk goes too.
+    e.m.discard(&owner_caller(&rec), &rec.id)
         .await
         .map_err(api_error)?;
     let _ = e.m.records.delete(SANDBOXES, &rec.id).await;
@@ -329,8 +343,15 @@ async fn refresh(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-async fn pause(State(e): State<Arc<E2b>>, h: HeaderMap, Path(id): Path<String>) -> Res {
+async fn pause(
+    State(e): State<Arc<E2b>>,
+    h: HeaderMap,
+    Path(id): Path<String>,
+    b: axum::body::Bytes,
+) -> Res {
     let caller = authed(&e, &h).await?;
+    let p: model::MemoryBody = body(&b)?;
+    no_filesystem_only(p.memory)?;
     let (rec, vm) = e.resolve(&caller, &id).await.map_err(api_error)?;
     if model::state(&vm) == "paused" {
         return Err(error(
@@ -344,9 +365,21 @@ async fn pause(State(e): State<Arc<E2b>>, h: HeaderMap, Path(id): Path<String>) 
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
+/// `memory: false` (a filesystem-only pause or resume) is refused: hutch always keeps memory.
+fn no_filesystem_only(memory: Option<bool>) -> Result<(), Response> {
+    if memory == Some(false) {
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            "memory: false (a filesystem-only pause or reboot on resume) is not supported: hutch keeps memory",
+        ));
+    }
+    Ok(())
+}
+
 /// Resumes a paused sandbox (with a new timeout); 409 for a running one unless `connect`.
 async fn wake(e: &E2b, caller: &Caller, id: &str, b: &[u8], connect: bool) -> Res {
     let t: model::TimeoutBody = body(b)?;
+    no_filesystem_only(t.memory)?;
     let (rec, vm) = e.resolve(caller, id).await.map_err(api_error)?;
     let secs = t.timeout.unwrap_or(model::DEFAULT_TIMEOUT);
     model::check_timeout(secs).map_err(|m| error(StatusCode::BAD_REQUEST, &m))?;

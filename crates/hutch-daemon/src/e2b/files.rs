@@ -28,7 +28,9 @@ pub fn signed(q: &FileQuery, op: &str, token: &str) -> bool {
     let Some(sig) = q.signature.as_deref().and_then(|s| s.strip_prefix("v1_")) else {
         return false;
     };
-    if q.signature_expiration.is_some_and(|t| t < hutch_core::now()) {
+    if q.signature_expiration
+        .is_some_and(|t| t < hutch_core::now())
+    {
         return false;
     }
     let mut raw = format!(
@@ -289,18 +291,21 @@ where
             format!("{path} is a directory"),
         ));
     }
-    if let Some(parent) = path.rsplit_once('/').map(|(p, _)| p).filter(|p| !p.is_empty()) {
+    if let Some(parent) = path
+        .rsplit_once('/')
+        .map(|(p, _)| p)
+        .filter(|p| !p.is_empty())
+    {
         super::fs::make_dirs(&*agent, parent)
             .await
             .map_err(|e| rpc_fail(e))?;
     }
     let user = super::fs::user_spec(acct);
-    let mut w = c
-        .e
-        .m
-        .open_write_as(&c.caller, c.vm(), user.as_deref(), path, Some(0o644), None)
-        .await
-        .map_err(from_api)?;
+    let mut w =
+        c.e.m
+            .open_write_as(&c.caller, c.vm(), user.as_deref(), path, Some(0o644), None)
+            .await
+            .map_err(from_api)?;
     let mut total = 0u64;
     while let Some(chunk) = chunks.next().await {
         let chunk = chunk.map_err(|e| fail(StatusCode::BAD_REQUEST, e))?;

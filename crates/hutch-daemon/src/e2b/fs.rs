@@ -361,10 +361,7 @@ pub fn permissions(mode: u32) -> String {
 
 /// The agent of a request's sandbox (a use of the VM: resumes an auto-resuming one), acting
 /// as `acct`.
-pub async fn agent_of(
-    c: &Ctx,
-    acct: &super::users::Account,
-) -> Result<Arc<dyn Agent>, RpcError> {
+pub async fn agent_of(c: &Ctx, acct: &super::users::Account) -> Result<Arc<dyn Agent>, RpcError> {
     Ok(crate::service::files::as_user(
         c.e.m.agent(&c.caller, c.vm()).await?,
         user_spec(acct).as_deref(),

@@ -22,6 +22,7 @@ mod metrics;
 mod model;
 mod process;
 mod routing;
+mod snaps;
 mod users;
 mod watch;
 

@@ -120,6 +120,13 @@ pub struct NetworkConfig {
 #[derive(Debug, Clone, Deserialize, Default)]
 pub struct TimeoutBody {
     pub timeout: Option<u64>,
+    pub memory: Option<bool>,
+}
+
+/// A pause's body.
+#[derive(Debug, Clone, Deserialize, Default)]
+pub struct MemoryBody {
+    pub memory: Option<bool>,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]

@@ -17,8 +17,9 @@ use std::time::{Duration, Instant};
 
 /// Events a polled watcher holds between polls.
 pub const MAX_QUEUED: usize = 10_000;
-/// Polled watchers per sandbox.
+/// Polled watchers per sandbox, and on the whole host.
 pub const MAX_WATCHERS: usize = 64;
+pub const MAX_ALL_WATCHERS: usize = 4096;
 /// How long the agent has to set a watch up.
 const SETUP: Duration = Duration::from_secs(30);
 
@@ -83,9 +84,7 @@ fn event_json(e: &FsEvent) -> serde_json::Value {
 fn watch_err(path: &str, e: AgentError) -> RpcError {
     match e.code() {
         Some(ErrorCode::NotFound) => RpcError::new(Code::NotFound, format!("{path}: {e}")),
-        Some(ErrorCode::NotADirectory) => {
-            RpcError::invalid(format!("{path} is not a directory"))
-        }
+        Some(ErrorCode::NotADirectory) => RpcError::invalid(format!("{path} is not a directory")),
         Some(ErrorCode::TooLarge) | Some(ErrorCode::Busy) => {
             RpcError::new(Code::ResourceExhausted, format!("{path}: {e}"))
         }
@@ -118,7 +117,9 @@ pub async fn watch_dir(c: Ctx, h: &HeaderMap, msg: &[u8]) -> Result<Response, Rp
         .get("keepalive-ping-interval")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok())
-        .map_or(Duration::from_secs(50), |s| Duration::from_secs(s.clamp(1, 3600)));
+        .map_or(Duration::from_secs(50), |s| {
+            Duration::from_secs(s.clamp(1, 3600))
+        });
     let mut ws = start(&c, h, &r).await?;
     let (tx, resp) = connect::stream_response();
     tokio::spawn(async move {
@@ -170,10 +171,18 @@ pub async fn watcher_call(
         "CreateWatcher" => {
             let r: WatchReq = connect::parse(body)?;
             {
-                let all = watchers.lock();
-                // Watchers of sandboxes that are gone go first.
+                let mut all = watchers.lock();
+                // Watchers that ended with nothing left to read (their sandbox or directory is
+                // gone) are forgotten first.
+                all.retain(|_, w| {
+                    !(w.task.is_finished()
+                        && w.events
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .is_empty())
+                });
                 let mine = all.values().filter(|w| w.vm_id == c.rec.vm_id).count();
-                if mine >= MAX_WATCHERS {
+                if mine >= MAX_WATCHERS || all.len() >= MAX_ALL_WATCHERS {
                     return Err(RpcError::new(
                         Code::ResourceExhausted,
                         format!("a sandbox has at most {MAX_WATCHERS} watchers"),
@@ -222,7 +231,10 @@ pub async fn watcher_call(
                 watchers.lock().remove(&r.watcher_id);
                 return Err(RpcError::new(
                     Code::NotFound,
-                    format!("watcher {} ended (its directory or sandbox is gone)", r.watcher_id),
+                    format!(
+                        "watcher {} ended (its directory or sandbox is gone)",
+                        r.watcher_id
+                    ),
                 ));
             }
             let events: Vec<_> = taken.iter().map(event_json).collect();

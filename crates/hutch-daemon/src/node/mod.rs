@@ -167,11 +167,7 @@ pub mod fakes {
         ) -> Result<FileWrite, AgentError> {
             self.inner.write_file_as(user, path, mode, offset)
         }
-        fn fs_as(
-            &self,
-            user: &str,
-            req: FsRequest,
-        ) -> BoxFuture<'_, Result<FsAnswer, AgentError>> {
+        fn fs_as(&self, user: &str, req: FsRequest) -> BoxFuture<'_, Result<FsAnswer, AgentError>> {
             self.inner.fs_as(user, req)
         }
         fn health(&self) -> BoxFuture<'_, Result<Health, AgentError>> {

@@ -376,7 +376,7 @@ impl Service {
             OnExpire::Delete => {
                 let why = "its TTL ran out: deleting it";
                 self.events.publish(&vm, "expired", Some(why.into()));
-                self.delete_locked(&vm).await?;
+                self.delete_locked(&vm, true).await?;
             }
             OnExpire::Pause if vm.state == VmState::Running => {
                 let why = "its TTL ran out: pausing it";

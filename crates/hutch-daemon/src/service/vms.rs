@@ -424,19 +424,39 @@ impl Service {
     /// Deletes `caller`'s VM `name`, stopping it first; leaves no process, socket, disk or
     /// record behind.
     pub async fn delete(self: &Arc<Self>, caller: &Caller, name: &str) -> Result<(), ApiError> {
+        self.delete_as(caller, name, true).await
+    }
+
+    /// Deletes `caller`'s VM `name` without letting its guest shut down first (its QEMU is
+    /// killed): for VMs whose disk goes with them anyway (E2B's kill).
+    pub async fn discard(self: &Arc<Self>, caller: &Caller, name: &str) -> Result<(), ApiError> {
+        self.delete_as(caller, name, false).await
+    }
+
+    async fn delete_as(
+        self: &Arc<Self>,
+        caller: &Caller,
+        name: &str,
+        graceful: bool,
+    ) -> Result<(), ApiError> {
         let vm = self.vm_for(caller, name).await?;
         check(&vm, &Event::Delete)?;
         let lock = self.lock_for(&vm.id);
         let _g = lock.lock().await;
-        self.delete_locked(&vm).await
+        self.delete_locked(&vm, graceful).await
     }
 
-    /// Deletes `vm` (its lock held): the rest of [`Service::delete`], also the TTL's.
-    pub(crate) async fn delete_locked(self: &Arc<Self>, vm: &Vm) -> Result<(), ApiError> {
+    /// Deletes `vm` (its lock held): the rest of [`Service::delete`], also the TTL's. With
+    /// `graceful` the guest is asked to power off first.
+    pub(crate) async fn delete_locked(
+        self: &Arc<Self>,
+        vm: &Vm,
+        graceful: bool,
+    ) -> Result<(), ApiError> {
         // Marked first: a delete that hutchd's crash interrupts is finished at the next start.
         let vm = self.node.transition(&vm.id, Event::Delete, |_| {}).await?;
         crate::crash::point("delete.marked");
-        if let Some(h) = self.node.handle(&vm) {
+        if let Some(h) = self.node.handle(&vm).filter(|_| graceful) {
             self.node.halt(&h).await;
         }
         self.node.destroy(&vm).await;

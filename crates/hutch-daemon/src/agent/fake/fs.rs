@@ -250,7 +250,6 @@ impl Tree {
                 }
                 FsAnswer::Done
             }
-
         })
     }
 
