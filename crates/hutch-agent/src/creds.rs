@@ -40,6 +40,7 @@ mod tests {
     #[test]
     fn a_thread_acts_as_the_user_and_only_it() {
         use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } != 0 {
             return;
         }

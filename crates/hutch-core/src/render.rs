@@ -163,6 +163,8 @@ fn timer_lines(t: &crate::timers::VmTimers) -> String {
             "  Idle:    pauses after {} without activity, resumes on use\n",
             show_duration(idle)
         ));
+    } else if t.auto_resume {
+        s.push_str("  Idle:    resumes on use when paused\n");
     }
     s
 }
@@ -268,6 +270,7 @@ mod tests {
                 deadline: Some(crate::now() + 7200 + 30),
                 on_expire: OnExpire::Pause,
                 auto_pause_secs: Some(300),
+                auto_resume: false,
             }),
             None,
             "x",
@@ -290,5 +293,10 @@ mod tests {
         );
         assert!(d.contains("10m, ran out"), "{d}");
         assert!(!describe(&vm(VmTimers::default()), None, "x").contains("TTL"));
+        let e2b = vm(VmTimers {
+            auto_resume: true,
+            ..Default::default()
+        });
+        assert!(describe(&e2b, None, "x").contains("  Idle:    resumes on use when paused\n"));
     }
 }

@@ -61,8 +61,8 @@ pub trait Backends: Send + Sync + 'static {
     fn local(
         &self,
         req: hyper::Request<hyper::body::Incoming>,
-    ) -> Result<Local, hyper::Request<hyper::body::Incoming>> {
-        Err(req)
+    ) -> Result<Local, Box<hyper::Request<hyper::body::Incoming>>> {
+        Err(Box::new(req))
     }
     /// `label` is the host's VM part (a VM id or name), lowercase.
     fn resolve(&self, label: &str) -> Resolve;

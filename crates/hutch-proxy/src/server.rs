@@ -108,7 +108,7 @@ impl Proxy {
                 use http_body_util::BodyExt;
                 let r = match this.backends.local(req) {
                     Ok(local) => local.await,
-                    Err(req) => this.handle(req, conn).await.map(|b| {
+                    Err(req) => this.handle(*req, conn).await.map(|b| {
                         b.map_err(|e| -> crate::BoxError { Box::new(e) })
                             .boxed_unsync()
                     }),

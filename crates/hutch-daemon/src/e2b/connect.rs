@@ -128,8 +128,9 @@ pub enum Framing {
     Stream,
 }
 
-/// The framing of a request, or the error to answer: only the JSON codec is served.
-pub fn framing(headers: &HeaderMap) -> Result<Framing, Response> {
+/// The framing of a request; None for anything but the JSON codec (answer with
+/// [`unsupported_codec`]).
+pub fn framing(headers: &HeaderMap) -> Option<Framing> {
     let ct = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -140,15 +141,20 @@ pub fn framing(headers: &HeaderMap) -> Result<Framing, Response> {
         .trim()
         .to_ascii_lowercase();
     match ct.as_str() {
-        "application/json" => Ok(Framing::Unary),
-        "application/connect+json" => Ok(Framing::Stream),
-        _ => Err((
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            [("accept-post", "application/json, application/connect+json")],
-            "hutch serves the Connect protocol with the JSON codec only",
-        )
-            .into_response()),
+        "application/json" => Some(Framing::Unary),
+        "application/connect+json" => Some(Framing::Stream),
+        _ => None,
     }
+}
+
+/// The answer to a request in another codec (protobuf) or content type.
+pub fn unsupported_codec() -> Response {
+    (
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        [("accept-post", "application/json, application/connect+json")],
+        "hutch serves the Connect protocol with the JSON codec only",
+    )
+        .into_response()
 }
 
 /// Refuses compressed request bodies (the SDKs send none).

@@ -2,7 +2,7 @@
 //! E2B's status codes); another account's sandbox is not found.
 
 use super::model::{self, NewSandbox, SandboxRecord};
-use super::{api_error, error, owner_caller, E2b, SANDBOXES};
+use super::{api_error, error, owner_caller, E2b, Refusal, SANDBOXES};
 use crate::auth::Caller;
 use crate::error::ApiError;
 use axum::extract::{Path, Query, State};
@@ -46,7 +46,7 @@ pub fn router(e: Arc<E2b>) -> axum::Router {
 }
 
 /// The request's caller, or E2B's 401.
-pub(super) async fn authed(e: &E2b, h: &HeaderMap) -> Result<Caller, Response> {
+pub(super) async fn authed(e: &E2b, h: &HeaderMap) -> Result<Caller, Refusal> {
     e.caller(h).await.ok_or_else(|| {
         error(
             StatusCode::UNAUTHORIZED,
@@ -56,7 +56,7 @@ pub(super) async fn authed(e: &E2b, h: &HeaderMap) -> Result<Caller, Response> {
 }
 
 /// A JSON body, or E2B's 400.
-pub(super) fn body<T: serde::de::DeserializeOwned + Default>(b: &[u8]) -> Result<T, Response> {
+pub(super) fn body<T: serde::de::DeserializeOwned + Default>(b: &[u8]) -> Result<T, Refusal> {
     if b.iter().all(u8::is_ascii_whitespace) {
         return Ok(T::default());
     }
@@ -64,7 +64,7 @@ pub(super) fn body<T: serde::de::DeserializeOwned + Default>(b: &[u8]) -> Result
         .map_err(|e| error(StatusCode::BAD_REQUEST, &format!("malformed body: {e}")))
 }
 
-pub(super) type Res = Result<Response, Response>;
+pub(super) type Res = Result<Response, Refusal>;
 
 impl E2b {
     /// A sandbox of `caller`'s and its VM (a record whose VM is gone is dropped: not found).
@@ -300,7 +300,7 @@ async fn kill(State(e): State<Arc<E2b>>, h: HeaderMap, Path(id): Path<String>) -
 }
 
 /// Sets the sandbox to time out `secs` from now.
-async fn extend(e: &E2b, rec: &SandboxRecord, secs: u64) -> Result<(), Response> {
+async fn extend(e: &E2b, rec: &SandboxRecord, secs: u64) -> Result<(), Refusal> {
     model::check_timeout(secs).map_err(|m| error(StatusCode::BAD_REQUEST, &m))?;
     e.m.keepalive(
         &owner_caller(rec),
@@ -366,7 +366,7 @@ async fn pause(
 }
 
 /// `memory: false` (a filesystem-only pause or resume) is refused: hutch always keeps memory.
-fn no_filesystem_only(memory: Option<bool>) -> Result<(), Response> {
+fn no_filesystem_only(memory: Option<bool>) -> Result<(), Refusal> {
     if memory == Some(false) {
         return Err(error(
             StatusCode::BAD_REQUEST,
@@ -447,7 +447,7 @@ async fn metrics(State(e): State<Arc<E2b>>, h: HeaderMap, Path(id): Path<String>
 }
 
 /// The sandbox's console output, as E2B's logs.
-async fn console_lines(e: &E2b, caller: &Caller, id: &str) -> Result<(u64, Vec<String>), Response> {
+async fn console_lines(e: &E2b, caller: &Caller, id: &str) -> Result<(u64, Vec<String>), Refusal> {
     let (rec, _) = e.resolve(caller, id).await.map_err(api_error)?;
     let text =
         e.m.console(&owner_caller(&rec), &rec.id, 1 << 20)

@@ -174,9 +174,8 @@ async fn rpc(
     Path((service, method)): Path<(String, String)>,
     req: Request,
 ) -> Response {
-    let framing = match connect::framing(req.headers()) {
-        Ok(f) => f,
-        Err(r) => return r,
+    let Some(framing) = connect::framing(req.headers()) else {
+        return connect::unsupported_codec();
     };
     let fail = |err: RpcError| match framing {
         connect::Framing::Unary => err.into_response(),

@@ -3,7 +3,7 @@
 
 use super::envd::{ctx_with, Ctx};
 use super::users::absolute;
-use super::{error, E2b};
+use super::{error, E2b, Refusal};
 use axum::body::Body;
 use axum::extract::{FromRequest, Query, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
@@ -46,12 +46,12 @@ pub fn signed(q: &FileQuery, op: &str, token: &str) -> bool {
 }
 
 /// An envd `/files` error: `{"code": STATUS, "message": ...}`.
-fn fail(status: StatusCode, msg: impl std::fmt::Display) -> Response {
+fn fail(status: StatusCode, msg: impl std::fmt::Display) -> Refusal {
     error(status, &msg.to_string())
 }
 
 /// An envd failure as a `/files` answer, by its code.
-fn rpc_fail(e: super::connect::RpcError) -> Response {
+fn rpc_fail(e: super::connect::RpcError) -> Refusal {
     use super::connect::Code;
     let status = match e.code {
         Code::NotFound => StatusCode::NOT_FOUND,
@@ -65,7 +65,7 @@ fn rpc_fail(e: super::connect::RpcError) -> Response {
     fail(status, e.message)
 }
 
-fn from_api(e: crate::error::ApiError) -> Response {
+fn from_api(e: crate::error::ApiError) -> Refusal {
     use crate::error::ApiError as A;
     let status = match &e {
         A::NotFound { .. } => StatusCode::NOT_FOUND,
@@ -90,7 +90,7 @@ async fn target(
     headers: &HeaderMap,
     q: &FileQuery,
     path: Option<&str>,
-) -> Result<(super::users::Account, String), Response> {
+) -> Result<(super::users::Account, String), Refusal> {
     let acct = match &q.username {
         Some(u) => {
             let table = c
@@ -119,26 +119,31 @@ pub async fn download(
     State(e): State<Arc<E2b>>,
     headers: HeaderMap,
     Query(q): Query<FileQuery>,
-) -> Response {
+) -> Result<Response, Refusal> {
     let c = match ctx_with(&e, &headers, |t| signed(&q, "read", t)).await {
         Ok(c) => c,
-        Err(r) => return r.into_response(),
+        Err(r) => return Ok(r.into_response()),
     };
-    let (acct, path) = match target(&c, &headers, &q, q.path.as_deref()).await {
-        Ok(x) => x,
-        Err(r) => return r,
-    };
+    let (acct, path) = target(&c, &headers, &q, q.path.as_deref()).await?;
     let agent = match super::fs::agent_of(&c, &acct).await {
         Ok(a) => a,
-        Err(e) => return rpc_fail(e),
+        Err(e) => return Err(rpc_fail(e)),
     };
     match super::fs::stat(&*agent, &path, true).await {
         Ok(Some(a)) if super::fs::is_dir(a.mode) => {
-            return fail(StatusCode::BAD_REQUEST, format!("{path} is a directory"));
+            return Err(fail(
+                StatusCode::BAD_REQUEST,
+                format!("{path} is a directory"),
+            ));
         }
         Ok(Some(_)) => {}
-        Ok(None) => return fail(StatusCode::NOT_FOUND, format!("{path} does not exist")),
-        Err(e) => return rpc_fail(e),
+        Ok(None) => {
+            return Err(fail(
+                StatusCode::NOT_FOUND,
+                format!("{path} does not exist"),
+            ))
+        }
+        Err(e) => return Err(rpc_fail(e)),
     }
     let user = super::fs::user_spec(&acct);
     let r = match c
@@ -148,7 +153,7 @@ pub async fn download(
         .await
     {
         Ok(r) => r,
-        Err(e) => return from_api(e),
+        Err(e) => return Err(from_api(e)),
     };
     let body = futures_util::stream::unfold(Some(r), |r| async move {
         let mut r = r?;
@@ -163,7 +168,7 @@ pub async fn download(
         .next()
         .unwrap_or("file")
         .replace(['"', '\\'], "_");
-    Response::builder()
+    Ok(Response::builder()
         .status(StatusCode::OK)
         .header(header::CONTENT_TYPE, "application/octet-stream")
         .header(
@@ -171,18 +176,18 @@ pub async fn download(
             format!("attachment; filename=\"{name}\""),
         )
         .body(Body::from_stream(body))
-        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response()))
 }
 
 pub async fn upload(
     State(e): State<Arc<E2b>>,
     Query(q): Query<FileQuery>,
     req: Request,
-) -> Response {
+) -> Result<Response, Refusal> {
     let headers = req.headers().clone();
     let c = match ctx_with(&e, &headers, |t| signed(&q, "write", t)).await {
         Ok(c) => c,
-        Err(r) => return r.into_response(),
+        Err(r) => return Ok(r.into_response()),
     };
     let ct = headers
         .get(header::CONTENT_TYPE)
@@ -193,66 +198,56 @@ pub async fn upload(
         .get(header::CONTENT_ENCODING)
         .is_some_and(|v| v != "identity")
     {
-        return fail(
+        return Err(fail(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "compressed uploads are not supported (hutch reports envd 0.5.7)",
-        );
+        ));
     }
     if headers
         .keys()
         .any(|k| k.as_str().starts_with("x-metadata-"))
     {
-        return fail(
+        return Err(fail(
             StatusCode::BAD_REQUEST,
             "file metadata is not supported (hutch reports envd 0.5.7)",
-        );
+        ));
     }
     let limit = c.e.m.cfg().max_upload_bytes;
     let mut written = Vec::new();
     if ct.starts_with("multipart/form-data") {
         let mut mp = match axum::extract::Multipart::from_request(req, &()).await {
             Ok(m) => m,
-            Err(e) => return fail(StatusCode::BAD_REQUEST, e.body_text()),
+            Err(e) => return Err(fail(StatusCode::BAD_REQUEST, e.body_text())),
         };
         loop {
             let field = match mp.next_field().await {
                 Ok(Some(f)) => f,
                 Ok(None) => break,
-                Err(e) => return fail(StatusCode::BAD_REQUEST, e.body_text()),
+                Err(e) => return Err(fail(StatusCode::BAD_REQUEST, e.body_text())),
             };
             // The query's path names a single file; without it, each part's file name does.
             let name = q
                 .path
                 .clone()
                 .or_else(|| field.file_name().map(str::to_string));
-            let (acct, path) = match target(&c, &headers, &q, name.as_deref()).await {
-                Ok(x) => x,
-                Err(r) => return r,
-            };
+            let (acct, path) = target(&c, &headers, &q, name.as_deref()).await?;
             let chunks = field.map(|r| r.map_err(|e| e.body_text()));
-            if let Err(r) = write(&c, &acct, &path, chunks, limit).await {
-                return r;
-            }
+            write(&c, &acct, &path, chunks, limit).await?;
             written.push((acct, path));
         }
     } else if ct.starts_with("application/octet-stream") || ct.is_empty() {
-        let (acct, path) = match target(&c, &headers, &q, q.path.as_deref()).await {
-            Ok(x) => x,
-            Err(r) => return r,
-        };
+        let (acct, path) = target(&c, &headers, &q, q.path.as_deref()).await?;
         let chunks = req
             .into_body()
             .into_data_stream()
             .map(|r| r.map_err(|e| e.to_string()));
-        if let Err(r) = write(&c, &acct, &path, chunks, limit).await {
-            return r;
-        }
+        write(&c, &acct, &path, chunks, limit).await?;
         written.push((acct, path));
     } else {
-        return fail(
+        return Err(fail(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "upload as multipart/form-data or application/octet-stream",
-        );
+        ));
     }
     let out: Vec<_> = written
         .iter()
@@ -264,7 +259,7 @@ pub async fn upload(
             })
         })
         .collect();
-    axum::Json(out).into_response()
+    Ok(axum::Json(out).into_response())
 }
 
 /// Streams `chunks` into `path` within `limit` bytes; the file and the parents it needed
@@ -275,16 +270,14 @@ async fn write<S>(
     path: &str,
     mut chunks: S,
     limit: u64,
-) -> Result<(), Response>
+) -> Result<(), Refusal>
 where
     S: futures_util::Stream<Item = Result<axum::body::Bytes, String>> + Unpin,
 {
-    let agent = super::fs::agent_of(c, acct)
-        .await
-        .map_err(|e| rpc_fail(e))?;
+    let agent = super::fs::agent_of(c, acct).await.map_err(rpc_fail)?;
     let existing = super::fs::stat(&*agent, path, true)
         .await
-        .map_err(|e| rpc_fail(e))?;
+        .map_err(rpc_fail)?;
     if existing.is_some_and(|a| super::fs::is_dir(a.mode)) {
         return Err(fail(
             StatusCode::BAD_REQUEST,
@@ -298,7 +291,7 @@ where
     {
         super::fs::make_dirs(&*agent, parent)
             .await
-            .map_err(|e| rpc_fail(e))?;
+            .map_err(rpc_fail)?;
     }
     let user = super::fs::user_spec(acct);
     let mut w =

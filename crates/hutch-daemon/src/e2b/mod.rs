@@ -159,8 +159,25 @@ pub fn router(e: Arc<E2b>) -> axum::Router {
     })
 }
 
-/// An error in E2B's control-plane shape: `{"code": STATUS, "message": ...}`.
-pub(crate) fn api_error(e: ApiError) -> Response {
+/// A refusal in E2B's shape: `{"code": STATUS, "message": ...}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub status: StatusCode,
+    pub message: String,
+}
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        (
+            self.status,
+            axum::Json(serde_json::json!({"code": self.status.as_u16(), "message": self.message})),
+        )
+            .into_response()
+    }
+}
+
+/// A service error as E2B answers it (quotas are E2B's 429).
+pub(crate) fn api_error(e: ApiError) -> Refusal {
     let status = match &e {
         ApiError::Quota(_) => StatusCode::TOO_MANY_REQUESTS,
         _ => e.status(),
@@ -171,10 +188,9 @@ pub(crate) fn api_error(e: ApiError) -> Response {
     error(status, &e.to_string())
 }
 
-pub(crate) fn error(status: StatusCode, message: &str) -> Response {
-    (
+pub(crate) fn error(status: StatusCode, message: &str) -> Refusal {
+    Refusal {
         status,
-        axum::Json(serde_json::json!({"code": status.as_u16(), "message": message})),
-    )
-        .into_response()
+        message: message.to_string(),
+    }
 }

@@ -59,9 +59,9 @@ impl Served {
     pub fn local(
         &self,
         mut req: hyper::Request<Incoming>,
-    ) -> Result<hutch_proxy::Local, hyper::Request<Incoming>> {
+    ) -> Result<hutch_proxy::Local, Box<hyper::Request<Incoming>>> {
         let Some(domain) = self.e2b.domain.as_deref() else {
-            return Err(req);
+            return Err(Box::new(req));
         };
         let host = req
             .uri()
@@ -88,7 +88,7 @@ impl Served {
                         Ok(v) => {
                             h.insert("e2b-sandbox-id", v);
                         }
-                        Err(_) => return Err(req),
+                        Err(_) => return Err(Box::new(req)),
                     }
                     h.insert("e2b-sandbox-port", HeaderValue::from_static("49983"));
                     true
@@ -97,7 +97,7 @@ impl Served {
             }
         };
         if !ours {
-            return Err(req);
+            return Err(Box::new(req));
         }
         let router = self.router.clone();
         let req = req.map(axum::body::Body::new);

@@ -27,10 +27,10 @@ impl hutch_proxy::Backends for Backends {
     fn local(
         &self,
         req: hyper::Request<hyper::body::Incoming>,
-    ) -> Result<hutch_proxy::Local, hyper::Request<hyper::body::Incoming>> {
+    ) -> Result<hutch_proxy::Local, Box<hyper::Request<hyper::body::Incoming>>> {
         match self.service.upgrade().and_then(|s| s.e2b.get().cloned()) {
             Some(e2b) => e2b.local(req),
-            None => Err(req),
+            None => Err(Box::new(req)),
         }
     }
 
