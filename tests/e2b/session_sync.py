@@ -29,6 +29,7 @@ try:
         FileNotFoundException,
         FileType,
         NotFoundException,
+        PtySize,
         Sandbox,
         SandboxNotFoundException,
         SandboxQuery,
@@ -218,6 +219,29 @@ def commands(sbx: Sandbox) -> None:
     ok("stdin=True: send_stdin (handle and commands), close_stdin gives EOF")
 
 
+def pty_and_stream_input(sbx: Sandbox) -> None:
+    # A terminal: an interactive login bash on a PTY, typed into, resized, exited.
+    h = sbx.pty.create(PtySize(rows=24, cols=80))
+    sbx.pty.send_stdin(h.pid, b"echo cols=$COLUMNS pty-$((6*7))\n")
+    time.sleep(0.5)
+    sbx.pty.resize(h.pid, PtySize(rows=30, cols=100))
+    time.sleep(0.3)
+    sbx.pty.send_stdin(h.pid, b"echo cols=$COLUMNS\n")
+    sbx.pty.stream_input(h.pid, [b"echo streamed-", b"$((2+3))\n", b"exit 0\n"])
+    out = []
+    r = h.wait(on_pty=lambda d: out.append(bytes(d)))
+    text = b"".join(out).decode(errors="replace")
+    eq(r.exit_code, 0, "pty exit code")
+    for want in ("cols=80 pty-42", "cols=100", "streamed-5"):
+        check(want in text, f"pty output has {want!r}", text[-400:])
+    # stream_input into a command's stdin, then close it.
+    c = sbx.commands.run("wc -c", background=True, stdin=True)
+    sbx.commands.stream_input(c.pid, ["abc", b"def", "\n"])
+    sbx.commands.close_stdin(c.pid)
+    eq(c.wait().stdout.strip(), "7", "stream_input reached the command's stdin")
+    ok("pty: create, send_stdin, resize, stream_input, exit; commands.stream_input")
+
+
 def files(sbx: Sandbox) -> None:
     f = sbx.files
     w = f.write("notes/hello.txt", "hello world\n")
@@ -336,6 +360,7 @@ def main() -> None:
         ok(f"get_info: metadata, template {info.template_id!r}, state running, ends in {left:.0f} s")
 
         commands(sbx)
+        pty_and_stream_input(sbx)
         files(sbx)
 
         found = Sandbox.list(query=SandboxQuery(metadata={"run": RUN}), request_timeout=RT).next_items()

@@ -11,11 +11,33 @@ use std::process::Command;
 
 /// One HTTP exchange: (status, body).
 fn http(method: &str, url: &str, headers: &[(&str, &str)], body: Option<&[u8]>) -> (u16, Vec<u8>) {
+    exchange(&[], method, url, headers, body).0
+}
+
+/// The same over HTTP/2 without TLS (h2c, prior knowledge): also the HTTP version answered.
+fn h2c(url: &str, headers: &[(&str, &str)], body: &[u8]) -> ((u16, Vec<u8>), String) {
+    exchange(
+        &["--http2-prior-knowledge"],
+        "POST",
+        url,
+        headers,
+        Some(body),
+    )
+}
+
+fn exchange(
+    flags: &[&str],
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: Option<&[u8]>,
+) -> ((u16, Vec<u8>), String) {
     let out_file = tempfile::NamedTempFile::new().unwrap();
     let mut c = Command::new("curl");
-    c.args(["-s", "-X", method, "-o"])
+    c.args(flags)
+        .args(["-s", "-X", method, "-o"])
         .arg(out_file.path())
-        .args(["-w", "%{http_code}", "--max-time", "120"]);
+        .args(["-w", "%{http_code} %{http_version}", "--max-time", "120"]);
     for (k, v) in headers {
         c.arg("-H").arg(format!("{k}: {v}"));
     }
@@ -26,8 +48,15 @@ fn http(method: &str, url: &str, headers: &[(&str, &str)], body: Option<&[u8]>) 
             .arg(format!("@{}", body_file.path().display()));
     }
     let o = c.arg(url).output().unwrap();
-    let code = String::from_utf8_lossy(&o.stdout).parse().unwrap_or(0);
-    (code, std::fs::read(out_file.path()).unwrap_or_default())
+    let w = String::from_utf8_lossy(&o.stdout).to_string();
+    let (code, version) = w.split_once(' ').unwrap_or((&w, ""));
+    (
+        (
+            code.parse().unwrap_or(0),
+            std::fs::read(out_file.path()).unwrap_or_default(),
+        ),
+        version.to_string(),
+    )
 }
 
 fn json_of(b: &[u8]) -> Value {
