@@ -464,7 +464,18 @@ impl Service {
         self.records.delete_vm(&vm).await?;
         self.drop_lock(&vm.id);
         if vm.mem.base.is_some() || !vm.mem.layers.is_empty() {
-            self.collect_snapshots().await?;
+            if graceful {
+                self.collect_snapshots().await?;
+            } else {
+                // A discard answers at once: the snapshot files it may free are collected
+                // meanwhile (collection waits for restores in progress, e.g. a pool's refill).
+                let me = self.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = me.collect_snapshots().await {
+                        tracing::warn!(error = %e, "collecting snapshot files after a discard");
+                    }
+                });
+            }
         }
         Ok(())
     }
