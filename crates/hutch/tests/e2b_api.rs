@@ -356,6 +356,30 @@ fn e2b_api_refuses_what_it_should_and_changes_nothing() {
         "{text}"
     );
     assert_eq!(stream_error(&b), Value::Null);
+    // The same over h2c (the Python SDK's default): unary and streamed.
+    let h = [
+        ("e2b-sandbox-id", id.as_str()),
+        ("x-access-token", token.as_str()),
+    ];
+    let ((st, b), v) = h2c(
+        &format!("{api}/process.Process/List"),
+        &[h[0], h[1], ("content-type", "application/json")],
+        b"{}",
+    );
+    assert_eq!(
+        (st, v.as_str(), json_of(&b)),
+        (200, "2", json!({"processes": []}))
+    );
+    let ((st, b), v) = h2c(
+        &format!("{api}/process.Process/Start"),
+        &[h[0], h[1], ("content-type", "application/connect+json")],
+        &envelope(0, start),
+    );
+    assert_eq!((st, v.as_str()), (200, "2"));
+    assert!(
+        String::from_utf8_lossy(&b).contains("aGkK"),
+        "streamed over h2c"
+    );
     let (st, b) = http(
         "GET",
         &format!("{api}/files?path=/nope"),
