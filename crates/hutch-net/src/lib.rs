@@ -260,6 +260,25 @@ impl Network {
             "attaching TAP {} to {}",
             v.tap, self.cfg.bridge
         )))?;
+        // The host's neighbour entry for the address names this VM's MAC from the start: an
+        // address used by a VM deleted a moment ago (or the source of a restored copy) would
+        // otherwise keep the old MAC until the entry goes stale (up to ~45 s of lost packets).
+        let ip = v.ip.to_string();
+        let _ = run(
+            "ip",
+            &[
+                "neigh",
+                "replace",
+                &ip,
+                "lladdr",
+                &v.mac,
+                "dev",
+                &self.cfg.bridge,
+                "nud",
+                "stale",
+            ],
+            None,
+        );
         // No rate: nothing to run (`update` removes a rate taken away later).
         match rate_in {
             Some(_) => set_rate_in(&v.tap, rate_in),
@@ -285,12 +304,14 @@ impl Network {
         nft_apply(&nft::allow_more(&self.cfg, id, addrs))
     }
 
-    /// Removes VM `v`'s rules and its TAP.
+    /// Removes VM `v`'s rules, its TAP and the host's neighbour entry for its address.
     pub fn detach(&self, v: &VmPolicy) -> Result<(), NetError> {
         {
             let _g = self.locked();
             nft_apply(&nft::remove_vm(&self.cfg, v))?;
         }
+        let ip = v.ip.to_string();
+        let _ = run("ip", &["neigh", "del", &ip, "dev", &self.cfg.bridge], None);
         tap::delete(&v.tap).map_err(io(format!("deleting TAP {}", v.tap)))
     }
 

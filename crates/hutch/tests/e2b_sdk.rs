@@ -332,3 +332,69 @@ fn accounts_cannot_reach_each_others_sandboxes() {
     assert!(out.contains("PASS cross-account"), "{out}");
     assert_nothing_left(&d, "the cross-account session");
 }
+
+/// `E2B_DOMAIN` alone, as E2B's own users run the SDK: `https://api.<domain>` and
+/// `https://49983-<id>.<domain>` through hutch's HTTPS proxy, the names from hutch's public DNS,
+/// the certificate from hutch's CA. The SDK runs in a mount namespace of its own whose
+/// /etc/resolv.conf names hutch's DNS (nothing on the host changes).
+#[test]
+fn e2b_domain_through_the_proxy_and_dns() {
+    let sdk = sdk();
+    let work = tempfile::tempdir().unwrap();
+    let layout = e2b_layout(&work.path().join("img"));
+    // An address of the loopback net of this test's own: its DNS and HTTPS listen there on
+    // their standard ports, as clients of a real domain expect.
+    let addr = format!("127.54.{}.{}", std::process::id() % 200 + 1, 7);
+    let (d, _) = e2b_daemon(
+        &[
+            "--https-listen",
+            &format!("{addr}:443"),
+            "--dns-listen",
+            &format!("{addr}:53"),
+            "--public-address",
+            &addr,
+        ],
+        &layout,
+    );
+    let ca = work.path().join("ca.pem");
+    std::fs::write(&ca, d.ok(&["ca"])).unwrap();
+    let resolv = work.path().join("resolv.conf");
+    std::fs::write(&resolv, format!("nameserver {addr}\n")).unwrap();
+    let key = std::fs::read_to_string(d.data().join("api-token")).unwrap();
+    let script = r#"
+import os, sys
+from e2b import Sandbox
+s = Sandbox.create(timeout=120)
+try:
+    assert s.sandbox_domain == "hutch.internal", s.sandbox_domain
+    r = s.commands.run("echo via-$((6*7)); id -u")
+    assert r.stdout == "via-42\n1000\n", r.stdout
+    s.files.write("d.txt", "domain mode\n")
+    assert s.files.read("/home/user/d.txt") == "domain mode\n"
+    host = s.get_host(8080)
+    assert host == f"8080-{s.sandbox_id}.hutch.internal", host
+    assert s.sandbox_id in [x.sandbox_id for x in Sandbox.list().next_items()]
+finally:
+    assert s.kill()
+print("PASS domain mode", flush=True)
+sys.stdout.flush()
+os._exit(0)
+"#;
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg(format!(
+            "mount --bind {} /etc/resolv.conf && exec {} -c \"$0\"",
+            resolv.display(),
+            sdk.python.display()
+        ))
+        .arg(script);
+    sdk_env(&mut cmd, 0, key.trim());
+    cmd.env_remove("E2B_API_URL")
+        .env_remove("E2B_SANDBOX_URL")
+        .env("E2B_DOMAIN", "hutch.internal")
+        .env("SSL_CERT_FILE", &ca)
+        .env("NO_PROXY", "*");
+    let out = run_script(&d, work.path(), "domain_mode", cmd);
+    assert!(out.contains("PASS domain mode"), "{out}");
+    assert_nothing_left(&d, "domain mode");
+}

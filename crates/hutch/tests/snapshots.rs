@@ -201,11 +201,28 @@ fn pause_resume_snapshot_restore_fork() {
     assert!(got.contains(copy["net"]["mac"].as_str().unwrap()), "{got}");
     // (Retried: once in CI the first try timed out; see the issue 10 note.)
     let mut got = String::new();
-    let reached = wait_until(Duration::from_secs(20), || {
+    let reached = wait_until(Duration::from_secs(45), || {
         got = sh(&d, "peer", "nc -w 3 copy 7 2>&1; true");
         (got.contains(&format!("({copy_ip})")) && got.contains("refused")).then_some(())
     });
-    assert!(reached.is_some(), "{got}");
+    if reached.is_none() {
+        let br = d.bridge().unwrap_or_default();
+        let neigh = std::process::Command::new("ip")
+            .args(["neigh", "show", "dev", &br])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
+            .unwrap_or_default();
+        panic!(
+            "{got}\nhost neighbours on {br}:\n{neigh}\ncopy: {}\npeer: {}\ncopy console:\n{}",
+            sh(&d, "copy", "ip addr show eth0; ip route; cat /proc/net/arp"),
+            sh(
+                &d,
+                "peer",
+                "ip route; cat /proc/net/arp; nslookup copy 2>&1"
+            ),
+            d.ok(&["logs", "copy"])
+        );
+    }
     let o = inflight.join().unwrap();
     assert!(
         !o.status.success(),
