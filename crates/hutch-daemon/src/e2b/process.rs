@@ -386,7 +386,8 @@ async fn start(c: Ctx, h: &HeaderMap, r: StartRequest) -> Result<Response, RpcEr
                     argv,
                     env,
                     cwd: Some(cwd),
-                    user: Some(acct.name.clone()),
+                    // Numeric: resolves in a guest whose /etc/passwd lacks the account.
+                    user: Some(format!("{}:{}", acct.uid, acct.gid)),
                     stdin: None,
                     // envd keeps stdin open unless asked not to (the SDKs say so since envd 0.3.0).
                     stream_stdin: r.stdin.unwrap_or(true) || size.is_some(),
