@@ -432,7 +432,7 @@ async fn serve_e2b(
     e.load_routes()
         .await
         .map_err(|x| setup(format!("loading E2B sandboxes: {x}")))?;
-    let app = e2b::router(e.clone()).layer(axum::extract::DefaultBodyLimit::disable());
+    let app = e2b::router(e.clone());
     let _ = m.e2b.set(e2b::Served {
         e2b: e,
         router: app.clone(),

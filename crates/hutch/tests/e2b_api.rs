@@ -160,6 +160,17 @@ fn e2b_api_refuses_what_it_should_and_changes_nothing() {
         );
         assert!(json_of(&b)["message"].is_string());
     }
+    // A body over the control plane's 1 MiB bound is refused before it is held in full.
+    let mut huge = br#"{"templateID":"busybox","metadata":{"k":""#.to_vec();
+    huge.resize(huge.len() + (3 << 20), b'a');
+    huge.extend_from_slice(br#""}}"#);
+    let (st, b) = http(
+        "POST",
+        &format!("{api}/sandboxes"),
+        &[("x-api-key", &ak), jh],
+        Some(&huge),
+    );
+    assert_eq!((st, json_of(&b)["code"].clone()), (413, json!(413)));
     assert_eq!(ls(), before, "refused creates made nothing");
 
     // Alice's sandbox.

@@ -56,11 +56,24 @@ pub(super) async fn authed(e: &E2b, h: &HeaderMap) -> Result<Caller, Refusal> {
 }
 
 /// A JSON body, or E2B's 400.
-pub(super) fn body<T: serde::de::DeserializeOwned + Default>(b: &[u8]) -> Result<T, Refusal> {
+/// Largest control-plane request body.
+const MAX_BODY: usize = 1 << 20;
+
+/// A JSON body of at most [`MAX_BODY`] bytes (413 beyond), or E2B's 400; an empty one is the
+/// default.
+pub(super) async fn body<T: serde::de::DeserializeOwned + Default>(
+    b: axum::body::Body,
+) -> Result<T, Refusal> {
+    let b = axum::body::to_bytes(b, MAX_BODY).await.map_err(|_| {
+        error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            &format!("request bodies are at most {MAX_BODY} bytes"),
+        )
+    })?;
     if b.iter().all(u8::is_ascii_whitespace) {
         return Ok(T::default());
     }
-    serde_json::from_slice(b)
+    serde_json::from_slice(&b)
         .map_err(|e| error(StatusCode::BAD_REQUEST, &format!("malformed body: {e}")))
 }
 
@@ -93,9 +106,9 @@ impl E2b {
     }
 }
 
-async fn create(State(e): State<Arc<E2b>>, h: HeaderMap, b: axum::body::Bytes) -> Res {
+async fn create(State(e): State<Arc<E2b>>, h: HeaderMap, b: axum::body::Body) -> Res {
     let caller = authed(&e, &h).await?;
-    let n: NewSandbox = body(&b)?;
+    let n: NewSandbox = body(b).await?;
     model::check_new(&n).map_err(|m| error(StatusCode::BAD_REQUEST, &m))?;
     // templateID: a hutch template of that name, else an image, else a snapshot.
     let mut req = CreateVm::default();
@@ -318,10 +331,10 @@ async fn set_timeout(
     State(e): State<Arc<E2b>>,
     h: HeaderMap,
     Path(id): Path<String>,
-    b: axum::body::Bytes,
+    b: axum::body::Body,
 ) -> Res {
     let caller = authed(&e, &h).await?;
-    let t: model::TimeoutBody = body(&b)?;
+    let t: model::TimeoutBody = body(b).await?;
     let (rec, _) = e.resolve(&caller, &id).await.map_err(api_error)?;
     let secs = t
         .timeout
@@ -334,10 +347,10 @@ async fn refresh(
     State(e): State<Arc<E2b>>,
     h: HeaderMap,
     Path(id): Path<String>,
-    b: axum::body::Bytes,
+    b: axum::body::Body,
 ) -> Res {
     let caller = authed(&e, &h).await?;
-    let r: model::RefreshBody = body(&b)?;
+    let r: model::RefreshBody = body(b).await?;
     let (rec, _) = e.resolve(&caller, &id).await.map_err(api_error)?;
     extend(&e, &rec, r.duration.unwrap_or(model::DEFAULT_TIMEOUT)).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
@@ -347,10 +360,10 @@ async fn pause(
     State(e): State<Arc<E2b>>,
     h: HeaderMap,
     Path(id): Path<String>,
-    b: axum::body::Bytes,
+    b: axum::body::Body,
 ) -> Res {
     let caller = authed(&e, &h).await?;
-    let p: model::MemoryBody = body(&b)?;
+    let p: model::MemoryBody = body(b).await?;
     no_filesystem_only(p.memory)?;
     let (rec, vm) = e.resolve(&caller, &id).await.map_err(api_error)?;
     if model::state(&vm) == "paused" {
@@ -377,8 +390,8 @@ fn no_filesystem_only(memory: Option<bool>) -> Result<(), Refusal> {
 }
 
 /// Resumes a paused sandbox (with a new timeout); 409 for a running one unless `connect`.
-async fn wake(e: &E2b, caller: &Caller, id: &str, b: &[u8], connect: bool) -> Res {
-    let t: model::TimeoutBody = body(b)?;
+async fn wake(e: &E2b, caller: &Caller, id: &str, b: axum::body::Body, connect: bool) -> Res {
+    let t: model::TimeoutBody = body(b).await?;
     no_filesystem_only(t.memory)?;
     let (rec, vm) = e.resolve(caller, id).await.map_err(api_error)?;
     let secs = t.timeout.unwrap_or(model::DEFAULT_TIMEOUT);
@@ -408,20 +421,20 @@ async fn resume(
     State(e): State<Arc<E2b>>,
     h: HeaderMap,
     Path(id): Path<String>,
-    b: axum::body::Bytes,
+    b: axum::body::Body,
 ) -> Res {
     let caller = authed(&e, &h).await?;
-    wake(&e, &caller, &id, &b, false).await
+    wake(&e, &caller, &id, b, false).await
 }
 
 async fn connect(
     State(e): State<Arc<E2b>>,
     h: HeaderMap,
     Path(id): Path<String>,
-    b: axum::body::Bytes,
+    b: axum::body::Body,
 ) -> Res {
     let caller = authed(&e, &h).await?;
-    wake(&e, &caller, &id, &b, true).await
+    wake(&e, &caller, &id, b, true).await
 }
 
 async fn metrics(State(e): State<Arc<E2b>>, h: HeaderMap, Path(id): Path<String>) -> Res {
@@ -486,10 +499,10 @@ async fn fork(
     State(e): State<Arc<E2b>>,
     h: HeaderMap,
     Path(id): Path<String>,
-    b: axum::body::Bytes,
+    b: axum::body::Body,
 ) -> Res {
     let caller = authed(&e, &h).await?;
-    let f: model::ForkBody = body(&b)?;
+    let f: model::ForkBody = body(b).await?;
     let (rec, _) = e.resolve(&caller, &id).await.map_err(api_error)?;
     let secs = f.timeout.unwrap_or(15);
     model::check_timeout(secs).map_err(|m| error(StatusCode::BAD_REQUEST, &m))?;

@@ -145,7 +145,11 @@ pub fn router(e: Arc<E2b>) -> axum::Router {
         .route("/envs", get(envs))
         .route(
             "/files",
-            get(super::files::download).post(super::files::upload),
+            // Uploads are streamed and bounded by `--max-upload-mib` (files.rs), not by axum's
+            // default body limit; every other body has its own bound.
+            get(super::files::download)
+                .post(super::files::upload)
+                .layer(axum::extract::DefaultBodyLimit::disable()),
         )
         .route("/{service}/{method}", post(rpc))
         .fallback(|| async {

@@ -26,10 +26,10 @@ pub async fn create(
     State(e): State<Arc<E2b>>,
     h: HeaderMap,
     Path(id): Path<String>,
-    b: axum::body::Bytes,
+    b: axum::body::Body,
 ) -> Res {
     let caller = authed(&e, &h).await?;
-    let r: SnapshotBody = body(&b)?;
+    let r: SnapshotBody = body(b).await?;
     if r.memory == Some(false) {
         return Err(error(
             StatusCode::BAD_REQUEST,
