@@ -39,13 +39,16 @@ impl Agent for AgentClient {
     }
 
     fn read_file(&self, path: &str, offset: u64, len: Option<u64>) -> Result<FileRead, AgentError> {
-        let s = self.open(&Request::ReadFile {
-            path: path.into(),
-            offset,
-            len,
-            user: None,
-        })?;
-        Ok(FileRead::new(Arc::new(s)))
+        self.read(None, path, offset, len)
+    }
+
+    fn write_file(
+        &self,
+        path: &str,
+        mode: Option<u32>,
+        offset: Option<u64>,
+    ) -> Result<FileWrite, AgentError> {
+        self.write(None, path, mode, offset)
     }
 
     fn read_file_as(
@@ -55,13 +58,7 @@ impl Agent for AgentClient {
         offset: u64,
         len: Option<u64>,
     ) -> Result<FileRead, AgentError> {
-        let s = self.open(&Request::ReadFile {
-            path: path.into(),
-            offset,
-            len,
-            user: Some(user.into()),
-        })?;
-        Ok(FileRead::new(Arc::new(s)))
+        self.read(Some(user), path, offset, len)
     }
 
     fn write_file_as(
@@ -71,13 +68,7 @@ impl Agent for AgentClient {
         mode: Option<u32>,
         offset: Option<u64>,
     ) -> Result<FileWrite, AgentError> {
-        let s = self.open(&Request::WriteFile {
-            path: path.into(),
-            mode,
-            offset,
-            user: Some(user.into()),
-        })?;
-        Ok(FileWrite::new(Arc::new(s)))
+        self.write(Some(user), path, mode, offset)
     }
 
     fn fs_as(&self, user: &str, req: FsRequest) -> BoxFuture<'_, Result<FsAnswer, AgentError>> {
@@ -86,21 +77,6 @@ impl Agent for AgentClient {
             req,
         });
         Box::pin(async move { fs_answer(one_answer(&s?).await?) })
-    }
-
-    fn write_file(
-        &self,
-        path: &str,
-        mode: Option<u32>,
-        offset: Option<u64>,
-    ) -> Result<FileWrite, AgentError> {
-        let s = self.open(&Request::WriteFile {
-            path: path.into(),
-            mode,
-            offset,
-            user: None,
-        })?;
-        Ok(FileWrite::new(Arc::new(s)))
     }
 
     fn export_changes(&self) -> Result<FileRead, AgentError> {
@@ -144,6 +120,42 @@ impl Agent for AgentClient {
             recursive,
         });
         Box::pin(async move { WatchStream::established(Arc::new(s?)).await })
+    }
+}
+
+impl AgentClient {
+    /// A file read as `user` (root when None).
+    fn read(
+        &self,
+        user: Option<&str>,
+        path: &str,
+        offset: u64,
+        len: Option<u64>,
+    ) -> Result<FileRead, AgentError> {
+        let s = self.open(&Request::ReadFile {
+            path: path.into(),
+            offset,
+            len,
+            user: user.map(Into::into),
+        })?;
+        Ok(FileRead::new(Arc::new(s)))
+    }
+
+    /// A file write as `user` (root when None).
+    fn write(
+        &self,
+        user: Option<&str>,
+        path: &str,
+        mode: Option<u32>,
+        offset: Option<u64>,
+    ) -> Result<FileWrite, AgentError> {
+        let s = self.open(&Request::WriteFile {
+            path: path.into(),
+            mode,
+            offset,
+            user: user.map(Into::into),
+        })?;
+        Ok(FileWrite::new(Arc::new(s)))
     }
 }
 

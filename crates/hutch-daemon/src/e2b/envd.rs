@@ -19,6 +19,8 @@ pub struct Ctx {
     pub rec: SandboxRecord,
     /// The sandbox's owner, who acts on its VM.
     pub caller: Caller,
+    /// The image's configured user (`User`), for E2B's `user`.
+    pub image_user: String,
 }
 
 impl Ctx {
@@ -28,15 +30,13 @@ impl Ctx {
 
     /// The guest account of the request's E2B user (`Authorization: Basic`).
     pub async fn account(&self, headers: &HeaderMap) -> Result<Account, RpcError> {
-        let name = users::basic_user(headers)?;
-        let vm = self.e.m.vm_for(&self.caller, self.vm()).await?;
-        let table = self
-            .e
-            .users
-            .of(&self.e.m, &self.caller, self.vm(), &self.rec.vm_id)
-            .await?;
-        let image_user = vm.image_config.map(|c| c.user).unwrap_or_default();
-        table.resolve(name.as_deref(), &image_user)
+        self.account_named(users::basic_user(headers)?.as_deref())
+            .await
+    }
+
+    /// The guest account of E2B user `name` (`user` when None).
+    pub async fn account_named(&self, name: Option<&str>) -> Result<Account, RpcError> {
+        self.table().await?.resolve(name, &self.image_user)
     }
 
     pub async fn table(&self) -> Result<Arc<users::Table>, RpcError> {
@@ -128,14 +128,15 @@ pub async fn ctx_with(
     }
     let caller = owner_caller(&rec);
     // The VM must still be the sandbox's (killed, or its TTL deleted it: not found).
-    match e.m.vm_for(&caller, &rec.id).await {
-        Ok(vm) if vm.id == rec.vm_id => {}
+    let vm = match e.m.vm_for(&caller, &rec.id).await {
+        Ok(vm) if vm.id == rec.vm_id => vm,
         _ => return Err(not_found()),
-    }
+    };
     Ok(Ctx {
         e: e.clone(),
         rec,
         caller,
+        image_user: vm.image_config.map(|c| c.user).unwrap_or_default(),
     })
 }
 

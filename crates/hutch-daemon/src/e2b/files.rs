@@ -91,23 +91,15 @@ async fn target(
     q: &FileQuery,
     path: Option<&str>,
 ) -> Result<(super::users::Account, String), Refusal> {
+    // The `username` query names the user of a signed URL; else the Basic header does.
     let acct = match &q.username {
-        Some(u) => {
-            let table = c
-                .table()
-                .await
-                .map_err(|e| fail(StatusCode::BAD_GATEWAY, e))?;
-            let vm = c.e.m.vm_for(&c.caller, c.vm()).await.map_err(from_api)?;
-            let iu = vm.image_config.map(|c| c.user).unwrap_or_default();
-            table
-                .resolve(Some(u), &iu)
-                .map_err(|e| fail(StatusCode::UNAUTHORIZED, e.message))?
-        }
-        None => c
-            .account(headers)
-            .await
-            .map_err(|e| fail(StatusCode::UNAUTHORIZED, e.message))?,
-    };
+        Some(u) => c.account_named(Some(u)).await,
+        None => c.account(headers).await,
+    }
+    .map_err(|e| match e.code {
+        super::connect::Code::Unauthenticated => fail(StatusCode::UNAUTHORIZED, e.message),
+        _ => fail(StatusCode::BAD_GATEWAY, e.message),
+    })?;
     let Some(p) = path.filter(|p| !p.is_empty()) else {
         return Err(fail(StatusCode::BAD_REQUEST, "a path is required"));
     };

@@ -66,10 +66,7 @@ pub async fn call(c: Ctx, method: &str, req: Request) -> Result<Response, RpcErr
     let body = connect::read_unary(body).await?;
     let acct = c.account(&parts.headers).await?;
     // Every operation as the E2B user: the guest's permissions apply, and what it makes is its.
-    let agent = crate::service::files::as_user(
-        c.e.m.agent(&c.caller, c.vm()).await?,
-        user_spec(&acct).as_deref(),
-    );
+    let agent = agent_of(&c, &acct).await?;
     let table = c.table().await?;
     let abs = |p: &str| absolute(p, &acct.home);
     let v = match method {

@@ -327,7 +327,7 @@ async fn send_input(p: &Proc, input: &Input) -> Result<(), RpcError> {
 }
 
 /// The keepalive interval the client asked for (`Keepalive-Ping-Interval`, seconds).
-fn keepalive(h: &HeaderMap) -> Duration {
+pub(super) fn keepalive(h: &HeaderMap) -> Duration {
     let secs = h
         .get("keepalive-ping-interval")
         .and_then(|v| v.to_str().ok())

@@ -113,13 +113,7 @@ async fn start(c: &Ctx, h: &HeaderMap, r: &WatchReq) -> Result<WatchStream, RpcE
 pub async fn watch_dir(c: Ctx, h: &HeaderMap, msg: &[u8]) -> Result<Response, RpcError> {
     let r: WatchReq = connect::parse(msg)?;
     let deadline = connect::timeout(h)?.map(|d| Instant::now() + d);
-    let every = h
-        .get("keepalive-ping-interval")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
-        .map_or(Duration::from_secs(50), |s| {
-            Duration::from_secs(s.clamp(1, 3600))
-        });
+    let every = super::process::keepalive(h);
     let mut ws = start(&c, h, &r).await?;
     let (tx, resp) = connect::stream_response();
     tokio::spawn(async move {
