@@ -14,12 +14,14 @@
 set -euo pipefail
 
 MIN_QEMU=8.2
-run_pkgs=(e2fsprogs erofs-utils kmod cpio iproute2 nftables)
+# protobuf-compiler: building hutchd compiles etcd's gRPC protocol (the etcd-client crate runs protoc).
+run_pkgs=(e2fsprogs erofs-utils kmod cpio iproute2 nftables protobuf-compiler)
 qemu_pkgs=(qemu-system-x86 qemu-utils)
 # python3-venv: tests/api_fuzz.rs installs schemathesis (PyPI) into a venv under target/, and
 # scripts/install-e2b-sdks.sh the E2B SDK (PyPI) into target/e2b-sdk/venv.
 # systemd: tests/install.rs checks the installed hutchd.service with systemd-analyze verify.
-test_pkgs=(busybox-static umoci skopeo docker-registry apache2-utils openssh-client python3 python3-venv systemd git curl)
+# etcd-server: the etcd backend's conformance tests and the cluster tests run real etcd members.
+test_pkgs=(busybox-static umoci skopeo docker-registry apache2-utils openssh-client python3 python3-venv systemd git curl etcd-server)
 bench_pkgs=(openssh-server)
 
 mode="${1:-}"
@@ -174,6 +176,7 @@ check mkfs.erofs mkfs.erofs --help
 check mkfs.ext4 mkfs.ext4 -V
 check depmod depmod -V
 check cpio cpio --version
+check protoc protoc --version
 qv=$(qemu-system-x86_64 --version | awk 'NR == 1 { print $4 }')
 version_ge "$qv" "$MIN_QEMU" || die "qemu-system-x86_64 is $qv; hutch needs >= $MIN_QEMU"
 iv=$(qemu-img --version | awk 'NR == 1 { print $3 }')
@@ -187,6 +190,7 @@ if [[ "$mode" == --test || "$mode" == --bench ]]; then
     check ssh sh -c 'ssh -V'
     check python3 python3 --version
     check systemd-analyze systemd-analyze --version
+    check etcd etcd --version
     # shellcheck disable=SC2016 # expanded by the inner shell
     check python3-venv sh -c 'd=$(mktemp -d) && python3 -m venv "$d/v"; r=$?; rm -rf "$d"; exit $r'
 fi
