@@ -4,6 +4,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 pub mod api;
+pub mod cluster;
 pub mod lifecycle;
 pub mod names;
 pub mod net;
@@ -95,6 +96,9 @@ pub struct Vm {
     /// The template whose warm pool it waits in (`OWNER/NAME` key), until a create claims it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pool: Option<String>,
+    /// The cluster node that runs it (`hutchd --node-name`); None on a single node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }
 
 impl Vm {

@@ -124,8 +124,8 @@ pub fn router(m: AppState, local: bool) -> Router {
         .route("/api/v1/sandboxes/{name}/logs", get(logs))
         .route("/api/v1/sandboxes/{name}/health", get(vm_health))
         .route("/api/v1/sandboxes/{name}/commit", post(commit_vm));
-    let r = crate::timers_api::routes(crate::template_api::routes(crate::snap_api::routes(
-        crate::net_api::routes(r),
+    let r = crate::cluster_api::routes(crate::timers_api::routes(crate::template_api::routes(
+        crate::snap_api::routes(crate::net_api::routes(r)),
     )))
     .fallback(|| async {
         ApiError::NotFound {

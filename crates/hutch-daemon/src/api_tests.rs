@@ -113,6 +113,7 @@ fn vm(name: &str, owner: Option<&str>) -> Vm {
         net_us: None,
         timers: Default::default(),
         pool: None,
+        node: None,
         mem: Default::default(),
     }
 }

@@ -116,6 +116,7 @@ impl From<hutch_store::kv::StoreError> for ApiError {
                     Some(("vms", id)) => ("sandbox", id.to_string()),
                     Some(("templates", n)) => ("template", n.to_string()),
                     Some(("snapshots", n)) => ("snapshot", n.to_string()),
+                    Some(("nodes", n)) => ("node", n.to_string()),
                     _ => ("record", key.clone()),
                 };
                 ApiError::NotFound { kind, name }

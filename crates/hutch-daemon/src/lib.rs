@@ -6,6 +6,8 @@ pub mod api;
 #[cfg(test)]
 mod api_tests;
 pub mod auth;
+pub mod cluster;
+pub mod cluster_api;
 pub mod crash;
 pub mod e2b;
 pub mod error;
@@ -65,6 +67,8 @@ pub struct DaemonConfig {
     /// `iss` of VM identity tokens.
     pub identity_issuer: String,
     pub front: FrontDoors,
+    /// Run as a node of a cluster on etcd (`--etcd`); None: alone, on the embedded store.
+    pub cluster: Option<cluster::ClusterOptions>,
 }
 
 /// The network front doors: public DNS and the HTTP(S) proxy to VM ports.
@@ -189,19 +193,7 @@ pub async fn prepare(cfg: &DaemonConfig) -> Result<Arc<service::Service>, Daemon
     let agent = find_agent(cfg.agent.as_deref())?;
     let bundle = hutch_guest::ensure_bundle(&cache, &kernel, &agent)?;
     tracing::info!(kernel = %bundle.kernel.display(), initrd = %bundle.initrd.display(), "guest boot bundle");
-    let state = cfg.data_dir.join("state.redb");
-    let kv = hutch_store::kv::RedbStore::open(&state).map_err(|e| {
-        setup(format!(
-            "the state store {} cannot be opened: {e}. If another hutchd uses this data dir, stop \
-             it. If the file is corrupt, move it aside (mv {0} {0}.broken), start hutchd again and \
-             run `hutch admin recover`: VMs are rebuilt from their directories (nothing is stopped)",
-            state.display()
-        ))
-    })?;
-    let kv: Arc<dyn hutch_store::kv::Store> = Arc::new(kv);
-    let records = records::Records::open(kv)
-        .await
-        .map_err(|e| setup(format!("the state store {}: {e}", state.display())))?;
+    let (records, cluster) = open_records(cfg).await?;
     let mut images = hutch_image::ImageStore::open(&cfg.data_dir.join("images"))?;
     images.limits = cfg.layer_limits;
     let jail = match &cfg.jail {
@@ -255,6 +247,12 @@ pub async fn prepare(cfg: &DaemonConfig) -> Result<Arc<service::Service>, Daemon
     }
     let node = Arc::new(node);
     let m = Arc::new(service::Service::new(node, tokens, cfg.admission));
+    if let Some(c) = cluster {
+        let _ = m.cluster.set(c.clone());
+        c.join(&m)
+            .await
+            .map_err(|e| setup(format!("registering node {} in the cluster: {e}", c.name())))?;
+    }
     // Make the default writable-disk template now, not inside the first create.
     let (n2, gib) = (m.node.clone(), cfg.default_disk_gib);
     tokio::task::spawn_blocking(move || n2.disk_template(gib))
@@ -269,6 +267,43 @@ pub async fn prepare(cfg: &DaemonConfig) -> Result<Arc<service::Service>, Daemon
         .await
         .map_err(|e| setup(format!("re-attaching VMs: {e}")))?;
     Ok(m)
+}
+
+/// The records on etcd for a cluster node (after taking the cluster's secrets), else on the
+/// embedded store in the data dir.
+async fn open_records(
+    cfg: &DaemonConfig,
+) -> Result<(records::Records, Option<Arc<cluster::Cluster>>), DaemonError> {
+    if let Some(opts) = cfg.cluster.clone() {
+        let endpoints = opts.etcd.endpoints.join(",");
+        let c = cluster::Cluster::connect(opts)
+            .await
+            .map_err(|e| setup(format!("joining the cluster on etcd {endpoints}: {e}")))?;
+        cluster::secrets::adopt(&c.store, &cfg.data_dir)
+            .await
+            .map_err(|e| setup(format!("the cluster's secrets: {e}")))?;
+        let kv: Arc<dyn hutch_store::kv::Store> = Arc::new(c.store.clone());
+        let records = records::Records::open(kv)
+            .await
+            .map_err(|e| setup(format!("the cluster's records on etcd {endpoints}: {e}")))?;
+        records.set_local_node(c.name());
+        tracing::info!(node = %c.name(), etcd = %endpoints, "cluster node");
+        return Ok((records, Some(c)));
+    }
+    let state = cfg.data_dir.join("state.redb");
+    let kv = hutch_store::kv::RedbStore::open(&state).map_err(|e| {
+        setup(format!(
+            "the state store {} cannot be opened: {e}. If another hutchd uses this data dir, stop \
+             it. If the file is corrupt, move it aside (mv {0} {0}.broken), start hutchd again and \
+             run `hutch admin recover`: VMs are rebuilt from their directories (nothing is stopped)",
+            state.display()
+        ))
+    })?;
+    let kv: Arc<dyn hutch_store::kv::Store> = Arc::new(kv);
+    let records = records::Records::open(kv)
+        .await
+        .map_err(|e| setup(format!("the state store {}: {e}", state.display())))?;
+    Ok((records, None))
 }
 
 /// Runs the daemon until SIGINT/SIGTERM. VMs keep running when it exits.
@@ -373,6 +408,16 @@ pub async fn run(mut cfg: DaemonConfig) -> Result<(), DaemonError> {
     }
     if let Some(addr) = cfg.front.e2b_listen {
         tasks.spawn(serve_e2b(m.clone(), &cfg, &token, addr).await?);
+    }
+    if let Some(c) = m.cluster.get() {
+        // Share what this node made of the cluster's secrets (the SSH host key is made here,
+        // before the SSH task would).
+        if cfg.ssh.is_some() {
+            ssh::host_key(&cfg.data_dir.join("ssh_host_ed25519_key"))?;
+        }
+        cluster::secrets::publish(&c.store, &cfg.data_dir)
+            .await
+            .map_err(|e| setup(format!("the cluster's secrets: {e}")))?;
     }
     if let Some(opts) = cfg.ssh.take() {
         let m2 = m.clone();

@@ -70,6 +70,8 @@ fn name_key_of(vm_key: &str) -> String {
 pub struct Records {
     kv: Arc<dyn Store>,
     view: Arc<RwLock<View>>,
+    /// This hutchd's node name in a cluster (unset on a single node: every VM is local).
+    local: Arc<std::sync::OnceLock<String>>,
 }
 
 /// The in-memory view of `vms/` (see the module doc).
@@ -122,6 +124,7 @@ impl Records {
         let r = Records {
             kv,
             view: Arc::default(),
+            local: Arc::default(),
         };
         let version =
             r.kv.get_json::<u64>(META_SCHEMA)
@@ -141,6 +144,24 @@ impl Records {
         load(&r.view, &snap)?;
         follow(Arc::downgrade(&r.view), r.kv.clone(), snap.revision);
         Ok(r)
+    }
+
+    /// Names this hutchd's cluster node: from now on only VMs recorded on it are local.
+    pub fn set_local_node(&self, name: &str) {
+        let _ = self.local.set(name.to_string());
+    }
+
+    /// This hutchd's cluster node (None on a single node).
+    pub fn local_node(&self) -> Option<String> {
+        self.local.get().cloned()
+    }
+
+    /// Whether `vm` runs on this hutchd's node (every VM does on a single node).
+    pub fn is_local(&self, vm: &Vm) -> bool {
+        match self.local.get() {
+            None => true,
+            Some(n) => vm.node.as_deref() == Some(n.as_str()),
+        }
     }
 
     /// The store underneath (for watches).
@@ -303,8 +324,24 @@ impl Records {
         self.get(VMS, id).await
     }
 
+    /// Every VM (of every node in a cluster).
     pub async fn vms(&self) -> Result<Vec<Vm>, StoreError> {
         Ok(self.fold_vms(|it| it.cloned().collect()))
+    }
+
+    /// The VMs of this hutchd's node: what its runtime runs, recovers and reaps.
+    pub async fn local_vms(&self) -> Result<Vec<Vm>, StoreError> {
+        Ok(self.fold_local_vms(|it| it.cloned().collect()))
+    }
+
+    /// [`Self::fold_vms`] over this node's VMs only.
+    pub fn fold_local_vms<R>(&self, f: impl FnOnce(&mut dyn Iterator<Item = &Vm>) -> R) -> R {
+        self.fold_vms(|it| f(&mut it.filter(|v| self.is_local(v))))
+    }
+
+    /// [`Self::find_vm`] among this node's VMs.
+    pub fn find_local_vm(&self, mut pred: impl FnMut(&Vm) -> bool) -> Option<Vm> {
+        self.find_vm(|v| self.is_local(v) && pred(v))
     }
 
     /// Records a new VM and claims its name, in one transaction; false when the name is taken.

@@ -75,7 +75,7 @@ impl Node {
         let g = ALLOCATE.lock().await;
         let mut used: Vec<u32> = self
             .records
-            .vms()
+            .local_vms()
             .await?
             .iter()
             .filter_map(|v| v.confinement.as_ref().map(|c| c.uid))

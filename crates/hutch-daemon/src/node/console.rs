@@ -23,7 +23,7 @@ impl Node {
     /// Keeps every console log under the configured size (QEMU appends with O_APPEND, so
     /// truncating in place is safe).
     pub async fn trim_consoles(&self) {
-        let Ok(vms) = self.records.vms().await else {
+        let Ok(vms) = self.records.local_vms().await else {
             return;
         };
         for vm in vms {

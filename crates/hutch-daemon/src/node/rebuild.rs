@@ -55,7 +55,7 @@ impl Node {
     pub async fn rebuild(self: &Arc<Self>) -> Result<Vec<Recovered>, ApiError> {
         let known: std::collections::HashSet<String> = self
             .records
-            .vms()
+            .local_vms()
             .await?
             .into_iter()
             .map(|v| v.id)

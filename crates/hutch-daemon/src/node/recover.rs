@@ -18,14 +18,14 @@ impl Node {
     pub async fn reattach(self: &Arc<Self>) -> Result<(), ApiError> {
         self.recover().await?;
         if let Some(net) = self.net.clone() {
-            let vms = self.records.vms().await?;
+            let vms = self.records.local_vms().await?;
             let (n2, v2) = (net.clone(), vms.clone());
             tokio::task::spawn_blocking(move || n2.reconcile(&v2))
                 .await
                 .map_err(super::internal)??;
             net.restore_forwards(&vms).await;
         }
-        for vm in self.records.vms().await? {
+        for vm in self.records.local_vms().await? {
             let handle = self.handle(&vm).filter(|h| self.vmm.is_alive(h));
             match (vm.state, handle) {
                 (VmState::Stopped | VmState::Failed | VmState::Paused, _) => {}
@@ -69,7 +69,7 @@ impl Node {
         // Cgroups and jails of VMs that are gone (removed or crashed while hutchd was down).
         // VMs the store lost (their directory has a record copy) keep theirs: their QEMU
         // runs on until `hutch admin recover`.
-        let vms = self.records.vms().await?;
+        let vms = self.records.local_vms().await?;
         let mut keep: Vec<String> = vms
             .iter()
             .filter(|v| self.handle(v).is_some_and(|h| self.vmm.is_alive(&h)))
@@ -166,7 +166,7 @@ impl Node {
     /// A directory with a record copy (`vm.json`) that the store does not know is not an orphan
     /// but a VM the store lost: it and its QEMU are left for `hutch admin recover`.
     pub async fn recover(self: &Arc<Self>) -> Result<(), ApiError> {
-        for vm in self.records.vms().await? {
+        for vm in self.records.local_vms().await? {
             if !matches!(vm.state, VmState::Creating | VmState::Deleting) {
                 continue;
             }
@@ -181,7 +181,7 @@ impl Node {
         }
         let vms: HashMap<String, Vm> = self
             .records
-            .vms()
+            .local_vms()
             .await?
             .into_iter()
             .map(|v| (v.id.clone(), v))

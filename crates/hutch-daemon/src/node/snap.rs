@@ -423,7 +423,7 @@ impl Node {
     /// Removes the layers and snapshot directories that neither a VM nor a snapshot record
     /// names any more. `busy`: ids being made right now (not recorded yet).
     pub async fn collect(&self, busy: &[String]) -> Result<(), ApiError> {
-        let vms = self.records.vms().await?;
+        let vms = self.records.local_vms().await?;
         let snaps: Vec<Snapshot> = self.records.list(crate::records::SNAPSHOTS).await?;
         let mut layers: std::collections::HashSet<String> = busy.iter().cloned().collect();
         let mut dirs = layers.clone();

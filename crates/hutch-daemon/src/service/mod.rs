@@ -70,6 +70,10 @@ pub struct Service {
     pub e2b: std::sync::OnceLock<crate::e2b::Served>,
     /// When VMs were last used, for auto-pause (timers.rs).
     pub activity: Arc<timers::Activity>,
+    /// This hutchd's membership, when it runs as a cluster node (`--etcd`).
+    pub cluster: std::sync::OnceLock<Arc<crate::cluster::Cluster>>,
+    /// Unix seconds this service started.
+    pub started_at: u64,
 }
 
 impl Service {
@@ -91,6 +95,8 @@ impl Service {
             pool_wake: Default::default(),
             warming: Default::default(),
             activity: Default::default(),
+            cluster: Default::default(),
+            started_at: hutch_core::now(),
         }
     }
 

@@ -163,7 +163,7 @@ impl Service {
         }
         let taken = self
             .records
-            .find_vm(|v| v.net.ports.iter().any(|p| p.host == f.host))
+            .find_local_vm(|v| v.net.ports.iter().any(|p| p.host == f.host))
             .is_some();
         if taken {
             return Err(ApiError::Conflict(format!(

@@ -10,6 +10,30 @@ use hutch_core::VmState;
 use std::collections::BTreeMap;
 
 impl Service {
+    /// This host's capacity and what its VMs (this node's, in a cluster) take of it.
+    pub async fn host_capacity(&self) -> HostCapacity {
+        let (vcpus_active, mem_active_mib) = self.records.fold_local_vms(|it| {
+            it.filter(|v| v.state.uses_memory())
+                .fold((0u64, 0u64), |(c, m), v| {
+                    (c + u64::from(v.vcpus), m + v.mem_mib)
+                })
+        });
+        let dir = self.cfg().data_dir.clone();
+        let (total, free) = tokio::task::spawn_blocking(move || super::tenancy::disk_mib(&dir))
+            .await
+            .unwrap_or((0, 0));
+        let mem = self.node.host_mem_mib();
+        HostCapacity {
+            cpus: self.node.host_cpus(),
+            vcpus_active,
+            mem_mib: mem,
+            mem_active_mib,
+            mem_limit_mib: (mem as f64 * self.admission.mem_overcommit) as u64,
+            disk_total_mib: total,
+            disk_free_mib: free,
+        }
+    }
+
     /// The host at a glance for `caller` (see [`Status`]): the host's figures for the admin,
     /// its own VMs and quota for an account.
     pub async fn status(&self, caller: &Caller) -> Result<Status, ApiError> {
@@ -19,19 +43,7 @@ impl Service {
             *vms.entry(v.state.as_str().to_string()).or_insert(0) += 1;
         }
         let host = if caller.admin {
-            let all = self.list().await?;
-            let active = all.iter().filter(|v| v.state.uses_memory());
-            let (total, free) = super::tenancy::disk_mib(&self.cfg().data_dir);
-            let mem = self.node.host_mem_mib();
-            Some(HostCapacity {
-                cpus: self.node.host_cpus(),
-                vcpus_active: active.clone().map(|v| u64::from(v.vcpus)).sum(),
-                mem_mib: mem,
-                mem_active_mib: active.map(|v| v.mem_mib).sum(),
-                mem_limit_mib: (mem as f64 * self.admission.mem_overcommit) as u64,
-                disk_total_mib: total,
-                disk_free_mib: free,
-            })
+            Some(self.host_capacity().await)
         } else {
             None
         };

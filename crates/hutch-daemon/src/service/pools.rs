@@ -114,7 +114,7 @@ impl Service {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
-        self.records.fold_vms(|it| {
+        self.records.fold_local_vms(|it| {
             let (mut ready, mut starting) = (0, 0);
             for v in it.filter(|v| v.pool.as_deref() == Some(key)) {
                 match v.state {
@@ -135,7 +135,7 @@ impl Service {
 
     /// Deletes the idle VMs of pool `key` (a rebuild or removal of its template).
     pub(crate) async fn drain_pool(self: &Arc<Self>, key: &str) -> Result<(), ApiError> {
-        let idle: Vec<Vm> = self.records.fold_vms(|it| {
+        let idle: Vec<Vm> = self.records.fold_local_vms(|it| {
             it.filter(|v| v.pool.as_deref() == Some(key) && v.state != VmState::Creating)
                 .cloned()
                 .collect()
@@ -168,7 +168,7 @@ impl Service {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .clone();
-            let cand = self.records.fold_vms(|it| {
+            let cand = self.records.fold_local_vms(|it| {
                 it.filter(|v| {
                     v.pool.as_deref() == Some(key.as_str())
                         && v.state == VmState::Running

@@ -53,7 +53,11 @@ impl Service {
 
     /// Schedules the restart of failed `vm` if its policy asks for one.
     pub(crate) fn consider_restart(self: &Arc<Self>, vm: Vm) {
-        if vm.state != VmState::Failed || !vm.restart.restarts(vm.clean_exit) {
+        // Another node's VM is its runtime's to restart.
+        if vm.state != VmState::Failed
+            || !vm.restart.restarts(vm.clean_exit)
+            || !self.records.is_local(&vm)
+        {
             return;
         }
         let ran_long = vm

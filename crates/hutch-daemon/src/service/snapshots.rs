@@ -219,6 +219,7 @@ impl Service {
             })?;
         let _ops = self.snap_ops.read().await;
         let mut vm = snap_vm(snap, caller);
+        vm.node = self.records.local_node();
         vm.timers = timers;
         vm.pool = pool;
         {
@@ -424,6 +425,7 @@ fn snap_vm(snap: &Snapshot, caller: &Caller) -> Vm {
         net_us: None,
         timers: Default::default(),
         pool: None,
+        node: None,
         mem: VmMemory {
             base: snap.ram_in_file.then(|| snap.id.clone()),
             layers: snap.layers.clone(),

@@ -266,7 +266,8 @@ impl Service {
                     mine[2] += v.mem_mib;
                     mine[3] += v.disk_gib;
                 }
-                if v.state.uses_memory() {
+                // The host's memory: this node's VMs only.
+                if v.state.uses_memory() && self.records.is_local(v) {
                     active += v.mem_mib;
                 }
             }

@@ -316,19 +316,20 @@ impl Service {
     /// One look at every VM at `now` (Unix seconds) and `at`: starts what is due, each VM's
     /// action in a task of its own (never two at once for one VM). Returns their handles.
     pub(crate) fn reap(self: &Arc<Self>, now: u64, at: Instant) -> Vec<JoinHandle<()>> {
-        let (due, live): (Vec<(String, Due)>, HashSet<String>) = self.records.fold_vms(|it| {
-            let mut due = Vec::new();
-            let mut live = HashSet::new();
-            for v in it {
-                live.insert(v.id.clone());
-                if v.timers.deadline.is_some_and(|d| d <= now) {
-                    due.push((v.id.clone(), Due::Expired));
-                } else if self.idle_past(v, now, at) {
-                    due.push((v.id.clone(), Due::Idle));
+        let (due, live): (Vec<(String, Due)>, HashSet<String>) =
+            self.records.fold_local_vms(|it| {
+                let mut due = Vec::new();
+                let mut live = HashSet::new();
+                for v in it {
+                    live.insert(v.id.clone());
+                    if v.timers.deadline.is_some_and(|d| d <= now) {
+                        due.push((v.id.clone(), Due::Expired));
+                    } else if self.idle_past(v, now, at) {
+                        due.push((v.id.clone(), Due::Idle));
+                    }
                 }
-            }
-            (due, live)
-        });
+                (due, live)
+            });
         self.activity.vms().retain(|id, _| live.contains(id));
         due.into_iter()
             .filter_map(|(id, what)| {

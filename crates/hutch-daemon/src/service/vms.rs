@@ -160,6 +160,7 @@ impl Service {
             mem: Default::default(),
             timers: super::timers::timers_of(&req)?,
             pool: None,
+            node: self.records.local_node(),
         };
         // Admitted (reserved until the record counts), then the name is claimed in the create's
         // one store transaction: of concurrent creates, one wins.
@@ -310,6 +311,7 @@ impl Service {
             net_us: None,
             timers: Default::default(),
             pool: None,
+            node: self.records.local_node(),
             // The copy's disk sits on the same frozen layers; it boots afresh.
             mem: hutch_core::snapshot::VmMemory {
                 layers: from.mem.layers.clone(),

@@ -22,6 +22,6 @@ pub fn pool_addr(m: &Service, local: Option<SocketAddr>) -> Option<Ipv4Addr> {
 pub fn vm_at(m: &Service, account: &Account, ip: Ipv4Addr) -> Option<String> {
     let owner = (!account.admin).then_some(account.name.as_str());
     m.records
-        .find_vm(|v| v.net.ssh_addr == Some(ip) && v.owner.as_deref() == owner)
+        .find_local_vm(|v| v.net.ssh_addr == Some(ip) && v.owner.as_deref() == owner)
         .map(|v| v.name)
 }

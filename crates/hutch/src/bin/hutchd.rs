@@ -184,6 +184,95 @@ struct Args {
     /// with E2B_API_URL and E2B_SANDBOX_URL (docs/e2b.md). TLS as for --listen.
     #[arg(long, env = "HUTCH_E2B_LISTEN")]
     e2b_listen: Option<std::net::SocketAddr>,
+    /// Run as a node of a cluster whose state is in etcd (URL[,URL...]; docs/cluster.md). The
+    /// first node initializes the cluster, later ones join it. Without it: a single node on the
+    /// embedded store.
+    #[arg(long, env = "HUTCH_ETCD")]
+    etcd: Option<String>,
+    /// This node's name in the cluster (default: the host name).
+    #[arg(long, env = "HUTCH_NODE_NAME")]
+    node_name: Option<String>,
+    /// HOST:PORT where the other nodes reach this node's API (its --listen).
+    #[arg(long, env = "HUTCH_ADVERTISE")]
+    advertise: Option<String>,
+    /// This node's roles: any of control,node,proxy,dns (default: all).
+    #[arg(long, default_value = "control,node,proxy,dns")]
+    roles: String,
+    /// Seconds without a heartbeat after which a node is down.
+    #[arg(long, default_value_t = 10)]
+    lease_ttl: u64,
+    /// Key prefix of hutch's records in etcd.
+    #[arg(long, default_value = "hutch/")]
+    etcd_namespace: String,
+    /// CA certificate (PEM) that signed the etcd members' certificates (https:// endpoints).
+    #[arg(long)]
+    etcd_ca: Option<std::path::PathBuf>,
+    /// Client certificate and key (PEM) for etcd members that check them.
+    #[arg(long, requires = "etcd_key")]
+    etcd_cert: Option<std::path::PathBuf>,
+    #[arg(long, requires = "etcd_cert")]
+    etcd_key: Option<std::path::PathBuf>,
+    /// etcd user (etcd's auth); the password comes from --etcd-password-file or
+    /// HUTCH_ETCD_PASSWORD.
+    #[arg(long)]
+    etcd_user: Option<String>,
+    #[arg(long)]
+    etcd_password_file: Option<std::path::PathBuf>,
+}
+
+/// `--etcd` and its companions, checked.
+fn cluster_options(args: &Args) -> anyhow::Result<Option<hutch_daemon::cluster::ClusterOptions>> {
+    let Some(etcd) = &args.etcd else {
+        anyhow::ensure!(
+            args.node_name.is_none() && args.advertise.is_none(),
+            "--node-name and --advertise are for cluster nodes: add --etcd URL"
+        );
+        return Ok(None);
+    };
+    let endpoints = hutch_store_etcd::EtcdOptions::parse_endpoints(etcd)
+        .map_err(|e| anyhow::anyhow!("--etcd: {e}"))?;
+    let mut etcd = hutch_store_etcd::EtcdOptions::new(endpoints);
+    anyhow::ensure!(
+        !args.etcd_namespace.is_empty() && args.etcd_namespace.ends_with('/'),
+        "--etcd-namespace must end with /"
+    );
+    etcd.namespace = args.etcd_namespace.clone();
+    etcd.ca = args.etcd_ca.clone();
+    etcd.identity = args.etcd_cert.clone().zip(args.etcd_key.clone());
+    if let Some(user) = &args.etcd_user {
+        let password = match &args.etcd_password_file {
+            Some(f) => std::fs::read_to_string(f)
+                .with_context(|| format!("--etcd-password-file {}", f.display()))?
+                .trim_end_matches('\n')
+                .to_string(),
+            None => std::env::var("HUTCH_ETCD_PASSWORD")
+                .context("--etcd-user needs --etcd-password-file or HUTCH_ETCD_PASSWORD")?,
+        };
+        etcd.user = Some((user.clone(), password));
+    }
+    anyhow::ensure!(
+        (2..=300).contains(&args.lease_ttl),
+        "--lease-ttl must be between 2 and 300 seconds"
+    );
+    if let Some(a) = &args.advertise {
+        anyhow::ensure!(
+            a.rsplit_once(':')
+                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok()),
+            "--advertise {a:?}: HOST:PORT"
+        );
+    }
+    let roles = hutch_daemon::cluster::Roles::parse(&args.roles)
+        .map_err(|e| anyhow::anyhow!("--roles: {e}"))?;
+    Ok(Some(hutch_daemon::cluster::ClusterOptions {
+        etcd,
+        node_name: args
+            .node_name
+            .clone()
+            .unwrap_or_else(hutch_daemon::cluster::nodes::local_host_name),
+        advertise: args.advertise.clone(),
+        roles,
+        lease_ttl: std::time::Duration::from_secs(args.lease_ttl),
+    }))
 }
 
 fn main() -> anyhow::Result<()> {
@@ -198,6 +287,7 @@ fn main() -> anyhow::Result<()> {
     if let Some(p) = &args.crash_at {
         hutch_daemon::crash::arm(p);
     }
+    let cluster = cluster_options(&args)?;
     let net = match args.network.as_str() {
         "off" => None,
         _ => Some(net_settings(&args)?),
@@ -230,6 +320,7 @@ fn main() -> anyhow::Result<()> {
         );
     }
     let mut cfg = hutch_daemon::DaemonConfig {
+        cluster,
         ssh,
         data_dir: args.data_dir,
         boot_cache: args.boot_cache,

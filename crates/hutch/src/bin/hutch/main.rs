@@ -2,6 +2,7 @@
 //! or over TCP with --url and a bearer token.
 
 mod client;
+mod cluster;
 mod completions;
 mod events;
 mod image;
@@ -186,6 +187,13 @@ enum Cmd {
     Status,
     /// Follow lifecycle events (created, started, stopped, failed, deleted, ...) as they happen.
     Events,
+    /// The cluster's nodes: state (ready, cordoned, draining, down), free vCPU, memory and
+    /// disk, VM count, version (the admin only).
+    Nodes,
+    /// Place no new VMs on NODE.
+    Cordon { node: String },
+    /// Let NODE take new VMs again.
+    Uncordon { node: String },
     /// A VM's network: egress rules and rates.
     #[command(subcommand)]
     Net(net::NetCmd),
@@ -571,6 +579,9 @@ async fn run(cli: Cli) -> Result<i32> {
             }
         }
         Cmd::Events => return events::follow(&c, j).await,
+        Cmd::Nodes => cluster::nodes(&c, j).await?,
+        Cmd::Cordon { node } => cluster::cordon(&c, &node, true, j).await?,
+        Cmd::Uncordon { node } => cluster::cordon(&c, &node, false, j).await?,
         Cmd::Admin(AdminCmd::Recover) => {
             let v = c.json(Method::POST, "/api/v1/admin/recover", None).await?;
             if j {

@@ -1,0 +1,49 @@
+//! REST for the cluster (docs/cluster.md): nanobox's `GET /api/v1/nodes` and `GET /api/v1/stats`,
+//! and cordoning. Admin only.
+
+use crate::api::{ApiPath, AppState};
+use crate::auth::Caller;
+use crate::error::ApiError;
+use axum::extract::State;
+use axum::routing::{get, post};
+use axum::{Extension, Json, Router};
+use hutch_core::cluster::{ClusterStats, NodeView};
+
+pub fn routes(r: Router<AppState>) -> Router<AppState> {
+    r.route("/api/v1/nodes", get(nodes))
+        .route("/api/v1/stats", get(stats))
+        .route("/api/v1/nodes/{name}/cordon", post(cordon))
+        .route("/api/v1/nodes/{name}/uncordon", post(uncordon))
+}
+
+async fn nodes(
+    State(m): State<AppState>,
+    Extension(caller): Extension<Caller>,
+) -> Result<Json<Vec<NodeView>>, ApiError> {
+    Ok(Json(m.nodes(&caller).await?))
+}
+
+async fn stats(
+    State(m): State<AppState>,
+    Extension(caller): Extension<Caller>,
+) -> Result<Json<ClusterStats>, ApiError> {
+    let nodes = m.nodes(&caller).await?;
+    let vms = m.list().await?;
+    Ok(Json(ClusterStats::of(&nodes, &vms)))
+}
+
+async fn cordon(
+    State(m): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    ApiPath(name): ApiPath<String>,
+) -> Result<Json<NodeView>, ApiError> {
+    Ok(Json(m.cordon(&caller, &name, true).await?))
+}
+
+async fn uncordon(
+    State(m): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    ApiPath(name): ApiPath<String>,
+) -> Result<Json<NodeView>, ApiError> {
+    Ok(Json(m.cordon(&caller, &name, false).await?))
+}
