@@ -67,6 +67,9 @@ pub struct CreateVm {
     /// Where it is cloned (default: /root/REPO, or the image's working directory's REPO).
     #[serde(default)]
     pub clone_dir: Option<String>,
+    /// The cluster node to run it on (default: the scheduler picks one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }
 
 fn one() -> u32 {
@@ -99,6 +102,7 @@ impl Default for CreateVm {
             rate_out: None,
             clone: None,
             clone_dir: None,
+            node: None,
         }
     }
 }

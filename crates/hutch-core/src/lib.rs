@@ -99,9 +99,21 @@ pub struct Vm {
     /// The cluster node that runs it (`hutchd --node-name`); None on a single node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
+    /// Shown, never stored: its node is down (lease expired), so what it does is unknown.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub lost: bool,
 }
 
 impl Vm {
+    /// Its state as shown: `lost` while its node is down.
+    pub fn shown_state(&self) -> &'static str {
+        if self.lost {
+            "lost"
+        } else {
+            self.state.as_str()
+        }
+    }
+
     /// Applies a lifecycle event: the new state, and the reason kept exactly while `failed`.
     pub fn apply(&mut self, event: &Event) -> Result<VmState, Denied> {
         let next = self.state.on(event)?;

@@ -32,20 +32,22 @@ pub fn display_name(vm: &Vm, viewer: Option<&str>) -> String {
     }
 }
 
-/// The `ls` table. `viewer`: the account looking (None: the admin); `node`: a NODE column.
+/// The `ls` table. `viewer`: the account looking (None: the admin); `node`: a NODE column
+/// (each VM's own node in a cluster).
 /// EXPIRES is how long until the VM's TTL runs out (`-`: no TTL running).
 pub fn vm_table(vms: &[Vm], viewer: Option<&str>, node: Option<&str>) -> String {
     let mut head = vec![
         "NAME", "STATE", "IMAGE", "IP", "VCPU", "RAM", "DISK", "PID", "AGE", "EXPIRES",
     ];
-    if node.is_some() {
+    let per_vm = vms.iter().any(|v| v.node.is_some());
+    if node.is_some() || per_vm {
         head.insert(1, "NODE");
     }
     let mut rows = vec![head.into_iter().map(String::from).collect::<Vec<_>>()];
     for v in vms {
         let mut row = vec![
             display_name(v, viewer),
-            v.state.as_str().into(),
+            v.shown_state().into(),
             v.image.clone(),
             v.net
                 .ipv4
@@ -58,8 +60,8 @@ pub fn vm_table(vms: &[Vm], viewer: Option<&str>, node: Option<&str>) -> String 
             age(v.created_at),
             v.timers.deadline.map(until).unwrap_or_else(|| "-".into()),
         ];
-        if let Some(n) = node {
-            row.insert(1, n.to_string());
+        if node.is_some() || per_vm {
+            row.insert(1, v.node.as_deref().or(node).unwrap_or("-").to_string());
         }
         rows.push(row);
     }
@@ -92,7 +94,7 @@ pub fn describe(v: &Vm, node: Option<&str>, connect: &str) -> String {
     if let Some(o) = &v.owner {
         s.push_str(&format!("  Owner:   {o}\n"));
     }
-    if let Some(n) = node {
+    if let Some(n) = v.node.as_deref().or(node) {
         s.push_str(&format!("  Node:    {n}\n"));
     }
     s.push_str(&format!(
@@ -101,7 +103,7 @@ pub fn describe(v: &Vm, node: Option<&str>, connect: &str) -> String {
         v.vcpus,
         mib(v.mem_mib),
         v.disk_gib,
-        v.state.as_str()
+        v.shown_state()
     ));
     if let Some(r) = &v.reason {
         s.push_str(&format!("  Reason:  {}\n", crate::clean_text(r)));

@@ -138,6 +138,10 @@ pub fn router(m: AppState, local: bool) -> Router {
         m.clone(),
         stream_api::body_limits,
     ))
+    .layer(axum::middleware::from_fn_with_state(
+        m.clone(),
+        crate::cluster::forward::forward,
+    ))
     .layer(axum::middleware::from_fn_with_state(m.clone(), ownership))
     .with_state(m);
     if local {

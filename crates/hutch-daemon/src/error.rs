@@ -39,7 +39,30 @@ pub enum ApiError {
     /// Building or storing an image failed on this host (not the image's fault).
     #[error("{0}")]
     Image(#[source] hutch_image::ImageError),
+    /// What another cluster node answered for work it did for this one.
+    #[error("{message}")]
+    Remote {
+        status: u16,
+        code: String,
+        message: String,
+    },
 }
+
+/// Every code [`ApiError::code`] gives, for errors that come back from another node.
+const CODES: &[&str] = &[
+    "invalid_argument",
+    "not_found",
+    "conflict",
+    "unauthorized",
+    "forbidden",
+    "bad_image",
+    "registry_error",
+    "quota_exceeded",
+    "insufficient_capacity",
+    "internal",
+    "payload_too_large",
+    "unsupported",
+];
 
 impl ApiError {
     pub fn code(&self) -> &'static str {
@@ -58,6 +81,11 @@ impl ApiError {
             ApiError::Store(_) | ApiError::Image(_) => "internal",
             ApiError::Vmm(hutch_vmm::VmmError::Unsupported { .. }) => "unsupported",
             ApiError::Vmm(_) => "internal",
+            ApiError::Remote { code, .. } => CODES
+                .iter()
+                .find(|c| **c == code.as_str())
+                .copied()
+                .unwrap_or("internal"),
         }
     }
 
@@ -76,6 +104,9 @@ impl ApiError {
             ApiError::Store(_) | ApiError::Image(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::Vmm(hutch_vmm::VmmError::Unsupported { .. }) => StatusCode::NOT_IMPLEMENTED,
             ApiError::Vmm(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Remote { status, .. } => {
+                StatusCode::from_u16(*status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+            }
         }
     }
 

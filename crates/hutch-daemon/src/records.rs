@@ -158,9 +158,14 @@ impl Records {
 
     /// Whether `vm` runs on this hutchd's node (every VM does on a single node).
     pub fn is_local(&self, vm: &Vm) -> bool {
+        self.is_here(vm.node.as_deref())
+    }
+
+    /// Whether what is recorded on `node` is this hutchd's (everything is on a single node).
+    pub fn is_here(&self, node: Option<&str>) -> bool {
         match self.local.get() {
             None => true,
-            Some(n) => vm.node.as_deref() == Some(n.as_str()),
+            Some(n) => node == Some(n.as_str()),
         }
     }
 

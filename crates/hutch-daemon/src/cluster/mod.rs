@@ -8,7 +8,11 @@
 //! reaps and pools only its own (`Records::is_local`), so that a VM recorded elsewhere is never
 //! run here; at start, a node stops what it still runs of VMs recorded elsewhere.
 
+pub mod forward;
+pub mod intents;
 pub mod nodes;
+pub mod route;
+pub mod schedule;
 pub mod secrets;
 
 use hutch_store_etcd::{EtcdOptions, EtcdStore, Lease};
@@ -98,6 +102,8 @@ pub struct ClusterOptions {
     pub roles: Roles,
     /// Membership lease TTL: a node is `down` this long after its hutchd stopped renewing.
     pub lease_ttl: Duration,
+    /// How new VMs are spread over the nodes (`--placement`).
+    pub placement: schedule::Placement,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -124,6 +124,9 @@ impl Service {
         restart::reconcile(self.clone());
         self.start_pools();
         timers::reap_in_background(self);
+        if self.cluster.get().is_some() {
+            self.serve_intents();
+        }
     }
 }
 

@@ -282,6 +282,10 @@ impl Service {
             let Ok(Some(snap)) = self.records.get::<Snapshot>(SNAPSHOTS, &snap_key).await else {
                 continue;
             };
+            // A pool is refilled where its template's snapshot files are.
+            if !self.records.is_here(snap.node.as_deref()) {
+                continue;
+            }
             let owner = Caller {
                 account: t.owner.clone().unwrap_or_default(),
                 admin: t.owner.is_none(),

@@ -5,6 +5,7 @@
 use super::vms::check;
 use super::Service;
 use crate::auth::Caller;
+use crate::cluster::route::Life;
 use crate::error::ApiError;
 use crate::node::{internal, Launch, Restore};
 use crate::records::SNAPSHOTS;
@@ -155,6 +156,7 @@ impl Service {
             bytes: 0,
             pause_ms: 0,
             internal: internal_,
+            node: self.records.local_node(),
         };
         let ran = self.node.take_snapshot(&vm, image, &mut snap).await;
         if snap.layers.is_empty() {
@@ -257,6 +259,9 @@ impl Service {
     /// Pauses `caller`'s running VM `name`: its state goes to disk and its QEMU ends, so it
     /// holds no memory until it is resumed.
     pub async fn pause(self: &Arc<Self>, caller: &Caller, name: &str) -> Result<Vm, ApiError> {
+        if let Some(vm) = self.elsewhere(caller, name, Life::Pause).await? {
+            return vm.ok_or_else(|| ApiError::vm(name));
+        }
         let vm = self.vm_for(caller, name).await?;
         check(&vm, &Event::Pause)?;
         let lock = self.lock_for(&vm.id);
@@ -278,6 +283,9 @@ impl Service {
 
     /// Resumes `caller`'s paused VM `name` with its name, address and disk.
     pub async fn resume(self: &Arc<Self>, caller: &Caller, name: &str) -> Result<Vm, ApiError> {
+        if let Some(vm) = self.elsewhere(caller, name, Life::Resume).await? {
+            return vm.ok_or_else(|| ApiError::vm(name));
+        }
         let vm = self.vm_for(caller, name).await?;
         if vm.state == VmState::Running {
             return Ok(vm);
@@ -426,6 +434,7 @@ fn snap_vm(snap: &Snapshot, caller: &Caller) -> Vm {
         timers: Default::default(),
         pool: None,
         node: None,
+        lost: false,
         mem: VmMemory {
             base: snap.ram_in_file.then(|| snap.id.clone()),
             layers: snap.layers.clone(),

@@ -81,13 +81,16 @@ impl Service {
 
     /// The VMs `caller` may see, oldest first.
     /// Warm pool VMs waiting for a claim are not listed (`hutch pool ls` counts them).
+    /// In a cluster, the VMs of a down node are shown `lost`.
     pub async fn vms_of(&self, caller: &Caller) -> Result<Vec<Vm>, ApiError> {
-        Ok(self
+        let mut vms: Vec<Vm> = self
             .list()
             .await?
             .into_iter()
             .filter(|v| caller.sees(v.owner.as_deref()) && v.pool.is_none())
-            .collect())
+            .collect();
+        self.mark_lost(&mut vms).await;
+        Ok(vms)
     }
 
     async fn lookup_image(

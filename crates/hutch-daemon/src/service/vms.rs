@@ -5,6 +5,7 @@
 
 use super::Service;
 use crate::auth::Caller;
+use crate::cluster::route::Life;
 use crate::error::ApiError;
 use crate::node::{internal, Launch};
 use hutch_core::net::{NetMode, VmNet};
@@ -46,9 +47,12 @@ impl Service {
         Ok(v)
     }
 
-    /// `caller`'s VM `name`, described.
+    /// `caller`'s VM `name`, described (`lost` while its node is down).
     pub async fn describe(&self, caller: &Caller, name: &str) -> Result<Vm, ApiError> {
-        self.vm_for(caller, name).await
+        let mut vm = [self.vm_for(caller, name).await?];
+        self.mark_lost(&mut vm).await;
+        let [vm] = vm;
+        Ok(vm)
     }
 
     /// The end (`max` bytes) of `caller`'s VM `name`'s console, as the guest wrote it.
@@ -94,6 +98,9 @@ impl Service {
     /// Creates and boots a VM; on any failure nothing of it remains. The record (state
     /// `creating`, name claimed) is one store transaction.
     pub async fn create(self: &Arc<Self>, caller: &Caller, req: CreateVm) -> Result<Vm, ApiError> {
+        if let Some(vm) = self.create_placed(caller, req.clone()).await? {
+            return Ok(vm);
+        }
         let t0 = Instant::now();
         if req.snapshot.is_some() || req.template.is_some() {
             if !req.image.is_empty() || req.clone.is_some() || req.run {
@@ -161,6 +168,7 @@ impl Service {
             timers: super::timers::timers_of(&req)?,
             pool: None,
             node: self.records.local_node(),
+            lost: false,
         };
         // Admitted (reserved until the record counts), then the name is claimed in the create's
         // one store transaction: of concurrent creates, one wins.
@@ -350,6 +358,9 @@ impl Service {
 
     /// Starts `caller`'s stopped or failed VM `name`.
     pub async fn start(self: &Arc<Self>, caller: &Caller, name: &str) -> Result<Vm, ApiError> {
+        if let Some(vm) = self.elsewhere(caller, name, Life::Start).await? {
+            return vm.ok_or_else(|| ApiError::vm(name));
+        }
         let vm = self.vm_for(caller, name).await?;
         check(&vm, &Event::Start)?;
         let lock = self.lock_for(&vm.id);
@@ -406,6 +417,9 @@ impl Service {
     /// Stops `caller`'s VM `name`: the agent syncs and powers off; QMP quit and then SIGKILL
     /// if it does not.
     pub async fn stop(self: &Arc<Self>, caller: &Caller, name: &str) -> Result<Vm, ApiError> {
+        if let Some(vm) = self.elsewhere(caller, name, Life::Stop).await? {
+            return vm.ok_or_else(|| ApiError::vm(name));
+        }
         let vm = self.vm_for(caller, name).await?;
         check(&vm, &Event::Stop)?;
         let lock = self.lock_for(&vm.id);
@@ -441,6 +455,13 @@ impl Service {
         name: &str,
         graceful: bool,
     ) -> Result<(), ApiError> {
+        if self
+            .elsewhere(caller, name, Life::Delete { graceful })
+            .await?
+            .is_some()
+        {
+            return Ok(());
+        }
         let vm = self.vm_for(caller, name).await?;
         check(&vm, &Event::Delete)?;
         let lock = self.lock_for(&vm.id);

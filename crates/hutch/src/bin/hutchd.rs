@@ -198,6 +198,10 @@ struct Args {
     /// This node's roles: any of control,node,proxy,dns (default: all).
     #[arg(long, default_value = "control,node,proxy,dns")]
     roles: String,
+    /// How the scheduler places new VMs: spread (the node with the most free memory) or
+    /// binpack (the fullest node that fits).
+    #[arg(long, default_value = "spread")]
+    placement: String,
     /// Seconds without a heartbeat after which a node is down.
     #[arg(long, default_value_t = 10)]
     lease_ttl: u64,
@@ -272,6 +276,10 @@ fn cluster_options(args: &Args) -> anyhow::Result<Option<hutch_daemon::cluster::
         advertise: args.advertise.clone(),
         roles,
         lease_ttl: std::time::Duration::from_secs(args.lease_ttl),
+        placement: args
+            .placement
+            .parse()
+            .map_err(|e| anyhow::anyhow!("--placement {e}"))?,
     }))
 }
 

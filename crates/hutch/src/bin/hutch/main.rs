@@ -94,6 +94,9 @@ enum Cmd {
         net: net::NetArgs,
         #[command(flatten)]
         timers: timers::TimerArgs,
+        /// In a cluster: run it on this node (default: the scheduler picks one).
+        #[arg(long)]
+        node: Option<String>,
     },
     /// List VMs.
     #[command(alias = "list")]
@@ -317,8 +320,10 @@ async fn run(cli: Cli) -> Result<i32> {
             restart,
             net,
             timers,
+            node,
         } => {
             let mut req = hutch_core::api::CreateVm {
+                node,
                 name,
                 image: image.unwrap_or_default(),
                 snapshot,

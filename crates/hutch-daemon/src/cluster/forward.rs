@@ -1,0 +1,167 @@
+//! Any node is a front door: a REST request about a VM that runs on another node (exec,
+//! files, logs, ports, ...) is forwarded, streamed both ways, to that node's API at its
+//! `--advertise` address. The forwarded request carries the caller's own bearer token (every
+//! token and JWT is valid on every node: the secrets are shared), or, for a caller on this
+//! node's unix socket, the cluster's admin token; the owner authorizes it again, on the VM it
+//! resolves. `X-Hutch-Forwarded-By` marks it, so it is never forwarded twice.
+//!
+//! Lifecycle operations (create, start, stop, pause, resume, delete) are not forwarded: the
+//! service runs them on the owner through the store (intents.rs).
+
+use crate::api::AppState;
+use crate::auth::Caller;
+use crate::error::ApiError;
+use axum::body::Body;
+use axum::extract::Request;
+use axum::http::{header, HeaderValue, Uri};
+use axum::response::{IntoResponse, Response};
+use hutch_store::kv::Store;
+
+pub const FORWARDED_BY: &str = "x-hutch-forwarded-by";
+
+/// Sub-paths of `/api/v1/sandboxes/{name}/` the service itself routes (through intents).
+const SERVICE_ROUTED: &[&str] = &["start", "stop", "pause", "resume"];
+
+/// The VM name a path is about, when it is a data-plane path under `/api/v1/sandboxes/{name}/`.
+fn vm_of_path(path: &str) -> Option<String> {
+    let rest = path.strip_prefix("/api/v1/sandboxes/")?;
+    let (name, sub) = rest.split_once('/')?;
+    if name.is_empty() || sub.is_empty() || SERVICE_ROUTED.contains(&sub) {
+        return None;
+    }
+    Some(percent_decode(name))
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            let hex = |c: u8| (c as char).to_digit(16);
+            if let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2])) {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The middleware: forwards what belongs to another node, passes the rest on.
+pub async fn forward(
+    axum::extract::State(m): axum::extract::State<AppState>,
+    req: Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let Some(c) = m.cluster.get().cloned() else {
+        return next.run(req).await;
+    };
+    if req.headers().contains_key(FORWARDED_BY) {
+        return next.run(req).await;
+    }
+    let Some(name) = vm_of_path(req.uri().path()) else {
+        return next.run(req).await;
+    };
+    let Some(caller) = req.extensions().get::<Caller>().cloned() else {
+        return next.run(req).await;
+    };
+    let Ok(vm) = m.vm_for(&caller, &name).await else {
+        return next.run(req).await;
+    };
+    if m.records.is_local(&vm) {
+        return next.run(req).await;
+    }
+    let Some(node) = vm.node.clone() else {
+        return next.run(req).await;
+    };
+    match to_node(&m, &c, &node, req).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn to_node(
+    m: &AppState,
+    c: &super::Cluster,
+    node: &str,
+    mut req: Request,
+) -> Result<Response, ApiError> {
+    let rec = c
+        .store
+        .get(&format!("{}{node}", super::nodes::NODES))
+        .await?
+        .and_then(|kv| serde_json::from_slice::<super::nodes::NodeRecord>(&kv.value).ok());
+    let addr = rec.and_then(|r| r.advertise).ok_or_else(|| {
+        ApiError::Capacity(format!(
+            "node {node} has no --advertise address: it cannot be reached from other nodes"
+        ))
+    })?;
+    if !m.node_live(node).await? {
+        return Err(ApiError::Capacity(format!(
+            "the VM is lost: its node {node} is down"
+        )));
+    }
+    if !req.headers().contains_key(header::AUTHORIZATION) {
+        let token = crate::api_token(&m.cfg().data_dir)
+            .map_err(|e| ApiError::Internal(format!("the cluster's admin token: {e}")))?;
+        let v = HeaderValue::from_str(&format!("Bearer {token}"))
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
+        req.headers_mut().insert(header::AUTHORIZATION, v);
+    }
+    let me = HeaderValue::from_str(c.name()).map_err(|e| ApiError::Internal(e.to_string()))?;
+    req.headers_mut().insert(FORWARDED_BY, me);
+    let host = HeaderValue::from_str(&addr).map_err(|e| ApiError::Internal(e.to_string()))?;
+    req.headers_mut().insert(header::HOST, host);
+    let pq = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "/".into());
+    *req.uri_mut() = pq
+        .parse::<Uri>()
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let unreachable = |e: &dyn std::fmt::Display| {
+        ApiError::Capacity(format!("node {node} at {addr} cannot be reached: {e}"))
+    };
+    let stream = tokio::net::TcpStream::connect(&addr)
+        .await
+        .map_err(|e| unreachable(&e))?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|e| unreachable(&e))?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "forwarded connection");
+        }
+    });
+    let resp = sender
+        .send_request(req)
+        .await
+        .map_err(|e| unreachable(&e))?;
+    Ok(resp.map(Body::new))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn data_plane_paths() {
+        assert_eq!(vm_of_path("/api/v1/sandboxes/web/exec"), Some("web".into()));
+        assert_eq!(
+            vm_of_path("/api/v1/sandboxes/alice%2Fweb/files"),
+            Some("alice/web".into())
+        );
+        assert_eq!(vm_of_path("/api/v1/sandboxes/web/start"), None);
+        assert_eq!(vm_of_path("/api/v1/sandboxes/web"), None);
+        assert_eq!(vm_of_path("/api/v1/sandboxes"), None);
+        assert_eq!(vm_of_path("/api/v1/images/x/y"), None);
+        assert_eq!(percent_decode("a%zz%2"), "a%zz%2");
+        assert_eq!(percent_decode("é%2F%c3%a9"), "é/é");
+    }
+}
