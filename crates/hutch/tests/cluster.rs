@@ -1,0 +1,200 @@
+//! A cluster on one machine: three hutchd nodes (each its own data dir, bridge and subnet) on a
+//! 3-member etcd (Debian's etcd-server). One story, three VM boots: the nodes join and share
+//! their secrets; a VM created through one node is placed on another and used through a third;
+//! cordoning; lifecycle through a node that does not run the VM; a node's hutchd killed -9 is
+//! down within its lease TTL and its VM `lost`, then back; etcd losing a member changes nothing
+//! users see; everything deleted through one node leaves nothing running.
+
+mod common;
+use common::*;
+use hutch_store_etcd::testing::EtcdCluster;
+use serde_json::Value;
+use std::time::{Duration, Instant};
+
+const TTL: &str = "3";
+
+fn node(endpoints: &str, name: &str) -> (Daemon, String) {
+    let addr = format!("127.0.0.1:{}", free_port());
+    let d = Daemon::start(&[
+        "--etcd",
+        endpoints,
+        "--node-name",
+        name,
+        "--listen",
+        &addr,
+        "--advertise",
+        &addr,
+        "--lease-ttl",
+        TTL,
+    ]);
+    (d, addr)
+}
+
+fn nodes(d: &Daemon) -> Vec<Value> {
+    d.json(&["nodes"]).as_array().cloned().unwrap()
+}
+
+fn state_of(d: &Daemon, node: &str) -> String {
+    nodes(d)
+        .iter()
+        .find(|n| n["name"] == node)
+        .map(|n| n["state"].as_str().unwrap().to_string())
+        .unwrap_or_default()
+}
+
+fn vm(d: &Daemon, name: &str) -> Value {
+    d.json(&["describe", name])
+}
+
+fn fails_with(d: &Daemon, args: &[&str], needle: &str) {
+    let o = d.hutch(args);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "hutch {args:?} succeeded");
+    assert!(err.contains(needle), "hutch {args:?}: {err}");
+}
+
+#[test]
+fn three_nodes_on_three_etcd_members() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut etcd = rt.block_on(EtcdCluster::start(3));
+    let eps = etcd.endpoints().join(",");
+    let work = tempfile::tempdir().unwrap();
+    let layout = busybox_layout(work.path());
+
+    // The first node initializes the cluster; the others join it.
+    let (n1, _a1) = node(&eps, "n1");
+    let (mut n2, a2) = node(&eps, "n2");
+    let (n3, a3) = node(&eps, "n3");
+    for d in [&n1, &n2, &n3] {
+        let ns = nodes(d);
+        let names: Vec<&str> = ns.iter().map(|n| n["name"].as_str().unwrap()).collect();
+        assert_eq!(names, ["n1", "n2", "n3"]);
+        assert!(ns.iter().all(|n| n["state"] == "ready"), "{ns:?}");
+        assert!(ns.iter().all(|n| n["capacity"]["cpus"].as_u64() > Some(0)));
+    }
+    // One admin token and one JWT key: every token works on every node.
+    for f in ["api-token", "jwt-secret", "e2b-key", "identity-key.p8"] {
+        let a = std::fs::read(n1.data().join(f)).unwrap();
+        for d in [&n2, &n3] {
+            assert_eq!(std::fs::read(d.data().join(f)).unwrap(), a, "{f} differs");
+        }
+    }
+    let token = std::fs::read_to_string(n1.data().join("api-token")).unwrap();
+    let (st, v) = http_json(&a3, token.trim(), "GET", "/api/v1/stats", None);
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["nodes"]["ready"], 3);
+
+    // Images: metadata is shared, blobs are each node's (imported on each here).
+    for d in [&n1, &n2, &n3] {
+        d.import_busybox(&layout);
+    }
+
+    // Created through n1, placed on n2 (pinned), used through n1 and n3.
+    let web = n1.json(&["new", "--image", "busybox", "--name", "web", "--node", "n2"]);
+    assert_eq!(web["node"], "n2");
+    assert_eq!(web["state"], "running");
+    let qemu = web["pid"].as_u64().unwrap() as u32;
+    assert!(n2.qemu_pids().contains(&qemu), "web's QEMU runs under n2");
+    assert!(n1.qemu_pids().is_empty() && n3.qemu_pids().is_empty());
+    for d in [&n1, &n3] {
+        let out = d.ok(&[
+            "exec",
+            "web",
+            "--",
+            "sh",
+            "-c",
+            "echo hi > /tmp/f; cat /tmp/f; hostname",
+        ]);
+        assert_eq!(out, "hi\nweb\n");
+    }
+    let ls = n3.ok(&["ls"]);
+    assert!(ls.contains("NODE") && ls.contains("n2"), "{ls}");
+
+    // Unpinned: the scheduler places it on a ready node.
+    let auto = n3.json(&["new", "--image", "busybox", "--name", "auto"]);
+    let placed = auto["node"].as_str().unwrap().to_string();
+    assert!(["n1", "n2", "n3"].contains(&placed.as_str()));
+    assert_eq!(n1.ok(&["exec", "auto", "--", "echo", "ok"]), "ok\n");
+
+    // Cordoned: no new VMs there, the others still placed.
+    n1.ok(&["cordon", "n3"]);
+    assert_eq!(state_of(&n2, "n3"), "cordoned");
+    fails_with(
+        &n1,
+        &["new", "--image", "busybox", "--node", "n3"],
+        "cordoned",
+    );
+    fails_with(
+        &n1,
+        &["new", "--image", "busybox", "--node", "nope"],
+        "not found",
+    );
+    n1.ok(&["uncordon", "n3"]);
+    assert_eq!(state_of(&n2, "n3"), "ready");
+
+    // Lifecycle through a node that does not run the VM: the owner acts (intents in etcd).
+    let stopped = n3.json(&["stop", "web"]);
+    assert_eq!(stopped["state"], "stopped", "{stopped}");
+    let started = n1.json(&["start", "web"]);
+    assert_eq!(started["state"], "running", "{started}");
+    assert_eq!(n3.ok(&["exec", "web", "--", "cat", "/tmp/f"]), "hi\n");
+
+    // n2's hutchd killed -9: down within the lease TTL; its VM is lost but its QEMU runs on.
+    let qemu = vm(&n1, "web")["pid"].as_u64().unwrap() as u32;
+    n2.kill9();
+    let t0 = Instant::now();
+    let down = wait_until(Duration::from_secs(20), || {
+        (state_of(&n1, "n2") == "down").then_some(())
+    });
+    let took = t0.elapsed();
+    assert!(down.is_some(), "n2 not down in 20 s: {:?}", nodes(&n1));
+    assert!(
+        took < Duration::from_secs(3 + 3),
+        "n2 down after {took:?} (lease TTL {TTL} s)"
+    );
+    eprintln!("a killed node is down after {took:?} (lease TTL {TTL} s)");
+    assert_eq!(vm(&n3, "web")["lost"], true);
+    assert!(n1.ok(&["ls"]).contains("lost"));
+    fails_with(&n1, &["exec", "web", "--", "true"], "lost");
+    fails_with(&n3, &["stop", "web"], "lost");
+    assert!(
+        qemu_pids_under(n2.data()).contains(&qemu),
+        "VMs outlive hutchd"
+    );
+
+    // Back: it re-attaches, holds a new lease, and serves again.
+    n2.spawn();
+    let ready = wait_until(Duration::from_secs(30), || {
+        (state_of(&n1, "n2") == "ready").then_some(())
+    });
+    assert!(ready.is_some(), "n2 not ready again: {:?}", nodes(&n1));
+    assert_eq!(vm(&n3, "web")["lost"], Value::Null);
+    assert_eq!(vm(&n3, "web")["pid"].as_u64(), Some(u64::from(qemu)));
+    assert_eq!(n1.ok(&["exec", "web", "--", "cat", "/tmp/f"]), "hi\n");
+
+    // etcd loses a member (of 3): the cluster goes on.
+    etcd.kill(0);
+    let third = n1.json(&[
+        "new", "--image", "busybox", "--name", "third", "--node", "n3",
+    ]);
+    assert_eq!(third["state"], "running");
+    assert_eq!(n2.ok(&["exec", "third", "--", "echo", "still"]), "still\n");
+    assert_eq!(n3.json(&["ls"]).as_array().unwrap().len(), 3);
+    let (st, _) = http_json(&a2, token.trim(), "GET", "/api/v1/nodes", None);
+    assert_eq!(st, 200);
+
+    // Deleted through one node, wherever they run: nothing is left.
+    for name in ["web", "auto", "third"] {
+        n1.ok(&["rm", name]);
+    }
+    assert!(n2.json(&["ls"]).as_array().unwrap().is_empty());
+    let gone = wait_until(Duration::from_secs(20), || {
+        [&n1, &n2, &n3]
+            .iter()
+            .all(|d| d.qemu_pids().is_empty())
+            .then_some(())
+    });
+    assert!(gone.is_some(), "QEMU left running");
+    drop((n1, n2, n3));
+    drop(etcd);
+}
