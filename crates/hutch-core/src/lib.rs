@@ -99,6 +99,9 @@ pub struct Vm {
     /// The cluster node that runs it (`hutchd --node-name`); None on a single node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
+    /// Made again by the cluster from its image after its node went down: what happened.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recreated: Option<String>,
     /// Shown, never stored: its node is down (lease expired), so what it does is unknown.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub lost: bool,

@@ -108,6 +108,9 @@ pub fn describe(v: &Vm, node: Option<&str>, connect: &str) -> String {
     if let Some(r) = &v.reason {
         s.push_str(&format!("  Reason:  {}\n", crate::clean_text(r)));
     }
+    if let Some(r) = &v.recreated {
+        s.push_str(&format!("  Note:    {}\n", crate::clean_text(r)));
+    }
     if v.restart != crate::RestartPolicy::No {
         s.push_str(&format!(
             "  Restart: {} ({} so far)\n",

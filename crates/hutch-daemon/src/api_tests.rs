@@ -114,6 +114,7 @@ fn vm(name: &str, owner: Option<&str>) -> Vm {
         timers: Default::default(),
         pool: None,
         node: None,
+        recreated: None,
         lost: false,
         mem: Default::default(),
     }

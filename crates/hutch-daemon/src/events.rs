@@ -46,6 +46,9 @@ impl EventBus {
         let Some(prev) = prev else {
             return; // `creating`: announced as `created` once it runs
         };
+        if vm.recreated.is_some() && prev.recreated != vm.recreated {
+            self.publish(vm, "recreated", vm.recreated.clone());
+        }
         if prev.state == vm.state {
             return;
         }

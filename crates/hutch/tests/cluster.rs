@@ -139,6 +139,20 @@ fn three_nodes_on_three_etcd_members() {
     assert_eq!(started["state"], "running", "{started}");
     assert_eq!(n3.ok(&["exec", "web", "--", "cat", "/tmp/f"]), "hi\n");
 
+    // A restart-always VM on n2, to be made again elsewhere when n2 goes down.
+    let always = n3.json(&[
+        "new",
+        "--image",
+        "busybox",
+        "--name",
+        "always",
+        "--node",
+        "n2",
+        "--restart",
+        "always",
+    ]);
+    let always_qemu = always["pid"].as_u64().unwrap() as u32;
+
     // n2's hutchd killed -9: down within the lease TTL; its VM is lost but its QEMU runs on.
     let qemu = vm(&n1, "web")["pid"].as_u64().unwrap() as u32;
     n2.kill9();
@@ -161,6 +175,32 @@ fn three_nodes_on_three_etcd_members() {
         qemu_pids_under(n2.data()).contains(&qemu),
         "VMs outlive hutchd"
     );
+    // The restart-always VM is made again on another node, from its image, and says so.
+    let moved = wait_until(Duration::from_secs(60), || {
+        // Between the old record's removal and the new one's, it is not found.
+        let o = n1.hutch(&["--json", "describe", "always"]);
+        let v: Value = serde_json::from_slice(&o.stdout).ok()?;
+        (v["node"] != "n2" && v["state"] == "running" && v["recreated"].is_string()).then_some(v)
+    })
+    .expect("the restart-always VM was not recreated elsewhere");
+    assert_ne!(moved["id"], always["id"]);
+    let note = moved["recreated"].as_str().unwrap_or_default();
+    assert!(note.contains("n2") && note.contains("lost"), "{moved}");
+    let desc = n1.ok(&["describe", "always"]);
+    assert!(desc.contains("recreated on"), "{desc}");
+    let on = moved["node"].as_str().unwrap().to_string();
+    let d_on = if on == "n1" { &n1 } else { &n3 };
+    assert!(d_on
+        .qemu_pids()
+        .contains(&(moved["pid"].as_u64().unwrap() as u32)));
+    assert_eq!(n3.ok(&["exec", "always", "--", "echo", "here"]), "here\n");
+    let all = n1.json(&["ls"]);
+    let named = all
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|v| v["name"] == "always");
+    assert_eq!(named.count(), 1, "placed once: {all}");
 
     // Back: it re-attaches, holds a new lease, and serves again.
     n2.spawn();
@@ -171,6 +211,11 @@ fn three_nodes_on_three_etcd_members() {
     assert_eq!(vm(&n3, "web")["lost"], Value::Null);
     assert_eq!(vm(&n3, "web")["pid"].as_u64(), Some(u64::from(qemu)));
     assert_eq!(n1.ok(&["exec", "web", "--", "cat", "/tmp/f"]), "hi\n");
+    // What moved away does not run on n2 any more: its hutchd stopped it at start.
+    assert!(
+        !qemu_pids_under(n2.data()).contains(&always_qemu),
+        "n2 still runs the VM that was moved"
+    );
 
     // etcd loses a member (of 3): the cluster goes on.
     etcd.kill(0);
@@ -179,12 +224,12 @@ fn three_nodes_on_three_etcd_members() {
     ]);
     assert_eq!(third["state"], "running");
     assert_eq!(n2.ok(&["exec", "third", "--", "echo", "still"]), "still\n");
-    assert_eq!(n3.json(&["ls"]).as_array().unwrap().len(), 3);
+    assert_eq!(n3.json(&["ls"]).as_array().unwrap().len(), 4);
     let (st, _) = http_json(&a2, token.trim(), "GET", "/api/v1/nodes", None);
     assert_eq!(st, 200);
 
     // Deleted through one node, wherever they run: nothing is left.
-    for name in ["web", "auto", "third"] {
+    for name in ["web", "auto", "third", "always"] {
         n1.ok(&["rm", name]);
     }
     assert!(n2.json(&["ls"]).as_array().unwrap().is_empty());

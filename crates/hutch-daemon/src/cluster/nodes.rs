@@ -116,6 +116,7 @@ impl Cluster {
 
     async fn membership(self: Arc<Self>, service: Weak<Service>) {
         let every = self.opts.lease_ttl / 3;
+        let mut fence = super::failover::Fence::new(service.clone());
         loop {
             let lost = self.lease();
             tokio::select! {
@@ -123,11 +124,13 @@ impl Cluster {
                 _ = async { match &lost { Some(l) => l.lost().await, None => std::future::pending().await } } => {
                     tracing::warn!(node = %self.name(), "cluster: membership lease lost; joining again");
                     self.set_lease(None);
+                    fence.lost().await;
                 }
             }
             let Some(s) = service.upgrade() else { return };
-            if let Err(e) = self.beat_once(&s).await {
-                tracing::warn!(error = %e, "cluster: heartbeat");
+            match self.beat_once(&s).await {
+                Ok(()) => fence.rejoined().await,
+                Err(e) => tracing::warn!(error = %e, "cluster: heartbeat"),
             }
         }
     }

@@ -164,7 +164,8 @@ impl Node {
 
     /// Undoes creates, finishes deletes, kills orphan QEMUs, removes orphan VM directories.
     /// A directory with a record copy (`vm.json`) that the store does not know is not an orphan
-    /// but a VM the store lost: it and its QEMU are left for `hutch admin recover`.
+    /// but a VM the store lost: it and its QEMU are left for `hutch admin recover` (on a single
+    /// node; a cluster node's VM unknown to etcd was moved or deleted elsewhere: removed).
     pub async fn recover(self: &Arc<Self>) -> Result<(), ApiError> {
         for vm in self.records.local_vms().await? {
             if !matches!(vm.state, VmState::Creating | VmState::Deleting) {
@@ -187,7 +188,10 @@ impl Node {
             .map(|v| (v.id.clone(), v))
             .collect();
         let vms_dir = self.cfg.data_dir.join("vms");
-        let lost = |id: &str| !vms.contains_key(id) && self.saved_record(id).is_some();
+        // On a cluster node the store is etcd, replicated: a VM it does not record here was
+        // moved or deleted while this node was away, not lost by the store.
+        let cluster = self.records.local_node().is_some();
+        let lost = |id: &str| !cluster && !vms.contains_key(id) && self.saved_record(id).is_some();
         let mut warned = std::collections::HashSet::new();
         for (pid, id) in qemu_processes(&vms_dir) {
             if lost(&id) {

@@ -126,6 +126,7 @@ impl Service {
         timers::reap_in_background(self);
         if self.cluster.get().is_some() {
             self.serve_intents();
+            self.start_failover();
         }
     }
 }

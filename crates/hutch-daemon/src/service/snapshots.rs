@@ -434,6 +434,7 @@ fn snap_vm(snap: &Snapshot, caller: &Caller) -> Vm {
         timers: Default::default(),
         pool: None,
         node: None,
+        recreated: None,
         lost: false,
         mem: VmMemory {
             base: snap.ram_in_file.then(|| snap.id.clone()),

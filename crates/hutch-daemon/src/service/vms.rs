@@ -168,6 +168,7 @@ impl Service {
             timers: super::timers::timers_of(&req)?,
             pool: None,
             node: self.records.local_node(),
+            recreated: None,
             lost: false,
         };
         // Admitted (reserved until the record counts), then the name is claimed in the create's
