@@ -363,6 +363,24 @@ pub async fn run(mut cfg: DaemonConfig) -> Result<(), DaemonError> {
     if let Some(topts) = cfg.tcp.clone() {
         let addr = topts.listen;
         let tls = tcp::tls_config(&cfg.data_dir, &topts)?;
+        if let Some(c) = m.cluster.get() {
+            let pem = match &tls {
+                None => None,
+                Some(_) => {
+                    let path = topts
+                        .tls_cert
+                        .clone()
+                        .unwrap_or_else(|| tcp::self_made_cert(&cfg.data_dir).0);
+                    Some(
+                        std::fs::read_to_string(&path)
+                            .map_err(|e| setup(format!("reading {}: {e}", path.display())))?,
+                    )
+                }
+            };
+            c.set_tls_cert(pem)
+                .await
+                .map_err(|e| setup(format!("recording this node's certificate: {e}")))?;
+        }
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|e| setup(format!("binding {addr}: {e}")))?;

@@ -243,3 +243,217 @@ fn three_nodes_on_three_etcd_members() {
     drop((n1, n2, n3));
     drop(etcd);
 }
+
+/// A test LAN: a bridge here (the etcd members listen on its address) and one network
+/// namespace per node, joined to it by a veth pair; all removed on drop.
+struct Lan {
+    bridge: String,
+    net: String,
+    nss: Vec<String>,
+}
+
+impl Lan {
+    fn new(nodes: usize) -> Lan {
+        let tag = format!("{:x}", std::process::id() % 0xffff);
+        let bridge = format!("hcl{tag}");
+        let net = format!("10.251.{}", std::process::id() % 250);
+        let lan = Lan {
+            nss: (0..nodes).map(|i| format!("hcl{tag}n{i}")).collect(),
+            bridge,
+            net,
+        };
+        let (br, net) = (&lan.bridge, &lan.net);
+        sh(&format!(
+            "ip link add {br} type bridge && ip addr add {net}.1/24 dev {br} && ip link set {br} up"
+        ));
+        for (i, ns) in lan.nss.iter().enumerate() {
+            sh(&format!(
+                "ip netns add {ns}
+                 ip link add {br}v{i} type veth peer name eth0 netns {ns}
+                 ip link set {br}v{i} master {br} up
+                 ip -n {ns} link set lo up
+                 ip -n {ns} link set eth0 up
+                 ip -n {ns} addr add {net}.{}/24 dev eth0
+                 ip -n {ns} route add default via {net}.1",
+                10 + i
+            ));
+        }
+        lan
+    }
+
+    fn host(&self) -> std::net::IpAddr {
+        format!("{}.1", self.net).parse().unwrap()
+    }
+
+    fn ip(&self, i: usize) -> String {
+        format!("{}.{}", self.net, 10 + i)
+    }
+
+    /// Cuts node `i` off: nothing in or out of its namespace.
+    fn cut(&self, i: usize) {
+        sh(&format!("ip -n {} link set eth0 down", self.nss[i]));
+    }
+
+    fn heal(&self, i: usize) {
+        let (ns, net) = (&self.nss[i], &self.net);
+        sh(&format!(
+            "ip -n {ns} link set eth0 up && ip -n {ns} route replace default via {net}.1"
+        ));
+    }
+}
+
+impl Drop for Lan {
+    fn drop(&mut self) {
+        for ns in &self.nss {
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "del", ns])
+                .status();
+        }
+        let _ = std::process::Command::new("ip")
+            .args(["link", "del", &self.bridge])
+            .status();
+    }
+}
+
+/// QEMU's run state of VM `id` under `data` ("running", "paused", ...), asked over its QMP
+/// socket.
+fn qemu_status(data: &std::path::Path, id: &str) -> String {
+    use std::io::{BufRead, BufReader, Write};
+    let sock = data.join("vms").join(id).join("run/qmp.sock");
+    let s = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    let mut w = s;
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap(); // greeting
+    w.write_all(b"{\"execute\":\"qmp_capabilities\"}\n{\"execute\":\"query-status\"}\n")
+        .unwrap();
+    loop {
+        line.clear();
+        r.read_line(&mut line).unwrap();
+        let v: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
+        if let Some(st) = v["return"]["status"].as_str() {
+            return st.to_string();
+        }
+    }
+}
+
+/// Each node in its own network namespace. A node cut off from the network (etcd and its
+/// peers) freezes its VMs once its lease may have expired; the others see it down and make its
+/// restart-always VM again; healed, it resumes the VM still recorded on it and removes the one
+/// that moved: never one VM running on two nodes.
+#[test]
+fn a_partitioned_node_freezes_and_heals() {
+    let lan = Lan::new(2);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let etcd = rt.block_on(EtcdCluster::start_on(&[lan.host(); 3]));
+    let eps = etcd.endpoints().join(",");
+    let work = tempfile::tempdir().unwrap();
+    let layout = busybox_layout(work.path());
+    let nodes: Vec<Daemon> = (0..2)
+        .map(|i| {
+            let addr = format!("{}:7070", lan.ip(i));
+            let name = format!("p{i}");
+            Daemon::start_in(
+                Some(&lan.nss[i]),
+                &[
+                    "--etcd",
+                    &eps,
+                    "--node-name",
+                    &name,
+                    "--listen",
+                    &addr,
+                    "--advertise",
+                    &addr,
+                    "--lease-ttl",
+                    TTL,
+                ],
+            )
+        })
+        .collect();
+    let (p0, p1) = (&nodes[0], &nodes[1]);
+    for d in &nodes {
+        d.import_busybox(&layout);
+    }
+    let stay = p0.json(&[
+        "new", "--image", "busybox", "--name", "stay", "--node", "p1",
+    ]);
+    let go = p0.json(&[
+        "new",
+        "--image",
+        "busybox",
+        "--name",
+        "go",
+        "--node",
+        "p1",
+        "--restart",
+        "always",
+    ]);
+    // Across namespaces, through the other node.
+    assert_eq!(p0.ok(&["exec", "stay", "--", "echo", "ok"]), "ok\n");
+    let (stay_id, go_id) = (
+        stay["id"].as_str().unwrap().to_string(),
+        go["id"].as_str().unwrap().to_string(),
+    );
+    let go_qemu = go["pid"].as_u64().unwrap() as u32;
+
+    lan.cut(1);
+    let t0 = Instant::now();
+    assert!(
+        wait_until(Duration::from_secs(20), || (state_of(p0, "p1") == "down")
+            .then_some(()))
+        .is_some(),
+        "p1 not down"
+    );
+    eprintln!("a partitioned node is down after {:?}", t0.elapsed());
+    // Cut off, p1 froze its VMs (by its own clock, before etcd let its lease go).
+    for id in [&stay_id, &go_id] {
+        assert_eq!(
+            qemu_status(p1.data(), id),
+            "paused",
+            "VM {id} on the cut-off node"
+        );
+    }
+    let moved = wait_until(Duration::from_secs(60), || {
+        let o = p0.hutch(&["--json", "describe", "go"]);
+        let v: Value = serde_json::from_slice(&o.stdout).ok()?;
+        (v["node"] == "p0" && v["state"] == "running").then_some(v)
+    })
+    .expect("go not recreated on p0");
+    assert_eq!(p0.ok(&["exec", "go", "--", "echo", "moved"]), "moved\n");
+    assert_eq!(vm(p0, "stay")["lost"], true);
+
+    lan.heal(1);
+    assert!(
+        wait_until(Duration::from_secs(30), || (state_of(p0, "p1") == "ready")
+            .then_some(()))
+        .is_some(),
+        "p1 not back"
+    );
+    // The VM that moved is gone from p1; the one still recorded there runs on.
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            (!qemu_pids_under(p1.data()).contains(&go_qemu)).then_some(())
+        })
+        .is_some(),
+        "p1 still runs the VM that moved"
+    );
+    assert_eq!(qemu_status(p1.data(), &stay_id), "running");
+    assert_eq!(p0.ok(&["exec", "stay", "--", "echo", "back"]), "back\n");
+    let all = p1.json(&["ls"]);
+    let gos: Vec<&Value> = all
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|v| v["name"] == "go")
+        .collect();
+    assert_eq!(gos.len(), 1, "{all}");
+    assert_eq!(gos[0]["id"], moved["id"]);
+
+    for name in ["stay", "go"] {
+        p1.ok(&["rm", name]);
+    }
+    drop(nodes);
+    drop(etcd);
+    drop(lan);
+}

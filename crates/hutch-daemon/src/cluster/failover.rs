@@ -221,12 +221,18 @@ impl Service {
     }
 
     /// With a lease again: frozen VMs still recorded here run on; the others are removed.
-    pub(crate) async fn unfence(self: &Arc<Self>, frozen: HashMap<String, Vm>) {
+    /// Returns those whose record could not be read (still frozen, for the next try).
+    pub(crate) async fn unfence(
+        self: &Arc<Self>,
+        frozen: HashMap<String, Vm>,
+    ) -> HashMap<String, Vm> {
+        let mut left = HashMap::new();
         for (id, vm) in frozen {
             let now = match self.records.vm_stored(&id).await {
                 Ok(v) => v,
                 Err(e) => {
                     tracing::warn!(vm = %vm.key(), error = %e, "unfencing: reading its record");
+                    left.insert(id, vm);
                     continue;
                 }
             };
@@ -243,38 +249,35 @@ impl Service {
                 }
             }
         }
+        if left.is_empty() {
+            tracing::info!("cluster: lease held again; frozen VMs judged");
+        }
+        left
     }
 }
 
-/// The membership task's hooks: fence when the lease is lost, unfence once one is held again.
-pub(crate) struct Fence {
-    service: Weak<Service>,
-    frozen: Option<HashMap<String, Vm>>,
-}
-
-impl Fence {
-    pub(crate) fn new(service: Weak<Service>) -> Fence {
-        Fence {
-            service,
-            frozen: None,
-        }
-    }
-
-    pub(crate) async fn lost(&mut self) {
-        if self.frozen.is_some() {
-            return;
-        }
-        if let Some(s) = self.service.upgrade() {
-            self.frozen = Some(s.fence().await);
-        }
-    }
-
-    pub(crate) async fn rejoined(&mut self) {
-        let Some(frozen) = self.frozen.take() else {
-            return;
+/// Watches this node's lease: when it has gone unrenewed until a quarter of its TTL before it
+/// may expire (or is lost), the node's VMs are frozen; once it is renewed again (or a new one
+/// is held), they are judged (`unfence`). Runs for as long as the service lives.
+pub(crate) async fn fencing(c: Arc<Cluster>, service: Weak<Service>) {
+    let margin = c.opts.lease_ttl / 4;
+    let mut frozen: Option<HashMap<String, Vm>> = None;
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let Some(s) = service.upgrade() else { return };
+        let safe = match c.lease().map(|l| l.state()) {
+            Some(hutch_store_etcd::LeaseState::Alive { until }) => {
+                std::time::Instant::now() + margin < until
+            }
+            _ => false,
         };
-        if let Some(s) = self.service.upgrade() {
-            s.unfence(frozen).await;
+        match (&mut frozen, safe) {
+            (None, false) => frozen = Some(s.fence().await),
+            (Some(f), true) => {
+                let left = s.unfence(std::mem::take(f)).await;
+                frozen = (!left.is_empty()).then_some(left);
+            }
+            _ => {}
         }
     }
 }

@@ -95,6 +95,7 @@ async fn to_node(
         .get(&format!("{}{node}", super::nodes::NODES))
         .await?
         .and_then(|kv| serde_json::from_slice::<super::nodes::NodeRecord>(&kv.value).ok());
+    let tls_cert = rec.as_ref().and_then(|r| r.tls_cert.clone());
     let addr = rec.and_then(|r| r.advertise).ok_or_else(|| {
         ApiError::Capacity(format!(
             "node {node} has no --advertise address: it cannot be reached from other nodes"
@@ -130,20 +131,68 @@ async fn to_node(
     let stream = tokio::net::TcpStream::connect(&addr)
         .await
         .map_err(|e| unreachable(&e))?;
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .map_err(|e| unreachable(&e))?;
+    let resp = match tls_cert {
+        None => send(hyper_util::rt::TokioIo::new(stream), req).await,
+        Some(pem) => {
+            let host = addr.rsplit_once(':').map_or(addr.as_str(), |(h, _)| h);
+            let host = host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_string();
+            let s = pinned(&pem, &host, stream)
+                .await
+                .map_err(|e| unreachable(&e))?;
+            send(hyper_util::rt::TokioIo::new(s), req).await
+        }
+    };
+    Ok(resp.map_err(|e| unreachable(&e))?.map(Body::new))
+}
+
+/// One HTTP/1.1 exchange on `io`.
+async fn send<I>(
+    io: I,
+    req: Request,
+) -> Result<axum::http::Response<hyper::body::Incoming>, hyper::Error>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await?;
     tokio::spawn(async move {
         if let Err(e) = conn.await {
             tracing::debug!(error = %e, "forwarded connection");
         }
     });
-    let resp = sender
-        .send_request(req)
+    sender.send_request(req).await
+}
+
+/// TLS to a node that trusts exactly the certificate it recorded in etcd.
+async fn pinned(
+    pem: &str,
+    host: &str,
+    stream: tokio::net::TcpStream,
+) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, String> {
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pki_types::CertificateDer::pem_slice_iter(pem.as_bytes()) {
+        let c = c.map_err(|e| format!("its recorded certificate: {e}"))?;
+        roots
+            .add(c)
+            .map_err(|e| format!("its recorded certificate: {e}"))?;
+    }
+    let mut cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| e.to_string())?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let name = rustls_pki_types::ServerName::try_from(host.to_string())
+        .map_err(|e| format!("{host:?}: {e}"))?;
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+        .connect(name, stream)
         .await
-        .map_err(|e| unreachable(&e))?;
-    Ok(resp.map(Body::new))
+        .map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

@@ -32,6 +32,10 @@ pub struct NodeRecord {
     #[serde(default)]
     pub draining: bool,
     pub joined_at: u64,
+    /// The certificate (PEM chain) its API serves over TLS: other nodes forwarding to it
+    /// trust exactly this (None: plain HTTP on loopback).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_cert: Option<String>,
 }
 
 /// A live node's heartbeat (bound to its lease).
@@ -57,6 +61,7 @@ impl Cluster {
             cordoned: false,
             draining: false,
             joined_at: hutch_core::now(),
+            tls_cert: None,
         };
         loop {
             let cur = self.store.get_json::<NodeRecord>(&key).await?;
@@ -116,7 +121,7 @@ impl Cluster {
 
     async fn membership(self: Arc<Self>, service: Weak<Service>) {
         let every = self.opts.lease_ttl / 3;
-        let mut fence = super::failover::Fence::new(service.clone());
+        tokio::spawn(super::failover::fencing(self.clone(), service.clone()));
         loop {
             let lost = self.lease();
             tokio::select! {
@@ -124,15 +129,27 @@ impl Cluster {
                 _ = async { match &lost { Some(l) => l.lost().await, None => std::future::pending().await } } => {
                     tracing::warn!(node = %self.name(), "cluster: membership lease lost; joining again");
                     self.set_lease(None);
-                    fence.lost().await;
                 }
             }
             let Some(s) = service.upgrade() else { return };
-            match self.beat_once(&s).await {
-                Ok(()) => fence.rejoined().await,
-                Err(e) => tracing::warn!(error = %e, "cluster: heartbeat"),
+            if let Err(e) = self.beat_once(&s).await {
+                tracing::warn!(error = %e, "cluster: heartbeat");
             }
         }
+    }
+}
+
+impl Cluster {
+    /// Records the certificate this node's API serves (other nodes pin it when they forward).
+    pub async fn set_tls_cert(&self, pem: Option<String>) -> Result<(), StoreError> {
+        let key = format!("{NODES}{}", self.name());
+        self.store
+            .update_json::<NodeRecord, StoreError, _>(&key, |r| {
+                r.tls_cert = pem.clone();
+                Ok(())
+            })
+            .await?;
+        Ok(())
     }
 }
 

@@ -68,10 +68,17 @@ pub struct Daemon {
     pub extra: Vec<String>,
     /// The test's own bridge and subnet (see `start`).
     net: Vec<String>,
+    /// The network namespace hutchd runs in (None: the test's own).
+    pub netns: Option<String>,
 }
 
 impl Daemon {
     pub fn start(extra: &[&str]) -> Daemon {
+        Daemon::start_in(None, extra)
+    }
+
+    /// `start`, with hutchd (and so its VM network and VMs) in network namespace `netns`.
+    pub fn start_in(netns: Option<&str>, extra: &[&str]) -> Daemon {
         ensure_agent();
         let dir = tempfile::Builder::new()
             .prefix("hutch-t")
@@ -91,6 +98,7 @@ impl Daemon {
             child: None,
             extra,
             net,
+            netns: netns.map(str::to_string),
         };
         d.spawn();
         d
@@ -121,7 +129,14 @@ impl Daemon {
             )),
         );
         let log = log.unwrap();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_hutchd"));
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_hutchd")]);
+                c
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_hutchd")),
+        };
         cmd.arg("--data-dir").arg(self.data());
         if !self.extra.iter().any(|a| a == "--ssh-listen") {
             cmd.arg("--ssh-listen").arg("off");
@@ -412,7 +427,8 @@ impl Drop for Daemon {
         wait_until(Duration::from_secs(10), || {
             self.qemu_pids().is_empty().then_some(())
         });
-        if let Some(br) = self.bridge() {
+        // In a namespace of the test's, the network goes with the namespace.
+        if let Some(br) = self.bridge().filter(|_| self.netns.is_none()) {
             remove_network(&br);
         }
         // The VMs' cgroups outlive the killed hutchd; remove them (empty now) with its node.
