@@ -304,6 +304,14 @@ impl Lan {
 
 impl Drop for Lan {
     fn drop(&mut self) {
+        // The host ends of the veth pairs first: a namespace can outlive its name for a while
+        // (the kernel frees it once its last socket is gone), and its veth with it.
+        for i in 0..self.nss.len() {
+            let _ = std::process::Command::new("ip")
+                .args(["link", "del", &format!("{}v{i}", self.bridge)])
+                .stderr(std::process::Stdio::null())
+                .status();
+        }
         for ns in &self.nss {
             let _ = std::process::Command::new("ip")
                 .args(["netns", "del", ns])
@@ -456,4 +464,70 @@ fn a_partitioned_node_freezes_and_heals() {
     drop(nodes);
     drop(etcd);
     drop(lan);
+}
+
+/// A single node moved into a cluster: `hutch admin migrate-store --to-etcd` with hutchd
+/// stopped; its VM runs on throughout, and the node on etcd re-attaches it as its own. A second
+/// migration into the now non-empty etcd is refused.
+#[test]
+fn a_single_node_moves_into_a_cluster() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let etcd = rt.block_on(EtcdCluster::start(1));
+    let eps = etcd.endpoints().join(",");
+    let work = tempfile::tempdir().unwrap();
+    let layout = busybox_layout(work.path());
+    let mut d = Daemon::start(&[]);
+    d.import_busybox(&layout);
+    let v = d.json(&["new", "--image", "busybox", "--name", "old"]);
+    d.ok(&["exec", "old", "--", "sh", "-c", "echo kept > /tmp/k"]);
+    let pid = v["pid"].as_u64().unwrap() as u32;
+    let token = std::fs::read(d.data().join("api-token")).unwrap();
+
+    // While hutchd runs, its store is locked.
+    fails_with(
+        &d,
+        &["admin", "migrate-store", "--to-etcd", &eps, "--node-name", "solo"],
+        "stop hutchd first",
+    );
+    d.kill9();
+    let out = d.ok(&["admin", "migrate-store", "--to-etcd", &eps, "--node-name", "solo"]);
+    assert!(out.contains("as node solo"), "{out}");
+    assert!(d.data().join("state.redb.moved-to-etcd").exists());
+    assert!(!d.data().join("state.redb").exists());
+    assert!(qemu_pids_under(d.data()).contains(&pid), "the VM ran on");
+
+    d.extra = ["--etcd", &eps, "--node-name", "solo"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    d.spawn();
+    let v = vm(&d, "old");
+    assert_eq!(v["node"], "solo");
+    assert_eq!(v["state"], "running");
+    assert_eq!(v["pid"].as_u64(), Some(u64::from(pid)), "re-attached, not rebooted");
+    assert_eq!(d.ok(&["exec", "old", "--", "cat", "/tmp/k"]), "kept\n");
+    assert_eq!(std::fs::read(d.data().join("api-token")).unwrap(), token);
+    assert_eq!(state_of(&d, "solo"), "ready");
+
+    // etcd is not empty any more.
+    let other = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        d.data().join("state.redb.moved-to-etcd"),
+        other.path().join("state.redb"),
+    )
+    .unwrap();
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_hutch"))
+        .args(["--data-dir", other.path().to_str().unwrap()])
+        .args(["admin", "migrate-store", "--to-etcd", &eps])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("already holds"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    d.ok(&["rm", "old"]);
+    drop(d);
+    drop(etcd);
 }

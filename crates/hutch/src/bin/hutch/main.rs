@@ -6,6 +6,7 @@ mod cluster;
 mod completions;
 mod events;
 mod image;
+mod migrate;
 mod net;
 mod pull;
 mod render;
@@ -218,6 +219,9 @@ enum AdminCmd {
     /// Rebuild the records of VMs the state store lost (it was deleted or corrupt) from their
     /// directories and running QEMUs; nothing is stopped.
     Recover,
+    /// Move this single node's state into an empty etcd, to become a cluster's first node
+    /// (stop hutchd first; its VMs keep running).
+    MigrateStore(migrate::MigrateArgs),
 }
 
 /// Runs a process. With `stdin`, the streaming form: the request line, then stdin streamed as
@@ -587,6 +591,7 @@ async fn run(cli: Cli) -> Result<i32> {
         Cmd::Nodes => cluster::nodes(&c, j).await?,
         Cmd::Cordon { node } => cluster::cordon(&c, &node, true, j).await?,
         Cmd::Uncordon { node } => cluster::cordon(&c, &node, false, j).await?,
+        Cmd::Admin(AdminCmd::MigrateStore(a)) => migrate::migrate(&c.data_dir, a).await?,
         Cmd::Admin(AdminCmd::Recover) => {
             let v = c.json(Method::POST, "/api/v1/admin/recover", None).await?;
             if j {
