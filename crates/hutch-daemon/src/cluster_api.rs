@@ -10,7 +10,8 @@ use axum::{Extension, Json, Router};
 use hutch_core::cluster::{ClusterStats, NodeView};
 
 pub fn routes(r: Router<AppState>) -> Router<AppState> {
-    r.route("/api/v1/nodes", get(nodes))
+    crate::cluster::blobs::routes(r)
+        .route("/api/v1/nodes", get(nodes))
         .route("/api/v1/stats", get(stats))
         .route("/api/v1/nodes/{name}/cordon", post(cordon))
         .route("/api/v1/nodes/{name}/uncordon", post(uncordon))

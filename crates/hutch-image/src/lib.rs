@@ -296,6 +296,32 @@ impl ImageStore {
         Ok(actual)
     }
 
+    /// Which of `digests` the store lacks (a string that is not a digest is an error).
+    pub fn missing_blobs(&self, digests: &[String]) -> Result<Vec<Digest>, ImageError> {
+        let mut out = Vec::new();
+        for d in digests {
+            let d = Digest::parse(d)?;
+            if !self.has_blob(&d) {
+                out.push(d);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Stores blob `digest` from `src` (another node's copy): it must hash to `digest` and be
+    /// at most `self.limits.max_bytes` long; on any error nothing is stored.
+    pub fn add_peer_blob(&self, src: impl Read, digest: &Digest) -> Result<(), ImageError> {
+        self.add_blob(src, Some(digest), None, self.limits.max_bytes)
+            .map(|_| ())
+    }
+
+    /// Opens blob `digest` for reading (resolved beneath the store's root).
+    pub fn open_blob(&self, digest: &Digest) -> Result<std::fs::File, ImageError> {
+        self.dir
+            .open_file(&Self::blob_rel(digest))
+            .map_err(unpack::fs_err)
+    }
+
     pub(crate) fn read_blob(&self, digest: &Digest, max: u64) -> Result<Vec<u8>, ImageError> {
         let f = self
             .dir

@@ -88,8 +88,25 @@ async fn to_node(
     m: &AppState,
     c: &super::Cluster,
     node: &str,
-    mut req: Request,
+    req: Request,
 ) -> Result<Response, ApiError> {
+    if !m.node_live(node).await? {
+        return Err(ApiError::Capacity(format!(
+            "the VM is lost: its node {node} is down"
+        )));
+    }
+    Ok(node_request(m, c, node, req).await?.map(Body::new))
+}
+
+/// Sends `req` (path and query; any body) to node `node`'s API: to its advertised address,
+/// over TLS pinned to the certificate it recorded, with the caller's bearer token or else the
+/// cluster's admin token, marked forwarded.
+pub(crate) async fn node_request(
+    m: &crate::service::Service,
+    c: &super::Cluster,
+    node: &str,
+    mut req: Request,
+) -> Result<axum::http::Response<hyper::body::Incoming>, ApiError> {
     let rec = c
         .store
         .get(&format!("{}{node}", super::nodes::NODES))
@@ -102,9 +119,7 @@ async fn to_node(
         ))
     })?;
     if !m.node_live(node).await? {
-        return Err(ApiError::Capacity(format!(
-            "the VM is lost: its node {node} is down"
-        )));
+        return Err(ApiError::Capacity(format!("node {node} is down")));
     }
     if !req.headers().contains_key(header::AUTHORIZATION) {
         let token = crate::api_token(&m.cfg().data_dir)
@@ -145,7 +160,7 @@ async fn to_node(
             send(hyper_util::rt::TokioIo::new(s), req).await
         }
     };
-    Ok(resp.map_err(|e| unreachable(&e))?.map(Body::new))
+    resp.map_err(|e| unreachable(&e))
 }
 
 /// One HTTP/1.1 exchange on `io`.

@@ -8,6 +8,7 @@
 //! reaps and pools only its own (`Records::is_local`), so that a VM recorded elsewhere is never
 //! run here; at start, a node stops what it still runs of VMs recorded elsewhere.
 
+pub mod blobs;
 pub mod failover;
 pub mod forward;
 pub mod intents;

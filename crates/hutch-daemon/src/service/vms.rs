@@ -131,6 +131,7 @@ impl Service {
                 image.name
             )));
         }
+        self.fetch_layers(&image.layers).await?;
         let (images, img) = (self.images.clone(), image.clone());
         tokio::task::spawn_blocking(move || images.build_rootfs(&img.digest, &img.layers))
             .await

@@ -89,8 +89,7 @@ pub async fn migrate(data_dir: &Path, a: MigrateArgs) -> Result<()> {
         let mut txn = Txn::new();
         for kv in chunk {
             let value = if kv.key.starts_with("vms/") || kv.key.starts_with("snapshots/") {
-                stamp(&kv.value, &node)
-                    .with_context(|| format!("record {}", kv.key))?
+                stamp(&kv.value, &node).with_context(|| format!("record {}", kv.key))?
             } else {
                 kv.value.clone()
             };
