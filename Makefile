@@ -24,7 +24,7 @@ INSTALLED := $(BINDIR)/hutchd $(BINDIR)/hutch $(BINDIR)/hutch-agent \
 	$(SYSTEMDUNITDIR)/hutchd.service $(BASHCOMPDIR)/hutch $(ZSHCOMPDIR)/_hutch \
 	$(FISHCOMPDIR)/hutch.fish
 
-.PHONY: all deps test-deps build agent run test lint fmt bench bench-control clean-test install install-files uninstall
+.PHONY: all deps test-deps build agent run test lint fmt bench bench-control bench-cluster clean-test install install-files uninstall
 
 all: build
 
@@ -101,3 +101,9 @@ uninstall:
 bench-control:
 	cargo build --release -p hutch-daemon --features fakes --example bench_control
 	target/release/examples/bench_control
+
+# The cluster's store against the single node's, and dead-node detection (docs/benchmarks.md).
+bench-cluster:
+	@scripts/install-deps.sh --test
+	cargo build --release -p hutch-daemon --features fakes --example bench_cluster
+	target/release/examples/bench_cluster

@@ -11,10 +11,10 @@
 //! same on the in-memory store (the baseline: the control plane without durable commits).
 
 use hutch_daemon::auth::Caller;
-use hutch_daemon::service::testing::{add_image, fake_service};
+use hutch_daemon::service::testing::{add_image, create_load, fake_service};
 use hutch_daemon::service::{Admission, CreateVm};
 use hutch_store::kv::RedbStore;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -77,32 +77,8 @@ async fn main() {
     let seq = Arc::new(AtomicU64::new(0));
     let mut at_ten = 0.0;
     for clients in [1usize, 10, 100] {
-        let deadline = Instant::now() + Duration::from_secs(secs);
         let t0 = Instant::now();
-        let mut tasks = Vec::new();
-        for _ in 0..clients {
-            let (s, seq, admin) = (s.clone(), seq.clone(), admin.clone());
-            tasks.push(tokio::spawn(async move {
-                let mut lat = Vec::new();
-                while Instant::now() < deadline {
-                    let n = seq.fetch_add(1, Ordering::Relaxed);
-                    let req = CreateVm {
-                        name: Some(format!("vm-{n}")),
-                        image: "busybox".into(),
-                        mem_mib: 64,
-                        ..Default::default()
-                    };
-                    let t = Instant::now();
-                    s.create(&admin, req).await.expect("create");
-                    lat.push(t.elapsed());
-                }
-                lat
-            }));
-        }
-        let mut lat = Vec::new();
-        for t in tasks {
-            lat.extend(t.await.expect("client"));
-        }
+        let mut lat = create_load(&s, clients, Duration::from_secs(secs), &seq).await;
         let elapsed = t0.elapsed().as_secs_f64();
         lat.sort();
         let rate = lat.len() as f64 / elapsed;

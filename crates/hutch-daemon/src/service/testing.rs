@@ -104,3 +104,40 @@ pub async fn add_accounts(s: &Service, names: &[&str]) {
             .expect("account record");
     }
 }
+
+/// Creates VMs (`vm-N`, busybox, 64 MiB) from `clients` concurrent clients for `dur`; the
+/// latency of each create (the control-plane benchmarks' load).
+pub async fn create_load(
+    s: &Arc<Service>,
+    clients: usize,
+    dur: Duration,
+    seq: &Arc<std::sync::atomic::AtomicU64>,
+) -> Vec<Duration> {
+    let deadline = std::time::Instant::now() + dur;
+    let admin = crate::auth::Caller::local_admin();
+    let mut tasks = Vec::new();
+    for _ in 0..clients {
+        let (s, seq, admin) = (s.clone(), seq.clone(), admin.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            while std::time::Instant::now() < deadline {
+                let n = seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let req = super::CreateVm {
+                    name: Some(format!("vm-{n}")),
+                    image: "busybox".into(),
+                    mem_mib: 64,
+                    ..Default::default()
+                };
+                let t = std::time::Instant::now();
+                s.create(&admin, req).await.expect("create");
+                lat.push(t.elapsed());
+            }
+            lat
+        }));
+    }
+    let mut lat = Vec::new();
+    for t in tasks {
+        lat.extend(t.await.expect("client"));
+    }
+    lat
+}
