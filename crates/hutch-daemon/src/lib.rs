@@ -484,6 +484,24 @@ async fn serve_e2b(
             .map_or(Duration::from_secs(10), |t| t.header_timeout),
     };
     let tls = tcp::tls_config(&cfg.data_dir, &opts)?;
+    if let Some(c) = m.cluster.get() {
+        let pem = match &tls {
+            None => None,
+            Some(_) => {
+                let path = opts
+                    .tls_cert
+                    .clone()
+                    .unwrap_or_else(|| tcp::self_made_cert(&cfg.data_dir).0);
+                Some(
+                    std::fs::read_to_string(&path)
+                        .map_err(|e| setup(format!("reading {}: {e}", path.display())))?,
+                )
+            }
+        };
+        c.set_e2b(addr.port(), pem)
+            .await
+            .map_err(|e| setup(format!("recording this node's E2B address: {e}")))?;
+    }
     let key = secrets::read_or_create(
         &cfg.data_dir.join("e2b-key"),
         |k| k.len() == 32,

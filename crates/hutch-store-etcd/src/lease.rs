@@ -80,7 +80,7 @@ impl Lease {
 
 impl EtcdStore {
     /// Grants a lease of `ttl` (whole seconds, at least 2) and keeps it alive, renewing every
-    /// third of the TTL.
+    /// third of the TTL, at least every second.
     pub async fn grant(&self, ttl: Duration) -> Result<Lease, StoreError> {
         let secs = ttl.as_secs().max(2) as i64;
         let sent = Instant::now();
@@ -113,7 +113,9 @@ async fn keep_alive(
     mut last_sent: Instant,
     tx: watch::Sender<LeaseState>,
 ) {
-    let every = ttl / 3;
+    // Often, so that an etcd election or a member lost on the way costs no more than about a
+    // second of the TTL's slack.
+    let every = (ttl / 3).min(Duration::from_secs(1));
     let mut deadline = last_sent + ttl;
     let mut first = true;
     'connect: loop {

@@ -15,11 +15,14 @@ use std::time::{Duration, Instant};
 const TTL: &str = "3";
 /// The three-node test's: it also loses an etcd member (a leader election, a client moving to
 /// another member), which must not cost a node its lease.
-const TTL3: &str = "5";
+const TTL3: &str = "8";
 
 fn node(endpoints: &str, name: &str) -> (Daemon, String) {
     let addr = format!("127.0.0.1:{}", free_port());
+    let e2b = format!("127.0.0.1:{}", free_port());
     let d = Daemon::start(&[
+        "--e2b-listen",
+        &e2b,
         "--etcd",
         endpoints,
         "--node-name",
@@ -32,6 +35,37 @@ fn node(endpoints: &str, name: &str) -> (Daemon, String) {
         TTL3,
     ]);
     (d, addr)
+}
+
+/// One HTTP request with curl: status and body.
+fn curl(method: &str, url: &str, headers: &[(&str, &str)], body: Option<&[u8]>) -> (u16, Vec<u8>) {
+    let out = tempfile::NamedTempFile::new().unwrap();
+    let input = tempfile::NamedTempFile::new().unwrap();
+    let mut c = std::process::Command::new("curl");
+    c.args([
+        "-s",
+        "-X",
+        method,
+        "--max-time",
+        "120",
+        "-w",
+        "%{http_code}",
+        "-o",
+    ])
+    .arg(out.path());
+    for (k, v) in headers {
+        c.arg("-H").arg(format!("{k}: {v}"));
+    }
+    if let Some(b) = body {
+        std::fs::write(input.path(), b).unwrap();
+        c.arg("--data-binary")
+            .arg(format!("@{}", input.path().display()));
+    }
+    let o = c.arg(url).output().unwrap();
+    (
+        String::from_utf8_lossy(&o.stdout).parse().unwrap_or(0),
+        std::fs::read(out.path()).unwrap_or_default(),
+    )
 }
 
 fn nodes(d: &Daemon) -> Vec<Value> {
@@ -66,9 +100,9 @@ fn three_nodes_on_three_etcd_members() {
     let layout = busybox_layout(work.path());
 
     // The first node initializes the cluster; the others join it.
-    let (n1, _a1) = node(&eps, "n1");
+    let (mut n1, _a1) = node(&eps, "n1");
     let (mut n2, a2) = node(&eps, "n2");
-    let (n3, a3) = node(&eps, "n3");
+    let (mut n3, a3) = node(&eps, "n3");
     for d in [&n1, &n2, &n3] {
         let ns = nodes(d);
         let names: Vec<&str> = ns.iter().map(|n| n["name"].as_str().unwrap()).collect();
@@ -149,6 +183,54 @@ fn three_nodes_on_three_etcd_members() {
     n1.ok(&["uncordon", "n3"]);
     assert_eq!(state_of(&n2, "n3"), "ready");
 
+    // E2B: a sandbox made through n1's E2B API runs on n1; its envd answers through n3's and
+    // n2's E2B APIs (forwarded), and n2's control plane kills it (an intent to n1).
+    let e2b = |d: &Daemon| format!("http://{}", d.opt("--e2b-listen").unwrap());
+    let (st, b) = curl(
+        "POST",
+        &format!("{}/sandboxes", e2b(&n1)),
+        &[
+            ("x-api-key", token.trim()),
+            ("content-type", "application/json"),
+        ],
+        Some(br#"{"templateID":"busybox","timeout":600}"#),
+    );
+    assert_eq!(st, 201, "{}", String::from_utf8_lossy(&b));
+    let sb: Value = serde_json::from_slice(&b).unwrap();
+    let (sid, at) = (
+        sb["sandboxID"].as_str().unwrap().to_string(),
+        sb["envdAccessToken"].as_str().unwrap().to_string(),
+    );
+    let envd = [
+        ("e2b-sandbox-id", sid.as_str()),
+        ("x-access-token", at.as_str()),
+    ];
+    let (st, b) = curl(
+        "POST",
+        &format!("{}/files?path=/tmp/e2b.txt", e2b(&n3)),
+        &[
+            envd[0],
+            envd[1],
+            ("content-type", "application/octet-stream"),
+        ],
+        Some(b"via n3"),
+    );
+    assert_eq!(st, 200, "{}", String::from_utf8_lossy(&b));
+    let (st, b) = curl(
+        "GET",
+        &format!("{}/files?path=/tmp/e2b.txt", e2b(&n2)),
+        &envd,
+        None,
+    );
+    assert_eq!((st, b.as_slice()), (200, &b"via n3"[..]));
+    let (st, b) = curl(
+        "DELETE",
+        &format!("{}/sandboxes/{sid}", e2b(&n2)),
+        &[("x-api-key", token.trim())],
+        None,
+    );
+    assert_eq!(st, 204, "{}", String::from_utf8_lossy(&b));
+
     // Lifecycle through a node that does not run the VM: the owner acts (intents in etcd).
     let stopped = n3.json(&["stop", "web"]);
     assert_eq!(stopped["state"], "stopped", "{stopped}");
@@ -180,7 +262,7 @@ fn three_nodes_on_three_etcd_members() {
     let took = t0.elapsed();
     assert!(down.is_some(), "n2 not down in 20 s: {:?}", nodes(&n1));
     assert!(
-        took < Duration::from_secs(5 + 3),
+        took < Duration::from_secs(8 + 3),
         "n2 down after {took:?} (lease TTL {TTL3} s)"
     );
     eprintln!("a killed node is down after {took:?} (lease TTL {TTL3} s)");
@@ -254,6 +336,43 @@ fn three_nodes_on_three_etcd_members() {
         );
     }
 
+    // A rolling restart of every node's hutchd (each back within its lease TTL): no node is
+    // seen down, no VM moves or reboots.
+    let before: Vec<(String, String, Value)> = n1
+        .json(&["ls"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| {
+            (
+                v["name"].as_str().unwrap().to_string(),
+                v["id"].as_str().unwrap().to_string(),
+                v["pid"].clone(),
+            )
+        })
+        .collect();
+    for d in [&mut n1, &mut n2, &mut n3] {
+        d.kill9();
+        d.spawn();
+    }
+    for d in [&n1, &n2, &n3] {
+        assert!(
+            nodes(d).iter().all(|n| n["state"] == "ready"),
+            "{:?}",
+            nodes(d)
+        );
+    }
+    for (name, id, pid) in &before {
+        let v = vm(&n2, name);
+        assert_eq!(
+            (&v["id"], &v["pid"]),
+            (&Value::from(id.as_str()), pid),
+            "{name} changed"
+        );
+        assert_eq!(v["state"], "running");
+        assert_eq!(n3.ok(&["exec", name, "--", "echo", "up"]), "up\n");
+    }
+
     // Deleted through one node, wherever they run: nothing is left.
     for name in ["web", "auto", "third", "always"] {
         n1.ok(&["rm", name]);
@@ -280,9 +399,13 @@ struct Lan {
 
 impl Lan {
     fn new(nodes: usize) -> Lan {
-        let tag = format!("{:x}", std::process::id() % 0xffff);
+        // Tests of this binary run side by side: each LAN its own names and subnet.
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        assert!(n < 5, "at most 5 LANs per test binary");
+        let tag = format!("{:x}{n}", std::process::id() % 0xfff);
         let bridge = format!("hcl{tag}");
-        let net = format!("10.251.{}", std::process::id() % 250);
+        let net = format!("10.{}.{}", 250 + n, std::process::id() % 250);
         let lan = Lan {
             nss: (0..nodes).map(|i| format!("hcl{tag}n{i}")).collect(),
             bridge,
@@ -573,4 +696,140 @@ fn a_single_node_moves_into_a_cluster() {
     d.ok(&["rm", "old"]);
     drop(d);
     drop(etcd);
+}
+
+/// Auto-scaling: a one-node cluster whose guest memory use passes `--scale-up-at` runs the
+/// scale-up command, which starts another hutchd node in its own network namespace; when use
+/// falls below `--scale-down-at`, the idle new node is cordoned, the scale-down command stops
+/// it, and the cluster forgets it.
+#[test]
+fn auto_scaling_adds_and_removes_a_node() {
+    let lan = Lan::new(2);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let etcd = rt.block_on(EtcdCluster::start_on(&[lan.host()]));
+    let eps = etcd.endpoints().join(",");
+    let work = tempfile::tempdir().unwrap();
+    let layout = busybox_layout(work.path());
+    // The thresholds from this host's memory: one 256 MiB VM is past "up" on one node and
+    // past "down" on two.
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap();
+    let total_mib: f64 = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .unwrap()
+        / 1024.0;
+    let one_vm = 256.0 * 100.0 / total_mib;
+    let (up_at, down_at) = (one_vm * 0.8, one_vm * 0.2);
+
+    // The commands: start or stop node `s1` in namespace 1 (idempotent, as the leader may ask
+    // again after the cooldown).
+    let d1 = tempfile::Builder::new()
+        .prefix("hutch-t")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let (bridge, subnet) = test_network();
+    let addr1 = format!("{}:7070", lan.ip(1));
+    let script = work.path().join("scale.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh
+pidf={d}/hutchd.pid
+case \"$1\" in
+up)
+  if [ -f $pidf ] && kill -0 $(cat $pidf) 2>/dev/null; then exit 0; fi
+  ip netns exec {ns} {hutchd} --data-dir {d}/data --boot-cache {boot} --ssh-listen off \\
+    --bridge {bridge} --subnet {subnet} --etcd {eps} --node-name s1 \\
+    --listen {addr1} --advertise {addr1} --lease-ttl 3 >> {d}/hutchd.log 2>&1 &
+  echo $! > $pidf ;;
+down)
+  [ \"$HUTCH_NODE\" = s1 ] || exit 3
+  kill $(cat $pidf) ;;
+esac
+",
+            d = d1.path().display(),
+            ns = lan.nss[1],
+            hutchd = env!("CARGO_BIN_EXE_hutchd"),
+            boot = workspace().join("target/hutch-test-boot").display(),
+        ),
+    )
+    .unwrap();
+    let sh_script = format!("sh {}", script.display());
+    let addr0 = format!("{}:7070", lan.ip(0));
+    let (up, down) = (format!("{up_at}"), format!("{down_at}"));
+    let s0 = Daemon::start_in(
+        Some(&lan.nss[0]),
+        &[
+            "--etcd",
+            &eps,
+            "--node-name",
+            "s0",
+            "--listen",
+            &addr0,
+            "--advertise",
+            &addr0,
+            "--lease-ttl",
+            TTL,
+            "--scale-up-cmd",
+            &format!("{sh_script} up"),
+            "--scale-down-cmd",
+            &format!("{sh_script} down"),
+            "--scale-up-at",
+            &up,
+            "--scale-down-at",
+            &down,
+            "--scale-cooldown",
+            "2",
+        ],
+    );
+    s0.import_busybox(&layout);
+    assert_eq!(nodes(&s0).len(), 1);
+
+    s0.ok(&[
+        "new", "--image", "busybox", "--name", "load", "--node", "s0",
+    ]);
+    let joined = wait_until(Duration::from_secs(90), || {
+        (state_of(&s0, "s1") == "ready").then_some(())
+    });
+    assert!(
+        joined.is_some(),
+        "no node was added: {:?}\n{}",
+        nodes(&s0),
+        s0.log()
+    );
+
+    s0.ok(&["rm", "load"]);
+    let gone = wait_until(Duration::from_secs(90), || {
+        let ns = nodes(&s0);
+        (ns.len() == 1 && ns[0]["name"] == "s0").then_some(())
+    });
+    assert!(
+        gone.is_some(),
+        "the idle node was not removed: {:?}\n{}",
+        nodes(&s0),
+        s0.log()
+    );
+    let pid = std::fs::read_to_string(d1.path().join("hutchd.pid")).unwrap();
+    let alive = || {
+        std::fs::read_to_string(format!("/proc/{}/stat", pid.trim()))
+            .is_ok_and(|s| !s.split(") ").nth(1).unwrap_or("").starts_with('Z'))
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || (!alive()).then_some(())).is_some(),
+        "s1's hutchd still runs"
+    );
+    // What s1's hutchd made outside its namespace: its (empty) cgroups.
+    let node = hutch_vmm::cgroup::node_name(&d1.path().join("data"));
+    if let Some(cg) =
+        hutch_vmm::cgroup::Cgroups::detect(std::path::Path::new("/sys/fs/cgroup"), "hutch", &node)
+    {
+        for id in cg.list() {
+            let _ = cg.remove(&id);
+        }
+    }
+
+    drop(s0);
+    drop(etcd);
+    drop(lan);
 }

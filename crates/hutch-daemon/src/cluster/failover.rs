@@ -34,6 +34,9 @@ pub const LEADER: &str = "cluster/leader";
 impl Cluster {
     /// Whether this node is the leader now (taking the key when nobody holds it).
     pub async fn lead(&self) -> bool {
+        if !self.opts.roles.control {
+            return false;
+        }
         let Some(lease) = self.lease().filter(|l| l.is_alive()) else {
             return false;
         };
@@ -71,6 +74,7 @@ impl Service {
                     if let Err(e) = s.fail_over().await {
                         tracing::warn!(error = %e, "cluster: failover pass");
                     }
+                    s.autoscale(&c).await;
                 }
             }
         });

@@ -105,23 +105,47 @@ pub(crate) async fn node_request(
     m: &crate::service::Service,
     c: &super::Cluster,
     node: &str,
+    req: Request,
+) -> Result<axum::http::Response<hyper::body::Incoming>, ApiError> {
+    to_listener(m, c, node, req, Listener::Api).await
+}
+
+/// Which of a node's listeners a request goes to.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Listener {
+    /// The REST API (`--advertise`); requests without a token get the admin token.
+    Api,
+    /// The E2B API (`--e2b-listen`'s port at the advertised host); requests go as they came.
+    E2b,
+}
+
+pub(crate) async fn to_listener(
+    m: &crate::service::Service,
+    c: &super::Cluster,
+    node: &str,
     mut req: Request,
+    to: Listener,
 ) -> Result<axum::http::Response<hyper::body::Incoming>, ApiError> {
     let rec = c
         .store
         .get(&format!("{}{node}", super::nodes::NODES))
         .await?
         .and_then(|kv| serde_json::from_slice::<super::nodes::NodeRecord>(&kv.value).ok());
-    let tls_cert = rec.as_ref().and_then(|r| r.tls_cert.clone());
-    let addr = rec.and_then(|r| r.advertise).ok_or_else(|| {
+    let (addr, tls_cert) = match (rec, to) {
+        (Some(r), Listener::Api) => (r.advertise, r.tls_cert),
+        (Some(r), Listener::E2b) => (r.e2b, r.e2b_tls_cert),
+        (None, _) => (None, None),
+    };
+    let addr = addr.ok_or_else(|| {
         ApiError::Capacity(format!(
-            "node {node} has no --advertise address: it cannot be reached from other nodes"
+            "node {node} has no advertised address for this (--advertise, and --e2b-listen for \
+             the E2B API): it cannot be reached from other nodes"
         ))
     })?;
     if !m.node_live(node).await? {
         return Err(ApiError::Capacity(format!("node {node} is down")));
     }
-    if !req.headers().contains_key(header::AUTHORIZATION) {
+    if to == Listener::Api && !req.headers().contains_key(header::AUTHORIZATION) {
         let token = crate::api_token(&m.cfg().data_dir)
             .map_err(|e| ApiError::Internal(format!("the cluster's admin token: {e}")))?;
         let v = HeaderValue::from_str(&format!("Bearer {token}"))

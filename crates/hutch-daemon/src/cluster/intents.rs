@@ -152,7 +152,8 @@ impl Service {
             return Err(ApiError::Internal("intent id clash".into()));
         };
         let mut w = c.store.watch(&k, rev).await?;
-        let mut live = c.store.watch(&format!("{LIVE}{node}"), rev).await?;
+        let live_key = format!("{LIVE}{node}");
+        let mut live = c.store.watch(&live_key, rev).await?;
         let deadline = tokio::time::Instant::now() + WAIT;
         let outcome = loop {
             tokio::select! {
@@ -170,7 +171,8 @@ impl Service {
                 }
                 ev = live.next() => {
                     let ev = ev?;
-                    if ev.kind == EventKind::Delete {
+                    // (The watch is by prefix: `live/n2` also sees `live/n20`.)
+                    if ev.key == live_key && ev.kind == EventKind::Delete {
                         break Err(ApiError::Capacity(format!(
                             "node {node} went down before it finished; what it did is unknown \
                              until it is back"

@@ -14,6 +14,7 @@ pub mod forward;
 pub mod intents;
 pub mod nodes;
 pub mod route;
+pub mod scale;
 pub mod schedule;
 pub mod secrets;
 
@@ -106,6 +107,8 @@ pub struct ClusterOptions {
     pub lease_ttl: Duration,
     /// How new VMs are spread over the nodes (`--placement`).
     pub placement: schedule::Placement,
+    /// Auto-scaling commands and thresholds (`--scale-*`); None: off.
+    pub scale: Option<scale::ScaleOptions>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -124,6 +127,8 @@ pub struct Cluster {
     pub opts: ClusterOptions,
     /// The lease `live/NAME` is bound to; replaced when it is lost and granted again.
     lease: Mutex<Option<Arc<Lease>>>,
+    /// The leader's auto-scaling state.
+    pub(crate) scaler: scale::Scaler,
 }
 
 impl Cluster {
@@ -136,6 +141,7 @@ impl Cluster {
             store,
             opts,
             lease: Mutex::new(None),
+            scaler: Default::default(),
         }))
     }
 

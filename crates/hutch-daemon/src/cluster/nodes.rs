@@ -36,6 +36,12 @@ pub struct NodeRecord {
     /// trust exactly this (None: plain HTTP on loopback).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls_cert: Option<String>,
+    /// Where its E2B API listens for other nodes (the advertised host, `--e2b-listen`'s port),
+    /// and the certificate it serves there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub e2b: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub e2b_tls_cert: Option<String>,
 }
 
 /// A live node's heartbeat (bound to its lease).
@@ -62,6 +68,8 @@ impl Cluster {
             draining: false,
             joined_at: hutch_core::now(),
             tls_cert: None,
+            e2b: None,
+            e2b_tls_cert: None,
         };
         loop {
             let cur = self.store.get_json::<NodeRecord>(&key).await?;
@@ -142,10 +150,37 @@ impl Cluster {
 impl Cluster {
     /// Records the certificate this node's API serves (other nodes pin it when they forward).
     pub async fn set_tls_cert(&self, pem: Option<String>) -> Result<(), StoreError> {
+        self.update_record(|r| r.tls_cert = pem.clone()).await
+    }
+
+    /// Records where this node's E2B API listens for other nodes (the advertised host with
+    /// `port`; nothing without `--advertise`) and its certificate.
+    pub async fn set_e2b(&self, port: u16, pem: Option<String>) -> Result<(), StoreError> {
+        let Some(host) = self
+            .opts
+            .advertise
+            .as_deref()
+            .and_then(|a| a.rsplit_once(':'))
+            .map(|(h, _)| h.to_string())
+        else {
+            return Ok(());
+        };
+        let addr = format!("{host}:{port}");
+        self.update_record(|r| {
+            r.e2b = Some(addr.clone());
+            r.e2b_tls_cert = pem.clone();
+        })
+        .await
+    }
+
+    async fn update_record(
+        &self,
+        mut f: impl FnMut(&mut NodeRecord) + Send,
+    ) -> Result<(), StoreError> {
         let key = format!("{NODES}{}", self.name());
         self.store
             .update_json::<NodeRecord, StoreError, _>(&key, |r| {
-                r.tls_cert = pem.clone();
+                f(r);
                 Ok(())
             })
             .await?;

@@ -174,6 +174,11 @@ async fn create(State(e): State<Arc<E2b>>, h: HeaderMap, b: axum::body::Body) ->
     {
         return Err(error(StatusCode::CONFLICT, "sandbox id collision; retry"));
     }
+    // In a cluster, envd is served by the node that runs the sandbox's VM: made here (a
+    // template's or snapshot's VMs go where their files are).
+    if req.snapshot.is_none() && req.template.is_none() {
+        req.node = e.m.records.local_node();
+    }
     let vm = match e.m.create(&caller, req).await {
         Ok(vm) => vm,
         Err(err) => {

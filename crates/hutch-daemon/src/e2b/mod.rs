@@ -122,6 +122,25 @@ impl E2b {
         }
     }
 
+    /// The cluster and the node running the VM of the sandbox a request names, when that is
+    /// not this node (a request forwarded here is served here).
+    async fn runs_elsewhere(
+        &self,
+        headers: &HeaderMap,
+    ) -> Option<(Arc<crate::cluster::Cluster>, String)> {
+        let c = self.m.cluster.get()?.clone();
+        if headers.contains_key(crate::cluster::forward::FORWARDED_BY) {
+            return None;
+        }
+        let id = headers.get("e2b-sandbox-id")?.to_str().ok()?;
+        let r = self.record(id).await.ok()??;
+        let vm = self.m.records.vm_by_id(&r.vm_id).await.ok()??;
+        if self.m.records.is_local(&vm) {
+            return None;
+        }
+        Some((c, vm.node?))
+    }
+
     async fn record(&self, id: &str) -> Result<Option<SandboxRecord>, ApiError> {
         if !model::valid_id(id) {
             return Ok(None);
@@ -146,9 +165,21 @@ pub fn router(e: Arc<E2b>) -> axum::Router {
     let control = control::router(e.clone());
     let envd = envd::router(e.clone());
     axum::Router::new().fallback(move |State(()): State<()>, req: Request| {
-        let (control, envd) = (control.clone(), envd.clone());
+        let (control, envd, e) = (control.clone(), envd.clone(), e.clone());
         async move {
             let to_envd = req.headers().contains_key("e2b-sandbox-id");
+            if to_envd {
+                // In a cluster, envd of a sandbox whose VM runs on another node is that node's.
+                if let Some((c, node)) = e.runs_elsewhere(req.headers()).await {
+                    let to = crate::cluster::forward::Listener::E2b;
+                    return match crate::cluster::forward::to_listener(&e.m, &c, &node, req, to)
+                        .await
+                    {
+                        Ok(r) => r.map(axum::body::Body::new).into_response(),
+                        Err(err) => api_error(err).into_response(),
+                    };
+                }
+            }
             let r = if to_envd {
                 envd.oneshot(req).await
             } else {

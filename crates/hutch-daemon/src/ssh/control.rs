@@ -296,6 +296,10 @@ impl Conn {
                     req.clone_dir = Some(val);
                     Ok(())
                 }
+                "--node" => {
+                    req.node = Some(val);
+                    Ok(())
+                }
                 "--ttl" => {
                     req.ttl = Some(val);
                     Ok(())
@@ -317,6 +321,11 @@ impl Conn {
         if req.image.is_empty() && req.snapshot.is_none() && req.template.is_none() {
             return Out::fail("--image (or --snapshot, --template) is required");
         }
+        // In a cluster, a VM made over SSH runs on this node unless --node says otherwise:
+        // `ssh VM@this-host` then reaches it.
+        if req.node.is_none() && req.snapshot.is_none() && req.template.is_none() {
+            req.node = self.m.records.local_node();
+        }
         match self.m.create(&self.caller(), req).await {
             Ok(v) if json => Out::ok(serde_json::to_string_pretty(&v).unwrap_or_default() + "\n"),
             Ok(v) => Out::ok(self.describe(&v)),
@@ -328,7 +337,7 @@ impl Conn {
 pub(super) const HELP: &str = "hutch over SSH. Commands:
   new --image IMAGE [--name NAME] [--vcpu N] [--mem MIB] [--disk GIB] [--run] [--restart R]
       [--net none|internal|internet] [--allow-out CIDR|DOMAIN]... [--deny-out CIDR|DOMAIN]...
-      [--rate-in RATE] [--rate-out RATE] [--clone GIT-URL [--clone-dir DIR]]
+      [--rate-in RATE] [--rate-out RATE] [--clone GIT-URL [--clone-dir DIR]] [--node NODE]
   new --snapshot SNAPSHOT | --template TEMPLATE [--name NAME] [network flags]
   template create NAME --image IMAGE [--vcpu N] [--mem MIB] [--start-cmd CMD] [--ready-cmd CMD]
   template ls | template build NAME | template rm NAME

@@ -222,6 +222,21 @@ struct Args {
     etcd_user: Option<String>,
     #[arg(long)]
     etcd_password_file: Option<std::path::PathBuf>,
+    /// Auto-scaling: run this (sh -c) when the cluster's guest memory in use passes
+    /// --scale-up-at percent of what the ready nodes admit (e.g. to start another node).
+    #[arg(long)]
+    scale_up_cmd: Option<String>,
+    /// Run this (sh -c, HUTCH_NODE set) to remove an idle node once use falls below
+    /// --scale-down-at percent; the node is cordoned first and forgotten once its lease is gone.
+    #[arg(long)]
+    scale_down_cmd: Option<String>,
+    #[arg(long, default_value_t = 80.0)]
+    scale_up_at: f64,
+    #[arg(long, default_value_t = 20.0)]
+    scale_down_at: f64,
+    /// Seconds between scaling decisions.
+    #[arg(long, default_value_t = 300)]
+    scale_cooldown: u64,
 }
 
 /// `--etcd` and its companions, checked.
@@ -267,6 +282,14 @@ fn cluster_options(args: &Args) -> anyhow::Result<Option<hutch_daemon::cluster::
     }
     let roles = hutch_daemon::cluster::Roles::parse(&args.roles)
         .map_err(|e| anyhow::anyhow!("--roles: {e}"))?;
+    anyhow::ensure!(
+        roles.dns || args.dns_listen.is_none(),
+        "--dns-listen serves DNS: add the dns role to --roles"
+    );
+    anyhow::ensure!(
+        roles.proxy || (args.http_listen.is_none() && args.https_listen.is_none()),
+        "--http-listen/--https-listen serve the proxy: add the proxy role to --roles"
+    );
     Ok(Some(hutch_daemon::cluster::ClusterOptions {
         etcd,
         node_name: args
@@ -280,6 +303,36 @@ fn cluster_options(args: &Args) -> anyhow::Result<Option<hutch_daemon::cluster::
             .placement
             .parse()
             .map_err(|e| anyhow::anyhow!("--placement {e}"))?,
+        scale: scale_options(args)?,
+    }))
+}
+
+/// `--scale-*`, checked; None when neither command is given.
+fn scale_options(
+    args: &Args,
+) -> anyhow::Result<Option<hutch_daemon::cluster::scale::ScaleOptions>> {
+    if args.scale_up_cmd.is_none() && args.scale_down_cmd.is_none() {
+        return Ok(None);
+    }
+    for (flag, v) in [
+        ("--scale-up-at", args.scale_up_at),
+        ("--scale-down-at", args.scale_down_at),
+    ] {
+        anyhow::ensure!(
+            v.is_finite() && (0.0..=100.0).contains(&v),
+            "{flag} is a percentage, not {v}"
+        );
+    }
+    anyhow::ensure!(
+        args.scale_down_at < args.scale_up_at,
+        "--scale-down-at must be below --scale-up-at"
+    );
+    Ok(Some(hutch_daemon::cluster::scale::ScaleOptions {
+        up_cmd: args.scale_up_cmd.clone(),
+        down_cmd: args.scale_down_cmd.clone(),
+        up_at: args.scale_up_at,
+        down_at: args.scale_down_at,
+        cooldown: std::time::Duration::from_secs(args.scale_cooldown.max(1)),
     }))
 }
 
