@@ -182,11 +182,24 @@ impl Service {
             hutch_core::now()
         );
         let made = if node == c.name() {
-            self.create(&owner, req).await?
+            self.create(&owner, req).await
         } else {
             self.remote(&node, &owner, Op::Create { req: Box::new(req) })
-                .await?
-                .ok_or_else(|| crate::error::ApiError::Internal("no VM made".into()))?
+                .await
+                .and_then(|v| {
+                    v.ok_or_else(|| crate::error::ApiError::Internal("no VM made".into()))
+                })
+        };
+        let made = match made {
+            Ok(v) => v,
+            Err(e) => {
+                // Not made: the old record comes back (still on the down node, `lost`), so the
+                // VM does not vanish; the next pass tries again.
+                if let Err(r) = self.records.create_vm(vm).await {
+                    tracing::warn!(vm = %vm.key(), error = %r, "cluster: putting back the record of a VM that could not be recreated");
+                }
+                return Err(e);
+            }
         };
         self.records
             .update_vm(&made.id, |v: &mut Vm| {
