@@ -306,6 +306,25 @@ async fn open_records(
     Ok((records, None))
 }
 
+/// The certificate (PEM) a TCP listener with `opts` serves (None: plain HTTP), for the other
+/// nodes of a cluster to pin.
+fn served_cert(
+    data_dir: &Path,
+    opts: &tcp::TcpOptions,
+    tls: bool,
+) -> Result<Option<String>, DaemonError> {
+    if !tls {
+        return Ok(None);
+    }
+    let path = opts
+        .tls_cert
+        .clone()
+        .unwrap_or_else(|| tcp::self_made_cert(data_dir).0);
+    std::fs::read_to_string(&path)
+        .map(Some)
+        .map_err(|e| setup(format!("reading {}: {e}", path.display())))
+}
+
 /// Runs the daemon until SIGINT/SIGTERM. VMs keep running when it exits.
 pub async fn run(mut cfg: DaemonConfig) -> Result<(), DaemonError> {
     let m = prepare(&cfg).await?;
@@ -364,19 +383,7 @@ pub async fn run(mut cfg: DaemonConfig) -> Result<(), DaemonError> {
         let addr = topts.listen;
         let tls = tcp::tls_config(&cfg.data_dir, &topts)?;
         if let Some(c) = m.cluster.get() {
-            let pem = match &tls {
-                None => None,
-                Some(_) => {
-                    let path = topts
-                        .tls_cert
-                        .clone()
-                        .unwrap_or_else(|| tcp::self_made_cert(&cfg.data_dir).0);
-                    Some(
-                        std::fs::read_to_string(&path)
-                            .map_err(|e| setup(format!("reading {}: {e}", path.display())))?,
-                    )
-                }
-            };
+            let pem = served_cert(&cfg.data_dir, &topts, tls.is_some())?;
             c.set_tls_cert(pem)
                 .await
                 .map_err(|e| setup(format!("recording this node's certificate: {e}")))?;
@@ -485,19 +492,7 @@ async fn serve_e2b(
     };
     let tls = tcp::tls_config(&cfg.data_dir, &opts)?;
     if let Some(c) = m.cluster.get() {
-        let pem = match &tls {
-            None => None,
-            Some(_) => {
-                let path = opts
-                    .tls_cert
-                    .clone()
-                    .unwrap_or_else(|| tcp::self_made_cert(&cfg.data_dir).0);
-                Some(
-                    std::fs::read_to_string(&path)
-                        .map_err(|e| setup(format!("reading {}: {e}", path.display())))?,
-                )
-            }
-        };
+        let pem = served_cert(&cfg.data_dir, &opts, tls.is_some())?;
         c.set_e2b(addr.port(), pem)
             .await
             .map_err(|e| setup(format!("recording this node's E2B address: {e}")))?;

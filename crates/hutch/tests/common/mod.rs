@@ -2,6 +2,7 @@
 //! with umoci, and cleanup that leaves no process behind.
 #![allow(dead_code)]
 
+pub mod cluster;
 pub mod ssh_client;
 
 use serde_json::Value;

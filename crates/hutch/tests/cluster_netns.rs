@@ -1,0 +1,268 @@
+//! The cluster with each node in its own network namespace (a bridge joins them; the etcd
+//! members listen on its address): a partitioned node fences itself and heals; auto-scaling
+//! adds a node in a namespace and removes it. Two VM boots each.
+
+mod common;
+use common::cluster::*;
+use common::*;
+use hutch_store_etcd::testing::EtcdCluster;
+use serde_json::Value;
+use std::time::{Duration, Instant};
+
+/// Membership lease TTL of these nodes (seconds): short, to keep the tests quick.
+const TTL: &str = "3";
+
+/// Each node in its own network namespace. A node cut off from the network (etcd and its
+/// peers) freezes its VMs once its lease may have expired; the others see it down and make its
+/// restart-always VM again; healed, it resumes the VM still recorded on it and removes the one
+/// that moved: never one VM running on two nodes.
+#[test]
+fn a_partitioned_node_freezes_and_heals() {
+    let lan = Lan::new(2);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let etcd = rt.block_on(EtcdCluster::start_on(&[lan.host(); 3]));
+    let eps = etcd.endpoints().join(",");
+    let work = tempfile::tempdir().unwrap();
+    let layout = busybox_layout(work.path());
+    let nodes: Vec<Daemon> = (0..2)
+        .map(|i| {
+            let addr = format!("{}:7070", lan.ip(i));
+            let name = format!("p{i}");
+            Daemon::start_in(
+                Some(&lan.nss[i]),
+                &[
+                    "--etcd",
+                    &eps,
+                    "--node-name",
+                    &name,
+                    "--listen",
+                    &addr,
+                    "--advertise",
+                    &addr,
+                    "--lease-ttl",
+                    TTL,
+                ],
+            )
+        })
+        .collect();
+    let (p0, p1) = (&nodes[0], &nodes[1]);
+    // Imported on p0; p1 fetches the layer over TLS across the namespaces.
+    p0.import_busybox(&layout);
+    let stay = p0.json(&[
+        "new", "--image", "busybox", "--name", "stay", "--node", "p1",
+    ]);
+    let go = p0.json(&[
+        "new",
+        "--image",
+        "busybox",
+        "--name",
+        "go",
+        "--node",
+        "p1",
+        "--restart",
+        "always",
+    ]);
+    // Across namespaces, through the other node.
+    assert_eq!(p0.ok(&["exec", "stay", "--", "echo", "ok"]), "ok\n");
+    let (stay_id, go_id) = (
+        stay["id"].as_str().unwrap().to_string(),
+        go["id"].as_str().unwrap().to_string(),
+    );
+    let go_qemu = go["pid"].as_u64().unwrap() as u32;
+
+    lan.cut(1);
+    let t0 = Instant::now();
+    assert!(
+        wait_until(Duration::from_secs(20), || (state_of(p0, "p1") == "down")
+            .then_some(()))
+        .is_some(),
+        "p1 not down"
+    );
+    eprintln!("a partitioned node is down after {:?}", t0.elapsed());
+    // Cut off, p1 froze its VMs (by its own clock, before etcd let its lease go).
+    for id in [&stay_id, &go_id] {
+        assert_eq!(
+            qemu_status(p1.data(), id),
+            "paused",
+            "VM {id} on the cut-off node"
+        );
+    }
+    let moved = wait_until(Duration::from_secs(60), || {
+        let o = p0.hutch(&["--json", "describe", "go"]);
+        let v: Value = serde_json::from_slice(&o.stdout).ok()?;
+        (v["node"] == "p0" && v["state"] == "running").then_some(v)
+    })
+    .expect("go not recreated on p0");
+    assert_eq!(p0.ok(&["exec", "go", "--", "echo", "moved"]), "moved\n");
+    assert_eq!(vm(p0, "stay")["lost"], true);
+
+    lan.heal(1);
+    assert!(
+        wait_until(Duration::from_secs(30), || (state_of(p0, "p1") == "ready")
+            .then_some(()))
+        .is_some(),
+        "p1 not back"
+    );
+    // The VM that moved is gone from p1; the one still recorded there runs on.
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            (!qemu_pids_under(p1.data()).contains(&go_qemu)).then_some(())
+        })
+        .is_some(),
+        "p1 still runs the VM that moved"
+    );
+    assert_eq!(qemu_status(p1.data(), &stay_id), "running");
+    assert_eq!(p0.ok(&["exec", "stay", "--", "echo", "back"]), "back\n");
+    let all = p1.json(&["ls"]);
+    let gos: Vec<&Value> = all
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|v| v["name"] == "go")
+        .collect();
+    assert_eq!(gos.len(), 1, "{all}");
+    assert_eq!(gos[0]["id"], moved["id"]);
+
+    for name in ["stay", "go"] {
+        p1.ok(&["rm", name]);
+    }
+    drop(nodes);
+    drop(etcd);
+    drop(lan);
+}
+
+/// Auto-scaling: a one-node cluster whose guest memory use passes `--scale-up-at` runs the
+/// scale-up command, which starts another hutchd node in its own network namespace; when use
+/// falls below `--scale-down-at`, the idle new node is cordoned, the scale-down command stops
+/// it, and the cluster forgets it.
+#[test]
+fn auto_scaling_adds_and_removes_a_node() {
+    let lan = Lan::new(2);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let etcd = rt.block_on(EtcdCluster::start_on(&[lan.host()]));
+    let eps = etcd.endpoints().join(",");
+    let work = tempfile::tempdir().unwrap();
+    let layout = busybox_layout(work.path());
+    // The thresholds from this host's memory: one 256 MiB VM is past "up" on one node and
+    // past "down" on two.
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap();
+    let total_mib: f64 = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .unwrap()
+        / 1024.0;
+    let one_vm = 256.0 * 100.0 / total_mib;
+    let (up_at, down_at) = (one_vm * 0.8, one_vm * 0.2);
+
+    // The commands: start or stop node `s1` in namespace 1 (idempotent, as the leader may ask
+    // again after the cooldown).
+    let d1 = tempfile::Builder::new()
+        .prefix("hutch-t")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let (bridge, subnet) = test_network();
+    let addr1 = format!("{}:7070", lan.ip(1));
+    let script = work.path().join("scale.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh
+pidf={d}/hutchd.pid
+case \"$1\" in
+up)
+  if [ -f $pidf ] && kill -0 $(cat $pidf) 2>/dev/null; then exit 0; fi
+  ip netns exec {ns} {hutchd} --data-dir {d}/data --boot-cache {boot} --ssh-listen off \\
+    --bridge {bridge} --subnet {subnet} --etcd {eps} --node-name s1 \\
+    --listen {addr1} --advertise {addr1} --lease-ttl 3 >> {d}/hutchd.log 2>&1 &
+  echo $! > $pidf ;;
+down)
+  [ \"$HUTCH_NODE\" = s1 ] || exit 3
+  kill $(cat $pidf) ;;
+esac
+",
+            d = d1.path().display(),
+            ns = lan.nss[1],
+            hutchd = env!("CARGO_BIN_EXE_hutchd"),
+            boot = workspace().join("target/hutch-test-boot").display(),
+        ),
+    )
+    .unwrap();
+    let sh_script = format!("sh {}", script.display());
+    let addr0 = format!("{}:7070", lan.ip(0));
+    let (up, down) = (format!("{up_at}"), format!("{down_at}"));
+    let s0 = Daemon::start_in(
+        Some(&lan.nss[0]),
+        &[
+            "--etcd",
+            &eps,
+            "--node-name",
+            "s0",
+            "--listen",
+            &addr0,
+            "--advertise",
+            &addr0,
+            "--lease-ttl",
+            TTL,
+            "--scale-up-cmd",
+            &format!("{sh_script} up"),
+            "--scale-down-cmd",
+            &format!("{sh_script} down"),
+            "--scale-up-at",
+            &up,
+            "--scale-down-at",
+            &down,
+            "--scale-cooldown",
+            "2",
+        ],
+    );
+    s0.import_busybox(&layout);
+    assert_eq!(nodes(&s0).len(), 1);
+
+    s0.ok(&[
+        "new", "--image", "busybox", "--name", "load", "--node", "s0",
+    ]);
+    let joined = wait_until(Duration::from_secs(90), || {
+        (state_of(&s0, "s1") == "ready").then_some(())
+    });
+    assert!(
+        joined.is_some(),
+        "no node was added: {:?}\n{}",
+        nodes(&s0),
+        s0.log()
+    );
+
+    s0.ok(&["rm", "load"]);
+    let gone = wait_until(Duration::from_secs(90), || {
+        let ns = nodes(&s0);
+        (ns.len() == 1 && ns[0]["name"] == "s0").then_some(())
+    });
+    assert!(
+        gone.is_some(),
+        "the idle node was not removed: {:?}\n{}",
+        nodes(&s0),
+        s0.log()
+    );
+    let pid = std::fs::read_to_string(d1.path().join("hutchd.pid")).unwrap();
+    let alive = || {
+        std::fs::read_to_string(format!("/proc/{}/stat", pid.trim()))
+            .is_ok_and(|s| !s.split(") ").nth(1).unwrap_or("").starts_with('Z'))
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || (!alive()).then_some(())).is_some(),
+        "s1's hutchd still runs"
+    );
+    // What s1's hutchd made outside its namespace: its (empty) cgroups.
+    let node = hutch_vmm::cgroup::node_name(&d1.path().join("data"));
+    if let Some(cg) =
+        hutch_vmm::cgroup::Cgroups::detect(std::path::Path::new("/sys/fs/cgroup"), "hutch", &node)
+    {
+        for id in cg.list() {
+            let _ = cg.remove(&id);
+        }
+    }
+
+    drop(s0);
+    drop(etcd);
+    drop(lan);
+}
