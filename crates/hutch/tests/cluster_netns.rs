@@ -111,17 +111,28 @@ fn a_partitioned_node_freezes_and_heals() {
         .is_some(),
         "p1 still runs the VM that moved"
     );
-    assert_eq!(qemu_status(p1.data(), &stay_id), "running");
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            (qemu_status(p1.data(), &stay_id) == "running").then_some(())
+        })
+        .is_some(),
+        "the VM still recorded on p1 was not resumed"
+    );
     assert_eq!(p0.ok(&["exec", "stay", "--", "echo", "back"]), "back\n");
-    let all = p1.json(&["ls"]);
-    let gos: Vec<&Value> = all
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|v| v["name"] == "go")
-        .collect();
-    assert_eq!(gos.len(), 1, "{all}");
-    assert_eq!(gos[0]["id"], moved["id"]);
+    // p1's view of the records catches up with what happened while it was cut off (its watch
+    // resumes from where it stopped): one `go`, the one on p0.
+    let caught_up = wait_until(Duration::from_secs(20), || {
+        let all = p1.json(&["ls"]);
+        let gos: Vec<Value> = all
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|v| v["name"] == "go")
+            .cloned()
+            .collect();
+        (gos.len() == 1 && gos[0]["id"] == moved["id"]).then_some(())
+    });
+    assert!(caught_up.is_some(), "p1 sees: {}", p1.json(&["ls"]));
 
     for name in ["stay", "go"] {
         p1.ok(&["rm", name]);
