@@ -98,7 +98,8 @@ async fn to_node(
     Ok(node_request(m, c, node, req).await?.map(Body::new))
 }
 
-/// Sends `req` (path and query; any body) to node `node`'s API: to its advertised address,
+/// Sends `req` (path and query; any body) to node `node`'s API (the caller has checked that it
+/// is live): to its advertised address,
 /// over TLS pinned to the certificate it recorded, with the caller's bearer token or else the
 /// cluster's admin token, marked forwarded.
 pub(crate) async fn node_request(
@@ -142,9 +143,6 @@ pub(crate) async fn to_listener(
              the E2B API): it cannot be reached from other nodes"
         ))
     })?;
-    if !m.node_live(node).await? {
-        return Err(ApiError::Capacity(format!("node {node} is down")));
-    }
     if to == Listener::Api && !req.headers().contains_key(header::AUTHORIZATION) {
         let token = crate::api_token(&m.cfg().data_dir)
             .map_err(|e| ApiError::Internal(format!("the cluster's admin token: {e}")))?;

@@ -171,6 +171,10 @@ pub fn router(e: Arc<E2b>) -> axum::Router {
             if to_envd {
                 // In a cluster, envd of a sandbox whose VM runs on another node is that node's.
                 if let Some((c, node)) = e.runs_elsewhere(req.headers()).await {
+                    if !e.m.node_live(&node).await.unwrap_or(false) {
+                        let msg = format!("the sandbox's node {node} is down");
+                        return error(StatusCode::BAD_GATEWAY, &msg).into_response();
+                    }
                     let to = crate::cluster::forward::Listener::E2b;
                     return match crate::cluster::forward::to_listener(&e.m, &c, &node, req, to)
                         .await
