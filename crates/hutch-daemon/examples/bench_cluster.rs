@@ -9,9 +9,7 @@
 //!
 //! Usage: bench_cluster [SECONDS] (default 5). Needs Debian's etcd-server.
 
-use hutch_daemon::auth::Caller;
-use hutch_daemon::service::testing::{add_image, create_load, fake_service};
-use hutch_daemon::service::{Admission, CreateVm};
+use hutch_daemon::service::testing::{bench_service, create_load};
 use hutch_store::kv::{EventKind, Store, Txn};
 use hutch_store_etcd::testing::EtcdCluster;
 use hutch_store_etcd::{EtcdOptions, EtcdStore};
@@ -24,23 +22,7 @@ async fn rate(kv: Arc<dyn Store>, secs: u64, what: &str) -> f64 {
         .prefix("hutch-bench-cluster")
         .tempdir_in("/dev/shm")
         .expect("temp dir");
-    let admission = Admission {
-        mem_overcommit: 1e6,
-        disk_overcommit: 1e6,
-        disk_reserve_mib: 0,
-        ..Default::default()
-    };
-    let (s, _vmm) = fake_service(dir.path(), kv, admission).await;
-    add_image(&s, "busybox:latest").await;
-    let warm = CreateVm {
-        name: Some("warm".into()),
-        image: "busybox".into(),
-        mem_mib: 64,
-        ..Default::default()
-    };
-    s.create(&Caller::local_admin(), warm)
-        .await
-        .expect("warm-up");
+    let s = bench_service(dir.path(), kv).await;
     let t0 = Instant::now();
     let lat = create_load(
         &s,

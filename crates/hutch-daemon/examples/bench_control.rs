@@ -10,9 +10,7 @@
 //! not the node's file system. Both are removed at the end. HUTCH_BENCH_STORE=memory runs the
 //! same on the in-memory store (the baseline: the control plane without durable commits).
 
-use hutch_daemon::auth::Caller;
-use hutch_daemon::service::testing::{add_image, create_load, fake_service};
-use hutch_daemon::service::{Admission, CreateVm};
+use hutch_daemon::service::testing::{bench_service, create_load};
 use hutch_store::kv::RedbStore;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
@@ -48,28 +46,7 @@ async fn main() {
     } else {
         Arc::new(RedbStore::open(&store_dir.path().join("state.redb")).expect("redb"))
     };
-    let admission = Admission {
-        // Fake VMs use no memory or disk; admission still runs its checks on every create.
-        mem_overcommit: 1e6,
-        disk_overcommit: 1e6,
-        disk_reserve_mib: 0,
-        ..Default::default()
-    };
-    let (s, _vmm) = fake_service(dir.path(), kv, admission).await;
-    add_image(&s, "busybox:latest").await;
-    let admin = Caller::local_admin();
-    // The first create builds the (empty) root filesystem and the disk template.
-    s.create(
-        &admin,
-        CreateVm {
-            name: Some("warm".into()),
-            image: "busybox".into(),
-            mem_mib: 64,
-            ..Default::default()
-        },
-    )
-    .await
-    .expect("warm-up create");
+    let s = bench_service(dir.path(), kv).await;
     println!(
         "control plane: real service + {} store, fake VMM and agents; {secs} s per level",
         if memory { "in-memory" } else { "redb" }

@@ -141,3 +141,27 @@ pub async fn create_load(
     }
     lat
 }
+
+/// The control-plane benchmarks' service: on `kv`, with admission that never refuses (fake VMs
+/// use no memory or disk; admission still runs its checks on every create), the busybox image,
+/// and one create done (it builds the empty root filesystem and the disk template).
+pub async fn bench_service(dir: &Path, kv: Arc<dyn Store>) -> Arc<Service> {
+    let admission = Admission {
+        mem_overcommit: 1e6,
+        disk_overcommit: 1e6,
+        disk_reserve_mib: 0,
+        ..Default::default()
+    };
+    let (s, _vmm) = fake_service(dir, kv, admission).await;
+    add_image(&s, "busybox:latest").await;
+    let warm = super::CreateVm {
+        name: Some("warm".into()),
+        image: "busybox".into(),
+        mem_mib: 64,
+        ..Default::default()
+    };
+    s.create(&crate::auth::Caller::local_admin(), warm)
+        .await
+        .expect("warm-up create");
+    s
+}
