@@ -353,6 +353,13 @@ fn a_single_node_moves_into_a_cluster() {
     let pid = v["pid"].as_u64().unwrap() as u32;
     let token = std::fs::read(d.data().join("api-token")).unwrap();
 
+    // A single node has no nodes to place on.
+    fails_with(
+        &d,
+        &["new", "--image", "busybox", "--node", "n9"],
+        "runs alone",
+    );
+    assert_eq!(d.json(&["ls"]).as_array().unwrap().len(), 1, "nothing made");
     // While hutchd runs, its store is locked.
     fails_with(
         &d,
