@@ -138,3 +138,59 @@ impl ClusterStats {
         s
     }
 }
+
+/// `POST /api/v1/sandboxes/{name}/migrate` (`hutch migrate NAME --to NODE`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MigrateRequest {
+    /// The node to move it to.
+    pub to: String,
+}
+
+/// What a live migration did (`hutch migrate`, and per VM `hutch drain`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Migrated {
+    /// The VM as recorded now, on its new node.
+    pub vm: crate::Vm,
+    pub from: String,
+    pub to: String,
+    /// How long the guest did not run: QEMU's switch-over on the source plus the target's
+    /// taking over (ms).
+    pub downtime_ms: u64,
+    /// From the request to the VM running on the target (ms).
+    pub total_ms: u64,
+    /// Bytes of writable disk and of RAM and device state sent.
+    pub disk_bytes: u64,
+    pub ram_bytes: u64,
+}
+
+impl Migrated {
+    /// One line for people.
+    pub fn line(&self) -> String {
+        format!(
+            "moved {} from {} to {} in {:.1} s (guest paused {} ms; {} of disk, {} of RAM sent)",
+            self.vm.name,
+            self.from,
+            self.to,
+            self.total_ms as f64 / 1000.0,
+            self.downtime_ms,
+            crate::mib(self.disk_bytes >> 20),
+            crate::mib(self.ram_bytes >> 20),
+        )
+    }
+}
+
+/// What `hutch drain NODE` did (`POST /api/v1/nodes/{name}/drain`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Drained {
+    pub node: String,
+    /// Every VM moved, in the order they went.
+    pub migrated: Vec<Migrated>,
+    /// The VMs that could not be moved (they stay on the node, which stays cordoned).
+    pub failed: Vec<DrainFailure>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DrainFailure {
+    pub name: String,
+    pub error: String,
+}

@@ -102,6 +102,9 @@ pub struct Vm {
     /// Made again by the cluster from its image after its node went down: what happened.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub recreated: Option<String>,
+    /// Moved here live from another node (`hutch migrate`, `hutch drain`): from where.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migrated: Option<String>,
     /// Shown, never stored: its node is down (lease expired), so what it does is unknown.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub lost: bool,

@@ -111,6 +111,9 @@ pub fn describe(v: &Vm, node: Option<&str>, connect: &str) -> String {
     if let Some(r) = &v.recreated {
         s.push_str(&format!("  Note:    {}\n", crate::clean_text(r)));
     }
+    if let Some(m) = &v.migrated {
+        s.push_str(&format!("  Moved:   live, {}\n", crate::clean_text(m)));
+    }
     if v.restart != crate::RestartPolicy::No {
         s.push_str(&format!(
             "  Restart: {} ({} so far)\n",

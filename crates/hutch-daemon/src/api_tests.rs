@@ -115,6 +115,7 @@ fn vm(name: &str, owner: Option<&str>) -> Vm {
         pool: None,
         node: None,
         recreated: None,
+        migrated: None,
         lost: false,
         mem: Default::default(),
     }

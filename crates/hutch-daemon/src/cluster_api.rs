@@ -1,5 +1,5 @@
 //! REST for the cluster (docs/cluster.md): nanobox's `GET /api/v1/nodes` and `GET /api/v1/stats`,
-//! and cordoning. Admin only.
+//! cordoning, draining and live migration. Admin only.
 
 use crate::api::{ApiPath, AppState};
 use crate::auth::Caller;
@@ -7,14 +7,16 @@ use crate::error::ApiError;
 use axum::extract::State;
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
-use hutch_core::cluster::{ClusterStats, NodeView};
+use hutch_core::cluster::{ClusterStats, Drained, MigrateRequest, Migrated, NodeView};
 
 pub fn routes(r: Router<AppState>) -> Router<AppState> {
-    crate::cluster::blobs::routes(r)
+    crate::cluster::arrive::routes(crate::cluster::blobs::routes(r))
+        .route("/api/v1/sandboxes/{name}/migrate", post(migrate))
         .route("/api/v1/nodes", get(nodes))
         .route("/api/v1/stats", get(stats))
         .route("/api/v1/nodes/{name}/cordon", post(cordon))
         .route("/api/v1/nodes/{name}/uncordon", post(uncordon))
+        .route("/api/v1/nodes/{name}/drain", post(drain))
 }
 
 async fn nodes(
@@ -47,4 +49,21 @@ async fn uncordon(
     ApiPath(name): ApiPath<String>,
 ) -> Result<Json<NodeView>, ApiError> {
     Ok(Json(m.cordon(&caller, &name, false).await?))
+}
+
+async fn migrate(
+    State(m): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    ApiPath(name): ApiPath<String>,
+    Json(req): Json<MigrateRequest>,
+) -> Result<Json<Migrated>, ApiError> {
+    Ok(Json(m.migrate(&caller, &name, &req.to).await?))
+}
+
+async fn drain(
+    State(m): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    ApiPath(name): ApiPath<String>,
+) -> Result<Json<Drained>, ApiError> {
+    Ok(Json(m.drain(&caller, &name).await?))
 }

@@ -110,6 +110,23 @@ impl ApiError {
         }
     }
 
+    /// The error node `node` answered (status and JSON body), as this node's.
+    pub fn from_remote(status: StatusCode, body: &[u8], node: &str) -> ApiError {
+        let v: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+        let e = &v["error"];
+        ApiError::Remote {
+            status: status.as_u16(),
+            code: e["code"].as_str().unwrap_or("internal").to_string(),
+            message: match e["message"].as_str() {
+                Some(m) => format!("node {node}: {m}"),
+                None => format!(
+                    "node {node} answered {status}: {}",
+                    hutch_core::clean_text(&String::from_utf8_lossy(&body[..body.len().min(300)]))
+                ),
+            },
+        }
+    }
+
     pub fn vm(name: &str) -> ApiError {
         ApiError::NotFound {
             kind: "sandbox",

@@ -49,6 +49,9 @@ impl EventBus {
         if vm.recreated.is_some() && prev.recreated != vm.recreated {
             self.publish(vm, "recreated", vm.recreated.clone());
         }
+        if vm.migrated.is_some() && prev.node != vm.node {
+            self.publish(vm, "migrated", vm.migrated.clone());
+        }
         if prev.state == vm.state {
             return;
         }

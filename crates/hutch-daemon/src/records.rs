@@ -388,6 +388,18 @@ impl Records {
         Ok(v.value)
     }
 
+    /// Reads VM `id` from the store into the view (another node changed it just now) and
+    /// returns it.
+    pub async fn reload_vm(&self, id: &str) -> Result<Option<Vm>, StoreError> {
+        match self.kv.get_json::<Vm>(&format!("{VMS}{id}")).await? {
+            Some(v) => {
+                self.view_put(v.value.clone(), v.revision);
+                Ok(Some(v.value))
+            }
+            None => Ok(None),
+        }
+    }
+
     fn view_put(&self, vm: Vm, rev: Revision) {
         self.view
             .write()

@@ -22,6 +22,7 @@ pub mod egress;
 pub mod oci;
 mod pull;
 pub mod registry;
+pub mod rootfs;
 mod sparse;
 mod tarstream;
 pub mod unpack;

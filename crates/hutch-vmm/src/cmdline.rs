@@ -108,6 +108,16 @@ impl ToArgs for IncomingState {
     }
 }
 
+/// Wait, stopped, for a live migration: hutch hands in the stream over QMP
+/// (`crate::migrate::receive`) and lets the guest run once the disk is back from the export.
+pub struct IncomingMigration;
+
+impl ToArgs for IncomingMigration {
+    fn to_args(&self) -> Vec<String> {
+        vec!["-incoming".into(), "defer".into(), "-S".into()]
+    }
+}
+
 /// Direct kernel boot. The kernel and initrd are handed in as descriptors and named by their
 /// `/proc/self/fd` links (QEMU opens them by path, with no fd-passing form).
 pub struct DirectBoot {
@@ -503,6 +513,8 @@ pub fn build(spec: &VmSpec, fds: &Fds) -> Vec<String> {
             opaque: &i.state,
         }));
         parts.push(Box::new(IncomingState));
+    } else if spec.migration_in {
+        parts.push(Box::new(IncomingMigration));
     }
     if let Some(fd) = fds.jail {
         parts.push(Box::new(Chroot { fd }));
@@ -539,6 +551,7 @@ mod tests {
             memory: None,
             backing: vec![],
             incoming: None,
+            migration_in: false,
         }
     }
 
@@ -687,6 +700,17 @@ mod tests {
         let a = build(&spec(Accel::Tcg), &f);
         assert!(after(&a, "-object")[0].ends_with(",mem-path=/proc/self/fd/23,share=on"));
         assert!(after(&a, "-incoming").is_empty());
+    }
+
+    #[test]
+    fn waits_stopped_for_a_migration() {
+        let mut s = spec(Accel::Tcg);
+        s.migration_in = true;
+        let a = build(&s, &fds(false, false));
+        assert_eq!(after(&a, "-incoming"), ["defer"]);
+        assert!(a.iter().any(|x| x == "-S"), "{a:?}");
+        let a = build(&spec(Accel::Tcg), &fds(false, false));
+        assert!(!a.iter().any(|x| x == "-S" || x == "-incoming"), "{a:?}");
     }
 
     #[test]

@@ -10,6 +10,7 @@ pub mod cmdline;
 #[cfg(any(test, feature = "fakes"))]
 pub mod fake;
 pub mod jail;
+pub mod migrate;
 pub mod qemu;
 pub mod qmp;
 pub mod version;
@@ -21,6 +22,7 @@ pub use qemu::Qemu;
 pub use version::{check_qemu, MIN_QEMU};
 
 use std::future::Future;
+use std::os::fd::RawFd;
 use std::path::PathBuf;
 use std::pin::Pin;
 
@@ -57,6 +59,8 @@ pub struct VmSpec {
     pub backing: Vec<Layer>,
     /// Start from saved device state instead of booting (a restore or a resume).
     pub incoming: Option<Incoming>,
+    /// Start stopped, waiting for a live migration's state ([`Vmm::migrate_receive`]).
+    pub migration_in: bool,
 }
 
 /// Where a VM's RAM lives. Either way it is a file, so that a snapshot of a VM whose RAM is its
@@ -253,8 +257,31 @@ pub trait Vmm: Send + Sync {
     ) -> Result<Saved, VmmError> {
         Err(self.unsupported("snapshot"))
     }
-    /// Moves the running VM to the VMM listening at `to`.
-    fn migrate(&self, _vm: &VmHandle, _to: &str) -> Result<(), VmmError> {
+    /// Live migration, target side, on a VM launched with [`VmSpec::migration_in`]: serves
+    /// its writable disk over NBD on the listening socket `listener` and waits for the state
+    /// on the connected socket `stream` ([`migrate`]).
+    fn migrate_receive(
+        &self,
+        _vm: &VmHandle,
+        _listener: RawFd,
+        _stream: RawFd,
+    ) -> Result<(), VmmError> {
+        Err(self.unsupported("migrate"))
+    }
+    /// Live migration, source side: the disk into the target's export (`disk`, connected to
+    /// its `listener`), then RAM and devices (`state`, connected to its `stream`). The VM ends
+    /// stopped; on error it runs on.
+    fn migrate_send(
+        &self,
+        _vm: &VmHandle,
+        _disk: RawFd,
+        _state: RawFd,
+    ) -> Result<migrate::Sent, VmmError> {
+        Err(self.unsupported("migrate"))
+    }
+    /// Live migration, target side: once the state is in, the disk export closed and the
+    /// guest running.
+    fn migrate_complete(&self, _vm: &VmHandle) -> Result<(), VmmError> {
         Err(self.unsupported("migrate"))
     }
     /// Frees what confined VM `id` (its cgroup, its jail directory), killing anything left in

@@ -541,6 +541,28 @@ impl Vmm for Qemu {
         crate::qmp::execute_blocking(&vm.qmp_socket(), "quit", Duration::from_secs(2)).map(|_| ())
     }
 
+    fn migrate_receive(
+        &self,
+        vm: &VmHandle,
+        listener: RawFd,
+        stream: RawFd,
+    ) -> Result<(), VmmError> {
+        crate::migrate::receive(&vm.qmp_socket(), listener, stream)
+    }
+
+    fn migrate_send(
+        &self,
+        vm: &VmHandle,
+        disk: RawFd,
+        state: RawFd,
+    ) -> Result<crate::migrate::Sent, VmmError> {
+        crate::migrate::send(&vm.qmp_socket(), disk, state)
+    }
+
+    fn migrate_complete(&self, vm: &VmHandle) -> Result<(), VmmError> {
+        crate::migrate::complete(&vm.qmp_socket(), Duration::from_secs(600))
+    }
+
     fn pause(&self, vm: &VmHandle) -> Result<(), VmmError> {
         crate::qmp::execute_blocking(&vm.qmp_socket(), "stop", Duration::from_secs(5)).map(|_| ())
     }

@@ -66,6 +66,7 @@ fn bare_boot(
             format: hutch_vmm::DiskFormat::Raw,
         }],
         incoming: None,
+        migration_in: false,
     };
     let q = hutch_vmm::Qemu::default();
     let t = Instant::now();

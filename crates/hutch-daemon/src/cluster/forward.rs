@@ -111,6 +111,41 @@ pub(crate) async fn node_request(
     to_listener(m, c, node, req, Listener::Api).await
 }
 
+/// Opens a raw byte stream to node `node` (live: the caller checked): `POST path` upgraded to
+/// protocol [`UPGRADE`], over TLS pinned as for forwarding, with the admin token.
+pub(crate) async fn node_upgrade(
+    m: &crate::service::Service,
+    c: &super::Cluster,
+    node: &str,
+    path: &str,
+) -> Result<hyper::upgrade::Upgraded, ApiError> {
+    let req = Request::builder()
+        .method("POST")
+        .uri(path)
+        .header(header::CONNECTION, "upgrade")
+        .header(header::UPGRADE, UPGRADE)
+        .body(Body::empty())
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let resp = to_listener(m, c, node, req, Listener::Api).await?;
+    if resp.status() != axum::http::StatusCode::SWITCHING_PROTOCOLS {
+        let status = resp.status();
+        let body = http_body_util::BodyExt::collect(resp.into_body())
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        return Err(ApiError::Internal(format!(
+            "node {node} answered {status} to {path}: {}",
+            String::from_utf8_lossy(&body[..body.len().min(500)])
+        )));
+    }
+    hyper::upgrade::on(resp)
+        .await
+        .map_err(|e| ApiError::Internal(format!("node {node}: upgrading {path}: {e}")))
+}
+
+/// The protocol name of node-to-node byte streams.
+pub(crate) const UPGRADE: &str = "hutch-stream";
+
 /// Which of a node's listeners a request goes to.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Listener {
@@ -195,7 +230,8 @@ where
 {
     let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await?;
     tokio::spawn(async move {
-        if let Err(e) = conn.await {
+        // With upgrades: a migration's streams are upgraded connections (migrate.rs).
+        if let Err(e) = conn.with_upgrades().await {
             tracing::debug!(error = %e, "forwarded connection");
         }
     });

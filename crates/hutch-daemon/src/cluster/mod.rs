@@ -8,10 +8,13 @@
 //! reaps and pools only its own (`Records::is_local`), so that a VM recorded elsewhere is never
 //! run here; at start, a node stops what it still runs of VMs recorded elsewhere.
 
+pub mod arrive;
 pub mod blobs;
+pub mod drain;
 pub mod failover;
 pub mod forward;
 pub mod intents;
+pub mod migrate;
 pub mod nodes;
 pub mod route;
 pub mod scale;
@@ -129,6 +132,8 @@ pub struct Cluster {
     lease: Mutex<Option<Arc<Lease>>>,
     /// The leader's auto-scaling state.
     pub(crate) scaler: scale::Scaler,
+    /// Migrations this node is the target of, prepared and not finished.
+    pub(crate) arrivals: arrive::Arrivals,
 }
 
 impl Cluster {
@@ -142,6 +147,7 @@ impl Cluster {
             opts,
             lease: Mutex::new(None),
             scaler: Default::default(),
+            arrivals: Default::default(),
         }))
     }
 

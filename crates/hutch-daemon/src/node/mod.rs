@@ -11,6 +11,7 @@
 
 mod confine;
 mod console;
+pub mod migrate;
 pub mod rebuild;
 mod recover;
 pub mod snap;
@@ -345,6 +346,7 @@ impl Node {
             memory: Some(memory),
             backing: self.backing_of(vm)?,
             incoming,
+            migration_in: false,
         })
     }
 
@@ -610,7 +612,8 @@ impl Node {
         let Ok(Some(vm)) = self.records.vm_by_id(&h.id).await else {
             return;
         };
-        if vm.pid != Some(h.pid) {
+        // A record that moved on to another process, or (migrated) to another node.
+        if vm.pid != Some(h.pid) || !self.records.is_local(&vm) {
             return;
         }
         let tail = self.console_text(&h.id, 512);

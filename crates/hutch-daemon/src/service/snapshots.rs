@@ -435,6 +435,7 @@ fn snap_vm(snap: &Snapshot, caller: &Caller) -> Vm {
         pool: None,
         node: None,
         recreated: None,
+        migrated: None,
         lost: false,
         mem: VmMemory {
             base: snap.ram_in_file.then(|| snap.id.clone()),

@@ -131,11 +131,7 @@ impl Service {
                 image.name
             )));
         }
-        self.fetch_layers(&image.layers).await?;
-        let (images, img) = (self.images.clone(), image.clone());
-        tokio::task::spawn_blocking(move || images.build_rootfs(&img.digest, &img.layers))
-            .await
-            .map_err(internal)??;
+        self.ensure_rootfs(&image).await?;
         let mut vm = Vm {
             id: names::random_id(),
             name: String::new(),
@@ -170,6 +166,7 @@ impl Service {
             pool: None,
             node: self.records.local_node(),
             recreated: None,
+            migrated: None,
             lost: false,
         };
         // Admitted (reserved until the record counts), then the name is claimed in the create's

@@ -198,6 +198,16 @@ enum Cmd {
     Cordon { node: String },
     /// Let NODE take new VMs again.
     Uncordon { node: String },
+    /// Move a running VM to another node without stopping it (live migration; the admin only).
+    Migrate {
+        name: String,
+        /// The node to move it to.
+        #[arg(long)]
+        to: String,
+    },
+    /// Cordon NODE and move every VM on it to other nodes: running ones live, paused ones with
+    /// their saved state (the admin only).
+    Drain { node: String },
     /// A VM's network: egress rules and rates.
     #[command(subcommand)]
     Net(net::NetCmd),
@@ -591,6 +601,8 @@ async fn run(cli: Cli) -> Result<i32> {
         Cmd::Nodes => cluster::nodes(&c, j).await?,
         Cmd::Cordon { node } => cluster::cordon(&c, &node, true, j).await?,
         Cmd::Uncordon { node } => cluster::cordon(&c, &node, false, j).await?,
+        Cmd::Migrate { name, to } => cluster::migrate(&c, &name, &to, j).await?,
+        Cmd::Drain { node } => cluster::drain(&c, &node, j).await?,
         Cmd::Admin(AdminCmd::MigrateStore(a)) => migrate::migrate(&c.data_dir, a).await?,
         Cmd::Admin(AdminCmd::Recover) => {
             let v = c.json(Method::POST, "/api/v1/admin/recover", None).await?;

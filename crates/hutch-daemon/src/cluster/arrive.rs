@@ -1,0 +1,271 @@
+//! Live migration, the target's side (migrate.rs has the whole sequence). Node to node, admin
+//! only:
+//!
+//! - `POST /api/v1/cluster/migrations` prepares a VM recorded `migrating` on the caller: the
+//!   same root filesystem bytes as the source's, admission, and a QEMU waiting (node/migrate.rs).
+//! - `POST .../{id}/disk` and `.../{id}/state`, upgraded to byte streams: the NBD export of the
+//!   new disk and the migration stream.
+//! - `POST .../{id}/finish` runs the guest and moves the record here; `DELETE .../{id}` undoes
+//!   the preparation, which also happens by itself [`EXPIRY`] after it began.
+
+use super::forward::UPGRADE;
+use super::migrate::{Arrive, Arriving, Finished};
+use crate::api::{ApiPath, AppState};
+use crate::auth::Caller;
+use crate::error::ApiError;
+use crate::node::migrate::Arrival;
+use crate::service::{admin_only, Reservation, Service};
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{header, StatusCode};
+use axum::response::Response;
+use axum::routing::{delete, post};
+use axum::{Extension, Json, Router};
+use hutch_core::VmState;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// How long a prepared arrival waits for its finish before it is undone.
+pub const EXPIRY: Duration = Duration::from_secs(25 * 60);
+
+/// The arrivals this node prepared, by migration id.
+#[derive(Default)]
+pub struct Arrivals {
+    pending: Mutex<HashMap<String, Pending>>,
+}
+
+struct Pending {
+    arrival: Arrival,
+    from: String,
+    /// The memory admitted for it, held until its record counts here.
+    _admitted: Reservation,
+}
+
+impl Arrivals {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Pending>> {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn take(&self, id: &str) -> Result<Pending, ApiError> {
+        self.lock().remove(id).ok_or_else(|| missing(id))
+    }
+}
+
+fn missing(id: &str) -> ApiError {
+    ApiError::NotFound {
+        kind: "migration",
+        name: id.to_string(),
+    }
+}
+
+pub fn routes(r: Router<AppState>) -> Router<AppState> {
+    r.route(super::migrate::MIGRATIONS, post(arrive))
+        .route("/api/v1/cluster/migrations/{id}/disk", post(disk))
+        .route("/api/v1/cluster/migrations/{id}/state", post(state))
+        .route("/api/v1/cluster/migrations/{id}/finish", post(finish))
+        .route("/api/v1/cluster/migrations/{id}", delete(abort))
+}
+
+fn cluster(m: &Service) -> Result<Arc<super::Cluster>, ApiError> {
+    m.cluster
+        .get()
+        .cloned()
+        .ok_or_else(|| ApiError::Invalid("this hutchd runs alone: it takes no migrations".into()))
+}
+
+async fn arrive(
+    State(m): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Json(req): Json<Arrive>,
+) -> Result<Json<Arriving>, ApiError> {
+    admin_only(&caller, "receiving migrations")?;
+    let c = cluster(&m)?;
+    if req.from == c.name() {
+        return Err(ApiError::Invalid("a VM cannot move to its own node".into()));
+    }
+    let vm = m
+        .records
+        .vm_stored(&req.vm)
+        .await?
+        .ok_or_else(|| ApiError::vm(&req.vm))?;
+    if vm.state != VmState::Migrating || vm.node.as_deref() != Some(req.from.as_str()) {
+        return Err(ApiError::Conflict(format!(
+            "{} is {} on node {}, not migrating from {}",
+            vm.name,
+            vm.state.as_str(),
+            vm.node.as_deref().unwrap_or("none"),
+            req.from
+        )));
+    }
+    let image = m.image_of(&vm).await?.ok_or_else(|| {
+        ApiError::Conflict(format!(
+            "the image of {} is no longer in the store",
+            vm.name
+        ))
+    })?;
+    m.same_rootfs(&c, &req.from, &image, &req.rootfs_sha256)
+        .await?;
+    let mut here = vm.clone();
+    here.node = Some(c.name().to_string());
+    let admitted = m.admit(&here, false).await?;
+    let arrival = m.node.arrive(&vm, &image).await?;
+    let id = hutch_core::names::random_id();
+    c.arrivals.lock().insert(
+        id.clone(),
+        Pending {
+            arrival,
+            from: req.from.clone(),
+            _admitted: admitted,
+        },
+    );
+    tracing::info!(vm = %vm.key(), from = %req.from, migration = %id, "vm arriving");
+    let (node, c2, id2) = (m.node.clone(), c.clone(), id.clone());
+    tokio::spawn(async move {
+        tokio::time::sleep(EXPIRY).await;
+        if let Ok(p) = c2.arrivals.take(&id2) {
+            tracing::warn!(vm = %p.arrival.vm.key(), "a migration did not finish in time; undoing its target half");
+            node.abandon(p.arrival).await;
+        }
+    });
+    Ok(Json(Arriving { id }))
+}
+
+impl Service {
+    /// Makes sure this node holds the very root filesystem node `from` runs `image` from
+    /// (SHA-256 `sha256`): copied from it when this node has none; refused when this node built
+    /// its own (another build differs in its time stamps).
+    async fn same_rootfs(
+        &self,
+        c: &super::Cluster,
+        from: &str,
+        image: &hutch_core::Image,
+        sha256: &str,
+    ) -> Result<(), ApiError> {
+        if !self.images.has_rootfs(&image.digest) {
+            if let Err(e) = self.fetch_layers(&image.layers).await {
+                tracing::warn!(image = %image.name, error = %e, "the layers of a migrating VM's image");
+            }
+            return self.fetch_rootfs(c, from, image, Some(sha256)).await;
+        }
+        let (images, d) = (self.images.clone(), image.digest.clone());
+        let mine = tokio::task::spawn_blocking(move || images.rootfs_sha256(&d))
+            .await
+            .map_err(crate::node::internal)??;
+        if mine != sha256 {
+            return Err(ApiError::Conflict(format!(
+                "node {} built its own root filesystem of {} (sha256 {}), and node {from} runs it \
+                 from different bytes (sha256 {}): a VM moves live only between nodes holding the \
+                 same ones (docs/cluster.md)",
+                c.name(),
+                image.name,
+                &mine[..12],
+                &sha256[..sha256.len().min(12)]
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Answers `req` with 101 and then copies bytes between the upgraded connection and `sock`.
+fn upgrade_to(
+    mut req: Request,
+    sock: std::os::unix::net::UnixStream,
+) -> Result<Response, ApiError> {
+    let wants = req
+        .headers()
+        .get(header::UPGRADE)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(UPGRADE.as_bytes()));
+    if !wants {
+        return Err(ApiError::Invalid(format!(
+            "this is a byte stream: send Connection: upgrade, Upgrade: {UPGRADE}"
+        )));
+    }
+    let on = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        match on.await {
+            Ok(up) => super::migrate::splice(up, sock).await,
+            Err(e) => tracing::warn!(error = %e, "a migration stream was not upgraded"),
+        }
+    });
+    Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(header::CONNECTION, "upgrade")
+        .header(header::UPGRADE, UPGRADE)
+        .body(Body::empty())
+        .map_err(crate::node::internal)
+}
+
+async fn disk(
+    State(m): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    ApiPath(id): ApiPath<String>,
+    req: Request,
+) -> Result<Response, ApiError> {
+    admin_only(&caller, "receiving migrations")?;
+    let c = cluster(&m)?;
+    let path = c
+        .arrivals
+        .lock()
+        .get(&id)
+        .map(|p| p.arrival.nbd.clone())
+        .ok_or_else(|| missing(&id))?;
+    let sock = tokio::net::UnixStream::connect(&path)
+        .await
+        .and_then(|s| s.into_std())
+        .map_err(|e| ApiError::Internal(format!("the disk export: {e}")))?;
+    upgrade_to(req, sock)
+}
+
+async fn state(
+    State(m): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    ApiPath(id): ApiPath<String>,
+    req: Request,
+) -> Result<Response, ApiError> {
+    admin_only(&caller, "receiving migrations")?;
+    let c = cluster(&m)?;
+    let sock = c
+        .arrivals
+        .lock()
+        .get_mut(&id)
+        .ok_or_else(|| missing(&id))?
+        .arrival
+        .state
+        .take()
+        .ok_or_else(|| ApiError::Conflict("the migration stream is open already".into()))?;
+    upgrade_to(req, sock)
+}
+
+async fn finish(
+    State(m): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Json<Finished>, ApiError> {
+    admin_only(&caller, "receiving migrations")?;
+    let c = cluster(&m)?;
+    let p = c.arrivals.take(&id)?;
+    let t = Instant::now();
+    match m.node.arrived(&p.arrival, &p.from).await {
+        Ok((vm, resumed)) => Ok(Json(Finished {
+            vm,
+            resumed_ms: resumed.saturating_duration_since(t).as_millis() as u64,
+        })),
+        Err(e) => {
+            m.node.abandon(p.arrival).await;
+            Err(e)
+        }
+    }
+}
+
+async fn abort(
+    State(m): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    admin_only(&caller, "receiving migrations")?;
+    let c = cluster(&m)?;
+    let p = c.arrivals.take(&id)?;
+    m.node.abandon(p.arrival).await;
+    Ok(Json(serde_json::json!({ "undone": id })))
+}

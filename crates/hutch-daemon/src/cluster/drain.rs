@@ -1,0 +1,105 @@
+//! `hutch drain NODE` (`POST /api/v1/nodes/{name}/drain`, admin only; docs/cluster.md): the
+//! node is cordoned and marked draining, then the node itself moves its VMs away, one at a
+//! time, each to the node the scheduler picks: running VMs live (migrate.rs). A request to
+//! another node is passed to the node being drained. When every VM moved, the node is left
+//! cordoned (no longer draining): ready to be stopped or upgraded.
+
+use super::nodes::{NodeRecord, NODES};
+use super::schedule::{choose, Need};
+use crate::auth::Caller;
+use crate::error::ApiError;
+use crate::service::{admin_only, Service};
+use hutch_core::cluster::{DrainFailure, Drained};
+use hutch_core::VmState;
+use hutch_store::kv::StoreExt;
+use std::sync::Arc;
+
+impl Service {
+    pub async fn drain(self: &Arc<Self>, caller: &Caller, node: &str) -> Result<Drained, ApiError> {
+        admin_only(caller, "draining nodes")?;
+        let Some(c) = self.cluster.get().cloned() else {
+            return Err(ApiError::Invalid(
+                "drain moves VMs between the nodes of a cluster: this hutchd runs alone \
+                 (hutchd --etcd)"
+                    .into(),
+            ));
+        };
+        self.mark_draining(&c, node, true).await?;
+        if node != c.name() {
+            if !self.node_live(node).await? {
+                return Err(ApiError::Conflict(format!(
+                    "node {node} is down: its VMs cannot be moved (their disks are there); it \
+                     stays cordoned"
+                )));
+            }
+            return self
+                .node_json(
+                    &c,
+                    node,
+                    "POST",
+                    &format!("/api/v1/nodes/{node}/drain"),
+                    &(),
+                )
+                .await;
+        }
+        let mut out = Drained {
+            node: node.to_string(),
+            migrated: Vec::new(),
+            failed: Vec::new(),
+        };
+        let mut vms = self.records.local_vms().await?;
+        vms.sort_by_key(|v| v.key());
+        for vm in vms {
+            let name = vm.key();
+            let r = match vm.state {
+                VmState::Running => {
+                    let nodes = self.nodes(&Caller::local_admin()).await?;
+                    match choose(
+                        &nodes,
+                        Need {
+                            mem_mib: vm.mem_mib,
+                        },
+                        None,
+                        c.opts.placement,
+                        &Default::default(),
+                    ) {
+                        Ok(to) => self.migrate_vm(&c, vm, &to).await,
+                        Err(e) => Err(e),
+                    }
+                }
+                s => Err(ApiError::Conflict(format!(
+                    "it is {}: only running VMs move yet",
+                    s.as_str()
+                ))),
+            };
+            match r {
+                Ok(m) => out.migrated.push(m),
+                Err(e) => out.failed.push(DrainFailure {
+                    name,
+                    error: e.to_string(),
+                }),
+            }
+        }
+        if out.failed.is_empty() {
+            self.mark_draining(&c, node, false).await?;
+        }
+        Ok(out)
+    }
+
+    /// Cordons node `name` and sets whether it is draining.
+    async fn mark_draining(
+        &self,
+        c: &super::Cluster,
+        name: &str,
+        draining: bool,
+    ) -> Result<(), ApiError> {
+        c.store
+            .update_json::<NodeRecord, ApiError, _>(&format!("{NODES}{name}"), |r| {
+                r.cordoned = true;
+                r.draining = draining;
+                Ok(())
+            })
+            .await?;
+        Ok(())
+    }
+}
