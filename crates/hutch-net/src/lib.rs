@@ -4,6 +4,7 @@
 //! docs/networking.md.
 
 pub mod nft;
+pub mod overlay;
 pub mod tap;
 
 pub use nft::VmPolicy;
@@ -94,6 +95,19 @@ impl NetConfig {
     }
 
     /// The host's address on the VM network: the subnet's first address.
+    /// The VXLAN device that joins nodes sharing this subnet (overlay.rs).
+    pub fn overlay(&self) -> String {
+        let b = &self.bridge;
+        format!("{}-x", &b[..b.len().min(13)])
+    }
+
+    /// The bridge's MAC: the same on every node of a shared subnet (made from the gateway
+    /// address), so that a VM moved to another node finds its gateway at the MAC it knows.
+    pub fn gateway_mac(&self) -> String {
+        let o = self.gateway().octets();
+        format!("02:68:75:{:02x}:{:02x}:{:02x}", o[1], o[2], o[3])
+    }
+
     pub fn gateway(&self) -> Ipv4Addr {
         self.subnet.nth(1).unwrap_or(self.subnet.addr())
     }
@@ -185,6 +199,8 @@ pub struct Network {
     /// Serializes rule changes (each is one nft transaction, but a VM's remove must not
     /// interleave with its re-add).
     lock: Mutex<()>,
+    /// The overlay joining nodes that share the subnet (overlay.rs).
+    overlay: Mutex<overlay::State>,
 }
 
 impl Network {
@@ -198,6 +214,12 @@ impl Network {
         }
         let gw = format!("{}/{}", cfg.gateway(), cfg.subnet.prefix());
         run("ip", &["addr", "replace", &gw, "dev", br], None)?;
+        let mac = cfg.gateway_mac();
+        let now =
+            std::fs::read_to_string(format!("/sys/class/net/{br}/address")).unwrap_or_default();
+        if now.trim() != mac {
+            run("ip", &["link", "set", br, "address", &mac], None)?;
+        }
         run(
             "ip",
             &["link", "set", br, "mtu", &cfg.mtu.to_string(), "up"],
@@ -216,6 +238,7 @@ impl Network {
         Ok(Network {
             cfg,
             lock: Mutex::new(()),
+            overlay: Default::default(),
         })
     }
 
@@ -279,6 +302,11 @@ impl Network {
             ],
             None,
         );
+        self.overlay
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .attached
+            .insert(v.ip);
         // No rate: nothing to run (`update` removes a rate taken away later).
         match rate_in {
             Some(_) => set_rate_in(&v.tap, rate_in),
@@ -310,6 +338,11 @@ impl Network {
             let _g = self.locked();
             nft_apply(&nft::remove_vm(&self.cfg, v))?;
         }
+        self.overlay
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .attached
+            .remove(&v.ip);
         let ip = v.ip.to_string();
         let _ = run("ip", &["neigh", "del", &ip, "dev", &self.cfg.bridge], None);
         tap::delete(&v.tap).map_err(io(format!("deleting TAP {}", v.tap)))
@@ -327,6 +360,9 @@ impl Network {
     /// VM of this network runs).
     pub fn teardown(cfg: &NetConfig) -> Result<(), NetError> {
         nft_apply(&nft::teardown(cfg))?;
+        if tap::exists(&cfg.overlay()) {
+            run("ip", &["link", "del", &cfg.overlay()], None)?;
+        }
         if tap::exists(&cfg.bridge) {
             run("ip", &["link", "del", &cfg.bridge], None)?;
         }

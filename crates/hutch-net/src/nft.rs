@@ -41,7 +41,7 @@ pub struct VmPolicy {
     pub rate_out: Option<u64>,
 }
 
-fn acct_set(account: Option<&str>) -> String {
+pub(crate) fn acct_set(account: Option<&str>) -> String {
     match account {
         None => "acct_".into(),
         Some(a) => format!(
@@ -57,13 +57,10 @@ fn elements<T: std::fmt::Display>(items: impl Iterator<Item = T>) -> String {
 
 /// Rules of the VM's own inet chain (`vm_ID`), one per line, without the `add rule` prefix.
 fn vm_rules(c: &NetConfig, v: &VmPolicy) -> Vec<String> {
-    let br = &c.bridge;
+    // Other VMs, on this node or (a shared network, overlay.rs) on another: the account's only.
     let mut r = vec![
-        format!(
-            "oifname \"{br}\" ip daddr @{} accept",
-            acct_set(v.account.as_deref())
-        ),
-        format!("oifname \"{br}\" drop"),
+        format!("ip daddr @{} accept", acct_set(v.account.as_deref())),
+        format!("ip daddr {} drop", c.subnet),
     ];
     match v.mode {
         NetMode::Internet => {
@@ -182,6 +179,7 @@ pub fn remove_vm(c: &NetConfig, v: &VmPolicy) -> String {
 /// Both tables whole, replacing what was there, in one transaction.
 pub fn full(c: &NetConfig, vms: &[VmPolicy]) -> String {
     let (t, br, gw, sub) = (&c.table, &c.bridge, c.gateway(), c.subnet);
+    let (ov, ov_port) = (c.overlay(), crate::overlay::PORT);
     let (dns, meta, egress) = (c.dns_port, c.metadata_port, c.egress_port);
     let mut s = String::new();
     // Create-then-delete makes the delete valid when the table does not exist yet.
@@ -197,6 +195,9 @@ pub fn full(c: &NetConfig, vms: &[VmPolicy]) -> String {
   set name_checked {{
     type ipv4_addr
   }}
+  set peers {{
+    type ipv4_addr
+  }}
   chain prerouting {{
     type nat hook prerouting priority dstnat; policy accept;
     iifname \"{br}\" ip daddr 169.254.169.254 tcp dport 80 dnat ip to {gw}:{meta}
@@ -204,11 +205,12 @@ pub fn full(c: &NetConfig, vms: &[VmPolicy]) -> String {
   }}
   chain postrouting {{
     type nat hook postrouting priority srcnat; policy accept;
-    ip saddr {sub} oifname != \"{br}\" masquerade
+    ip saddr {sub} oifname != {{ \"{br}\", \"{ov}\" }} masquerade
   }}
   chain input {{
     type filter hook input priority filter; policy accept;
     iifname \"{br}\" jump vm_to_host
+    udp dport {ov_port} ip saddr != @peers drop
   }}
   chain vm_to_host {{
     ct state established,related accept
@@ -220,6 +222,9 @@ pub fn full(c: &NetConfig, vms: &[VmPolicy]) -> String {
   chain forward {{
     type filter hook forward priority filter; policy accept;
     iifname \"{br}\" jump from_vm
+    iifname \"{ov}\" oifname \"{br}\" accept
+    iifname \"{ov}\" drop
+    oifname \"{ov}\" drop
     oifname \"{br}\" ct state established,related accept
     oifname \"{br}\" drop
   }}
@@ -347,6 +352,7 @@ mod tests {
         let r = vm_rules(&c, &v(NetMode::Internal, false));
         assert_eq!(r.last().unwrap(), "drop");
         assert!(r[0].contains("@acct_616c696365"));
+        assert_eq!(r[1], "ip daddr 10.123.0.0/16 drop");
         let r = vm_rules(&c, &v(NetMode::Internet, false));
         assert_eq!(r.last().unwrap(), "accept");
         let r = vm_rules(&c, &v(NetMode::Internet, true));
@@ -360,5 +366,7 @@ mod tests {
         let f = full(&c, &[v(NetMode::Internet, false)]);
         assert!(f.starts_with("table inet hutch\ndelete table inet hutch\n"));
         assert!(f.contains("dnat ip to 10.123.0.1:80"));
+        assert!(f.contains("iifname \"hutch0-x\" oifname \"hutch0\" accept"));
+        assert!(f.contains("oifname != { \"hutch0\", \"hutch0-x\" } masquerade"));
     }
 }

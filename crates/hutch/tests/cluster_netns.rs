@@ -1,6 +1,8 @@
 //! The cluster with each node in its own network namespace (a bridge joins them; the etcd
 //! members listen on its address): a partitioned node fences itself and heals; auto-scaling
-//! adds a node in a namespace and removes it. Two VM boots each.
+//! adds a node in a namespace and removes it; VMs move live between nodes that share one VM
+//! network, keeping their address and an open TCP connection, and a node is drained. Two VM
+//! boots each.
 
 mod common;
 use common::cluster::*;
@@ -274,6 +276,132 @@ esac
     }
 
     drop(s0);
+    drop(etcd);
+    drop(lan);
+}
+
+/// Two nodes sharing one VM network (the same --subnet; the overlay routes each VM to its
+/// node). A TCP connection from a VM on m1 to a VM on m0 carries data before the server VM
+/// moves to m1 (then both are on m1), after it moves back (across nodes again), and after
+/// m1 is drained (both on m0): one connection, never re-opened, and the server's file kept.
+#[test]
+fn vms_move_live_with_their_address_and_connections() {
+    let lan = Lan::new(2);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let etcd = rt.block_on(EtcdCluster::start_on(&[lan.host()]));
+    let eps = etcd.endpoints().join(",");
+    let work = tempfile::tempdir().unwrap();
+    let layout = busybox_layout(work.path());
+    let (bridge, subnet) = test_network();
+    let nodes: Vec<Daemon> = (0..2)
+        .map(|i| {
+            let addr = format!("{}:7070", lan.ip(i));
+            let name = format!("m{i}");
+            Daemon::start_in(
+                Some(&lan.nss[i]),
+                &[
+                    "--etcd",
+                    &eps,
+                    "--node-name",
+                    &name,
+                    "--listen",
+                    &addr,
+                    "--advertise",
+                    &addr,
+                    "--lease-ttl",
+                    TTL,
+                    "--bridge",
+                    &bridge,
+                    "--subnet",
+                    &subnet,
+                ],
+            )
+        })
+        .collect();
+    let (m0, m1) = (&nodes[0], &nodes[1]);
+    m0.import_busybox(&layout);
+    let server = m0.json(&[
+        "new", "--image", "busybox", "--name", "server", "--node", "m0",
+    ]);
+    let client = m0.json(&[
+        "new", "--image", "busybox", "--name", "client", "--node", "m1",
+    ]);
+    let server_ip = server["net"]["ipv4"].as_str().unwrap().to_string();
+    assert!(client["net"]["ipv4"].is_string());
+    // The server keeps what it receives on its disk; the client sends what is appended to a
+    // file. Both in sessions of their own, so that they outlive the exec that starts them.
+    m0.ok(&[
+        "exec",
+        "server",
+        "--",
+        "sh",
+        "-c",
+        // (busybox nc ends the connection when its input ends: it reads a pipe that never does)
+        "setsid sh -c 'tail -f /dev/null | nc -l -p 7000 > /root/got' </dev/null >/dev/null 2>&1 &",
+    ]);
+    std::thread::sleep(Duration::from_millis(500));
+    m0.ok(&[
+        "exec",
+        "client",
+        "--",
+        "sh",
+        "-c",
+        &format!(
+            "touch /root/out; setsid sh -c 'tail -f /root/out | nc {server_ip} 7000' \
+             </dev/null >/dev/null 2>&1 &"
+        ),
+    ]);
+    let send_and_see = |word: &str| {
+        m0.ok(&[
+            "exec",
+            "client",
+            "--",
+            "sh",
+            "-c",
+            &format!("echo {word} >> /root/out"),
+        ]);
+        let seen = wait_until(Duration::from_secs(30), || {
+            let got = m1.ok(&["exec", "server", "--", "cat", "/root/got"]);
+            got.contains(word).then_some(got)
+        });
+        assert!(seen.is_some(), "{word} did not arrive over the connection");
+    };
+    // Across nodes (m1 -> m0), through the overlay.
+    send_and_see("one");
+    let moved = m1.json(&["migrate", "server", "--to", "m1"]);
+    assert_eq!(moved["vm"]["node"], "m1", "{moved}");
+    assert_eq!(moved["vm"]["net"]["ipv4"], server_ip.as_str());
+    eprintln!(
+        "migrated a VM with a NIC: {} ms paused, {} ms in all",
+        moved["downtime_ms"], moved["total_ms"]
+    );
+    // Both on m1 now; the same connection.
+    send_and_see("two");
+    m0.json(&["migrate", "server", "--to", "m0"]);
+    // Across nodes again, the other way round.
+    send_and_see("three");
+
+    // Drained: m1 cordoned, its VM (the client) moved to m0 live.
+    let drained = m0.json(&["drain", "m1"]);
+    assert_eq!(drained["failed"], serde_json::json!([]), "{drained}");
+    assert_eq!(
+        drained["migrated"].as_array().unwrap().len(),
+        1,
+        "{drained}"
+    );
+    assert_eq!(vm(m0, "client")["node"], "m0");
+    assert_eq!(state_of(m0, "m1"), "cordoned");
+    assert!(qemu_pids_under(m1.data()).is_empty(), "m1 still runs a VM");
+    send_and_see("four");
+    let got = m0.ok(&["exec", "server", "--", "cat", "/root/got"]);
+    assert_eq!(got, "one\ntwo\nthree\nfour\n");
+    // A drained node takes no new VMs; a VM cannot move to it.
+    fails_with(m0, &["migrate", "server", "--to", "m1"], "cordoned");
+
+    for name in ["server", "client"] {
+        m0.ok(&["rm", name]);
+    }
+    drop(nodes);
     drop(etcd);
     drop(lan);
 }

@@ -110,6 +110,10 @@ async fn arrive(
     here.node = Some(c.name().to_string());
     let admitted = m.admit(&here, false).await?;
     let arrival = m.node.arrive(&vm, &image).await?;
+    // Its TAP is here now: its address is no longer routed to the source.
+    if let Err(e) = m.sync_overlay().await {
+        tracing::warn!(error = %e, "cluster: routing an arriving VM");
+    }
     let id = hutch_core::names::random_id();
     c.arrivals.lock().insert(
         id.clone(),

@@ -216,6 +216,10 @@ impl Service {
         };
         let _ = self.records.reload_vm(&vm.id).await;
         self.node.departed(vm, h).await;
+        // Its address is routed to its new node now, not in a while.
+        if let Err(e) = self.sync_overlay().await {
+            tracing::warn!(error = %e, "cluster: routing a migrated VM");
+        }
         Ok(Migrated {
             vm: moved,
             from,

@@ -16,6 +16,7 @@ pub mod forward;
 pub mod intents;
 pub mod migrate;
 pub mod nodes;
+pub mod overlay;
 pub mod route;
 pub mod scale;
 pub mod schedule;

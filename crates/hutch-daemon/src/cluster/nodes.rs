@@ -42,6 +42,12 @@ pub struct NodeRecord {
     pub e2b: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub e2b_tls_cert: Option<String>,
+    /// Its VM network (`--subnet`; None: `--network off`): nodes with the same one share it
+    /// (overlay.rs), at their overlay addresses (the `--advertise` host's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subnet: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub overlay: Option<std::net::Ipv4Addr>,
 }
 
 /// A live node's heartbeat (bound to its lease).
@@ -70,6 +76,12 @@ impl Cluster {
             tls_cert: None,
             e2b: None,
             e2b_tls_cert: None,
+            subnet: service
+                .node
+                .net
+                .as_ref()
+                .map(|n| n.settings.cfg.subnet.to_string()),
+            overlay: super::overlay::overlay_address(self.opts.advertise.as_deref()).await,
         };
         loop {
             let cur = self.store.get_json::<NodeRecord>(&key).await?;

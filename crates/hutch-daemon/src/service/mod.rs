@@ -127,6 +127,7 @@ impl Service {
         if self.cluster.get().is_some() {
             self.serve_intents();
             self.start_failover();
+            self.start_overlay();
         }
     }
 }

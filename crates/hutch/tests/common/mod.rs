@@ -303,6 +303,11 @@ pub fn remove_network(bridge: &str) {
             .status();
     }
     let _ = Command::new("ip").args(["link", "del", bridge]).status();
+    // The shared-subnet overlay device (hutch_net::NetConfig::overlay), where there is one.
+    let overlay = format!("{}-x", &bridge[..bridge.len().min(13)]);
+    if Path::new("/sys/class/net").join(&overlay).exists() {
+        let _ = Command::new("ip").args(["link", "del", &overlay]).status();
+    }
     let table = bridge.replace('-', "_");
     for fam in ["inet", "bridge"] {
         let _ = Command::new("nft")
