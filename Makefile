@@ -102,8 +102,11 @@ bench-control:
 	cargo build --release -p hutch-daemon --features fakes --example bench_control
 	target/release/examples/bench_control
 
-# The cluster's store against the single node's, and dead-node detection (docs/benchmarks.md).
-bench-cluster:
+# The cluster's store against the single node's, dead-node detection, and live migration
+# (docs/benchmarks.md).
+bench-cluster: build
 	@scripts/install-deps.sh --test
 	cargo build --release -p hutch-daemon --features fakes --example bench_cluster
+	cargo build --release -p hutch --example bench_migrate
 	target/release/examples/bench_cluster
+	target/release/examples/bench_migrate

@@ -158,7 +158,8 @@ pub struct Migrated {
     pub downtime_ms: u64,
     /// From the request to the VM running on the target (ms).
     pub total_ms: u64,
-    /// Bytes of writable disk and of RAM and device state sent.
+    /// Bytes sent for the writable disk and for RAM and device state (as they went over the
+    /// wire: zero areas and pages cost next to nothing).
     pub disk_bytes: u64,
     pub ram_bytes: u64,
 }

@@ -1,7 +1,7 @@
 //! REST for the cluster (docs/cluster.md): nanobox's `GET /api/v1/nodes` and `GET /api/v1/stats`,
 //! cordoning, draining and live migration. Admin only.
 
-use crate::api::{ApiPath, AppState};
+use crate::api::{ApiJson, ApiPath, AppState, VmRef};
 use crate::auth::Caller;
 use crate::error::ApiError;
 use axum::extract::State;
@@ -53,11 +53,10 @@ async fn uncordon(
 
 async fn migrate(
     State(m): State<AppState>,
-    Extension(caller): Extension<Caller>,
-    ApiPath(name): ApiPath<String>,
-    Json(req): Json<MigrateRequest>,
+    r: VmRef,
+    ApiJson(req): ApiJson<MigrateRequest>,
 ) -> Result<Json<Migrated>, ApiError> {
-    Ok(Json(m.migrate(&caller, &name, &req.to).await?))
+    Ok(Json(m.migrate(&r.caller, &r.name, &req.to).await?))
 }
 
 async fn drain(

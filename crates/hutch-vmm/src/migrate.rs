@@ -37,7 +37,7 @@ pub struct Sent {
     pub disk_bytes: u64,
     /// Bytes of RAM and device state sent.
     pub ram_bytes: u64,
-    /// The guest's pause at the switch-over, as QEMU measured it on the source (ms).
+    /// The guest's pause on the source: QEMU's switch-over and the mirror's end (ms).
     pub downtime_ms: u64,
     /// From the start of the disk copy to the end of the RAM copy (ms).
     pub total_ms: u64,
@@ -155,12 +155,14 @@ fn send_on(q: &mut Blocking, disk: RawFd, state: RawFd, t0: Instant) -> Result<S
         }
     };
     // The source is stopped: every write reached the target (write-blocking). The mirror is
-    // cancelled (the source keeps its own disk) and its NBD connection closed.
+    // cancelled (the source keeps its own disk) and its NBD connection closed; the guest is
+    // still stopped meanwhile, so that counts as downtime too.
+    let t = Instant::now();
     drop_mirror(q)?;
     Ok(Sent {
         disk_bytes,
         ram_bytes: m["ram"]["total"].as_u64().unwrap_or(0),
-        downtime_ms: m["downtime"].as_u64().unwrap_or(0),
+        downtime_ms: m["downtime"].as_u64().unwrap_or(0) + t.elapsed().as_millis() as u64,
         total_ms: t0.elapsed().as_millis() as u64,
     })
 }

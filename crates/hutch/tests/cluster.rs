@@ -250,6 +250,29 @@ fn three_nodes_on_three_etcd_members() {
         &["migrate", "web", "--to", "n1"],
         "share one VM network",
     );
+    // Stray or hostile node-to-node calls change nothing.
+    let zero = format!("/api/v1/cluster/rootfs/sha256:{}", "0".repeat(64));
+    for (method, path, want) in [
+        ("POST", "/api/v1/cluster/migrations/nope/state", 404),
+        ("POST", "/api/v1/cluster/migrations/nope/disk", 404),
+        ("POST", "/api/v1/cluster/migrations/nope/finish", 404),
+        ("DELETE", "/api/v1/cluster/migrations/nope", 404),
+        ("GET", zero.as_str(), 404),
+        ("GET", "/api/v1/cluster/rootfs/..%2F..%2Fapi-token", 400),
+    ] {
+        let (st, v) = http_json(&a1, token.trim(), method, path, None);
+        assert_eq!(st, want, "{method} {path}: {v}");
+    }
+    // A target is asked to take a VM that is not migrating (web runs on n2): refused.
+    let ask = serde_json::json!({"vm": web["id"], "from": "n2", "rootfs_sha256": "0"});
+    let (st, v) = http_json(
+        &a1,
+        token.trim(),
+        "POST",
+        "/api/v1/cluster/migrations",
+        Some(&ask),
+    );
+    assert_eq!(st, 409, "{v}");
     // web (refused above) runs on, on n2.
     assert_eq!(n1.ok(&["exec", "web", "--", "cat", "/tmp/f"]), "hi\n");
     // Stopped and started on n3: a cold boot from the disk it brought.

@@ -10,7 +10,7 @@
 
 use super::forward::UPGRADE;
 use super::migrate::{Arrive, Arriving, Finished};
-use crate::api::{ApiPath, AppState};
+use crate::api::{ApiJson, ApiPath, AppState};
 use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::node::migrate::Arrival;
@@ -77,7 +77,7 @@ fn cluster(m: &Service) -> Result<Arc<super::Cluster>, ApiError> {
 async fn arrive(
     State(m): State<AppState>,
     Extension(caller): Extension<Caller>,
-    Json(req): Json<Arrive>,
+    ApiJson(req): ApiJson<Arrive>,
 ) -> Result<Json<Arriving>, ApiError> {
     admin_only(&caller, "receiving migrations")?;
     let c = cluster(&m)?;
@@ -188,7 +188,9 @@ fn upgrade_to(
     let on = hyper::upgrade::on(&mut req);
     tokio::spawn(async move {
         match on.await {
-            Ok(up) => super::migrate::splice(up, sock).await,
+            Ok(up) => {
+                super::migrate::splice(up, sock).await;
+            }
             Err(e) => tracing::warn!(error = %e, "a migration stream was not upgraded"),
         }
     });

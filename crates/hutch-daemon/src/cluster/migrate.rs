@@ -70,6 +70,8 @@ impl Service {
         name: &str,
         to: &str,
     ) -> Result<Migrated, ApiError> {
+        // Resolved as the caller first: who cannot see the VM learns nothing of it.
+        let vm = self.vm_for(caller, name).await?;
         admin_only(caller, "migrating VMs")?;
         let Some(c) = self.cluster.get().cloned() else {
             return Err(ApiError::Invalid(
@@ -78,7 +80,6 @@ impl Service {
                     .into(),
             ));
         };
-        let vm = self.vm_for(caller, name).await?;
         self.migrate_vm(&c, vm, to).await
     }
 
@@ -181,26 +182,46 @@ impl Service {
             let state = node_upgrade(self, c, to, &path("/state")).await?;
             let (disk_q, disk_h) = UnixStream::pair().map_err(crate::node::internal)?;
             let (state_q, state_h) = UnixStream::pair().map_err(crate::node::internal)?;
-            tokio::spawn(splice(disk, disk_h));
-            tokio::spawn(splice(state, state_h));
+            let pumps = [
+                tokio::spawn(splice(disk, disk_h)),
+                tokio::spawn(splice(state, state_h)),
+            ];
             let (vmm, h2) = (self.node.vmm.clone(), h.clone());
-            tokio::task::spawn_blocking(move || {
+            let sent = tokio::task::spawn_blocking(move || {
                 vmm.migrate_send(&h2, disk_q.as_raw_fd(), state_q.as_raw_fd())
             })
             .await
             .map_err(crate::node::internal)?
-            .map_err(ApiError::from)
+            .map_err(ApiError::from)?;
+            Ok::<_, ApiError>((sent, pumps, Instant::now()))
         }
         .await;
-        let sent = match sent {
+        let (mut sent, pumps, stopped) = match sent {
             Ok(s) => s,
             Err(e) => {
                 self.abort_at(c, to, &id).await;
                 return Err(e);
             }
         };
+        // The guest is stopped from here until the target runs it: at once.
+        let asked = stopped.elapsed().as_millis() as u64;
         let finished: Result<Finished, ApiError> =
             self.node_json(c, to, "POST", &path("/finish"), &()).await;
+        // What went over the wire, once both streams closed (QEMU's own counts are of the
+        // disk's size and of the RAM's pages, zeros included).
+        let [disk_bytes, ram_bytes] = pumps.map(|p| async move {
+            tokio::time::timeout(std::time::Duration::from_secs(5), p)
+                .await
+                .ok()
+                .and_then(|r| r.ok())
+                .map(|(_, out)| out)
+        });
+        if let Some(b) = disk_bytes.await {
+            sent.disk_bytes = b;
+        }
+        if let Some(b) = ram_bytes.await {
+            sent.ram_bytes = b;
+        }
         let (moved, resumed_ms) = match finished {
             Ok(f) => (f.vm, f.resumed_ms),
             // The answer may be lost after the target took the VM: the record tells.
@@ -224,7 +245,9 @@ impl Service {
             vm: moved,
             from,
             to: to.to_string(),
-            downtime_ms: sent.downtime_ms + resumed_ms,
+            // QEMU's switch-over, the finish asked, the target's taking over (the request's
+            // one-way trip is not counted: a fraction of a millisecond on a LAN).
+            downtime_ms: sent.downtime_ms + asked + resumed_ms,
             total_ms: t0.elapsed().as_millis() as u64,
             disk_bytes: sent.disk_bytes,
             ram_bytes: sent.ram_bytes,
@@ -276,8 +299,8 @@ impl Service {
 }
 
 /// Copies bytes both ways between an upgraded connection and a local socket until both ends
-/// are done.
-pub(crate) async fn splice(up: hyper::upgrade::Upgraded, sock: UnixStream) {
+/// are done: how many went each way (in from the connection, out to it).
+pub(crate) async fn splice(up: hyper::upgrade::Upgraded, sock: UnixStream) -> (u64, u64) {
     let r = async {
         sock.set_nonblocking(true)?;
         let mut s = tokio::net::UnixStream::from_std(sock)?;
@@ -285,7 +308,8 @@ pub(crate) async fn splice(up: hyper::upgrade::Upgraded, sock: UnixStream) {
         tokio::io::copy_bidirectional(&mut io, &mut s).await
     }
     .await;
-    if let Err(e) = r {
+    r.unwrap_or_else(|e| {
         tracing::debug!(error = %e, "a migration stream ended");
-    }
+        (0, 0)
+    })
 }

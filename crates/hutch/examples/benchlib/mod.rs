@@ -98,6 +98,9 @@ impl Drop for Cleanup {
             }
             let _ = std::fs::remove_dir(&dir);
         }
+        if self.bridge.is_empty() {
+            return; // --network off
+        }
         let ports = std::fs::read_dir(format!("/sys/class/net/{}/brif", self.bridge));
         for p in ports.into_iter().flatten().flatten() {
             let _ = Command::new("ip")
