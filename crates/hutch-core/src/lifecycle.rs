@@ -213,7 +213,11 @@ impl VmState {
             (S::Pausing, E::Saved) => S::Paused,
             (S::Paused, E::Resume) => S::Resuming,
             (S::Running, E::Snapshot) => S::Snapshotting,
-            (S::Running, E::Migrate) => S::Migrating,
+            // Running VMs move live; paused and stopped ones move at rest (`hutch drain`).
+            (S::Running | S::Paused | S::Stopped, E::Migrate) => S::Migrating,
+            // A move at rest ends where it began: saved, or stopped.
+            (S::Migrating, E::Saved) => S::Paused,
+            (S::Migrating, E::Halted) => S::Stopped,
             // A pause given up (the VM runs on), or a snapshot or migration finished.
             (S::Pausing | S::Snapshotting | S::Migrating, E::Done) => S::Running,
             (S::Creating | S::Deleting, E::Delete) => return Err(self.deny(event)),
@@ -384,8 +388,12 @@ mod tests {
             (S::Paused, E::Resume, S::Resuming),
             (S::Running, E::Snapshot, S::Snapshotting),
             (S::Running, E::Migrate, S::Migrating),
+            (S::Paused, E::Migrate, S::Migrating),
+            (S::Stopped, E::Migrate, S::Migrating),
             (S::Snapshotting, E::Done, S::Running),
             (S::Migrating, E::Done, S::Running),
+            (S::Migrating, E::Saved, S::Paused),
+            (S::Migrating, E::Halted, S::Stopped),
         ];
         for s in S::ALL {
             if !matches!(s, S::Creating | S::Deleting) {

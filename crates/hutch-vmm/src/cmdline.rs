@@ -118,6 +118,15 @@ impl ToArgs for IncomingMigration {
     }
 }
 
+/// Wait before the first instruction (a VM started only to be moved, never run here).
+pub struct Held;
+
+impl ToArgs for Held {
+    fn to_args(&self) -> Vec<String> {
+        vec!["-S".into()]
+    }
+}
+
 /// Direct kernel boot. The kernel and initrd are handed in as descriptors and named by their
 /// `/proc/self/fd` links (QEMU opens them by path, with no fd-passing form).
 pub struct DirectBoot {
@@ -515,6 +524,8 @@ pub fn build(spec: &VmSpec, fds: &Fds) -> Vec<String> {
         parts.push(Box::new(IncomingState));
     } else if spec.migration_in {
         parts.push(Box::new(IncomingMigration));
+    } else if spec.hold {
+        parts.push(Box::new(Held));
     }
     if let Some(fd) = fds.jail {
         parts.push(Box::new(Chroot { fd }));
@@ -552,6 +563,7 @@ mod tests {
             backing: vec![],
             incoming: None,
             migration_in: false,
+            hold: false,
         }
     }
 

@@ -61,6 +61,9 @@ pub struct VmSpec {
     pub incoming: Option<Incoming>,
     /// Start stopped, waiting for a live migration's state ([`Vmm::migrate_receive`]).
     pub migration_in: bool,
+    /// Start and stay stopped: a boot waits before its first instruction (`-S`), a restore
+    /// stays stopped once loaded. A VM that does not run, started only to be moved.
+    pub hold: bool,
 }
 
 /// Where a VM's RAM lives. Either way it is a file, so that a snapshot of a VM whose RAM is its
@@ -279,9 +282,9 @@ pub trait Vmm: Send + Sync {
     ) -> Result<migrate::Sent, VmmError> {
         Err(self.unsupported("migrate"))
     }
-    /// Live migration, target side: once the state is in, the disk export closed and the
-    /// guest running.
-    fn migrate_complete(&self, _vm: &VmHandle) -> Result<(), VmmError> {
+    /// Live migration, target side: once the state is in, the disk export closed and (`run`)
+    /// the guest running; without `run` it stays stopped (a VM moved at rest).
+    fn migrate_complete(&self, _vm: &VmHandle, _run: bool) -> Result<(), VmmError> {
         Err(self.unsupported("migrate"))
     }
     /// Frees what confined VM `id` (its cgroup, its jail directory), killing anything left in

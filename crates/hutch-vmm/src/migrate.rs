@@ -66,6 +66,7 @@ pub fn receive(qmp_socket: &Path, listener: RawFd, stream: RawFd) -> Result<(), 
         Some(json!({ "capabilities": [
             // The disk stays with the NBD export until complete() takes it back.
             { "capability": "late-block-activate", "state": true },
+            { "capability": "x-ignore-shared", "state": false },
         ]})),
     )?;
     q.execute_with_fd("getfd", Some(json!({ "fdname": "hutch-mig" })), stream)?;
@@ -126,6 +127,9 @@ fn send_on(q: &mut Blocking, disk: RawFd, state: RawFd, t0: Instant) -> Result<S
         Some(json!({ "capabilities": [
             // A busy guest is slowed down until its RAM copy converges.
             { "capability": "auto-converge", "state": true },
+            // All of the RAM goes, also when it is a shared file (a QEMU that loaded a paused
+            // VM's state was told otherwise, and capabilities stay with the process).
+            { "capability": "x-ignore-shared", "state": false },
         ]})),
     )?;
     q.execute(
@@ -216,15 +220,16 @@ fn abandon(q: &mut Blocking) {
     }
 }
 
-/// Target: once the stream is in, takes the disk back from the NBD export and runs the guest.
-pub fn complete(qmp_socket: &Path, timeout: Duration) -> Result<(), VmmError> {
+/// Target: once the stream is in, takes the disk back from the NBD export and (`run`) runs the
+/// guest.
+pub fn complete(qmp_socket: &Path, timeout: Duration, run: bool) -> Result<(), VmmError> {
     let mut q = qmp(qmp_socket)?;
     let deadline = Instant::now() + timeout;
     loop {
         let st = q.execute("query-status", None)?;
         match st["status"].as_str().unwrap_or("") {
             "paused" | "prelaunch" | "postmigrate" => break,
-            "running" => return Ok(()),
+            "running" if run => return Ok(()),
             "inmigrate" if Instant::now() < deadline => {
                 std::thread::sleep(Duration::from_millis(5))
             }
@@ -258,6 +263,20 @@ pub fn complete(qmp_socket: &Path, timeout: Duration) -> Result<(), VmmError> {
         std::thread::sleep(Duration::from_millis(5));
     }
     q.execute("nbd-server-stop", None)?;
-    q.execute("cont", None)?;
+    if run {
+        q.execute("cont", None)?;
+    } else {
+        activate(&mut q)?;
+    }
     Ok(())
+}
+
+/// Takes a stopped QEMU's disks (activates its block nodes) where the guest does not run yet:
+/// QEMU 10 activates them only when it does. Older QEMUs lack the command and activated them
+/// already.
+pub(crate) fn activate(q: &mut Blocking) -> Result<(), VmmError> {
+    match q.execute("blockdev-set-active", Some(json!({ "active": true }))) {
+        Err(VmmError::Qmp(m)) if m.contains("not found") => Ok(()),
+        r => r.map(|_| ()),
+    }
 }

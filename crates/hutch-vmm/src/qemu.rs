@@ -318,8 +318,14 @@ impl Qemu {
     }
 
     /// Loads the saved state QEMU was started to wait for (fd set [`cmdline::SET_STATE`]) and
-    /// lets the guest run on.
-    fn load(&self, spec: &VmSpec, pid: u32, ignore_shared: bool) -> Result<(), VmmError> {
+    /// (`run`) lets the guest run on.
+    fn load(
+        &self,
+        spec: &VmSpec,
+        pid: u32,
+        ignore_shared: bool,
+        run: bool,
+    ) -> Result<(), VmmError> {
         use serde_json::json;
         let mut q = crate::qmp::Blocking::connect(&spec.qmp_socket(), Duration::from_secs(10))?;
         q.execute(
@@ -344,6 +350,12 @@ impl Qemu {
             let st = q.execute("query-status", None)?;
             match st["status"].as_str().unwrap_or("") {
                 // The source was stopped when it saved, so the state loads as paused.
+                "paused" | "postmigrate" | "prelaunch" if !run => {
+                    // Held (to be moved): its disks are taken now, as a start would (QEMU 10
+                    // leaves them inactive until the guest runs, and a mirror needs them).
+                    crate::migrate::activate(&mut q)?;
+                    return Ok(());
+                }
                 "paused" | "postmigrate" | "prelaunch" => {
                     q.execute("cont", None)?;
                 }
@@ -411,7 +423,7 @@ impl Vmm for Qemu {
                 .and_then(|_| {
                     let ready = t0.elapsed();
                     let r = match &spec.incoming {
-                        Some(i) => self.load(spec, pid, i.ignore_shared),
+                        Some(i) => self.load(spec, pid, i.ignore_shared, !spec.hold),
                         None => Ok(()),
                     };
                     tracing::debug!(id = %spec.id, ?spawned, ?ready, loaded = ?t0.elapsed(), "qemu launch phases");
@@ -559,8 +571,8 @@ impl Vmm for Qemu {
         crate::migrate::send(&vm.qmp_socket(), disk, state)
     }
 
-    fn migrate_complete(&self, vm: &VmHandle) -> Result<(), VmmError> {
-        crate::migrate::complete(&vm.qmp_socket(), Duration::from_secs(600))
+    fn migrate_complete(&self, vm: &VmHandle, run: bool) -> Result<(), VmmError> {
+        crate::migrate::complete(&vm.qmp_socket(), Duration::from_secs(600), run)
     }
 
     fn pause(&self, vm: &VmHandle) -> Result<(), VmmError> {

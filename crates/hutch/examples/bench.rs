@@ -67,6 +67,7 @@ fn bare_boot(
         }],
         incoming: None,
         migration_in: false,
+        hold: false,
     };
     let q = hutch_vmm::Qemu::default();
     let t = Instant::now();

@@ -284,6 +284,8 @@ esac
 /// node). A TCP connection from a VM on m1 to a VM on m0 carries data before the server VM
 /// moves to m1 (then both are on m1), after it moves back (across nodes again), and after
 /// m1 is drained (both on m0): one connection, never re-opened, and the server's file kept.
+/// The drain also moves a paused VM (resumed on m0 with its memory) and a stopped one (started
+/// on m0 from its disk).
 #[test]
 fn vms_move_live_with_their_address_and_connections() {
     let lan = Lan::new(2);
@@ -381,15 +383,71 @@ fn vms_move_live_with_their_address_and_connections() {
     // Across nodes again, the other way round.
     send_and_see("three");
 
-    // Drained: m1 cordoned, its VM (the client) moved to m0 live.
+    // On m1 also a paused VM (its memory saved) and a stopped one (its disk only).
+    m0.json(&[
+        "new", "--image", "busybox", "--name", "napping", "--node", "m1",
+    ]);
+    m0.json(&[
+        "new", "--image", "busybox", "--name", "parked", "--node", "m1",
+    ]);
+    let napped = m0.ok(&[
+        "exec",
+        "napping",
+        "--",
+        "sh",
+        "-c",
+        "echo in-ram > /dev/shm/mark; cat /proc/sys/kernel/random/boot_id",
+    ]);
+    m0.ok(&[
+        "exec",
+        "parked",
+        "--",
+        "sh",
+        "-c",
+        "echo on-disk > /root/mark; sync",
+    ]);
+    m0.ok(&["pause", "napping"]);
+    m0.ok(&["stop", "parked"]);
+
+    // Drained: m1 cordoned, its VMs moved to m0: the client live, the others at rest.
     let drained = m0.json(&["drain", "m1"]);
     assert_eq!(drained["failed"], serde_json::json!([]), "{drained}");
     assert_eq!(
         drained["migrated"].as_array().unwrap().len(),
-        1,
+        3,
         "{drained}"
     );
     assert_eq!(vm(m0, "client")["node"], "m0");
+    for (name, state) in [("napping", "paused"), ("parked", "stopped")] {
+        let v = vm(m0, name);
+        assert_eq!(
+            (v["node"].as_str(), v["state"].as_str()),
+            (Some("m0"), Some(state)),
+            "{v}"
+        );
+    }
+    assert!(!m1
+        .data()
+        .join("vms")
+        .join(vm(m0, "napping")["id"].as_str().unwrap())
+        .exists());
+    // The paused VM resumes on m0 where it stopped (its RAM came along); the stopped one boots
+    // from the disk it brought.
+    m0.ok(&["resume", "napping"]);
+    let after = m0.ok(&[
+        "exec",
+        "napping",
+        "--",
+        "sh",
+        "-c",
+        "cat /proc/sys/kernel/random/boot_id /dev/shm/mark",
+    ]);
+    assert_eq!(after, format!("{napped}in-ram\n"));
+    m0.ok(&["start", "parked"]);
+    assert_eq!(
+        m0.ok(&["exec", "parked", "--", "cat", "/root/mark"]),
+        "on-disk\n"
+    );
     assert_eq!(state_of(m0, "m1"), "cordoned");
     assert!(qemu_pids_under(m1.data()).is_empty(), "m1 still runs a VM");
     send_and_see("four");
@@ -398,7 +456,7 @@ fn vms_move_live_with_their_address_and_connections() {
     // A drained node takes no new VMs; a VM cannot move to it.
     fails_with(m0, &["migrate", "server", "--to", "m1"], "cordoned");
 
-    for name in ["server", "client"] {
+    for name in ["server", "client", "napping", "parked"] {
         m0.ok(&["rm", name]);
     }
     drop(nodes);

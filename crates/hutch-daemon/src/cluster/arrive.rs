@@ -38,6 +38,8 @@ pub struct Arrivals {
 struct Pending {
     arrival: Arrival,
     from: String,
+    /// Running (it runs on here), paused or stopped (it stays so).
+    was: VmState,
     /// The memory admitted for it, held until its record counts here.
     _admitted: Reservation,
 }
@@ -120,6 +122,7 @@ async fn arrive(
         Pending {
             arrival,
             from: req.from.clone(),
+            was: req.was,
             _admitted: admitted,
         },
     );
@@ -252,7 +255,15 @@ async fn finish(
     let c = cluster(&m)?;
     let p = c.arrivals.take(&id)?;
     let t = Instant::now();
-    match m.node.arrived(&p.arrival, &p.from).await {
+    let done = match p.was {
+        VmState::Running => m.node.arrived(&p.arrival, &p.from).await,
+        was => m
+            .node
+            .arrived_at_rest(&p.arrival, &p.from, was == VmState::Paused)
+            .await
+            .map(|vm| (vm, t)),
+    };
+    match done {
         Ok((vm, resumed)) => Ok(Json(Finished {
             vm,
             resumed_ms: resumed.saturating_duration_since(t).as_millis() as u64,

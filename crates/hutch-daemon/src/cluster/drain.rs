@@ -1,6 +1,7 @@
 //! `hutch drain NODE` (`POST /api/v1/nodes/{name}/drain`, admin only; docs/cluster.md): the
 //! node is cordoned and marked draining, then the node itself moves its VMs away, one at a
-//! time, each to the node the scheduler picks: running VMs live (migrate.rs). A request to
+//! time, each to the node the scheduler picks: running VMs live, paused ones with their saved
+//! state and stopped ones with their disk (migrate.rs; the guest of neither runs meanwhile). A request to
 //! another node is passed to the node being drained. When every VM moved, the node is left
 //! cordoned (no longer draining): ready to be stopped or upgraded.
 
@@ -52,7 +53,7 @@ impl Service {
         for vm in vms {
             let name = vm.key();
             let r = match vm.state {
-                VmState::Running => {
+                VmState::Running | VmState::Paused | VmState::Stopped => {
                     let nodes = self.nodes(&Caller::local_admin()).await?;
                     match choose(
                         &nodes,
@@ -68,7 +69,8 @@ impl Service {
                     }
                 }
                 s => Err(ApiError::Conflict(format!(
-                    "it is {}: only running VMs move yet",
+                    "it is {}: only running, paused and stopped VMs move (start or delete it, \
+                     then drain again)",
                     s.as_str()
                 ))),
             };

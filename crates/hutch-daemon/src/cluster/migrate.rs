@@ -14,6 +14,10 @@
 //! 5. The target runs the guest and moves the record to itself (compare-and-swap from
 //!    `migrating` here). This node then removes its stopped copy.
 //!
+//! A paused or stopped VM moves the same way "at rest": step 4 starts from a QEMU that loads its
+//! saved state (or its disk) and never runs the guest (`Node::hold`), and in step 5 the target
+//! saves it again (or just keeps the disk) and records it paused (or stopped).
+//!
 //! Before step 5 anything that fails leaves the VM running here, the target's half undone. A
 //! crash of this hutchd leaves the QEMU here running (QEMU resumes when its stream breaks) and
 //! the target's half expires; a crash after step 5 leaves a stopped QEMU here that the restart
@@ -46,6 +50,14 @@ pub struct Arrive {
     pub from: String,
     /// The SHA-256 of the source's root filesystem of the VM's image.
     pub rootfs_sha256: String,
+    /// What it was before the move: running (it moves live), paused or stopped (it moves at
+    /// rest and stays so).
+    #[serde(default = "running")]
+    pub was: VmState,
+}
+
+fn running() -> VmState {
+    VmState::Running
 }
 
 /// The target's answer: the migration's id for the streams and the finish.
@@ -63,7 +75,8 @@ pub struct Finished {
 }
 
 impl Service {
-    /// Moves running VM `name` (on this node) to node `to` without stopping it.
+    /// Moves VM `name` (on this node) to node `to`: a running one live, a paused or stopped
+    /// one at rest (its guest does not run meanwhile).
     pub async fn migrate(
         self: &Arc<Self>,
         caller: &Caller,
@@ -117,9 +130,10 @@ impl Service {
         let lock = self.lock_for(&vm.id);
         let _g = lock.lock().await;
         let vm = self.by_id(&vm.id, &vm.name).await?;
-        if vm.state != VmState::Running {
+        let was = vm.state;
+        if !matches!(was, VmState::Running | VmState::Paused | VmState::Stopped) {
             return Err(ApiError::Conflict(format!(
-                "{} is {}: only a running VM moves live",
+                "{} is {}: only running (live), paused or stopped VMs move",
                 vm.name,
                 vm.state.as_str()
             )));
@@ -129,23 +143,53 @@ impl Service {
             .await
             .map_err(crate::node::internal)?
             .map_err(|e| ApiError::Internal(format!("the VM's root filesystem here: {e}")))?;
-        let h = self
-            .node
-            .handle(&vm)
-            .ok_or_else(|| ApiError::Conflict(format!("{} has no process", vm.name)))?;
+        let image = self.image_of(&vm).await?.ok_or_else(|| {
+            ApiError::Conflict(format!(
+                "the image of {} is no longer in the store",
+                vm.name
+            ))
+        })?;
         let vm = self.node.transition(&vm.id, Event::Migrate, |_| {}).await?;
-        match self.send_to(c, &vm, &h, to, sha).await {
+        // A running VM moves live; a paused or stopped one from a QEMU that never runs it.
+        let h = match was {
+            VmState::Running => self
+                .node
+                .handle(&vm)
+                .ok_or_else(|| ApiError::Conflict(format!("{} has no process", vm.name))),
+            _ => {
+                let mut at_rest = vm.clone();
+                at_rest.state = was;
+                self.node.hold(&at_rest, &image).await
+            }
+        };
+        let r = match h {
+            Ok(h) => {
+                let r = self.send_to(c, &vm, &h, to, sha, was).await;
+                if r.is_err() && was != VmState::Running {
+                    self.node.unhold(&vm, &h).await;
+                }
+                r
+            }
+            Err(e) => Err(e),
+        };
+        match r {
             Ok(m) => {
                 tracing::info!(vm = %vm.key(), from = %from, to, downtime_ms = m.downtime_ms, total_ms = m.total_ms, "vm migrated");
                 Ok(m)
             }
             Err(e) => {
-                // The VM runs on here; the record says so again (unless it changed meanwhile).
+                // The VM stays here as it was; the record says so again (unless it changed
+                // meanwhile).
+                let ev = match was {
+                    VmState::Paused => Event::Saved,
+                    VmState::Stopped => Event::Halted,
+                    _ => Event::Done,
+                };
                 let back = self
                     .records
                     .update_vm(&vm.id, |r: &mut Vm| {
                         if r.state == VmState::Migrating && self.records.is_local(r) {
-                            r.apply(&Event::Done)
+                            r.apply(&ev)
                                 .map_err(|d| ApiError::Conflict(format!("{} {d}", r.name)))?;
                         }
                         Ok::<(), ApiError>(())
@@ -154,7 +198,7 @@ impl Service {
                 if let Err(b) = back {
                     tracing::warn!(vm = %vm.key(), error = %b, "recording a VM whose migration failed");
                 }
-                tracing::warn!(vm = %vm.key(), to, error = %e, "migration failed; the vm runs on here");
+                tracing::warn!(vm = %vm.key(), to, error = %e, "migration failed; the vm stays here");
                 Err(e)
             }
         }
@@ -167,6 +211,7 @@ impl Service {
         h: &VmHandle,
         to: &str,
         rootfs_sha256: String,
+        was: VmState,
     ) -> Result<Migrated, ApiError> {
         let t0 = Instant::now();
         let from = c.name().to_string();
@@ -174,6 +219,7 @@ impl Service {
             vm: vm.id.clone(),
             from: from.clone(),
             rootfs_sha256,
+            was,
         };
         let Arriving { id } = self.node_json(c, to, "POST", MIGRATIONS, &ask).await?;
         let path = |what: &str| format!("{MIGRATIONS}/{id}{what}");
@@ -229,8 +275,10 @@ impl Service {
                 Ok(Some(v)) if v.node.as_deref() == Some(to) => (v, 0),
                 _ => {
                     self.abort_at(c, to, &id).await;
-                    let (vmm, h2) = (self.node.vmm.clone(), h.clone());
-                    let _ = tokio::task::spawn_blocking(move || vmm.resume(&h2)).await;
+                    if was == VmState::Running {
+                        let (vmm, h2) = (self.node.vmm.clone(), h.clone());
+                        let _ = tokio::task::spawn_blocking(move || vmm.resume(&h2)).await;
+                    }
                     return Err(e);
                 }
             },

@@ -123,7 +123,7 @@ impl Node {
         from: &str,
     ) -> Result<(Vm, Instant), ApiError> {
         let (vmm, h) = (self.vmm.clone(), a.handle.clone());
-        tokio::task::spawn_blocking(move || vmm.migrate_complete(&h))
+        tokio::task::spawn_blocking(move || vmm.migrate_complete(&h, true))
             .await
             .map_err(internal)??;
         let resumed = Instant::now();
@@ -171,6 +171,128 @@ impl Node {
         self.watch(a.handle.clone());
         tracing::info!(vm = %vm.key(), pid = a.handle.pid, from, "vm arrived");
         Ok((vm, resumed))
+    }
+
+    /// Ends a move at rest here: the arrived VM stays stopped, its state saved to its files
+    /// (`paused`) or dropped (a stopped VM: only its disk counts), its QEMU ends, and its record
+    /// moves here `paused` or `stopped` (compare-and-swap from `migrating` on `from`). The caller
+    /// abandons it on error.
+    pub async fn arrived_at_rest(
+        self: &Arc<Self>,
+        a: &Arrival,
+        from: &str,
+        paused: bool,
+    ) -> Result<Vm, ApiError> {
+        let (vmm, h) = (self.vmm.clone(), a.handle.clone());
+        tokio::task::spawn_blocking(move || vmm.migrate_complete(&h, false))
+            .await
+            .map_err(internal)??;
+        let id = a.vm.id.clone();
+        let saved = if paused {
+            let (state, tmp) = (self.state_path(&id), self.vm_dir(&id).join("state.new"));
+            let _ = std::fs::remove_file(&tmp);
+            let (vmm, h, t2) = (self.vmm.clone(), a.handle.clone(), tmp.clone());
+            // The RAM stays in the VM's own memory file; the state file holds the devices.
+            let s = tokio::task::spawn_blocking(move || vmm.save(&h, &t2, true))
+                .await
+                .map_err(internal)??;
+            std::fs::rename(&tmp, &state).map_err(internal)?;
+            hutch_fs::durable::sync_dir(&self.vm_dir(&id)).map_err(internal)?;
+            Some(hutch_core::snapshot::SavedState {
+                ram_in_file: true,
+                bytes: s.bytes,
+                at: hutch_core::now(),
+            })
+        } else {
+            None
+        };
+        let here = a.vm.node.clone();
+        let vm = self
+            .records
+            .update_vm(&id, |r: &mut Vm| {
+                if r.state != VmState::Migrating || r.node.as_deref() != Some(from) {
+                    return Err(ApiError::Conflict(format!(
+                        "{} changed during the move (now {} on {})",
+                        r.name,
+                        r.state.as_str(),
+                        r.node.as_deref().unwrap_or("no node")
+                    )));
+                }
+                let ev = if paused { Event::Saved } else { Event::Halted };
+                r.apply(&ev)
+                    .map_err(|d| ApiError::Conflict(format!("{} {d}", r.name)))?;
+                r.node = here.clone();
+                r.pid = None;
+                r.main_pid = if paused { r.main_pid } else { None };
+                r.confinement = a.vm.confinement.clone();
+                r.mem = VmMemory {
+                    saved: saved.clone(),
+                    ..a.vm.mem.clone()
+                };
+                r.migrated = Some(format!("from node {from}"));
+                Ok(())
+            })
+            .await?;
+        let (vmm, h) = (self.vmm.clone(), a.handle.clone());
+        let _ = tokio::task::spawn_blocking(move || vmm.quit(&h)).await;
+        if !self.wait_gone(&a.handle, Duration::from_secs(5)).await {
+            let _ = self.vmm.kill(&a.handle);
+            self.wait_gone(&a.handle, Duration::from_secs(5)).await;
+        }
+        let (me, v2) = (self.clone(), vm.clone());
+        let _ = tokio::task::spawn_blocking(move || {
+            me.release_jail(&v2.id);
+            if !paused {
+                me.drop_memory(&v2.id);
+            }
+            if let Err(e) = me.save_record(&v2, true) {
+                tracing::warn!(vm = %v2.key(), error = %e, "saving the record copy");
+            }
+        })
+        .await;
+        tracing::info!(vm = %vm.key(), from, state = vm.state.as_str(), "vm arrived at rest");
+        Ok(vm)
+    }
+
+    /// A QEMU for paused or stopped `vm` that does not run its guest (from its saved state, or
+    /// its disk at rest), started only to move it. Its handle is not recorded.
+    pub async fn hold(self: &Arc<Self>, vm: &Vm, image: &Image) -> Result<VmHandle, ApiError> {
+        let launch = match (&vm.mem.saved, vm.state) {
+            (Some(s), VmState::Paused) => Launch::Restore(super::Restore {
+                state: self.state_path(&vm.id),
+                ram_in_file: s.ram_in_file,
+                new_identity: false,
+            }),
+            (_, VmState::Stopped) => Launch::Boot,
+            _ => {
+                return Err(ApiError::Conflict(format!(
+                    "{} is {}: it does not move at rest",
+                    vm.name,
+                    vm.state.as_str()
+                )))
+            }
+        };
+        if let Some(net) = self.net.clone() {
+            let v = vm.clone();
+            tokio::task::spawn_blocking(move || net.attach(&v))
+                .await
+                .map_err(internal)??;
+        }
+        let mut spec = self.spec(vm, image, &launch)?;
+        spec.hold = true;
+        let vmm = self.vmm.clone();
+        let p = tokio::task::spawn_blocking(move || vmm.launch(&spec))
+            .await
+            .map_err(internal)??;
+        Ok(p.handle)
+    }
+
+    /// Ends a QEMU [`Node::hold`] started, when its VM did not move (it stays here as it was).
+    pub async fn unhold(self: &Arc<Self>, vm: &Vm, h: &VmHandle) {
+        let _ = self.vmm.kill(h);
+        self.wait_gone(h, Duration::from_secs(5)).await;
+        let (me, id) = (self.clone(), vm.id.clone());
+        let _ = tokio::task::spawn_blocking(move || me.release_jail(&id)).await;
     }
 
     /// Undoes an arrival: its QEMU killed, its TAP, jail and directory removed. The record is

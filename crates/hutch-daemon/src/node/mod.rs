@@ -347,6 +347,7 @@ impl Node {
             backing: self.backing_of(vm)?,
             incoming,
             migration_in: false,
+            hold: false,
         })
     }
 

@@ -29,6 +29,17 @@ impl Node {
             let handle = self.handle(&vm).filter(|h| self.vmm.is_alive(h));
             match (vm.state, handle) {
                 (VmState::Stopped | VmState::Failed | VmState::Paused, _) => {}
+                // A move at rest that hutchd's crash interrupted: the VM stays here as it was
+                // (the QEMU that held it for the move is gone: recover() killed it).
+                (VmState::Migrating, None) if vm.pid.is_none() => {
+                    let ev = if vm.mem.saved.is_some() {
+                        Event::Saved
+                    } else {
+                        Event::Halted
+                    };
+                    tracing::warn!(vm = %vm.name, "a move interrupted by a hutchd stop; the vm stays here");
+                    self.transition(&vm.id, ev, |_| {}).await?;
+                }
                 (state, Some(h)) => {
                     if matches!(
                         state,
@@ -141,6 +152,14 @@ impl Node {
                 let event = match vm.state {
                     VmState::Starting | VmState::Resuming => Some(Event::Booted),
                     VmState::Pausing | VmState::Snapshotting => Some(Event::Done),
+                    VmState::Migrating => {
+                        // A live migration that hutchd's crash interrupted: the record is still
+                        // this node's, so the guest runs on here (QEMU may have stopped it for
+                        // a switch-over nobody finished).
+                        let (vmm, h2) = (self.vmm.clone(), h.clone());
+                        let _ = tokio::task::spawn_blocking(move || vmm.resume(&h2)).await;
+                        Some(Event::Done)
+                    }
                     _ => None,
                 };
                 let r = if let Some(event) = event {

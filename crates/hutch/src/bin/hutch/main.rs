@@ -198,7 +198,8 @@ enum Cmd {
     Cordon { node: String },
     /// Let NODE take new VMs again.
     Uncordon { node: String },
-    /// Move a running VM to another node without stopping it (live migration; the admin only).
+    /// Move a VM to another node: a running one live, without stopping it; a paused or stopped
+    /// one as it is (the admin only).
     Migrate {
         name: String,
         /// The node to move it to.
