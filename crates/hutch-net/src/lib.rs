@@ -214,11 +214,22 @@ impl Network {
         }
         let gw = format!("{}/{}", cfg.gateway(), cfg.subnet.prefix());
         run("ip", &["addr", "replace", &gw, "dev", br], None)?;
+        // The gateway's MAC, the same on every node of a subnet. A bridge with VMs on it keeps
+        // the MAC they know (they would lose their gateway until their neighbour entry expired):
+        // it changes at a start with none attached.
         let mac = cfg.gateway_mac();
         let now =
             std::fs::read_to_string(format!("/sys/class/net/{br}/address")).unwrap_or_default();
         if now.trim() != mac {
-            run("ip", &["link", "set", br, "address", &mac], None)?;
+            if tap::ports(br).is_empty() {
+                run("ip", &["link", "set", br, "address", &mac], None)?;
+            } else {
+                tracing::warn!(
+                    bridge = br,
+                    "the bridge keeps its MAC while VMs use it; a VM moved live to or from this \
+                     node may miss its gateway for up to a minute until hutchd starts with none"
+                );
+            }
         }
         run(
             "ip",

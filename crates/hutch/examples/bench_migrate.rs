@@ -9,7 +9,7 @@
 
 mod benchlib;
 
-use benchlib::{api, api_ok, median, ws, Cleanup};
+use benchlib::{api, api_ok, free_port, median, ws, Cleanup};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -78,14 +78,6 @@ fn node(work: &Path, name: &str, etcd: &str) -> (Cleanup, PathBuf) {
     };
     wait("hutchd", 300, || api_ok(&sock).is_some());
     (c, sock)
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn main() {

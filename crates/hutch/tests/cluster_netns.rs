@@ -299,6 +299,7 @@ fn vms_move_live_with_their_address_and_connections() {
         .map(|i| {
             let addr = format!("{}:7070", lan.ip(i));
             let name = format!("m{i}");
+            let proxy = format!("{}:8080", lan.ip(i));
             Daemon::start_in(
                 Some(&lan.nss[i]),
                 &[
@@ -316,6 +317,10 @@ fn vms_move_live_with_their_address_and_connections() {
                     &bridge,
                     "--subnet",
                     &subnet,
+                    "--domain",
+                    "c.hutch",
+                    "--http-listen",
+                    &proxy,
                 ],
             )
         })
@@ -370,6 +375,40 @@ fn vms_move_live_with_their_address_and_connections() {
     };
     // Across nodes (m1 -> m0), through the overlay.
     send_and_see("one");
+    // m0's HTTP proxy serves a port of the client VM on m1 (its host reaches it through the
+    // overlay too).
+    m0.ok(&[
+        "exec",
+        "client",
+        "--",
+        "sh",
+        "-c",
+        "mkdir -p /srv && echo served-by-m1 > /srv/index.html && httpd -p 8000 -h /srv",
+    ]);
+    let token = std::fs::read_to_string(m0.data().join("api-token")).unwrap();
+    let (st, body) = curl(
+        "GET",
+        &format!("http://{}:8080/", lan.ip(0)),
+        &[
+            ("Host", "8000-client.c.hutch"),
+            ("Authorization", &format!("Bearer {}", token.trim())),
+        ],
+        None,
+    );
+    assert_eq!(
+        (st, String::from_utf8_lossy(&body).as_ref()),
+        (200, "served-by-m1\n")
+    );
+    // hutch's DNS on m1 names the account's VM on m0 for the client.
+    let found = m0.ok(&[
+        "exec",
+        "client",
+        "--",
+        "sh",
+        "-c",
+        "ping -c 1 -W 3 server; true",
+    ]);
+    assert!(found.contains(&server_ip), "{found}");
     let moved = m1.json(&["migrate", "server", "--to", "m1"]);
     assert_eq!(moved["vm"]["node"], "m1", "{moved}");
     assert_eq!(moved["vm"]["net"]["ipv4"], server_ip.as_str());

@@ -42,20 +42,28 @@ impl Node {
             from: vm.mem.from.clone(),
             ..Default::default()
         };
-        if let (Some(net), Some(ip)) = (&self.net, v.net.ipv4) {
-            let sub = net.settings.cfg.subnet;
-            if self.nic(&v).is_some() && !sub.contains(ip) {
+        let has_nic = v.net.ipv4.is_some() && v.net.mode != hutch_core::net::NetMode::None;
+        match (&self.net, v.net.ipv4) {
+            (None, Some(_)) if has_nic => {
+                return Err(ApiError::Conflict(format!(
+                    "{} has a network interface, and this node has no VM network (hutchd \
+                     --network off)",
+                    v.name
+                )))
+            }
+            (Some(net), Some(ip)) if has_nic && !net.settings.cfg.subnet.contains(ip) => {
+                let sub = net.settings.cfg.subnet;
                 return Err(ApiError::Conflict(format!(
                     "{} keeps its address {ip} when it moves, and this node's VM network is {sub}: \
                      the nodes must share one VM network (same --subnet; docs/cluster.md)",
                     v.name
                 )));
             }
+            _ => {}
         }
+        // A uid of this node's (the source's may be taken here); none when it confines nothing.
         let (conf, held) = self.allocate_uid().await?;
-        if conf.is_some() {
-            v.confinement = conf;
-        }
+        v.confinement = conf;
         let r = self.launch_arrival(&v, image).await;
         drop(held);
         match r {
@@ -87,9 +95,7 @@ impl Node {
         let h = p.handle;
         let mut v = v.clone();
         v.pid = Some(h.pid);
-        if p.confinement.is_some() {
-            v.confinement = p.confinement;
-        }
+        v.confinement = p.confinement.or(v.confinement);
         let nbd = h.runtime_dir.join("nbd.sock");
         let _ = std::fs::remove_file(&nbd);
         let ready = (|| {

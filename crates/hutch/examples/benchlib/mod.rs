@@ -63,6 +63,15 @@ pub fn kill_qemus_under(data: &Path) {
     }
 }
 
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// Whether hutchd answers on `sock`.
 pub fn api_ok(sock: &Path) -> Option<()> {
     UnixStream::connect(sock).ok()?;
