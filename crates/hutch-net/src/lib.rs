@@ -373,6 +373,11 @@ impl Network {
         nft_apply(&nft::teardown(cfg))?;
         if tap::exists(&cfg.overlay()) {
             run("ip", &["link", "del", &cfg.overlay()], None)?;
+            let _ = run(
+                "ip",
+                &["rule", "del", "pref", &overlay::TABLE.to_string()],
+                None,
+            );
         }
         if tap::exists(&cfg.bridge) {
             run("ip", &["link", "del", &cfg.bridge], None)?;

@@ -7,7 +7,8 @@
 //! - the device `BRIDGE-x` (VNI [`VNI`], UDP port [`PORT`], no learning) has a MAC made from the
 //!   node's address ([`mac_of`]); each peer is a permanent neighbour (its address at its MAC)
 //!   and a forwarding entry (that MAC at its address);
-//! - each VM of another node is a route `IP/32 via PEER dev BRIDGE-x onlink`;
+//! - each VM of another node is a route `IP/32 via PEER dev BRIDGE-x onlink`, and what VMs send
+//!   to a peer's host goes back through the device too (rule `from SUBNET lookup 4799`);
 //! - hutch's rules (nft.rs) let in from the device only what goes to the bridge, take VXLAN
 //!   packets only from peers (`peers` set), keep VMs' traffic to other nodes' VMs to their
 //!   account (the account's set holds its VMs on other nodes too), and masquerade none of it.
@@ -23,6 +24,10 @@ use std::net::Ipv4Addr;
 pub const VNI: u32 = 0x68_75;
 /// The overlay's UDP port (not 4789: other overlays on the host, Docker's, use that one).
 pub const PORT: u16 = 4799;
+/// The routing table (and rule preference) for what VMs send to peers' hosts: through the
+/// overlay, as those hosts' packets to the VMs came (so that strict reverse path filtering on
+/// their underlay interface has nothing to drop).
+pub const TABLE: u32 = 4799;
 /// VXLAN's overhead (outer IPv4, UDP, VXLAN and inner Ethernet headers).
 const OVERHEAD: u32 = 50;
 
@@ -87,8 +92,14 @@ impl Network {
             self.make_device(&dev, local)?;
             st.local = Some(local);
         }
+        let table = TABLE.to_string();
         for p in st.peers.difference(&peers).copied().collect::<Vec<_>>() {
             let (ip, mac) = (p.to_string(), mac_of(p));
+            let _ = run(
+                "ip",
+                &["route", "del", &format!("{ip}/32"), "table", &table],
+                None,
+            );
             let _ = run("ip", &["neigh", "del", &ip, "dev", &dev], None);
             let _ = run(
                 "bridge",
@@ -130,6 +141,15 @@ impl Network {
                     &ip,
                     "self",
                     "permanent",
+                ],
+                None,
+            )?;
+            // VMs' answers to the peer's host go back the way its packets came.
+            let host = format!("{ip}/32");
+            run(
+                "ip",
+                &[
+                    "route", "replace", &host, "via", &ip, "dev", &dev, "onlink", "table", &table,
                 ],
                 None,
             )?;
@@ -265,7 +285,13 @@ impl Network {
             ],
             None,
         )?;
-        Ok(())
+        let (pref, sub) = (TABLE.to_string(), self.cfg.subnet.to_string());
+        let _ = run("ip", &["rule", "del", "pref", &pref], None);
+        run(
+            "ip",
+            &["rule", "add", "pref", &pref, "from", &sub, "lookup", &pref],
+            None,
+        )
     }
 
     /// Removes the device (its routes and neighbours go with it) and remote VMs' set elements.
@@ -274,6 +300,7 @@ impl Network {
         if crate::tap::exists(&dev) {
             run("ip", &["link", "del", &dev], None)?;
         }
+        let _ = run("ip", &["rule", "del", "pref", &TABLE.to_string()], None);
         let t = &self.cfg.table;
         let mut script = format!("flush set inet {t} peers\n");
         for (ip, acct) in std::mem::take(&mut st.accounts) {

@@ -65,7 +65,8 @@ pub fn fails_with(d: &Daemon, args: &[&str], needle: &str) {
 }
 
 /// A test LAN: a bridge here (the etcd members listen on its address) and one network
-/// namespace per node, joined to it by a veth pair; all removed on drop.
+/// namespace per node, joined to it by a veth pair; all removed on drop. The namespaces filter
+/// by reverse path strictly (the strictest a host may run hutch on).
 pub struct Lan {
     pub bridge: String,
     pub net: String,
@@ -98,7 +99,8 @@ impl Lan {
                  ip -n {ns} link set lo up
                  ip -n {ns} link set eth0 up
                  ip -n {ns} addr add {net}.{}/24 dev eth0
-                 ip -n {ns} route add default via {net}.1",
+                 ip -n {ns} route add default via {net}.1
+                 ip netns exec {ns} sysctl -qw net.ipv4.conf.all.rp_filter=1",
                 10 + i
             ));
         }
