@@ -14,7 +14,8 @@
 //!               ▼                    ▼                                      │ exited
 //!             failed ◄───────────────┴──────────────────────────────────────┘
 //!               │  start ──► starting
-//!  running ─snapshot─► snapshotting ─done─► running     running ─migrate─► migrating (reserved)
+//!  running ─snapshot─► snapshotting ─done─► running
+//!  running|paused|stopped ─migrate─► migrating ─done|saved|halted─► running|paused|stopped
 //!  delete: every state but creating and deleting ─► deleting ─► (record gone)
 //! ```
 //!
