@@ -165,15 +165,18 @@ pub struct Migrated {
 }
 
 impl Migrated {
-    /// One line for people.
+    /// One line for people (a VM moved at rest, paused or stopped, had no guest to pause).
     pub fn line(&self) -> String {
+        let how = match self.vm.state {
+            crate::VmState::Running => format!("guest paused {} ms", self.downtime_ms),
+            s => format!("{}, as it was", s.as_str()),
+        };
         format!(
-            "moved {} from {} to {} in {:.1} s (guest paused {} ms; {} of disk, {} of RAM sent)",
+            "moved {} from {} to {} in {:.1} s ({how}; {} of disk, {} of RAM sent)",
             self.vm.name,
             self.from,
             self.to,
             self.total_ms as f64 / 1000.0,
-            self.downtime_ms,
             crate::mib(self.disk_bytes >> 20),
             crate::mib(self.ram_bytes >> 20),
         )

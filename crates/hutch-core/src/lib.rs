@@ -102,7 +102,8 @@ pub struct Vm {
     /// Made again by the cluster from its image after its node went down: what happened.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub recreated: Option<String>,
-    /// Moved here live from another node (`hutch migrate`, `hutch drain`): from where.
+    /// Moved here from another node (`hutch migrate`, `hutch drain`): how and from where
+    /// ("live from node n1", "at rest (paused) from node n1").
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub migrated: Option<String>,
     /// Shown, never stored: its node is down (lease expired), so what it does is unknown.

@@ -112,7 +112,7 @@ pub fn describe(v: &Vm, node: Option<&str>, connect: &str) -> String {
         s.push_str(&format!("  Note:    {}\n", crate::clean_text(r)));
     }
     if let Some(m) = &v.migrated {
-        s.push_str(&format!("  Moved:   live, {}\n", crate::clean_text(m)));
+        s.push_str(&format!("  Moved:   {}\n", crate::clean_text(m)));
     }
     if v.restart != crate::RestartPolicy::No {
         s.push_str(&format!(
@@ -306,5 +306,30 @@ mod tests {
             ..Default::default()
         });
         assert!(describe(&e2b, None, "x").contains("  Idle:    resumes on use when paused\n"));
+    }
+
+    #[test]
+    fn a_move_says_what_the_guest_went_through() {
+        let mut m = crate::cluster::Migrated {
+            vm: vm(VmTimers::default()),
+            from: "n1".into(),
+            to: "n2".into(),
+            downtime_ms: 140,
+            total_ms: 2500,
+            disk_bytes: 6 << 20,
+            ram_bytes: 173 << 20,
+        };
+        assert_eq!(
+            m.line(),
+            "moved web from n1 to n2 in 2.5 s (guest paused 140 ms; 6M of disk, 173M of RAM sent)"
+        );
+        m.vm.state = crate::VmState::Paused;
+        assert!(m.line().contains("(paused, as it was; "), "{}", m.line());
+        m.vm.mem.saved = None;
+        m.vm.state = crate::VmState::Stopped;
+        assert!(m.line().contains("(stopped, as it was; "), "{}", m.line());
+        // The move's parts are in the VM's describe too.
+        m.vm.migrated = Some("live from node n1".into());
+        assert!(describe(&m.vm, None, "").contains("Moved:   live from node n1"));
     }
 }

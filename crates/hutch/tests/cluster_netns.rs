@@ -460,6 +460,11 @@ fn vms_move_live_with_their_address_and_connections() {
     for (name, state) in [("napping", "paused"), ("parked", "stopped")] {
         let v = vm(m0, name);
         assert_eq!(
+            v["migrated"],
+            format!("at rest ({state}) from node m1"),
+            "{v}"
+        );
+        assert_eq!(
             (v["node"].as_str(), v["state"].as_str()),
             (Some("m0"), Some(state)),
             "{v}"

@@ -151,7 +151,7 @@ impl Node {
                 r.pid = a.vm.pid;
                 r.confinement = a.vm.confinement.clone();
                 r.mem = a.vm.mem.clone();
-                r.migrated = Some(format!("from node {from}"));
+                r.migrated = Some(format!("live from node {from}"));
                 Ok(())
             })
             .await?;
@@ -235,7 +235,10 @@ impl Node {
                     saved: saved.clone(),
                     ..a.vm.mem.clone()
                 };
-                r.migrated = Some(format!("from node {from}"));
+                r.migrated = Some(format!(
+                    "at rest ({}) from node {from}",
+                    if paused { "paused" } else { "stopped" }
+                ));
                 Ok(())
             })
             .await?;
