@@ -23,7 +23,7 @@ use axum::routing::{delete, post};
 use axum::{Extension, Json, Router};
 use hutch_core::VmState;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// How long a prepared arrival waits for its finish before it is undone.
@@ -69,20 +69,13 @@ pub fn routes(r: Router<AppState>) -> Router<AppState> {
         .route("/api/v1/cluster/migrations/{id}", delete(abort))
 }
 
-fn cluster(m: &Service) -> Result<Arc<super::Cluster>, ApiError> {
-    m.cluster
-        .get()
-        .cloned()
-        .ok_or_else(|| ApiError::Invalid("this hutchd runs alone: it takes no migrations".into()))
-}
-
 async fn arrive(
     State(m): State<AppState>,
     Extension(caller): Extension<Caller>,
     ApiJson(req): ApiJson<Arrive>,
 ) -> Result<Json<Arriving>, ApiError> {
     admin_only(&caller, "receiving migrations")?;
-    let c = cluster(&m)?;
+    let c = m.clustered("receiving migrations")?;
     if req.from == c.name() {
         return Err(ApiError::Invalid("a VM cannot move to its own node".into()));
     }
@@ -212,7 +205,7 @@ async fn disk(
     req: Request,
 ) -> Result<Response, ApiError> {
     admin_only(&caller, "receiving migrations")?;
-    let c = cluster(&m)?;
+    let c = m.clustered("receiving migrations")?;
     let path = c
         .arrivals
         .lock()
@@ -233,7 +226,7 @@ async fn state(
     req: Request,
 ) -> Result<Response, ApiError> {
     admin_only(&caller, "receiving migrations")?;
-    let c = cluster(&m)?;
+    let c = m.clustered("receiving migrations")?;
     let sock = c
         .arrivals
         .lock()
@@ -252,7 +245,7 @@ async fn finish(
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<Finished>, ApiError> {
     admin_only(&caller, "receiving migrations")?;
-    let c = cluster(&m)?;
+    let c = m.clustered("receiving migrations")?;
     let p = c.arrivals.take(&id)?;
     let t = Instant::now();
     let done = match p.was {
@@ -281,7 +274,7 @@ async fn abort(
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     admin_only(&caller, "receiving migrations")?;
-    let c = cluster(&m)?;
+    let c = m.clustered("receiving migrations")?;
     let p = c.arrivals.take(&id)?;
     m.node.abandon(p.arrival).await;
     Ok(Json(serde_json::json!({ "undone": id })))

@@ -18,13 +18,7 @@ use std::sync::Arc;
 impl Service {
     pub async fn drain(self: &Arc<Self>, caller: &Caller, node: &str) -> Result<Drained, ApiError> {
         admin_only(caller, "draining nodes")?;
-        let Some(c) = self.cluster.get().cloned() else {
-            return Err(ApiError::Invalid(
-                "drain moves VMs between the nodes of a cluster: this hutchd runs alone \
-                 (hutchd --etcd)"
-                    .into(),
-            ));
-        };
+        let c = self.clustered("draining")?;
         self.mark_draining(&c, node, true).await?;
         if node != c.name() {
             if !self.node_live(node).await? {

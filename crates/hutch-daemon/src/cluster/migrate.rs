@@ -86,13 +86,7 @@ impl Service {
         // Resolved as the caller first: who cannot see the VM learns nothing of it.
         let vm = self.vm_for(caller, name).await?;
         admin_only(caller, "migrating VMs")?;
-        let Some(c) = self.cluster.get().cloned() else {
-            return Err(ApiError::Invalid(
-                "migration moves VMs between the nodes of a cluster: this hutchd runs alone \
-                 (hutchd --etcd)"
-                    .into(),
-            ));
-        };
+        let c = self.clustered("migration")?;
         self.migrate_vm(&c, vm, to).await
     }
 

@@ -137,6 +137,17 @@ pub struct Cluster {
     pub(crate) arrivals: arrive::Arrivals,
 }
 
+impl crate::service::Service {
+    /// This node's cluster, for `what`, which only a cluster does (a clear 400 otherwise).
+    pub(crate) fn clustered(&self, what: &str) -> Result<Arc<Cluster>, crate::error::ApiError> {
+        self.cluster.get().cloned().ok_or_else(|| {
+            crate::error::ApiError::Invalid(format!(
+                "{what} is for the nodes of a cluster: this hutchd runs alone (hutchd --etcd)"
+            ))
+        })
+    }
+}
+
 impl Cluster {
     /// Connects to etcd; checks the node name.
     pub async fn connect(opts: ClusterOptions) -> Result<Arc<Cluster>, ClusterError> {

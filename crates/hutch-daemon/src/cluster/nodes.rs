@@ -281,11 +281,7 @@ impl Service {
         cordoned: bool,
     ) -> Result<NodeView, ApiError> {
         admin_only(caller, "cordoning nodes")?;
-        let Some(c) = self.cluster.get() else {
-            return Err(ApiError::Invalid(
-                "cordon is for clusters: this hutchd runs alone (start it with --etcd)".into(),
-            ));
-        };
+        let c = self.clustered("cordoning")?;
         let key = format!("{NODES}{name}");
         c.store
             .update_json::<NodeRecord, ApiError, _>(&key, |r| {
