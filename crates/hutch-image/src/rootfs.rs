@@ -72,3 +72,66 @@ impl ImageStore {
         Ok(out)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MANIFEST: &str =
+        "sha256:1111111111111111111111111111111111111111111111111111111111111111";
+
+    /// A peer's root filesystem is taken only when it hashes to what the peer said and is a
+    /// whole EROFS image; a node keeps the one it has.
+    #[test]
+    fn a_peers_root_filesystem_is_checked_before_it_is_kept() {
+        let d = tempfile::tempdir().unwrap();
+        let store = ImageStore::open(&d.path().join("images")).unwrap();
+        let junk = d.path().join("junk");
+        std::fs::write(&junk, vec![7u8; 8192]).unwrap();
+        let junk_sha = file_sha256(&junk).unwrap();
+        // Another hash than the peer claimed: refused, nothing kept.
+        let e = store
+            .install_rootfs(MANIFEST, &junk, &"0".repeat(64))
+            .unwrap_err();
+        assert!(matches!(e, ImageError::DigestMismatch { .. }), "{e}");
+        assert!(!store.has_rootfs(MANIFEST) && junk.exists());
+        // The hash it claimed, but no EROFS image: refused.
+        let e = store
+            .install_rootfs(MANIFEST, &junk, &junk_sha)
+            .unwrap_err();
+        assert!(matches!(e, ImageError::Build(_)), "{e}");
+        assert!(!store.has_rootfs(MANIFEST));
+        // A real one (where mkfs.erofs is installed, as the tests' set-up does).
+        let tree = d.path().join("tree");
+        std::fs::create_dir(&tree).unwrap();
+        std::fs::write(tree.join("f"), b"hi").unwrap();
+        let img = d.path().join("img.erofs");
+        let made = std::process::Command::new("mkfs.erofs")
+            .arg("--quiet")
+            .arg(&img)
+            .arg(&tree)
+            .status();
+        if !made.is_ok_and(|s| s.success()) {
+            eprintln!("mkfs.erofs not found: the rest skipped");
+            return;
+        }
+        let sha = file_sha256(&img).unwrap();
+        store.install_rootfs(MANIFEST, &img, &sha).unwrap();
+        assert!(store.has_rootfs(MANIFEST));
+        assert_eq!(store.rootfs_sha256(MANIFEST).unwrap(), sha);
+        // A second copy does not replace the one VMs here may run from.
+        let other = d.path().join("other.erofs");
+        std::fs::write(tree.join("g"), b"more").unwrap();
+        std::process::Command::new("mkfs.erofs")
+            .arg("--quiet")
+            .arg(&other)
+            .arg(&tree)
+            .status()
+            .unwrap();
+        let other_sha = file_sha256(&other).unwrap();
+        store.install_rootfs(MANIFEST, &other, &other_sha).unwrap();
+        assert_eq!(store.rootfs_sha256(MANIFEST).unwrap(), sha);
+        // A manifest digest that is no digest names no file.
+        assert!(store.install_rootfs("../../x", &other, &other_sha).is_err());
+    }
+}

@@ -142,6 +142,15 @@ impl Service {
         image: &hutch_core::Image,
         sha256: &str,
     ) -> Result<(), ApiError> {
+        if sha256.len() != 64
+            || !sha256
+                .bytes()
+                .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+        {
+            return Err(ApiError::Invalid(
+                "rootfs_sha256: 64 lowercase hex digits".into(),
+            ));
+        }
         if !self.images.has_rootfs(&image.digest) {
             if let Err(e) = self.fetch_layers(&image.layers).await {
                 tracing::warn!(image = %image.name, error = %e, "the layers of a migrating VM's image");
@@ -160,7 +169,7 @@ impl Service {
                 c.name(),
                 image.name,
                 &mine[..12],
-                &sha256[..sha256.len().min(12)]
+                &sha256[..12]
             )));
         }
         Ok(())
