@@ -7,6 +7,15 @@ use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 use std::path::Path;
 
+/// The header with which a request bearing the cluster's admin token acts for an account (as
+/// that account, with its rights only): how a front door forwards what its SSH users ask.
+pub const ACT_AS: &str = "x-hutch-act-as";
+
+/// Marks a request that bore the cluster's admin token (node-to-node routes require it, even
+/// when the request acts for an account).
+#[derive(Debug, Clone, Copy)]
+pub struct NodeToken;
+
 /// The identity a request acts for.
 #[derive(Debug, Clone)]
 pub struct Caller {

@@ -10,13 +10,15 @@ use axum::{Extension, Json, Router};
 use hutch_core::cluster::{ClusterStats, Drained, MigrateRequest, Migrated, NodeView};
 
 pub fn routes(r: Router<AppState>) -> Router<AppState> {
-    crate::cluster::arrive::routes(crate::cluster::blobs::routes(r))
-        .route("/api/v1/sandboxes/{name}/migrate", post(migrate))
-        .route("/api/v1/nodes", get(nodes))
-        .route("/api/v1/stats", get(stats))
-        .route("/api/v1/nodes/{name}/cordon", post(cordon))
-        .route("/api/v1/nodes/{name}/uncordon", post(uncordon))
-        .route("/api/v1/nodes/{name}/drain", post(drain))
+    crate::cluster::agent_link::routes(crate::cluster::arrive::routes(
+        crate::cluster::blobs::routes(r),
+    ))
+    .route("/api/v1/sandboxes/{name}/migrate", post(migrate))
+    .route("/api/v1/nodes", get(nodes))
+    .route("/api/v1/stats", get(stats))
+    .route("/api/v1/nodes/{name}/cordon", post(cordon))
+    .route("/api/v1/nodes/{name}/uncordon", post(uncordon))
+    .route("/api/v1/nodes/{name}/drain", post(drain))
 }
 
 async fn nodes(

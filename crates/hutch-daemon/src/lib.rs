@@ -405,7 +405,14 @@ pub async fn run(mut cfg: DaemonConfig) -> Result<(), DaemonError> {
                         .map(str::to_string);
                     let caller = match bearer {
                         Some(t) if constant_eq(t.as_bytes(), token.as_bytes()) => {
-                            Some(auth::Caller::local_admin())
+                            req.extensions_mut().insert(auth::NodeToken);
+                            match req.headers().get(auth::ACT_AS) {
+                                None => Some(auth::Caller::local_admin()),
+                                Some(a) => match a.to_str() {
+                                    Ok(a) => mt.act_as(a).await,
+                                    Err(_) => None,
+                                },
+                            }
                         }
                         Some(t) => mt.verify_token(&t).await,
                         None => None,

@@ -664,8 +664,14 @@ impl server::Handler for Conn {
         match (name, channel) {
             ("sftp", Some(channel)) if self.is_vm_user().await => {
                 // A use of the VM for as long as the session lasts (woken if auto-paused).
+                // On another node, each request's link wakes and holds it there.
+                let usable = |v: &Vm| {
+                    v.state == VmState::Running
+                        || self.m.runs_elsewhere(v).is_some()
+                            && crate::service::timers::wakes_on_use(v)
+                };
                 let in_use = match self.m.use_vm(&self.caller(), &self.user).await {
-                    Ok((v, u)) if v.state == VmState::Running => u,
+                    Ok((v, u)) if usable(&v) => u,
                     _ => {
                         session.channel_failure(ch)?;
                         return Ok(());

@@ -9,6 +9,7 @@
 
 mod common;
 use common::cluster::*;
+use common::ssh_client::{client, keygen, text, Ssh};
 use common::*;
 use hutch_store_etcd::testing::EtcdCluster;
 use serde_json::Value;
@@ -18,10 +19,16 @@ use std::time::{Duration, Instant};
 /// election, a client moving to another member), which must not cost a node its lease.
 const TTL3: &str = "8";
 
-fn node(endpoints: &str, name: &str) -> (Daemon, String) {
+fn node(endpoints: &str, name: &str, admin_keys: &std::path::Path) -> (Daemon, String) {
     let addr = format!("127.0.0.1:{}", free_port());
     let e2b = format!("127.0.0.1:{}", free_port());
+    let ssh = format!("127.0.0.1:{}", free_port());
+    let keys = format!("{}.pub", admin_keys.display());
     let d = Daemon::start(&[
+        "--ssh-listen",
+        &ssh,
+        "--admin-keys",
+        &keys,
         "--e2b-listen",
         &e2b,
         "--etcd",
@@ -45,11 +52,12 @@ fn three_nodes_on_three_etcd_members() {
     let eps = etcd.endpoints().join(",");
     let work = tempfile::tempdir().unwrap();
     let layout = busybox_layout(work.path());
+    let admin_key = keygen(work.path(), "admin", &["-t", "ed25519"]);
 
     // The first node initializes the cluster; the others join it.
-    let (mut n1, a1) = node(&eps, "n1");
-    let (mut n2, a2) = node(&eps, "n2");
-    let (mut n3, a3) = node(&eps, "n3");
+    let (mut n1, a1) = node(&eps, "n1", &admin_key);
+    let (mut n2, a2) = node(&eps, "n2", &admin_key);
+    let (mut n3, a3) = node(&eps, "n3", &admin_key);
     for d in [&n1, &n2, &n3] {
         let ns = nodes(d);
         let names: Vec<&str> = ns.iter().map(|n| n["name"].as_str().unwrap()).collect();
@@ -107,6 +115,7 @@ fn three_nodes_on_three_etcd_members() {
     }
     let ls = n3.ok(&["ls"]);
     assert!(ls.contains("NODE") && ls.contains("n2"), "{ls}");
+    ssh_reaches_other_nodes(&[&n1, &n2, &n3], &admin_key, work.path(), &web);
 
     // Unpinned: the scheduler places it on a ready node.
     let auto = n3.json(&["new", "--image", "busybox", "--name", "auto"]);
@@ -430,6 +439,148 @@ fn three_nodes_on_three_etcd_members() {
     assert!(gone.is_some(), "QEMU left running");
     drop((n1, n2, n3));
     drop(etcd);
+}
+
+/// SSH, SFTP and scp through nodes that do not run the VM (`ssh VM@any-node`), for the admin
+/// and for an account (the VM's node acts for it, and for nobody else); the SSH commands about
+/// a VM on another node (logs, keepalive); the node-to-node route they use refuses strangers.
+fn ssh_reaches_other_nodes(
+    n: &[&Daemon; 3],
+    admin: &std::path::Path,
+    w: &std::path::Path,
+    web: &Value,
+) {
+    let ssh = |d: &Daemon| Ssh {
+        port: d
+            .opt("--ssh-listen")
+            .unwrap()
+            .rsplit_once(':')
+            .unwrap()
+            .1
+            .parse()
+            .unwrap(),
+    };
+    let (s1, s3) = (ssh(n[0]), ssh(n[2]));
+    // web runs on n2; its sessions go through n1 and n3.
+    for s in [&s1, &s3] {
+        let (o, e, c) = text(&s.run(admin, "web", &["echo hi; hostname; exit 7"], None, false));
+        assert_eq!((o.as_str(), c), ("hi\nweb\n", 7), "{e}");
+    }
+    let big = vec![b'x'; 300_000];
+    let (o, e, c) = text(&s3.run(admin, "web", &["wc -c"], Some(&big), false));
+    assert_eq!((o.trim(), c), ("300000", 0), "{e}");
+    let (o, _, c) = text(&s1.run(admin, "web", &["tty"], None, true));
+    assert!(o.contains("/dev/pts/") && c == 0, "{o}");
+    // scp (SFTP underneath) up through n3, checked and back down through n1.
+    let local: Vec<u8> = (0..1_500_000u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    std::fs::write(w.join("up.bin"), &local).unwrap();
+    let st = client("scp", s3.port, admin)
+        .arg(w.join("up.bin"))
+        .arg("web@127.0.0.1:/tmp/up.bin")
+        .status()
+        .unwrap();
+    assert!(st.success(), "scp up through n3");
+    let (o, _, _) = text(&s1.run(admin, "web", &["wc -c < /tmp/up.bin"], None, false));
+    assert_eq!(o.trim(), "1500000");
+    let st = client("scp", s1.port, admin)
+        .arg("web@127.0.0.1:/tmp/up.bin")
+        .arg(w.join("down.bin"))
+        .status()
+        .unwrap();
+    assert!(st.success(), "scp down through n1");
+    assert!(
+        std::fs::read(w.join("down.bin")).unwrap() == local,
+        "the file came back changed"
+    );
+    // SSH commands about a VM on another node run there.
+    let (o, e, c) = text(&s3.run(admin, "admin", &["logs", "web"], None, false));
+    assert!(c == 0 && o.contains("hutch-agent"), "{o}{e}");
+    let (o, e, c) = text(&s1.run(admin, "admin", &["keepalive", "web", "48h"], None, false));
+    assert!(c == 0 && o.contains("expires in"), "{o}{e}");
+    assert!(vm(n[1], "web")["timers"]["deadline"].as_u64() > Some(0));
+
+    // An account's VM on n2, used through n3 as the account.
+    let alice = keygen(w, "alice", &["-t", "ed25519"]);
+    let token = s1.account_with_token(admin, "alice", &alice);
+    let a1 = n[0].opt("--listen").unwrap();
+    let body =
+        serde_json::json!({"name": "mine", "image": "busybox", "node": "n2", "mem_mib": 128});
+    let (st, mine) = http_json(&a1, &token, "POST", "/api/v1/sandboxes", Some(&body));
+    assert_eq!(st, 201, "{mine}");
+    let (o, e, c) = text(&s3.run(&alice, "mine", &["id -u; hostname"], None, false));
+    assert_eq!((o.as_str(), c), ("0\nmine\n", 0), "{e}");
+    // Not the admin's VM, through any node.
+    let (o, _, c) = text(&s3.run(&alice, "web", &["hostname"], None, false));
+    assert!(c != 0 && !o.contains("web"), "{o}");
+
+    // The node-to-node route: only with the cluster's admin token, acting for someone who may
+    // see the VM, on the VM's own node, as a byte stream.
+    let admin_token = std::fs::read_to_string(n[0].data().join("api-token")).unwrap();
+    let bearer = format!("Bearer {}", admin_token.trim());
+    let user = format!("Bearer {token}");
+    let url = |d: &Daemon, id: &Value| {
+        format!(
+            "http://{}/api/v1/cluster/agent/{}",
+            d.opt("--listen").unwrap(),
+            id.as_str().unwrap()
+        )
+    };
+    let upgrade = [("connection", "upgrade"), ("upgrade", "hutch-stream")];
+    for (d, id, headers, want) in [
+        (
+            n[1],
+            &mine["id"],
+            vec![("authorization", user.as_str())],
+            403,
+        ),
+        (
+            n[1],
+            &web["id"],
+            vec![
+                ("authorization", bearer.as_str()),
+                ("x-hutch-act-as", "alice"),
+            ],
+            404,
+        ),
+        (
+            n[1],
+            &mine["id"],
+            vec![
+                ("authorization", bearer.as_str()),
+                ("x-hutch-act-as", "nobody"),
+            ],
+            401,
+        ),
+        (
+            n[0],
+            &mine["id"],
+            vec![("authorization", bearer.as_str())],
+            409,
+        ),
+        (
+            n[1],
+            &Value::from("nope"),
+            vec![("authorization", bearer.as_str())],
+            404,
+        ),
+        (
+            n[1],
+            &mine["id"],
+            vec![("authorization", bearer.as_str())],
+            400,
+        ),
+    ] {
+        let mut h = headers.clone();
+        if want != 400 {
+            h.extend(upgrade);
+        }
+        let (st, b) = curl("POST", &url(d, id), &h, None);
+        assert_eq!(st, want, "{headers:?}: {}", String::from_utf8_lossy(&b));
+    }
+    let (st, v) = http_json(&a1, &token, "DELETE", "/api/v1/sandboxes/mine", None);
+    assert!(st < 300, "{v}");
 }
 
 /// A single node moved into a cluster: `hutch admin migrate-store --to-etcd` with hutchd

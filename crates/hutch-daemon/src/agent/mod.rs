@@ -36,6 +36,9 @@ mod conn;
 pub mod fake;
 #[cfg(test)]
 mod fake_tests;
+pub mod link;
+#[cfg(test)]
+mod link_tests;
 mod stream;
 #[cfg(test)]
 mod tests;
@@ -55,6 +58,9 @@ use futures_util::future::BoxFuture;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
+
+/// One agent stream opened as it is, to be carried elsewhere ([`link::serve_link`]).
+pub struct Relay(pub(crate) Arc<dyn stream::Transport>);
 
 /// Longest guest error message passed on, in bytes (a path of PATH_MAX and then some).
 pub const MAX_MESSAGE: usize = 8192;
@@ -234,6 +240,15 @@ pub trait Agent: Send + Sync {
     /// Whether the connection is up (or coming back); false once it is gone for good.
     fn is_alive(&self) -> bool {
         true
+    }
+
+    /// Opens a stream with `req` as it is, for [`link::serve_link`] to carry to another node.
+    /// An implementation without raw streams refuses (the default).
+    fn relay(&self, _req: &hutch_proto::Request) -> Result<Relay, AgentError> {
+        Err(AgentError::guest(
+            ErrorCode::Unsupported,
+            "this agent's streams cannot be carried to another node",
+        ))
     }
 
     /// `stat` (`follow`) or `lstat`.

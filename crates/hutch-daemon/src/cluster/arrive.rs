@@ -8,16 +8,13 @@
 //! - `POST .../{id}/finish` runs the guest and moves the record here; `DELETE .../{id}` undoes
 //!   the preparation, which also happens by itself [`EXPIRY`] after it began.
 
-use super::forward::UPGRADE;
 use super::migrate::{Arrive, Arriving, Finished};
 use crate::api::{ApiJson, ApiPath, AppState};
 use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::node::migrate::Arrival;
 use crate::service::{admin_only, Reservation, Service};
-use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::http::{header, StatusCode};
 use axum::response::Response;
 use axum::routing::{delete, post};
 use axum::{Extension, Json, Router};
@@ -177,34 +174,10 @@ impl Service {
 }
 
 /// Answers `req` with 101 and then copies bytes between the upgraded connection and `sock`.
-fn upgrade_to(
-    mut req: Request,
-    sock: std::os::unix::net::UnixStream,
-) -> Result<Response, ApiError> {
-    let wants = req
-        .headers()
-        .get(header::UPGRADE)
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(UPGRADE.as_bytes()));
-    if !wants {
-        return Err(ApiError::Invalid(format!(
-            "this is a byte stream: send Connection: upgrade, Upgrade: {UPGRADE}"
-        )));
-    }
-    let on = hyper::upgrade::on(&mut req);
-    tokio::spawn(async move {
-        match on.await {
-            Ok(up) => {
-                super::migrate::splice(up, sock).await;
-            }
-            Err(e) => tracing::warn!(error = %e, "a migration stream was not upgraded"),
-        }
-    });
-    Response::builder()
-        .status(StatusCode::SWITCHING_PROTOCOLS)
-        .header(header::CONNECTION, "upgrade")
-        .header(header::UPGRADE, UPGRADE)
-        .body(Body::empty())
-        .map_err(crate::node::internal)
+fn upgrade_to(req: Request, sock: std::os::unix::net::UnixStream) -> Result<Response, ApiError> {
+    super::forward::upgrade_with(req, "a migration stream", move |io| async move {
+        super::migrate::splice(io.into_inner(), sock).await;
+    })
 }
 
 async fn disk(

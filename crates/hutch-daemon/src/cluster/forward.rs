@@ -112,18 +112,24 @@ pub(crate) async fn node_request(
 }
 
 /// Opens a raw byte stream to node `node` (live: the caller checked): `POST path` upgraded to
-/// protocol [`UPGRADE`], over TLS pinned as for forwarding, with the admin token.
+/// protocol [`UPGRADE`], over TLS pinned as for forwarding, with the admin token, acting for
+/// account `act_as` when given ([`ACT_AS`](crate::auth::ACT_AS)). A refusal is the node's error.
 pub(crate) async fn node_upgrade(
     m: &crate::service::Service,
     c: &super::Cluster,
     node: &str,
     path: &str,
+    act_as: Option<&str>,
 ) -> Result<hyper::upgrade::Upgraded, ApiError> {
-    let req = Request::builder()
+    let mut req = Request::builder()
         .method("POST")
         .uri(path)
         .header(header::CONNECTION, "upgrade")
-        .header(header::UPGRADE, UPGRADE)
+        .header(header::UPGRADE, UPGRADE);
+    if let Some(a) = act_as {
+        req = req.header(crate::auth::ACT_AS, a);
+    }
+    let req = req
         .body(Body::empty())
         .map_err(|e| ApiError::Internal(e.to_string()))?;
     let resp = to_listener(m, c, node, req, Listener::Api).await?;
@@ -133,10 +139,11 @@ pub(crate) async fn node_upgrade(
             .await
             .map(|b| b.to_bytes())
             .unwrap_or_default();
-        return Err(ApiError::Internal(format!(
-            "node {node} answered {status} to {path}: {}",
-            String::from_utf8_lossy(&body[..body.len().min(500)])
-        )));
+        return Err(ApiError::from_remote(
+            status,
+            &body[..body.len().min(4096)],
+            node,
+        ));
     }
     hyper::upgrade::on(resp)
         .await
@@ -145,6 +152,41 @@ pub(crate) async fn node_upgrade(
 
 /// The protocol name of node-to-node byte streams.
 pub(crate) const UPGRADE: &str = "hutch-stream";
+
+/// Answers `req` (which must ask to upgrade to [`UPGRADE`]) with 101, then runs `then` on the
+/// byte stream (`what` names it in a log line when the upgrade fails).
+pub(crate) fn upgrade_with<F, Fut>(
+    mut req: Request,
+    what: &'static str,
+    then: F,
+) -> Result<Response, ApiError>
+where
+    F: FnOnce(hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let wants = req
+        .headers()
+        .get(header::UPGRADE)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(UPGRADE.as_bytes()));
+    if !wants {
+        return Err(ApiError::Invalid(format!(
+            "this is a byte stream: send Connection: upgrade, Upgrade: {UPGRADE}"
+        )));
+    }
+    let on = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        match on.await {
+            Ok(up) => then(hyper_util::rt::TokioIo::new(up)).await,
+            Err(e) => tracing::warn!(error = %e, "{what} was not upgraded"),
+        }
+    });
+    Response::builder()
+        .status(axum::http::StatusCode::SWITCHING_PROTOCOLS)
+        .header(header::CONNECTION, "upgrade")
+        .header(header::UPGRADE, UPGRADE)
+        .body(Body::empty())
+        .map_err(crate::node::internal)
+}
 
 /// Which of a node's listeners a request goes to.
 #[derive(Clone, Copy, PartialEq, Eq)]

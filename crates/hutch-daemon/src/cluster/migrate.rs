@@ -218,8 +218,8 @@ impl Service {
         let Arriving { id } = self.node_json(c, to, "POST", MIGRATIONS, &ask).await?;
         let path = |what: &str| format!("{MIGRATIONS}/{id}{what}");
         let sent = async {
-            let disk = node_upgrade(self, c, to, &path("/disk")).await?;
-            let state = node_upgrade(self, c, to, &path("/state")).await?;
+            let disk = node_upgrade(self, c, to, &path("/disk"), None).await?;
+            let state = node_upgrade(self, c, to, &path("/state"), None).await?;
             let (disk_q, disk_h) = UnixStream::pair().map_err(crate::node::internal)?;
             let (state_q, state_h) = UnixStream::pair().map_err(crate::node::internal)?;
             let pumps = [

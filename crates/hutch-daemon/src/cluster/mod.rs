@@ -8,6 +8,7 @@
 //! reaps and pools only its own (`Records::is_local`), so that a VM recorded elsewhere is never
 //! run here; at start, a node stops what it still runs of VMs recorded elsewhere.
 
+pub mod agent_link;
 pub mod arrive;
 pub mod blobs;
 pub mod drain;
@@ -17,6 +18,7 @@ pub mod intents;
 pub mod migrate;
 pub mod nodes;
 pub mod overlay;
+pub mod owner_call;
 pub mod route;
 pub mod scale;
 pub mod schedule;

@@ -191,6 +191,16 @@ impl Service {
 
     /// The caller identity of API token `jwt`: signed by us, not expired, not revoked, and of
     /// an account that still exists.
+    /// The caller a request with the admin token acts for when it names account `name`
+    /// ([`ACT_AS`](crate::auth::ACT_AS)): that account as it is recorded; None if there is none.
+    pub async fn act_as(&self, name: &str) -> Option<Caller> {
+        let acc = self.account(name).await.ok()??;
+        Some(Caller {
+            account: acc.name,
+            admin: acc.admin,
+        })
+    }
+
     pub async fn verify_token(&self, jwt: &str) -> Option<Caller> {
         let c = self.tokens.claims(jwt)?;
         let rec: TokenRecord = self.records.get(TOKENS, &c.jti).await.ok()??;

@@ -132,7 +132,7 @@ impl Service {
         name: &str,
     ) -> Result<(Arc<dyn Agent>, InUse), ApiError> {
         let (vm, u) = self.use_vm(caller, name).await?;
-        Ok((self.node.client(&vm)?, u))
+        Ok((self.agent_of(caller, &vm)?, u))
     }
 
     /// Starts a process; returns its events. Stdin given whole (JSON `stdin`) is fed in the
@@ -149,7 +149,7 @@ impl Service {
             return Err(ApiError::Invalid("argv must name a program".into()));
         }
         let (vm, in_use) = self.use_vm(caller, name).await?;
-        let client = self.node.client(&vm)?;
+        let client = self.agent_of(caller, &vm)?;
         self.metrics
             .execs_total
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -198,13 +198,14 @@ impl Service {
     }
 
     /// Asks the guest agent how it is. Not a use of the VM: a health check neither resumes a
-    /// paused VM nor keeps one from being auto-paused.
+    /// paused VM nor keeps one from being auto-paused (on another node, its link holds it in
+    /// use while it asks).
     pub async fn agent_health(
-        &self,
+        self: &Arc<Self>,
         caller: &Caller,
         name: &str,
     ) -> Result<serde_json::Value, ApiError> {
-        let client = self.node.client(&self.vm_for(caller, name).await?)?;
+        let client = self.agent_of(caller, &self.vm_for(caller, name).await?)?;
         let h = within(HEALTH_TIMEOUT, client.health())
             .await
             .map_err(|e| no_answer(name, "a health check", e))?;

@@ -9,6 +9,7 @@ use crate::cluster::route::Life;
 use crate::error::ApiError;
 use crate::node::{internal, Launch, Restore};
 use crate::records::SNAPSHOTS;
+use axum::http::Method;
 use hutch_core::api::{CreateVm, ForkVm};
 use hutch_core::net::VmNet;
 use hutch_core::snapshot::{Snapshot, VmMemory};
@@ -70,6 +71,13 @@ impl Service {
     ) -> Result<Snapshot, ApiError> {
         names::validate_name(snap_name).map_err(ApiError::Invalid)?;
         let vm = self.vm_for(caller, name).await?;
+        let req = serde_json::json!({ "name": snap_name });
+        if let Some(s) = self
+            .on_owner_json(caller, &vm, Method::POST, "snapshot", Some(req))
+            .await?
+        {
+            return Ok(s);
+        }
         let key = hutch_core::vm_key(vm.owner.as_deref(), snap_name);
         if self
             .records
@@ -341,6 +349,13 @@ impl Service {
             )));
         }
         let vm = self.vm_for(caller, name).await?;
+        let body = serde_json::to_value(&req).map_err(|e| ApiError::Internal(e.to_string()))?;
+        if let Some(v) = self
+            .on_owner_json(caller, &vm, Method::POST, "fork", Some(body))
+            .await?
+        {
+            return Ok(v);
+        }
         check(&vm, &Event::Snapshot)?;
         let prefix = req.name.unwrap_or_else(|| format!("{}-fork", vm.name));
         let names: Vec<String> = (1..=count).map(|i| format!("{prefix}-{i}")).collect();

@@ -12,6 +12,7 @@
 use super::Service;
 use crate::auth::Caller;
 use crate::error::ApiError;
+use axum::http::Method;
 use hutch_core::api::{CreateVm, Keepalive};
 use hutch_core::timers::{parse_duration, show_duration, OnExpire, VmTimers};
 use hutch_core::{Vm, VmState};
@@ -237,7 +238,10 @@ impl Service {
     /// pauses it, and a VM paused (or being paused) is resumed first: of concurrent requests
     /// the first resumes it and the others find it running.
     pub(crate) async fn wake(self: &Arc<Self>, vm: Vm) -> Result<(Vm, InUse), ApiError> {
-        if vm.timers.auto_pause_secs.is_none() && !vm.timers.auto_resume {
+        // A VM on another node is woken and held there, by each agent link (agent_link.rs).
+        if vm.timers.auto_pause_secs.is_none() && !vm.timers.auto_resume
+            || self.runs_elsewhere(&vm).is_some()
+        {
             let u = self.activity.begin(&vm.id);
             return Ok((vm, u));
         }
@@ -276,6 +280,13 @@ impl Service {
             .map(|d| parse_duration(d).map_err(|e| ApiError::Invalid(format!("keepalive: {e}"))))
             .transpose()?;
         let vm = self.vm_for(caller, name).await?;
+        let body = serde_json::to_value(&req).map_err(|e| ApiError::Internal(e.to_string()))?;
+        if let Some(v) = self
+            .on_owner_json(caller, &vm, Method::POST, "keepalive", Some(body))
+            .await?
+        {
+            return Ok(v);
+        }
         let secs = asked.or(vm.timers.ttl_secs).ok_or_else(|| {
             ApiError::Invalid(format!(
                 "{name} has no TTL to extend: give a duration (keepalive {name} 10m)"

@@ -8,6 +8,7 @@ use crate::auth::Caller;
 use crate::cluster::route::Life;
 use crate::error::ApiError;
 use crate::node::{internal, Launch};
+use axum::http::Method;
 use hutch_core::net::{NetMode, VmNet};
 use hutch_core::{names, Event, Image, Vm, VmState};
 use std::sync::Arc;
@@ -58,6 +59,10 @@ impl Service {
     /// The end (`max` bytes) of `caller`'s VM `name`'s console, as the guest wrote it.
     pub async fn console(&self, caller: &Caller, name: &str, max: u64) -> Result<String, ApiError> {
         let vm = self.vm_for(caller, name).await?;
+        let sub = format!("logs?tail={max}");
+        if let Some(b) = self.on_owner(caller, &vm, Method::GET, &sub, None).await? {
+            return Ok(String::from_utf8_lossy(&b).into_owned());
+        }
         Ok(self.node.console_tail(&vm.id, max))
     }
 
@@ -287,6 +292,13 @@ impl Service {
     ) -> Result<Vm, ApiError> {
         let t0 = Instant::now();
         let from = self.vm_for(caller, src).await?;
+        let req = serde_json::json!({ "name": dst });
+        if let Some(v) = self
+            .on_owner_json(caller, &from, Method::POST, "clone", Some(req))
+            .await?
+        {
+            return Ok(v);
+        }
         let lock = self.lock_for(&from.id);
         let guard = lock.lock().await;
         let from = self.by_id(&from.id, src).await?;

@@ -375,8 +375,9 @@ impl FakeAgent {
     }
 }
 
-impl Agent for FakeAgent {
-    fn exec(&self, req: ExecRequest) -> Result<ExecStream, AgentError> {
+impl FakeAgent {
+    /// A process's stream (the fake's `exec`, and its `relay` of an exec request).
+    fn exec_stream(&self, req: ExecRequest) -> Result<Arc<FakeStream>, AgentError> {
         self.check()?;
         let (s, peer) = stream();
         let pid = {
@@ -387,7 +388,7 @@ impl Agent for FakeAgent {
         };
         if !matches!(req.argv.first(), Some(a) if !a.is_empty()) {
             peer.refuse(AgentError::guest(ErrorCode::BadRequest, "argv is empty"));
-            return Ok(ExecStream::new(s));
+            return Ok(s);
         }
         peer.answer(Response::Started { pid });
         if req.detach {
@@ -397,7 +398,7 @@ impl Agent for FakeAgent {
                 let mut peer = peer;
                 while peer.input.recv().await.is_some() {}
             });
-            return Ok(ExecStream::new(s));
+            return Ok(s);
         }
         let Peer {
             out,
@@ -437,7 +438,24 @@ impl Agent for FakeAgent {
                 FakeExit::Refuse(code, message) => done.answer(Response::Error { code, message }),
             }
         });
-        Ok(ExecStream::new(s))
+        Ok(s)
+    }
+}
+
+impl Agent for FakeAgent {
+    fn exec(&self, req: ExecRequest) -> Result<ExecStream, AgentError> {
+        Ok(ExecStream::new(self.exec_stream(req)?))
+    }
+
+    /// Processes only: enough to carry them over a node link in tests.
+    fn relay(&self, req: &Request) -> Result<super::Relay, AgentError> {
+        match req {
+            Request::Exec(e) => Ok(super::Relay(self.exec_stream(e.clone())?)),
+            _ => Err(AgentError::guest(
+                ErrorCode::Unsupported,
+                "the fake relays processes only",
+            )),
+        }
     }
 
     fn read_file(&self, path: &str, offset: u64, len: Option<u64>) -> Result<FileRead, AgentError> {
