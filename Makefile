@@ -107,6 +107,7 @@ bench-control:
 bench-cluster: build
 	@scripts/install-deps.sh --test
 	cargo build --release -p hutch-daemon --features fakes --example bench_cluster
-	cargo build --release -p hutch --example bench_migrate
+	cargo build --release -p hutch --example bench_migrate --example bench_front
 	target/release/examples/bench_cluster
 	target/release/examples/bench_migrate
+	target/release/examples/bench_front

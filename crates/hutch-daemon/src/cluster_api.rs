@@ -10,8 +10,8 @@ use axum::{Extension, Json, Router};
 use hutch_core::cluster::{ClusterStats, Drained, MigrateRequest, Migrated, NodeView};
 
 pub fn routes(r: Router<AppState>) -> Router<AppState> {
-    crate::cluster::agent_link::routes(crate::cluster::arrive::routes(
-        crate::cluster::blobs::routes(r),
+    crate::cluster::dial::routes(crate::cluster::agent_link::routes(
+        crate::cluster::arrive::routes(crate::cluster::blobs::routes(r)),
     ))
     .route("/api/v1/sandboxes/{name}/migrate", post(migrate))
     .route("/api/v1/nodes", get(nodes))

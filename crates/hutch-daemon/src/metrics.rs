@@ -83,6 +83,9 @@ pub struct Metrics {
     /// VMs paused for want of activity, and paused VMs that activity resumed.
     pub auto_paused_total: AtomicU64,
     pub auto_resumed_total: AtomicU64,
+    /// Agent streams and proxied connections this node served for other nodes (cluster).
+    pub agent_links_total: AtomicU64,
+    pub dials_total: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -101,6 +104,8 @@ impl Default for Metrics {
             expired_total: AtomicU64::new(0),
             auto_paused_total: AtomicU64::new(0),
             auto_resumed_total: AtomicU64::new(0),
+            agent_links_total: AtomicU64::new(0),
+            dials_total: AtomicU64::new(0),
         }
     }
 }
@@ -189,6 +194,16 @@ impl Metrics {
                 "hutch_vm_auto_resumed_total",
                 "Paused VMs resumed by a request that needed them (auto-resume).",
                 &self.auto_resumed_total,
+            ),
+            (
+                "hutch_cluster_agent_links_total",
+                "Agent streams (SSH, SFTP) served here for VMs used through other nodes.",
+                &self.agent_links_total,
+            ),
+            (
+                "hutch_cluster_dials_total",
+                "Connections to VM ports made here for other nodes' proxies.",
+                &self.dials_total,
             ),
         ];
         for (name, help, v) in counters {

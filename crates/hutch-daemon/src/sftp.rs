@@ -546,6 +546,52 @@ impl PacketGuard {
     }
 }
 
+/// Carries an SFTP session between the SSH channel and the SFTP server's end of the pipe. What
+/// the client sends is followed packet by packet: one over the limit ends the session. The
+/// channel is borrowed: it must outlive this, as dropping it closes the channel before the exit
+/// status could be sent (scp checks it).
+pub async fn pump(
+    server: tokio::io::DuplexStream,
+    chan: impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut sr, mut sw) = tokio::io::split(server);
+    let (mut cr, mut cw) = tokio::io::split(chan);
+    let up = async {
+        let mut guard = PacketGuard::default();
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = match cr.read(&mut buf).await {
+                Ok(0) | Err(_) => return true,
+                Ok(n) => n,
+            };
+            if let Err(len) = guard.feed(&buf[..n]) {
+                tracing::warn!(len, "sftp packet over the limit; ending the session");
+                return false;
+            }
+            if sw.write_all(&buf[..n]).await.is_err() {
+                return true;
+            }
+        }
+    };
+    {
+        let down = tokio::io::copy(&mut sr, &mut cw);
+        tokio::pin!(down);
+        tokio::select! {
+            clean = up => {
+                if clean {
+                    // The client is done sending: let the server answer what it has, then end.
+                    let _ = sw.shutdown().await;
+                    let _ =
+                        tokio::time::timeout(std::time::Duration::from_secs(30), &mut down).await;
+                }
+            }
+            _ = &mut down => {}
+        }
+    }
+    let _ = cw.shutdown().await;
+}
+
 #[cfg(test)]
 mod guard_tests {
     use super::*;

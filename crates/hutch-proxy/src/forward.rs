@@ -39,6 +39,8 @@ const HOP_BY_HOP: [&str; 9] = [
 /// Where and for whom a request is forwarded.
 pub(crate) struct Upstream {
     pub addr: SocketAddr,
+    /// The connection the daemon opened to it (see `Backends::dial`); None: connect to `addr`.
+    pub dialed: Option<crate::Dialing<'static>>,
     /// The client's address (`X-Forwarded-For`).
     pub peer: IpAddr,
     /// `http` or `https` (`X-Forwarded-Proto`).
@@ -132,8 +134,19 @@ pub(crate) async fn forward(
     *req.version_mut() = Version::HTTP_11;
 
     let port = up.addr.port();
-    let tcp = match tokio::time::timeout(limits.connect_timeout, TcpStream::connect(up.addr)).await
-    {
+    let connect = async {
+        match up.dialed {
+            Some(d) => d.await,
+            None => {
+                let tcp = TcpStream::connect(up.addr)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let _ = tcp.set_nodelay(true);
+                Ok(Box::new(tcp) as Box<dyn crate::Conn>)
+            }
+        }
+    };
+    let tcp = match tokio::time::timeout(limits.connect_timeout, connect).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             tracing::debug!(addr = %up.addr, error = %e, "proxy connect failed");
@@ -141,7 +154,6 @@ pub(crate) async fn forward(
         }
         Err(_) => return bad_gateway(&format!("port {port} of the VM did not answer in time")),
     };
-    let _ = tcp.set_nodelay(true);
     let mut builder = hyper::client::conn::http1::Builder::new();
     builder
         .max_header_size(limits.max_response_header_bytes)

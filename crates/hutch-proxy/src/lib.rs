@@ -46,6 +46,14 @@ pub enum Resolve {
 pub type Waking<'a> =
     std::pin::Pin<Box<dyn std::future::Future<Output = Option<IpAddr>> + Send + 'a>>;
 
+/// A byte stream to a VM's port that the daemon opened itself ([`Backends::dial`]).
+pub trait Conn: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static> Conn for T {}
+
+/// What [`Backends::dial`] returns: the connection, or why there is none (502).
+pub type Dialing<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Box<dyn Conn>, String>> + Send + 'a>>;
+
 /// Errors of a [`LocalBody`].
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// The body of a response the daemon serves itself.
@@ -73,6 +81,12 @@ pub trait Backends: Send + Sync + 'static {
     /// Resumes paused VM `vm` for an authorized request; its address once it runs.
     fn wake(&self, _vm: &str) -> Waking<'_> {
         Box::pin(async { None })
+    }
+    /// Opens the connection to port `port` of VM `vm` (running, the request authorized) when the
+    /// proxy cannot reach the VM's address itself: a VM on another node, through that node.
+    /// Default: None, the proxy connects to the address.
+    fn dial(&self, _vm: &str, _port: u16) -> Option<Dialing<'static>> {
+        None
     }
 }
 

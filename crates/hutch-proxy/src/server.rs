@@ -262,6 +262,7 @@ impl Proxy {
         let host = HeaderValue::from_str(&host).unwrap_or_else(|_| HeaderValue::from_static(""));
         let up = Upstream {
             addr: SocketAddr::new(ip, port),
+            dialed: self.backends.dial(&vm, port),
             peer: conn.peer,
             proto: if conn.https { "https" } else { "http" },
             host,

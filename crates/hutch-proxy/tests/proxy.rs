@@ -513,3 +513,37 @@ async fn dropping_the_serve_task_stops_serving() {
         .await;
     assert!(r.is_err(), "still served: {r:?}");
 }
+
+#[tokio::test]
+async fn a_vm_the_daemon_dials_is_reached_through_its_connection() {
+    let env = start(Limits::default()).await;
+    let c = client();
+    let far = format!("{}-far.{DOMAIN}", env.port);
+    // Only an authorized request makes the daemon dial.
+    let r = env.req(&c, &far, "/x").send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    assert!(env.fake.dialed.lock().unwrap().is_empty());
+    let r = env
+        .req(&c, &far, "/through?n=1")
+        .bearer_auth(OWNER)
+        .send()
+        .await
+        .unwrap();
+    let v = echo(r).await;
+    assert_eq!(v["uri"], "/through?n=1");
+    assert!(v["headers"].get("authorization").is_none());
+    assert_eq!(
+        *env.fake.dialed.lock().unwrap(),
+        vec![("vm-6".to_string(), env.port)]
+    );
+    // The daemon could not dial: 502 with its reason.
+    let r = env
+        .req(&c, &format!("{}-cut.{DOMAIN}", env.port), "/")
+        .bearer_auth(OWNER)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 502);
+    let body = r.text().await.unwrap();
+    assert!(body.contains("node n9 is down"), "{body}");
+}

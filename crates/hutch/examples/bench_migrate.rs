@@ -9,11 +9,9 @@
 
 mod benchlib;
 
-use benchlib::{api, api_ok, free_port, median, ws, Cleanup};
+use benchlib::{api, cluster_node, median, test_image};
 use serde_json::{json, Value};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 const ROUNDS: usize = 6;
 
@@ -21,89 +19,17 @@ fn ok(st: u16, v: &Value, want: u16) {
     assert_eq!(st, want, "{v}");
 }
 
-fn wait(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !f() {
-        assert!(Instant::now() < deadline, "{what} not ready in {secs} s");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn env(k: &str) -> Option<String> {
-    std::env::var(k).ok().filter(|v| !v.is_empty())
-}
-
-/// One hutchd cluster node (no VM network: both run in this namespace).
-fn node(work: &Path, name: &str, etcd: &str) -> (Cleanup, PathBuf) {
-    let data = work.join(name);
-    let addr = format!("127.0.0.1:{}", free_port());
-    let hutchd = Command::new(
-        env("HUTCH_BENCH_HUTCHD")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| ws().join("target/release/hutchd")),
-    )
-    .arg("--data-dir")
-    .arg(&data)
-    .arg("--boot-cache")
-    .arg(
-        env("HUTCH_BENCH_BOOT")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| ws().join("target/hutch-bench-boot")),
-    )
-    .args(["--ssh-listen", "off", "--network", "off"])
-    .args([
-        "--accel",
-        &env("HUTCH_BENCH_ACCEL").unwrap_or("auto".into()),
-    ])
-    .args([
-        "--etcd",
-        etcd,
-        "--node-name",
-        name,
-        "--listen",
-        &addr,
-        "--advertise",
-        &addr,
-    ])
-    .env("HUTCH_LOG", "warn")
-    .stdout(Stdio::null())
-    .stderr(std::fs::File::create(work.join(format!("{name}.log"))).unwrap())
-    .spawn()
-    .expect("target/release/hutchd (run `make build`)");
-    let sock = data.join("hutchd.sock");
-    let c = Cleanup {
-        hutchd,
-        data,
-        bridge: String::new(),
-    };
-    wait("hutchd", 300, || api_ok(&sock).is_some());
-    (c, sock)
-}
-
 fn main() {
     let work = tempfile::Builder::new()
         .prefix("hutch-bench-mig")
         .tempdir_in("/tmp")
         .unwrap();
-    let oci = match env("HUTCH_BENCH_IMAGE") {
-        Some(p) => PathBuf::from(p),
-        None => {
-            let img = work.path().join("img");
-            std::fs::create_dir_all(&img).unwrap();
-            let st = Command::new(ws().join("scripts/make-test-image.sh"))
-                .arg(&img)
-                .stdout(Stdio::null())
-                .status()
-                .unwrap();
-            assert!(st.success());
-            img.join("oci")
-        }
-    };
+    let oci = test_image(work.path());
     let rt = tokio::runtime::Runtime::new().unwrap();
     let etcd = rt.block_on(hutch_store_etcd::testing::EtcdCluster::start(1));
     let eps = etcd.endpoints().join(",");
-    let (_g1, s1) = node(work.path(), "b1", &eps);
-    let (_g2, _s2) = node(work.path(), "b2", &eps);
+    let (_g1, s1) = cluster_node(work.path(), "b1", &eps, &[]);
+    let (_g2, _s2) = cluster_node(work.path(), "b2", &eps, &[]);
     let (st, v) = api(
         &s1,
         "POST",

@@ -23,8 +23,13 @@ fn node(endpoints: &str, name: &str, admin_keys: &std::path::Path) -> (Daemon, S
     let addr = format!("127.0.0.1:{}", free_port());
     let e2b = format!("127.0.0.1:{}", free_port());
     let ssh = format!("127.0.0.1:{}", free_port());
+    let proxy = format!("127.0.0.1:{}", free_port());
     let keys = format!("{}.pub", admin_keys.display());
     let d = Daemon::start(&[
+        "--domain",
+        "c.hutch",
+        "--http-listen",
+        &proxy,
         "--ssh-listen",
         &ssh,
         "--admin-keys",
@@ -116,6 +121,7 @@ fn three_nodes_on_three_etcd_members() {
     let ls = n3.ok(&["ls"]);
     assert!(ls.contains("NODE") && ls.contains("n2"), "{ls}");
     ssh_reaches_other_nodes(&[&n1, &n2, &n3], &admin_key, work.path(), &web);
+    proxy_reaches_other_nodes(&[&n1, &n2, &n3], token.trim(), &web);
 
     // Unpinned: the scheduler places it on a ready node.
     let auto = n3.json(&["new", "--image", "busybox", "--name", "auto"]);
@@ -461,6 +467,7 @@ fn ssh_reaches_other_nodes(
             .unwrap(),
     };
     let (s1, s3) = (ssh(n[0]), ssh(n[2]));
+    let links = counter(n[1], "hutch_cluster_agent_links_total");
     // web runs on n2; its sessions go through n1 and n3.
     for s in [&s1, &s3] {
         let (o, e, c) = text(&s.run(admin, "web", &["echo hi; hostname; exit 7"], None, false));
@@ -494,6 +501,9 @@ fn ssh_reaches_other_nodes(
         std::fs::read(w.join("down.bin")).unwrap() == local,
         "the file came back changed"
     );
+    // All of it went over agent links to n2 (a stream per command, per SFTP request).
+    let served = counter(n[1], "hutch_cluster_agent_links_total") - links;
+    assert!(served > 10, "{served} agent links");
     // SSH commands about a VM on another node run there.
     let (o, e, c) = text(&s3.run(admin, "admin", &["logs", "web"], None, false));
     assert!(c == 0 && o.contains("hutch-agent"), "{o}{e}");
@@ -579,8 +589,111 @@ fn ssh_reaches_other_nodes(
         let (st, b) = curl("POST", &url(d, id), &h, None);
         assert_eq!(st, want, "{headers:?}: {}", String::from_utf8_lossy(&b));
     }
+    // Nor may an account dial its own VM's port node to node (its proxy requests go through
+    // the proxy, which authorizes them).
+    let dial = format!(
+        "http://{}/api/v1/cluster/dial/{}/80",
+        n[1].opt("--listen").unwrap(),
+        mine["id"].as_str().unwrap()
+    );
+    let mut h = vec![("authorization", user.as_str())];
+    h.extend(upgrade);
+    assert_eq!(curl("POST", &dial, &h, None).0, 403);
     let (st, v) = http_json(&a1, &token, "DELETE", "/api/v1/sandboxes/mine", None);
     assert!(st < 300, "{v}");
+}
+
+/// Counter `name` of node `d`'s metrics.
+fn counter(d: &Daemon, name: &str) -> u64 {
+    let token = std::fs::read_to_string(d.data().join("api-token")).unwrap();
+    let url = format!("http://{}/metrics", d.opt("--listen").unwrap());
+    let (st, b) = curl(
+        "GET",
+        &url,
+        &[("authorization", &format!("Bearer {}", token.trim()))],
+        None,
+    );
+    assert_eq!(st, 200);
+    let text = String::from_utf8_lossy(&b).to_string();
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in {text}"))
+}
+
+/// Every node's HTTP proxy serves a VM on another node whose address it cannot reach (these
+/// nodes have a subnet each): through the VM's node. The node-to-node route it uses refuses
+/// anything but the cluster's admin token, and dials only its own VMs' ports.
+fn proxy_reaches_other_nodes(n: &[&Daemon; 3], token: &str, web: &Value) {
+    n[1].ok(&[
+        "exec",
+        "web",
+        "--",
+        "sh",
+        "-c",
+        "mkdir -p /www && echo from-n2 > /www/index.html && httpd -p 8080 -h /www",
+    ]);
+    let bearer = format!("Bearer {token}");
+    for d in [n[0], n[2]] {
+        let proxy = d.opt("--http-listen").unwrap();
+        let (st, body) = curl(
+            "GET",
+            &format!("http://{proxy}/"),
+            &[("Host", "8080-web.c.hutch"), ("Authorization", &bearer)],
+            None,
+        );
+        assert_eq!(
+            (st, String::from_utf8_lossy(&body).as_ref()),
+            (200, "from-n2\n")
+        );
+        // Private without a token, wherever it is asked.
+        let (st, _) = curl(
+            "GET",
+            &format!("http://{proxy}/"),
+            &[("Host", "8080-web.c.hutch")],
+            None,
+        );
+        assert_eq!(st, 401);
+        // Nothing listens on 8081: a clear 502, not a hang.
+        let (st, body) = curl(
+            "GET",
+            &format!("http://{proxy}/"),
+            &[("Host", "8081-web.c.hutch"), ("Authorization", &bearer)],
+            None,
+        );
+        assert_eq!(st, 502, "{}", String::from_utf8_lossy(&body));
+    }
+    // Through n2 (these nodes do not reach each other's VM addresses), and only the two that
+    // were answered.
+    assert_eq!(counter(n[1], "hutch_cluster_dials_total"), 2);
+    let api = |d: &Daemon| d.opt("--listen").unwrap();
+    let id = web["id"].as_str().unwrap();
+    let upgrade = [("connection", "upgrade"), ("upgrade", "hutch-stream")];
+    for (d, path, act_as, want) in [
+        (
+            n[1],
+            format!("/api/v1/cluster/dial/{id}/8080"),
+            Some("nobody"),
+            401,
+        ),
+        (n[0], format!("/api/v1/cluster/dial/{id}/8080"), None, 409),
+        (n[1], format!("/api/v1/cluster/dial/{id}/0"), None, 400),
+        (n[1], format!("/api/v1/cluster/dial/{id}/8081"), None, 409),
+        (
+            n[1],
+            "/api/v1/cluster/dial/nope/8080".to_string(),
+            None,
+            404,
+        ),
+    ] {
+        let mut h = vec![("authorization", bearer.as_str())];
+        h.extend(upgrade);
+        if let Some(a) = act_as {
+            h.push(("x-hutch-act-as", a));
+        }
+        let (st, b) = curl("POST", &format!("http://{}{path}", api(d)), &h, None);
+        assert_eq!(st, want, "{path}: {}", String::from_utf8_lossy(&b));
+    }
 }
 
 /// A single node moved into a cluster: `hutch admin migrate-store --to-etcd` with hutchd

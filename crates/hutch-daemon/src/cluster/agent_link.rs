@@ -20,6 +20,10 @@ use axum::{Extension, Router};
 use hutch_core::{Vm, VmState};
 use std::sync::Arc;
 
+/// How long opening a link to another node may take (an interactive session has no other
+/// bound on it).
+const LINK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
+
 pub fn routes(r: Router<AppState>) -> Router<AppState> {
     r.route("/api/v1/cluster/agent/{id}", post(open))
 }
@@ -53,6 +57,9 @@ async fn open(
     }
     let (vm, in_use) = m.wake(vm).await?;
     let agent = m.node.client(&vm)?;
+    m.metrics
+        .agent_links_total
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     forward::upgrade_with(req, "an agent link", move |io| async move {
         serve_link(io, agent).await;
         drop(in_use);
@@ -112,8 +119,15 @@ impl Service {
                         "the VM is lost: its node {node} is down"
                     ))));
                 }
-                let up = forward::node_upgrade(&m, &c, &node, &path, act_as.as_deref())
+                let up = forward::node_upgrade(&m, &c, &node, &path, act_as.as_deref());
+                let up = tokio::time::timeout(LINK_TIMEOUT, up)
                     .await
+                    .map_err(|_| {
+                        refused(ApiError::Capacity(format!(
+                            "node {node} did not open an agent link within {}s",
+                            LINK_TIMEOUT.as_secs()
+                        )))
+                    })?
                     .map_err(refused)?;
                 Ok(Box::new(hyper_util::rt::TokioIo::new(up)) as Box<dyn LinkIo>)
             })

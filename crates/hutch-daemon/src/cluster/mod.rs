@@ -11,6 +11,7 @@
 pub mod agent_link;
 pub mod arrive;
 pub mod blobs;
+pub mod dial;
 pub mod drain;
 pub mod failover;
 pub mod forward;

@@ -78,6 +78,21 @@ impl hutch_proxy::Backends for Backends {
         let vm = vm.to_string();
         Box::pin(async move {
             let s = self.service.upgrade()?;
+            let found = s.records.find_vm(|v| v.id == vm)?;
+            if s.runs_elsewhere(&found).is_some() {
+                // Dialed through its node, which wakes it; reached directly, it is resumed
+                // there now (an intent).
+                if !s.reaches(&found) {
+                    return found.net.ipv4.map(Into::into);
+                }
+                return match s.resume(&Caller::local_admin(), &found.key()).await {
+                    Ok(v) => v.net.ipv4.map(Into::into),
+                    Err(e) => {
+                        tracing::warn!(vm = %vm, error = %e, "proxy: resuming a paused VM on another node");
+                        None
+                    }
+                };
+            }
             match s.wake_id(&vm).await {
                 Ok(v) if v.state == VmState::Running => v.net.ipv4.map(Into::into),
                 Ok(_) => None,
@@ -87,6 +102,21 @@ impl hutch_proxy::Backends for Backends {
                 }
             }
         })
+    }
+
+    fn dial(&self, vm: &str, port: u16) -> Option<hutch_proxy::Dialing<'static>> {
+        let s = self.service.upgrade()?;
+        let found = s.records.find_vm(|v| v.id == vm)?;
+        let node = s.runs_elsewhere(&found)?;
+        if s.reaches(&found) {
+            return None;
+        }
+        Some(Box::pin(async move {
+            match s.dial_through(&node, &found.id, port).await {
+                Ok(io) => Ok(Box::new(io) as Box<dyn hutch_proxy::Conn>),
+                Err(e) => Err(e.to_string()),
+            }
+        }))
     }
 
     fn authorize(&self, vm: &str, bearer: &str) -> bool {

@@ -38,11 +38,14 @@ pub fn pattern_chunk(start: usize, len: usize) -> Bytes {
 
 /// `vm-1` (also named `web`) runs on 127.0.0.1 with `public` ports; `vm-2` runs too, `sleepy`
 /// is stopped. OWNER may use vm-1, OTHER may use vm-2. `dozing` is vm-1 paused (it wakes);
-/// `comatose` (vm-5) is paused with `public` ports and does not wake.
+/// `comatose` (vm-5) is paused with `public` ports and does not wake. `far` (vm-6) and `cut`
+/// (vm-7) run at an address nobody reaches, on "another node": the daemon dials vm-6's ports
+/// (at 127.0.0.1) and fails to dial vm-7's; OWNER may use both.
 pub struct Fake {
     pub public: Mutex<Vec<u16>>,
     pub touched: Mutex<Vec<String>>,
     pub woken: Mutex<Vec<String>>,
+    pub dialed: Mutex<Vec<(String, u16)>>,
 }
 
 impl Backends for Fake {
@@ -60,6 +63,11 @@ impl Backends for Fake {
                 ip,
                 public_ports: vec![],
             },
+            "far" | "cut" => Resolve::Running {
+                vm: if label == "far" { "vm-6" } else { "vm-7" }.into(),
+                ip: IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)),
+                public_ports: vec![],
+            },
             "sleepy" => Resolve::Stopped { vm: "vm-3".into() },
             "dozing" => Resolve::Paused {
                 vm: "vm-1".into(),
@@ -73,10 +81,29 @@ impl Backends for Fake {
         }
     }
     fn authorize(&self, vm: &str, bearer: &str) -> bool {
-        matches!((vm, bearer), ("vm-1", OWNER) | ("vm-2", OTHER))
+        matches!(
+            (vm, bearer),
+            ("vm-1" | "vm-6" | "vm-7", OWNER) | ("vm-2", OTHER)
+        )
     }
     fn touched(&self, vm: &str) {
         self.touched.lock().unwrap().push(vm.into());
+    }
+    fn dial(&self, vm: &str, port: u16) -> Option<hutch_proxy::Dialing<'static>> {
+        if !matches!(vm, "vm-6" | "vm-7") {
+            return None;
+        }
+        self.dialed.lock().unwrap().push((vm.into(), port));
+        let far = vm == "vm-6";
+        Some(Box::pin(async move {
+            if !far {
+                return Err("node n9 is down".to_string());
+            }
+            let s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(Box::new(s) as Box<dyn hutch_proxy::Conn>)
+        }))
     }
     fn wake(&self, vm: &str) -> hutch_proxy::Waking<'_> {
         self.woken.lock().unwrap().push(vm.into());
@@ -222,6 +249,7 @@ pub async fn start(limits: Limits) -> Env {
         public: Mutex::new(vec![public_port]),
         touched: Mutex::new(vec![]),
         woken: Mutex::new(vec![]),
+        dialed: Mutex::new(vec![]),
     });
     let proxy = Arc::new(Proxy::with_limits(config(), fake.clone(), limits));
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -127,3 +127,84 @@ impl Drop for Cleanup {
         }
     }
 }
+
+/// Waits (polling) until `f` holds, at most `secs`.
+pub fn wait(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    while !f() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what} not ready in {secs} s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// A set, non-empty environment variable.
+pub fn env(k: &str) -> Option<String> {
+    std::env::var(k).ok().filter(|v| !v.is_empty())
+}
+
+/// The busybox test image's OCI layout (`HUTCH_BENCH_IMAGE`, or made under `work`).
+pub fn test_image(work: &Path) -> PathBuf {
+    if let Some(p) = env("HUTCH_BENCH_IMAGE") {
+        return PathBuf::from(p);
+    }
+    let img = work.join("img");
+    std::fs::create_dir_all(&img).unwrap();
+    let st = std::process::Command::new(ws().join("scripts/make-test-image.sh"))
+        .arg(&img)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    img.join("oci")
+}
+
+/// One hutchd cluster node on etcd `etcd`, its API on a loopback port (no VM network: the
+/// nodes share this namespace; no SSH unless `extra` says `--ssh-listen`), plus `extra`
+/// flags; its guard and its unix socket. `HUTCH_BENCH_HUTCHD`, `HUTCH_BENCH_BOOT` and
+/// `HUTCH_BENCH_ACCEL` point it at what it needs on another machine.
+pub fn cluster_node(work: &Path, name: &str, etcd: &str, extra: &[&str]) -> (Cleanup, PathBuf) {
+    use std::process::{Command, Stdio};
+    let data = work.join(name);
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut cmd = Command::new(
+        env("HUTCH_BENCH_HUTCHD")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| ws().join("target/release/hutchd")),
+    );
+    cmd.arg("--data-dir")
+        .arg(&data)
+        .arg("--boot-cache")
+        .arg(
+            env("HUTCH_BENCH_BOOT")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| ws().join("target/hutch-bench-boot")),
+        )
+        .args(["--network", "off"])
+        .args([
+            "--accel",
+            &env("HUTCH_BENCH_ACCEL").unwrap_or("auto".into()),
+        ])
+        .args(["--etcd", etcd, "--node-name", name])
+        .args(["--listen", &addr, "--advertise", &addr])
+        .args(extra);
+    if !extra.contains(&"--ssh-listen") {
+        cmd.args(["--ssh-listen", "off"]);
+    }
+    let hutchd = cmd
+        .env("HUTCH_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(work.join(format!("{name}.log"))).unwrap())
+        .spawn()
+        .expect("target/release/hutchd (run `make build`)");
+    let sock = data.join("hutchd.sock");
+    let c = Cleanup {
+        hutchd,
+        data,
+        bridge: String::new(),
+    };
+    wait("hutchd", 300, || api_ok(&sock).is_some());
+    (c, sock)
+}
