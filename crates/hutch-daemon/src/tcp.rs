@@ -121,6 +121,8 @@ pub async fn serve(
                 continue;
             }
         };
+        // Streams (exec, node links) carry small writes both ways: no Nagle delays on them.
+        let _ = sock.set_nodelay(true);
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             tracing::warn!(%peer, "tcp connection refused: too many open connections");
             drop(sock);

@@ -198,9 +198,12 @@ fn refusal(e: AgentError) -> Response {
     }
 }
 
+/// Writes `f` and flushes it: a TLS stream keeps what it was given until it is flushed, and a
+/// link may then wait for an answer to exactly that frame.
 async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, f: &Frame) -> Result<(), AgentError> {
     let b = f.encode().map_err(|e| AgentError::Proto(e.to_string()))?;
-    w.write_all(&b).await.map_err(|_| AgentError::Lost)
+    w.write_all(&b).await.map_err(|_| AgentError::Lost)?;
+    w.flush().await.map_err(|_| AgentError::Lost)
 }
 
 /// The next frame of a link; None at its end. A malformed or oversized frame is an error.
@@ -319,7 +322,7 @@ pub async fn serve_link(io: impl LinkIo, agent: Arc<dyn Agent>) {
                 break;
             }
         }
-        wr.flush().await.map_err(|_| AgentError::Lost)
+        Ok::<(), AgentError>(())
     };
     let input = async {
         while let Some(f) = read_frame(&mut rd, &mut dec, &mut buf).await? {

@@ -12,14 +12,17 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const T: Duration = Duration::from_secs(5);
 
-/// A linked agent whose links are served by `far` (each link its own in-memory stream).
+/// A linked agent whose links are served by `far` (each link its own in-memory stream). Both
+/// ends buffer what they write until it is flushed, as TLS does: a frame left unflushed stalls
+/// its stream here as it would between nodes.
 fn linked(far: Arc<FakeAgent>) -> LinkedAgent {
     let connect: Connect = Arc::new(move || {
         let far = far.clone();
         Box::pin(async move {
             let (near, other) = tokio::io::duplex(64 * 1024);
+            let other = tokio::io::BufStream::new(other);
             tokio::spawn(serve_link(other, far as Arc<dyn Agent>));
-            Ok(Box::new(near) as Box<dyn LinkIo>)
+            Ok(Box::new(tokio::io::BufStream::new(near)) as Box<dyn LinkIo>)
         })
     });
     LinkedAgent::new(connect)
@@ -171,6 +174,7 @@ async fn refusals_end_the_stream_with_their_code() {
 /// Sends `first` on a fresh link to `far` and returns the answer that comes back, if any.
 async fn raw_link(far: Arc<FakeAgent>, first: Frame) -> Option<Response> {
     let (mut near, other) = tokio::io::duplex(64 * 1024);
+    let other = tokio::io::BufStream::new(other);
     let served = tokio::spawn(serve_link(other, far as Arc<dyn Agent>));
     near.write_all(&first.encode().unwrap()).await.unwrap();
     let mut buf = Vec::new();

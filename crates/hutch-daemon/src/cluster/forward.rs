@@ -245,6 +245,8 @@ pub(crate) async fn to_listener(
     let stream = tokio::net::TcpStream::connect(&addr)
         .await
         .map_err(|e| unreachable(&e))?;
+    // Node links and forwarded streams carry small writes both ways: no Nagle delays.
+    let _ = stream.set_nodelay(true);
     let resp = match tls_cert {
         None => send(hyper_util::rt::TokioIo::new(stream), req).await,
         Some(pem) => {

@@ -194,7 +194,7 @@ pub fn cluster_node(work: &Path, name: &str, etcd: &str, extra: &[&str]) -> (Cle
         cmd.args(["--ssh-listen", "off"]);
     }
     let hutchd = cmd
-        .env("HUTCH_LOG", "warn")
+        .env("HUTCH_LOG", env("HUTCH_BENCH_LOG").unwrap_or("warn".into()))
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(work.join(format!("{name}.log"))).unwrap())
         .spawn()
