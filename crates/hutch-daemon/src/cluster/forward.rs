@@ -282,12 +282,44 @@ where
     sender.send_request(req).await
 }
 
-/// TLS to a node that trusts exactly the certificate it recorded in etcd.
+/// TLS to a node that trusts exactly the certificate it recorded in etcd. One client
+/// configuration per certificate is kept, so connections to a node resume TLS sessions (node
+/// links open a connection per stream).
 async fn pinned(
     pem: &str,
     host: &str,
     stream: tokio::net::TcpStream,
 ) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, String> {
+    let cfg = pinned_config(pem)?;
+    let name = rustls_pki_types::ServerName::try_from(host.to_string())
+        .map_err(|e| format!("{host:?}: {e}"))?;
+    tokio_rustls::TlsConnector::from(cfg)
+        .connect(name, stream)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// Client configurations by pinned certificate (a handful: one per node).
+type Configs = std::collections::HashMap<String, std::sync::Arc<rustls::ClientConfig>>;
+static CONFIGS: std::sync::Mutex<Option<Configs>> = std::sync::Mutex::new(None);
+/// Configurations kept at most (certificates replaced over time are dropped with the rest).
+const MAX_CONFIGS: usize = 64;
+
+fn pinned_config(pem: &str) -> Result<std::sync::Arc<rustls::ClientConfig>, String> {
+    let mut cache = CONFIGS.lock().unwrap_or_else(|e| e.into_inner());
+    let map = cache.get_or_insert_with(Configs::new);
+    if let Some(c) = map.get(pem) {
+        return Ok(c.clone());
+    }
+    let cfg = std::sync::Arc::new(client_config(pem)?);
+    if map.len() >= MAX_CONFIGS {
+        map.clear();
+    }
+    map.insert(pem.to_string(), cfg.clone());
+    Ok(cfg)
+}
+
+fn client_config(pem: &str) -> Result<rustls::ClientConfig, String> {
     use rustls_pki_types::pem::PemObject;
     let mut roots = rustls::RootCertStore::empty();
     for c in rustls_pki_types::CertificateDer::pem_slice_iter(pem.as_bytes()) {
@@ -304,12 +336,7 @@ async fn pinned(
     .with_root_certificates(roots)
     .with_no_client_auth();
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let name = rustls_pki_types::ServerName::try_from(host.to_string())
-        .map_err(|e| format!("{host:?}: {e}"))?;
-    tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
-        .connect(name, stream)
-        .await
-        .map_err(|e| e.to_string())
+    Ok(cfg)
 }
 
 #[cfg(test)]
