@@ -10,15 +10,22 @@ use axum::{Extension, Json, Router};
 use hutch_core::cluster::{ClusterStats, Drained, MigrateRequest, Migrated, NodeView};
 
 pub fn routes(r: Router<AppState>) -> Router<AppState> {
-    crate::cluster::dial::routes(crate::cluster::agent_link::routes(
-        crate::cluster::arrive::routes(crate::cluster::blobs::routes(r)),
-    ))
-    .route("/api/v1/sandboxes/{name}/migrate", post(migrate))
-    .route("/api/v1/nodes", get(nodes))
-    .route("/api/v1/stats", get(stats))
-    .route("/api/v1/nodes/{name}/cordon", post(cordon))
-    .route("/api/v1/nodes/{name}/uncordon", post(uncordon))
-    .route("/api/v1/nodes/{name}/drain", post(drain))
+    use crate::cluster::{agent_link, arrive, blobs, dial, snap_files};
+    let r = [
+        blobs::routes,
+        arrive::routes,
+        agent_link::routes,
+        dial::routes,
+        snap_files::routes,
+    ]
+    .into_iter()
+    .fold(r, |r, f| f(r));
+    r.route("/api/v1/sandboxes/{name}/migrate", post(migrate))
+        .route("/api/v1/nodes", get(nodes))
+        .route("/api/v1/stats", get(stats))
+        .route("/api/v1/nodes/{name}/cordon", post(cordon))
+        .route("/api/v1/nodes/{name}/uncordon", post(uncordon))
+        .route("/api/v1/nodes/{name}/drain", post(drain))
 }
 
 async fn nodes(

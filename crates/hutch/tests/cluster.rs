@@ -122,6 +122,7 @@ fn three_nodes_on_three_etcd_members() {
     assert!(ls.contains("NODE") && ls.contains("n2"), "{ls}");
     ssh_reaches_other_nodes(&[&n1, &n2, &n3], &admin_key, work.path(), &web);
     proxy_reaches_other_nodes(&[&n1, &n2, &n3], token.trim(), &web);
+    snapshot_copies_run_elsewhere(&[&n1, &n2, &n3], token.trim());
 
     // Unpinned: the scheduler places it on a ready node.
     let auto = n3.json(&["new", "--image", "busybox", "--name", "auto"]);
@@ -601,6 +602,57 @@ fn ssh_reaches_other_nodes(
     assert_eq!(curl("POST", &dial, &h, None).0, 403);
     let (st, v) = http_json(&a1, &token, "DELETE", "/api/v1/sandboxes/mine", None);
     assert!(st < 300, "{v}");
+}
+
+/// A VM made from a snapshot on a node that does not hold its files: they are copied from the
+/// snapshot's node (once), the copy runs with the snapshot's memory and disk; the copies go when
+/// the snapshot and its VMs are gone.
+fn snapshot_copies_run_elsewhere(n: &[&Daemon; 3], token: &str) {
+    let a1 = n[0].opt("--listen").unwrap();
+    n[0].ok(&["exec", "web", "--", "sh", "-c", "echo in-ram > /dev/shm/m"]);
+    let (st, snap) = http_json(
+        &a1,
+        token,
+        "POST",
+        "/api/v1/sandboxes/web/snapshot",
+        Some(&serde_json::json!({"name": "base"})),
+    );
+    assert_eq!(st, 201, "{snap}");
+    assert_eq!(snap["node"], "n2");
+    let dir = |d: &Daemon| {
+        d.data()
+            .join("snapshots")
+            .join(snap["id"].as_str().unwrap())
+    };
+    assert!(dir(n[1]).join("mem").exists() && !dir(n[2]).exists());
+    for name in ["copy1", "copy2"] {
+        let body = serde_json::json!({"snapshot": "base", "name": name, "node": "n3"});
+        let (st, v) = http_json(&a1, token, "POST", "/api/v1/sandboxes", Some(&body));
+        assert_eq!(st, 201, "{v}");
+        assert_eq!(v["node"], "n3", "{v}");
+        let out = n[0].ok(&[
+            "exec",
+            name,
+            "--",
+            "sh",
+            "-c",
+            "hostname; cat /dev/shm/m /tmp/f",
+        ]);
+        assert_eq!(out, format!("{name}\nin-ram\nhi\n"));
+    }
+    assert!(dir(n[2]).join("state").exists(), "n3 holds a copy");
+    let copied = n[2].log().matches("copied a snapshot's files").count();
+    assert_eq!(copied, 1, "copied once, for the first VM");
+    // Gone with the snapshot's record and the VMs that map its memory.
+    let (st, v) = http_json(&a1, token, "DELETE", "/api/v1/snapshots/base", None);
+    assert!(st < 300, "{v}");
+    for name in ["copy1", "copy2"] {
+        n[0].ok(&["rm", name]);
+    }
+    let gone = wait_until(Duration::from_secs(20), || {
+        (!dir(n[2]).exists()).then_some(())
+    });
+    assert!(gone.is_some(), "n3 kept the copy of a deleted snapshot");
 }
 
 /// Counter `name` of node `d`'s metrics.

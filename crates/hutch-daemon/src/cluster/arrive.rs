@@ -132,7 +132,7 @@ impl Service {
     /// Makes sure this node holds the very root filesystem node `from` runs `image` from
     /// (SHA-256 `sha256`): copied from it when this node has none; refused when this node built
     /// its own (another build differs in its time stamps).
-    async fn same_rootfs(
+    pub(crate) async fn same_rootfs(
         &self,
         c: &super::Cluster,
         from: &str,

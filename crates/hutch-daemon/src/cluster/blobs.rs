@@ -52,7 +52,7 @@ async fn rootfs(
     .await
     .map_err(|e| ApiError::Internal(e.to_string()))?
     .map_err(|_| missing())?;
-    let stream = tokio_util_stream(tokio::fs::File::from_std(f));
+    let stream = file_stream(tokio::fs::File::from_std(f));
     Ok((
         [
             (
@@ -101,7 +101,7 @@ async fn blob(
         kind: "blob",
         name: digest.clone(),
     })?;
-    let stream = tokio_util_stream(tokio::fs::File::from_std(f));
+    let stream = file_stream(tokio::fs::File::from_std(f));
     Ok((
         [(axum::http::header::CONTENT_TYPE, "application/octet-stream")],
         Body::from_stream(stream),
@@ -109,7 +109,7 @@ async fn blob(
         .into_response())
 }
 
-fn tokio_util_stream(
+pub(crate) fn file_stream(
     mut f: tokio::fs::File,
 ) -> impl futures_util::Stream<Item = std::io::Result<bytes::Bytes>> {
     use tokio::io::AsyncReadExt;

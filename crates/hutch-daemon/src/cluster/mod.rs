@@ -24,6 +24,7 @@ pub mod route;
 pub mod scale;
 pub mod schedule;
 pub mod secrets;
+pub mod snap_files;
 
 use hutch_store_etcd::{EtcdOptions, EtcdStore, Lease};
 use std::sync::{Arc, Mutex};

@@ -41,7 +41,8 @@ impl Service {
             }
             return Ok(None);
         };
-        // A VM made from a snapshot (or a template's) runs where the snapshot's files are.
+        // A VM made from a snapshot (or a template's) runs where the snapshot's files are, or
+        // where it is pinned.
         let snap = match (&req.snapshot, &req.template) {
             (Some(s), _) => Some(self.snapshot_for(caller, s).await?),
             (None, Some(t)) => {
@@ -59,17 +60,12 @@ impl Service {
         };
         let admin = Caller::local_admin();
         let nodes = self.nodes(&admin).await?;
-        let pin = match snap.as_ref().and_then(|s| s.node.clone()) {
-            Some(n) => {
-                if req.node.as_ref().is_some_and(|p| *p != n) {
-                    return Err(ApiError::Invalid(format!(
-                        "its snapshot's files are on node {n}: it can only run there"
-                    )));
-                }
-                Some(n)
-            }
-            None => req.node.clone(),
-        };
+        // On the node holding the snapshot's files unless pinned elsewhere (which then copies
+        // them: snap_files.rs).
+        let pin = req
+            .node
+            .clone()
+            .or_else(|| snap.as_ref().and_then(|s| s.node.clone()));
         let need = Need {
             mem_mib: snap.as_ref().map_or(req.mem_mib, |s| s.mem_mib),
         };

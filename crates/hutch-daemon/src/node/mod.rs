@@ -15,6 +15,7 @@ pub mod migrate;
 pub mod rebuild;
 mod recover;
 pub mod snap;
+mod snap_copy;
 
 pub use snap::{Launch, Restore};
 

@@ -55,7 +55,7 @@ fn io(what: String) -> impl FnOnce(std::io::Error) -> ApiError {
 /// VM whose QEMU wrote it (its uid owned it) can no longer change its mode. The data dir is
 /// 0700, so only hutchd reaches them by path; a confined QEMU reopens a memory file through
 /// the descriptor it was handed.
-fn freeze_mode(p: &Path) -> Result<(), ApiError> {
+pub(super) fn freeze_mode(p: &Path) -> Result<(), ApiError> {
     use std::os::unix::fs::PermissionsExt;
     // SAFETY: geteuid has no preconditions.
     let euid = unsafe { libc::geteuid() };

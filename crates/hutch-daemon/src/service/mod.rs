@@ -128,6 +128,7 @@ impl Service {
             self.serve_intents();
             self.start_failover();
             self.start_overlay();
+            self.collect_copies();
         }
     }
 }

@@ -218,6 +218,8 @@ impl Service {
         if let Some(n) = &name {
             names::validate_name(n).map_err(ApiError::Invalid)?;
         }
+        // In a cluster, from the node that took it when its files are not here.
+        self.ensure_snapshot_files(snap).await?;
         let image = self
             .image_of(&snap_vm(snap, caller))
             .await?
@@ -416,7 +418,7 @@ impl Service {
 }
 
 /// A new VM's record as snapshot `snap` makes it, for `caller`.
-fn snap_vm(snap: &Snapshot, caller: &Caller) -> Vm {
+pub(crate) fn snap_vm(snap: &Snapshot, caller: &Caller) -> Vm {
     Vm {
         id: names::random_id(),
         name: String::new(),
