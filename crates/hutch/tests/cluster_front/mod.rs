@@ -1,0 +1,310 @@
+//! The front-door parts of `cluster.rs`'s story, on its three nodes: SSH, SFTP and scp through
+//! nodes that do not run the VM, every node's HTTP proxy serving a VM on another node, and a
+//! snapshot's VMs made on a node that copies its files. (A directory, so that cargo does not
+//! take it for a test of its own.)
+
+use crate::common::cluster::*;
+use crate::common::ssh_client::{client, keygen, text, Ssh};
+use crate::common::*;
+use serde_json::Value;
+use std::time::Duration;
+
+/// SSH, SFTP and scp through nodes that do not run the VM (`ssh VM@any-node`), for the admin
+/// and for an account (the VM's node acts for it, and for nobody else); the SSH commands about
+/// a VM on another node (logs, keepalive); the node-to-node route they use refuses strangers.
+pub fn ssh_reaches_other_nodes(
+    n: &[&Daemon; 3],
+    admin: &std::path::Path,
+    w: &std::path::Path,
+    web: &Value,
+) {
+    let ssh = |d: &Daemon| Ssh {
+        port: d
+            .opt("--ssh-listen")
+            .unwrap()
+            .rsplit_once(':')
+            .unwrap()
+            .1
+            .parse()
+            .unwrap(),
+    };
+    let (s1, s3) = (ssh(n[0]), ssh(n[2]));
+    let links = counter(n[1], "hutch_cluster_agent_links_total");
+    // web runs on n2; its sessions go through n1 and n3.
+    for s in [&s1, &s3] {
+        let (o, e, c) = text(&s.run(admin, "web", &["echo hi; hostname; exit 7"], None, false));
+        assert_eq!((o.as_str(), c), ("hi\nweb\n", 7), "{e}");
+    }
+    let big = vec![b'x'; 300_000];
+    let (o, e, c) = text(&s3.run(admin, "web", &["wc -c"], Some(&big), false));
+    assert_eq!((o.trim(), c), ("300000", 0), "{e}");
+    let (o, _, c) = text(&s1.run(admin, "web", &["tty"], None, true));
+    assert!(o.contains("/dev/pts/") && c == 0, "{o}");
+    // scp (SFTP underneath) up through n3, checked and back down through n1.
+    let local: Vec<u8> = (0..1_500_000u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    std::fs::write(w.join("up.bin"), &local).unwrap();
+    let st = client("scp", s3.port, admin)
+        .arg(w.join("up.bin"))
+        .arg("web@127.0.0.1:/tmp/up.bin")
+        .status()
+        .unwrap();
+    assert!(st.success(), "scp up through n3");
+    let (o, _, _) = text(&s1.run(admin, "web", &["wc -c < /tmp/up.bin"], None, false));
+    assert_eq!(o.trim(), "1500000");
+    let st = client("scp", s1.port, admin)
+        .arg("web@127.0.0.1:/tmp/up.bin")
+        .arg(w.join("down.bin"))
+        .status()
+        .unwrap();
+    assert!(st.success(), "scp down through n1");
+    assert!(
+        std::fs::read(w.join("down.bin")).unwrap() == local,
+        "the file came back changed"
+    );
+    // All of it went over agent links to n2 (a stream per command, per SFTP request).
+    let served = counter(n[1], "hutch_cluster_agent_links_total") - links;
+    assert!(served > 10, "{served} agent links");
+    // SSH commands about a VM on another node run there.
+    let (o, e, c) = text(&s3.run(admin, "admin", &["logs", "web"], None, false));
+    assert!(c == 0 && o.contains("hutch-agent"), "{o}{e}");
+    let (o, e, c) = text(&s1.run(admin, "admin", &["keepalive", "web", "48h"], None, false));
+    assert!(c == 0 && o.contains("expires in"), "{o}{e}");
+    assert!(vm(n[1], "web")["timers"]["deadline"].as_u64() > Some(0));
+
+    // An account's VM on n2, used through n3 as the account.
+    let alice = keygen(w, "alice", &["-t", "ed25519"]);
+    let token = s1.account_with_token(admin, "alice", &alice);
+    let a1 = n[0].opt("--listen").unwrap();
+    let body =
+        serde_json::json!({"name": "mine", "image": "busybox", "node": "n2", "mem_mib": 128});
+    let (st, mine) = http_json(&a1, &token, "POST", "/api/v1/sandboxes", Some(&body));
+    assert_eq!(st, 201, "{mine}");
+    let (o, e, c) = text(&s3.run(&alice, "mine", &["id -u; hostname"], None, false));
+    assert_eq!((o.as_str(), c), ("0\nmine\n", 0), "{e}");
+    // Not the admin's VM, through any node.
+    let (o, _, c) = text(&s3.run(&alice, "web", &["hostname"], None, false));
+    assert!(c != 0 && !o.contains("web"), "{o}");
+
+    // The node-to-node route: only with the cluster's admin token, acting for someone who may
+    // see the VM, on the VM's own node, as a byte stream.
+    let admin_token = std::fs::read_to_string(n[0].data().join("api-token")).unwrap();
+    let bearer = format!("Bearer {}", admin_token.trim());
+    let user = format!("Bearer {token}");
+    let url = |d: &Daemon, id: &Value| {
+        format!(
+            "http://{}/api/v1/cluster/agent/{}",
+            d.opt("--listen").unwrap(),
+            id.as_str().unwrap()
+        )
+    };
+    let upgrade = [("connection", "upgrade"), ("upgrade", "hutch-stream")];
+    for (d, id, headers, want) in [
+        (
+            n[1],
+            &mine["id"],
+            vec![("authorization", user.as_str())],
+            403,
+        ),
+        (
+            n[1],
+            &web["id"],
+            vec![
+                ("authorization", bearer.as_str()),
+                ("x-hutch-act-as", "alice"),
+            ],
+            404,
+        ),
+        (
+            n[1],
+            &mine["id"],
+            vec![
+                ("authorization", bearer.as_str()),
+                ("x-hutch-act-as", "nobody"),
+            ],
+            401,
+        ),
+        (
+            n[0],
+            &mine["id"],
+            vec![("authorization", bearer.as_str())],
+            409,
+        ),
+        (
+            n[1],
+            &Value::from("nope"),
+            vec![("authorization", bearer.as_str())],
+            404,
+        ),
+        (
+            n[1],
+            &mine["id"],
+            vec![("authorization", bearer.as_str())],
+            400,
+        ),
+    ] {
+        let mut h = headers.clone();
+        if want != 400 {
+            h.extend(upgrade);
+        }
+        let (st, b) = curl("POST", &url(d, id), &h, None);
+        assert_eq!(st, want, "{headers:?}: {}", String::from_utf8_lossy(&b));
+    }
+    // Nor may an account dial its own VM's port node to node (its proxy requests go through
+    // the proxy, which authorizes them).
+    let dial = format!(
+        "http://{}/api/v1/cluster/dial/{}/80",
+        n[1].opt("--listen").unwrap(),
+        mine["id"].as_str().unwrap()
+    );
+    let mut h = vec![("authorization", user.as_str())];
+    h.extend(upgrade);
+    assert_eq!(curl("POST", &dial, &h, None).0, 403);
+    let (st, v) = http_json(&a1, &token, "DELETE", "/api/v1/sandboxes/mine", None);
+    assert!(st < 300, "{v}");
+}
+
+/// A VM made from a snapshot on a node that does not hold its files: they are copied from the
+/// snapshot's node (once), the copy runs with the snapshot's memory and disk; the copies go when
+/// the snapshot and its VMs are gone.
+pub fn snapshot_copies_run_elsewhere(n: &[&Daemon; 3], token: &str) {
+    let a1 = n[0].opt("--listen").unwrap();
+    n[0].ok(&["exec", "web", "--", "sh", "-c", "echo in-ram > /dev/shm/m"]);
+    let (st, snap) = http_json(
+        &a1,
+        token,
+        "POST",
+        "/api/v1/sandboxes/web/snapshot",
+        Some(&serde_json::json!({"name": "base"})),
+    );
+    assert_eq!(st, 201, "{snap}");
+    assert_eq!(snap["node"], "n2");
+    let dir = |d: &Daemon| {
+        d.data()
+            .join("snapshots")
+            .join(snap["id"].as_str().unwrap())
+    };
+    assert!(dir(n[1]).join("mem").exists() && !dir(n[2]).exists());
+    for name in ["copy1", "copy2"] {
+        let body = serde_json::json!({"snapshot": "base", "name": name, "node": "n3"});
+        let (st, v) = http_json(&a1, token, "POST", "/api/v1/sandboxes", Some(&body));
+        assert_eq!(st, 201, "{v}");
+        assert_eq!(v["node"], "n3", "{v}");
+        let out = n[0].ok(&[
+            "exec",
+            name,
+            "--",
+            "sh",
+            "-c",
+            "hostname; cat /dev/shm/m /tmp/f",
+        ]);
+        assert_eq!(out, format!("{name}\nin-ram\nhi\n"));
+    }
+    assert!(dir(n[2]).join("state").exists(), "n3 holds a copy");
+    let copied = n[2].log().matches("copied a snapshot's files").count();
+    assert_eq!(copied, 1, "copied once, for the first VM");
+    // Gone with the snapshot's record and the VMs that map its memory.
+    let (st, v) = http_json(&a1, token, "DELETE", "/api/v1/snapshots/base", None);
+    assert!(st < 300, "{v}");
+    for name in ["copy1", "copy2"] {
+        n[0].ok(&["rm", name]);
+    }
+    let gone = wait_until(Duration::from_secs(20), || {
+        (!dir(n[2]).exists()).then_some(())
+    });
+    assert!(gone.is_some(), "n3 kept the copy of a deleted snapshot");
+}
+
+/// Counter `name` of node `d`'s metrics.
+fn counter(d: &Daemon, name: &str) -> u64 {
+    let token = std::fs::read_to_string(d.data().join("api-token")).unwrap();
+    let url = format!("http://{}/metrics", d.opt("--listen").unwrap());
+    let (st, b) = curl(
+        "GET",
+        &url,
+        &[("authorization", &format!("Bearer {}", token.trim()))],
+        None,
+    );
+    assert_eq!(st, 200);
+    let text = String::from_utf8_lossy(&b).to_string();
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in {text}"))
+}
+
+/// Every node's HTTP proxy serves a VM on another node whose address it cannot reach (these
+/// nodes have a subnet each): through the VM's node. The node-to-node route it uses refuses
+/// anything but the cluster's admin token, and dials only its own VMs' ports.
+pub fn proxy_reaches_other_nodes(n: &[&Daemon; 3], token: &str, web: &Value) {
+    n[1].ok(&[
+        "exec",
+        "web",
+        "--",
+        "sh",
+        "-c",
+        "mkdir -p /www && echo from-n2 > /www/index.html && httpd -p 8080 -h /www",
+    ]);
+    let bearer = format!("Bearer {token}");
+    for d in [n[0], n[2]] {
+        let proxy = d.opt("--http-listen").unwrap();
+        let (st, body) = curl(
+            "GET",
+            &format!("http://{proxy}/"),
+            &[("Host", "8080-web.c.hutch"), ("Authorization", &bearer)],
+            None,
+        );
+        assert_eq!(
+            (st, String::from_utf8_lossy(&body).as_ref()),
+            (200, "from-n2\n")
+        );
+        // Private without a token, wherever it is asked.
+        let (st, _) = curl(
+            "GET",
+            &format!("http://{proxy}/"),
+            &[("Host", "8080-web.c.hutch")],
+            None,
+        );
+        assert_eq!(st, 401);
+        // Nothing listens on 8081: a clear 502, not a hang.
+        let (st, body) = curl(
+            "GET",
+            &format!("http://{proxy}/"),
+            &[("Host", "8081-web.c.hutch"), ("Authorization", &bearer)],
+            None,
+        );
+        assert_eq!(st, 502, "{}", String::from_utf8_lossy(&body));
+    }
+    // Through n2 (these nodes do not reach each other's VM addresses), and only the two that
+    // were answered.
+    assert_eq!(counter(n[1], "hutch_cluster_dials_total"), 2);
+    let api = |d: &Daemon| d.opt("--listen").unwrap();
+    let id = web["id"].as_str().unwrap();
+    let upgrade = [("connection", "upgrade"), ("upgrade", "hutch-stream")];
+    for (d, path, act_as, want) in [
+        (
+            n[1],
+            format!("/api/v1/cluster/dial/{id}/8080"),
+            Some("nobody"),
+            401,
+        ),
+        (n[0], format!("/api/v1/cluster/dial/{id}/8080"), None, 409),
+        (n[1], format!("/api/v1/cluster/dial/{id}/0"), None, 400),
+        (n[1], format!("/api/v1/cluster/dial/{id}/8081"), None, 409),
+        (
+            n[1],
+            "/api/v1/cluster/dial/nope/8080".to_string(),
+            None,
+            404,
+        ),
+    ] {
+        let mut h = vec![("authorization", bearer.as_str())];
+        h.extend(upgrade);
+        if let Some(a) = act_as {
+            h.push(("x-hutch-act-as", a));
+        }
+        let (st, b) = curl("POST", &format!("http://{}{path}", api(d)), &h, None);
+        assert_eq!(st, want, "{path}: {}", String::from_utf8_lossy(&b));
+    }
+}
