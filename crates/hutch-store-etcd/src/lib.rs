@@ -418,14 +418,16 @@ impl EtcdStore {
 }
 
 /// Whether etcd could not serve a request now but may soon (an election, a lost member, a cut
-/// connection).
+/// connection). `Cancelled` is a request whose connection closed under it (its member died):
+/// this client never cancels a request it still waits for, and a transaction's unknown outcome
+/// is judged before it is retried.
 fn retryable(e: &etcd_client::Error) -> bool {
     use etcd_client::Error as E;
     match e {
         E::GRpcStatus(s) => {
             matches!(
                 s.code(),
-                tonic::Code::Unavailable | tonic::Code::ResourceExhausted
+                tonic::Code::Unavailable | tonic::Code::ResourceExhausted | tonic::Code::Cancelled
             ) && !s.message().contains("permission denied")
         }
         E::TransportError(_) | E::IoError(_) => true,
@@ -524,6 +526,26 @@ impl Store for EtcdStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn what_is_retried() {
+        let status = |s: tonic::Status| etcd_client::Error::GRpcStatus(s);
+        // A lost member: the request's connection closed under it, or no leader yet.
+        assert!(retryable(&status(tonic::Status::cancelled(
+            "operation was canceled"
+        ))));
+        assert!(retryable(&status(tonic::Status::unavailable("no leader"))));
+        // What another try cannot mend.
+        assert!(!retryable(&status(tonic::Status::unavailable(
+            "permission denied"
+        ))));
+        assert!(!retryable(&status(tonic::Status::invalid_argument(
+            "bad key"
+        ))));
+        assert!(!retryable(&status(tonic::Status::failed_precondition(
+            "compacted"
+        ))));
+    }
 
     #[test]
     fn prefix_ends() {
