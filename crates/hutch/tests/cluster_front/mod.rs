@@ -11,7 +11,7 @@ use std::time::Duration;
 
 /// SSH, SFTP and scp through nodes that do not run the VM (`ssh VM@any-node`), for the admin
 /// and for an account (the VM's node acts for it, and for nobody else); the SSH commands about
-/// a VM on another node (logs, keepalive); the node-to-node route they use refuses strangers.
+/// a VM on another node (logs, keepalive, snapshot); the node-to-node route they use refuses strangers.
 pub fn ssh_reaches_other_nodes(
     n: &[&Daemon; 3],
     admin: &std::path::Path,
@@ -72,6 +72,28 @@ pub fn ssh_reaches_other_nodes(
     let (o, e, c) = text(&s1.run(admin, "admin", &["keepalive", "web", "48h"], None, false));
     assert!(c == 0 && o.contains("expires in"), "{o}{e}");
     assert!(vm(n[1], "web")["timers"]["deadline"].as_u64() > Some(0));
+    // A snapshot asked through n3 is taken on n2, which holds its files; web runs on.
+    let (o, e, c) = text(&s3.run(admin, "admin", &["snapshot", "web", "viassh"], None, false));
+    assert!(c == 0 && o.contains("snapshot viassh of web"), "{o}{e}");
+    let id = n[0].json(&["snapshot", "ls"]);
+    let id = id
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "viassh")
+        .map(|s| (s["id"].as_str().unwrap().to_string(), s["node"].clone()))
+        .unwrap();
+    assert_eq!(id.1, "n2");
+    assert!(n[1]
+        .data()
+        .join("snapshots")
+        .join(&id.0)
+        .join("state")
+        .exists());
+    assert!(!n[2].data().join("snapshots").join(&id.0).exists());
+    let (_, e, c) = text(&s1.run(admin, "admin", &["snapshot", "rm", "viassh"], None, false));
+    assert_eq!(c, 0, "{e}");
+    assert_eq!(n[0].ok(&["exec", "web", "--", "cat", "/tmp/f"]), "hi\n");
 
     // An account's VM on n2, used through n3 as the account.
     let alice = keygen(w, "alice", &["-t", "ed25519"]);
