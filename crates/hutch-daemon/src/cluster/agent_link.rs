@@ -36,25 +36,9 @@ async fn open(
     ApiPath(id): ApiPath<String>,
     req: Request,
 ) -> Result<Response, ApiError> {
-    if node.is_none() {
-        return Err(ApiError::Forbidden(
-            "agent links are node to node: they need the cluster's admin token".into(),
-        ));
-    }
+    forward::node_only(&node, "an agent link")?;
     m.clustered("agent links")?;
-    let vm = m
-        .records
-        .vm_by_id(&id)
-        .await?
-        .filter(|v| caller.sees(v.owner.as_deref()))
-        .ok_or_else(|| ApiError::vm(&id))?;
-    if !m.records.is_local(&vm) {
-        return Err(ApiError::Conflict(format!(
-            "{} runs on node {}, not here",
-            vm.name,
-            vm.node.as_deref().unwrap_or("?")
-        )));
-    }
+    let vm = m.vm_here(&caller, &id).await?;
     let (vm, in_use) = m.wake(vm).await?;
     let agent = m.node.client(&vm)?;
     m.metrics
@@ -79,6 +63,25 @@ fn refused(e: ApiError) -> AgentError {
 }
 
 impl Service {
+    /// VM `id`, which `caller` may see, when it runs on this node (for a node-to-node request:
+    /// 404 for a VM it may not see, 409 for one on another node).
+    pub(crate) async fn vm_here(&self, caller: &Caller, id: &str) -> Result<Vm, ApiError> {
+        let vm = self
+            .records
+            .vm_by_id(id)
+            .await?
+            .filter(|v| caller.sees(v.owner.as_deref()))
+            .ok_or_else(|| ApiError::vm(id))?;
+        if !self.records.is_local(&vm) {
+            return Err(ApiError::Conflict(format!(
+                "{} runs on node {}, not here",
+                vm.name,
+                vm.node.as_deref().unwrap_or("?")
+            )));
+        }
+        Ok(vm)
+    }
+
     /// The node that runs `vm` when it is not this one.
     pub(crate) fn runs_elsewhere(&self, vm: &Vm) -> Option<String> {
         self.cluster.get()?;

@@ -35,28 +35,13 @@ async fn dial(
     ApiPath((id, port)): ApiPath<(String, u16)>,
     req: Request,
 ) -> Result<Response, ApiError> {
-    if node.is_none() {
-        return Err(ApiError::Forbidden(
-            "dialing a VM's port is node to node: it needs the cluster's admin token".into(),
-        ));
-    }
+    forward::node_only(&node, "dialing a VM's port")?;
     admin_only(&caller, "dialing a VM's port")?;
     m.clustered("dialing a VM's port")?;
     if port == 0 {
         return Err(ApiError::Invalid("port must be 1 to 65535".into()));
     }
-    let vm = m
-        .records
-        .vm_by_id(&id)
-        .await?
-        .ok_or_else(|| ApiError::vm(&id))?;
-    if !m.records.is_local(&vm) {
-        return Err(ApiError::Conflict(format!(
-            "{} runs on node {}, not here",
-            vm.name,
-            vm.node.as_deref().unwrap_or("?")
-        )));
-    }
+    let vm = m.vm_here(&caller, &id).await?;
     let (vm, in_use) = m.wake(vm).await?;
     let ip = match (vm.state, vm.net.ipv4) {
         (VmState::Running, Some(ip)) => ip,

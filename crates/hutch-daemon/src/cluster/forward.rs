@@ -150,6 +150,19 @@ pub(crate) async fn node_upgrade(
         .map_err(|e| ApiError::Internal(format!("node {node}: upgrading {path}: {e}")))
 }
 
+/// Refuses a node-to-node request (`what`) that did not bear the cluster's admin token.
+pub(crate) fn node_only(
+    token: &Option<axum::Extension<crate::auth::NodeToken>>,
+    what: &str,
+) -> Result<(), ApiError> {
+    match token {
+        Some(_) => Ok(()),
+        None => Err(ApiError::Forbidden(format!(
+            "{what} is node to node: it needs the cluster's admin token"
+        ))),
+    }
+}
+
 /// The protocol name of node-to-node byte streams.
 pub(crate) const UPGRADE: &str = "hutch-stream";
 

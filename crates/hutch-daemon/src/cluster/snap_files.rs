@@ -84,11 +84,7 @@ async fn held(
     node: Option<Extension<NodeToken>>,
     id: &str,
 ) -> Result<Snapshot, ApiError> {
-    if node.is_none() {
-        return Err(ApiError::Forbidden(
-            "snapshot files are node to node: they need the cluster's admin token".into(),
-        ));
-    }
+    super::forward::node_only(&node, "reading snapshot files")?;
     admin_only(caller, "reading snapshot files")?;
     m.clustered("reading snapshot files")?;
     let missing = || ApiError::NotFound {
