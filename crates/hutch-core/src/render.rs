@@ -220,21 +220,43 @@ fn net_lines(n: &crate::net::VmNet) -> String {
 
 /// `hutch pool ls`: ready VMs against each pool's targets.
 pub fn pool_table(pools: &[crate::template::PoolView]) -> String {
-    let mut rows = vec![vec![
+    // In a cluster: where each pool is kept and its ready VMs per node.
+    let cluster = pools
+        .iter()
+        .any(|p| !p.nodes.is_empty() || !p.by_node.is_empty());
+    let mut head = vec![
         "TEMPLATE".to_string(),
         "READY".into(),
         "STARTING".into(),
         "MIN".into(),
         "MAX".into(),
-    ]];
+    ];
+    if cluster {
+        head.extend(["KEPT ON".to_string(), "READY BY NODE".into()]);
+    }
+    let mut rows = vec![head];
     for p in pools {
-        rows.push(vec![
+        let mut row = vec![
             p.template.clone(),
             p.ready.to_string(),
             p.starting.to_string(),
             p.min.to_string(),
             p.max.to_string(),
-        ]);
+        ];
+        if cluster {
+            let kept = match p.nodes.as_slice() {
+                [] => "snapshot's node".to_string(),
+                [a] if a == crate::template::ALL_NODES => "all".to_string(),
+                names => names.join(","),
+            };
+            let by: Vec<String> = p
+                .by_node
+                .iter()
+                .map(|n| format!("{}={}", n.node, n.ready))
+                .collect();
+            row.extend([kept, by.join(" ")]);
+        }
+        rows.push(row);
     }
     crate::table(rows)
 }

@@ -76,6 +76,50 @@ pub struct Pool {
     pub min: u32,
     /// When fewer than `min` are ready, refill up to this many.
     pub max: u32,
+    /// The nodes that keep it, each `min`..`max` VMs (a cluster): empty, the node holding the
+    /// template's snapshot; [`ALL_NODES`], every ready node; else these nodes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nodes: Vec<String>,
+}
+
+impl Pool {
+    /// Whether node `here` keeps this pool; `home` is the node holding its snapshot's files
+    /// (None, and `here` None, on a single node).
+    pub fn kept_on(&self, here: Option<&str>, home: Option<&str>) -> bool {
+        match self.nodes.as_slice() {
+            [] => home.is_none() || home == here,
+            [all] if all == ALL_NODES => true,
+            names => here.is_some_and(|h| names.iter().any(|n| n == h)),
+        }
+    }
+}
+
+/// A pool's `nodes` entry that means every ready node.
+pub const ALL_NODES: &str = "*";
+
+/// The most nodes a pool names.
+pub const MAX_POOL_NODES: usize = 64;
+
+/// A `--nodes` flag's value as [`SetPool::nodes`]: `all` (or `*`) is every ready node, an
+/// empty string the snapshot's node, else names separated by commas.
+pub fn parse_pool_nodes(s: &str) -> Vec<String> {
+    match s.trim() {
+        "all" | ALL_NODES => vec![ALL_NODES.to_string()],
+        s => s
+            .split(',')
+            .map(str::trim)
+            .filter(|n| !n.is_empty())
+            .map(String::from)
+            .collect(),
+    }
+}
+
+/// A pool's VMs on one node (`PoolView::by_node`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolNodeView {
+    pub node: String,
+    pub ready: u32,
+    pub starting: u32,
 }
 
 /// A pool as `hutch pool ls` shows it.
@@ -88,6 +132,12 @@ pub struct PoolView {
     pub ready: u32,
     /// Being restored.
     pub starting: u32,
+    /// Where it is kept (see [`Pool::nodes`]); each of these keeps `min`..`max`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nodes: Vec<String>,
+    /// In a cluster: its VMs per node (`ready` and `starting` are their sums).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub by_node: Vec<PoolNodeView>,
 }
 
 /// The most VMs one pool keeps.
@@ -125,7 +175,40 @@ pub struct SetPool {
     pub min: u32,
     #[serde(default)]
     pub max: Option<u32>,
+    /// Which nodes keep it (a cluster; see [`Pool::nodes`]); absent, as it was (a new pool:
+    /// the snapshot's node).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nodes: Option<Vec<String>>,
 }
 
 /// The longest start or ready command (bytes).
 pub const MAX_CMD: usize = 4096;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn where_pools_are_kept() {
+        let pool = |nodes: &[&str]| Pool {
+            template: "t".into(),
+            owner: None,
+            min: 1,
+            max: 1,
+            nodes: nodes.iter().map(|n| n.to_string()).collect(),
+        };
+        // A single node keeps every pool; in a cluster, by default, the snapshot's node.
+        assert!(pool(&[]).kept_on(None, None));
+        assert!(pool(&[]).kept_on(Some("n2"), Some("n2")));
+        assert!(!pool(&[]).kept_on(Some("n1"), Some("n2")));
+        assert!(pool(&["*"]).kept_on(Some("n1"), Some("n2")));
+        assert!(pool(&["n1", "n3"]).kept_on(Some("n3"), Some("n2")));
+        assert!(!pool(&["n1", "n3"]).kept_on(Some("n2"), Some("n2")));
+        assert!(!pool(&["n1"]).kept_on(None, None));
+        // The `--nodes` flag.
+        assert_eq!(parse_pool_nodes("all"), ["*"]);
+        assert_eq!(parse_pool_nodes(" * "), ["*"]);
+        assert_eq!(parse_pool_nodes("n1, n2,,"), ["n1", "n2"]);
+        assert!(parse_pool_nodes("").is_empty());
+    }
+}

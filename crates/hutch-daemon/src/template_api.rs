@@ -89,7 +89,14 @@ async fn remove_pool(
     Extension(caller): Extension<Caller>,
     ApiPath(template): ApiPath<String>,
 ) -> Result<StatusCode, ApiError> {
-    m.set_pool(&caller, &template, SetPool { min: 0, max: None })
-        .await?;
+    m.set_pool(
+        &caller,
+        &template,
+        SetPool {
+            min: 0,
+            ..Default::default()
+        },
+    )
+    .await?;
     Ok(StatusCode::NO_CONTENT)
 }

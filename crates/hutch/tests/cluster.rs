@@ -126,6 +126,7 @@ fn three_nodes_on_three_etcd_members() {
     ssh_reaches_other_nodes(&[&n1, &n2, &n3], &admin_key, work.path(), &web);
     proxy_reaches_other_nodes(&[&n1, &n2, &n3], token.trim(), &web);
     snapshot_copies_run_elsewhere(&[&n1, &n2, &n3], token.trim());
+    pools_on_every_node(&[&n1, &n2, &n3]);
 
     // Unpinned: the scheduler places it on a ready node.
     let auto = n3.json(&["new", "--image", "busybox", "--name", "auto"]);

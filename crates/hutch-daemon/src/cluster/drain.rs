@@ -1,9 +1,10 @@
 //! `hutch drain NODE` (`POST /api/v1/nodes/{name}/drain`, admin only; docs/cluster.md): the
 //! node is cordoned and marked draining, then the node itself moves its VMs away, one at a
 //! time, each to the node the scheduler picks: running VMs live, paused ones with their saved
-//! state and stopped ones with their disk (migrate.rs; the guest of neither runs meanwhile). A request to
-//! another node is passed to the node being drained. When every VM moved, the node is left
-//! cordoned (no longer draining): ready to be stopped or upgraded.
+//! state and stopped ones with their disk (migrate.rs; the guest of neither runs meanwhile).
+//! Its warm pool VMs are removed instead (their pools refill on the nodes that keep them). A
+//! request to another node is passed to the node being drained. When every VM moved, the node
+//! is left cordoned (no longer draining): ready to be stopped or upgraded.
 
 use super::nodes::{NodeRecord, NODES};
 use super::schedule::{choose, Need};
@@ -46,6 +47,11 @@ impl Service {
         vms.sort_by_key(|v| v.key());
         for vm in vms {
             let name = vm.key();
+            // A warm pool VM is not moved: it goes, and its pool is refilled on its nodes.
+            if let Some(pool) = &vm.pool {
+                self.delete_pool_vm(&vm.id, pool).await;
+                continue;
+            }
             let r = match vm.state {
                 VmState::Running | VmState::Paused | VmState::Stopped => {
                     let nodes = self.nodes(&Caller::local_admin()).await?;

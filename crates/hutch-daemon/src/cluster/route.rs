@@ -41,42 +41,51 @@ impl Service {
             }
             return Ok(None);
         };
-        // A VM made from a snapshot (or a template's) runs where the snapshot's files are, or
-        // where it is pinned.
-        let snap = match (&req.snapshot, &req.template) {
-            (Some(s), _) => Some(self.snapshot_for(caller, s).await?),
+        // A VM made from a snapshot (or a template's) prefers a node with a ready warm-pool
+        // VM of the template, else the node holding the snapshot's files; elsewhere (pinned, or
+        // that node full or cordoned) the files are copied first (snap_files.rs).
+        let (snap, pool) = match (&req.snapshot, &req.template) {
+            (Some(s), _) => (Some(self.snapshot_for(caller, s).await?), None),
             (None, Some(t)) => {
                 let t = self.template_for(caller, t).await?;
-                match t.snapshot {
+                let snap = match &t.snapshot {
                     Some(k) => {
                         self.records
-                            .get::<Snapshot>(crate::records::SNAPSHOTS, &k)
+                            .get::<Snapshot>(crate::records::SNAPSHOTS, k)
                             .await?
                     }
                     None => None,
-                }
+                };
+                (snap, Some(t.key()))
             }
-            _ => None,
+            _ => (None, None),
         };
         let admin = Caller::local_admin();
         let nodes = self.nodes(&admin).await?;
-        // On the node holding the snapshot's files unless pinned elsewhere (which then copies
-        // them: snap_files.rs).
-        let pin = req
-            .node
-            .clone()
-            .or_else(|| snap.as_ref().and_then(|s| s.node.clone()));
+        let mut prefer = pool.map(|k| self.ready_pool_vms(&k)).unwrap_or_default();
+        if prefer.is_empty() {
+            if let Some(home) = snap.as_ref().and_then(|s| s.node.clone()) {
+                prefer.insert(home, 1);
+            }
+        }
         let need = Need {
             mem_mib: snap.as_ref().map_or(req.mem_mib, |s| s.mem_mib),
         };
-        let chosen = choose(
-            &nodes,
-            need,
-            pin.as_deref(),
-            c.opts.placement,
-            &HashMap::new(),
-        )?;
+        let chosen = choose(&nodes, need, req.node.as_deref(), c.opts.placement, &prefer)?;
         Ok((chosen != c.name()).then_some(chosen))
+    }
+
+    /// Running VMs of warm pool `key`, by node.
+    fn ready_pool_vms(&self, key: &str) -> HashMap<String, u32> {
+        self.records.fold_vms(|it| {
+            let mut m = HashMap::new();
+            for v in it.filter(|v| v.pool.as_deref() == Some(key) && v.state == VmState::Running) {
+                if let Some(n) = &v.node {
+                    *m.entry(n.clone()).or_default() += 1;
+                }
+            }
+            m
+        })
     }
 
     /// Creates `req` on the node placement picks: here, or through an intent there.

@@ -2,7 +2,8 @@
 //!
 //! A node is a candidate when it is `ready` (holds its lease, not cordoned nor draining), has
 //! the `node` role, and its last heartbeat shows room for the VM's memory (within admission's
-//! limit) and disk. For a template, nodes with a ready warm-pool VM of it come first. Then
+//! limit) and disk. Preferred nodes come first: for a template, those with a ready warm-pool
+//! VM of it; else, for a snapshot or template, the node holding the snapshot's files. Then
 //! `spread` picks the node with the most free memory, `binpack` the one with the least that
 //! still fits (ties: fewer VMs, then the name). The chosen node admits the VM again itself, on
 //! its own figures; a VM is recorded once, by the node that runs it, so it is never placed
@@ -39,7 +40,8 @@ pub struct Need {
     pub mem_mib: u64,
 }
 
-/// The node for a new VM. `pin`: `--node`; `pools`: ready warm-pool VMs of its template by node.
+/// The node for a new VM. `pin`: `--node`; `pools`: preferred nodes (ready warm-pool VMs of
+/// its template by node, or the snapshot's node), used when one of them fits.
 pub fn choose(
     nodes: &[NodeView],
     need: Need,

@@ -7,11 +7,16 @@
 use super::Service;
 use crate::auth::Caller;
 use crate::error::ApiError;
-use crate::records::{POOLS, SNAPSHOTS};
+use crate::records::{POOLS, SNAPSHOTS, TEMPLATES};
+use hutch_core::cluster::NodeState;
 use hutch_core::snapshot::Snapshot;
-use hutch_core::template::{Pool, PoolView, SetPool, Template, TemplateStatus, MAX_POOL};
+use hutch_core::template::{
+    Pool, PoolNodeView, PoolView, SetPool, Template, TemplateStatus, ALL_NODES, MAX_POOL,
+    MAX_POOL_NODES,
+};
 use hutch_core::timers::VmTimers;
 use hutch_core::{names, Vm, VmState};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -45,7 +50,8 @@ const REFILL_EVERY: Duration = Duration::from_secs(5);
 
 impl Service {
     /// Sets the warm pool of `caller`'s template `template`: `min` ready VMs, refilled up to
-    /// `max` (default `min`) when fewer are ready. `min` 0 removes the pool.
+    /// `max` (default `min`) when fewer are ready, on each of its nodes. `min` 0 removes the
+    /// pool.
     pub async fn set_pool(
         self: &Arc<Self>,
         caller: &Caller,
@@ -60,70 +66,158 @@ impl Service {
                 req.min
             )));
         }
+        let nodes = match req.nodes {
+            Some(n) => self.pool_nodes(n).await?,
+            None => self
+                .records
+                .get::<Pool>(POOLS, &t.key())
+                .await?
+                .map(|p| p.nodes)
+                .unwrap_or_default(),
+        };
+        let p = Pool {
+            template: t.key(),
+            owner: t.owner.clone(),
+            min: req.min,
+            max,
+            nodes,
+        };
         if req.min == 0 {
             self.remove_pool(&t.key()).await?;
         } else {
-            let p = Pool {
-                template: t.key(),
-                owner: t.owner.clone(),
-                min: req.min,
-                max,
-            };
             self.records.put(POOLS, &t.key(), &p).await?;
             self.pools_changed();
         }
-        Ok(self.pool_view(&t.key(), req.min, max))
+        Ok(self.pool_view(&p, false))
     }
 
-    /// The pools of `caller`'s templates, with how many VMs are ready.
+    /// Checks a pool's `nodes`: known nodes that run VMs, or [`ALL_NODES`] alone; none on a
+    /// single node.
+    async fn pool_nodes(&self, nodes: Vec<String>) -> Result<Vec<String>, ApiError> {
+        if nodes.is_empty() {
+            return Ok(nodes);
+        }
+        if self.cluster.get().is_none() {
+            return Err(ApiError::Invalid(
+                "nodes: this hutchd runs alone (nodes are for clusters, hutchd --etcd)".into(),
+            ));
+        }
+        if nodes.len() > MAX_POOL_NODES {
+            return Err(ApiError::Invalid(format!(
+                "nodes: at most {MAX_POOL_NODES} (got {})",
+                nodes.len()
+            )));
+        }
+        if nodes.iter().any(|n| n == ALL_NODES) {
+            return match nodes.len() {
+                1 => Ok(nodes),
+                _ => Err(ApiError::Invalid("nodes: \"*\" (all) stands alone".into())),
+            };
+        }
+        let known = self.nodes(&Caller::local_admin()).await?;
+        for (i, n) in nodes.iter().enumerate() {
+            if nodes[..i].contains(n) {
+                return Err(ApiError::Invalid(format!("nodes: {n:?} twice")));
+            }
+            let k = known
+                .iter()
+                .find(|k| k.name == *n)
+                .ok_or_else(|| ApiError::NotFound {
+                    kind: "node",
+                    name: n.clone(),
+                })?;
+            if !k.roles.iter().any(|r| r == "node") {
+                return Err(ApiError::Invalid(format!(
+                    "nodes: {n} does not run VMs (its roles: {})",
+                    k.roles.join(",")
+                )));
+            }
+        }
+        Ok(nodes)
+    }
+
+    /// The pools of `caller`'s templates, with how many VMs are ready (on every node).
     pub async fn pools_of(&self, caller: &Caller) -> Result<Vec<PoolView>, ApiError> {
+        self.views(caller, false).await
+    }
+
+    async fn views(&self, caller: &Caller, local: bool) -> Result<Vec<PoolView>, ApiError> {
         let mut v: Vec<PoolView> = self
             .records
             .list::<Pool>(POOLS)
             .await?
             .into_iter()
             .filter(|p| caller.sees(p.owner.as_deref()))
-            .map(|p| self.pool_view(&p.template, p.min, p.max))
+            .map(|p| self.pool_view(&p, local))
             .collect();
         v.sort_by(|a, b| a.template.cmp(&b.template));
         Ok(v)
     }
 
-    /// Every pool's counts (metrics).
+    /// Every pool's counts on this node (metrics: each node reports its own).
     pub async fn all_pools(&self) -> Vec<PoolView> {
-        self.pools_of(&Caller::local_admin())
+        self.views(&Caller::local_admin(), true)
             .await
             .unwrap_or_default()
     }
 
-    fn pool_view(&self, key: &str, min: u32, max: u32) -> PoolView {
-        let (ready, starting) = self.pool_counts(key);
-        PoolView {
-            template: key.to_string(),
-            min,
-            max,
-            ready,
-            starting,
+    /// `p` as shown: its VMs on every node (`local`: on this one only).
+    fn pool_view(&self, p: &Pool, local: bool) -> PoolView {
+        let by_node = self.pool_counts_by_node(&p.template);
+        let here = self.records.local_node();
+        let mut v = PoolView {
+            template: p.template.clone(),
+            min: p.min,
+            max: p.max,
+            ready: 0,
+            starting: 0,
+            nodes: p.nodes.clone(),
+            by_node: Vec::new(),
+        };
+        for (node, (ready, starting)) in by_node {
+            if local && node != here {
+                continue;
+            }
+            v.ready += ready;
+            v.starting += starting;
+            if let Some(node) = node.filter(|_| !local) {
+                v.by_node.push(PoolNodeView {
+                    node,
+                    ready,
+                    starting,
+                });
+            }
         }
+        v
     }
 
-    /// (ready, being made) VMs of pool `key`; a VM warming up is still being made.
+    /// (ready, being made) VMs of pool `key` on this node; a VM warming up is still being made.
     fn pool_counts(&self, key: &str) -> (u32, u32) {
+        let here = self.records.local_node();
+        self.pool_counts_by_node(key)
+            .remove(&here)
+            .unwrap_or_default()
+    }
+
+    /// (ready, being made) VMs of pool `key` by node. Whether another node's VM has warmed up
+    /// is not known here: running, it counts as ready.
+    fn pool_counts_by_node(&self, key: &str) -> BTreeMap<Option<String>, (u32, u32)> {
         let warming = self
             .warming
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
-        self.records.fold_local_vms(|it| {
-            let (mut ready, mut starting) = (0, 0);
+        self.records.fold_vms(|it| {
+            let mut m: BTreeMap<Option<String>, (u32, u32)> = BTreeMap::new();
             for v in it.filter(|v| v.pool.as_deref() == Some(key)) {
+                let e = m.entry(v.node.clone()).or_default();
                 match v.state {
-                    VmState::Running if !warming.contains(&v.id) => ready += 1,
-                    VmState::Running | VmState::Creating => starting += 1,
+                    VmState::Running if !warming.contains(&v.id) => e.0 += 1,
+                    VmState::Running | VmState::Creating => e.1 += 1,
                     _ => {}
                 }
             }
-            (ready, starting)
+            m
         })
     }
 
@@ -133,7 +227,8 @@ impl Service {
         self.drain_pool(key).await
     }
 
-    /// Deletes the idle VMs of pool `key` (a rebuild or removal of its template).
+    /// Deletes this node's idle VMs of pool `key` (a rebuild or removal of its template; the
+    /// other nodes' go at their next refill, see [`Service::tidy_pools`]).
     pub(crate) async fn drain_pool(self: &Arc<Self>, key: &str) -> Result<(), ApiError> {
         let idle: Vec<Vm> = self.records.fold_local_vms(|it| {
             it.filter(|v| v.pool.as_deref() == Some(key) && v.state != VmState::Creating)
@@ -141,9 +236,23 @@ impl Service {
                 .collect()
         });
         for v in idle {
-            let _ = self.delete_unchecked(&v).await;
+            self.delete_pool_vm(&v.id, key).await;
         }
         Ok(())
+    }
+
+    /// Deletes VM `id` if it still waits in pool `key` (not claimed meanwhile: checked under
+    /// its lock). Its guest is not asked to shut down: a pool VM holds nothing of anyone's.
+    pub(crate) async fn delete_pool_vm(self: &Arc<Self>, id: &str, key: &str) {
+        let lock = self.lock_for(id);
+        let _g = lock.lock().await;
+        let vm = match self.records.vm_by_id(id).await {
+            Ok(Some(v)) if v.pool.as_deref() == Some(key) && self.records.is_local(&v) => v,
+            _ => return,
+        };
+        if let Err(e) = self.delete_locked(&vm, false).await {
+            tracing::warn!(vm = %vm.name, pool = key, error = %e, "removing a pool VM");
+        }
     }
 
     /// Wakes the refill task.
@@ -232,8 +341,9 @@ impl Service {
                     return Ok(Some(vm));
                 }
                 Err(e) => {
+                    // Its lock is held here.
                     tracing::warn!(vm = %vm.name, error = %e, "a claimed pool VM did not take its identity; removed");
-                    let _ = self.delete_unchecked(&vm).await;
+                    let _ = self.delete_locked(&vm, false).await;
                 }
             }
         }
@@ -254,36 +364,17 @@ impl Service {
         });
     }
 
-    /// One pass over the pools: each that has fewer than `min` ready gets VMs up to `max`,
-    /// one at a time, while the host and the owner's quota admit them.
+    /// One pass over the pools: this node's VMs of pools it no longer keeps (or of an old
+    /// build, or beyond `max`) go; then each pool it keeps that has fewer than `min` ready gets
+    /// VMs up to `max`, one at a time, while the host and the owner's quota admit them.
     async fn refill(self: &Arc<Self>) {
-        let Ok(pools) = self.records.list::<Pool>(POOLS).await else {
+        let Ok(plan) = self.pool_plan().await else {
             return;
         };
-        for p in pools {
+        self.tidy_pools(&plan).await;
+        for (p, t, snap) in plan.into_values().filter_map(|k| k.kept) {
             let (ready, starting) = self.pool_counts(&p.template);
-            if ready + starting >= p.min {
-                continue;
-            }
-            let Ok(Some(t)) = self
-                .records
-                .get::<Template>(crate::records::TEMPLATES, &p.template)
-                .await
-            else {
-                continue;
-            };
-            let Some(snap_key) = t
-                .snapshot
-                .clone()
-                .filter(|_| t.status != TemplateStatus::Failed)
-            else {
-                continue;
-            };
-            let Ok(Some(snap)) = self.records.get::<Snapshot>(SNAPSHOTS, &snap_key).await else {
-                continue;
-            };
-            // A pool is refilled where its template's snapshot files are.
-            if !self.records.is_here(snap.node.as_deref()) {
+            if ready + starting >= p.min || t.status == TemplateStatus::Failed {
                 continue;
             }
             let owner = Caller {
@@ -292,6 +383,7 @@ impl Service {
             };
             for _ in (ready + starting)..p.max {
                 let name = format!("pool-{}", &names::random_id()[..8]);
+                // On a node other than the snapshot's, its files are copied first (once).
                 let r = self
                     .restore_copy(
                         &owner,
@@ -319,6 +411,70 @@ impl Service {
         }
     }
 
+    /// Every pool, whether this node keeps it and from which snapshot. An error (the store
+    /// unreachable) gives no plan: nothing is removed on a partial view.
+    async fn pool_plan(&self) -> Result<BTreeMap<String, Plan>, ApiError> {
+        // A node that takes no new VMs (cordoned, draining) keeps no pool VMs either.
+        let open = match self.cluster.get() {
+            None => true,
+            Some(c) => self
+                .nodes(&Caller::local_admin())
+                .await?
+                .iter()
+                .any(|n| n.name == c.name() && n.state == NodeState::Ready),
+        };
+        let here = self.records.local_node();
+        let mut plan = BTreeMap::new();
+        for p in self.records.list::<Pool>(POOLS).await? {
+            let t = self.records.get::<Template>(TEMPLATES, &p.template).await?;
+            let snap = match t.as_ref().and_then(|t| t.snapshot.clone()) {
+                Some(k) => self.records.get::<Snapshot>(SNAPSHOTS, &k).await?,
+                None => None,
+            };
+            let kept = match (t, snap) {
+                (Some(t), Some(s)) if open && p.kept_on(here.as_deref(), s.node.as_deref()) => {
+                    Some((p.clone(), t, s))
+                }
+                _ => None,
+            };
+            plan.insert(p.template.clone(), Plan { kept });
+        }
+        Ok(plan)
+    }
+
+    /// Removes this node's pool VMs that `plan` has no use for: of a pool gone or not kept
+    /// here, made from an older build, not running, or beyond the pool's `max`.
+    async fn tidy_pools(self: &Arc<Self>, plan: &BTreeMap<String, Plan>) {
+        let warming = self
+            .warming
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let mut idle: Vec<Vm> = self.records.fold_local_vms(|it| {
+            it.filter(|v| v.pool.is_some() && v.state != VmState::Creating)
+                .filter(|v| !warming.contains(&v.id))
+                .cloned()
+                .collect()
+        });
+        // Oldest first: they are claimed first, and stay when a pool shrinks.
+        idle.sort_by_key(|v| v.created_at);
+        let mut running: BTreeMap<&str, u32> = BTreeMap::new();
+        for v in &idle {
+            let key = v.pool.as_deref().unwrap_or_default();
+            let keep = match plan.get(key).and_then(|k| k.kept.as_ref()) {
+                Some((p, _, snap)) if v.mem.from.as_deref() == Some(snap.name.as_str()) => {
+                    let n = running.entry(key).or_default();
+                    *n += u32::from(v.state == VmState::Running);
+                    v.state == VmState::Running && *n <= p.max
+                }
+                _ => false,
+            };
+            if !keep {
+                tracing::info!(vm = %v.name, pool = key, "removing a pool VM this node has no use for");
+                self.delete_pool_vm(&v.id, key).await;
+            }
+        }
+    }
     /// Runs one process in a new pool VM, so that what a claim's first exec needs is warm in
     /// the guest (under TCG, the code translated; anywhere, the pages faulted in).
     async fn warm_up(&self, vm: &Vm) {
@@ -329,11 +485,9 @@ impl Service {
             tracing::debug!(vm = %vm.name, error = %e, "warming up a pool VM");
         }
     }
+}
 
-    /// Deletes `vm` for the system (pool upkeep), whatever account owns it.
-    async fn delete_unchecked(self: &Arc<Self>, vm: &Vm) -> Result<(), ApiError> {
-        let caller = Caller::local_admin();
-        let shown = hutch_core::vm_key(vm.owner.as_deref(), &vm.name);
-        self.delete(&caller, &shown).await
-    }
+/// What a node does with one pool: keep it (from this template and snapshot), or not.
+struct Plan {
+    kept: Option<(Pool, Template, Snapshot)>,
 }

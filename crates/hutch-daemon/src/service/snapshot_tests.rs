@@ -289,17 +289,63 @@ async fn templates_pools_claims_and_tenancy() {
     // Its build VM is gone; bad pool sizes change nothing.
     assert!(s.vms_of(&alice).await.unwrap().is_empty());
     for (min, max) in [(3, Some(2)), (65, None), (1, Some(65))] {
-        let r = s.set_pool(&alice, "t", SetPool { min, max }).await;
+        let r = s
+            .set_pool(
+                &alice,
+                "t",
+                SetPool {
+                    min,
+                    max,
+                    nodes: None,
+                },
+            )
+            .await;
         assert!(matches!(r, Err(ApiError::Invalid(_))), "{min} {max:?}");
     }
+    // Nodes are for clusters.
+    for nodes in [vec!["*".to_string()], vec!["n1".into()]] {
+        let r = s
+            .set_pool(
+                &alice,
+                "t",
+                SetPool {
+                    min: 1,
+                    max: None,
+                    nodes: Some(nodes),
+                },
+            )
+            .await;
+        assert!(matches!(r, Err(ApiError::Invalid(_))));
+    }
     assert!(s.pools_of(&alice).await.unwrap().is_empty());
-    s.set_pool(&alice, "t", SetPool { min: 2, max: None })
-        .await
-        .unwrap();
+    let pool = |min, max| SetPool {
+        min,
+        max,
+        nodes: None,
+    };
+    s.set_pool(&alice, "t", pool(3, None)).await.unwrap();
     until("a full pool", async || {
-        (s.pools_of(&alice).await.ok()?.first()?.ready == 2).then_some(())
+        (s.pools_of(&alice).await.ok()?.first()?.ready == 3).then_some(())
     })
     .await;
+    // A smaller pool gives back what it no longer keeps, the newest first.
+    let oldest = s
+        .records
+        .fold_local_vms(|it| it.filter(|v| v.pool.is_some()).map(|v| v.created_at).min())
+        .unwrap();
+    s.set_pool(&alice, "t", pool(2, None)).await.unwrap();
+    s.pools_changed();
+    until("a pool of 2", async || {
+        let n = s
+            .records
+            .fold_local_vms(|it| it.filter(|v| v.pool.is_some()).count());
+        (n == 2).then_some(())
+    })
+    .await;
+    let kept = s
+        .records
+        .fold_local_vms(|it| it.filter(|v| v.pool.is_some()).map(|v| v.created_at).min());
+    assert_eq!(kept, Some(oldest));
     // Pool VMs are not listed; a claim takes one, renamed, and the pool refills.
     assert!(s.vms_of(&alice).await.unwrap().is_empty());
     let req = CreateVm {
@@ -334,10 +380,7 @@ async fn templates_pools_claims_and_tenancy() {
     assert!(nf(s.template_for(&bob, "t").await.map(|_| ())));
     assert!(nf(s.rebuild_template(&bob, "t").await.map(|_| ())));
     assert!(nf(s.delete_template(&bob, "t").await));
-    assert!(nf(s
-        .set_pool(&bob, "t", SetPool { min: 1, max: None })
-        .await
-        .map(|_| ())));
+    assert!(nf(s.set_pool(&bob, "t", pool(1, None)).await.map(|_| ())));
     let req = CreateVm {
         template: Some("t".into()),
         ..Default::default()

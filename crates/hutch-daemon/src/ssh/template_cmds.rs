@@ -104,7 +104,7 @@ impl Conn {
             },
             ["rm", t] => match self
                 .m
-                .set_pool(&caller, t, SetPool { min: 0, max: None })
+                .set_pool(&caller, t, SetPool { min: 0, ..Default::default() })
                 .await
             {
                 Ok(_) => Out::ok(format!("removed the pool of {t}\n")),
@@ -114,6 +114,13 @@ impl Conn {
                 let mut req = SetPool::default();
                 let mut it = flags.iter();
                 while let Some(f) = it.next() {
+                    if *f == "--nodes" {
+                        let Some(v) = it.next() else {
+                            return Out::fail("--nodes needs all or NODE,NODE...");
+                        };
+                        req.nodes = Some(hutch_core::template::parse_pool_nodes(v));
+                        continue;
+                    }
                     let Some(Ok(n)) = it.next().map(|v| v.parse::<u32>()) else {
                         return Out::fail(format!("{f} needs a number"));
                     };
@@ -130,7 +137,7 @@ impl Conn {
                 }
             }
             _ => {
-                Out::fail("usage: pool set TEMPLATE --min N [--max M] | pool ls | pool rm TEMPLATE")
+                Out::fail("usage: pool set TEMPLATE --min N [--max M] [--nodes all|NODE,...] | pool ls | pool rm TEMPLATE")
             }
         }
     }

@@ -1,7 +1,7 @@
 //! The front-door parts of `cluster.rs`'s story, on its three nodes: SSH, SFTP and scp through
-//! nodes that do not run the VM, every node's HTTP proxy serving a VM on another node, and a
-//! snapshot's VMs made on a node that copies its files. (A directory, so that cargo does not
-//! take it for a test of its own.)
+//! nodes that do not run the VM, every node's HTTP proxy serving a VM on another node, a
+//! snapshot's VMs made on a node that copies its files, and warm pools on several nodes. (A
+//! directory, so that cargo does not take it for a test of its own.)
 
 use crate::common::cluster::*;
 use crate::common::ssh_client::{client, keygen, text, Ssh};
@@ -236,6 +236,93 @@ pub fn snapshot_copies_run_elsewhere(n: &[&Daemon; 3], token: &str) {
         (!dir(n[2]).exists()).then_some(())
     });
     assert!(gone.is_some(), "n3 kept the copy of a deleted snapshot");
+}
+
+/// Warm pools per node: a template's pool kept on every node (the snapshot's files copied to
+/// the others), a create through any node claims a ready VM, a node taken off the pool's list
+/// gives its VMs back, and the pool removed through a node that keeps none empties them all.
+pub fn pools_on_every_node(n: &[&Daemon; 3]) {
+    let t = n[0].json(&[
+        "template", "create", "pt", "--image", "busybox", "--mem", "128",
+    ]);
+    assert_eq!(t["status"], "ready", "{t}");
+    let vms = || -> u64 { nodes(n[0]).iter().map(|v| v["vms"].as_u64().unwrap()).sum() };
+    let before = vms();
+    // Bad node lists change nothing.
+    for (nodes, err) in [
+        ("nope", "not found"),
+        ("n1,n1", "twice"),
+        ("*,n1", "stands alone"),
+    ] {
+        fails_with(
+            n[0],
+            &["pool", "set", "pt", "--min", "1", "--nodes", nodes],
+            err,
+        );
+    }
+    assert_eq!(n[1].json(&["pool", "ls"]), serde_json::json!([]));
+    // Every node keeps one ready.
+    let by_node = |d: &Daemon| -> Vec<(String, u64)> {
+        let v = d.json(&["pool", "ls"]);
+        v[0]["by_node"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|e| {
+                        (
+                            e["node"].as_str().unwrap().to_string(),
+                            e["ready"].as_u64().unwrap(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let settled = |d: &Daemon, want: &[&str]| {
+        let want: Vec<(String, u64)> = want.iter().map(|n| (n.to_string(), 1)).collect();
+        let got = wait_until(Duration::from_secs(120), || {
+            (by_node(d) == want).then_some(())
+        });
+        assert!(
+            got.is_some(),
+            "pool by node: {:?}, wanted {want:?}",
+            by_node(d)
+        );
+    };
+    let set = n[0].json(&["pool", "set", "pt", "--min", "1", "--nodes", "all"]);
+    assert_eq!(set["nodes"], serde_json::json!(["*"]), "{set}");
+    settled(n[2], &["n1", "n2", "n3"]);
+    let table = n[1].ok(&["pool", "ls"]);
+    assert!(
+        table.contains("KEPT ON") && table.contains("n1=1 n2=1 n3=1"),
+        "{table}"
+    );
+    // A create through any node claims one (no restore): where one is ready.
+    let claims = || -> u64 {
+        n.iter()
+            .map(|d| counter(d, "hutch_pool_claims_total"))
+            .sum()
+    };
+    let c0 = claims();
+    let pc = n[2].json(&["new", "--template", "pt", "--name", "pc"]);
+    assert_eq!(claims(), c0 + 1, "{pc}");
+    assert_eq!(n[0].ok(&["exec", "pc", "--", "hostname"]), "pc\n");
+    settled(n[0], &["n1", "n2", "n3"]);
+    // n2 taken off the list (through n2; min and max as they were): its pool VM goes.
+    n[1].ok(&["pool", "set", "pt", "--min", "1", "--nodes", "n1,n3"]);
+    settled(n[1], &["n1", "n3"]);
+    // Removed through a node that keeps none: every node's pool VMs go.
+    n[1].ok(&["pool", "rm", "pt"]);
+    let gone = wait_until(Duration::from_secs(30), || {
+        (vms() == before + 1).then_some(())
+    });
+    assert!(
+        gone.is_some(),
+        "pool VMs left: {} VMs, {before} before",
+        vms()
+    );
+    n[0].ok(&["rm", "pc"]);
+    n[2].ok(&["template", "rm", "pt"]);
 }
 
 /// Counter `name` of node `d`'s metrics.

@@ -56,6 +56,11 @@ pub enum PoolCmd {
         min: u32,
         #[arg(long)]
         max: Option<u32>,
+        /// In a cluster, the nodes that each keep MIN..MAX: `all` (every ready node) or
+        /// NODE,NODE...; '' for the node holding the template's snapshot (the default).
+        /// Left out: as the pool had it.
+        #[arg(long)]
+        nodes: Option<String>,
     },
     /// List pools: ready VMs against their targets.
     Ls,
@@ -222,12 +227,18 @@ pub async fn pool(c: &Client, cmd: PoolCmd, j: bool) -> Result<()> {
         Ok(())
     };
     match cmd {
-        PoolCmd::Set { template, min, max } => {
+        PoolCmd::Set {
+            template,
+            min,
+            max,
+            nodes,
+        } => {
+            let nodes = nodes.as_deref().map(hutch_core::template::parse_pool_nodes);
             let v = c
                 .json(
                     Method::PUT,
                     &format!("/api/v1/pools/{}", seg(&template)),
-                    Some(serde_json::to_value(SetPool { min, max })?),
+                    Some(serde_json::to_value(SetPool { min, max, nodes })?),
                 )
                 .await?;
             show(&v)
