@@ -73,8 +73,8 @@ pub struct Snapshot {
     /// Hidden from listings: made for one operation (a fork) and removed after it.
     #[serde(default)]
     pub internal: bool,
-    /// The cluster node whose disk holds its files (None on a single node): VMs made from it,
-    /// and its template's warm pool, run there.
+    /// The cluster node whose disk holds its files (None on a single node): VMs made from it
+    /// prefer it; another node copies the files first.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
 }

@@ -172,19 +172,46 @@ fn bound(snap: &Snapshot, name: &str) -> u64 {
     }
 }
 
-/// Writes a response body to `path` (at most `size` bytes, exactly that many), leaving runs of
-/// zeros as holes; its SHA-256.
-async fn body_to_sparse(
-    resp: axum::http::Response<hyper::body::Incoming>,
-    path: &Path,
-    size: u64,
-) -> Result<String, ApiError> {
+/// Whether a node's manifest names exactly the files `snap` has (`wanted`), once each, each
+/// within its bound, with SHA-256s in hex.
+fn manifest_fits(man: &SnapManifest, wanted: &[(String, PathBuf)], snap: &Snapshot) -> bool {
+    let hex64 = |h: &str| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit());
+    let named = |n: &str| man.files.iter().filter(|f| f.name == n).count() == 1;
+    man.files.len() == wanted.len()
+        && wanted.iter().all(|(n, _)| named(n))
+        && man
+            .files
+            .iter()
+            .all(|f| hex64(&f.sha256) && f.size <= bound(snap, &f.name))
+}
+
+/// Writes file `f`'s body to `path`: exactly `f.size` bytes (no more are read), runs of zeros
+/// left as holes, hashing to `f.sha256`.
+async fn receive_file<B>(body: B, path: &Path, f: &SnapFile) -> Result<(), String>
+where
+    B: hyper::body::Body<Data = bytes::Bytes> + Unpin,
+    B::Error: std::fmt::Display,
+{
+    let sha = body_to_sparse(body, path, f.size).await?;
+    if sha != f.sha256 {
+        return Err(format!("{} does not hash to what its node said", f.name));
+    }
+    Ok(())
+}
+
+/// Writes a body to `path` (at most `size` bytes, exactly that many), leaving runs of zeros as
+/// holes; its SHA-256.
+async fn body_to_sparse<B>(body: B, path: &Path, size: u64) -> Result<String, String>
+where
+    B: hyper::body::Body<Data = bytes::Bytes> + Unpin,
+    B::Error: std::fmt::Display,
+{
     use futures_util::StreamExt;
-    let err = |e: String| ApiError::Internal(format!("{}: {e}", path.display()));
+    let err = |e: String| format!("{}: {e}", path.display());
     let f = std::fs::File::create(path).map_err(|e| err(e.to_string()))?;
     let mut h = Sha256::new();
     let mut at: u64 = 0;
-    let mut body = http_body_util::BodyStream::new(resp.into_body());
+    let mut body = http_body_util::BodyStream::new(body);
     while let Some(frame) = body.next().await {
         let frame = frame.map_err(|e| err(e.to_string()))?;
         let Ok(data) = frame.into_data() else {
@@ -272,17 +299,8 @@ impl Service {
         }
         let man: SnapManifest = serde_json::from_slice(&body)
             .map_err(|e| ApiError::Internal(format!("node {home}'s snapshot files: {e}")))?;
-        // Exactly the files this snapshot has, each within its bound, hashes as hex.
-        let hex64 = |h: &str| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit());
         let wanted = self.node.snapshot_files(snap);
-        let named = |n: &str| man.files.iter().filter(|f| f.name == n).count() == 1;
-        if man.files.len() != wanted.len()
-            || !wanted.iter().all(|(n, _)| named(n))
-            || !man
-                .files
-                .iter()
-                .all(|f| hex64(&f.sha256) && f.size <= bound(snap, &f.name))
-        {
+        if !manifest_fits(&man, &wanted, snap) {
             return Err(ApiError::Internal(format!(
                 "node {home} described snapshot {}'s files wrongly",
                 snap.name
@@ -331,13 +349,9 @@ impl Service {
                 )));
             }
             let p = stage.path().join(&f.name);
-            let sha = body_to_sparse(resp, &p, f.size).await?;
-            if sha != f.sha256 {
-                return Err(ApiError::Internal(format!(
-                    "snapshot {}'s {} from node {home} does not hash to what it said",
-                    snap.name, f.name
-                )));
-            }
+            receive_file(resp.into_body(), &p, f).await.map_err(|e| {
+                ApiError::Internal(format!("snapshot {} from node {home}: {e}", snap.name))
+            })?;
             bytes += f.size;
             staged.push((f.name.clone(), p));
         }
@@ -352,3 +366,7 @@ impl Service {
         Ok(())
     }
 }
+
+#[cfg(test)]
+#[path = "snap_files_tests.rs"]
+mod tests;
