@@ -183,8 +183,47 @@ pub fn ssh_reaches_other_nodes(
     let mut h = vec![("authorization", user.as_str())];
     h.extend(upgrade);
     assert_eq!(curl("POST", &dial, &h, None).0, 403);
+    fork_and_cp_through_other_nodes(&s1, &s3, &alice, &a1, &token);
     let (st, v) = http_json(&a1, &token, "DELETE", "/api/v1/sandboxes/mine", None);
     assert!(st < 300, "{v}");
+}
+
+/// `fork` and `cp` over SSH of an account's VM on n2, asked through n3 and n1: made on n2,
+/// for the account, each its own VM.
+fn fork_and_cp_through_other_nodes(
+    s1: &Ssh,
+    s3: &Ssh,
+    alice: &std::path::Path,
+    api: &str,
+    token: &str,
+) {
+    let (_, e, c) = text(&s1.run(alice, "mine", &["echo forked > /tmp/f"], None, false));
+    assert_eq!(c, 0, "{e}");
+    let (o, e, c) = text(&s3.run(
+        alice,
+        "hutch",
+        &["fork", "mine", "--name", "mf"],
+        None,
+        false,
+    ));
+    assert!(c == 0 && o.contains("mf-1"), "{o}{e}");
+    let (o, e, c) = text(&s1.run(alice, "mf-1", &["hostname; cat /tmp/f"], None, false));
+    assert_eq!((o.as_str(), c), ("mf-1\nforked\n", 0), "{e}");
+    // cp copies a stopped VM's disk.
+    let (_, e, c) = text(&s1.run(alice, "hutch", &["stop", "mine"], None, false));
+    assert_eq!(c, 0, "{e}");
+    let (o, e, c) = text(&s1.run(alice, "hutch", &["cp", "mine", "mc"], None, false));
+    assert!(c == 0 && o.contains("mc"), "{o}{e}");
+    let (o, e, c) = text(&s3.run(alice, "mc", &["hostname; cat /tmp/f"], None, false));
+    assert_eq!((o.as_str(), c), ("mc\nforked\n", 0), "{e}");
+    // Both are alice's, on n2.
+    for name in ["mf-1", "mc"] {
+        let path = format!("/api/v1/sandboxes/{name}");
+        let (st, v) = http_json(api, token, "GET", &path, None);
+        assert_eq!((st, v["node"].as_str()), (200, Some("n2")), "{v}");
+        let (st, v) = http_json(api, token, "DELETE", &path, None);
+        assert!(st < 300, "{v}");
+    }
 }
 
 /// A VM made from a snapshot on a node that does not hold its files: they are copied from the
