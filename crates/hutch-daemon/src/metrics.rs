@@ -83,8 +83,10 @@ pub struct Metrics {
     /// VMs paused for want of activity, and paused VMs that activity resumed.
     pub auto_paused_total: AtomicU64,
     pub auto_resumed_total: AtomicU64,
-    /// Agent streams and proxied connections this node served for other nodes (cluster).
+    /// Agent links (and the streams over them) and proxied connections this node served for
+    /// other nodes (cluster).
     pub agent_links_total: AtomicU64,
+    pub agent_streams_total: AtomicU64,
     pub dials_total: AtomicU64,
 }
 
@@ -105,6 +107,7 @@ impl Default for Metrics {
             auto_paused_total: AtomicU64::new(0),
             auto_resumed_total: AtomicU64::new(0),
             agent_links_total: AtomicU64::new(0),
+            agent_streams_total: AtomicU64::new(0),
             dials_total: AtomicU64::new(0),
         }
     }
@@ -197,8 +200,13 @@ impl Metrics {
             ),
             (
                 "hutch_cluster_agent_links_total",
-                "Agent streams (SSH, SFTP) served here for VMs used through other nodes.",
+                "Agent links (connections) other nodes opened here to use VMs of this node.",
                 &self.agent_links_total,
+            ),
+            (
+                "hutch_cluster_agent_streams_total",
+                "Agent streams (SSH sessions, SFTP requests) served over agent links.",
+                &self.agent_streams_total,
             ),
             (
                 "hutch_cluster_dials_total",

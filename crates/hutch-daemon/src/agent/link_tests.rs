@@ -5,27 +5,48 @@
 //! ends; a link that does not begin with a request, or sends garbage, starts nothing.
 
 use super::fake::FakeAgent;
-use super::link::{serve_link, Connect, LinkIo, LinkedAgent};
+use super::link::{serve_link, Connect, IdleLinks, LinkIo, LinkedAgent, Opened};
 use super::*;
 use hutch_proto::{Decoder, Frame, Kind, Request, Response};
+use std::sync::Mutex;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const T: Duration = Duration::from_secs(5);
+
+/// The far end's agents: always `far`.
+fn agents(far: Arc<FakeAgent>) -> impl Fn() -> Result<Arc<dyn Agent>, AgentError> + Send {
+    move || Ok(far.clone() as Arc<dyn Agent>)
+}
 
 /// A linked agent whose links are served by `far` (each link its own in-memory stream). Both
 /// ends buffer what they write until it is flushed, as TLS does: a frame left unflushed stalls
 /// its stream here as it would between nodes.
 fn linked(far: Arc<FakeAgent>) -> LinkedAgent {
+    LinkedAgent::new(links(far, true).0)
+}
+
+/// Connects links to `far` (whose end says whether it serves several streams: `reusable`);
+/// counts them and keeps their far ends' tasks (to end them).
+fn links(
+    far: Arc<FakeAgent>,
+    reusable: bool,
+) -> (Connect, Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>) {
+    let served = Arc::new(Mutex::new(Vec::new()));
+    let s2 = served.clone();
     let connect: Connect = Arc::new(move || {
-        let far = far.clone();
+        let (far, served) = (far.clone(), s2.clone());
         Box::pin(async move {
             let (near, other) = tokio::io::duplex(64 * 1024);
             let other = tokio::io::BufStream::new(other);
-            tokio::spawn(serve_link(other, far as Arc<dyn Agent>));
-            Ok(Box::new(tokio::io::BufStream::new(near)) as Box<dyn LinkIo>)
+            let task = tokio::spawn(serve_link(other, agents(far)));
+            served.lock().unwrap().push(task);
+            Ok(Opened {
+                io: Box::new(tokio::io::BufStream::new(near)) as Box<dyn LinkIo>,
+                reusable,
+            })
         })
     });
-    LinkedAgent::new(connect)
+    (connect, served)
 }
 
 fn argv(a: &[&str]) -> ExecRequest {
@@ -175,7 +196,7 @@ async fn refusals_end_the_stream_with_their_code() {
 async fn raw_link(far: Arc<FakeAgent>, first: Frame) -> Option<Response> {
     let (mut near, other) = tokio::io::duplex(64 * 1024);
     let other = tokio::io::BufStream::new(other);
-    let served = tokio::spawn(serve_link(other, far as Arc<dyn Agent>));
+    let served = tokio::spawn(serve_link(other, agents(far)));
     near.write_all(&first.encode().unwrap()).await.unwrap();
     let mut buf = Vec::new();
     within(T, async {
@@ -208,11 +229,126 @@ async fn a_link_that_is_not_a_request_starts_nothing() {
         Some(Response::Error { .. })
     ));
     let (mut near, other) = tokio::io::duplex(1024);
-    let served = tokio::spawn(serve_link(other, far.clone() as Arc<dyn Agent>));
+    let served = tokio::spawn(serve_link(other, agents(far.clone())));
     near.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
     within(T, async { Ok::<_, AgentError>(served.await) })
         .await
         .unwrap()
         .unwrap();
     assert!(far.execs().is_empty());
+}
+
+#[tokio::test]
+async fn a_link_carries_stream_after_stream() {
+    let far = Arc::new(FakeAgent::new());
+    let (connect, served) = links(far.clone(), true);
+    let idle = Arc::new(IdleLinks::default());
+    let a = LinkedAgent::new(connect).keeping(idle.clone(), "n2/vm/".into());
+    // One after another: one link, kept between them.
+    for i in 0..20 {
+        let (out, _, exit) = finish(a.exec(argv(&["echo", &i.to_string()])).unwrap()).await;
+        assert_eq!((out, exit), (format!("{i}\n").into_bytes(), exited(0)));
+    }
+    assert_eq!(served.lock().unwrap().len(), 1);
+    assert_eq!(idle.len(), 1);
+    // Input the last stream left unread is dropped at the far end, not taken for the next:
+    // cat's stdin is still being fed when its process is stopped by a signal.
+    let s = a.exec(argv(&["cat"])).unwrap();
+    let h = s.handle();
+    h.stdin(b"x").await.unwrap();
+    h.signal(9).unwrap();
+    let _ = finish(s).await;
+    let (out, _, _) = finish(a.exec(argv(&["echo", "after"])).unwrap()).await;
+    assert_eq!(out, b"after\n");
+    // Two at once: a second link; both kept.
+    let (s1, s2) = (
+        a.exec(argv(&["cat"])).unwrap(),
+        a.exec(argv(&["cat"])).unwrap(),
+    );
+    for s in [&s1, &s2] {
+        s.handle().eof().await.unwrap();
+    }
+    let _ = tokio::join!(finish(s1), finish(s2));
+    let opened = served.lock().unwrap().len();
+    assert_eq!((opened, idle.len()), (2, 2));
+    // A stream dropped before its end takes its link with it.
+    let mut s = a.exec(argv(&["sleep", "100"])).unwrap();
+    within(T, s.next()).await.unwrap();
+    drop(s);
+    assert_eq!(idle.len(), 1);
+    // A link whose far end ended meanwhile (its node restarted) is not used: a new one is.
+    for t in served.lock().unwrap().drain(..) {
+        t.abort();
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let (out, _, _) = finish(a.exec(argv(&["echo", "again"])).unwrap()).await;
+    assert_eq!(out, b"again\n");
+    assert_eq!(served.lock().unwrap().len(), 1, "a new link");
+}
+
+#[tokio::test]
+async fn a_link_is_kept_only_when_its_far_end_serves_several() {
+    let far = Arc::new(FakeAgent::new());
+    let (connect, served) = links(far, false);
+    let idle = Arc::new(IdleLinks::default());
+    let a = LinkedAgent::new(connect).keeping(idle.clone(), "k".into());
+    for _ in 0..3 {
+        finish(a.exec(argv(&["true"])).unwrap()).await;
+    }
+    assert_eq!((served.lock().unwrap().len(), idle.len()), (3, 0));
+}
+
+#[tokio::test]
+async fn streams_on_a_link_go_forward_only() {
+    let far = Arc::new(FakeAgent::new());
+    let (mut near, other) = tokio::io::duplex(64 * 1024);
+    let served = tokio::spawn(serve_link(other, agents(far.clone())));
+    let echo = |id: u32, w: &str| {
+        let req = Request::Exec(argv(&["echo", w]));
+        Frame::json(Kind::Request, id, &req).encode().unwrap()
+    };
+    let mut dec = Decoder::new();
+    let mut buf = vec![0u8; 4096];
+    // The frames of one stream, to its final answer.
+    let mut answered = async |near: &mut tokio::io::DuplexStream| {
+        let mut ids = Vec::new();
+        loop {
+            let n = within(T, async { Ok::<_, AgentError>(near.read(&mut buf).await) })
+                .await
+                .unwrap()
+                .unwrap();
+            assert!(n > 0, "the link closed: {ids:?}");
+            dec.push(&buf[..n]);
+            while let Some(f) = dec.next_frame_strict().unwrap() {
+                ids.push(f.stream);
+                if f.kind == Kind::Response
+                    && f.parse::<Response>("response").unwrap().ends_stream()
+                {
+                    return ids;
+                }
+            }
+        }
+    };
+    // Stream 1; then input of stream 1 that came too late, and stream 5: it is answered.
+    near.write_all(&echo(1, "one")).await.unwrap();
+    assert!(answered(&mut near).await.iter().all(|id| *id == 1));
+    let late = Frame::new(Kind::Stdin, 1, b"late".to_vec());
+    near.write_all(&late.encode().unwrap()).await.unwrap();
+    near.write_all(&echo(5, "five")).await.unwrap();
+    assert!(answered(&mut near).await.iter().all(|id| *id == 5));
+    // A stream id that goes back closes the link, and runs nothing.
+    near.write_all(&echo(3, "three")).await.unwrap();
+    let mut rest = Vec::new();
+    within(T, async {
+        Ok::<_, AgentError>(near.read_to_end(&mut rest).await)
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(rest.is_empty());
+    within(T, async { Ok::<_, AgentError>(served.await) })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(far.execs().len(), 2);
 }

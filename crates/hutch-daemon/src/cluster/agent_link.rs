@@ -7,7 +7,7 @@
 //! the VM it resolves, wakes it if auto-paused, and holds it in use while the stream lasts.
 
 use super::forward;
-use crate::agent::link::{serve_link, Connect, LinkIo, LinkedAgent};
+use crate::agent::link::{serve_link, Connect, LinkIo, LinkedAgent, Opened};
 use crate::agent::{Agent, AgentError, ErrorCode};
 use crate::api::{ApiPath, AppState};
 use crate::auth::{Caller, NodeToken};
@@ -40,15 +40,32 @@ async fn open(
     m.clustered("agent links")?;
     let vm = m.vm_here(&caller, &id).await?;
     let (vm, in_use) = m.wake(vm).await?;
-    let agent = m.node.client(&vm)?;
+    m.node.client(&vm)?;
     m.metrics
         .agent_links_total
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    forward::upgrade_with(req, "an agent link", move |io| async move {
+    // Each stream on the link gets the VM's agent connection of the moment.
+    let (node, metrics) = (m.node.clone(), m.metrics.clone());
+    let agent = move || {
+        metrics
+            .agent_streams_total
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        node.client(&vm).map_err(refused)
+    };
+    let mut resp = forward::upgrade_with(req, "an agent link", move |io| async move {
         serve_link(io, agent).await;
         drop(in_use);
-    })
+    })?;
+    resp.headers_mut().insert(
+        LINK_HEADER,
+        axum::http::HeaderValue::from_static(LINK_STREAMS),
+    );
+    Ok(resp)
 }
+
+/// The far end's answer that it serves several streams on a link, one after another.
+const LINK_HEADER: &str = "x-hutch-link";
+const LINK_STREAMS: &str = "streams";
 
 /// A refusal of the VM's node, as the agent error its stream ends with.
 fn refused(e: ApiError) -> AgentError {
@@ -112,6 +129,8 @@ impl Service {
         let path = format!("/api/v1/cluster/agent/{}", vm.id);
         // An admin acts as the cluster's admin; an account as itself.
         let act_as = (!caller.admin).then(|| caller.account.clone());
+        // Kept between streams per node, VM and caller (a link acts for one caller).
+        let key = format!("{node}/{}/{}", vm.id, act_as.as_deref().unwrap_or(""));
         let m = self.clone();
         let connect: Connect = Arc::new(move || {
             let (m, node, path, act_as) = (m.clone(), node.clone(), path.clone(), act_as.clone());
@@ -122,7 +141,7 @@ impl Service {
                         "the VM is lost: its node {node} is down"
                     ))));
                 }
-                let up = forward::node_upgrade(&m, &c, &node, &path, act_as.as_deref());
+                let up = forward::node_upgrade_headers(&m, &c, &node, &path, act_as.as_deref());
                 let up = tokio::time::timeout(LINK_TIMEOUT, up)
                     .await
                     .map_err(|_| {
@@ -132,9 +151,16 @@ impl Service {
                         )))
                     })?
                     .map_err(refused)?;
-                Ok(Box::new(hyper_util::rt::TokioIo::new(up)) as Box<dyn LinkIo>)
+                let (up, headers) = up;
+                Ok(Opened {
+                    io: Box::new(hyper_util::rt::TokioIo::new(up)) as Box<dyn LinkIo>,
+                    reusable: headers
+                        .get(LINK_HEADER)
+                        .is_some_and(|v| v.as_bytes() == LINK_STREAMS.as_bytes()),
+                })
             })
         });
-        Ok(Arc::new(LinkedAgent::new(connect)))
+        let agent = LinkedAgent::new(connect).keeping(self.idle_links.clone(), key);
+        Ok(Arc::new(agent))
     }
 }

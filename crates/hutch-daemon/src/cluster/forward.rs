@@ -121,6 +121,17 @@ pub(crate) async fn node_upgrade(
     path: &str,
     act_as: Option<&str>,
 ) -> Result<hyper::upgrade::Upgraded, ApiError> {
+    Ok(node_upgrade_headers(m, c, node, path, act_as).await?.0)
+}
+
+/// [`node_upgrade`], with the headers of the far end's 101.
+pub(crate) async fn node_upgrade_headers(
+    m: &crate::service::Service,
+    c: &super::Cluster,
+    node: &str,
+    path: &str,
+    act_as: Option<&str>,
+) -> Result<(hyper::upgrade::Upgraded, axum::http::HeaderMap), ApiError> {
     let mut req = Request::builder()
         .method("POST")
         .uri(path)
@@ -145,9 +156,11 @@ pub(crate) async fn node_upgrade(
             node,
         ));
     }
-    hyper::upgrade::on(resp)
+    let headers = resp.headers().clone();
+    let up = hyper::upgrade::on(resp)
         .await
-        .map_err(|e| ApiError::Internal(format!("node {node}: upgrading {path}: {e}")))
+        .map_err(|e| ApiError::Internal(format!("node {node}: upgrading {path}: {e}")))?;
+    Ok((up, headers))
 }
 
 /// Refuses a node-to-node request (`what`) that did not bear the cluster's admin token.

@@ -72,6 +72,8 @@ pub struct Service {
     pub activity: Arc<timers::Activity>,
     /// This hutchd's membership, when it runs as a cluster node (`--etcd`).
     pub cluster: std::sync::OnceLock<Arc<crate::cluster::Cluster>>,
+    /// Links to other nodes' VMs kept between agent streams (agent/link.rs).
+    pub(crate) idle_links: Arc<crate::agent::link::IdleLinks>,
     /// Unix seconds this service started.
     pub started_at: u64,
 }
@@ -96,6 +98,7 @@ impl Service {
             warming: Default::default(),
             activity: Default::default(),
             cluster: Default::default(),
+            idle_links: Default::default(),
             started_at: hutch_core::now(),
         }
     }

@@ -30,6 +30,7 @@ pub fn ssh_reaches_other_nodes(
     };
     let (s1, s3) = (ssh(n[0]), ssh(n[2]));
     let links = counter(n[1], "hutch_cluster_agent_links_total");
+    let streams = counter(n[1], "hutch_cluster_agent_streams_total");
     // web runs on n2; its sessions go through n1 and n3.
     for s in [&s1, &s3] {
         let (o, e, c) = text(&s.run(admin, "web", &["echo hi; hostname; exit 7"], None, false));
@@ -63,9 +64,15 @@ pub fn ssh_reaches_other_nodes(
         std::fs::read(w.join("down.bin")).unwrap() == local,
         "the file came back changed"
     );
-    // All of it went over agent links to n2 (a stream per command, per SFTP request).
-    let served = counter(n[1], "hutch_cluster_agent_links_total") - links;
-    assert!(served > 10, "{served} agent links");
+    // All of it went over agent links to n2: a stream per command and per SFTP request, on
+    // links kept between streams (one per front node here, as nothing ran at once).
+    let served = counter(n[1], "hutch_cluster_agent_streams_total") - streams;
+    let opened = counter(n[1], "hutch_cluster_agent_links_total") - links;
+    assert!(served > 10, "{served} agent streams");
+    assert!(
+        opened >= 2 && opened * 4 < served,
+        "{opened} links for {served} streams"
+    );
     // SSH commands about a VM on another node run there.
     let (o, e, c) = text(&s3.run(admin, "admin", &["logs", "web"], None, false));
     assert!(c == 0 && o.contains("hutch-agent"), "{o}{e}");
