@@ -424,8 +424,47 @@ fn vms_move_live_with_their_address_and_connections() {
 
     // On m1 also a paused VM (its memory saved) and a stopped one (its disk only).
     m0.json(&[
-        "new", "--image", "busybox", "--name", "napping", "--node", "m1",
+        "new",
+        "--image",
+        "busybox",
+        "--name",
+        "napping",
+        "--node",
+        "m1",
+        "--auto-pause",
+        "600s",
     ]);
+    // A VM that pauses when idle is proxied through its node even where the overlay reaches
+    // it, so that its node sees it used (and wakes it): dialed by m1.
+    m0.ok(&[
+        "exec",
+        "napping",
+        "--",
+        "sh",
+        "-c",
+        "mkdir -p /srv && echo napping > /srv/index.html && httpd -p 8000 -h /srv",
+    ]);
+    let dials = || {
+        let t = std::fs::read_to_string(m1.data().join("api-token")).unwrap();
+        let url = format!("http://{}/metrics", m1.opt("--listen").unwrap());
+        let (_, b) = curl("GET", &url, &[("authorization", &format!("Bearer {}", t.trim()))], None);
+        String::from_utf8_lossy(&b)
+            .lines()
+            .find_map(|l| l.strip_prefix("hutch_cluster_dials_total ")?.trim().parse::<u64>().ok())
+            .unwrap()
+    };
+    let before = dials();
+    let (st, body) = curl(
+        "GET",
+        &format!("http://{}:8080/", lan.ip(0)),
+        &[
+            ("Host", "8000-napping.c.hutch"),
+            ("Authorization", &format!("Bearer {}", token.trim())),
+        ],
+        None,
+    );
+    assert_eq!((st, String::from_utf8_lossy(&body).as_ref()), (200, "napping\n"));
+    assert_eq!(dials(), before + 1, "dialed through m1");
     m0.json(&[
         "new", "--image", "busybox", "--name", "parked", "--node", "m1",
     ]);

@@ -71,6 +71,16 @@ async fn dial(
 }
 
 impl Service {
+    /// Whether this node's proxy connects to another node's `vm` through that node: when it
+    /// cannot reach the VM's address, and for a VM that pauses when idle (its node must see
+    /// its use, and wakes it).
+    pub(crate) fn dials_through(&self, vm: &Vm) -> bool {
+        self.runs_elsewhere(vm).is_some()
+            && (!self.reaches(vm)
+                || vm.timers.auto_pause_secs.is_some()
+                || vm.timers.auto_resume)
+    }
+
     /// Whether this node reaches `vm`'s address itself: a VM of its own, or one on a node that
     /// shares its VM network (the overlay routes it).
     pub(crate) fn reaches(&self, vm: &Vm) -> bool {

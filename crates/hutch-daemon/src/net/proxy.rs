@@ -82,7 +82,7 @@ impl hutch_proxy::Backends for Backends {
             if s.runs_elsewhere(&found).is_some() {
                 // Dialed through its node, which wakes it; reached directly, it is resumed
                 // there now (an intent).
-                if !s.reaches(&found) {
+                if s.dials_through(&found) {
                     return found.net.ipv4.map(Into::into);
                 }
                 return match s.resume(&Caller::local_admin(), &found.key()).await {
@@ -108,7 +108,7 @@ impl hutch_proxy::Backends for Backends {
         let s = self.service.upgrade()?;
         let found = s.records.find_vm(|v| v.id == vm)?;
         let node = s.runs_elsewhere(&found)?;
-        if s.reaches(&found) {
+        if !s.dials_through(&found) {
             return None;
         }
         Some(Box::pin(async move {
