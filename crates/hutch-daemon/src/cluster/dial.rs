@@ -76,9 +76,7 @@ impl Service {
     /// its use, and wakes it).
     pub(crate) fn dials_through(&self, vm: &Vm) -> bool {
         self.runs_elsewhere(vm).is_some()
-            && (!self.reaches(vm)
-                || vm.timers.auto_pause_secs.is_some()
-                || vm.timers.auto_resume)
+            && (!self.reaches(vm) || vm.timers.auto_pause_secs.is_some() || vm.timers.auto_resume)
     }
 
     /// Whether this node reaches `vm`'s address itself: a VM of its own, or one on a node that
