@@ -2,8 +2,9 @@
 //! through another node (whose sessions reach the VM over agent links), side by side on the
 //! same VM in the same run: connection + auth + exec of `true` (median of interleaved runs),
 //! stdin streamed into `cat > /dev/null`, and scp (SFTP: one agent stream per request) up and
-//! down. Two nodes on loopback with TLS between them (a certificate for 127.0.0.1), a 1-member
-//! etcd.
+//! down. Then a VM made from a snapshot of it on its node against one made on the other node
+//! (whose first copies the snapshot's files). Two nodes on loopback with TLS between them (a
+//! certificate for 127.0.0.1), a 1-member etcd.
 //!
 //! As bench_snap: `HUTCH_BENCH_HUTCHD`, `HUTCH_BENCH_IMAGE`, `HUTCH_BENCH_BOOT`,
 //! `HUTCH_BENCH_ACCEL` point it at what it needs on another machine.
@@ -190,7 +191,63 @@ fn main() {
         );
         println!("  {what:4} ratio f2/f1 (time)      {:8.2}", t / h);
     }
+    snapshot_copies(w, &s1);
     let (st, v) = api(&s1, "DELETE", "/api/v1/sandboxes/web", None);
     assert!(st < 300, "{v}");
     drop(etcd);
+}
+
+/// A VM made from a snapshot of web: on f1, which holds its files (a restore), against f2's
+/// first (its files copied from f1: their data only) and second (a restore from its copy).
+fn snapshot_copies(w: &Path, s1: &Path) {
+    // Some of the RAM written, as a used VM has it.
+    let (st, v) = api(
+        s1,
+        "POST",
+        "/api/v1/sandboxes/web/exec",
+        Some(json!({"argv": ["sh", "-c", "head -c 48m /dev/urandom > /dev/shm/fill"]})),
+    );
+    assert!(st < 300, "{v}");
+    let (st, snap) = api(
+        s1,
+        "POST",
+        "/api/v1/sandboxes/web/snapshot",
+        Some(json!({"name": "base"})),
+    );
+    assert_eq!(st, 201, "{snap}");
+    let mem = w
+        .join("f1/snapshots")
+        .join(snap["id"].as_str().unwrap())
+        .join("mem");
+    let md = std::fs::metadata(&mem).unwrap();
+    let (size, used) = (
+        md.len() >> 20,
+        (std::os::unix::fs::MetadataExt::blocks(&md) * 512) >> 20,
+    );
+    let make = |name: &str, node: &str| {
+        let t = Instant::now();
+        let (st, v) = api(
+            s1,
+            "POST",
+            "/api/v1/sandboxes",
+            Some(json!({"snapshot": "base", "name": name, "node": node})),
+        );
+        assert_eq!(st, 201, "{v}");
+        t.elapsed().as_secs_f64() * 1000.0
+    };
+    let home = make("c1", "f1");
+    let first = make("c2", "f2");
+    let again = make("c3", "f2");
+    println!("a VM from a snapshot of web (memory file {size} MiB, {used} MiB of it data)");
+    println!("  on f1 (holds its files)        {home:8.0} ms");
+    println!("  on f2, first (files copied)    {first:8.0} ms");
+    println!("  on f2, again (its copy)        {again:8.0} ms");
+    println!("  ratio first/f1                 {:8.2}", first / home);
+    println!("  ratio again/f1                 {:8.2}", again / home);
+    for name in ["c1", "c2", "c3"] {
+        let (st, v) = api(s1, "DELETE", &format!("/api/v1/sandboxes/{name}"), None);
+        assert!(st < 300, "{v}");
+    }
+    let (st, v) = api(s1, "DELETE", "/api/v1/snapshots/base", None);
+    assert!(st < 300, "{v}");
 }

@@ -13,6 +13,7 @@ pub mod arrive;
 pub mod blobs;
 pub mod dial;
 pub mod drain;
+pub mod extents;
 pub mod failover;
 pub mod forward;
 pub mod intents;

@@ -13,6 +13,7 @@
 //! like the originals.
 
 use super::blobs::file_stream;
+use super::extents::{self, extents_stream};
 use crate::api::{ApiPath, AppState};
 use crate::auth::{Caller, NodeToken};
 use crate::error::ApiError;
@@ -137,6 +138,7 @@ async fn file(
     Extension(caller): Extension<Caller>,
     node: Option<Extension<NodeToken>>,
     ApiPath((id, name)): ApiPath<(String, String)>,
+    headers: axum::http::HeaderMap,
 ) -> Result<Response, ApiError> {
     let snap = held(&m, &caller, node, &id).await?;
     let path = m
@@ -152,11 +154,20 @@ async fn file(
     let f = tokio::fs::File::open(&path)
         .await
         .map_err(|e| ApiError::Internal(format!("{}: {e}", path.display())))?;
-    Ok((
-        [(axum::http::header::CONTENT_TYPE, "application/octet-stream")],
-        Body::from_stream(file_stream(f)),
-    )
-        .into_response())
+    // Its data only, when the receiver takes that (extents.rs).
+    let sparse = headers
+        .get(axum::http::header::ACCEPT)
+        .is_some_and(|v| v.as_bytes() == extents::CONTENT_TYPE.as_bytes());
+    let (kind, body) = if sparse {
+        let f = f.into_std().await;
+        (extents::CONTENT_TYPE, Body::from_stream(extents_stream(f)))
+    } else {
+        (
+            "application/octet-stream",
+            Body::from_stream(file_stream(f)),
+        )
+    };
+    Ok(([(axum::http::header::CONTENT_TYPE, kind)], body).into_response())
 }
 
 /// Largest file of a snapshot a node takes: its memory file is the VM's RAM, a disk layer at
@@ -185,18 +196,32 @@ fn manifest_fits(man: &SnapManifest, wanted: &[(String, PathBuf)], snap: &Snapsh
             .all(|f| hex64(&f.sha256) && f.size <= bound(snap, &f.name))
 }
 
-/// Writes file `f`'s body to `path`: exactly `f.size` bytes (no more are read), runs of zeros
-/// left as holes, hashing to `f.sha256`.
-async fn receive_file<B>(body: B, path: &Path, f: &SnapFile) -> Result<(), String>
+/// Writes file `f`'s body to `path`, its data only (`sparse`: records, extents.rs) or whole:
+/// exactly `f.size` bytes (no more are read), zeros left as holes, hashing to `f.sha256`. The
+/// bytes that came over the wire.
+async fn receive_file<B>(body: B, sparse: bool, path: &Path, f: &SnapFile) -> Result<u64, String>
 where
     B: hyper::body::Body<Data = bytes::Bytes> + Unpin,
     B::Error: std::fmt::Display,
 {
-    let sha = body_to_sparse(body, path, f.size).await?;
+    use http_body_util::BodyExt;
+    let wire = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let w = wire.clone();
+    let body = body.map_frame(move |fr| {
+        if let Some(d) = fr.data_ref() {
+            w.fetch_add(d.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+        fr
+    });
+    let sha = if sparse {
+        extents::receive_extents(body, path, f.size).await?
+    } else {
+        body_to_sparse(body, path, f.size).await?
+    };
     if sha != f.sha256 {
         return Err(format!("{} does not hash to what its node said", f.name));
     }
-    Ok(())
+    Ok(wire.load(std::sync::atomic::Ordering::Relaxed))
 }
 
 /// Writes a body to `path` (at most `size` bytes, exactly that many), leaving runs of zeros as
@@ -284,6 +309,14 @@ impl Service {
                 .body(Body::empty())
                 .map_err(|e| ApiError::Internal(e.to_string()))
         };
+        let sparse_get = |path: String| {
+            Request::builder()
+                .method("GET")
+                .uri(path)
+                .header(axum::http::header::ACCEPT, extents::CONTENT_TYPE)
+                .body(Body::empty())
+                .map_err(|e| ApiError::Internal(e.to_string()))
+        };
         let base = format!("/api/v1/cluster/snapshots/{}", snap.id);
         let resp = super::forward::node_request(self, &c, &home, get(base.clone())?).await?;
         let status = resp.status();
@@ -327,7 +360,7 @@ impl Service {
             .tempdir_in(&stage)
             .map_err(crate::node::internal)?;
         let mut staged = Vec::new();
-        let mut bytes = 0u64;
+        let (mut bytes, mut wire) = (0u64, 0u64);
         for f in &man.files {
             let to = wanted.iter().find(|(n, _)| *n == f.name).map(|(_, p)| p);
             if f.name.starts_with("layer-") && to.is_some_and(|p| p.is_file()) {
@@ -337,7 +370,7 @@ impl Service {
                 self,
                 &c,
                 &home,
-                get(format!("{base}/files/{}", f.name))?,
+                sparse_get(format!("{base}/files/{}", f.name))?,
             )
             .await?;
             if !resp.status().is_success() {
@@ -348,10 +381,16 @@ impl Service {
                     f.name
                 )));
             }
+            let sparse = resp
+                .headers()
+                .get(axum::http::header::CONTENT_TYPE)
+                .is_some_and(|v| v.as_bytes() == extents::CONTENT_TYPE.as_bytes());
             let p = stage.path().join(&f.name);
-            receive_file(resp.into_body(), &p, f).await.map_err(|e| {
-                ApiError::Internal(format!("snapshot {} from node {home}: {e}", snap.name))
-            })?;
+            wire += receive_file(resp.into_body(), sparse, &p, f)
+                .await
+                .map_err(|e| {
+                    ApiError::Internal(format!("snapshot {} from node {home}: {e}", snap.name))
+                })?;
             bytes += f.size;
             staged.push((f.name.clone(), p));
         }
@@ -362,7 +401,7 @@ impl Service {
                 .await
                 .map_err(crate::node::internal)??;
         }
-        tracing::info!(snapshot = %snap.key(), from = %home, mib = bytes >> 20, ms = t0.elapsed().as_millis() as u64, "copied a snapshot's files from its node");
+        tracing::info!(snapshot = %snap.key(), from = %home, mib = bytes >> 20, wire_mib = wire >> 20, ms = t0.elapsed().as_millis() as u64, "copied a snapshot's files from its node");
         Ok(())
     }
 }

@@ -87,7 +87,7 @@ async fn what_a_peer_sends_is_checked() {
     let mut body = vec![0u8; 4 << 20];
     body[2 << 20] = 7;
     let parts: Vec<Vec<u8>> = body.chunks(64 << 10).map(<[u8]>::to_vec).collect();
-    receive_file(chunks(parts), &p, &file("mem", &body))
+    receive_file(chunks(parts), false, &p, &file("mem", &body))
         .await
         .unwrap();
     assert_eq!(std::fs::read(&p).unwrap(), body);
@@ -96,18 +96,23 @@ async fn what_a_peer_sends_is_checked() {
 
     // The bytes differ from what the hash says.
     let mut f = file("mem", b"hello");
-    let e = receive_file(Full::new(Bytes::from_static(b"hellp")), &p, &f)
+    let e = receive_file(Full::new(Bytes::from_static(b"hellp")), false, &p, &f)
         .await
         .unwrap_err();
     assert!(e.contains("does not hash"), "{e}");
     // More than announced: refused at the first byte too many, not read on.
-    let e = receive_file(chunks(vec![b"hello".to_vec(), vec![b'!'; 1 << 20]]), &p, &f)
-        .await
-        .unwrap_err();
+    let e = receive_file(
+        chunks(vec![b"hello".to_vec(), vec![b'!'; 1 << 20]]),
+        false,
+        &p,
+        &f,
+    )
+    .await
+    .unwrap_err();
     assert!(e.contains("more than the 5 bytes"), "{e}");
     // Fewer than announced (the peer hung up early).
     f.size = 6;
-    let e = receive_file(Full::new(Bytes::from_static(b"hello")), &p, &f)
+    let e = receive_file(Full::new(Bytes::from_static(b"hello")), false, &p, &f)
         .await
         .unwrap_err();
     assert!(e.contains("5 bytes of the 6"), "{e}");
@@ -116,7 +121,7 @@ async fn what_a_peer_sends_is_checked() {
         Ok(Frame::data(Bytes::from_static(b"hel"))),
         Err(std::io::Error::other("connection reset")),
     ]));
-    let e = receive_file(failing, &p, &file("mem", b"hello"))
+    let e = receive_file(failing, false, &p, &file("mem", b"hello"))
         .await
         .unwrap_err();
     assert!(e.contains("connection reset"), "{e}");
