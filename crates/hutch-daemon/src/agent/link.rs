@@ -511,8 +511,8 @@ where
         let next = tokio::time::timeout(wait, async {
             loop {
                 match read_frame(&mut rd, &mut dec, &mut buf).await {
-                    // Input the last stream no longer takes.
-                    Ok(Some(f)) if last > 0 && f.stream == last && f.kind != Kind::Request => {}
+                    // Input, signals and resizes the last stream no longer takes.
+                    Ok(Some(f)) if last > 0 && f.stream == last => {}
                     Ok(Some(f)) if f.kind == Kind::Request && f.stream > last => {
                         return Some((f.stream, f.parse::<Request>("request").ok()));
                     }

@@ -329,11 +329,15 @@ async fn streams_on_a_link_go_forward_only() {
             }
         }
     };
-    // Stream 1; then input of stream 1 that came too late, and stream 5: it is answered.
+    // Stream 1; then input and a signal of stream 1 that came too late, and stream 5: it is
+    // answered.
     near.write_all(&echo(1, "one")).await.unwrap();
     assert!(answered(&mut near).await.iter().all(|id| *id == 1));
     let late = Frame::new(Kind::Stdin, 1, b"late".to_vec());
     near.write_all(&late.encode().unwrap()).await.unwrap();
+    // (A signal too: a Ctrl-C as the process ended.)
+    let sig = Frame::json(Kind::Request, 1, &Request::Signal { signal: 2 });
+    near.write_all(&sig.encode().unwrap()).await.unwrap();
     near.write_all(&echo(5, "five")).await.unwrap();
     assert!(answered(&mut near).await.iter().all(|id| *id == 5));
     // A stream id that goes back closes the link, and runs nothing.

@@ -45,13 +45,17 @@ impl Service {
         };
         let mut vms = self.records.local_vms().await?;
         vms.sort_by_key(|v| v.key());
-        for vm in vms {
-            let name = vm.key();
-            // A warm pool VM is not moved: it goes, and its pool is refilled on its nodes.
-            if let Some(pool) = &vm.pool {
-                self.delete_pool_vm(&vm.id, pool).await;
-                continue;
+        for mut vm in vms {
+            // A warm pool VM is not moved: it goes, and its pool is refilled on its nodes. One
+            // claimed meanwhile is a VM like any other.
+            if let Some(pool) = vm.pool.clone() {
+                self.delete_pool_vm(&vm.id, &pool).await;
+                match self.records.vm_by_id(&vm.id).await? {
+                    Some(v) if v.pool.is_none() => vm = v,
+                    _ => continue,
+                }
             }
+            let name = vm.key();
             let r = match vm.state {
                 VmState::Running | VmState::Paused | VmState::Stopped => {
                     let nodes = self.nodes(&Caller::local_admin()).await?;
@@ -81,6 +85,16 @@ impl Service {
                     error: e.to_string(),
                 }),
             }
+        }
+        // Pool VMs a refill was making as the drain began (a refill checks before each VM
+        // whether this node still keeps pools; it no longer does).
+        let late: Vec<(String, String)> = self.records.fold_local_vms(|it| {
+            it.filter(|v| v.state != VmState::Creating)
+                .filter_map(|v| Some((v.id.clone(), v.pool.clone()?)))
+                .collect()
+        });
+        for (id, pool) in late {
+            self.delete_pool_vm(&id, &pool).await;
         }
         if out.failed.is_empty() {
             self.mark_draining(&c, node, false).await?;

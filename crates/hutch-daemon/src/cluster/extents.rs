@@ -80,13 +80,20 @@ fn send_extents(f: &std::fs::File, mut emit: impl FnMut(Bytes) -> bool) -> std::
     Ok(())
 }
 
-/// Hashes `n` zeros.
-fn hash_zeros(h: &mut Sha256, mut n: u64) {
+/// Hashes `n` zeros, letting other tasks run every few MiB (a hole of gigabytes is seconds of
+/// hashing).
+async fn hash_zeros(h: &mut Sha256, mut n: u64) {
     static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
+    let mut since = 0u64;
     while n > 0 {
         let k = n.min(ZEROS.len() as u64) as usize;
         h.update(&ZEROS[..k]);
         n -= k as u64;
+        since += k as u64;
+        if since >= 4 << 20 {
+            since = 0;
+            tokio::task::yield_now().await;
+        }
     }
 }
 
@@ -131,7 +138,7 @@ where
                             "a record of {len} bytes at {at} (after {hashed} of {size})"
                         )));
                     }
-                    hash_zeros(&mut h, at - hashed);
+                    hash_zeros(&mut h, at - hashed).await;
                     hashed = at;
                     rec = Some((at, len));
                 }
@@ -152,7 +159,7 @@ where
     if rec.is_some() || !head.is_empty() {
         return Err(err("the records were cut short".into()));
     }
-    hash_zeros(&mut h, size - hashed);
+    hash_zeros(&mut h, size - hashed).await;
     f.set_len(size).map_err(|e| err(e.to_string()))?;
     Ok(hex::encode(h.finalize()))
 }

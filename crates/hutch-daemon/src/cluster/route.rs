@@ -5,7 +5,7 @@
 //! what it still runs of it), nothing else.
 
 use super::intents::Op;
-use super::schedule::{choose, Need};
+use super::schedule::{choose, Need, Prefer};
 use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::service::Service;
@@ -62,12 +62,13 @@ impl Service {
         };
         let admin = Caller::local_admin();
         let nodes = self.nodes(&admin).await?;
-        let mut prefer = pool.map(|k| self.ready_pool_vms(&k)).unwrap_or_default();
-        if prefer.is_empty() {
-            if let Some(home) = snap.as_ref().and_then(|s| s.node.clone()) {
-                prefer.insert(home, 1);
-            }
-        }
+        let prefer = Prefer {
+            pools: match (pool, &snap) {
+                (Some(k), Some(s)) => self.ready_pool_vms(&k, &s.name),
+                _ => HashMap::new(),
+            },
+            home: snap.as_ref().and_then(|s| s.node.clone()),
+        };
         let need = Need {
             mem_mib: snap.as_ref().map_or(req.mem_mib, |s| s.mem_mib),
         };
@@ -75,11 +76,17 @@ impl Service {
         Ok((chosen != c.name()).then_some(chosen))
     }
 
-    /// Running VMs of warm pool `key`, by node.
-    fn ready_pool_vms(&self, key: &str) -> HashMap<String, u32> {
+    /// Running VMs of warm pool `key` made from snapshot `snap` (the template's current
+    /// build), by node.
+    fn ready_pool_vms(&self, key: &str, snap: &str) -> HashMap<String, u32> {
         self.records.fold_vms(|it| {
             let mut m = HashMap::new();
-            for v in it.filter(|v| v.pool.as_deref() == Some(key) && v.state == VmState::Running) {
+            let claimable = |v: &&Vm| {
+                v.pool.as_deref() == Some(key)
+                    && v.state == VmState::Running
+                    && v.mem.from.as_deref() == Some(snap)
+            };
+            for v in it.filter(claimable) {
                 if let Some(n) = &v.node {
                     *m.entry(n.clone()).or_default() += 1;
                 }

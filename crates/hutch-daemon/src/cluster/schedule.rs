@@ -40,14 +40,22 @@ pub struct Need {
     pub mem_mib: u64,
 }
 
-/// The node for a new VM. `pin`: `--node`; `pools`: preferred nodes (ready warm-pool VMs of
-/// its template by node, or the snapshot's node), used when one of them fits.
+/// Nodes a new VM should go to when they can take it.
+#[derive(Debug, Clone, Default)]
+pub struct Prefer {
+    /// Ready warm-pool VMs of its template, by node: a claim needs no room of its own.
+    pub pools: HashMap<String, u32>,
+    /// The node holding its snapshot's files (no copy needed there).
+    pub home: Option<String>,
+}
+
+/// The node for a new VM. `pin`: `--node`; `prefer`: see [`Prefer`].
 pub fn choose(
     nodes: &[NodeView],
     need: Need,
     pin: Option<&str>,
     policy: Placement,
-    pools: &HashMap<String, u32>,
+    prefer: &Prefer,
 ) -> Result<String, ApiError> {
     if let Some(p) = pin {
         let n = nodes
@@ -69,12 +77,14 @@ pub fn choose(
             ))),
         };
     }
+    let pooled = |n: &NodeView| prefer.pools.get(&n.name).copied().unwrap_or(0) > 0;
+    let open = |n: &NodeView| n.state == NodeState::Ready && n.roles.iter().any(|r| r == "node");
     let fits = |n: &&NodeView| {
-        n.state == NodeState::Ready
-            && n.roles.iter().any(|r| r == "node")
-            && n.free_mem_mib().unwrap_or(0) >= need.mem_mib
-            // Disks are copy-on-write: the node's admission judges them; here, some room.
-            && n.capacity.as_ref().is_some_and(|c| c.disk_free_mib >= MIN_DISK_MIB)
+        open(n)
+            && (pooled(n)
+                || (n.free_mem_mib().unwrap_or(0) >= need.mem_mib
+                    // Disks are copy-on-write: the node's admission judges them; here, some room.
+                    && n.capacity.as_ref().is_some_and(|c| c.disk_free_mib >= MIN_DISK_MIB)))
     };
     let mut cands: Vec<&NodeView> = nodes.iter().filter(fits).collect();
     if cands.is_empty() {
@@ -85,11 +95,14 @@ pub fn choose(
             nodes.len()
         )));
     }
-    if cands
-        .iter()
-        .any(|n| pools.get(&n.name).copied().unwrap_or(0) > 0)
+    if cands.iter().any(|n| pooled(n)) {
+        cands.retain(|n| pooled(n));
+    } else if let Some(h) = prefer
+        .home
+        .as_deref()
+        .filter(|h| cands.iter().any(|n| n.name == *h))
     {
-        cands.retain(|n| pools.get(&n.name).copied().unwrap_or(0) > 0);
+        cands.retain(|n| n.name == h);
     }
     let free = |n: &NodeView| n.free_mem_mib().unwrap_or(0);
     cands.sort_by(|a, b| {
@@ -142,7 +155,7 @@ mod tests {
             node("b", NodeState::Ready, 6000, 3),
             node("c", NodeState::Ready, 1000, 0),
         ];
-        let none = HashMap::new();
+        let none = Prefer::default();
         assert_eq!(
             choose(&ns, NEED, None, Placement::Spread, &none).unwrap(),
             "b"
@@ -161,7 +174,7 @@ mod tests {
             node("c", NodeState::Ready, 100, 0),
             node("d", NodeState::Draining, 8000, 0),
         ];
-        let none = HashMap::new();
+        let none = Prefer::default();
         let e = choose(&ns, NEED, None, Placement::Spread, &none).unwrap_err();
         assert_eq!(e.code(), "insufficient_capacity");
         let mut ns = ns.to_vec();
@@ -179,7 +192,7 @@ mod tests {
             node("b", NodeState::Ready, 2000, 0),
             node("c", NodeState::Cordoned, 8000, 0),
         ];
-        let none = HashMap::new();
+        let none = Prefer::default();
         assert_eq!(
             choose(&ns, NEED, Some("b"), Placement::Spread, &none).unwrap(),
             "b"
@@ -196,10 +209,35 @@ mod tests {
                 .code(),
             "not_found"
         );
-        let pools = HashMap::from([("b".to_string(), 2)]);
+        let pools = Prefer {
+            pools: HashMap::from([("b".to_string(), 2)]),
+            home: Some("a".into()),
+        };
         assert_eq!(
             choose(&ns, NEED, None, Placement::Spread, &pools).unwrap(),
             "b"
+        );
+        // A node with a pool VM to claim needs no room for another VM.
+        let full = [
+            node("a", NodeState::Ready, 4000, 0),
+            node("b", NodeState::Ready, 0, 8),
+        ];
+        assert_eq!(
+            choose(&full, NEED, None, Placement::Spread, &pools).unwrap(),
+            "b"
+        );
+        // No pool VM: the snapshot's node when it has room, else any that has.
+        let home = Prefer {
+            pools: HashMap::new(),
+            home: Some("b".into()),
+        };
+        assert_eq!(
+            choose(&ns, NEED, None, Placement::Spread, &home).unwrap(),
+            "b"
+        );
+        assert_eq!(
+            choose(&full, NEED, None, Placement::Spread, &home).unwrap(),
+            "a"
         );
     }
 }

@@ -8,7 +8,6 @@ use super::Service;
 use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::records::{POOLS, SNAPSHOTS, TEMPLATES};
-use hutch_core::cluster::NodeState;
 use hutch_core::snapshot::Snapshot;
 use hutch_core::template::{
     Pool, PoolNodeView, PoolView, SetPool, Template, TemplateStatus, ALL_NODES, MAX_POOL,
@@ -154,11 +153,22 @@ impl Service {
         Ok(v)
     }
 
-    /// Every pool's counts on this node (metrics: each node reports its own).
+    /// Every pool's counts on this node (metrics: each node reports its own; a pool it does
+    /// not keep has a target of 0 here).
     pub async fn all_pools(&self) -> Vec<PoolView> {
-        self.views(&Caller::local_admin(), true)
+        let Ok(plan) = self.pool_plan().await else {
+            return Vec::new();
+        };
+        let mut v = self
+            .views(&Caller::local_admin(), true)
             .await
-            .unwrap_or_default()
+            .unwrap_or_default();
+        for p in &mut v {
+            if plan.get(&p.template).is_none_or(|k| k.kept.is_none()) {
+                (p.min, p.max) = (0, 0);
+            }
+        }
+        v
     }
 
     /// `p` as shown: its VMs on every node (`local`: on this one only).
@@ -266,6 +276,7 @@ impl Service {
     pub(crate) async fn claim(
         self: &Arc<Self>,
         t: &Template,
+        snap: &Snapshot,
         name: Option<&str>,
         timers: &VmTimers,
     ) -> Result<Option<Vm>, ApiError> {
@@ -282,6 +293,8 @@ impl Service {
                     v.pool.as_deref() == Some(key.as_str())
                         && v.state == VmState::Running
                         && !warming.contains(&v.id)
+                        // Of the template's current build (an older one's go at the next tidy).
+                        && v.mem.from.as_deref() == Some(snap.name.as_str())
                 })
                 .min_by_key(|v| v.created_at)
                 .cloned()
@@ -382,6 +395,10 @@ impl Service {
                 admin: t.owner.is_none(),
             };
             for _ in (ready + starting)..p.max {
+                // Cordoned or draining meanwhile (a refill takes a while): no more.
+                if !self.keeps_pools().await.unwrap_or(false) {
+                    return;
+                }
                 let name = format!("pool-{}", &names::random_id()[..8]);
                 // On a node other than the snapshot's, its files are copied first (once).
                 let r = self
@@ -411,18 +428,24 @@ impl Service {
         }
     }
 
+    /// Whether this node keeps pool VMs at all: it runs VMs and takes new ones (not cordoned
+    /// nor draining). Its own lease is not asked: a node that lost it for a moment is still
+    /// the one that runs its VMs.
+    async fn keeps_pools(&self) -> Result<bool, ApiError> {
+        let Some(c) = self.cluster.get() else {
+            return Ok(true);
+        };
+        Ok(self
+            .nodes(&Caller::local_admin())
+            .await?
+            .iter()
+            .any(|n| n.name == c.name() && !n.cordoned && n.roles.iter().any(|r| r == "node")))
+    }
+
     /// Every pool, whether this node keeps it and from which snapshot. An error (the store
     /// unreachable) gives no plan: nothing is removed on a partial view.
     async fn pool_plan(&self) -> Result<BTreeMap<String, Plan>, ApiError> {
-        // A node that takes no new VMs (cordoned, draining) keeps no pool VMs either.
-        let open = match self.cluster.get() {
-            None => true,
-            Some(c) => self
-                .nodes(&Caller::local_admin())
-                .await?
-                .iter()
-                .any(|n| n.name == c.name() && n.state == NodeState::Ready),
-        };
+        let open = self.keeps_pools().await?;
         let here = self.records.local_node();
         let mut plan = BTreeMap::new();
         for p in self.records.list::<Pool>(POOLS).await? {

@@ -336,14 +336,14 @@ impl Service {
         if let Some(n) = &req.name {
             names::validate_name(n).map_err(ApiError::Invalid)?;
         }
-        if let Some(vm) = self.claim(&t, req.name.as_deref(), &timers).await? {
-            return Ok(vm);
-        }
         let snap = self
             .records
             .get::<Snapshot>(SNAPSHOTS, &snap_key)
             .await?
             .ok_or_else(|| ApiError::Conflict(format!("template {name} has no build")))?;
+        if let Some(vm) = self.claim(&t, &snap, req.name.as_deref(), &timers).await? {
+            return Ok(vm);
+        }
         self.restore_copy(caller, &snap, req.name.clone(), timers, None)
             .await
     }
