@@ -302,14 +302,8 @@ impl Service {
             )));
         }
         let t0 = std::time::Instant::now();
+        // (Files come as their data only where the sender knows how: extents.rs.)
         let get = |path: String| {
-            Request::builder()
-                .method("GET")
-                .uri(path)
-                .body(Body::empty())
-                .map_err(|e| ApiError::Internal(e.to_string()))
-        };
-        let sparse_get = |path: String| {
             Request::builder()
                 .method("GET")
                 .uri(path)
@@ -339,18 +333,7 @@ impl Service {
                 snap.name
             )));
         }
-        let image = self
-            .image_of(&crate::service::snapshots::snap_vm(
-                snap,
-                &Caller::local_admin(),
-            ))
-            .await?
-            .ok_or_else(|| {
-                ApiError::Conflict(format!(
-                    "the image of snapshot {} is no longer in the store",
-                    snap.name
-                ))
-            })?;
+        let image = self.snapshot_image(snap).await?;
         self.same_rootfs(&c, &home, &image, &man.rootfs_sha256)
             .await?;
         let stage = self.cfg().data_dir.join("incoming");
@@ -370,7 +353,7 @@ impl Service {
                 self,
                 &c,
                 &home,
-                sparse_get(format!("{base}/files/{}", f.name))?,
+                get(format!("{base}/files/{}", f.name))?,
             )
             .await?;
             if !resp.status().is_success() {

@@ -220,15 +220,7 @@ impl Service {
         }
         // In a cluster, from the node that took it when its files are not here.
         self.ensure_snapshot_files(snap).await?;
-        let image = self
-            .image_of(&snap_vm(snap, caller))
-            .await?
-            .ok_or_else(|| {
-                ApiError::Conflict(format!(
-                    "the image of snapshot {} is no longer in the store",
-                    snap.name
-                ))
-            })?;
+        let image = self.snapshot_image(snap).await?;
         let _ops = self.snap_ops.read().await;
         let mut vm = snap_vm(snap, caller);
         vm.node = self.records.local_node();
@@ -264,6 +256,21 @@ impl Service {
             warming(false);
         }
         r
+    }
+
+    /// The image the guest of `snap` runs on (its record: by digest).
+    pub(crate) async fn snapshot_image(
+        &self,
+        snap: &Snapshot,
+    ) -> Result<hutch_core::Image, ApiError> {
+        self.image_of(&snap_vm(snap, &Caller::local_admin()))
+            .await?
+            .ok_or_else(|| {
+                ApiError::Conflict(format!(
+                    "the image of snapshot {} is no longer in the store",
+                    snap.name
+                ))
+            })
     }
 
     /// Pauses `caller`'s running VM `name`: its state goes to disk and its QEMU ends, so it
@@ -418,7 +425,7 @@ impl Service {
 }
 
 /// A new VM's record as snapshot `snap` makes it, for `caller`.
-pub(crate) fn snap_vm(snap: &Snapshot, caller: &Caller) -> Vm {
+fn snap_vm(snap: &Snapshot, caller: &Caller) -> Vm {
     Vm {
         id: names::random_id(),
         name: String::new(),
