@@ -179,9 +179,18 @@ fn answers(query: &Message, mode: Mode, tcp: bool) -> Vec<Message> {
 }
 
 pub async fn fake_upstream(mode: Mode) -> FakeUpstream {
-    let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let addr = udp.local_addr().unwrap();
-    let tcp = TcpListener::bind(addr).await.unwrap();
+    // One port for both: the kernel picks a free UDP port, whose TCP twin another process
+    // may hold (tests run in parallel); then another pick.
+    let mut tries = 0;
+    let (udp, addr, tcp) = loop {
+        let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = udp.local_addr().unwrap();
+        match TcpListener::bind(addr).await {
+            Ok(tcp) => break (udp, addr, tcp),
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && tries < 20 => tries += 1,
+            Err(e) => panic!("binding the fake upstream's TCP port {addr}: {e}"),
+        }
+    };
     let udp_queries = Arc::new(AtomicUsize::new(0));
     let tcp_queries = Arc::new(AtomicUsize::new(0));
     let ids = Arc::new(Mutex::new(Vec::new()));
